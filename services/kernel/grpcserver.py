@@ -1,0 +1,246 @@
+"""The gRPC server base every service runs on (grpc.aio).
+
+What it gives each service, so none writes it again:
+- the standard health service and server reflection (both public);
+- deny-by-default authorization: a caller is identified by a service token in the
+  ``authorization: Bearer <token>`` metadata (mTLS certificates later), and a role table
+  per method says who may call it; a method missing from the table is refused;
+- domain errors mapped to status codes with the domain's message; anything unexpected
+  becomes INTERNAL without leaking details (the traceback goes to the log);
+- Prometheus RED metrics with the standard names (go-grpc-prometheus convention);
+- a /metrics endpoint, JSON logs, and graceful SIGTERM: health NOT_SERVING, drain
+  in-flight calls, then the service's own shutdown hooks (relay, pools).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import logging
+import signal
+import time
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+from prometheus_client import Counter, Histogram, start_http_server
+
+from services.kernel.config import ServiceSettings
+from services.kernel.errors import DomainError
+
+log = logging.getLogger(__name__)
+
+STARTED = Counter(
+    "grpc_server_started_total", "RPCs started on the server.", ["grpc_type", "grpc_service", "grpc_method"]
+)
+HANDLED = Counter(
+    "grpc_server_handled_total",
+    "RPCs completed on the server, regardless of success or failure.",
+    ["grpc_type", "grpc_service", "grpc_method", "grpc_code"],
+)
+HANDLING = Histogram(
+    "grpc_server_handling_seconds",
+    "Response latency of RPCs handled by the server.",
+    ["grpc_type", "grpc_service", "grpc_method"],
+    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+)
+
+PUBLIC_SERVICES = frozenset({"grpc.health.v1.Health", "grpc.reflection.v1alpha.ServerReflection", "grpc.reflection.v1.ServerReflection"})
+
+# Roles. A role table maps "package.Service/Method" to the roles allowed to call it.
+GATEWAY = "gateway"  # the exchange's API gateway, acting for the user named in a request
+OPERATOR = "operator"  # back office and operator tools
+SERVICE = "service"  # the platform's own services and jobs
+
+RoleTable = Mapping[str, frozenset[str]]
+
+
+@dataclass(frozen=True, slots=True)
+class Caller:
+    role: str
+    token_hint: str  # the token's first characters, for logs; never the token
+
+
+_caller: contextvars.ContextVar[Caller | None] = contextvars.ContextVar("caller", default=None)
+
+
+def current_caller() -> Caller:
+    caller = _caller.get()
+    if caller is None:
+        raise RuntimeError("no caller outside an RPC")
+    return caller
+
+
+def _split(method: str) -> tuple[str, str]:
+    service, _, name = method.lstrip("/").partition("/")
+    return service, name
+
+
+class _Interceptor(grpc.aio.ServerInterceptor):
+    """Auth, error mapping, metrics, for every unary-unary method."""
+
+    def __init__(self, roles: RoleTable, tokens: Mapping[str, str]) -> None:
+        self.roles = roles
+        self.tokens = tokens
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        handler = await continuation(details)
+        service, method = _split(details.method)
+        if handler is None or service in PUBLIC_SERVICES or not handler.unary_unary:
+            return handler
+        full = f"{service}/{method}"
+        metadata = dict(details.invocation_metadata or ())
+        inner = handler.unary_unary
+
+        async def behaviour(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            STARTED.labels("unary", service, method).inc()
+            started = time.perf_counter()
+            code = grpc.StatusCode.OK
+            try:
+                caller = self._authorize(full, metadata)
+                token = _caller.set(caller)
+                try:
+                    return await inner(request, context)
+                finally:
+                    _caller.reset(token)
+            except DomainError as err:
+                code = grpc.StatusCode[err.code]
+                await context.abort(code, err.message)
+            except asyncio.CancelledError:
+                code = grpc.StatusCode.CANCELLED
+                raise
+            except Exception as err:
+                if isinstance(err, grpc.aio.AbortError):
+                    code = context.code() or grpc.StatusCode.UNKNOWN
+                    raise
+                code = grpc.StatusCode.INTERNAL
+                log.exception("unhandled error", extra={"method": full})
+                await context.abort(code, "internal error")
+            finally:
+                HANDLED.labels("unary", service, method, code.name).inc()
+                HANDLING.labels("unary", service, method).observe(time.perf_counter() - started)
+
+        return grpc.unary_unary_rpc_method_handler(
+            behaviour,
+            request_deserializer=handler.request_deserializer,
+            response_serializer=handler.response_serializer,
+        )
+
+    def _authorize(self, method: str, metadata: Mapping[str, Any]) -> Caller:
+        from services.kernel.errors import PermissionDenied, Unauthenticated
+
+        value = metadata.get("authorization", "")
+        token = value[7:] if isinstance(value, str) and value.startswith("Bearer ") else ""
+        role = self.tokens.get(token)
+        if role is None:
+            raise Unauthenticated("authorization: a valid 'Bearer <token>' is required")
+        allowed = self.roles.get(method)
+        if not allowed or role not in allowed:
+            raise PermissionDenied(f"role {role!r} may not call {method}")
+        return Caller(role=role, token_hint=token[:4])
+
+
+class GrpcApp:
+    """One service process: its servicers, its background tasks, its shutdown hooks."""
+
+    def __init__(self, name: str, settings: ServiceSettings, roles: RoleTable) -> None:
+        self.name = name
+        self.settings = settings
+        self.roles = roles
+        self.server = grpc.aio.server(
+            interceptors=[_Interceptor(roles, settings.token_roles())],
+            options=[("grpc.max_receive_message_length", 16 * 1024 * 1024), ("grpc.so_reuseport", 0)],
+        )
+        self.health = health.aio.HealthServicer()
+        self._service_names: list[str] = []
+        self._background: list[Callable[[], Awaitable[None]]] = []
+        self._on_stop: list[Callable[[], Awaitable[None]]] = []
+        self._stop = asyncio.Event()
+        self.port: int | None = None
+
+    def add_servicer(self, register: Callable[[Any, grpc.aio.Server], None], servicer: Any, service_name: str) -> None:
+        register(servicer, self.server)
+        self._service_names.append(service_name)
+
+    def background(self, task: Callable[[], Awaitable[None]]) -> None:
+        """A coroutine that runs while the server runs (relay, consumers)."""
+        self._background.append(task)
+
+    def on_stop(self, hook: Callable[[], Awaitable[None]]) -> None:
+        """Run at shutdown after the server drained, in reverse order of registration."""
+        self._on_stop.append(hook)
+
+    def request_stop(self) -> None:
+        self._stop.set()
+
+    async def start(self) -> int:
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        names = [*self._service_names, health.SERVICE_NAME, reflection.SERVICE_NAME]
+        reflection.enable_server_reflection(names, self.server)
+        address = f"{self.settings.grpc_host}:{self.settings.grpc_port}"
+        try:
+            self.port = self.server.add_insecure_port(address)
+        except RuntimeError as err:
+            raise SystemExit(f"{self.name}: cannot listen on {address} ({err}); set EARN_GRPC_PORT to a free port") from err
+        await self.server.start()
+        if self.settings.metrics_port:
+            try:
+                start_http_server(self.settings.metrics_port, addr=self.settings.grpc_host)
+            except OSError as err:
+                raise SystemExit(
+                    f"{self.name}: cannot serve /metrics on port {self.settings.metrics_port} ({err}); set EARN_METRICS_PORT"
+                ) from err
+        for svc in self._service_names:
+            await self._set_health(svc, serving=True)
+        await self._set_health("", serving=True)
+        log.info("serving", extra={"service": self.name, "grpc": f"{self.settings.grpc_host}:{self.port}", "metrics_port": self.settings.metrics_port})
+        return self.port
+
+    async def _set_health(self, service: str, *, serving: bool) -> None:
+        status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+        await self.health.set(service, status)
+
+    async def serve_forever(self) -> None:
+        """Start, run background tasks, wait for SIGTERM/SIGINT, then shut down gracefully."""
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self.request_stop)
+        await self.start()
+        tasks = [asyncio.create_task(job(), name=f"{self.name}-bg-{i}") for i, job in enumerate(self._background)]
+        stop_wait = asyncio.create_task(self._stop.wait())
+        try:
+            # A background task that dies is a broken process: stop rather than limp on.
+            done, _ = await asyncio.wait([stop_wait, *tasks], return_when=asyncio.FIRST_COMPLETED)
+            for task in done:
+                if task is not stop_wait and task.exception() is not None:
+                    log.error("background task failed", exc_info=task.exception())
+        finally:
+            await self.shutdown(tasks)
+
+    async def shutdown(self, tasks: list[asyncio.Task[None]] | None = None) -> None:
+        """Health NOT_SERVING, drain calls, cancel background tasks, then the hooks.
+
+        A background task cancelled mid-way loses nothing: each one commits its work
+        transactionally (the relay deletes outbox rows only after Kafka acked them).
+        """
+        log.info("shutting down", extra={"service": self.name})
+        for svc in [*self._service_names, ""]:
+            await self._set_health(svc, serving=False)
+        await self.server.stop(self.settings.grace_seconds)
+        for task in tasks or []:
+            task.cancel()
+        if tasks:
+            await asyncio.gather(*tasks, return_exceptions=True)
+        for hook in reversed(self._on_stop):
+            try:
+                await hook()
+            except Exception:
+                log.exception("shutdown hook failed")
+        log.info("stopped", extra={"service": self.name})

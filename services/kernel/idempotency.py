@@ -1,0 +1,91 @@
+"""Client idempotency keys for write RPCs.
+
+The same key with the same request returns the first response; the same key with a
+different request is refused with ALREADY_EXISTS and changes nothing. The key row is
+inserted *before* the work, in the same transaction: a concurrent retry with the same
+key waits on that row until the first attempt commits (then gets its response) or rolls
+back (then does the work itself). A failed request stores nothing, so it may be retried.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
+
+import asyncpg
+from google.protobuf.message import Message
+
+from services.kernel.errors import AlreadyExists, InvalidArgument
+
+M = TypeVar("M", bound=Message)
+
+_KEY = re.compile(r"[\x21-\x7e]{1,128}")
+
+
+def check_key(key: str) -> str:
+    if not key:
+        raise InvalidArgument("idempotency_key", "is required")
+    if not _KEY.fullmatch(key):
+        raise InvalidArgument("idempotency_key", "must be 1 to 128 printable ASCII characters without spaces")
+    return key
+
+
+def fingerprint(method: str, request: Message) -> bytes:
+    """What makes two requests 'the same': the method and every field but the key."""
+    body = type(request)()
+    body.CopyFrom(request)
+    if "idempotency_key" in body.DESCRIPTOR.fields_by_name:
+        body.ClearField("idempotency_key")
+    return hashlib.sha256(method.encode() + b"\0" + body.SerializeToString(deterministic=True)).digest()
+
+
+async def once(
+    conn: asyncpg.Connection,
+    *,
+    key: str,
+    method: str,
+    request: Message,
+    response_type: type[M],
+    work: Callable[[], Awaitable[M]],
+) -> M:
+    """Run ``work`` at most once per key; call inside an open transaction on ``conn``."""
+    digest = fingerprint(method, request)
+    inserted = await conn.fetchval(
+        "INSERT INTO idempotency_keys (key, method, request_hash) VALUES ($1, $2, $3)"
+        " ON CONFLICT DO NOTHING RETURNING true",
+        key,
+        method,
+        digest,
+    )
+    if not inserted:
+        row = await conn.fetchrow(
+            "SELECT request_hash, response FROM idempotency_keys WHERE key = $1", key
+        )
+        if row is None or row["request_hash"] != digest or row["response"] is None:
+            raise AlreadyExists(f"idempotency_key: {key!r} was already used for a different request")
+        return response_type.FromString(row["response"])
+    response = await work()
+    await conn.execute(
+        "UPDATE idempotency_keys SET response = $2 WHERE key = $1",
+        key,
+        response.SerializeToString(deterministic=True),
+    )
+    return response
+
+
+async def write_once(
+    pool: asyncpg.Pool,
+    *,
+    method: str,
+    request: Message,
+    response_type: type[M],
+    work: Callable[[asyncpg.Connection], Awaitable[M]],
+) -> M:
+    """The shape of every write RPC: check the key, then one transaction that runs
+    ``work`` at most once per key. Validate the request *before* calling this, so that
+    bad input writes nothing (not even the key)."""
+    key = check_key(getattr(request, "idempotency_key"))
+    async with pool.acquire() as conn, conn.transaction():
+        return await once(conn, key=key, method=method, request=request, response_type=response_type, work=lambda: work(conn))

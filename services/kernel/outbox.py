@@ -1,0 +1,197 @@
+"""Transactional outbox and its relay.
+
+A service calls :func:`enqueue` inside the transaction of the change an event
+announces, so the event exists if and only if the change committed. The relay reads
+the outbox in id order, publishes with an idempotent producer, waits for the broker's
+acknowledgement and only then deletes the rows. A crash between the ack and the delete
+republishes those rows on restart: delivery is at-least-once, and consumers apply each
+event id once (inbox).
+
+Order per key: events of one key come from transactions that serialised on the same
+rows, so they get increasing ids; the relay publishes in id order through one producer
+and Kafka keeps the order per partition.
+
+Only one relay publishes per schema at a time (a PostgreSQL advisory lock); a second
+one waits as a standby. A broker outage is retried with backoff and loses nothing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import uuid
+from dataclasses import dataclass
+from datetime import datetime
+
+import asyncpg
+from aiokafka import AIOKafkaProducer
+from google.protobuf.message import Message
+from prometheus_client import Counter, Gauge
+
+from services.kernel import events
+from services.kernel.config import Settings
+from services.kernel.topics import topic_name
+
+log = logging.getLogger(__name__)
+
+PUBLISHED = Counter("earn_outbox_published_total", "Outbox events published to Kafka", ["schema"])
+BACKLOG = Gauge("earn_outbox_backlog", "Outbox events waiting to be published", ["schema"])
+PUBLISH_ERRORS = Counter("earn_outbox_publish_errors_total", "Failed publish attempts of the relay", ["schema"])
+
+
+@dataclass(frozen=True, slots=True)
+class Outgoing:
+    topic: str  # logical catalogue name
+    key: str
+    payload: Message
+
+
+async def enqueue(
+    conn: asyncpg.Connection,
+    settings: Settings,
+    producer: str,
+    occurred_at: datetime,
+    items: list[Outgoing],
+) -> list[str]:
+    """Add events to the outbox inside the caller's transaction; returns their ids."""
+    rows = []
+    ids = []
+    for item in items:
+        env = events.wrap(item.payload, key=item.key, producer=producer, occurred_at=occurred_at)
+        ids.append(env.event_id)
+        rows.append((uuid.UUID(env.event_id), topic_name(settings, item.topic), item.key, env.SerializeToString()))
+    await conn.executemany(
+        "INSERT INTO outbox (event_id, topic, key, envelope) VALUES ($1, $2, $3, $4)", rows
+    )
+    return ids
+
+
+class Relay:
+    """Publishes one schema's outbox to Kafka. ``run()`` until ``stop()``."""
+
+    def __init__(self, settings: Settings, pool: asyncpg.Pool, schema: str, *, batch_size: int = 500) -> None:
+        self.settings = settings
+        self.pool = pool
+        self.schema = schema
+        self.batch_size = batch_size
+        self.poll_seconds = 0.5
+        self._wake = asyncio.Event()
+        self._stopping = asyncio.Event()
+        self._lock_key = int.from_bytes(hashlib.sha256(f"relay:{schema}".encode()).digest()[:8], "big", signed=True)
+
+    def stop(self) -> None:
+        self._stopping.set()
+        self._wake.set()
+
+    async def run(self) -> None:
+        """Become the schema's publisher (waiting as standby if another is), then publish."""
+        conn: asyncpg.Connection = await self.pool.acquire()
+        try:
+            while not await conn.fetchval("SELECT pg_try_advisory_lock($1)", self._lock_key):
+                if await self._sleep(1.0):
+                    return
+            await conn.add_listener(f"{self.schema}_outbox", lambda *_: self._wake.set())
+            log.info("relay publishing", extra={"schema": self.schema})
+            while not self._stopping.is_set():
+                producer = await self._start_producer()
+                if producer is None:
+                    return
+                try:
+                    await self._publish_until_stopped(producer)
+                except Exception:  # broker gone mid-send, connection reset...: retry with a new producer
+                    PUBLISH_ERRORS.labels(self.schema).inc()
+                    log.exception("relay publish failed; retrying", extra={"schema": self.schema})
+                    await self._sleep(1.0)
+                finally:
+                    await producer.stop()
+        finally:
+            try:
+                await conn.execute("SELECT pg_advisory_unlock_all()")
+            finally:
+                await self.pool.release(conn)
+
+    async def _start_producer(self) -> AIOKafkaProducer | None:
+        delay = 0.2
+        while not self._stopping.is_set():
+            producer = AIOKafkaProducer(
+                bootstrap_servers=self.settings.kafka_bootstrap,
+                client_id=f"relay-{self.schema}",
+                enable_idempotence=True,
+                acks="all",
+                linger_ms=2,
+                max_request_size=8 * 1024 * 1024,
+                request_timeout_ms=15000,
+            )
+            try:
+                await producer.start()
+                return producer
+            except Exception as exc:
+                await producer.stop()
+                log.warning("relay cannot reach Kafka; retrying", extra={"schema": self.schema, "error": str(exc)})
+                if await self._sleep(delay):
+                    return None
+                delay = min(delay * 2, 5.0)
+        return None
+
+    async def _publish_until_stopped(self, producer: AIOKafkaProducer) -> None:
+        while not self._stopping.is_set():
+            published = await self.publish_once(producer)
+            if published < self.batch_size:
+                self._wake.clear()
+                await self._sleep(self.poll_seconds, wake=True)
+
+    async def publish_once(self, producer: AIOKafkaProducer) -> int:
+        """Publish the oldest batch; returns how many events went out."""
+        rows = await self.pool.fetch(
+            "SELECT id, topic, key, envelope FROM outbox ORDER BY id LIMIT $1", self.batch_size
+        )
+        if rows:
+            futures = [
+                await producer.send(r["topic"], value=bytes(r["envelope"]), key=r["key"].encode())
+                for r in rows
+            ]
+            await asyncio.gather(*futures)
+            await self.pool.execute("DELETE FROM outbox WHERE id = ANY($1::bigint[])", [r["id"] for r in rows])
+            PUBLISHED.labels(self.schema).inc(len(rows))
+        BACKLOG.labels(self.schema).set(await self.pool.fetchval("SELECT count(*) FROM outbox"))
+        return len(rows)
+
+    async def _sleep(self, seconds: float, *, wake: bool = False) -> bool:
+        """Sleep up to ``seconds`` (less if woken); True when stopping."""
+        waiter = self._wake if wake else self._stopping
+        try:
+            await asyncio.wait_for(waiter.wait(), seconds)
+        except TimeoutError:
+            pass
+        return self._stopping.is_set()
+
+
+class RelaySettings(Settings):
+    relay_schema: str = ""
+
+
+async def run_standalone() -> None:
+    """Run a relay on its own: ``EARN_RELAY_SCHEMA=wallet python -m services.kernel.outbox``."""
+    import signal
+
+    from services.kernel import db, logs
+    from services.kernel.config import load
+
+    settings = load(RelaySettings)
+    logs.configure(settings.log_level)
+    if not settings.relay_schema:
+        raise SystemExit("set EARN_RELAY_SCHEMA to the schema whose outbox to publish")
+    pool = await db.create_pool(settings, settings.relay_schema, min_size=1, max_size=2)
+    relay = Relay(settings, pool, settings.relay_schema)
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, relay.stop)
+    try:
+        await relay.run()
+    finally:
+        await pool.close()
+
+
+if __name__ == "__main__":
+    asyncio.run(run_standalone())

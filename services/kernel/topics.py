@@ -1,0 +1,89 @@
+"""The topic catalogue: every Kafka topic of the platform, declared once.
+
+``ensure_topics`` creates what is missing at start-up (idempotently) and checks that
+what exists has the declared partition count. Names get ``Settings.topic_prefix``, so a
+test run can use its own fresh set of topics on a shared broker.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+from kafka.admin import KafkaAdminClient, NewTopic
+from kafka.errors import TopicAlreadyExistsError
+
+from services.kernel.config import Settings
+
+log = logging.getLogger(__name__)
+
+DAY_MS = 24 * 3600 * 1000
+
+
+@dataclass(frozen=True, slots=True)
+class TopicSpec:
+    name: str
+    partitions: int
+    retention_ms: int  # -1: keep forever
+    compacted: bool = False
+    max_message_bytes: int = 8 * 1024 * 1024
+
+    def configs(self) -> dict[str, str]:
+        return {
+            "cleanup.policy": "compact" if self.compacted else "delete",
+            "retention.ms": str(self.retention_ms),
+            "max.message.bytes": str(self.max_message_bytes),
+        }
+
+
+CATALOGUE: dict[str, TopicSpec] = {
+    spec.name: spec
+    for spec in (
+        # One event per wallet posting (transfer, batch, hold change, deposit, withdrawal).
+        TopicSpec("wallet.transfers", partitions=6, retention_ms=30 * DAY_MS),
+    )
+}
+
+
+def topic_name(settings: Settings, logical: str) -> str:
+    """The physical name of a catalogue topic."""
+    if logical not in CATALOGUE:
+        raise KeyError(f"topic {logical!r} is not in the catalogue")
+    return settings.topic_prefix + logical
+
+
+def ensure_topics(settings: Settings, names: list[str] | None = None) -> list[str]:
+    """Create the missing catalogue topics (all, or ``names``); return those created.
+
+    Synchronous (kafka-python admin client): call it via ``asyncio.to_thread`` from
+    async code.
+    """
+    specs = [CATALOGUE[n] for n in (names or list(CATALOGUE))]
+    admin = KafkaAdminClient(bootstrap_servers=settings.kafka_bootstrap, client_id="earn-topics")
+    try:
+        existing = set(admin.list_topics())
+        created: list[str] = []
+        for spec in specs:
+            physical = settings.topic_prefix + spec.name
+            if physical in existing:
+                continue
+            try:
+                admin.create_topics(
+                    [NewTopic(physical, spec.partitions, 1, topic_configs=spec.configs())]
+                )
+                created.append(physical)
+            except TopicAlreadyExistsError:
+                pass  # another process won the race: fine
+        for spec in specs:
+            physical = settings.topic_prefix + spec.name
+            described = admin.describe_topics([physical])[0]
+            count = len(described["partitions"])
+            if count != spec.partitions:
+                raise RuntimeError(
+                    f"topic {physical} has {count} partitions; the catalogue says {spec.partitions}"
+                )
+        if created:
+            log.info("topics created", extra={"topics": created})
+        return created
+    finally:
+        admin.close()

@@ -1,0 +1,265 @@
+"""Wallet gRPC servicer: validate and convert, then one transaction per write.
+
+Every write validates the whole request before touching the database (bad input
+writes nothing), then runs under its idempotency key (``idempotency.write_once``).
+"""
+
+from __future__ import annotations
+
+import base64
+from datetime import UTC
+
+import asyncpg
+import grpc
+
+from services.kernel import idempotency
+from services.kernel.config import Settings
+from services.kernel.errors import InvalidArgument
+from services.kernel.grpcserver import GATEWAY, OPERATOR, SERVICE
+from services.kernel.money import format_amount, parse_amount
+from services.wallet import domain, store
+from services.wallet.domain import AccountKey, Kind, Order
+
+from earn.v1 import wallet_pb2, wallet_pb2_grpc
+
+SERVICE_NAME = "earn.v1.WalletService"
+
+_WRITERS = frozenset({SERVICE, OPERATOR})
+_READERS = frozenset({GATEWAY, SERVICE, OPERATOR})
+ROLES = {
+    f"{SERVICE_NAME}/{method}": roles
+    for method, roles in {
+        "Transfer": _WRITERS,
+        "TransferBatch": _WRITERS,
+        "PlaceHold": _WRITERS,
+        "ReleaseHold": _WRITERS,
+        "CaptureHold": _WRITERS,
+        "GetHold": _READERS,
+        "Deposit": frozenset({OPERATOR}),
+        "Withdraw": frozenset({OPERATOR}),
+        "GetBalances": _READERS,
+        "ListTransfers": _READERS,
+        "GetLedgerTotals": frozenset({OPERATOR}),
+    }.items()
+}
+
+MAX_PAGE = 1000
+DEFAULT_PAGE = 100
+
+
+def _kind(value: int, field: str) -> Kind | None:
+    if value == wallet_pb2.ACCOUNT_KIND_UNSPECIFIED:
+        return None
+    try:
+        return store.KIND_FROM_PROTO[value]
+    except KeyError:
+        raise InvalidArgument(field, f"unknown account kind {value}") from None
+
+
+def _order(spec: wallet_pb2.TransferSpec, field: str) -> Order:
+    return domain.order(
+        asset=spec.asset,
+        source=(spec.source.owner, _kind(spec.source.kind, f"{field}.source.kind")),
+        destination=(spec.destination.owner, _kind(spec.destination.kind, f"{field}.destination.kind")),
+        amount=spec.amount,
+        reference=spec.reference,
+        field=field,
+    )
+
+
+def _id(value: str, field: str) -> int:
+    if not value.isdigit() or len(value) > 18:
+        raise InvalidArgument(field, "must be a decimal id")
+    return int(value)
+
+
+def _user_account(request, kind: Kind) -> tuple[str, AccountKey]:  # type: ignore[no-untyped-def]
+    """The (owner, asset) of a user-scoped request, validated."""
+    owner = domain.check_name(request.owner, "owner")
+    asset = domain.check_asset(request.asset)
+    return asset, AccountKey(owner, asset, kind)
+
+
+def _page_token(last_id: int) -> str:
+    return base64.urlsafe_b64encode(f"t:{last_id}".encode()).decode()
+
+
+def _after_id(token: str) -> int:
+    if not token:
+        return 0
+    try:
+        text = base64.urlsafe_b64decode(token.encode()).decode()
+        prefix, _, value = text.partition(":")
+        if prefix != "t" or not value.isdigit():
+            raise ValueError
+        return int(value)
+    except (ValueError, UnicodeDecodeError):
+        raise InvalidArgument("page_token", "is not a token this service issued") from None
+
+
+class WalletApi(wallet_pb2_grpc.WalletServiceServicer):
+    def __init__(self, pool: asyncpg.Pool, settings: Settings) -> None:
+        self.pool = pool
+        self.settings = settings
+
+    # ---- transfers ------------------------------------------------------------------
+
+    async def _single(self, method: str, request, response_type, item: Order):  # type: ignore[no-untyped-def]
+        async def work(conn: asyncpg.Connection):  # type: ignore[no-untyped-def]
+            posted = await store.post(conn, self.settings, method.lower(), [item])
+            return response_type(
+                transfer=store.transfer_message(posted.transfer_ids[0], posted.posting_id, item, posted.created_at)
+            )
+
+        return await idempotency.write_once(self.pool, method=method, request=request, response_type=response_type, work=work)
+
+    async def Transfer(self, request: wallet_pb2.TransferRequest, context: grpc.aio.ServicerContext) -> wallet_pb2.TransferResponse:
+        idempotency.check_key(request.idempotency_key)
+        if not request.HasField("transfer"):
+            raise InvalidArgument("transfer", "is required")
+        return await self._single("Transfer", request, wallet_pb2.TransferResponse, _order(request.transfer, "transfer"))
+
+    async def TransferBatch(self, request: wallet_pb2.TransferBatchRequest, context: grpc.aio.ServicerContext) -> wallet_pb2.TransferBatchResponse:
+        idempotency.check_key(request.idempotency_key)
+        if not request.transfers:
+            raise InvalidArgument("transfers", "must hold at least one transfer")
+        if len(request.transfers) > domain.MAX_BATCH:
+            raise InvalidArgument("transfers", f"at most {domain.MAX_BATCH} transfers per batch")
+        orders = [_order(spec, f"transfers[{i}]") for i, spec in enumerate(request.transfers)]
+
+        async def work(conn: asyncpg.Connection) -> wallet_pb2.TransferBatchResponse:
+            posted = await store.post(conn, self.settings, "batch", orders)
+            response = wallet_pb2.TransferBatchResponse(posting_id=str(posted.posting_id), transfer_count=len(orders))
+            response.created_at.FromDatetime(posted.created_at)
+            return response
+
+        return await idempotency.write_once(
+            self.pool, method="TransferBatch", request=request, response_type=wallet_pb2.TransferBatchResponse, work=work
+        )
+
+    async def _external(self, method: str, request, response_type, *, inbound: bool):  # type: ignore[no-untyped-def]
+        idempotency.check_key(request.idempotency_key)
+        asset, user = _user_account(request, Kind.FUNDING)
+        world = AccountKey("exchange", asset, Kind.EXTERNAL)
+        amount = parse_amount(request.amount, asset)
+        reference = domain.check_reference(request.reference)
+        source, destination = (world, user) if inbound else (user, world)
+        return await self._single(method, request, response_type, Order(asset, source, destination, amount, reference))
+
+    async def Deposit(self, request: wallet_pb2.DepositRequest, context: grpc.aio.ServicerContext) -> wallet_pb2.DepositResponse:
+        return await self._external("Deposit", request, wallet_pb2.DepositResponse, inbound=True)
+
+    async def Withdraw(self, request: wallet_pb2.WithdrawRequest, context: grpc.aio.ServicerContext) -> wallet_pb2.WithdrawResponse:
+        return await self._external("Withdraw", request, wallet_pb2.WithdrawResponse, inbound=False)
+
+    # ---- holds ----------------------------------------------------------------------
+
+    async def PlaceHold(self, request: wallet_pb2.PlaceHoldRequest, context: grpc.aio.ServicerContext) -> wallet_pb2.PlaceHoldResponse:
+        idempotency.check_key(request.idempotency_key)
+        asset, funding = _user_account(request, Kind.FUNDING)
+        owner = funding.owner
+        holder = domain.check_name(request.holder, "holder")
+        amount = parse_amount(request.amount, asset)
+        reference = domain.check_reference(request.reference)
+        item = Order(asset, funding, AccountKey(owner, asset, Kind.HOLD), amount, reference)
+
+        async def work(conn: asyncpg.Connection) -> wallet_pb2.PlaceHoldResponse:
+            posted = await store.post(conn, self.settings, "hold_place", [item])
+            row = await store.insert_hold(conn, owner, asset, holder, amount, reference, posted.created_at)
+            return wallet_pb2.PlaceHoldResponse(hold=store.hold_message(row))
+
+        return await idempotency.write_once(
+            self.pool, method="PlaceHold", request=request, response_type=wallet_pb2.PlaceHoldResponse, work=work
+        )
+
+    async def _settle_hold(self, method: str, request, response_type, destination: tuple[str, Kind] | None):  # type: ignore[no-untyped-def]
+        hold_id = _id(request.hold_id, "hold_id")
+
+        async def work(conn: asyncpg.Connection):  # type: ignore[no-untyped-def]
+            hold = await store.lock_hold(conn, hold_id)
+            amount = domain.settle_amount(hold, request.amount)
+            held = AccountKey(hold.owner, hold.asset, Kind.HOLD)
+            target = AccountKey(hold.owner, hold.asset, Kind.FUNDING) if destination is None else AccountKey(destination[0], hold.asset, destination[1])
+            posted = await store.post(conn, self.settings, method, [Order(hold.asset, held, target, amount, f"hold:{hold_id}")])
+            row = await store.reduce_hold(conn, hold_id, amount, posted.created_at)
+            return response_type(hold=store.hold_message(row))
+
+        return await idempotency.write_once(self.pool, method=method, request=request, response_type=response_type, work=work)
+
+    async def ReleaseHold(self, request: wallet_pb2.ReleaseHoldRequest, context: grpc.aio.ServicerContext) -> wallet_pb2.ReleaseHoldResponse:
+        idempotency.check_key(request.idempotency_key)
+        return await self._settle_hold("hold_release", request, wallet_pb2.ReleaseHoldResponse, None)
+
+    async def CaptureHold(self, request: wallet_pb2.CaptureHoldRequest, context: grpc.aio.ServicerContext) -> wallet_pb2.CaptureHoldResponse:
+        idempotency.check_key(request.idempotency_key)
+        owner = domain.check_name(request.destination.owner, "destination.owner")
+        kind = _kind(request.destination.kind, "destination.kind")
+        if kind is None:
+            raise InvalidArgument("destination.kind", "is required")
+        if kind is Kind.HOLD:
+            raise InvalidArgument("destination.kind", "a capture cannot go to a hold account")
+        return await self._settle_hold("hold_capture", request, wallet_pb2.CaptureHoldResponse, (owner, kind))
+
+    async def GetHold(self, request: wallet_pb2.GetHoldRequest, context: grpc.aio.ServicerContext) -> wallet_pb2.GetHoldResponse:
+        return wallet_pb2.GetHoldResponse(hold=store.hold_message(await store.get_hold(self.pool, _id(request.hold_id, "hold_id"))))
+
+    # ---- queries --------------------------------------------------------------------
+
+    async def GetBalances(self, request: wallet_pb2.GetBalancesRequest, context: grpc.aio.ServicerContext) -> wallet_pb2.GetBalancesResponse:
+        owner = domain.check_name(request.owner, "owner")
+        if request.asset:
+            domain.check_asset(request.asset)
+        rows = await store.balances(self.pool, owner, request.asset)
+        return wallet_pb2.GetBalancesResponse(
+            balances=[
+                wallet_pb2.Balance(owner=r["owner"], asset=r["asset"], kind=store.KIND_TO_PROTO[Kind(r["kind"])], balance=format_amount(r["balance"]))
+                for r in rows
+            ]
+        )
+
+    async def ListTransfers(self, request: wallet_pb2.ListTransfersRequest, context: grpc.aio.ServicerContext) -> wallet_pb2.ListTransfersResponse:
+        if request.owner:
+            domain.check_name(request.owner, "owner")
+        if request.asset:
+            domain.check_asset(request.asset)
+        posting_id = _id(request.posting_id, "posting_id") if request.posting_id else None
+        if request.page_size > MAX_PAGE:
+            raise InvalidArgument("page_size", f"at most {MAX_PAGE}")
+        size = request.page_size or DEFAULT_PAGE
+        created_from = request.created_from.ToDatetime(tzinfo=UTC) if request.HasField("created_from") else None
+        created_to = request.created_to.ToDatetime(tzinfo=UTC) if request.HasField("created_to") else None
+        rows = await store.list_transfers(
+            self.pool,
+            owner=request.owner,
+            asset=request.asset,
+            posting_id=posting_id,
+            created_from=created_from,
+            created_to=created_to,
+            after_id=_after_id(request.page_token),
+            limit=size + 1,
+        )
+        page = rows[:size]
+        response = wallet_pb2.ListTransfersResponse(
+            transfers=[
+                store.transfer_message(
+                    r["id"],
+                    r["posting_id"],
+                    Order(r["asset"], AccountKey(r["s_owner"], r["asset"], Kind(r["s_kind"])), AccountKey(r["d_owner"], r["asset"], Kind(r["d_kind"])), r["amount"], r["reference"]),
+                    r["created_at"],
+                )
+                for r in page
+            ]
+        )
+        if len(rows) > size:
+            response.next_page_token = _page_token(page[-1]["id"])
+        return response
+
+    async def GetLedgerTotals(self, request: wallet_pb2.GetLedgerTotalsRequest, context: grpc.aio.ServicerContext) -> wallet_pb2.GetLedgerTotalsResponse:
+        rows = await store.ledger_totals(self.pool)
+        return wallet_pb2.GetLedgerTotalsResponse(
+            totals=[
+                wallet_pb2.AssetTotal(asset=r["asset"], sum=format_amount(r["total"]), accounts=r["accounts"], negative_user_accounts=r["negative_user_accounts"])
+                for r in rows
+            ]
+        )
+

@@ -1,0 +1,127 @@
+"""Shared fixtures: the real PostgreSQL and Kafka started by `make test`, a fresh test
+database and topic prefix per run, and service processes the tests can stop and kill.
+
+Integration tests never skip: a missing server fails the run with what to do.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
+
+import asyncpg
+import grpc
+import pytest
+from kafka.admin import KafkaAdminClient
+
+from services.devstack.processes import PROCESSES, ManagedProcess, ProcessSpec
+from services.kernel.config import Settings
+
+TEST_DATABASE = "earn_test"
+
+OPERATOR = (("authorization", "Bearer dev-operator"),)
+GATEWAY = (("authorization", "Bearer dev-gateway"),)
+SERVICE = (("authorization", "Bearer dev-service"),)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@dataclass
+class Env:
+    settings: Settings
+    env: dict[str, str]
+
+    def process(self, name: str, **extra_env: str) -> ManagedProcess:
+        spec = next(s for s in PROCESSES if s.name == name)
+        return self.spawn(spec, **extra_env)
+
+    def spawn(self, spec: ProcessSpec, **extra_env: str) -> ManagedProcess:
+        env = {**self.env, **extra_env}
+        return ManagedProcess(
+            spec,
+            env,
+            log_dir=self.settings.data_dir / "test-logs",
+            port=free_port() if spec.port_env else None,
+            metrics_port=free_port() if spec.metrics_port_env else None,
+            echo=False,
+        )
+
+
+def _servers_answer(settings: Settings) -> None:
+    try:
+        admin = KafkaAdminClient(bootstrap_servers=settings.kafka_bootstrap, request_timeout_ms=5000)
+        admin.close()
+    except Exception as err:
+        pytest.fail(f"Kafka does not answer at {settings.kafka_bootstrap} ({err}); run the suite with `make test`")
+
+
+@pytest.fixture(scope="session")
+def stack() -> Iterator[Env]:
+    base = Settings()
+    _servers_answer(base)
+    prefix = f"t{uuid.uuid4().hex[:8]}."
+
+    async def fresh_database() -> None:
+        try:
+            conn = await asyncpg.connect(base.database_url.rsplit("/", 1)[0] + "/postgres", timeout=5)
+        except Exception as err:
+            pytest.fail(f"PostgreSQL does not answer at {base.pg_host}:{base.pg_port} ({err}); run the suite with `make test`")
+        try:
+            await conn.execute(f'DROP DATABASE IF EXISTS "{TEST_DATABASE}" WITH (FORCE)')
+            await conn.execute(f'CREATE DATABASE "{TEST_DATABASE}"')
+        finally:
+            await conn.close()
+
+    asyncio.run(fresh_database())
+    env = {**os.environ, "EARN_PG_DATABASE": TEST_DATABASE, "EARN_TOPIC_PREFIX": prefix, "EARN_LOG_LEVEL": "INFO"}
+    settings = Settings(pg_database=TEST_DATABASE, topic_prefix=prefix)
+    yield Env(settings, env)
+
+
+RELAY = ProcessSpec("relay-wallet", "services.kernel.outbox", None, None, None, None)
+
+
+@pytest.fixture(scope="session")
+def wallet_relay(stack: Env) -> Iterator[ManagedProcess]:
+    """The wallet's outbox relay, as its own process so tests can kill it."""
+    proc = stack.spawn(RELAY, EARN_RELAY_SCHEMA="wallet")
+    yield proc
+    proc.stop()
+
+
+@pytest.fixture(scope="session")
+def wallet_process(stack: Env, wallet_relay: ManagedProcess) -> Iterator[ManagedProcess]:
+    proc = stack.process("wallet", EARN_RELAY_ENABLED="false")
+    proc.start()
+    proc.wait_ready(timeout=60)
+    wallet_relay.start()  # after the wallet migrated its schema
+    yield proc
+    proc.stop()
+
+
+@pytest.fixture(scope="session")
+async def wallet_channel(wallet_process: ManagedProcess) -> AsyncIterator[grpc.aio.Channel]:
+    assert wallet_process.address
+    async with grpc.aio.insecure_channel(wallet_process.address) as channel:
+        yield channel
+
+
+@pytest.fixture(scope="session")
+async def wallet_db(stack: Env, wallet_process: ManagedProcess) -> AsyncIterator[asyncpg.Pool]:
+    """Direct access to the wallet's tables, for checking invariants only."""
+    pool = await asyncpg.create_pool(stack.settings.database_url, server_settings={"search_path": "wallet"}, min_size=1, max_size=4)
+    assert pool is not None
+    yield pool
+    await pool.close()
+
+
+def unique(prefix: str = "k") -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:12]}"
