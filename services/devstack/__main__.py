@@ -1,0 +1,187 @@
+"""CLI of the local stack: `python -m services.devstack infra-up|infra-down|run|test|bench`.
+
+Every command that starts a server stops it again on exit, unless the server was already
+running (then it is reused and left alone) or the command is `infra-up`, whose purpose is to
+leave the servers running for later commands.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import signal
+import subprocess
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import typer
+
+from services.devstack.infra import (
+    InfraError,
+    Stack,
+    deferred_signals,
+    exit_on_signals,
+    say,
+    stop_signal,
+)
+from services.devstack.processes import PROCESSES, ManagedProcess, ProcessStartError
+from services.kernel.config import REPO_ROOT
+
+app = typer.Typer(
+    add_completion=False, no_args_is_help=True,
+    help="Local Kafka, PostgreSQL and platform processes for development and tests.",
+)
+
+
+def _fail(error: Exception) -> typer.Exit:
+    typer.echo(f"devstack: error: {error}", err=True)
+    return typer.Exit(1)
+
+
+def _print_addresses(stack: Stack, processes: Sequence[ManagedProcess] = ()) -> None:
+    rows = [(name, address) for name, address in stack.addresses().items()]
+    for process in processes:
+        rows.append((process.name, f"grpc {process.address or '-'}   metrics {process.metrics_url or '-'}"))
+    width = max(len(name) for name, _ in rows)
+    for name, address in rows:
+        print(f"  {name:<{width}}  {address}", flush=True)
+
+
+def _run_child(command: list[str], stack: Stack, grace: float = 30) -> int:
+    """Run a command with the stack's environment and return its exit code.
+
+    When we are asked to stop, the child gets the chance to end by itself if it was Ctrl-C
+    (the terminal sent it SIGINT too), then SIGTERM, then SIGKILL after grace seconds.
+    """
+    with deferred_signals() as stop:
+        child = subprocess.Popen(command, env=stack.env(), cwd=REPO_ROOT)
+        try:
+            while child.poll() is None and not stop.wait(0.2):
+                pass
+        finally:
+            if child.poll() is None:
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    child.wait(5 if stop_signal() == signal.SIGINT else 0)
+            if child.poll() is None:
+                child.terminate()
+                try:
+                    child.wait(grace)
+                except subprocess.TimeoutExpired:
+                    child.kill()
+                    child.wait()
+    return child.returncode
+
+
+@app.command("infra-up")
+def infra_up() -> None:
+    """Start Kafka and PostgreSQL in the background and leave them running."""
+    stack = Stack()
+    try:
+        with exit_on_signals():
+            try:
+                stack.start_infra()
+            except BaseException:
+                stack.stop_started()  # a half-started stack is of no use: leave nothing behind
+                raise
+    except InfraError as error:
+        raise _fail(error)
+    _print_addresses(stack)
+    say("stop them with `python -m services.devstack infra-down` (or `make infra-down`)")
+
+
+@app.command("infra-down")
+def infra_down() -> None:
+    """Stop Kafka and PostgreSQL (quiet when they are not running)."""
+    try:
+        Stack().stop_infra()
+    except InfraError as error:
+        raise _fail(error)
+
+
+@app.command()
+def run() -> None:
+    """Start the infra and every platform process; Ctrl-C stops all.
+
+    Running servers are reused and left running; what this command starts, it stops.
+    """
+    stack = Stack()
+    processes: list[ManagedProcess] = []
+    log_dir = stack.settings.data_dir / "logs"
+    try:
+        with stack.owned(), deferred_signals() as stop:
+            try:
+                for spec in PROCESSES:
+                    process = ManagedProcess(spec, stack.env(), log_dir=log_dir, cwd=REPO_ROOT)
+                    process.start()
+                    processes.append(process)
+                for process in processes:
+                    process.wait_ready(cancel=stop)
+                if not stop.is_set():
+                    say("ready:")
+                    _print_addresses(stack, processes)
+                    say(f"logs in {log_dir}; Ctrl-C stops everything")
+                while not stop.wait(0.5):
+                    dead = [f"{p.name} (exit code {p.returncode})" for p in processes if not p.running()]
+                    if dead:
+                        raise ProcessStartError(f"exited unexpectedly: {', '.join(dead)}")
+            finally:
+                for process in reversed(processes):
+                    process.stop()
+    except (InfraError, ProcessStartError) as error:
+        raise _fail(error)
+    except KeyboardInterrupt:
+        say("stopped")
+
+
+@app.command()
+def test(
+    pytest_args: list[str] = typer.Argument(None, help="passed to pytest (after `--`)"),
+) -> None:
+    """Run pytest against the local infra; exits with pytest's code.
+
+    Running servers are reused; what this command starts, it stops. The servers' addresses
+    reach pytest as EARN_* variables. Exit code 5 (nothing collected) counts as a failure.
+    """
+    stack = Stack()
+    code = 1
+    try:
+        with stack.owned():
+            code = _run_child(
+                [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", *(pytest_args or [])],
+                stack,
+            )
+    except InfraError as error:
+        raise _fail(error)
+    except KeyboardInterrupt:
+        code = 130
+    if code == 5:
+        say("pytest collected no tests: that is a failure")
+    raise typer.Exit(code)
+
+
+@app.command()
+def bench() -> None:
+    """Run every tests/bench/bench_*.py in order with this Python, against the local infra."""
+    scripts = sorted((REPO_ROOT / "tests" / "bench").glob("bench_*.py"))
+    if not scripts:
+        say("no benchmarks yet")
+        return
+    stack = Stack()
+    failed: list[Path] = []
+    try:
+        with stack.owned():
+            for script in scripts:
+                say(f"running {script.relative_to(REPO_ROOT)}")
+                if _run_child([sys.executable, str(script)], stack) != 0:
+                    failed.append(script)
+    except InfraError as error:
+        raise _fail(error)
+    except KeyboardInterrupt:
+        raise typer.Exit(130)
+    if failed:
+        say(f"failed: {', '.join(script.name for script in failed)}")
+        raise typer.Exit(1)
+
+
+if __name__ == "__main__":
+    app()
