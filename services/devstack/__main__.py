@@ -24,7 +24,7 @@ from services.devstack.infra import (
     say,
     stop_signal,
 )
-from services.devstack.processes import PROCESSES, ManagedProcess, ProcessStartError
+from services.devstack.processes import PROCESSES, ManagedProcess, ProcessSpec, ProcessStartError
 from services.kernel.config import REPO_ROOT
 
 app = typer.Typer(
@@ -98,6 +98,16 @@ def infra_down() -> None:
         raise _fail(error)
 
 
+def _ports(spec: ProcessSpec, env: dict[str, str]) -> dict[str, int]:
+    """Per-process port overrides: EARN_<NAME>_GRPC_PORT and EARN_<NAME>_METRICS_PORT."""
+    name = spec.name.upper().replace("-", "_")
+    ports = {}
+    for key, variable in (("port", f"EARN_{name}_GRPC_PORT"), ("metrics_port", f"EARN_{name}_METRICS_PORT")):
+        if env.get(variable):
+            ports[key] = int(env[variable])
+    return ports
+
+
 @app.command()
 def run() -> None:
     """Start the infra and every platform process; Ctrl-C stops all.
@@ -110,8 +120,9 @@ def run() -> None:
     try:
         with stack.owned(), deferred_signals() as stop:
             try:
+                env = stack.env()
                 for spec in PROCESSES:
-                    process = ManagedProcess(spec, stack.env(), log_dir=log_dir, cwd=REPO_ROOT)
+                    process = ManagedProcess(spec, env, log_dir=log_dir, cwd=REPO_ROOT, **_ports(spec, env))
                     process.start()
                     processes.append(process)
                 for process in processes:

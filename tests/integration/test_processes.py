@@ -1,0 +1,72 @@
+"""Process behaviour: `make run`'s launcher, graceful SIGTERM, /metrics."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+
+import grpc
+import psutil
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from earn.v1 import wallet_pb2, wallet_pb2_grpc
+from services.kernel.config import REPO_ROOT
+from tests.conftest import GATEWAY, free_port
+
+
+def _health(address: str) -> int:
+    with grpc.insecure_channel(address) as channel:
+        return health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=""), timeout=2).status
+
+
+def test_run_starts_every_process_and_ctrl_c_leaves_nothing_behind(stack) -> None:
+    port, metrics = free_port(), free_port()
+    env = {**stack.env, "EARN_WALLET_GRPC_PORT": str(port), "EARN_WALLET_METRICS_PORT": str(metrics)}
+    launcher = subprocess.Popen(
+        [sys.executable, "-m", "services.devstack", "run"], cwd=REPO_ROOT, env=env,
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
+    )
+    try:
+        lines = []
+        assert launcher.stdout is not None
+        for line in launcher.stdout:
+            lines.append(line)
+            if "Ctrl-C stops everything" in line:
+                break
+        output = "".join(lines)
+        assert f"127.0.0.1:{port}" in output, output
+        assert "reusing" in output  # the suite's servers are reused, and left running
+        assert _health(f"127.0.0.1:{port}") == health_pb2.HealthCheckResponse.SERVING
+        children = psutil.Process(launcher.pid).children(recursive=True)
+        assert children
+        launcher.send_signal(signal.SIGINT)
+        launcher.wait(60)
+        for child in children:
+            assert not child.is_running() or child.status() == psutil.STATUS_ZOMBIE, child
+    finally:
+        if launcher.poll() is None:
+            launcher.kill()
+            launcher.wait()
+
+
+async def test_sigterm_drains_and_exits_cleanly(stack) -> None:
+    proc = stack.process("wallet")
+    proc.start()
+    try:
+        await asyncio.to_thread(proc.wait_ready, 60)
+        async with grpc.aio.insecure_channel(proc.address) as channel:
+            wallet = wallet_pb2_grpc.WalletServiceStub(channel)
+            await wallet.GetBalances(wallet_pb2.GetBalancesRequest(owner="nobody"), metadata=GATEWAY)
+            body = urllib.request.urlopen(proc.metrics_url, timeout=5).read().decode()
+            assert 'grpc_server_handled_total{grpc_code="OK",grpc_method="GetBalances",grpc_service="earn.v1.WalletService",grpc_type="unary"}' in body
+            assert "grpc_server_handling_seconds_bucket" in body
+            assert "earn_outbox_backlog" in body
+        started = time.monotonic()
+        assert await asyncio.to_thread(proc.stop, 30) == 0
+        assert time.monotonic() - started < 30
+    finally:
+        proc.kill()
