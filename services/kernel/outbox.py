@@ -31,7 +31,7 @@ from prometheus_client import Counter, Gauge
 
 from services.kernel import events
 from services.kernel.config import Settings
-from services.kernel.topics import topic_name
+from services.kernel.topics import CATALOGUE, topic_name
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +45,13 @@ class Outgoing:
     topic: str  # logical catalogue name
     key: str
     payload: Message
+    partition: int | None = None  # None: chosen by the key
+
+
+def broadcast(topic: str, key: str, payload: Message) -> list[Outgoing]:
+    """One event per partition of ``topic``: a fact every partition needs in order with
+    its other events (ticks, rate changes). Each copy has its own event id."""
+    return [Outgoing(topic, key, payload, p) for p in range(CATALOGUE[topic].partitions)]
 
 
 async def enqueue(
@@ -60,9 +67,9 @@ async def enqueue(
     for item in items:
         env = events.wrap(item.payload, key=item.key, producer=producer, occurred_at=occurred_at)
         ids.append(env.event_id)
-        rows.append((uuid.UUID(env.event_id), topic_name(settings, item.topic), item.key, env.SerializeToString()))
+        rows.append((uuid.UUID(env.event_id), topic_name(settings, item.topic), item.key, item.partition, env.SerializeToString()))
     await conn.executemany(
-        "INSERT INTO outbox (event_id, topic, key, envelope) VALUES ($1, $2, $3, $4)", rows
+        "INSERT INTO outbox (event_id, topic, key, partition, envelope) VALUES ($1, $2, $3, $4, $5)", rows
     )
     return ids
 
@@ -144,11 +151,11 @@ class Relay:
     async def publish_once(self, producer: AIOKafkaProducer) -> int:
         """Publish the oldest batch; returns how many events went out."""
         rows = await self.pool.fetch(
-            "SELECT id, topic, key, envelope FROM outbox ORDER BY id LIMIT $1", self.batch_size
+            "SELECT id, topic, key, partition, envelope FROM outbox ORDER BY id LIMIT $1", self.batch_size
         )
         if rows:
             futures = [
-                await producer.send(r["topic"], value=bytes(r["envelope"]), key=r["key"].encode())
+                await producer.send(r["topic"], value=bytes(r["envelope"]), key=r["key"].encode(), partition=r["partition"])
                 for r in rows
             ]
             await asyncio.gather(*futures)

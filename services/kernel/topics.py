@@ -41,6 +41,12 @@ CATALOGUE: dict[str, TopicSpec] = {
     for spec in (
         # One event per wallet posting (transfer, batch, hold change, deposit, withdrawal).
         TopicSpec("wallet.transfers", partitions=6, retention_ms=30 * DAY_MS),
+        # The accrual engine's input from Simple Earn: position changes keyed by position,
+        # rate changes, hour ticks and payout requests in every partition. Kept forever:
+        # the engine's state is derived from it and can be rebuilt by replaying it.
+        TopicSpec("simple_earn.accrual", partitions=6, retention_ms=-1),
+        # The engine's payout results, in deterministic batches.
+        TopicSpec("accrual.payouts", partitions=6, retention_ms=30 * DAY_MS),
     )
 }
 
