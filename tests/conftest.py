@@ -21,7 +21,6 @@ from kafka.admin import KafkaAdminClient
 from services.devstack.processes import PROCESSES, ManagedProcess, ProcessSpec
 from services.kernel.config import Settings
 
-TEST_DATABASE = "earn_test"
 
 OPERATOR = (("authorization", "Bearer dev-operator"),)
 GATEWAY = (("authorization", "Bearer dev-gateway"),)
@@ -67,23 +66,25 @@ def _servers_answer(settings: Settings) -> None:
 def stack() -> Iterator[Env]:
     base = Settings()
     _servers_answer(base)
-    prefix = f"t{uuid.uuid4().hex[:8]}."
+    run_id = uuid.uuid4().hex[:8]
+    # Each run has its own database and topics, so runs never see each other's data.
+    database, prefix = f"earn_test_{run_id}", f"t{run_id}."
 
-    async def fresh_database() -> None:
+    async def admin(sql: str) -> None:
         try:
             conn = await asyncpg.connect(base.database_url.rsplit("/", 1)[0] + "/postgres", timeout=5)
         except Exception as err:
             pytest.fail(f"PostgreSQL does not answer at {base.pg_host}:{base.pg_port} ({err}); run the suite with `make test`")
         try:
-            await conn.execute(f'DROP DATABASE IF EXISTS "{TEST_DATABASE}" WITH (FORCE)')
-            await conn.execute(f'CREATE DATABASE "{TEST_DATABASE}"')
+            await conn.execute(sql)
         finally:
             await conn.close()
 
-    asyncio.run(fresh_database())
-    env = {**os.environ, "EARN_PG_DATABASE": TEST_DATABASE, "EARN_TOPIC_PREFIX": prefix, "EARN_LOG_LEVEL": "INFO"}
-    settings = Settings(pg_database=TEST_DATABASE, topic_prefix=prefix)
+    asyncio.run(admin(f'CREATE DATABASE "{database}"'))
+    env = {**os.environ, "EARN_PG_DATABASE": database, "EARN_TOPIC_PREFIX": prefix, "EARN_LOG_LEVEL": "INFO"}
+    settings = Settings(pg_database=database, topic_prefix=prefix)
     yield Env(settings, env)
+    asyncio.run(admin(f'DROP DATABASE IF EXISTS "{database}" WITH (FORCE)'))
 
 
 RELAY = ProcessSpec("relay-wallet", "services.kernel.outbox", None, None, None, None)
