@@ -8,10 +8,13 @@ from __future__ import annotations
 
 from functools import cached_property
 from pathlib import Path
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+if TYPE_CHECKING:
+    from services.kernel.clock import Clock
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
@@ -36,6 +39,15 @@ class Settings(BaseSettings):
     kafka_controller_port: int = 19093
     # Prefixed to every topic name of the catalogue; tests use a fresh prefix per run.
     topic_prefix: str = ""
+    # A file holding the current time (ISO-8601 UTC) instead of the wall clock: for
+    # end-to-end tests and demos only (services.kernel.clock).
+    clock_file: Path | None = None
+
+    @cached_property
+    def clock(self) -> "Clock":
+        from services.kernel.clock import Clock
+
+        return Clock(self.clock_file)
 
     @cached_property
     def database_url(self) -> str:
