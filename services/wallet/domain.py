@@ -135,6 +135,31 @@ def apply(balances: Mapping[AccountKey, Decimal], orders: Iterable[Order]) -> tu
     return current, applied
 
 
+# A batch at least this large that only credits users' funding accounts from one account
+# allowed to go negative (a product's expense, the external world) is a bulk credit.
+BULK_CREDIT_MIN = 64
+
+
+def bulk_credit_source(orders: list[Order]) -> AccountKey | None:
+    """The common source when ``orders`` are a bulk credit (a payout), else None.
+
+    A bulk credit cannot overdraw anything: its source may go negative and its
+    destinations only receive. So its destinations need no lock and no balance check,
+    and the wallet records their credits as pending instead of rewriting each balance.
+    """
+    if len(orders) < BULK_CREDIT_MIN:
+        return None
+    source = orders[0].source
+    if not source.may_go_negative:
+        return None
+    seen: set[AccountKey] = set()
+    for item in orders:
+        if item.source != source or item.destination.kind is not Kind.FUNDING or item.destination in seen:
+            return None
+        seen.add(item.destination)
+    return source
+
+
 @dataclass(frozen=True, slots=True)
 class HoldState:
     hold_id: int

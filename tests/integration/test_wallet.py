@@ -291,3 +291,43 @@ async def test_randomized_workload_keeps_every_asset_at_zero(wallet, wallet_db) 
         " WHERE a.kind = 'hold' AND a.balance <> coalesce(h.held, 0)"
     )
     assert mismatched == []
+
+
+async def test_bulk_credit_batch_counts_at_once_and_folds_exactly(wallet, wallet_db) -> None:
+    users = [unique("payee") for _ in range(200)]
+    for user in users[:50]:
+        await deposit(wallet, user, "1", "USDT")
+    payout = wallet_pb2.TransferBatchRequest(
+        idempotency_key=unique(),
+        transfers=[spec("simple_earn", u, f"0.{i + 1:06d}", "USDT", src_kind=EXPENSE) for i, u in enumerate(users)],
+    )
+    reply = await wallet.TransferBatch(payout, metadata=SERVICE)
+    assert reply.transfer_count == 200
+    assert await wallet.TransferBatch(payout, metadata=SERVICE) == reply  # idempotent
+    expected = {u: (Decimal(1) if i < 50 else 0) + Decimal(f"0.{i + 1:06d}") for i, u in enumerate(users)}
+
+    # Spend from some payees while their credits may still be pending, concurrently with
+    # another payout to the same users: every balance stays exact.
+    second = wallet_pb2.TransferBatchRequest(
+        idempotency_key=unique(), transfers=[spec("simple_earn", u, "0.5", "USDT", src_kind=EXPENSE) for u in users]
+    )
+    spends = [
+        wallet.Transfer(wallet_pb2.TransferRequest(idempotency_key=unique(), transfer=spec(u, "sink", "0.25", "USDT")), metadata=SERVICE)
+        for u in users[:50]
+    ]
+    await asyncio.gather(wallet.TransferBatch(second, metadata=SERVICE), *spends)
+    for i, user in enumerate(users):
+        expected[user] += Decimal("0.5") - (Decimal("0.25") if i < 50 else 0)
+    for user in users:
+        assert await balance(wallet, user, "USDT") == expected[user], user
+    totals = {t.asset: t for t in (await wallet.GetLedgerTotals(wallet_pb2.GetLedgerTotalsRequest(), metadata=OPERATOR)).totals}
+    assert Decimal(totals["USDT"].sum) == 0
+
+    # The background compaction folds every pending credit; balances do not move.
+    for _ in range(100):
+        if await wallet_db.fetchval("SELECT count(*) FROM transfers WHERE pending") == 0:
+            break
+        await asyncio.sleep(0.1)
+    assert await wallet_db.fetchval("SELECT count(*) FROM transfers WHERE pending") == 0
+    for user in users:
+        assert await balance(wallet, user, "USDT") == expected[user], user

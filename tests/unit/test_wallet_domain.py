@@ -85,3 +85,20 @@ def test_hold_settlement_amounts() -> None:
         domain.settle_amount(hold, "2")
     with pytest.raises(FailedPrecondition, match="closed"):
         domain.settle_amount(HoldState(7, "alice", "BTC", Decimal("2"), Decimal(0)), "")
+
+
+def _payees(n: int, source: AccountKey = AccountKey("simple_earn", "BTC", Kind.EXPENSE)) -> list[Order]:
+    return [Order("BTC", source, AccountKey(f"u{i}", "BTC", Kind.FUNDING), Decimal("0.1"), "") for i in range(n)]
+
+
+def test_bulk_credit_is_one_negative_capable_source_to_distinct_funding_accounts() -> None:
+    n = domain.BULK_CREDIT_MIN
+    assert domain.bulk_credit_source(_payees(n)) == AccountKey("simple_earn", "BTC", Kind.EXPENSE)
+    assert domain.bulk_credit_source(_payees(n - 1)) is None  # small batches take the plain path
+    assert domain.bulk_credit_source(_payees(n, ALICE)) is None  # a user's funds could run out
+    repeated = _payees(n)
+    repeated[-1] = repeated[0]
+    assert domain.bulk_credit_source(repeated) is None
+    to_treasury = _payees(n)
+    to_treasury[3] = Order("BTC", to_treasury[3].source, AccountKey("dual", "BTC", Kind.TREASURY), Decimal(1), "")
+    assert domain.bulk_credit_source(to_treasury) is None
