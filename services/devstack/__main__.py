@@ -182,8 +182,9 @@ def bench() -> None:
     try:
         with stack.owned():
             for script in scripts:
-                say(f"running {script.relative_to(REPO_ROOT)}")
-                if _run_child([sys.executable, str(script)], stack) != 0:
+                module = ".".join(script.relative_to(REPO_ROOT).with_suffix("").parts)
+                say(f"running python -m {module}")
+                if _run_child([sys.executable, "-m", module], stack) != 0:
                     failed.append(script)
     except InfraError as error:
         raise _fail(error)
