@@ -62,12 +62,13 @@ def _servers_answer(settings: Settings) -> None:
         pytest.fail(f"Kafka does not answer at {settings.kafka_bootstrap} ({err}); run the suite with `make test`")
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def stack() -> Iterator[Env]:
     base = Settings()
     _servers_answer(base)
     run_id = uuid.uuid4().hex[:8]
-    # Each run has its own database and topics, so runs never see each other's data.
+    # Each test module has its own database, topics and service processes, so neither
+    # runs nor modules see each other's data (a watermark, a product, a payout).
     database, prefix = f"earn_test_{run_id}", f"t{run_id}."
 
     async def admin(sql: str) -> None:
@@ -90,7 +91,7 @@ def stack() -> Iterator[Env]:
 RELAY = ProcessSpec("relay-wallet", "services.kernel.outbox", None, None, None, None)
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def wallet_relay(stack: Env) -> Iterator[ManagedProcess]:
     """The wallet's outbox relay, as its own process so tests can kill it."""
     proc = stack.spawn(RELAY, EARN_RELAY_SCHEMA="wallet")
@@ -98,7 +99,7 @@ def wallet_relay(stack: Env) -> Iterator[ManagedProcess]:
     proc.stop()
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def wallet_process(stack: Env, wallet_relay: ManagedProcess) -> Iterator[ManagedProcess]:
     proc = stack.process("wallet", EARN_RELAY_ENABLED="false")
     proc.start()
@@ -108,14 +109,14 @@ def wallet_process(stack: Env, wallet_relay: ManagedProcess) -> Iterator[Managed
     proc.stop()
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 async def wallet_channel(wallet_process: ManagedProcess) -> AsyncIterator[grpc.aio.Channel]:
     assert wallet_process.address
     async with grpc.aio.insecure_channel(wallet_process.address) as channel:
         yield channel
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 async def wallet_db(stack: Env, wallet_process: ManagedProcess) -> AsyncIterator[asyncpg.Pool]:
     """Direct access to the wallet's tables, for checking invariants only."""
     pool = await asyncpg.create_pool(stack.settings.database_url, server_settings={"search_path": "wallet"}, min_size=1, max_size=4)

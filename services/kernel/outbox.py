@@ -93,12 +93,17 @@ class Relay:
 
     async def run(self) -> None:
         """Become the schema's publisher (waiting as standby if another is), then publish."""
+        channel = f"{self.schema}_outbox"
+
+        def wake(*_: object) -> None:
+            self._wake.set()
+
         conn: asyncpg.Connection = await self.pool.acquire()
         try:
             while not await conn.fetchval("SELECT pg_try_advisory_lock($1)", self._lock_key):
                 if await self._sleep(1.0):
                     return
-            await conn.add_listener(f"{self.schema}_outbox", lambda *_: self._wake.set())
+            await conn.add_listener(channel, wake)
             log.info("relay publishing", extra={"schema": self.schema})
             while not self._stopping.is_set():
                 producer = await self._start_producer()
@@ -114,6 +119,7 @@ class Relay:
                     await producer.stop()
         finally:
             try:
+                await conn.remove_listener(channel, wake)
                 await conn.execute("SELECT pg_advisory_unlock_all()")
             finally:
                 await self.pool.release(conn)

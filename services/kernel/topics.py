@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 from kafka.admin import KafkaAdminClient, NewTopic
 from kafka.errors import TopicAlreadyExistsError
+from tenacity import retry, retry_if_exception_type, stop_after_delay, wait_fixed
 
 from services.kernel.config import Settings
 
@@ -58,6 +59,21 @@ def topic_name(settings: Settings, logical: str) -> str:
     return settings.topic_prefix + logical
 
 
+class TopicNotReady(RuntimeError):
+    pass
+
+
+@retry(retry=retry_if_exception_type(TopicNotReady), wait=wait_fixed(0.2), stop=stop_after_delay(15), reraise=True)
+def _check_partitions(admin: KafkaAdminClient, physical: str, expected: int) -> None:
+    """A topic just created may be described with no partitions until its metadata has
+    propagated: wait for it, then insist on the catalogue's count."""
+    count = len(admin.describe_topics([physical])[0]["partitions"])
+    if count == 0:
+        raise TopicNotReady(f"topic {physical} has no partitions yet")
+    if count != expected:
+        raise RuntimeError(f"topic {physical} has {count} partitions; the catalogue says {expected}")
+
+
 def ensure_topics(settings: Settings, names: list[str] | None = None) -> list[str]:
     """Create the missing catalogue topics (all, or ``names``); return those created.
 
@@ -81,13 +97,7 @@ def ensure_topics(settings: Settings, names: list[str] | None = None) -> list[st
             except TopicAlreadyExistsError:
                 pass  # another process won the race: fine
         for spec in specs:
-            physical = settings.topic_prefix + spec.name
-            described = admin.describe_topics([physical])[0]
-            count = len(described["partitions"])
-            if count != spec.partitions:
-                raise RuntimeError(
-                    f"topic {physical} has {count} partitions; the catalogue says {spec.partitions}"
-                )
+            _check_partitions(admin, settings.topic_prefix + spec.name, spec.partitions)
         if created:
             log.info("topics created", extra={"topics": created})
         return created
