@@ -1,0 +1,882 @@
+"""Simple Earn gRPC servicer: validate and convert, call the wallet, one transaction per write.
+
+Every write validates the whole request before touching anything (bad input writes
+nothing), then runs under its client idempotency key (``idempotency.write_once``).
+
+Cross-service consistency (the wallet is another process; its calls cannot join our
+PostgreSQL transaction), two patterns, each crash-safe:
+
+1. Wallet first, then record (Subscribe, MatureDue, payouts). The wallet request's
+   idempotency key is derived deterministically from what we are doing (the client's key
+   and request fingerprint, the position id, the payout batch id), so repeating the
+   whole operation after a crash reuses the same hold or transfer instead of moving
+   money twice. The record transaction then stores the wallet ids together with the
+   outbox events and the client key. If it fails after the hold was placed (crash,
+   database error), the client's retry with the same key completes it. If it fails on a
+   precondition detected after the hold (quota raced), the hold is claimed 'abandoned'
+   and released (by a deterministic key) before the error returns; a hold id is
+   claimed either 'used' by a position or 'abandoned', never both (serialised by an
+   advisory lock per hold), and a retry that meets its abandoned hold places a fresh one
+   under the next attempt number.
+
+2. Record first, then wallet (Redeem, and the release of abandoned holds). The
+   transaction decides which holds give how much back and writes those releases to
+   ``wallet_releases`` (keys derived from the redemption id) with the records and
+   events; the releases run right after the commit and, after a crash, from the
+   background sweeper. Redemption state never waits for the wallet; the funds follow.
+
+Users: a gateway acts for the ``user_id`` of the request. Acting on a position of
+another user answers NOT_FOUND, exactly like an unknown id, so position ids of other users
+cannot be probed.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import logging
+from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime
+from decimal import Decimal
+from typing import Any, TypeVar
+
+import asyncpg
+import grpc
+from google.protobuf.message import Message
+
+from services.kernel import events, idempotency, inbox, outbox
+from services.kernel.config import Settings
+from services.kernel.errors import AlreadyExists, DomainError, FailedPrecondition, InvalidArgument, NotFound
+from services.kernel.grpcserver import GATEWAY, OPERATOR, SERVICE, current_caller
+from services.kernel.money import format_amount, parse_amount, parse_decimal, scale_of
+from services.kernel.topics import CATALOGUE
+from services.simple_earn import domain, store
+from services.simple_earn.domain import Cadence, Kind, Limits, PositionStatus, Status
+
+from earn.v1 import accrual_pb2, simple_earn_pb2, simple_earn_pb2_grpc, wallet_pb2, wallet_pb2_grpc
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAME = "earn.v1.SimpleEarnService"
+HOLDER = "simple_earn"
+MATURITY_JOB = "simple_earn.maturity"
+
+_QUERY = frozenset({GATEWAY, OPERATOR, SERVICE})
+ROLES = {
+    f"{SERVICE_NAME}/{method}": roles
+    for method, roles in {
+        "CreateProduct": frozenset({OPERATOR}),
+        "UpdateProduct": frozenset({OPERATOR}),
+        "SetProductRates": frozenset({OPERATOR}),
+        "GetProduct": _QUERY,
+        "ListProducts": _QUERY,
+        "ListRateHistory": _QUERY,
+        "ListPositions": _QUERY,
+        "ListSubscriptions": _QUERY,
+        "ListRedemptions": _QUERY,
+        "ListInterest": _QUERY,
+        "Subscribe": frozenset({GATEWAY}),
+        "Redeem": frozenset({GATEWAY}),
+        "SetAutoSubscribe": frozenset({GATEWAY}),
+        "CloseHour": frozenset({SERVICE}),
+        "RequestPayout": frozenset({SERVICE}),
+        "GetPayoutStatus": frozenset({SERVICE, OPERATOR}),
+        "MatureDue": frozenset({SERVICE}),
+    }.items()
+}
+
+MAX_PAGE = 1000
+DEFAULT_PAGE = 100
+MAX_HOLD_ATTEMPTS = 5
+ACCRUAL_PARTITIONS = CATALOGUE[store.TOPIC].partitions
+
+M = TypeVar("M", bound=Message)
+
+_KIND = {simple_earn_pb2.PRODUCT_KIND_FLEXIBLE: Kind.FLEXIBLE, simple_earn_pb2.PRODUCT_KIND_FIXED: Kind.FIXED}
+_STATUS = {simple_earn_pb2.PRODUCT_STATUS_ACTIVE: Status.ACTIVE, simple_earn_pb2.PRODUCT_STATUS_PAUSED: Status.PAUSED}
+_CADENCE = {simple_earn_pb2.PAYOUT_CADENCE_DAILY: Cadence.DAILY, simple_earn_pb2.PAYOUT_CADENCE_HOURLY: Cadence.HOURLY}
+
+
+class WalletUnavailable(DomainError):
+    """The wallet did not answer; the same request (same key) may be retried."""
+
+    code = "UNAVAILABLE"
+
+
+class WalletClient:
+    """The wallet over gRPC with this service's token; wallet refusals become domain errors."""
+
+    def __init__(self, channel: grpc.aio.Channel, token: str) -> None:
+        self.stub = wallet_pb2_grpc.WalletServiceStub(channel)
+        self.metadata = (("authorization", f"Bearer {token}"),)
+
+    async def call(self, method: str, request: Message) -> Any:
+        try:
+            return await getattr(self.stub, method)(request, metadata=self.metadata, timeout=15)
+        except grpc.aio.AioRpcError as err:
+            code = err.code()
+            if code == grpc.StatusCode.FAILED_PRECONDITION:
+                raise FailedPrecondition(err.details() or "wallet refused") from None
+            if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+                raise WalletUnavailable("wallet is unavailable; retry with the same idempotency_key") from None
+            log.error("wallet call failed", extra={"method": method, "code": code.name, "details": err.details()})
+            raise
+
+
+def derived_key(prefix: str, *parts: object) -> str:
+    """A deterministic wallet idempotency key; hashed when it would not fit 128 chars."""
+    text = ":".join(str(p) for p in parts)
+    key = f"se:{prefix}:{text}"
+    if len(key) <= 128:
+        return key
+    return f"se:{prefix}:h:{hashlib.sha256(text.encode()).hexdigest()}"
+
+
+def _page_token(kind: str, last: int) -> str:
+    return base64.urlsafe_b64encode(f"{kind}:{last}".encode()).decode()
+
+
+def _after(token: str, kind: str) -> int:
+    if not token:
+        return 0
+    try:
+        text = base64.urlsafe_b64decode(token.encode()).decode()
+        prefix, _, value = text.partition(":")
+        if prefix != kind or not value.isdigit():
+            raise ValueError
+        return int(value)
+    except (ValueError, UnicodeDecodeError):
+        raise InvalidArgument("page_token", "is not a token this service issued for this list") from None
+
+
+def _page_size(value: int) -> int:
+    if value > MAX_PAGE:
+        raise InvalidArgument("page_size", f"at most {MAX_PAGE}")
+    return value or DEFAULT_PAGE
+
+
+def _time(request: Any) -> tuple[datetime | None, datetime | None]:
+    if not request.HasField("time"):
+        return None, None
+    t = request.time
+    start = getattr(t, "from").ToDatetime(tzinfo=UTC) if t.HasField("from") else None
+    end = t.to.ToDatetime(tzinfo=UTC) if t.HasField("to") else None
+    if start is not None and end is not None and start >= end:
+        raise InvalidArgument("time", "from must be before to")
+    return start, end
+
+
+def _scoped_user(user_id: str) -> str:
+    """The user filter of a query: a gateway must name the user it acts for."""
+    if user_id:
+        return domain.check_user_id(user_id)
+    if current_caller().role == GATEWAY:
+        raise InvalidArgument("user_id", "is required for calls acting for a user")
+    return ""
+
+
+def _tiers(raw: Any, asset: str) -> domain.Tiers:
+    return domain.parse_tiers([(t.up_to, t.apr) for t in raw], asset)
+
+
+def _enum(table: dict[int, Any], value: int, field: str, *, required: bool = True) -> Any:
+    if value == 0 and not required:
+        return None
+    try:
+        return table[value]
+    except KeyError:
+        raise InvalidArgument(field, "is required" if value == 0 else f"unknown value {value}") from None
+
+
+class SimpleEarnApi(simple_earn_pb2_grpc.SimpleEarnServiceServicer):
+    def __init__(self, pool: asyncpg.Pool, settings: Settings, wallet: WalletClient) -> None:
+        self.pool = pool
+        self.settings = settings
+        self.wallet = wallet
+
+    # ---- helpers ---------------------------------------------------------------------
+
+    async def _replay(self, method: str, request: Message, response_type: type[M]) -> M | None:
+        """The stored response of a completed request with this key (None if none), so a
+        retry never calls the wallet again nor meets today's preconditions."""
+        key = request.idempotency_key  # type: ignore[attr-defined]
+        row = await store.stored_response(self.pool, key)
+        if row is None:
+            return None
+        if row["request_hash"] != idempotency.fingerprint(method, request) or row["response"] is None:
+            raise AlreadyExists(f"idempotency_key: {key!r} was already used for a different request")
+        return response_type.FromString(row["response"])
+
+    async def _write(self, method: str, request: Message, response_type: type[M], work: Callable[[asyncpg.Connection], Awaitable[M]]) -> M:
+        return await idempotency.write_once(self.pool, method=method, request=request, response_type=response_type, work=work)
+
+    async def drive_releases(self) -> int:
+        """Execute the wallet releases committed and not yet confirmed. Safe to run
+        concurrently and repeatedly: each release has its own deterministic wallet key."""
+        done = 0
+        for r in await store.pending_releases(self.pool):
+            try:
+                await self.wallet.call(
+                    "ReleaseHold",
+                    wallet_pb2.ReleaseHoldRequest(idempotency_key=r["key"], hold_id=str(r["hold_id"]), amount=format_amount(r["amount"])),
+                )
+            except DomainError as err:
+                log.error("hold release failed; will retry", extra={"release": r["key"], "error": err.message})
+                continue
+            await store.release_done(self.pool, r["id"])
+            done += 1
+        return done
+
+    async def _abandon(self, hold_id: int, amount: Decimal, reason: str) -> None:
+        async with self.pool.acquire() as conn, conn.transaction():
+            abandoned = await store.abandon_hold(conn, hold_id, amount, reason)
+        if abandoned:
+            log.warning("hold abandoned and released", extra={"hold_id": hold_id, "reason": reason})
+            await self.drive_releases()
+
+    # ---- products --------------------------------------------------------------------
+
+    async def CreateProduct(self, request: simple_earn_pb2.CreateProductRequest, context: grpc.aio.ServicerContext) -> simple_earn_pb2.CreateProductResponse:
+        idempotency.check_key(request.idempotency_key)
+        product_id = domain.check_product_id(request.product_id)
+        if not request.asset:
+            raise InvalidArgument("asset", "is required")
+        asset = request.asset
+        scale_of(asset)
+        kind = _enum(_KIND, request.kind, "kind")
+        tiers = _tiers(request.tiers, asset)
+        limits = domain.check_limits(
+            Limits(
+                parse_amount(request.min_subscription, asset, "min_subscription"),
+                domain.parse_optional_amount(request.max_per_user, asset, "max_per_user"),
+                domain.parse_optional_amount(request.quota, asset, "quota"),
+            )
+        )
+        if kind is Kind.FIXED:
+            if not 1 <= request.term_days <= domain.MAX_TERM_DAYS:
+                raise InvalidArgument("term_days", f"a fixed-term product needs 1 to {domain.MAX_TERM_DAYS} days")
+            if request.payout_cadence != simple_earn_pb2.PAYOUT_CADENCE_UNSPECIFIED:
+                raise InvalidArgument("payout_cadence", "a fixed-term product pays at maturity; leave it unspecified")
+            cadence = Cadence.DAILY
+        else:
+            if request.term_days:
+                raise InvalidArgument("term_days", "applies to fixed-term products only")
+            if request.early_redeem_allowed:
+                raise InvalidArgument("early_redeem_allowed", "applies to fixed-term products only (flexible ones redeem any time)")
+            cadence = _enum(_CADENCE, request.payout_cadence, "payout_cadence", required=False) or Cadence.DAILY
+
+        async def work(conn: asyncpg.Connection) -> simple_earn_pb2.CreateProductResponse:
+            at = await store.accrual_clock(conn, self.settings.clock) if kind is Kind.FLEXIBLE else self.settings.clock.now()
+            product = store.Product(
+                product_id, asset, kind, Status.ACTIVE, tiers, limits, Decimal(0), request.term_days, request.early_redeem_allowed, cadence, at
+            )
+            if not await store.insert_product(conn, product):
+                raise AlreadyExists(f"product_id: product {product_id} already exists")
+            if kind is Kind.FLEXIBLE:
+                effective = domain.next_full_hour(at)
+                await store.set_rates(conn, product_id, tiers, effective, at)
+                await outbox.enqueue(conn, self.settings, store.PRODUCER, at, store.rates_event(product, tiers, effective))
+            return simple_earn_pb2.CreateProductResponse(product=store.product_message(product))
+
+        return await self._write("CreateProduct", request, simple_earn_pb2.CreateProductResponse, work)
+
+    async def UpdateProduct(self, request: simple_earn_pb2.UpdateProductRequest, context: grpc.aio.ServicerContext) -> simple_earn_pb2.UpdateProductResponse:
+        idempotency.check_key(request.idempotency_key)
+        product_id = domain.check_product_id(request.product_id)
+        current = await store.get_product(self.pool, product_id)
+        status = _enum(_STATUS, request.status, "status", required=False)
+        minimum = domain.parse_optional_amount(request.min_subscription, current.asset, "min_subscription")
+        maximum = domain.parse_optional_amount(request.max_per_user, current.asset, "max_per_user")
+        quota = domain.parse_optional_amount(request.quota, current.asset, "quota")
+        if status is None and minimum is None and maximum is None and quota is None:
+            raise InvalidArgument("status", "nothing to update: set status, min_subscription, max_per_user or quota")
+
+        async def work(conn: asyncpg.Connection) -> simple_earn_pb2.UpdateProductResponse:
+            at = self.settings.clock.now()
+            p = await store.get_product(conn, product_id, lock=True)
+            limits = domain.check_limits(
+                Limits(
+                    p.limits.min_subscription if minimum is None else minimum,
+                    p.limits.max_per_user if maximum is None else maximum,
+                    p.limits.quota if quota is None else quota,
+                )
+            )
+            await store.update_product(conn, product_id, status or p.status, limits, at)
+            return simple_earn_pb2.UpdateProductResponse(product=store.product_message(await store.get_product(conn, product_id)))
+
+        return await self._write("UpdateProduct", request, simple_earn_pb2.UpdateProductResponse, work)
+
+    async def SetProductRates(self, request: simple_earn_pb2.SetProductRatesRequest, context: grpc.aio.ServicerContext) -> simple_earn_pb2.SetProductRatesResponse:
+        idempotency.check_key(request.idempotency_key)
+        product_id = domain.check_product_id(request.product_id)
+        current = await store.get_product(self.pool, product_id)
+        tiers = _tiers(request.tiers, current.asset)
+        if current.kind is not Kind.FLEXIBLE:
+            raise FailedPrecondition(f"product {product_id} is fixed-term: its rates are locked in at subscription and cannot change")
+
+        async def work(conn: asyncpg.Connection) -> simple_earn_pb2.SetProductRatesResponse:
+            at = await store.accrual_clock(conn, self.settings.clock)
+            p = await store.get_product(conn, product_id, lock=True)
+            effective = domain.next_full_hour(at)
+            await store.set_rates(conn, product_id, tiers, effective, at)
+            await outbox.enqueue(conn, self.settings, store.PRODUCER, at, store.rates_event(p, tiers, effective))
+            return simple_earn_pb2.SetProductRatesResponse(
+                product=store.product_message(await store.get_product(conn, product_id)), effective_hour=effective
+            )
+
+        return await self._write("SetProductRates", request, simple_earn_pb2.SetProductRatesResponse, work)
+
+    async def GetProduct(self, request: simple_earn_pb2.GetProductRequest, context: grpc.aio.ServicerContext) -> simple_earn_pb2.GetProductResponse:
+        product_id = domain.check_product_id(request.product_id)
+        return simple_earn_pb2.GetProductResponse(product=store.product_message(await store.get_product(self.pool, product_id)))
+
+    async def ListProducts(self, request: simple_earn_pb2.ListProductsRequest, context: grpc.aio.ServicerContext) -> simple_earn_pb2.ListProductsResponse:
+        if request.asset:
+            scale_of(request.asset)
+        return simple_earn_pb2.ListProductsResponse(products=[store.product_message(p) for p in await store.list_products(self.pool, request.asset)])
+
+    async def ListRateHistory(self, request: simple_earn_pb2.ListRateHistoryRequest, context: grpc.aio.ServicerContext) -> simple_earn_pb2.ListRateHistoryResponse:
+        product_id = domain.check_product_id(request.product_id)
+        await store.get_product(self.pool, product_id)
+        response = simple_earn_pb2.ListRateHistoryResponse()
+        for effective, tiers, changed_at in await store.rate_history(self.pool, product_id):
+            change = response.changes.add(effective_hour=effective, tiers=store.tier_messages(tiers))
+            change.changed_at.FromDatetime(changed_at)
+        return response
+
+    # ---- user writes -----------------------------------------------------------------
+
+    async def Subscribe(self, request: simple_earn_pb2.SubscribeRequest, context: grpc.aio.ServicerContext) -> simple_earn_pb2.SubscribeResponse:
+        """Hold the funds in the wallet, then record the subscription.
+
+        Crash story: the wallet hold key is derived from the client key and the request
+        fingerprint, so a retry of the same request reuses the same hold. If our
+        transaction fails after the hold was placed (crash, database down), the hold waits
+        for the client's retry with the same key, which records it. A precondition that
+        fails after the hold (quota or limit raced by a concurrent subscription) abandons
+        and releases the hold before the error is returned.
+        """
+        key = idempotency.check_key(request.idempotency_key)
+        user = domain.check_user_id(request.user_id)
+        product_id = domain.check_product_id(request.product_id)
+        product = await store.get_product(self.pool, product_id)
+        amount = parse_amount(request.amount, product.asset, "amount")
+        if product.kind is Kind.FLEXIBLE and request.auto_renew:
+            raise InvalidArgument("auto_renew", "applies to fixed-term products only")
+        if product.kind is Kind.FIXED and request.auto_subscribe:
+            raise InvalidArgument("auto_subscribe", "applies to flexible products only")
+        if (stored := await self._replay("Subscribe", request, simple_earn_pb2.SubscribeResponse)) is not None:
+            return stored
+        # Refuse before touching the wallet when the state already forbids it.
+        domain.check_subscription(
+            product_id=product_id, asset=product.asset, status=product.status, limits=product.limits, amount=amount,
+            user_total=await store.user_total(self.pool, user, product_id), subscribed=product.subscribed,
+        )
+        base = hashlib.sha256(key.encode() + b"\0" + idempotency.fingerprint("Subscribe", request)).hexdigest()[:40]
+        hold_id = None
+        for attempt in range(MAX_HOLD_ATTEMPTS):
+            reply = await self.wallet.call(
+                "PlaceHold",
+                wallet_pb2.PlaceHoldRequest(
+                    idempotency_key=f"se:sub:{base}:{attempt}", owner=user, asset=product.asset, amount=format_amount(amount),
+                    holder=HOLDER, reference=f"simple_earn:subscribe:{product_id}",
+                ),
+            )
+            if await store.hold_claim(self.pool, int(reply.hold.hold_id)) != "abandoned":
+                hold_id = int(reply.hold.hold_id)
+                break
+        if hold_id is None:
+            raise FailedPrecondition("idempotency_key: this request failed too many times; retry with a new key")
+
+        async def work(conn: asyncpg.Connection) -> simple_earn_pb2.SubscribeResponse:
+            at = await store.accrual_clock(conn, self.settings.clock)
+            p = await store.get_product(conn, product_id, lock=True)
+            domain.check_subscription(
+                product_id=product_id, asset=p.asset, status=p.status, limits=p.limits, amount=amount,
+                user_total=await store.user_total(conn, user, product_id), subscribed=p.subscribed,
+            )
+            start = domain.next_full_hour(at)
+            if p.kind is Kind.FLEXIBLE:
+                existing = await store.open_flexible_position(conn, user, product_id)
+                if existing is None:
+                    position_id = await store.insert_position(
+                        conn, user_id=user, product=p, auto_subscribe=request.auto_subscribe, auto_renew=False,
+                        fixed_tiers=None, accrues_from_hour=start, matures_hour=None, at=at,
+                    )
+                else:
+                    position_id = existing["id"]
+                    if request.auto_subscribe and not existing["auto_subscribe"]:
+                        await store.set_auto_subscribe(conn, position_id, True, at)
+            else:
+                position_id = await store.insert_position(
+                    conn, user_id=user, product=p, auto_subscribe=False, auto_renew=request.auto_renew, fixed_tiers=p.tiers,
+                    accrues_from_hour=start, matures_hour=domain.maturity_hour(start, p.term_days), at=at,
+                )
+            if not await store.claim_hold(conn, hold_id, position_id, amount, at):
+                raise FailedPrecondition("idempotency_key: the hold of this request was released; retry with the same key")
+            await store.add_principal(conn, position_id, product_id, amount, start, at)
+            subscription_id = await store.insert_subscription(conn, position_id, user, product_id, amount, "user", hold_id, at)
+            row = await store.get_position(conn, position_id, None)
+            if p.kind is Kind.FLEXIBLE:
+                await outbox.enqueue(conn, self.settings, store.PRODUCER, at, [store.position_changed(row, [(start, amount)])])
+            return simple_earn_pb2.SubscribeResponse(
+                position=store.position_message(row), subscription_id=str(subscription_id), accrues_from_hour=start
+            )
+
+        try:
+            return await self._write("Subscribe", request, simple_earn_pb2.SubscribeResponse, work)
+        except DomainError as err:
+            await self._abandon(hold_id, amount, f"Subscribe {key}: {err.message}")
+            raise
+
+    async def Redeem(self, request: simple_earn_pb2.RedeemRequest, context: grpc.aio.ServicerContext) -> simple_earn_pb2.RedeemResponse:
+        """Record the redemption (records, principal changes, events and the releases to
+        make) in one transaction, then release the holds in the wallet (newest first)."""
+        idempotency.check_key(request.idempotency_key)
+        user = domain.check_user_id(request.user_id)
+        position_id = domain.check_position_id(request.position_id)
+        position = await store.get_position(self.pool, position_id, user)
+        amount = parse_amount(request.amount, position["asset"], "amount") if request.amount else None
+        if (stored := await self._replay("Redeem", request, simple_earn_pb2.RedeemResponse)) is not None:
+            await self.drive_releases()
+            return stored
+
+        async def work(conn: asyncpg.Connection) -> simple_earn_pb2.RedeemResponse:
+            at = await store.accrual_clock(conn, self.settings.clock)
+            p = await store.get_product(conn, position["product_id"], lock=True)
+            row = await store.get_position(conn, position_id, user, lock=True)
+            if row["status"] != PositionStatus.ACTIVE:
+                raise FailedPrecondition(f"position {position_id} is {row['status']}: nothing left to redeem")
+            principal: Decimal = row["principal"]
+            value = principal if amount is None else amount
+            hour = domain.unix_hour(at)
+            forfeited = False
+            if p.kind is Kind.FLEXIBLE:
+                changes = await store.principal_changes(conn, position_id)
+                split = domain.split_redemption(value, principal, domain.accruing_at(changes, hour))
+                deltas = domain.redemption_changes(hour, split)
+            else:
+                if value != principal:
+                    raise InvalidArgument("amount", "a fixed-term position is redeemed whole: leave amount empty or give the whole principal")
+                matures = domain.hour_start(row["matures_hour"])
+                if at >= matures:
+                    raise FailedPrecondition(f"position {position_id} matured at {matures.isoformat()}: it is paid out by maturity")
+                if not p.early_redeem_allowed:
+                    raise FailedPrecondition(
+                        f"product {p.product_id} does not allow early redemption: position {position_id} matures at {matures.isoformat()}"
+                    )
+                forfeited = True
+                deltas = [(hour, -value)]
+            takes = domain.take_from_holds(value, await store.holds_newest_first(conn, position_id))
+            for effective, delta in deltas:
+                await store.add_principal(conn, position_id, p.product_id, delta, effective, at)
+            redemption_id = await store.insert_redemption(conn, row, value, "user", forfeited, at)
+            for hold_id, take in takes:
+                await store.reduce_hold(conn, hold_id, take)
+                await store.schedule_release(conn, derived_key("red", redemption_id, hold_id), hold_id, take, "redemption")
+            full = value == principal
+            if full:
+                await store.close_position(conn, position_id, PositionStatus.REDEEMED, hour, at)
+            if p.kind is Kind.FLEXIBLE:
+                await outbox.enqueue(
+                    conn, self.settings, store.PRODUCER, at, [store.position_changed(row, deltas, hour if full else 0)]
+                )
+            updated = await store.get_position(conn, position_id, None)
+            return simple_earn_pb2.RedeemResponse(
+                position=store.position_message(updated), redemption_id=str(redemption_id), interest_forfeited=forfeited
+            )
+
+        response = await self._write("Redeem", request, simple_earn_pb2.RedeemResponse, work)
+        await self.drive_releases()
+        return response
+
+    async def SetAutoSubscribe(self, request: simple_earn_pb2.SetAutoSubscribeRequest, context: grpc.aio.ServicerContext) -> simple_earn_pb2.SetAutoSubscribeResponse:
+        idempotency.check_key(request.idempotency_key)
+        user = domain.check_user_id(request.user_id)
+        position_id = domain.check_position_id(request.position_id)
+        await store.get_position(self.pool, position_id, user)
+
+        async def work(conn: asyncpg.Connection) -> simple_earn_pb2.SetAutoSubscribeResponse:
+            at = self.settings.clock.now()
+            row = await store.get_position(conn, position_id, user, lock=True)
+            if row["kind"] != Kind.FLEXIBLE:
+                raise FailedPrecondition(f"position {position_id} is fixed-term: auto_renew is chosen at subscription; auto-subscribe is for flexible positions")
+            if row["status"] != PositionStatus.ACTIVE:
+                raise FailedPrecondition(f"position {position_id} is {row['status']}")
+            await store.set_auto_subscribe(conn, position_id, request.enabled, at)
+            return simple_earn_pb2.SetAutoSubscribeResponse(position=store.position_message(await store.get_position(conn, position_id, None)))
+
+        return await self._write("SetAutoSubscribe", request, simple_earn_pb2.SetAutoSubscribeResponse, work)
+
+    # ---- queries ---------------------------------------------------------------------
+
+    async def ListPositions(self, request: simple_earn_pb2.ListPositionsRequest, context: grpc.aio.ServicerContext) -> simple_earn_pb2.ListPositionsResponse:
+        user = _scoped_user(request.user_id)
+        product_id = domain.check_product_id(request.product_id) if request.product_id else ""
+        size = _page_size(request.page_size)
+        rows = await store.list_positions(self.pool, user, product_id, _after(request.page_token, "p"), size + 1)
+        response = simple_earn_pb2.ListPositionsResponse(positions=[store.position_message(r) for r in rows[:size]])
+        if len(rows) > size:
+            response.next_page_token = _page_token("p", rows[size - 1]["id"])
+        return response
+
+    async def ListSubscriptions(self, request: simple_earn_pb2.ListSubscriptionsRequest, context: grpc.aio.ServicerContext) -> simple_earn_pb2.ListSubscriptionsResponse:
+        user = _scoped_user(request.user_id)
+        start, end = _time(request)
+        size = _page_size(request.page_size)
+        rows = await store.list_records(self.pool, "subscriptions", user, start, end, _after(request.page_token, "s"), size + 1)
+        response = simple_earn_pb2.ListSubscriptionsResponse()
+        for r in rows[:size]:
+            item = response.subscriptions.add(
+                subscription_id=str(r["id"]), position_id=str(r["position_id"]), user_id=r["user_id"], product_id=r["product_id"],
+                amount=format_amount(r["amount"]), source=r["source"],
+            )
+            item.created_at.FromDatetime(r["created_at"])
+        if len(rows) > size:
+            response.next_page_token = _page_token("s", rows[size - 1]["id"])
+        return response
+
+    async def ListRedemptions(self, request: simple_earn_pb2.ListRedemptionsRequest, context: grpc.aio.ServicerContext) -> simple_earn_pb2.ListRedemptionsResponse:
+        user = _scoped_user(request.user_id)
+        start, end = _time(request)
+        size = _page_size(request.page_size)
+        rows = await store.list_records(self.pool, "redemptions", user, start, end, _after(request.page_token, "r"), size + 1)
+        response = simple_earn_pb2.ListRedemptionsResponse()
+        for r in rows[:size]:
+            item = response.redemptions.add(
+                redemption_id=str(r["id"]), position_id=str(r["position_id"]), user_id=r["user_id"], product_id=r["product_id"],
+                amount=format_amount(r["amount"]), source=r["source"], interest_forfeited=r["interest_forfeited"],
+            )
+            item.created_at.FromDatetime(r["created_at"])
+        if len(rows) > size:
+            response.next_page_token = _page_token("r", rows[size - 1]["id"])
+        return response
+
+    async def ListInterest(self, request: simple_earn_pb2.ListInterestRequest, context: grpc.aio.ServicerContext) -> simple_earn_pb2.ListInterestResponse:
+        """Payout records, or with ``hourly`` the exact accrual of each hour of one position,
+        derived from its principal history and the product's rate history (or its locked
+        tiers). Hourly records cover hours that have ended; the time filter selects hours
+        by their start."""
+        user = _scoped_user(request.user_id)
+        position_id = domain.check_position_id(request.position_id) if request.position_id else None
+        start, end = _time(request)
+        size = _page_size(request.page_size)
+        response = simple_earn_pb2.ListInterestResponse()
+        if not request.hourly:
+            rows = await store.list_interest(self.pool, user, position_id, start, end, _after(request.page_token, "i"), size + 1)
+            for r in rows[:size]:
+                response.records.add(
+                    position_id=str(r["position_id"]), product_id=r["product_id"], asset=r["asset"], amount=format_amount(r["amount"]),
+                    from_hour=r["from_hour"], to_hour=r["to_hour"], period=r["period"], reinvested=r["reinvested"],
+                )
+            if len(rows) > size:
+                response.next_page_token = _page_token("i", rows[size - 1]["id"])
+            return response
+        if position_id is None:
+            raise InvalidArgument("position_id", "is required when hourly is set")
+        row = await store.get_position(self.pool, position_id, user or None)
+        changes = await store.principal_changes(self.pool, position_id)
+        if row["kind"] == Kind.FIXED:
+            rates = [(row["accrues_from_hour"], store.tiers_from_json(row["fixed_tiers"]))]
+        else:
+            rates = [(h, t) for h, t, _ in await store.rate_history(self.pool, row["product_id"])]
+        first = min((h for h, _ in changes), default=row["accrues_from_hour"])
+        last = domain.unix_hour(self.settings.clock.now())  # hours before the current one have ended
+        for bound in (row["closed_from_hour"], row["matures_hour"]):
+            if bound is not None:
+                last = min(last, bound)
+        if start is not None:
+            first = max(first, -(-int(start.timestamp()) // 3600))
+        if end is not None:
+            last = min(last, -(-int(end.timestamp()) // 3600))
+        first = max(first, _after(request.page_token, "h"))
+        records: list[tuple[int, Decimal, Decimal]] = []
+        cursor = first
+        while cursor < last and len(records) <= size:
+            chunk_end = min(last, cursor + 24 * 31)
+            records.extend(domain.hourly_records(changes, rates, cursor, chunk_end))
+            cursor = chunk_end
+        for hour, _, accrued in records[:size]:
+            response.records.add(
+                position_id=str(position_id), product_id=row["product_id"], asset=row["asset"], amount=format_amount(accrued),
+                from_hour=hour, to_hour=hour + 1,
+            )
+        if len(records) > size:
+            response.next_page_token = _page_token("h", records[size][0])
+        return response
+
+    # ---- jobs ------------------------------------------------------------------------
+
+    async def CloseHour(self, request: simple_earn_pb2.CloseHourRequest, context: grpc.aio.ServicerContext) -> simple_earn_pb2.CloseHourResponse:
+        """Publish HourClosed for every hour after the last closed one up to ``hour`` (the
+        first call closes only ``hour``), under the EXCLUSIVE watermark lock: every accrual
+        write committed before is before the ticks in every partition. Idempotent."""
+        if request.hour <= 0:
+            raise InvalidArgument("hour", "must be a positive unix hour")
+        async with self.pool.acquire() as conn, conn.transaction():
+            at = await store.watermark_clock(conn, self.settings.clock)
+            if request.hour > domain.unix_hour(at):
+                raise FailedPrecondition(f"hour: {request.hour} would close hour {request.hour - 1}, which has not ended yet")
+            last = await store.last_closed_hour(conn)
+            if last is not None and request.hour <= last:
+                return simple_earn_pb2.CloseHourResponse()
+            hours = [request.hour] if last is None else list(range(last + 1, request.hour + 1))
+            await outbox.enqueue(conn, self.settings, store.PRODUCER, at, [o for h in hours for o in store.hour_closed(h)])
+            await store.set_last_closed_hour(conn, request.hour, at)
+            return simple_earn_pb2.CloseHourResponse(closed=hours)
+
+    async def RequestPayout(self, request: simple_earn_pb2.RequestPayoutRequest, context: grpc.aio.ServicerContext) -> simple_earn_pb2.RequestPayoutResponse:
+        """Publish PayoutRequested for the flexible products of ``cadence`` to every
+        partition. Idempotent per (job, period); the same (job, period) with another
+        boundary or cadence is refused."""
+        job = domain.check_job(request.job)
+        period = domain.check_period(request.period)
+        if request.boundary_hour <= 0:
+            raise InvalidArgument("boundary_hour", "must be a positive unix hour")
+        cadence = _enum(_CADENCE, request.cadence, "cadence")
+        async with self.pool.acquire() as conn, conn.transaction():
+            at = await store.accrual_clock(conn, self.settings.clock)
+            if request.boundary_hour > domain.unix_hour(at):
+                raise FailedPrecondition(f"boundary_hour: {request.boundary_hour} is after the current hour")
+            product_ids = await store.flexible_products(conn, cadence)
+            if not await store.insert_payout_request(conn, job, period, request.boundary_hour, cadence, product_ids, at):
+                existing = await store.payout_request(conn, job, period)
+                assert existing is not None
+                if existing["boundary_hour"] != request.boundary_hour or existing["cadence"] != cadence.value:
+                    raise AlreadyExists(
+                        f"period: {job} {period} was requested with boundary_hour {existing['boundary_hour']} and cadence {existing['cadence']}"
+                    )
+                return simple_earn_pb2.RequestPayoutResponse(product_ids=existing["product_ids"])
+            if product_ids:  # an empty list would mean "all products" to the engine
+                message = accrual_pb2.PayoutRequested(job=job, period=period, boundary_hour=request.boundary_hour, product_ids=product_ids)
+                await outbox.enqueue(conn, self.settings, store.PRODUCER, at, outbox.broadcast(store.TOPIC, f"payout:{job}:{period}", message))
+            return simple_earn_pb2.RequestPayoutResponse(product_ids=product_ids)
+
+    async def GetPayoutStatus(self, request: simple_earn_pb2.GetPayoutStatusRequest, context: grpc.aio.ServicerContext) -> simple_earn_pb2.GetPayoutStatusResponse:
+        job = domain.check_job(request.job)
+        period = domain.check_period(request.period)
+        requested = await store.payout_request(self.pool, job, period)
+        if requested is None:
+            raise NotFound(f"period: no payout {job} {period} was requested")
+        done, items, paid = await store.payout_status(self.pool, job, period)
+        return simple_earn_pb2.GetPayoutStatusResponse(
+            partitions=ACCRUAL_PARTITIONS,
+            partitions_done=done,
+            items=items,
+            paid={r["asset"]: format_amount(r["paid"]) for r in paid},
+            complete=done >= ACCRUAL_PARTITIONS or not requested["product_ids"],
+        )
+
+    # ---- payouts (consumer of accrual.payouts) -----------------------------------------
+
+    async def apply_payout(self, raw: bytes) -> str:
+        """Pay one PayoutBatch exactly once. Returns what happened (for logs and tests).
+
+        Idempotent by the batch's natural key (job, period, partition, sequence), by
+        (job, period, position) for each item and by the envelope's event id (inbox). The
+        wallet transfer and the reinvestment holds have keys derived from the batch, so a
+        crash between them and our commit repeats nothing when the batch is redelivered.
+        """
+        env = events.parse(raw)
+        batch = events.unwrap(env, accrual_pb2.PayoutBatch)
+        job = domain.check_job(batch.job)
+        period = domain.check_period(batch.period)
+        if await store.batch_seen(self.pool, job, period, batch.partition, batch.sequence):
+            return "duplicate"
+        ids = []
+        for item in batch.items:
+            try:
+                ids.append(domain.check_position_id(item.position_id))
+            except InvalidArgument:
+                log.error("payout item with a bad position id skipped", extra={"job": job, "period": period, "position": item.position_id})
+        rows = {r["id"]: r for r in await self.pool.fetch("SELECT * FROM positions WHERE id = ANY($1::bigint[])", ids)}
+        already = await store.interest_recorded(self.pool, job, period, ids)
+        items: list[tuple[asyncpg.Record, Decimal, Decimal, int]] = []
+        for item in batch.items:
+            row = rows.get(int(item.position_id)) if item.position_id.isdigit() else None
+            if row is None or row["user_id"] != item.user_id or row["asset"] != item.asset or row["product_id"] != item.product_id:
+                log.error("payout item does not match a position; skipped", extra={"job": job, "period": period, "position": item.position_id})
+                continue
+            if row["id"] in already:
+                continue
+            try:
+                amount = parse_amount(item.amount, row["asset"], "amount", allow_zero=True)
+                carry = parse_decimal(item.carry or "0", "carry", scale=80, allow_zero=True)
+            except InvalidArgument as err:
+                log.error("payout item with a bad amount skipped", extra={"position": item.position_id, "error": err.message})
+                continue
+            items.append((row, amount, carry, item.from_hour))
+        paying = [(row, amount) for row, amount, _, _ in items if amount > 0]
+        posting_id = ""
+        if paying:
+            reply = await self.wallet.call(
+                "TransferBatch",
+                wallet_pb2.TransferBatchRequest(
+                    idempotency_key=derived_key("payout", job, period, batch.partition, batch.sequence),
+                    transfers=[
+                        wallet_pb2.TransferSpec(
+                            asset=row["asset"],
+                            source=wallet_pb2.AccountRef(owner=HOLDER, kind=wallet_pb2.ACCOUNT_KIND_EXPENSE),
+                            destination=wallet_pb2.AccountRef(owner=row["user_id"], kind=wallet_pb2.ACCOUNT_KIND_FUNDING),
+                            amount=format_amount(amount),
+                            reference=f"simple_earn:interest:{job}:{period}:{row['id']}"[:128],
+                        )
+                        for row, amount in paying
+                    ],
+                ),
+            )
+            posting_id = reply.posting_id
+        # Decide once, before any wallet call, which positions reinvest; a redelivery
+        # follows that decision, so it places the same holds and orphans none.
+        decided = await store.payout_intent(
+            self.pool, job, period, batch.partition, batch.sequence,
+            [row["id"] for row, _ in paying if row["auto_subscribe"] and row["status"] == PositionStatus.ACTIVE and row["kind"] == Kind.FLEXIBLE],
+        )
+        reinvest: dict[int, int] = {}
+        for row, amount in paying:
+            if row["id"] not in decided:
+                continue
+            try:
+                hold = await self.wallet.call(
+                    "PlaceHold",
+                    wallet_pb2.PlaceHoldRequest(
+                        idempotency_key=derived_key("reinvest", job, period, row["id"]), owner=row["user_id"], asset=row["asset"],
+                        amount=format_amount(amount), holder=HOLDER, reference=f"simple_earn:reinvest:{row['id']}",
+                    ),
+                )
+            except FailedPrecondition as err:
+                log.warning("reinvestment skipped", extra={"position": row["id"], "error": err.message})
+                continue
+            if await store.hold_claim(self.pool, int(hold.hold.hold_id)) != "abandoned":
+                reinvest[row["id"]] = int(hold.hold.hold_id)
+
+        async with self.pool.acquire() as conn, conn.transaction():
+            at = await store.accrual_clock(conn, self.settings.clock)
+            if not await inbox.first_time(conn, domain.PAYOUT_CONSUMER, env.event_id):
+                return "duplicate"
+            if not await store.insert_batch(conn, job, period, batch.partition, batch.sequence, batch.last, len(items), posting_id, at):
+                return "duplicate"
+            effective = domain.next_full_hour(at)
+            for product_id in sorted({row["product_id"] for row, *_ in items if row["id"] in reinvest}):
+                await store.get_product(conn, product_id, lock=True)
+            outgoing = []
+            for row, amount, carry, from_hour in items:
+                hold_id = reinvest.get(row["id"])
+                current = await store.get_position(conn, row["id"], None, lock=hold_id is not None)
+                reinvested = hold_id is not None and current["status"] == PositionStatus.ACTIVE
+                recorded = await store.insert_interest(
+                    conn, job=job, period=period, position=current, amount=amount, carry=carry, from_hour=from_hour,
+                    to_hour=batch.boundary_hour, reinvested=reinvested, at=at,
+                )
+                if hold_id is None:
+                    continue
+                if recorded and reinvested and await store.claim_hold(conn, hold_id, row["id"], amount, at):
+                    await store.add_principal(conn, row["id"], row["product_id"], amount, effective, at)
+                    await store.insert_subscription(conn, row["id"], row["user_id"], row["product_id"], amount, "auto_subscribe", hold_id, at)
+                    outgoing.append(store.position_changed(current, [(effective, amount)]))
+                else:
+                    await store.abandon_hold(conn, hold_id, amount, f"reinvest {job} {period}: position {row['id']} not reinvestable")
+            if outgoing:
+                await outbox.enqueue(conn, self.settings, store.PRODUCER, at, outgoing)
+        await self.drive_releases()
+        return "paid"
+
+    # ---- fixed-term maturity ---------------------------------------------------------
+
+    async def MatureDue(self, request: simple_earn_pb2.MatureDueRequest, context: grpc.aio.ServicerContext) -> simple_earn_pb2.MatureDueResponse:
+        if not request.HasField("until"):
+            raise InvalidArgument("until", "is required")
+        until = request.until.ToDatetime(tzinfo=UTC)
+        if until > self.settings.clock.now():
+            raise InvalidArgument("until", "must not be in the future")
+        matured = renewed = 0
+        for position_id in await store.due_positions(self.pool, domain.unix_hour(until)):
+            outcome = await self._mature(position_id)
+            matured += outcome in ("matured", "renewed")
+            renewed += outcome == "renewed"
+        return simple_earn_pb2.MatureDueResponse(matured=matured, renewed=renewed)
+
+    async def _mature(self, position_id: int) -> str:
+        """Pay a fixed-term position at maturity: interest = principal x locked tiers x
+        hours(accrual start .. maturity) / 8760, truncated to the asset's scale, from the
+        simple_earn EXPENSE account to the user's funding; the principal holds released.
+
+        Auto-renew (decided by the position's own flag only, so a repeat after a crash takes
+        the same path): the interest is paid to funding and the principal released, then
+        one hold of principal + interest is placed for the new position, which accrues from
+        the old maturity on (no gap) with the product's tiers. If that hold cannot be placed
+        (the user spent the funds in between), the position simply matures.
+
+        Every wallet call has a key derived from the position id and comes before the
+        record transaction: after a crash the next MatureDue repeats them harmlessly and
+        records. A position is matured once (row lock and status check).
+        """
+        row = await store.get_position(self.pool, position_id, None)
+        if row["status"] != PositionStatus.ACTIVE:
+            return "skipped"
+        tiers = store.tiers_from_json(row["fixed_tiers"])
+        principal: Decimal = row["principal"]
+        interest = domain.fixed_interest(principal, tiers, row["matures_hour"] - row["accrues_from_hour"], row["asset"])
+        holds = await store.position_holds(self.pool, position_id)
+        user, asset = row["user_id"], row["asset"]
+        if interest > 0:
+            await self.wallet.call(
+                "Transfer",
+                wallet_pb2.TransferRequest(
+                    idempotency_key=derived_key("mature", position_id, "interest"),
+                    transfer=wallet_pb2.TransferSpec(
+                        asset=asset,
+                        source=wallet_pb2.AccountRef(owner=HOLDER, kind=wallet_pb2.ACCOUNT_KIND_EXPENSE),
+                        destination=wallet_pb2.AccountRef(owner=user, kind=wallet_pb2.ACCOUNT_KIND_FUNDING),
+                        amount=format_amount(interest),
+                        reference=f"simple_earn:maturity:{position_id}",
+                    ),
+                ),
+            )
+        for hold_id, remaining in holds:
+            await self.wallet.call(
+                "ReleaseHold",
+                wallet_pb2.ReleaseHoldRequest(idempotency_key=derived_key("mature", position_id, "release", hold_id), hold_id=str(hold_id), amount=format_amount(remaining)),
+            )
+        new_hold: int | None = None
+        renewal = principal + interest
+        if row["auto_renew"]:
+            try:
+                reply = await self.wallet.call(
+                    "PlaceHold",
+                    wallet_pb2.PlaceHoldRequest(
+                        idempotency_key=derived_key("mature", position_id, "renew"), owner=user, asset=asset,
+                        amount=format_amount(renewal), holder=HOLDER, reference=f"simple_earn:renew:{position_id}",
+                    ),
+                )
+                new_hold = int(reply.hold.hold_id)
+            except FailedPrecondition as err:
+                log.warning("auto-renew skipped", extra={"position": position_id, "error": err.message})
+
+        async with self.pool.acquire() as conn, conn.transaction():
+            at = self.settings.clock.now()
+            p = await store.get_product(conn, row["product_id"], lock=True)
+            current = await store.get_position(conn, position_id, None, lock=True)
+            if current["status"] != PositionStatus.ACTIVE:
+                return "skipped"
+            await store.insert_interest(
+                conn, job=MATURITY_JOB, period=str(position_id), position=current, amount=interest, carry=Decimal(0),
+                from_hour=current["accrues_from_hour"], to_hour=current["matures_hour"], reinvested=new_hold is not None, at=at,
+            )
+            for hold_id, remaining in holds:
+                await store.reduce_hold(conn, hold_id, remaining)
+            await store.add_principal(conn, position_id, p.product_id, -principal, current["matures_hour"], at)
+            await store.close_position(conn, position_id, PositionStatus.MATURED, current["matures_hour"], at)
+            if new_hold is None:
+                await store.insert_redemption(conn, current, principal, "maturity", False, at)
+                return "matured"
+            start = current["matures_hour"]
+            new_id = await store.insert_position(
+                conn, user_id=user, product=p, auto_subscribe=False, auto_renew=True, fixed_tiers=p.tiers,
+                accrues_from_hour=start, matures_hour=domain.maturity_hour(start, p.term_days), at=at, renewed_from=position_id,
+            )
+            if not await store.claim_hold(conn, new_hold, new_id, renewal, at):
+                raise RuntimeError(f"renewal hold {new_hold} of position {position_id} was abandoned")
+            await store.add_principal(conn, new_id, p.product_id, renewal, start, at)
+            await store.insert_subscription(conn, new_id, user, p.product_id, renewal, "auto_renew", new_hold, at)
+            return "renewed"

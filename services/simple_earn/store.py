@@ -1,0 +1,562 @@
+"""Simple Earn persistence (asyncpg) and the events it publishes.
+
+Functions taking a ``conn`` run inside the caller's transaction. Every transaction that
+publishes to the accrual topic starts with :func:`accrual_clock`: it takes the SHARED
+form of the watermark advisory lock and only then reads the commit/event time, while
+CloseHour takes the EXCLUSIVE form. So an HourClosed tick is enqueued after every change
+whose transaction started before it, and every later change has a later time: the tick
+is a true watermark in each partition.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from datetime import datetime
+from decimal import Decimal
+
+import asyncpg
+
+from services.kernel import outbox
+from services.kernel.config import Settings
+from services.kernel.errors import NotFound
+from services.kernel.money import format_amount
+from services.kernel.clock import Clock
+from services.simple_earn import domain
+from services.simple_earn.domain import Cadence, Kind, Limits, PositionStatus, Status, Tier, Tiers
+
+from earn.v1 import accrual_pb2, simple_earn_pb2
+
+PRODUCER = "simple_earn"
+TOPIC = "simple_earn.accrual"
+WATERMARK_LOCK = int.from_bytes(hashlib.sha256(b"simple_earn:accrual-watermark").digest()[:8], "big", signed=True)
+
+
+async def accrual_clock(conn: asyncpg.Connection, clock: Clock) -> datetime:
+    """Shared watermark lock, then the event time (read after the lock)."""
+    await conn.execute("SELECT pg_advisory_xact_lock_shared($1)", WATERMARK_LOCK)
+    return clock.now()
+
+
+async def watermark_clock(conn: asyncpg.Connection, clock: Clock) -> datetime:
+    """Exclusive watermark lock (CloseHour): waits for every accrual writer in flight."""
+    await conn.execute("SELECT pg_advisory_xact_lock($1)", WATERMARK_LOCK)
+    return clock.now()
+
+
+# ---- tiers <-> json / proto ------------------------------------------------------------
+
+
+def tiers_json(tiers: Tiers) -> str:
+    return json.dumps([{"up_to": None if t.up_to is None else format_amount(t.up_to), "apr": format_amount(t.apr)} for t in tiers])
+
+
+def tiers_from_json(text: str | None) -> Tiers:
+    if not text:
+        return ()
+    return tuple(Tier(None if t["up_to"] is None else Decimal(t["up_to"]), Decimal(t["apr"])) for t in json.loads(text))
+
+
+def tier_messages(tiers: Tiers) -> list[accrual_pb2.RateTier]:
+    return [accrual_pb2.RateTier(up_to="" if t.up_to is None else format_amount(t.up_to), apr=format_amount(t.apr)) for t in tiers]
+
+
+# ---- products ------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Product:
+    product_id: str
+    asset: str
+    kind: Kind
+    status: Status
+    tiers: Tiers
+    limits: Limits
+    subscribed: Decimal
+    term_days: int
+    early_redeem_allowed: bool
+    cadence: Cadence
+    created_at: datetime
+
+
+_PRODUCT_COLUMNS = (
+    "product_id, asset, kind, status, tiers::text AS tiers, min_subscription, max_per_user, quota, subscribed,"
+    " term_days, early_redeem_allowed, payout_cadence, created_at"
+)
+
+
+def _product(row: asyncpg.Record) -> Product:
+    return Product(
+        product_id=row["product_id"],
+        asset=row["asset"],
+        kind=Kind(row["kind"]),
+        status=Status(row["status"]),
+        tiers=tiers_from_json(row["tiers"]),
+        limits=Limits(row["min_subscription"], row["max_per_user"], row["quota"]),
+        subscribed=row["subscribed"],
+        term_days=row["term_days"],
+        early_redeem_allowed=row["early_redeem_allowed"],
+        cadence=Cadence(row["payout_cadence"]),
+        created_at=row["created_at"],
+    )
+
+
+async def get_product(conn: asyncpg.Connection | asyncpg.Pool, product_id: str, *, lock: bool = False) -> Product:
+    row = await conn.fetchrow(
+        f"SELECT {_PRODUCT_COLUMNS} FROM products WHERE product_id = $1" + (" FOR UPDATE" if lock else ""), product_id
+    )
+    if row is None:
+        raise NotFound(f"product_id: no product {product_id}")
+    return _product(row)
+
+
+async def list_products(pool: asyncpg.Pool, asset: str) -> list[Product]:
+    rows = await pool.fetch(f"SELECT {_PRODUCT_COLUMNS} FROM products WHERE ($1 = '' OR asset = $1) ORDER BY product_id", asset)
+    return [_product(r) for r in rows]
+
+
+async def insert_product(conn: asyncpg.Connection, p: Product) -> bool:
+    """False when the product id exists."""
+    return bool(
+        await conn.fetchval(
+            "INSERT INTO products (product_id, asset, kind, status, tiers, min_subscription, max_per_user, quota,"
+            " term_days, early_redeem_allowed, payout_cadence, created_at, updated_at)"
+            " VALUES ($1, $2, $3, $4, $5::jsonb, $6, $7, $8, $9, $10, $11, $12, $12)"
+            " ON CONFLICT (product_id) DO NOTHING RETURNING true",
+            p.product_id, p.asset, p.kind.value, p.status.value, tiers_json(p.tiers), p.limits.min_subscription,
+            p.limits.max_per_user, p.limits.quota, p.term_days, p.early_redeem_allowed, p.cadence.value, p.created_at,
+        )
+    )
+
+
+async def update_product(conn: asyncpg.Connection, product_id: str, status: Status, limits: Limits, at: datetime) -> None:
+    await conn.execute(
+        "UPDATE products SET status = $2, min_subscription = $3, max_per_user = $4, quota = $5, updated_at = $6 WHERE product_id = $1",
+        product_id, status.value, limits.min_subscription, limits.max_per_user, limits.quota, at,
+    )
+
+
+async def set_rates(conn: asyncpg.Connection, product_id: str, tiers: Tiers, effective_hour: int, at: datetime) -> None:
+    await conn.execute("UPDATE products SET tiers = $2::jsonb, updated_at = $3 WHERE product_id = $1", product_id, tiers_json(tiers), at)
+    await conn.execute(
+        "INSERT INTO rate_history (product_id, effective_hour, tiers, changed_at) VALUES ($1, $2, $3::jsonb, $4)",
+        product_id, effective_hour, tiers_json(tiers), at,
+    )
+
+
+async def rate_history(conn: asyncpg.Connection | asyncpg.Pool, product_id: str) -> list[tuple[int, Tiers, datetime]]:
+    rows = await conn.fetch(
+        "SELECT effective_hour, tiers::text AS tiers, changed_at FROM rate_history WHERE product_id = $1 ORDER BY id", product_id
+    )
+    return [(r["effective_hour"], tiers_from_json(r["tiers"]), r["changed_at"]) for r in rows]
+
+
+async def add_subscribed(conn: asyncpg.Connection, product_id: str, delta: Decimal) -> None:
+    await conn.execute("UPDATE products SET subscribed = subscribed + $2 WHERE product_id = $1", product_id, delta)
+
+
+def product_message(p: Product) -> simple_earn_pb2.Product:
+    left = domain.left_quota(p.limits.quota, p.subscribed)
+    msg = simple_earn_pb2.Product(
+        product_id=p.product_id,
+        asset=p.asset,
+        kind=simple_earn_pb2.PRODUCT_KIND_FLEXIBLE if p.kind is Kind.FLEXIBLE else simple_earn_pb2.PRODUCT_KIND_FIXED,
+        status=simple_earn_pb2.PRODUCT_STATUS_ACTIVE if p.status is Status.ACTIVE else simple_earn_pb2.PRODUCT_STATUS_PAUSED,
+        tiers=tier_messages(p.tiers),
+        min_subscription=format_amount(p.limits.min_subscription),
+        max_per_user="" if p.limits.max_per_user is None else format_amount(p.limits.max_per_user),
+        quota="" if p.limits.quota is None else format_amount(p.limits.quota),
+        subscribed=format_amount(p.subscribed),
+        left_quota="" if left is None else format_amount(left),
+        term_days=p.term_days,
+        early_redeem_allowed=p.early_redeem_allowed,
+        payout_cadence=simple_earn_pb2.PAYOUT_CADENCE_DAILY if p.cadence is Cadence.DAILY else simple_earn_pb2.PAYOUT_CADENCE_HOURLY,
+    )
+    msg.created_at.FromDatetime(p.created_at)
+    return msg
+
+
+def rates_event(p: Product, tiers: Tiers, effective_hour: int) -> list[outbox.Outgoing]:
+    return outbox.broadcast(
+        TOPIC,
+        f"product:{p.product_id}",
+        accrual_pb2.ProductRatesSet(product_id=p.product_id, asset=p.asset, effective_hour=effective_hour, tiers=tier_messages(tiers)),
+    )
+
+
+# ---- positions -----------------------------------------------------------------------
+
+_POSITION_COLUMNS = (
+    "id, user_id, product_id, asset, kind, principal, status, auto_subscribe, auto_renew, fixed_tiers::text AS fixed_tiers,"
+    " accrues_from_hour, matures_hour, closed_from_hour, interest_paid, opened_at"
+)
+
+
+async def get_position(conn: asyncpg.Connection | asyncpg.Pool, position_id: int, user_id: str | None, *, lock: bool = False) -> asyncpg.Record:
+    """A position; NOT_FOUND also when it belongs to another user than ``user_id`` (no
+    existence leak across users)."""
+    row = await conn.fetchrow(f"SELECT {_POSITION_COLUMNS} FROM positions WHERE id = $1" + (" FOR UPDATE" if lock else ""), position_id)
+    if row is None or (user_id is not None and row["user_id"] != user_id):
+        raise NotFound(f"position_id: no position {position_id} of user {user_id}" if user_id else f"position_id: no position {position_id}")
+    return row
+
+
+async def open_flexible_position(conn: asyncpg.Connection, user_id: str, product_id: str) -> asyncpg.Record | None:
+    return await conn.fetchrow(
+        f"SELECT {_POSITION_COLUMNS} FROM positions WHERE user_id = $1 AND product_id = $2 AND kind = 'flexible' AND status = 'active' FOR UPDATE",
+        user_id, product_id,
+    )
+
+
+async def user_total(conn: asyncpg.Connection | asyncpg.Pool, user_id: str, product_id: str) -> Decimal:
+    return await conn.fetchval(
+        "SELECT coalesce(sum(principal), 0) FROM positions WHERE user_id = $1 AND product_id = $2 AND status = 'active'", user_id, product_id
+    )
+
+
+async def insert_position(
+    conn: asyncpg.Connection,
+    *,
+    user_id: str,
+    product: Product,
+    auto_subscribe: bool,
+    auto_renew: bool,
+    fixed_tiers: Tiers | None,
+    accrues_from_hour: int,
+    matures_hour: int | None,
+    at: datetime,
+    renewed_from: int | None = None,
+) -> int:
+    return await conn.fetchval(
+        "INSERT INTO positions (user_id, product_id, asset, kind, principal, status, auto_subscribe, auto_renew, fixed_tiers,"
+        " accrues_from_hour, matures_hour, renewed_from, opened_at, updated_at)"
+        " VALUES ($1, $2, $3, $4, 0, 'active', $5, $6, $7::jsonb, $8, $9, $10, $11, $11) RETURNING id",
+        user_id, product.product_id, product.asset, product.kind.value, auto_subscribe, auto_renew,
+        None if fixed_tiers is None else tiers_json(fixed_tiers), accrues_from_hour, matures_hour, renewed_from, at,
+    )
+
+
+async def add_principal(conn: asyncpg.Connection, position_id: int, product_id: str, amount: Decimal, effective_hour: int, at: datetime) -> None:
+    """Principal +amount (or -amount), its change row, and the product's subscribed total."""
+    await conn.execute("UPDATE positions SET principal = principal + $2, updated_at = $3 WHERE id = $1", position_id, amount, at)
+    await add_subscribed(conn, product_id, amount)
+    await conn.execute(
+        "INSERT INTO principal_changes (position_id, effective_hour, delta, created_at) VALUES ($1, $2, $3, $4)",
+        position_id, effective_hour, amount, at,
+    )
+
+
+async def principal_changes(conn: asyncpg.Connection | asyncpg.Pool, position_id: int) -> list[tuple[int, Decimal]]:
+    rows = await conn.fetch("SELECT effective_hour, delta FROM principal_changes WHERE position_id = $1 ORDER BY id", position_id)
+    return [(r["effective_hour"], r["delta"]) for r in rows]
+
+
+async def set_auto_subscribe(conn: asyncpg.Connection, position_id: int, enabled: bool, at: datetime) -> None:
+    await conn.execute("UPDATE positions SET auto_subscribe = $2, updated_at = $3 WHERE id = $1", position_id, enabled, at)
+
+
+async def close_position(conn: asyncpg.Connection, position_id: int, status: PositionStatus, closed_from_hour: int | None, at: datetime) -> None:
+    await conn.execute(
+        "UPDATE positions SET status = $2, closed_from_hour = $3, updated_at = $4 WHERE id = $1",
+        position_id, status.value, closed_from_hour, at,
+    )
+
+
+def position_message(row: asyncpg.Record) -> simple_earn_pb2.Position:
+    status = {
+        "active": simple_earn_pb2.POSITION_STATUS_ACTIVE,
+        "matured": simple_earn_pb2.POSITION_STATUS_MATURED,
+        "redeemed": simple_earn_pb2.POSITION_STATUS_REDEEMED,
+    }[row["status"]]
+    msg = simple_earn_pb2.Position(
+        position_id=str(row["id"]),
+        user_id=row["user_id"],
+        product_id=row["product_id"],
+        asset=row["asset"],
+        principal=format_amount(row["principal"]),
+        status=status,
+        auto_subscribe=row["auto_subscribe"],
+        auto_renew=row["auto_renew"],
+        fixed_tiers=tier_messages(tiers_from_json(row["fixed_tiers"])),
+        interest_paid=format_amount(row["interest_paid"]),
+    )
+    if row["matures_hour"] is not None:
+        msg.matures_at.FromDatetime(domain.hour_start(row["matures_hour"]))
+    msg.opened_at.FromDatetime(row["opened_at"])
+    return msg
+
+
+def position_changed(row: asyncpg.Record, changes: list[tuple[int, Decimal]], closed_from_hour: int = 0) -> outbox.Outgoing:
+    return outbox.Outgoing(
+        TOPIC,
+        str(row["id"]),
+        accrual_pb2.PositionChanged(
+            position_id=str(row["id"]),
+            product_id=row["product_id"],
+            user_id=row["user_id"],
+            asset=row["asset"],
+            changes=[accrual_pb2.PrincipalChange(effective_hour=h, delta=format_amount(d)) for h, d in changes],
+            closed_from_hour=closed_from_hour,
+        ),
+    )
+
+
+# ---- holds ---------------------------------------------------------------------------
+
+
+async def hold_claim(conn: asyncpg.Connection | asyncpg.Pool, hold_id: int) -> str | None:
+    """'used' (it carries a position), 'abandoned' (released after a failure) or None."""
+    if await conn.fetchval("SELECT true FROM position_holds WHERE hold_id = $1", hold_id):
+        return "used"
+    if await conn.fetchval("SELECT true FROM abandoned_holds WHERE hold_id = $1", hold_id):
+        return "abandoned"
+    return None
+
+
+async def claim_hold(conn: asyncpg.Connection, hold_id: int, position_id: int, amount: Decimal, at: datetime) -> bool:
+    """Attach a wallet hold to a position. False when the hold was abandoned meanwhile."""
+    # Serialise with abandon_hold on the same hold id.
+    await conn.execute("SELECT pg_advisory_xact_lock($1)", _hold_lock(hold_id))
+    if await conn.fetchval("SELECT true FROM abandoned_holds WHERE hold_id = $1", hold_id):
+        return False
+    await conn.execute(
+        "INSERT INTO position_holds (hold_id, position_id, amount, remaining, created_at) VALUES ($1, $2, $3, $3, $4)",
+        hold_id, position_id, amount, at,
+    )
+    return True
+
+
+async def abandon_hold(conn: asyncpg.Connection, hold_id: int, amount: Decimal, reason: str) -> bool:
+    """Mark a hold as carrying no position and schedule its release (in the caller's
+    transaction). False when it carries a position: then it must not be released."""
+    await conn.execute("SELECT pg_advisory_xact_lock($1)", _hold_lock(hold_id))
+    if await conn.fetchval("SELECT true FROM position_holds WHERE hold_id = $1", hold_id):
+        return False
+    await conn.execute("INSERT INTO abandoned_holds (hold_id, reason) VALUES ($1, $2) ON CONFLICT DO NOTHING", hold_id, reason[:200])
+    await schedule_release(conn, f"se:abandon:{hold_id}", hold_id, amount, "abandoned")
+    return True
+
+
+def _hold_lock(hold_id: int) -> int:
+    return int.from_bytes(hashlib.sha256(f"simple_earn:hold:{hold_id}".encode()).digest()[:8], "big", signed=True)
+
+
+async def holds_newest_first(conn: asyncpg.Connection, position_id: int) -> list[tuple[int, Decimal]]:
+    rows = await conn.fetch(
+        "SELECT hold_id, remaining FROM position_holds WHERE position_id = $1 AND remaining > 0 ORDER BY created_at DESC, hold_id DESC FOR UPDATE",
+        position_id,
+    )
+    return [(r["hold_id"], r["remaining"]) for r in rows]
+
+
+async def move_holds(conn: asyncpg.Connection, from_position: int, to_position: int) -> None:
+    await conn.execute("UPDATE position_holds SET position_id = $2 WHERE position_id = $1 AND remaining > 0", from_position, to_position)
+
+
+async def reduce_hold(conn: asyncpg.Connection, hold_id: int, amount: Decimal) -> None:
+    await conn.execute("UPDATE position_holds SET remaining = remaining - $2 WHERE hold_id = $1", hold_id, amount)
+
+
+async def schedule_release(conn: asyncpg.Connection, key: str, hold_id: int, amount: Decimal, reason: str) -> None:
+    await conn.execute(
+        "INSERT INTO wallet_releases (key, hold_id, amount, reason) VALUES ($1, $2, $3, $4) ON CONFLICT (key) DO NOTHING",
+        key, hold_id, amount, reason,
+    )
+
+
+async def stored_response(pool: asyncpg.Pool, key: str) -> asyncpg.Record | None:
+    """A committed idempotency key's fingerprint and response (read-only peek)."""
+    return await pool.fetchrow("SELECT request_hash, response FROM idempotency_keys WHERE key = $1", key)
+
+
+async def pending_releases(pool: asyncpg.Pool, limit: int = 100) -> list[asyncpg.Record]:
+    return await pool.fetch("SELECT id, key, hold_id, amount FROM wallet_releases WHERE done_at IS NULL ORDER BY id LIMIT $1", limit)
+
+
+async def release_done(pool: asyncpg.Pool, release_id: int) -> None:
+    await pool.execute("UPDATE wallet_releases SET done_at = clock_timestamp() WHERE id = $1 AND done_at IS NULL", release_id)
+
+
+# ---- records -------------------------------------------------------------------------
+
+
+async def insert_subscription(
+    conn: asyncpg.Connection, position: asyncpg.Record | int, user_id: str, product_id: str, amount: Decimal, source: str, hold_id: int, at: datetime
+) -> int:
+    position_id = position if isinstance(position, int) else position["id"]
+    return await conn.fetchval(
+        "INSERT INTO subscriptions (position_id, user_id, product_id, amount, source, hold_id, created_at)"
+        " VALUES ($1, $2, $3, $4, $5, $6, $7) RETURNING id",
+        position_id, user_id, product_id, amount, source, hold_id, at,
+    )
+
+
+async def insert_redemption(
+    conn: asyncpg.Connection, position: asyncpg.Record, amount: Decimal, source: str, interest_forfeited: bool, at: datetime
+) -> int:
+    return await conn.fetchval(
+        "INSERT INTO redemptions (position_id, user_id, product_id, amount, source, interest_forfeited, created_at)"
+        " VALUES ($1, $2, $3, $4, $5, $6, $7) RETURNING id",
+        position["id"], position["user_id"], position["product_id"], amount, source, interest_forfeited, at,
+    )
+
+
+async def insert_interest(
+    conn: asyncpg.Connection,
+    *,
+    job: str,
+    period: str,
+    position: asyncpg.Record,
+    amount: Decimal,
+    carry: Decimal,
+    from_hour: int,
+    to_hour: int,
+    reinvested: bool,
+    at: datetime,
+) -> bool:
+    """False when (job, period, position) was recorded before."""
+    inserted = await conn.fetchval(
+        "INSERT INTO interest (job, period, position_id, user_id, product_id, asset, amount, carry, from_hour, to_hour, reinvested, created_at)"
+        " VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12) ON CONFLICT (job, period, position_id) DO NOTHING RETURNING true",
+        job, period, position["id"], position["user_id"], position["product_id"], position["asset"], amount, carry, from_hour, to_hour, reinvested, at,
+    )
+    if inserted:
+        await conn.execute("UPDATE positions SET interest_paid = interest_paid + $2 WHERE id = $1", position["id"], amount)
+    return bool(inserted)
+
+
+async def interest_recorded(conn: asyncpg.Connection | asyncpg.Pool, job: str, period: str, position_ids: list[int]) -> set[int]:
+    rows = await conn.fetch(
+        "SELECT position_id FROM interest WHERE job = $1 AND period = $2 AND position_id = ANY($3::bigint[])", job, period, position_ids
+    )
+    return {r["position_id"] for r in rows}
+
+
+def _time_clause(column: str, first: int) -> str:
+    return f" AND (${first}::timestamptz IS NULL OR {column} >= ${first}) AND (${first + 1}::timestamptz IS NULL OR {column} < ${first + 1})"
+
+
+async def list_positions(pool: asyncpg.Pool, user_id: str, product_id: str, after_id: int, limit: int) -> list[asyncpg.Record]:
+    return await pool.fetch(
+        f"SELECT {_POSITION_COLUMNS} FROM positions WHERE id > $1 AND ($2 = '' OR user_id = $2) AND ($3 = '' OR product_id = $3) ORDER BY id LIMIT $4",
+        after_id, user_id, product_id, limit,
+    )
+
+
+async def list_records(
+    pool: asyncpg.Pool, table: str, user_id: str, time_from: datetime | None, time_to: datetime | None, after_id: int, limit: int
+) -> list[asyncpg.Record]:
+    assert table in ("subscriptions", "redemptions")
+    return await pool.fetch(
+        f"SELECT * FROM {table} WHERE id > $1 AND ($2 = '' OR user_id = $2)" + _time_clause("created_at", 3) + " ORDER BY id LIMIT $5",
+        after_id, user_id, time_from, time_to, limit,
+    )
+
+
+async def list_interest(
+    pool: asyncpg.Pool, user_id: str, position_id: int | None, time_from: datetime | None, time_to: datetime | None, after_id: int, limit: int
+) -> list[asyncpg.Record]:
+    return await pool.fetch(
+        "SELECT * FROM interest WHERE id > $1 AND ($2 = '' OR user_id = $2) AND ($3::bigint IS NULL OR position_id = $3)"
+        + _time_clause("created_at", 4)
+        + " ORDER BY id LIMIT $6",
+        after_id, user_id, position_id, time_from, time_to, limit,
+    )
+
+
+# ---- watermark and payouts ------------------------------------------------------------
+
+
+async def last_closed_hour(conn: asyncpg.Connection) -> int | None:
+    return await conn.fetchval("SELECT last_hour FROM closed_hours WHERE id = 1")
+
+
+async def set_last_closed_hour(conn: asyncpg.Connection, hour: int, at: datetime) -> None:
+    await conn.execute(
+        "INSERT INTO closed_hours (id, last_hour, updated_at) VALUES (1, $1, $2)"
+        " ON CONFLICT (id) DO UPDATE SET last_hour = EXCLUDED.last_hour, updated_at = EXCLUDED.updated_at",
+        hour, at,
+    )
+
+
+def hour_closed(hour: int) -> list[outbox.Outgoing]:
+    return outbox.broadcast(TOPIC, f"hour:{hour}", accrual_pb2.HourClosed(hour=hour))
+
+
+async def payout_request(conn: asyncpg.Connection | asyncpg.Pool, job: str, period: str) -> asyncpg.Record | None:
+    return await conn.fetchrow("SELECT * FROM payout_requests WHERE job = $1 AND period = $2", job, period)
+
+
+async def insert_payout_request(
+    conn: asyncpg.Connection, job: str, period: str, boundary_hour: int, cadence: Cadence, product_ids: list[str], at: datetime
+) -> bool:
+    return bool(
+        await conn.fetchval(
+            "INSERT INTO payout_requests (job, period, boundary_hour, cadence, product_ids, created_at) VALUES ($1, $2, $3, $4, $5, $6)"
+            " ON CONFLICT DO NOTHING RETURNING true",
+            job, period, boundary_hour, cadence.value, product_ids, at,
+        )
+    )
+
+
+async def flexible_products(conn: asyncpg.Connection, cadence: Cadence) -> list[str]:
+    rows = await conn.fetch("SELECT product_id FROM products WHERE kind = 'flexible' AND payout_cadence = $1 ORDER BY product_id", cadence.value)
+    return [r["product_id"] for r in rows]
+
+
+async def batch_seen(conn: asyncpg.Connection | asyncpg.Pool, job: str, period: str, partition: int, sequence: int) -> bool:
+    return bool(
+        await conn.fetchval(
+            "SELECT true FROM payout_batches WHERE job = $1 AND period = $2 AND partition = $3 AND sequence = $4", job, period, partition, sequence
+        )
+    )
+
+
+async def insert_batch(
+    conn: asyncpg.Connection, job: str, period: str, partition: int, sequence: int, last: bool, items: int, posting_id: str, at: datetime
+) -> bool:
+    inserted = await conn.fetchval(
+        "INSERT INTO payout_batches (job, period, partition, sequence, last, items, posting_id, created_at)"
+        " VALUES ($1, $2, $3, $4, $5, $6, $7, $8) ON CONFLICT DO NOTHING RETURNING true",
+        job, period, partition, sequence, last, items, posting_id, at,
+    )
+    if inserted and last:
+        await conn.execute(
+            "INSERT INTO payout_partitions (job, period, partition, done_at) VALUES ($1, $2, $3, $4) ON CONFLICT DO NOTHING",
+            job, period, partition, at,
+        )
+    return bool(inserted)
+
+
+async def payout_status(pool: asyncpg.Pool, job: str, period: str) -> tuple[int, int, list[asyncpg.Record]]:
+    done = await pool.fetchval("SELECT count(*) FROM payout_partitions WHERE job = $1 AND period = $2", job, period)
+    items = await pool.fetchval("SELECT count(*) FROM interest WHERE job = $1 AND period = $2", job, period)
+    paid = await pool.fetch("SELECT asset, sum(amount) AS paid FROM interest WHERE job = $1 AND period = $2 GROUP BY asset ORDER BY asset", job, period)
+    return done, items, paid
+
+
+async def due_positions(pool: asyncpg.Pool, until_hour: int, limit: int = 1000) -> list[int]:
+    rows = await pool.fetch(
+        "SELECT id FROM positions WHERE kind = 'fixed' AND status = 'active' AND matures_hour <= $1 ORDER BY matures_hour, id LIMIT $2",
+        until_hour, limit,
+    )
+    return [r["id"] for r in rows]
+
+
+async def position_holds(conn: asyncpg.Connection | asyncpg.Pool, position_id: int) -> list[tuple[int, Decimal]]:
+    rows = await conn.fetch("SELECT hold_id, remaining FROM position_holds WHERE position_id = $1 AND remaining > 0 ORDER BY hold_id", position_id)
+    return [(r["hold_id"], r["remaining"]) for r in rows]
+
+
+async def payout_intent(pool: asyncpg.Pool, job: str, period: str, partition: int, sequence: int, reinvest: list[int]) -> set[int]:
+    """Record the batch's reinvestment decision once; returns the decision first recorded."""
+    async with pool.acquire() as conn, conn.transaction():
+        await conn.execute(
+            "INSERT INTO payout_intents (job, period, partition, sequence, reinvest) VALUES ($1, $2, $3, $4, $5) ON CONFLICT DO NOTHING",
+            job, period, partition, sequence, reinvest,
+        )
+        decided = await conn.fetchval(
+            "SELECT reinvest FROM payout_intents WHERE job = $1 AND period = $2 AND partition = $3 AND sequence = $4", job, period, partition, sequence
+        )
+    return set(decided)

@@ -1,0 +1,585 @@
+"""Simple Earn through gRPC: real wallet and simple_earn processes, real PostgreSQL and Kafka."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable, Iterator
+from datetime import UTC, datetime
+from decimal import Decimal, localcontext
+
+import asyncpg
+import grpc
+import pytest
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from google.protobuf.timestamp_pb2 import Timestamp
+
+from earn.v1 import accrual_pb2, simple_earn_pb2 as se, simple_earn_pb2_grpc, wallet_pb2, wallet_pb2_grpc
+from services.devstack.processes import ManagedProcess
+from services.kernel import events
+from services.kernel.money import EXACT, truncate
+from services.kernel.topics import topic_name
+from tests.conftest import GATEWAY, OPERATOR, SERVICE, unique
+
+FUNDING = wallet_pb2.ACCOUNT_KIND_FUNDING
+HOLD = wallet_pb2.ACCOUNT_KIND_HOLD
+EXPENSE = wallet_pb2.ACCOUNT_KIND_EXPENSE
+FLEX = se.PRODUCT_KIND_FLEXIBLE
+FIXED = se.PRODUCT_KIND_FIXED
+
+
+@pytest.fixture(scope="module")
+def earn_process(stack, wallet_process: ManagedProcess) -> Iterator[ManagedProcess]:
+    proc = stack.process("simple_earn", EARN_WALLET_ADDRESS=wallet_process.address or "", EARN_RELEASE_SWEEP_SECONDS="1")
+    proc.start()
+    proc.wait_ready(timeout=60)
+    yield proc
+    proc.stop()
+
+
+@pytest.fixture(scope="module")
+async def earn(earn_process: ManagedProcess) -> AsyncIterator[simple_earn_pb2_grpc.SimpleEarnServiceStub]:
+    async with grpc.aio.insecure_channel(earn_process.address) as channel:
+        yield simple_earn_pb2_grpc.SimpleEarnServiceStub(channel)
+
+
+@pytest.fixture(scope="module")
+def wallet(wallet_channel: grpc.aio.Channel) -> wallet_pb2_grpc.WalletServiceStub:
+    return wallet_pb2_grpc.WalletServiceStub(wallet_channel)
+
+
+@pytest.fixture(scope="module")
+async def earn_db(stack, earn_process: ManagedProcess) -> AsyncIterator[asyncpg.Pool]:
+    pool = await asyncpg.create_pool(stack.settings.database_url, server_settings={"search_path": "simple_earn"}, min_size=1, max_size=4)
+    assert pool is not None
+    yield pool
+    await pool.close()
+
+
+TABLES = (
+    "products", "rate_history", "positions", "principal_changes", "position_holds", "abandoned_holds", "subscriptions",
+    "redemptions", "wallet_releases", "closed_hours", "payout_requests", "payout_batches", "payout_partitions", "interest",
+    "idempotency_keys",
+)
+
+
+async def snapshot(earn_db: asyncpg.Pool, wallet_db: asyncpg.Pool) -> tuple:
+    """Everything a write could change, here and in the wallet."""
+    mine = [await earn_db.fetchval(f"SELECT count(*) FROM {t}") for t in TABLES]
+    mine.append(await earn_db.fetchval("SELECT coalesce(sum(principal), 0) FROM positions"))
+    mine.append(await earn_db.fetchval("SELECT coalesce(sum(subscribed), 0) FROM products"))
+    theirs = await wallet_db.fetchrow("SELECT (SELECT count(*) FROM postings), (SELECT coalesce(sum(remaining), 0) FROM holds)")
+    return (*mine, *theirs)
+
+
+async def deposit(wallet, owner: str, amount: str, asset: str = "BTC") -> None:
+    await wallet.Deposit(wallet_pb2.DepositRequest(idempotency_key=unique("dep"), owner=owner, asset=asset, amount=amount), metadata=OPERATOR)
+
+
+async def balance(wallet, owner: str, kind: int = FUNDING, asset: str = "BTC") -> Decimal:
+    reply = await wallet.GetBalances(wallet_pb2.GetBalancesRequest(owner=owner, asset=asset), metadata=GATEWAY)
+    return sum((Decimal(b.balance) for b in reply.balances if b.kind == kind), Decimal(0))
+
+
+def tiers(*pairs: tuple[str, str]) -> list[accrual_pb2.RateTier]:
+    return [accrual_pb2.RateTier(up_to=u, apr=a) for u, a in pairs]
+
+
+TIERS = tiers(("5", "0.08"), ("", "0.03"))
+
+
+async def create(earn, kind: int = FLEX, **fields) -> se.Product:
+    request = se.CreateProductRequest(
+        idempotency_key=unique(), product_id=fields.pop("product_id", unique("p")), asset=fields.pop("asset", "BTC"), kind=kind,
+        tiers=fields.pop("tiers", TIERS), min_subscription=fields.pop("min_subscription", "0.001"), **fields,
+    )
+    return (await earn.CreateProduct(request, metadata=OPERATOR)).product
+
+
+async def subscribe(earn, user: str, product_id: str, amount: str, **fields) -> se.SubscribeResponse:
+    return await earn.Subscribe(
+        se.SubscribeRequest(idempotency_key=fields.pop("key", unique()), user_id=user, product_id=product_id, amount=amount, **fields),
+        metadata=GATEWAY,
+    )
+
+
+async def redeem(earn, user: str, position_id: str, amount: str = "", key: str | None = None) -> se.RedeemResponse:
+    return await earn.Redeem(se.RedeemRequest(idempotency_key=key or unique(), user_id=user, position_id=position_id, amount=amount), metadata=GATEWAY)
+
+
+async def eventually(check: Callable[[], object], timeout: float = 20) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            result = check()
+            if asyncio.iscoroutine(result):
+                result = await result
+            if result is not False:
+                return
+        except AssertionError:
+            if time.monotonic() > deadline:
+                raise
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not met in time")
+        await asyncio.sleep(0.2)
+
+
+async def read_accrual(stack, until: Callable[[list[tuple[int, int, str, object]]], bool], timeout: float = 30) -> list[tuple[int, int, str, object]]:
+    """Every event of simple_earn.accrual from the start, as (partition, offset, type, payload)."""
+    topic = topic_name(stack.settings, "simple_earn.accrual")
+    consumer = AIOKafkaConsumer(bootstrap_servers=stack.settings.kafka_bootstrap, enable_auto_commit=False)
+    await consumer.start()
+    out: list[tuple[int, int, str, object]] = []
+    types = {m.DESCRIPTOR.full_name: m for m in (accrual_pb2.PositionChanged, accrual_pb2.ProductRatesSet, accrual_pb2.HourClosed, accrual_pb2.PayoutRequested)}
+    try:
+        partitions = [TopicPartition(topic, p) for p in range(6)]
+        consumer.assign(partitions)
+        await consumer.seek_to_beginning(*partitions)
+        deadline = time.monotonic() + timeout
+        while not until(out):
+            if time.monotonic() > deadline:
+                raise AssertionError(f"accrual events incomplete: {len(out)} read")
+            for tp, records in (await consumer.getmany(timeout_ms=500)).items():
+                for r in records:
+                    env = events.parse(r.value)
+                    out.append((tp.partition, r.offset, env.type, events.unwrap(env, types[env.type])))
+    finally:
+        await consumer.stop()
+    return out
+
+
+def now_hour() -> int:
+    return int(time.time()) // 3600
+
+
+async def expect(code: grpc.StatusCode, call, *words: str) -> str:
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await call
+    assert err.value.code() == code, err.value.details()
+    for w in words:
+        assert w in (err.value.details() or ""), err.value.details()
+    return err.value.details() or ""
+
+
+# ---- products -----------------------------------------------------------------------
+
+
+async def test_create_product_publishes_rates_and_refuses_bad_input(stack, earn, earn_db, wallet_db) -> None:
+    p = await create(earn, quota="100", max_per_user="10")
+    assert p.status == se.PRODUCT_STATUS_ACTIVE and p.left_quota == "100" and p.payout_cadence == se.PAYOUT_CADENCE_DAILY
+    assert [(t.up_to, t.apr) for t in p.tiers] == [("5", "0.08"), ("", "0.03")]
+    history = await earn.ListRateHistory(se.ListRateHistoryRequest(product_id=p.product_id), metadata=GATEWAY)
+    effective = history.changes[0].effective_hour
+    assert len(history.changes) == 1 and effective == history.changes[0].changed_at.seconds // 3600 + 1
+
+    rates = await earn.SetProductRates(se.SetProductRatesRequest(idempotency_key=unique(), product_id=p.product_id, tiers=tiers(("", "0.05"))), metadata=OPERATOR)
+    assert rates.effective_hour >= effective and [t.apr for t in rates.product.tiers] == ["0.05"]
+    events_seen = await read_accrual(
+        stack, lambda evs: len([e for e in evs if e[2] == "earn.v1.ProductRatesSet" and e[3].product_id == p.product_id]) == 12
+    )
+    per_partition = {e[0] for e in events_seen if e[2] == "earn.v1.ProductRatesSet" and e[3].product_id == p.product_id}
+    assert per_partition == set(range(6))
+
+    before = await snapshot(earn_db, wallet_db)
+    good = dict(idempotency_key=unique(), product_id=unique("p"), asset="BTC", kind=FLEX, tiers=TIERS, min_subscription="1")
+    bad = [
+        ({"idempotency_key": ""}, "idempotency_key"),
+        ({"product_id": "bad id"}, "product_id"),
+        ({"asset": "NOPE"}, "asset"),
+        ({"kind": se.PRODUCT_KIND_UNSPECIFIED}, "kind"),
+        ({"tiers": tiers(("5", "0.08"))}, "tiers[0].up_to"),
+        ({"tiers": tiers(("5", "0.08"), ("3", "0.01"), ("", "0"))}, "tiers[1].up_to"),
+        ({"tiers": tiers(("", "-1"))}, "tiers[0].apr"),
+        ({"min_subscription": "0.000000001"}, "min_subscription"),
+        ({"min_subscription": "0"}, "min_subscription"),
+        ({"max_per_user": "0.5"}, "max_per_user"),
+        ({"quota": "1e3"}, "quota"),
+        ({"term_days": 30}, "term_days"),
+        ({"kind": FIXED, "term_days": 0}, "term_days"),
+        ({"kind": FIXED, "term_days": 7, "payout_cadence": se.PAYOUT_CADENCE_HOURLY}, "payout_cadence"),
+        ({"early_redeem_allowed": True}, "early_redeem_allowed"),
+    ]
+    for override, field in bad:
+        await expect(grpc.StatusCode.INVALID_ARGUMENT, earn.CreateProduct(se.CreateProductRequest(**{**good, **override}), metadata=OPERATOR), field)
+    await expect(grpc.StatusCode.ALREADY_EXISTS, earn.CreateProduct(se.CreateProductRequest(**{**good, "product_id": p.product_id}), metadata=OPERATOR), "product_id")
+    await expect(grpc.StatusCode.PERMISSION_DENIED, earn.CreateProduct(se.CreateProductRequest(**good), metadata=GATEWAY))
+    await expect(grpc.StatusCode.UNAUTHENTICATED, earn.GetProduct(se.GetProductRequest(product_id=p.product_id)))
+    await expect(grpc.StatusCode.NOT_FOUND, earn.GetProduct(se.GetProductRequest(product_id="missing"), metadata=GATEWAY), "product_id")
+    await expect(
+        grpc.StatusCode.INVALID_ARGUMENT,
+        earn.UpdateProduct(se.UpdateProductRequest(idempotency_key=unique(), product_id=p.product_id, quota="-1"), metadata=OPERATOR),
+        "quota",
+    )
+    await expect(
+        grpc.StatusCode.INVALID_ARGUMENT,
+        earn.UpdateProduct(se.UpdateProductRequest(idempotency_key=unique(), product_id=p.product_id), metadata=OPERATOR),
+        "nothing to update",
+    )
+    await expect(
+        grpc.StatusCode.NOT_FOUND,
+        earn.UpdateProduct(se.UpdateProductRequest(idempotency_key=unique(), product_id="missing", quota="1"), metadata=OPERATOR),
+    )
+    await expect(
+        grpc.StatusCode.INVALID_ARGUMENT,
+        earn.SetProductRates(se.SetProductRatesRequest(idempotency_key=unique(), product_id=p.product_id, tiers=[]), metadata=OPERATOR),
+        "tiers",
+    )
+    fixed = await create(earn, FIXED, term_days=7)
+    before = await snapshot(earn_db, wallet_db)
+    await expect(
+        grpc.StatusCode.FAILED_PRECONDITION,
+        earn.SetProductRates(se.SetProductRatesRequest(idempotency_key=unique(), product_id=fixed.product_id, tiers=TIERS), metadata=OPERATOR),
+        "fixed-term",
+    )
+    assert await snapshot(earn_db, wallet_db) == before
+
+
+# ---- subscribe / redeem -------------------------------------------------------------
+
+
+async def test_flexible_subscribe_and_redeem_move_funds_and_publish_changes(stack, earn, wallet) -> None:
+    p = await create(earn)
+    user = unique("u")
+    await deposit(wallet, user, "10")
+    key = unique()
+    first = await subscribe(earn, user, p.product_id, "3", key=key, auto_subscribe=True)
+    again = await subscribe(earn, user, p.product_id, "3", key=key, auto_subscribe=True)
+    assert again == first  # the retry returns the first result and moves nothing
+    await expect(grpc.StatusCode.ALREADY_EXISTS, subscribe(earn, user, p.product_id, "4", key=key, auto_subscribe=True), "idempotency_key")
+    second = await subscribe(earn, user, p.product_id, "2")
+    position = second.position
+    assert position.position_id == first.position.position_id and position.principal == "5" and position.auto_subscribe
+    assert second.accrues_from_hour == first.accrues_from_hour or second.accrues_from_hour == first.accrues_from_hour + 1
+    assert await balance(wallet, user) == 5 and await balance(wallet, user, HOLD) == 5
+
+    partial = await redeem(earn, user, position.position_id, "1.5")
+    assert partial.position.principal == "3.5" and not partial.interest_forfeited
+    assert await balance(wallet, user) == Decimal("6.5") and await balance(wallet, user, HOLD) == Decimal("3.5")
+    full = await redeem(earn, user, position.position_id)
+    assert full.position.principal == "0" and full.position.status == se.POSITION_STATUS_REDEEMED
+    await eventually(lambda: balance(wallet, user))
+    assert await balance(wallet, user) == 10 and await balance(wallet, user, HOLD) == 0
+    product = (await earn.GetProduct(se.GetProductRequest(product_id=p.product_id), metadata=GATEWAY)).product
+    assert product.subscribed == "0"
+
+    def done(evs: list) -> bool:
+        return len([e for e in evs if e[2] == "earn.v1.PositionChanged" and e[3].position_id == position.position_id]) == 4
+
+    changes = [e[3] for e in await read_accrual(stack, done) if e[2] == "earn.v1.PositionChanged" and e[3].position_id == position.position_id]
+    hour = first.accrues_from_hour
+    signed = [(c.effective_hour, Decimal(c.delta)) for ch in changes for c in ch.changes]
+    assert signed[:2] == [(hour, Decimal(3)), (second.accrues_from_hour, Decimal(2))]
+    assert sum(d for _, d in signed) == 0
+    assert changes[-1].closed_from_hour in (hour - 1, hour)
+    if second.accrues_from_hour == hour:  # same hour: everything redeemed was still pending
+        assert signed[2:] == [(hour, Decimal("-1.5")), (hour, Decimal("-3.5"))]
+
+    subs = await earn.ListSubscriptions(se.ListSubscriptionsRequest(user_id=user), metadata=GATEWAY)
+    assert [s.amount for s in subs.subscriptions] == ["3", "2"]
+    reds = await earn.ListRedemptions(se.ListRedemptionsRequest(user_id=user, page_size=1), metadata=GATEWAY)
+    assert [r.amount for r in reds.redemptions] == ["1.5"] and reds.next_page_token
+    reds2 = await earn.ListRedemptions(se.ListRedemptionsRequest(user_id=user, page_token=reds.next_page_token), metadata=GATEWAY)
+    assert [r.amount for r in reds2.redemptions] == ["3.5"] and not reds2.next_page_token
+    # A new subscription after a full redemption opens a new position.
+    third = await subscribe(earn, user, p.product_id, "1")
+    assert third.position.position_id != position.position_id
+
+
+async def test_limits_quota_pause_and_funds_refuse_and_write_nothing(earn, wallet, earn_db, wallet_db) -> None:
+    p = await create(earn, min_subscription="1", max_per_user="5", quota="8")
+    alice, bob, poor = unique("alice"), unique("bob"), unique("poor")
+    for u in (alice, bob):
+        await deposit(wallet, u, "20")
+    await deposit(wallet, poor, "1.5")
+    await subscribe(earn, alice, p.product_id, "4")
+    before = await snapshot(earn_db, wallet_db)
+    await expect(grpc.StatusCode.FAILED_PRECONDITION, subscribe(earn, alice, p.product_id, "0.5"), "min_subscription")
+    await expect(grpc.StatusCode.FAILED_PRECONDITION, subscribe(earn, alice, p.product_id, "2"), "1 BTC left for this user")
+    await expect(grpc.StatusCode.FAILED_PRECONDITION, subscribe(earn, bob, p.product_id, "5"), "left quota", "4 BTC")
+    await expect(grpc.StatusCode.FAILED_PRECONDITION, subscribe(earn, poor, p.product_id, "2"), f"insufficient funds in {poor}/BTC/funding: short by 0.5 BTC")
+    await expect(grpc.StatusCode.INVALID_ARGUMENT, subscribe(earn, bob, p.product_id, "1.000000001"), "amount")
+    await expect(grpc.StatusCode.INVALID_ARGUMENT, subscribe(earn, "", p.product_id, "1"), "user_id")
+    await expect(grpc.StatusCode.INVALID_ARGUMENT, subscribe(earn, bob, p.product_id, "1", auto_renew=True), "auto_renew")
+    await expect(grpc.StatusCode.NOT_FOUND, subscribe(earn, bob, "missing", "1"), "product_id")
+    await expect(grpc.StatusCode.NOT_FOUND, redeem(earn, bob, "999999999"), "position_id")
+    await expect(grpc.StatusCode.INVALID_ARGUMENT, redeem(earn, bob, "abc"), "position_id")
+    positions = await earn.ListPositions(se.ListPositionsRequest(user_id=alice, product_id=p.product_id), metadata=GATEWAY)
+    mine = positions.positions[0].position_id
+    # Another user's position is NOT_FOUND, like an unknown one.
+    await expect(grpc.StatusCode.NOT_FOUND, redeem(earn, bob, mine), "position_id")
+    await expect(grpc.StatusCode.FAILED_PRECONDITION, redeem(earn, alice, mine, "4.1"), "exceeds")
+    await expect(grpc.StatusCode.INVALID_ARGUMENT, earn.ListPositions(se.ListPositionsRequest(), metadata=GATEWAY), "user_id")
+    await expect(grpc.StatusCode.INVALID_ARGUMENT, earn.ListPositions(se.ListPositionsRequest(user_id=alice, page_size=1001), metadata=GATEWAY), "page_size")
+    await expect(grpc.StatusCode.INVALID_ARGUMENT, earn.ListPositions(se.ListPositionsRequest(user_id=alice, page_token="zz"), metadata=GATEWAY), "page_token")
+    assert await snapshot(earn_db, wallet_db) == before
+
+    await earn.UpdateProduct(se.UpdateProductRequest(idempotency_key=unique(), product_id=p.product_id, status=se.PRODUCT_STATUS_PAUSED), metadata=OPERATOR)
+    before = await snapshot(earn_db, wallet_db)
+    await expect(grpc.StatusCode.FAILED_PRECONDITION, subscribe(earn, bob, p.product_id, "1"), f"product {p.product_id} is paused")
+    assert await snapshot(earn_db, wallet_db) == before
+    # Redemption works while paused; then resume with a bigger quota.
+    await redeem(earn, alice, mine, "1")
+    updated = await earn.UpdateProduct(
+        se.UpdateProductRequest(idempotency_key=unique(), product_id=p.product_id, status=se.PRODUCT_STATUS_ACTIVE, quota="10"), metadata=OPERATOR
+    )
+    assert updated.product.left_quota == "7" and updated.product.subscribed == "3"
+    await subscribe(earn, bob, p.product_id, "5")
+    assert await balance(wallet, bob) == 15
+
+
+async def test_quota_race_releases_the_losers_holds(earn, wallet, earn_db, wallet_db) -> None:
+    p = await create(earn, min_subscription="1", quota="3")
+    users = [unique("racer") for _ in range(6)]
+    for u in users:
+        await deposit(wallet, u, "2")
+    results = await asyncio.gather(*(subscribe(earn, u, p.product_id, "1") for u in users), return_exceptions=True)
+    ok = [r for r in results if not isinstance(r, BaseException)]
+    refused = [r for r in results if isinstance(r, grpc.aio.AioRpcError)]
+    assert len(ok) == 3 and len(refused) == 3
+    assert all(r.code() == grpc.StatusCode.FAILED_PRECONDITION for r in refused)
+
+    async def settled() -> None:
+        balances = [await balance(wallet, u) for u in users]
+        assert sorted(balances) == [1, 1, 1, 2, 2, 2]
+        assert sum([await balance(wallet, u, HOLD) for u in users]) == 3
+
+    await eventually(settled)
+    assert await earn_db.fetchval("SELECT count(*) FROM wallet_releases WHERE done_at IS NULL") == 0
+
+
+async def test_fixed_early_redemption_allowed_or_forbidden(earn, wallet, earn_db, wallet_db) -> None:
+    locked = await create(earn, FIXED, term_days=30)
+    loose = await create(earn, FIXED, term_days=30, early_redeem_allowed=True)
+    user = unique("u")
+    await deposit(wallet, user, "10")
+    a = await subscribe(earn, user, locked.product_id, "2", auto_renew=True)
+    assert a.position.auto_renew and [t.apr for t in a.position.fixed_tiers] == ["0.08", "0.03"]
+    assert a.position.matures_at.seconds == (a.accrues_from_hour + 30 * 24) * 3600
+    await expect(grpc.StatusCode.INVALID_ARGUMENT, subscribe(earn, user, locked.product_id, "1", auto_subscribe=True), "auto_subscribe")
+    b1 = await subscribe(earn, user, loose.product_id, "3")
+    b2 = await subscribe(earn, user, loose.product_id, "1")
+    assert b1.position.position_id != b2.position.position_id  # each fixed subscription is its own position
+    before = await snapshot(earn_db, wallet_db)
+    await expect(grpc.StatusCode.FAILED_PRECONDITION, redeem(earn, user, a.position.position_id), "does not allow early redemption")
+    await expect(grpc.StatusCode.INVALID_ARGUMENT, redeem(earn, user, b1.position.position_id, "1"), "redeemed whole")
+    await expect(
+        grpc.StatusCode.FAILED_PRECONDITION,
+        earn.SetAutoSubscribe(se.SetAutoSubscribeRequest(idempotency_key=unique(), user_id=user, position_id=a.position.position_id, enabled=True), metadata=GATEWAY),
+        "fixed-term",
+    )
+    assert await snapshot(earn_db, wallet_db) == before
+    out = await redeem(earn, user, b1.position.position_id)
+    assert out.interest_forfeited and out.position.status == se.POSITION_STATUS_REDEEMED
+    await eventually(lambda: balance(wallet, user))
+    assert await balance(wallet, user) == Decimal(7) and await balance(wallet, user, HOLD) == Decimal(3)
+
+
+# ---- the accrual watermark and payouts --------------------------------------------------
+
+
+async def test_close_hour_ticks_every_partition_after_earlier_changes(stack, earn, wallet, earn_db, wallet_db) -> None:
+    p = await create(earn)
+    user = unique("u")
+    await deposit(wallet, user, "1")
+    sub = await subscribe(earn, user, p.product_id, "1")
+    hour = now_hour()
+    await expect(grpc.StatusCode.FAILED_PRECONDITION, earn.CloseHour(se.CloseHourRequest(hour=hour + 1), metadata=SERVICE), "has not ended")
+    await expect(grpc.StatusCode.INVALID_ARGUMENT, earn.CloseHour(se.CloseHourRequest(hour=0), metadata=SERVICE), "hour")
+    await expect(grpc.StatusCode.PERMISSION_DENIED, earn.CloseHour(se.CloseHourRequest(hour=hour), metadata=GATEWAY))
+    first = await earn.CloseHour(se.CloseHourRequest(hour=hour - 3), metadata=SERVICE)
+    assert list(first.closed) == [hour - 3]  # the first call closes only its hour
+    closed = await earn.CloseHour(se.CloseHourRequest(hour=hour), metadata=SERVICE)
+    assert list(closed.closed) == [hour - 2, hour - 1, hour]
+    assert list((await earn.CloseHour(se.CloseHourRequest(hour=hour), metadata=SERVICE)).closed) == []
+    assert list((await earn.CloseHour(se.CloseHourRequest(hour=hour - 1), metadata=SERVICE)).closed) == []
+
+    def complete(evs: list) -> bool:
+        return len([e for e in evs if e[2] == "earn.v1.HourClosed" and e[3].hour == hour]) == 6
+
+    evs = await read_accrual(stack, complete)
+    ticks = {}
+    for partition, offset, kind, payload in evs:
+        if kind == "earn.v1.HourClosed":
+            ticks.setdefault(partition, []).append((payload.hour, offset))
+    for partition in range(6):
+        assert [h for h, _ in ticks[partition]] == [hour - 3, hour - 2, hour - 1, hour]  # in order, once each
+    change = next(e for e in evs if e[2] == "earn.v1.PositionChanged" and e[3].position_id == sub.position.position_id)
+    assert change[1] < dict(ticks[change[0]])[hour - 3]
+
+
+async def test_request_payout_is_idempotent_per_job_and_period(stack, earn) -> None:
+    hourly = await create(earn, payout_cadence=se.PAYOUT_CADENCE_HOURLY)
+    job, period, boundary = "simple_earn.interest", f"T{uuid.uuid4().hex[:8]}", now_hour()
+    request = se.RequestPayoutRequest(job=job, period=period, boundary_hour=boundary, cadence=se.PAYOUT_CADENCE_HOURLY)
+    first = await earn.RequestPayout(request, metadata=SERVICE)
+    assert hourly.product_id in first.product_ids
+    assert await earn.RequestPayout(request, metadata=SERVICE) == first
+    await expect(
+        grpc.StatusCode.ALREADY_EXISTS,
+        earn.RequestPayout(se.RequestPayoutRequest(job=job, period=period, boundary_hour=boundary - 1, cadence=se.PAYOUT_CADENCE_HOURLY), metadata=SERVICE),
+        "boundary_hour",
+    )
+    await expect(grpc.StatusCode.INVALID_ARGUMENT, earn.RequestPayout(se.RequestPayoutRequest(job=job, period=period, boundary_hour=boundary), metadata=SERVICE), "cadence")
+    await expect(grpc.StatusCode.INVALID_ARGUMENT, earn.RequestPayout(se.RequestPayoutRequest(job="", period=period, boundary_hour=1, cadence=1), metadata=SERVICE), "job")
+    await expect(
+        grpc.StatusCode.FAILED_PRECONDITION,
+        earn.RequestPayout(se.RequestPayoutRequest(job=job, period="future", boundary_hour=boundary + 2, cadence=1), metadata=SERVICE),
+        "boundary_hour",
+    )
+    await expect(grpc.StatusCode.NOT_FOUND, earn.GetPayoutStatus(se.GetPayoutStatusRequest(job=job, period="nope"), metadata=SERVICE))
+    evs = await read_accrual(stack, lambda evs: len([e for e in evs if e[2] == "earn.v1.PayoutRequested" and e[3].period == period]) >= 6)
+    mine = [e for e in evs if e[2] == "earn.v1.PayoutRequested" and e[3].period == period]
+    assert sorted(e[0] for e in mine) == list(range(6))
+    assert all(list(e[3].product_ids) == list(first.product_ids) and e[3].boundary_hour == boundary for e in mine)
+
+
+async def _produce(stack, batch: accrual_pb2.PayoutBatch, envelope: bytes | None = None) -> bytes:
+    raw = envelope or events.wrap(batch, key=f"{batch.job}:{batch.period}:{batch.partition}", producer="accrual", occurred_at=datetime.now(UTC)).SerializeToString()
+    producer = AIOKafkaProducer(bootstrap_servers=stack.settings.kafka_bootstrap)
+    await producer.start()
+    try:
+        await producer.send_and_wait(topic_name(stack.settings, "accrual.payouts"), raw, partition=batch.partition)
+    finally:
+        await producer.stop()
+    return raw
+
+
+async def test_payout_batch_is_paid_exactly_once_and_reinvests(stack, earn, wallet, earn_db) -> None:
+    p = await create(earn, payout_cadence=se.PAYOUT_CADENCE_HOURLY)
+    saver, compounder = unique("saver"), unique("comp")
+    for u in (saver, compounder):
+        await deposit(wallet, u, "10")
+    a = (await subscribe(earn, saver, p.product_id, "7")).position
+    b = (await subscribe(earn, compounder, p.product_id, "2", auto_subscribe=True)).position
+    job, period, boundary = "simple_earn.interest", f"P{uuid.uuid4().hex[:8]}", now_hour()
+    await earn.RequestPayout(se.RequestPayoutRequest(job=job, period=period, boundary_hour=boundary, cadence=se.PAYOUT_CADENCE_HOURLY), metadata=SERVICE)
+    expense_before = await balance(wallet, "simple_earn", EXPENSE)
+
+    def item(pos: se.Position, amount: str, carry: str) -> accrual_pb2.PayoutItem:
+        return accrual_pb2.PayoutItem(
+            position_id=pos.position_id, product_id=p.product_id, user_id=pos.user_id, asset="BTC", amount=amount, carry=carry, from_hour=boundary - 24
+        )
+
+    batches = [accrual_pb2.PayoutBatch(job=job, period=period, boundary_hour=boundary, partition=q, sequence=0, last=True) for q in range(6)]
+    batches[1].items.extend([item(a, "0.00123456", "0.000000001"), item(b, "0.0001", "0")])
+    raw = await _produce(stack, batches[1])
+    await _produce(stack, batches[1], raw)  # the same envelope again
+    await _produce(stack, batches[1])  # the same batch in a new envelope (engine re-ran)
+
+    async def paid() -> None:
+        assert await balance(wallet, saver) == Decimal("3.00123456")
+        assert await earn_db.fetchval("SELECT count(*) FROM interest WHERE period = $1", period) == 2
+
+    await eventually(paid)
+    status = await earn.GetPayoutStatus(se.GetPayoutStatusRequest(job=job, period=period), metadata=SERVICE)
+    assert (status.partitions, status.partitions_done, status.items, dict(status.paid), status.complete) == (6, 1, 2, {"BTC": "0.00133456"}, False)
+    for q in (0, 2, 3, 4, 5):
+        await _produce(stack, batches[q])
+
+    async def complete() -> None:
+        s = await earn.GetPayoutStatus(se.GetPayoutStatusRequest(job=job, period=period), metadata=SERVICE)
+        assert s.complete and s.partitions_done == 6
+
+    await eventually(complete)
+    await asyncio.sleep(1.5)  # any late duplicate would have been applied by now
+    assert await balance(wallet, saver) == Decimal("3.00123456")
+    assert await balance(wallet, "simple_earn", EXPENSE) == expense_before - Decimal("0.00133456")
+    # The compounder's interest went back into the position.
+    assert await balance(wallet, compounder) == 8 and await balance(wallet, compounder, HOLD) == Decimal("2.0001")
+    listed = await earn.ListPositions(se.ListPositionsRequest(user_id=compounder), metadata=GATEWAY)
+    assert listed.positions[0].principal == "2.0001" and listed.positions[0].interest_paid == "0.0001"
+    records = await earn.ListInterest(se.ListInterestRequest(user_id=compounder), metadata=GATEWAY)
+    assert [(r.amount, r.period, r.reinvested, r.to_hour) for r in records.records] == [("0.0001", period, True, boundary)]
+    subs = await earn.ListSubscriptions(se.ListSubscriptionsRequest(user_id=compounder), metadata=GATEWAY)
+    assert [(s.amount, s.source) for s in subs.subscriptions] == [("2", "user"), ("0.0001", "auto_subscribe")]
+    evs = await read_accrual(stack, lambda evs: len([e for e in evs if e[2] == "earn.v1.PositionChanged" and e[3].position_id == b.position_id]) >= 2)
+    reinvested = [e[3] for e in evs if e[2] == "earn.v1.PositionChanged" and e[3].position_id == b.position_id][1]
+    assert [c.delta for c in reinvested.changes] == ["0.0001"]
+
+
+# ---- fixed-term maturity ------------------------------------------------------------
+
+
+async def test_mature_due_pays_exact_interest_once_and_renews(earn, wallet, earn_db) -> None:
+    product = await create(earn, FIXED, term_days=2, tiers=tiers(("1", "0.1"), ("", "0.05")))
+    plain, renewing = unique("plain"), unique("renew")
+    for u in (plain, renewing):
+        await deposit(wallet, u, "10")
+    a = (await subscribe(earn, plain, product.product_id, "3.5")).position
+    b = (await subscribe(earn, renewing, product.product_id, "1.25", auto_renew=True)).position
+    # Time travel for the test: the positions started accruing 48 hours before the last full hour.
+    end = now_hour()
+    await earn_db.execute(
+        "UPDATE positions SET accrues_from_hour = $1, matures_hour = $2 WHERE id = ANY($3::bigint[])", end - 48, end, [int(a.position_id), int(b.position_id)]
+    )
+    await earn_db.execute(
+        "UPDATE principal_changes SET effective_hour = $1 WHERE position_id = ANY($2::bigint[])", end - 48, [int(a.position_id), int(b.position_id)]
+    )
+    future = Timestamp()
+    future.FromSeconds(int(time.time()) + 3600)
+    await expect(grpc.StatusCode.INVALID_ARGUMENT, earn.MatureDue(se.MatureDueRequest(until=future), metadata=SERVICE), "until")
+    await expect(grpc.StatusCode.INVALID_ARGUMENT, earn.MatureDue(se.MatureDueRequest(), metadata=SERVICE), "until")
+    until = Timestamp()
+    until.FromSeconds(int(time.time()))
+    out = await earn.MatureDue(se.MatureDueRequest(until=until), metadata=SERVICE)
+    assert out.matured >= 2 and out.renewed >= 1
+    assert (await earn.MatureDue(se.MatureDueRequest(until=until), metadata=SERVICE)).matured == 0
+
+    with localcontext(EXACT):
+        expect_a = truncate((1 * Decimal("0.1") + Decimal("2.5") * Decimal("0.05")) * 48 / 8760, 8)
+        expect_b = truncate((1 * Decimal("0.1") + Decimal("0.25") * Decimal("0.05")) * 48 / 8760, 8)
+    assert expect_a == Decimal("0.00123287")
+    assert await balance(wallet, plain) == 10 + expect_a and await balance(wallet, plain, HOLD) == 0
+    assert await balance(wallet, renewing) == Decimal("8.75") and await balance(wallet, renewing, HOLD) == Decimal("1.25") + expect_b
+    listed = await earn.ListPositions(se.ListPositionsRequest(user_id=renewing), metadata=GATEWAY)
+    old, new = listed.positions
+    assert old.status == se.POSITION_STATUS_MATURED and old.interest_paid == str(expect_b)
+    assert new.status == se.POSITION_STATUS_ACTIVE and Decimal(new.principal) == Decimal("1.25") + expect_b and new.auto_renew
+    assert new.matures_at.seconds == (end + 48) * 3600
+    reds = await earn.ListRedemptions(se.ListRedemptionsRequest(user_id=plain), metadata=GATEWAY)
+    assert [(r.amount, r.source) for r in reds.redemptions] == [("3.5", "maturity")]
+    hourly = await earn.ListInterest(se.ListInterestRequest(user_id=plain, position_id=a.position_id, hourly=True, page_size=10), metadata=GATEWAY)
+    assert len(hourly.records) == 10 and hourly.next_page_token
+    with localcontext(EXACT):
+        assert Decimal(hourly.records[0].amount) == (1 * Decimal("0.1") + Decimal("2.5") * Decimal("0.05")) / 8760
+    rest = await earn.ListInterest(
+        se.ListInterestRequest(user_id=plain, position_id=a.position_id, hourly=True, page_size=1000, page_token=hourly.next_page_token), metadata=GATEWAY
+    )
+    assert len(rest.records) == 38 and not rest.next_page_token
+    with localcontext(EXACT):
+        assert truncate(sum(Decimal(r.amount) for r in [*hourly.records, *rest.records]), 8) == expect_a
+
+
+async def test_auto_subscribe_switch_and_bad_queries_write_nothing(earn, wallet, earn_db, wallet_db) -> None:
+    p = await create(earn)
+    user = unique("u")
+    await deposit(wallet, user, "1")
+    position = (await subscribe(earn, user, p.product_id, "1")).position
+    assert not position.auto_subscribe
+    switch = se.SetAutoSubscribeRequest(idempotency_key=unique(), user_id=user, position_id=position.position_id, enabled=True)
+    assert (await earn.SetAutoSubscribe(switch, metadata=GATEWAY)).position.auto_subscribe
+    assert (await earn.SetAutoSubscribe(switch, metadata=GATEWAY)).position.auto_subscribe  # replay
+    before = await snapshot(earn_db, wallet_db)
+    calls = [
+        (grpc.StatusCode.NOT_FOUND, earn.SetAutoSubscribe(se.SetAutoSubscribeRequest(idempotency_key=unique(), user_id="other", position_id=position.position_id), metadata=GATEWAY)),
+        (grpc.StatusCode.INVALID_ARGUMENT, earn.SetAutoSubscribe(se.SetAutoSubscribeRequest(idempotency_key="", user_id=user, position_id=position.position_id), metadata=GATEWAY)),
+        (grpc.StatusCode.ALREADY_EXISTS, earn.SetAutoSubscribe(se.SetAutoSubscribeRequest(idempotency_key=switch.idempotency_key, user_id=user, position_id=position.position_id), metadata=GATEWAY)),
+        (grpc.StatusCode.INVALID_ARGUMENT, earn.ListInterest(se.ListInterestRequest(user_id=user, hourly=True), metadata=GATEWAY)),
+        (grpc.StatusCode.INVALID_ARGUMENT, earn.ListProducts(se.ListProductsRequest(asset="NOPE"), metadata=GATEWAY)),
+        (grpc.StatusCode.NOT_FOUND, earn.ListRateHistory(se.ListRateHistoryRequest(product_id="missing"), metadata=GATEWAY)),
+        (grpc.StatusCode.INVALID_ARGUMENT, earn.GetPayoutStatus(se.GetPayoutStatusRequest(job="", period="x"), metadata=SERVICE)),
+        (grpc.StatusCode.PERMISSION_DENIED, earn.GetPayoutStatus(se.GetPayoutStatusRequest(job="j", period="x"), metadata=GATEWAY)),
+        (grpc.StatusCode.PERMISSION_DENIED, earn.Subscribe(se.SubscribeRequest(idempotency_key=unique(), user_id=user, product_id=p.product_id, amount="1"), metadata=OPERATOR)),
+    ]
+    t_from, t_to = Timestamp(), Timestamp()
+    t_from.FromSeconds(2000)
+    t_to.FromSeconds(1000)
+    calls.append((grpc.StatusCode.INVALID_ARGUMENT, earn.ListSubscriptions(se.ListSubscriptionsRequest(user_id=user, time=se.TimeFilter(**{"from": t_from, "to": t_to})), metadata=GATEWAY)))
+    for code, call in calls:
+        await expect(code, call)
+    assert await snapshot(earn_db, wallet_db) == before
+    listed = await earn.ListSubscriptions(se.ListSubscriptionsRequest(user_id=user, time=se.TimeFilter(**{"from": t_to})), metadata=GATEWAY)
+    assert len(listed.subscriptions) == 1
+    products = await earn.ListProducts(se.ListProductsRequest(asset="BTC"), metadata=GATEWAY)
+    assert p.product_id in {x.product_id for x in products.products}

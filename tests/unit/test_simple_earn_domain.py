@@ -1,0 +1,140 @@
+"""Simple Earn rules (pure): tier brackets, hours, redemption split, maturity interest."""
+
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal, localcontext
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from services.kernel.errors import FailedPrecondition, InvalidArgument
+from services.kernel.money import EXACT
+from services.simple_earn import domain
+from services.simple_earn.domain import Limits, RedemptionSplit, Status, Tier
+
+TIERS = (Tier(Decimal(5), Decimal("0.08")), Tier(None, Decimal("0.03")))
+sats = st.integers(1, 10**12).map(lambda n: Decimal(n).scaleb(-8))
+
+
+def test_seven_btc_earns_bracket_rates_like_income_tax() -> None:
+    assert domain.brackets(Decimal(7), TIERS) == [(Decimal(5), Decimal("0.08")), (Decimal(2), Decimal("0.03"))]
+    assert domain.apr_weighted(Decimal(7), TIERS) == Decimal("0.46")
+    assert domain.hourly_accrual(Decimal(7), TIERS) * 8760 == Decimal("0.46")
+
+
+@given(sats, st.lists(st.integers(1, 10**6), min_size=0, max_size=5, unique=True))
+def test_brackets_partition_the_principal(principal: Decimal, bounds: list[int]) -> None:
+    bounds.sort()
+    tiers = tuple(Tier(Decimal(b), Decimal(i + 1) / 100) for i, b in enumerate(bounds)) + (Tier(None, Decimal("0.5")),)
+    parts = domain.brackets(principal, tiers)
+    assert sum(a for a, _ in parts) == principal
+    assert all(a > 0 for a, _ in parts)
+    # Never more than the top rate on everything, never less than the lowest.
+    weighted = domain.apr_weighted(principal, tiers)
+    assert min(t.apr for t in tiers) * principal <= weighted <= max(t.apr for t in tiers) * principal
+
+
+def test_parse_tiers_rules() -> None:
+    assert domain.parse_tiers([("5", "0.08"), ("", "0.03")], "BTC") == TIERS
+    cases = [
+        ([], "tiers"),
+        ([("5", "0.08")], "tiers[0].up_to"),
+        ([("", "0.08"), ("", "0.03")], "tiers[0].up_to"),
+        ([("5", "0.08"), ("5", "0.01"), ("", "0")], "tiers[1].up_to"),
+        ([("5", "0.08"), ("4", "0.01"), ("", "0")], "tiers[1].up_to"),
+        ([("5.000000001", "0.08"), ("", "0")], "tiers[0].up_to"),
+        ([("", "-0.01")], "tiers[0].apr"),
+        ([("", "0." + "1" * 19)], "tiers[0].apr"),
+        ([("", "1e-2")], "tiers[0].apr"),
+    ]
+    for raw, field in cases:
+        with pytest.raises(InvalidArgument) as err:
+            domain.parse_tiers(raw, "BTC")
+        assert err.value.field == field, raw
+    assert domain.parse_tiers([("", "0")], "USDT") == (Tier(None, Decimal(0)),)
+
+
+@given(st.integers(0, 4 * 10**9))
+def test_next_full_hour_is_the_first_boundary_after(seconds: int) -> None:
+    at = datetime.fromtimestamp(seconds, tz=UTC) + timedelta(microseconds=1)
+    hour = domain.next_full_hour(at)
+    assert domain.hour_start(hour) > at >= domain.hour_start(hour - 1)
+    assert domain.unix_hour(at) == hour - 1
+
+
+@given(sats, sats, sats)
+def test_redemption_takes_pending_first(a: Decimal, b: Decimal, c: Decimal) -> None:
+    accruing, pending = a, b
+    total = accruing + pending
+    amount = min(c, total)
+    split = domain.split_redemption(amount, total, accruing)
+    assert split.pending + split.accruing == amount
+    assert split.pending == min(amount, pending)
+    assert 0 <= split.accruing <= accruing
+    hour = 1000
+    changes = domain.redemption_changes(hour, split)
+    history = [(hour, accruing), (hour + 1, pending), *changes]
+    # After it: this hour accrues only what was accruing and not redeemed; the principal
+    # left is what accrues from the next hour on.
+    assert domain.accruing_at(history, hour) == accruing - split.accruing
+    assert domain.accruing_at(history, hour + 1) == total - amount
+
+
+def test_redemption_over_principal_is_refused() -> None:
+    with pytest.raises(FailedPrecondition):
+        domain.split_redemption(Decimal(2), Decimal(1), Decimal(1))
+    assert domain.redemption_changes(7, RedemptionSplit(Decimal(1), Decimal(2))) == [(7, Decimal(-2)), (8, Decimal(-1))]
+
+
+@given(st.lists(sats, min_size=1, max_size=6), st.data())
+def test_holds_release_newest_first(remaining: list[Decimal], data: st.DataObject) -> None:
+    holds = [(i + 1, r) for i, r in enumerate(remaining)][::-1]  # newest first
+    total = sum(remaining)
+    amount = data.draw(st.integers(1, int(total * 10**8)).map(lambda n: Decimal(n).scaleb(-8)))
+    takes = domain.take_from_holds(amount, holds)
+    assert sum(t for _, t in takes) == amount
+    assert [h for h, _ in takes] == [h for h, _ in holds][: len(takes)]
+    assert all(t == r for (_, t), (_, r) in zip(takes[:-1], holds, strict=False))
+
+
+@given(sats, st.integers(1, 3650))
+def test_maturity_interest_is_truncated_exact_interest(principal: Decimal, days: int) -> None:
+    hours = days * 24
+    paid = domain.fixed_interest(principal, TIERS, hours, "BTC")
+    with localcontext(EXACT):
+        exact = (min(principal, 5) * Decimal("0.08") + max(principal - 5, 0) * Decimal("0.03")) * hours / 8760
+    assert paid <= exact < paid + Decimal("0.00000001")
+    assert paid == paid.quantize(Decimal("0.00000001"))
+
+
+def test_maturity_interest_example() -> None:
+    # 7 BTC for 30 days: (5 x 0.08 + 2 x 0.03) x 720 / 8760 = 0.0378082191780...
+    assert domain.fixed_interest(Decimal(7), TIERS, 720, "BTC") == Decimal("0.03780821")
+    assert domain.maturity_hour(100, 30) == 100 + 720
+
+
+def test_subscription_limits_name_the_rule() -> None:
+    limits = Limits(Decimal(1), Decimal(10), Decimal(100))
+    base = dict(product_id="p", asset="BTC", status=Status.ACTIVE, limits=limits, user_total=Decimal(0), subscribed=Decimal(0))
+    domain.check_subscription(**base, amount=Decimal(1))  # type: ignore[arg-type]
+    for override, words in [
+        ({"status": Status.PAUSED}, "product p is paused"),
+        ({"amount": Decimal("0.5")}, "min_subscription"),
+        ({"amount": Decimal(3), "user_total": Decimal(8)}, "2 BTC left for this user"),
+        ({"amount": Decimal(5), "subscribed": Decimal(97)}, "left quota of product p: 3 BTC"),
+    ]:
+        args = {**base, "amount": Decimal(1), **override}
+        with pytest.raises(FailedPrecondition) as err:
+            domain.check_subscription(**args)  # type: ignore[arg-type]
+        assert words in err.value.message
+
+
+def test_hourly_records_follow_rate_and_principal_history() -> None:
+    changes = [(10, Decimal(7)), (12, Decimal(-2))]
+    rates = [(9, TIERS), (11, (Tier(None, Decimal("0.10")),)), (11, (Tier(None, Decimal("0.20")),))]
+    records = domain.hourly_records(changes, rates, 9, 14)
+    assert [(h, p) for h, p, _ in records] == [(10, Decimal(7)), (11, Decimal(7)), (12, Decimal(5)), (13, Decimal(5))]
+    with localcontext(EXACT):
+        assert records[0][2] == Decimal("0.46") / 8760
+        assert records[1][2] == Decimal("1.4") / 8760  # the later of two changes for hour 11 wins
+        assert records[2][2] == Decimal("1.0") / 8760
