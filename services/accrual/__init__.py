@@ -1,0 +1,1 @@
+"""The accrual engine: a faust-streaming worker that accrues Simple Earn interest."""
