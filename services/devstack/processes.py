@@ -46,6 +46,30 @@ PROCESSES: list[ProcessSpec] = [
         metrics_port_env="EARN_METRICS_PORT",
         default_metrics_port=9101,
     ),
+    ProcessSpec(
+        name="simple_earn",
+        module="services.simple_earn.main",
+        port_env="EARN_GRPC_PORT",
+        default_port=50052,
+        metrics_port_env="EARN_METRICS_PORT",
+        default_metrics_port=9102,
+    ),
+    ProcessSpec(
+        name="scheduler",
+        module="services.scheduler.main",
+        port_env=None,
+        default_port=None,
+        metrics_port_env="EARN_METRICS_PORT",
+        default_metrics_port=9111,
+    ),
+    ProcessSpec(
+        name="accrual",
+        module="services.accrual.main",
+        port_env=None,
+        default_port=None,
+        metrics_port_env="EARN_METRICS_PORT",
+        default_metrics_port=9110,
+    ),
 ]
 
 
