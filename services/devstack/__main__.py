@@ -121,8 +121,11 @@ def run() -> None:
         with stack.owned(), deferred_signals() as stop:
             try:
                 env = stack.env()
-                for spec in PROCESSES:
-                    process = ManagedProcess(spec, env, log_dir=log_dir, cwd=REPO_ROOT, **_ports(spec, env))
+                planned = [ManagedProcess(spec, env, log_dir=log_dir, cwd=REPO_ROOT, **_ports(spec, env)) for spec in PROCESSES]
+                # Each process finds the others where this launch put them: EARN_<NAME>_ADDRESS.
+                addresses = {f"EARN_{p.name.upper()}_ADDRESS": p.address for p in planned if p.address}
+                for process in planned:
+                    process.env.update(addresses)
                     process.start()
                     processes.append(process)
                 for process in processes:

@@ -14,6 +14,7 @@ import psutil
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from earn.v1 import wallet_pb2, wallet_pb2_grpc
+from services.devstack.processes import PROCESSES
 from services.kernel.config import REPO_ROOT
 from tests.conftest import GATEWAY, free_port
 
@@ -24,8 +25,13 @@ def _health(address: str) -> int:
 
 
 def test_run_starts_every_process_and_ctrl_c_leaves_nothing_behind(stack) -> None:
-    port, metrics = free_port(), free_port()
-    env = {**stack.env, "EARN_WALLET_GRPC_PORT": str(port), "EARN_WALLET_METRICS_PORT": str(metrics)}
+    env = dict(stack.env)
+    for spec in PROCESSES:  # every process on free ports: nothing clashes with a running stack
+        name = spec.name.upper()
+        env[f"EARN_{name}_METRICS_PORT"] = str(free_port())
+        if spec.port_env:
+            env[f"EARN_{name}_GRPC_PORT"] = str(free_port())
+    port = int(env["EARN_WALLET_GRPC_PORT"])
     launcher = subprocess.Popen(
         [sys.executable, "-m", "services.devstack", "run"], cwd=REPO_ROOT, env=env,
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
