@@ -184,28 +184,68 @@ def preview(
     _run(work)
 
 
-async def _preview_payout(settings: SchedulerSettings, spec: JobSpec, target: domain.Period) -> None:
-    """Read-only: how far an already requested payout got.
+PREVIEW_ROWS = 20
+PREVIEW_PAGE = 1000
 
-    TODO(simple_earn): per-user amounts of a payout not yet requested need a read-only
-    estimate from Simple Earn (e.g. ListInterest with ``hourly`` for every position over the
-    period, or a PreviewPayout RPC). ListInterest is per user/position today, so the preview
-    shows no amounts rather than inventing them.
-    """
+
+async def _preview_payout(settings: SchedulerSettings, spec: JobSpec, target: domain.Period) -> None:
+    """Read-only: how far the payout got (once requested) and what it pays per position,
+    from Simple Earn's PreviewPayout (all pages: the first rows are shown, the totals
+    cover every position)."""
     client = SimpleEarn(settings)
     try:
-        status = await client.call(
-            "GetPayoutStatus", simple_earn_pb2.GetPayoutStatusRequest(job=spec.name, period=target.id)
+        try:
+            status = await client.call(
+                "GetPayoutStatus", simple_earn_pb2.GetPayoutStatusRequest(job=spec.name, period=target.id)
+            )
+            paid = ", ".join(f"{a} {v}" for a, v in sorted(status.paid.items())) or "nothing"
+            console.print(f"  payout status: {'complete' if status.complete else 'in progress'},"
+                          f" {status.partitions_done}/{status.partitions} partitions, {status.items} items, paid {paid}")
+        except JobError as err:
+            requested = "NOT_FOUND" not in str(err)
+            console.print(f"  payout status: {'unavailable (' + str(err) + ')' if requested else 'not requested yet'}")
+        request = simple_earn_pb2.PreviewPayoutRequest(
+            job=spec.name, period=target.id, boundary_hour=target.boundary_hour, cadence=_cadence(spec),
+            page_size=PREVIEW_PAGE,
         )
-        paid = ", ".join(f"{a} {v}" for a, v in sorted(status.paid.items())) or "nothing"
-        console.print(f"  payout status: {'complete' if status.complete else 'in progress'},"
-                      f" {status.partitions_done}/{status.partitions} partitions, {status.items} items, paid {paid}")
-    except JobError as err:
-        requested = "NOT_FOUND" not in str(err)
-        console.print(f"  payout status: {'unavailable (' + str(err) + ')' if requested else 'not requested yet'}")
+        rows: list[Any] = []
+        unreconciled: list[str] = []
+        try:
+            while True:
+                reply = await client.call("PreviewPayout", request)
+                rows.extend(reply.items[: max(0, PREVIEW_ROWS - len(rows))])
+                unreconciled.extend(reply.unreconciled_position_ids)
+                if not reply.next_page_token:
+                    break
+                request.page_token = reply.next_page_token
+        except JobError as err:
+            console.print(f"  per-user amounts: not available ({err})")
+            return
     finally:
         await client.close()
-    console.print("  per-user amounts: not available before the run (see TODO in services/scheduler/cli.py)")
+    products = ", ".join(reply.product_ids) or "none"
+    console.print(f"  per-user amounts{' (already paid in part or in full)' if reply.requested else ''}:"
+                  f" {reply.positions} position(s) of product(s) {products}")
+    if rows:
+        table = Table(show_lines=False)
+        for column in ("user", "position", "product", "asset", "amount", "from (UTC)", "paid"):
+            table.add_column(column, overflow="fold")
+        for item in rows:
+            table.add_row(item.user_id, item.position_id, item.product_id, item.asset, item.amount,
+                          domain.hour_time(item.from_hour).strftime("%Y-%m-%dT%H:00Z"), "yes" if item.paid else "")
+        console.print(table)
+        if reply.positions > len(rows):
+            console.print(f"  ... {reply.positions - len(rows)} more position(s)")
+    totals = ", ".join(f"{asset} {amount}" for asset, amount in sorted(reply.totals.items())) or "nothing"
+    console.print(f"  total: {totals}")
+    if unreconciled:
+        console.print(f"  [yellow]{len(unreconciled)} unreconciled position(s) (recorded payouts differ from their history):[/yellow]"
+                      f" {', '.join(unreconciled[:20])}")
+
+
+def _cadence(spec: JobSpec) -> int:
+    return (simple_earn_pb2.PAYOUT_CADENCE_DAILY if spec.job.cadence is domain.Cadence.DAILY
+            else simple_earn_pb2.PAYOUT_CADENCE_HOURLY)
 
 
 class _Steps:

@@ -33,7 +33,9 @@ cannot be probed.
 from __future__ import annotations
 
 import base64
+import binascii
 import hashlib
+import json
 import logging
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
@@ -50,7 +52,7 @@ from services.kernel.errors import AlreadyExists, DomainError, FailedPreconditio
 from services.kernel.grpcserver import GATEWAY, OPERATOR, SERVICE, current_caller
 from services.kernel.money import format_amount, parse_amount, parse_decimal, scale_of
 from services.kernel.topics import CATALOGUE
-from services.simple_earn import domain, store
+from services.simple_earn import domain, metrics, store
 from services.simple_earn.domain import Cadence, Kind, Limits, PositionStatus, Status
 
 from earn.v1 import accrual_pb2, simple_earn_pb2, simple_earn_pb2_grpc, wallet_pb2, wallet_pb2_grpc
@@ -59,7 +61,7 @@ log = logging.getLogger(__name__)
 
 SERVICE_NAME = "earn.v1.SimpleEarnService"
 HOLDER = "simple_earn"
-MATURITY_JOB = "simple_earn.maturity"
+MATURITY_JOB = store.MATURITY_JOB
 
 _QUERY = frozenset({GATEWAY, OPERATOR, SERVICE})
 ROLES = {
@@ -81,6 +83,7 @@ ROLES = {
         "CloseHour": frozenset({SERVICE}),
         "RequestPayout": frozenset({SERVICE}),
         "GetPayoutStatus": frozenset({SERVICE, OPERATOR}),
+        "PreviewPayout": frozenset({SERVICE, OPERATOR}),
         "MatureDue": frozenset({SERVICE}),
     }.items()
 }
@@ -149,6 +152,36 @@ def _after(token: str, kind: str) -> int:
         raise InvalidArgument("page_token", "is not a token this service issued for this list") from None
 
 
+# A preview page scans at most this many positions (positions owed nothing are skipped,
+# so a page may come back short, with a token to go on).
+PREVIEW_SCAN_LIMIT = 10 * MAX_PAGE
+
+
+def _preview_token(scope: str, last_id: int, totals: dict[str, Decimal], count: int) -> str:
+    data = {"s": scope, "a": last_id, "t": {asset: format_amount(v) for asset, v in sorted(totals.items())}, "n": count}
+    return base64.urlsafe_b64encode(json.dumps(data, separators=(",", ":")).encode()).decode()
+
+
+def _preview_cursor(token: str, scope: str) -> tuple[int, dict[str, Decimal], int]:
+    """(last position id, running totals, running count) of a preview page token issued
+    for the same job, period, boundary and cadence."""
+    if not token:
+        return 0, {}, 0
+    try:
+        data = json.loads(base64.urlsafe_b64decode(token.encode()))
+        if not isinstance(data, dict) or data.get("s") != scope:
+            raise ValueError
+        last_id, count, raw = data["a"], data["n"], data["t"]
+        if not isinstance(last_id, int) or not isinstance(count, int) or last_id < 0 or count < 0 or not isinstance(raw, dict):
+            raise ValueError
+        totals = {}
+        for asset, value in raw.items():
+            totals[asset] = parse_decimal(value, "page_token", scale=scale_of(asset), allow_zero=True)
+        return last_id, totals, count
+    except (ValueError, KeyError, TypeError, binascii.Error, UnicodeDecodeError, InvalidArgument):
+        raise InvalidArgument("page_token", "is not a token this service issued for this preview") from None
+
+
 def _page_size(value: int) -> int:
     if value > MAX_PAGE:
         raise InvalidArgument("page_size", f"at most {MAX_PAGE}")
@@ -176,7 +209,7 @@ def _scoped_user(user_id: str) -> str:
 
 
 def _tiers(raw: Any, asset: str) -> domain.Tiers:
-    return domain.parse_tiers([(t.up_to, t.apr) for t in raw], asset)
+    return domain.parse_tiers(raw, asset)
 
 
 def _enum(table: dict[int, Any], value: int, field: str, *, required: bool = True) -> Any:
@@ -387,6 +420,7 @@ class SimpleEarnApi(simple_earn_pb2_grpc.SimpleEarnServiceServicer):
                 break
         if hold_id is None:
             raise FailedPrecondition("idempotency_key: this request failed too many times; retry with a new key")
+        subscribed: list[tuple[str, str, Decimal]] = []  # filled when the work runs (not on a replay)
 
         async def work(conn: asyncpg.Connection) -> simple_earn_pb2.SubscribeResponse:
             at = await store.accrual_clock(conn, self.settings.clock)
@@ -416,6 +450,7 @@ class SimpleEarnApi(simple_earn_pb2_grpc.SimpleEarnServiceServicer):
                 raise FailedPrecondition("idempotency_key: the hold of this request was released; retry with the same key")
             await store.add_principal(conn, position_id, product_id, amount, start, at)
             subscription_id = await store.insert_subscription(conn, position_id, user, product_id, amount, "user", hold_id, at)
+            subscribed.append((product_id, p.asset, amount))
             row = await store.get_position(conn, position_id, None)
             if p.kind is Kind.FLEXIBLE:
                 await outbox.enqueue(conn, self.settings, store.PRODUCER, at, [store.position_changed(row, [(start, amount)])])
@@ -424,10 +459,13 @@ class SimpleEarnApi(simple_earn_pb2_grpc.SimpleEarnServiceServicer):
             )
 
         try:
-            return await self._write("Subscribe", request, simple_earn_pb2.SubscribeResponse, work)
+            response = await self._write("Subscribe", request, simple_earn_pb2.SubscribeResponse, work)
         except DomainError as err:
             await self._abandon(hold_id, amount, f"Subscribe {key}: {err.message}")
             raise
+        for product, asset, value in subscribed:
+            metrics.amount(metrics.SUBSCRIBED, product, asset, value)
+        return response
 
     async def Redeem(self, request: simple_earn_pb2.RedeemRequest, context: grpc.aio.ServicerContext) -> simple_earn_pb2.RedeemResponse:
         """Record the redemption (records, principal changes, events and the releases to
@@ -440,6 +478,7 @@ class SimpleEarnApi(simple_earn_pb2_grpc.SimpleEarnServiceServicer):
         if (stored := await self._replay("Redeem", request, simple_earn_pb2.RedeemResponse)) is not None:
             await self.drive_releases()
             return stored
+        redeemed: list[tuple[str, str, Decimal]] = []  # filled when the work runs (not on a replay)
 
         async def work(conn: asyncpg.Connection) -> simple_earn_pb2.RedeemResponse:
             at = await store.accrual_clock(conn, self.settings.clock)
@@ -471,6 +510,7 @@ class SimpleEarnApi(simple_earn_pb2_grpc.SimpleEarnServiceServicer):
             for effective, delta in deltas:
                 await store.add_principal(conn, position_id, p.product_id, delta, effective, at)
             redemption_id = await store.insert_redemption(conn, row, value, "user", forfeited, at)
+            redeemed.append((p.product_id, p.asset, value))
             for hold_id, take in takes:
                 await store.reduce_hold(conn, hold_id, take)
                 await store.schedule_release(conn, derived_key("red", redemption_id, hold_id), hold_id, take, "redemption")
@@ -487,6 +527,8 @@ class SimpleEarnApi(simple_earn_pb2_grpc.SimpleEarnServiceServicer):
             )
 
         response = await self._write("Redeem", request, simple_earn_pb2.RedeemResponse, work)
+        for product, asset, value in redeemed:
+            metrics.amount(metrics.REDEEMED, product, asset, value)
         await self.drive_releases()
         return response
 
@@ -667,16 +709,101 @@ class SimpleEarnApi(simple_earn_pb2_grpc.SimpleEarnServiceServicer):
             complete=done >= ACCRUAL_PARTITIONS or not requested["product_ids"],
         )
 
+    async def PreviewPayout(self, request: simple_earn_pb2.PreviewPayoutRequest, context: grpc.aio.ServicerContext) -> simple_earn_pb2.PreviewPayoutResponse:
+        """What a payout would pay, read-only, derived exactly like the accrual engine pays
+        (see :func:`domain.preview_payout`) from each position's principal history, its
+        product's rate history and the payouts recorded so far. Items this payout already
+        paid show the recorded amount. Running totals travel in the page token, so every
+        page costs the same and the last one carries the payout's totals.
+
+        As exact as the records it reads: a payout the engine made whose batch is not
+        consumed yet here is not known, and changes after the call are not foreseen."""
+        job = domain.check_job(request.job)
+        period = domain.check_period(request.period)
+        if request.boundary_hour <= 0:
+            raise InvalidArgument("boundary_hour", "must be a positive unix hour")
+        cadence = _enum(_CADENCE, request.cadence, "cadence")
+        size = _page_size(request.page_size)
+        boundary = request.boundary_hour
+        scope = hashlib.sha256(f"{job}\0{period}\0{boundary}\0{cadence.value}".encode()).hexdigest()[:16]
+        after, totals, count = _preview_cursor(request.page_token, scope)
+        requested = await store.payout_request(self.pool, job, period)
+        if requested is not None:
+            if requested["boundary_hour"] != boundary or requested["cadence"] != cadence.value:
+                raise FailedPrecondition(
+                    f"period: {job} {period} was requested with boundary_hour {requested['boundary_hour']} and cadence {requested['cadence']}"
+                )
+            product_ids = list(requested["product_ids"])
+        else:
+            async with self.pool.acquire() as conn:
+                product_ids = await store.flexible_products(conn, cadence)
+        response = simple_earn_pb2.PreviewPayoutResponse(product_ids=product_ids, requested=requested is not None)
+        indices: dict[str, Any] = {}
+        last_id, exhausted, scanned = after, not product_ids, 0
+        while not exhausted and len(response.items) < size and scanned < PREVIEW_SCAN_LIMIT:
+            rows = await store.preview_positions(self.pool, product_ids, last_id, size)
+            ids = [r["id"] for r in rows]
+            changes = await store.changes_of(self.pool, ids)
+            so_far = await store.payouts_so_far(self.pool, ids, job, period)
+            recorded = await store.recorded_payouts(self.pool, ids, job, period)
+            exhausted = len(rows) < size
+            for n, r in enumerate(rows):
+                last_id, scanned = r["id"], scanned + 1
+                done = recorded.get(r["id"])
+                if done is not None:
+                    amount, from_hour = done["amount"], done["from_hour"]
+                else:
+                    if r["product_id"] not in indices:
+                        history = await store.rate_history(self.pool, r["product_id"])
+                        indices[r["product_id"]] = domain.rate_index((h, t) for h, t, _ in history)
+                    before = so_far.get(r["id"])
+                    preview = domain.preview_payout(
+                        indices[r["product_id"]], changes.get(r["id"], []), boundary,
+                        None if before is None else before.last_boundary, scale_of(r["asset"]),
+                    )
+                    if preview is None:
+                        continue
+                    if before is not None and preview.paid_before != before.paid:
+                        log.warning(
+                            "recorded payouts differ from the interest derived from the history",
+                            extra={"position": r["id"], "recorded": str(before.paid), "derived": str(preview.paid_before)},
+                        )
+                        response.unreconciled_position_ids.append(str(r["id"]))
+                    amount, from_hour = preview.amount, preview.from_hour
+                if amount <= 0:
+                    continue
+                response.items.add(
+                    position_id=str(r["id"]), user_id=r["user_id"], product_id=r["product_id"], asset=r["asset"],
+                    amount=format_amount(amount), from_hour=from_hour, paid=done is not None,
+                )
+                totals[r["asset"]] = totals.get(r["asset"], Decimal(0)) + amount
+                count += 1
+                if len(response.items) >= size:
+                    exhausted = exhausted and n == len(rows) - 1
+                    break
+        for asset, total in sorted(totals.items()):
+            response.totals[asset] = format_amount(total)
+        response.positions = count
+        if not exhausted:
+            response.next_page_token = _preview_token(scope, last_id, totals, count)
+        return response
+
     # ---- payouts (consumer of accrual.payouts) -----------------------------------------
 
-    async def apply_payout(self, raw: bytes) -> str:
-        """Pay one PayoutBatch exactly once. Returns what happened (for logs and tests).
+    async def apply_payout(self, raw: bytes, skipped: list[str] | None = None) -> str:
+        """Pay one PayoutBatch exactly once. Returns what happened (for logs and tests):
+        "paid" or "duplicate". A record that cannot be parsed or whose batch is invalid
+        raises (DecodeError, ValueError, InvalidArgument) having written nothing; items
+        that cannot be paid (unknown position, bad amount) are left out and described in
+        ``skipped`` when given, so the consumer parks the record for a look.
 
         Idempotent by the batch's natural key (job, period, partition, sequence), by
         (job, period, position) for each item and by the envelope's event id (inbox). The
         wallet transfer and the reinvestment holds have keys derived from the batch, so a
         crash between them and our commit repeats nothing when the batch is redelivered.
         """
+        problems: list[str] = []
+        note = problems.append
         env = events.parse(raw)
         batch = events.unwrap(env, accrual_pb2.PayoutBatch)
         job = domain.check_job(batch.job)
@@ -689,6 +816,7 @@ class SimpleEarnApi(simple_earn_pb2_grpc.SimpleEarnServiceServicer):
                 ids.append(domain.check_position_id(item.position_id))
             except InvalidArgument:
                 log.error("payout item with a bad position id skipped", extra={"job": job, "period": period, "position": item.position_id})
+                note(f"position {item.position_id[:40]!r}: not a position id")
         rows = {r["id"]: r for r in await self.pool.fetch("SELECT * FROM positions WHERE id = ANY($1::bigint[])", ids)}
         already = await store.interest_recorded(self.pool, job, period, ids)
         items: list[tuple[asyncpg.Record, Decimal, Decimal, int]] = []
@@ -696,6 +824,8 @@ class SimpleEarnApi(simple_earn_pb2_grpc.SimpleEarnServiceServicer):
             row = rows.get(int(item.position_id)) if item.position_id.isdigit() else None
             if row is None or row["user_id"] != item.user_id or row["asset"] != item.asset or row["product_id"] != item.product_id:
                 log.error("payout item does not match a position; skipped", extra={"job": job, "period": period, "position": item.position_id})
+                if item.position_id.isdigit():
+                    note(f"position {item.position_id[:40]}: no such position of user/product/asset {item.user_id[:64]}/{item.product_id[:64]}/{item.asset[:16]}")
                 continue
             if row["id"] in already:
                 continue
@@ -704,6 +834,7 @@ class SimpleEarnApi(simple_earn_pb2_grpc.SimpleEarnServiceServicer):
                 carry = parse_decimal(item.carry or "0", "carry", scale=80, allow_zero=True)
             except InvalidArgument as err:
                 log.error("payout item with a bad amount skipped", extra={"position": item.position_id, "error": err.message})
+                note(f"position {item.position_id}: {err.message}")
                 continue
             items.append((row, amount, carry, item.from_hour))
         paying = [(row, amount) for row, amount, _, _ in items if amount > 0]
@@ -750,6 +881,8 @@ class SimpleEarnApi(simple_earn_pb2_grpc.SimpleEarnServiceServicer):
             if await store.hold_claim(self.pool, int(hold.hold.hold_id)) != "abandoned":
                 reinvest[row["id"]] = int(hold.hold.hold_id)
 
+        paid: list[tuple[str, str, Decimal]] = []
+        reinvested_amounts: list[tuple[str, str, Decimal]] = []
         async with self.pool.acquire() as conn, conn.transaction():
             at = await store.accrual_clock(conn, self.settings.clock)
             if not await inbox.first_time(conn, domain.PAYOUT_CONSUMER, env.event_id):
@@ -768,16 +901,25 @@ class SimpleEarnApi(simple_earn_pb2_grpc.SimpleEarnServiceServicer):
                     conn, job=job, period=period, position=current, amount=amount, carry=carry, from_hour=from_hour,
                     to_hour=batch.boundary_hour, reinvested=reinvested, at=at,
                 )
+                if recorded:
+                    paid.append((row["product_id"], row["asset"], amount))
                 if hold_id is None:
                     continue
                 if recorded and reinvested and await store.claim_hold(conn, hold_id, row["id"], amount, at):
                     await store.add_principal(conn, row["id"], row["product_id"], amount, effective, at)
                     await store.insert_subscription(conn, row["id"], row["user_id"], row["product_id"], amount, "auto_subscribe", hold_id, at)
+                    reinvested_amounts.append((row["product_id"], row["asset"], amount))
                     outgoing.append(store.position_changed(current, [(effective, amount)]))
                 else:
                     await store.abandon_hold(conn, hold_id, amount, f"reinvest {job} {period}: position {row['id']} not reinvestable")
             if outgoing:
                 await outbox.enqueue(conn, self.settings, store.PRODUCER, at, outgoing)
+        for product, asset, value in paid:
+            metrics.amount(metrics.INTEREST_PAID, product, asset, value)
+        for product, asset, value in reinvested_amounts:
+            metrics.amount(metrics.SUBSCRIBED, product, asset, value)
+        if skipped is not None:
+            skipped.extend(problems)
         await self.drive_releases()
         return "paid"
 
@@ -853,6 +995,20 @@ class SimpleEarnApi(simple_earn_pb2_grpc.SimpleEarnServiceServicer):
             except FailedPrecondition as err:
                 log.warning("auto-renew skipped", extra={"position": position_id, "error": err.message})
 
+        outcome = await self._record_maturity(row, interest, holds, new_hold, renewal)
+        if outcome != "skipped":
+            metrics.amount(metrics.INTEREST_PAID, row["product_id"], asset, interest)
+            if outcome == "renewed":
+                metrics.amount(metrics.SUBSCRIBED, row["product_id"], asset, renewal)
+            else:
+                metrics.amount(metrics.REDEEMED, row["product_id"], asset, principal)
+        return outcome
+
+    async def _record_maturity(
+        self, row: asyncpg.Record, interest: Decimal, holds: list[tuple[int, Decimal]], new_hold: int | None, renewal: Decimal
+    ) -> str:
+        """The record transaction of :meth:`_mature`: "matured", "renewed" or "skipped"."""
+        position_id, user, principal = row["id"], row["user_id"], row["principal"]
         async with self.pool.acquire() as conn, conn.transaction():
             at = self.settings.clock.now()
             p = await store.get_product(conn, row["product_id"], lock=True)

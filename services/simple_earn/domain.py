@@ -1,11 +1,9 @@
-"""Simple Earn rules as pure functions: tiers, hours, limits, redemption split, maturity.
+"""Simple Earn rules as pure functions: hours, limits, redemption split, maturity, payout
+previews.
 
 No I/O, no asyncio, no protobuf. Amounts are ``Decimal``; hours are unix hours
-(seconds since the epoch // 3600). APR is a yearly simple rate as a fraction; an hourly
-rate is APR / 8760.
-
-Tiered APR works like income tax: with tiers [0, 5) at 8% and [5, inf) at 3%, a
-principal of 7 earns 5 x 8% + 2 x 3%.
+(seconds since the epoch // 3600). The interest maths itself (tiered APR like income tax,
+rate history, exact accruals) is services.kernel.interest, shared with the accrual engine.
 """
 
 from __future__ import annotations
@@ -14,14 +12,15 @@ import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from decimal import Decimal, localcontext
+from decimal import Decimal
 from enum import StrEnum
+from typing import Protocol
 
+from services.kernel import interest
 from services.kernel.errors import FailedPrecondition, InvalidArgument
+from services.kernel.interest import Tier
 from services.kernel.money import EXACT, format_amount, parse_amount, parse_decimal, scale_of, truncate
 
-HOURS_PER_YEAR = 8760
-APR_SCALE = 18
 MAX_TIERS = 16
 MAX_TERM_DAYS = 3650
 # The accrual topic's consumer identity in the kernel inbox.
@@ -32,6 +31,13 @@ _PRODUCT_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 _USER_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:@-]{0,63}")
 _JOB = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:-]{0,63}")
 _PERIOD = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:T-]{0,31}")
+
+
+class RateTierLike(Protocol):
+    """A ``RateTier`` message or anything with its two string fields."""
+
+    up_to: str
+    apr: str
 
 
 class Kind(StrEnum):
@@ -99,81 +105,38 @@ def check_position_id(value: str, field: str = "position_id") -> int:
 
 
 # ---- tiers --------------------------------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class Tier:
-    """The part of a principal below ``up_to`` (and above the previous tier's) earns ``apr``.
-    ``up_to`` None: no upper bound (the last tier)."""
-
-    up_to: Decimal | None
-    apr: Decimal
-
+#
+# The interest maths (tiers, brackets, rate history, hourly records, fixed-term interest)
+# is the kernel's (services.kernel.interest), shared with the accrual engine, so what
+# Simple Earn shows and pays at maturity is computed exactly like what the engine pays.
+# Only Simple Earn's own rules live here: at most MAX_TIERS tiers, bounds in the asset's
+# scale.
 
 Tiers = tuple[Tier, ...]
 
 
-def parse_tiers(raw: Sequence[tuple[str, str]], asset: str, field: str = "tiers") -> Tiers:
-    """Validate (up_to, apr) pairs: at least one, ascending ``up_to`` parsed with the asset's
-    scale, the last one unbounded (empty), APRs non-negative with at most 18 fraction digits."""
+def parse_tiers(raw: Iterable[RateTierLike], asset: str, field: str = "tiers") -> Tiers:
+    """A product's rate table from ``RateTier``-like items (``up_to``, ``apr`` strings),
+    validated by the kernel (ascending bounds, the last unbounded, APRs >= 0 with at most
+    18 fraction digits) plus Simple Earn's rules: at most MAX_TIERS tiers, every bound in
+    the asset's scale."""
     scale = scale_of(asset)
-    if not raw:
-        raise InvalidArgument(field, "at least one tier is required (the last with an empty up_to)")
-    if len(raw) > MAX_TIERS:
+    items = list(raw)
+    if len(items) > MAX_TIERS:
         raise InvalidArgument(field, f"at most {MAX_TIERS} tiers")
-    tiers: list[Tier] = []
-    previous = Decimal(0)
-    for i, (up_to, apr) in enumerate(raw):
-        last = i == len(raw) - 1
-        rate = parse_decimal(apr, f"{field}[{i}].apr", scale=APR_SCALE, allow_zero=True)
-        if last:
-            if up_to:
-                raise InvalidArgument(f"{field}[{i}].up_to", "the last tier must be unbounded (empty up_to)")
-            tiers.append(Tier(None, rate))
-            continue
-        if not up_to:
-            raise InvalidArgument(f"{field}[{i}].up_to", "is required on every tier but the last")
-        bound = parse_decimal(up_to, f"{field}[{i}].up_to", scale=scale)
-        if bound <= previous:
-            raise InvalidArgument(f"{field}[{i}].up_to", f"must be greater than the previous tier's up_to ({format_amount(previous)})")
-        tiers.append(Tier(bound, rate))
-        previous = bound
-    return tuple(tiers)
-
-
-def brackets(principal: Decimal, tiers: Tiers) -> list[tuple[Decimal, Decimal]]:
-    """The principal split by tier: (amount in the bracket, its APR), brackets with nothing left out."""
-    out: list[tuple[Decimal, Decimal]] = []
-    lower = Decimal(0)
-    for tier in tiers:
-        if principal <= lower:
-            break
-        upper = principal if tier.up_to is None else min(principal, tier.up_to)
-        out.append((upper - lower, tier.apr))
-        if tier.up_to is None:
-            break
-        lower = tier.up_to
-    return out
-
-
-def apr_weighted(principal: Decimal, tiers: Tiers) -> Decimal:
-    """Sum over brackets of amount x APR: the yearly interest of ``principal``, exact."""
-    with localcontext(EXACT):
-        return sum((amount * apr for amount, apr in brackets(principal, tiers)), Decimal(0))
-
-
-def hourly_accrual(principal: Decimal, tiers: Tiers) -> Decimal:
-    """Interest of one hour, at high precision (never rounded to the asset)."""
-    with localcontext(EXACT):
-        return apr_weighted(principal, tiers) / HOURS_PER_YEAR
+    tiers = interest.parse_tiers(items, field)
+    for i, item in enumerate(items):
+        if item.up_to:
+            parse_decimal(item.up_to, f"{field}[{i}].up_to", scale=scale)
+    return tiers
 
 
 def fixed_interest(principal: Decimal, tiers: Tiers, hours: int, asset: str) -> Decimal:
-    """Interest of a fixed-term position over ``hours`` full hours, truncated to the asset's scale."""
+    """Interest of a fixed-term position over ``hours`` full hours at its locked tiers,
+    truncated to the asset's scale."""
     if hours <= 0:
         return Decimal(0)
-    with localcontext(EXACT):
-        return truncate(apr_weighted(principal, tiers) * hours / HOURS_PER_YEAR, scale_of(asset))
+    return truncate(interest.RateIndex([(0, tiers)]).interest(principal, 0, hours), scale_of(asset))
 
 
 # ---- hours --------------------------------------------------------------------------
@@ -197,9 +160,9 @@ def maturity_hour(accrues_from_hour: int, term_days: int) -> int:
     return accrues_from_hour + term_days * 24
 
 
-def accruing_at(changes: Iterable[tuple[int, Decimal]], hour: int) -> Decimal:
+def accruing_at(changes: Sequence[tuple[int, Decimal]], hour: int) -> Decimal:
     """The principal that accrues during ``hour``, from (effective_hour, delta) rows."""
-    return sum((delta for eff, delta in changes if eff <= hour), Decimal(0))
+    return interest.principal_at(changes, hour)
 
 
 # ---- subscriptions ------------------------------------------------------------------
@@ -315,6 +278,12 @@ def matures_at(accrues_from_hour: int, term_days: int) -> datetime:
     return hour_start(accrues_from_hour) + timedelta(days=term_days)
 
 
+def rate_index(rates: Iterable[tuple[int, Sequence[Tier]]]) -> interest.RateIndex:
+    """The kernel's rate index of (effective_hour, tiers) in the order set: of several set
+    for the same hour, the last applies (like the accrual engine's upsert)."""
+    return interest.RateIndex(rates)
+
+
 def hourly_records(
     changes: Sequence[tuple[int, Decimal]],
     rates: Sequence[tuple[int, Tiers]],
@@ -322,21 +291,69 @@ def hourly_records(
     end: int,
 ) -> list[tuple[int, Decimal, Decimal]]:
     """Per hour in [start, end): (hour, accruing principal, exact accrual), hours with a
-    positive principal only. ``rates`` are (effective_hour, tiers) in the order set; the
-    last one set for an hour applies."""
-    ordered_rates = sorted(enumerate(rates), key=lambda x: (x[1][0], x[0]))
+    positive principal and a rate only (an hour at 0% is listed with 0). ``rates`` are
+    (effective_hour, tiers) in the order set; the last one set for an hour applies."""
+    index = rate_index(rates)
+    accrued = {a.hour: a for a in interest.hourly_accruals(index, changes, start, end)}
+    ordered = sorted(changes)
     out: list[tuple[int, Decimal, Decimal]] = []
     for hour in range(start, end):
-        principal = accruing_at(changes, hour)
-        if principal <= 0:
+        found = accrued.get(hour)
+        if found is not None:
+            out.append((hour, found.principal, found.amount))
             continue
-        tiers: Tiers | None = None
-        for _, (eff, t) in ordered_rates:
-            if eff <= hour:
-                tiers = t
-            else:
-                break
-        if tiers is None:
-            continue
-        out.append((hour, principal, hourly_accrual(principal, tiers)))
+        # The kernel lists earning hours only; an hour that earns nothing at a 0% tier
+        # is still listed, as Simple Earn always did.
+        principal = interest.principal_at(ordered, hour)
+        if principal > 0 and index.tiers_at(hour) is not None:
+            out.append((hour, principal, Decimal(0)))
     return out
+
+
+# ---- payout preview ---------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class PreviewedPayout:
+    amount: Decimal  # truncated to the asset's scale
+    from_hour: int  # hours covered: [from_hour, boundary)
+    paid_before: Decimal  # what the payouts before must have paid in all (for reconciliation)
+
+
+def merged_changes(changes: Iterable[tuple[int, Decimal]]) -> list[tuple[int, Decimal]]:
+    """(effective_hour, delta) merged per hour, zero sums dropped, sorted: the principal
+    history as the accrual engine's ledger keeps it."""
+    per_hour: dict[int, Decimal] = {}
+    for hour, delta in changes:
+        per_hour[hour] = EXACT.add(per_hour.get(hour, Decimal(0)), delta)
+    return sorted((h, d) for h, d in per_hour.items() if d)
+
+
+def preview_payout(
+    index: interest.RateIndex,
+    changes: Iterable[tuple[int, Decimal]],
+    boundary_hour: int,
+    previous_boundary: int | None,
+    scale: int,
+) -> PreviewedPayout | None:
+    """What a flexible position's payout up to ``boundary_hour`` pays, exactly like the
+    accrual engine: the engine keeps the unpaid remainder as carry, so after each payout
+    the total paid is the cumulative exact interest truncated to the scale, and a payout
+    pays truncate(cumulative interest up to the boundary) - truncate(cumulative interest
+    up to the position's previous payout boundary). None: the position never accrues."""
+    merged = merged_changes(changes)
+    if not merged:
+        return None
+    first = merged[0][0]
+    if previous_boundary is None:
+        if first >= boundary_hour:
+            return None  # starts accruing after the boundary: not paid yet
+        before_units, from_hour = Decimal(0), first
+    else:
+        before_units, from_hour = interest.path_apr_hours(index, merged, first, previous_boundary), previous_boundary
+    if boundary_hour <= from_hour:
+        return PreviewedPayout(Decimal(0), from_hour, truncate(interest.units_to_amount(before_units), scale))
+    after_units = EXACT.add(before_units, interest.path_apr_hours(index, merged, from_hour, boundary_hour))
+    paid_before = truncate(interest.units_to_amount(before_units), scale)
+    paid_after = truncate(interest.units_to_amount(after_units), scale)
+    return PreviewedPayout(max(Decimal(0), paid_after - paid_before), from_hour, paid_before)

@@ -21,15 +21,18 @@ import asyncpg
 from services.kernel import outbox
 from services.kernel.config import Settings
 from services.kernel.errors import NotFound
-from services.kernel.money import format_amount
 from services.kernel.clock import Clock
+from services.kernel.interest import Tier
+from services.kernel.money import format_amount
 from services.simple_earn import domain
-from services.simple_earn.domain import Cadence, Kind, Limits, PositionStatus, Status, Tier, Tiers
+from services.simple_earn.domain import Cadence, Kind, Limits, PositionStatus, Status, Tiers
 
 from earn.v1 import accrual_pb2, simple_earn_pb2
 
 PRODUCER = "simple_earn"
 TOPIC = "simple_earn.accrual"
+# The job name of fixed-term interest records (paid at maturity, not by the engine).
+MATURITY_JOB = "simple_earn.maturity"
 WATERMARK_LOCK = int.from_bytes(hashlib.sha256(b"simple_earn:accrual-watermark").digest()[:8], "big", signed=True)
 
 
@@ -228,13 +231,15 @@ async def insert_position(
     at: datetime,
     renewed_from: int | None = None,
 ) -> int:
-    return await conn.fetchval(
+    position_id = await conn.fetchval(
         "INSERT INTO positions (user_id, product_id, asset, kind, principal, status, auto_subscribe, auto_renew, fixed_tiers,"
         " accrues_from_hour, matures_hour, renewed_from, opened_at, updated_at)"
         " VALUES ($1, $2, $3, $4, 0, 'active', $5, $6, $7::jsonb, $8, $9, $10, $11, $11) RETURNING id",
         user_id, product.product_id, product.asset, product.kind.value, auto_subscribe, auto_renew,
         None if fixed_tiers is None else tiers_json(fixed_tiers), accrues_from_hour, matures_hour, renewed_from, at,
     )
+    await conn.execute("UPDATE products SET open_positions = open_positions + 1 WHERE product_id = $1", product.product_id)
+    return position_id
 
 
 async def add_principal(conn: asyncpg.Connection, position_id: int, product_id: str, amount: Decimal, effective_hour: int, at: datetime) -> None:
@@ -257,10 +262,18 @@ async def set_auto_subscribe(conn: asyncpg.Connection, position_id: int, enabled
 
 
 async def close_position(conn: asyncpg.Connection, position_id: int, status: PositionStatus, closed_from_hour: int | None, at: datetime) -> None:
-    await conn.execute(
-        "UPDATE positions SET status = $2, closed_from_hour = $3, updated_at = $4 WHERE id = $1",
+    product_id = await conn.fetchval(
+        "UPDATE positions SET status = $2, closed_from_hour = $3, updated_at = $4 WHERE id = $1 AND status = 'active' RETURNING product_id",
         position_id, status.value, closed_from_hour, at,
     )
+    if product_id is not None:
+        await conn.execute("UPDATE products SET open_positions = open_positions - 1 WHERE product_id = $1", product_id)
+
+
+async def open_positions(pool: asyncpg.Pool) -> list[tuple[str, int]]:
+    """Open positions per product (a column kept by the writes: one read of products)."""
+    rows = await pool.fetch("SELECT product_id, open_positions FROM products ORDER BY product_id")
+    return [(r["product_id"], r["open_positions"]) for r in rows]
 
 
 def position_message(row: asyncpg.Record) -> simple_earn_pb2.Position:
@@ -560,3 +573,70 @@ async def payout_intent(pool: asyncpg.Pool, job: str, period: str, partition: in
             "SELECT reinvest FROM payout_intents WHERE job = $1 AND period = $2 AND partition = $3 AND sequence = $4", job, period, partition, sequence
         )
     return set(decided)
+
+
+# ---- payout previews --------------------------------------------------------------------
+
+
+async def preview_positions(pool: asyncpg.Pool, product_ids: list[str], after_id: int, limit: int) -> list[asyncpg.Record]:
+    """Flexible positions of ``product_ids`` that may still be owed interest, by id: the
+    open ones and the closed ones not yet paid through their closing hour."""
+    return await pool.fetch(
+        "SELECT p.id, p.user_id, p.product_id, p.asset, p.status FROM positions p"
+        " WHERE p.id > $1 AND p.kind = 'flexible' AND p.product_id = ANY($2::text[])"
+        " AND (p.status = 'active' OR p.closed_from_hour > coalesce("
+        "   (SELECT max(i.to_hour) FROM interest i WHERE i.position_id = p.id AND i.job <> $3), -1))"
+        " ORDER BY p.id LIMIT $4",
+        after_id, product_ids, MATURITY_JOB, limit,
+    )
+
+
+async def changes_of(pool: asyncpg.Pool, position_ids: list[int]) -> dict[int, list[tuple[int, Decimal]]]:
+    rows = await pool.fetch(
+        "SELECT position_id, effective_hour, delta FROM principal_changes WHERE position_id = ANY($1::bigint[]) ORDER BY position_id, id",
+        position_ids,
+    )
+    out: dict[int, list[tuple[int, Decimal]]] = {}
+    for r in rows:
+        out.setdefault(r["position_id"], []).append((r["effective_hour"], r["delta"]))
+    return out
+
+
+@dataclass(frozen=True, slots=True)
+class PaidSoFar:
+    last_boundary: int  # the boundary of the position's last payout
+    paid: Decimal  # the sum of its payouts
+
+
+async def payouts_so_far(pool: asyncpg.Pool, position_ids: list[int], job: str, period: str) -> dict[int, PaidSoFar]:
+    """Per position: its payouts recorded before, other than (job, period) itself."""
+    rows = await pool.fetch(
+        "SELECT position_id, max(to_hour) AS last_boundary, sum(amount) AS paid FROM interest"
+        " WHERE position_id = ANY($1::bigint[]) AND job <> $2 AND NOT (job = $3 AND period = $4) GROUP BY position_id",
+        position_ids, MATURITY_JOB, job, period,
+    )
+    return {r["position_id"]: PaidSoFar(r["last_boundary"], r["paid"]) for r in rows}
+
+
+async def recorded_payouts(pool: asyncpg.Pool, position_ids: list[int], job: str, period: str) -> dict[int, asyncpg.Record]:
+    """The items (job, period) already paid, per position."""
+    rows = await pool.fetch(
+        "SELECT position_id, amount, from_hour FROM interest WHERE job = $1 AND period = $2 AND position_id = ANY($3::bigint[])",
+        job, period, position_ids,
+    )
+    return {r["position_id"]: r for r in rows}
+
+
+# ---- dead letters ---------------------------------------------------------------------
+
+
+async def park_dead_letter(pool: asyncpg.Pool, topic: str, partition: int, offset: int, error: str, raw: bytes) -> bool:
+    """Park a record that cannot be parsed or applied. False when it was parked before
+    (a redelivery): parking is idempotent per (topic, partition, offset)."""
+    return bool(
+        await pool.fetchval(
+            'INSERT INTO dead_letters (topic, "partition", "offset", error, raw) VALUES ($1, $2, $3, $4, $5)'
+            ' ON CONFLICT (topic, "partition", "offset") DO NOTHING RETURNING true',
+            topic, partition, offset, error[:2000], raw,
+        )
+    )

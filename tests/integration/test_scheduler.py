@@ -32,7 +32,7 @@ from services.kernel.clock import set_time
 from services.kernel.config import REPO_ROOT
 from services.scheduler import domain, store
 from services.scheduler.domain import Cadence
-from tests.conftest import OPERATOR, SERVICE, Env, free_port, unique
+from tests.conftest import GATEWAY, OPERATOR, SERVICE, Env, free_port, unique
 
 T = TypeVar("T")
 
@@ -153,6 +153,7 @@ async def test_a_run_is_keyed_by_job_and_period_and_never_repeated_once_succeede
 async def test_the_job_lock_admits_one_runner_and_dies_with_its_session(stack: Env, pool: asyncpg.Pool, schema: str) -> None:
     period = domain.parse_period(Cadence.HOURLY, "2026-11-26T13")
     holder = await asyncpg.connect(stack.settings.database_url, server_settings={"search_path": schema})
+    holder_pid = holder.get_server_pid()
     try:
         assert await holder.fetchval("SELECT pg_try_advisory_lock($1)", store.lock_key(schema, "job.k"))
         run = await store.begin(holder, "job.k", period, "schedule")
@@ -163,6 +164,12 @@ async def test_the_job_lock_admits_one_runner_and_dies_with_its_session(stack: E
             assert conn is not None  # jobs do not block each other
     finally:
         holder.terminate()  # like SIGKILL: no unlock, no status update
+    # The server ends the dead session (and frees its lock) as soon as it sees the socket
+    # closed: asynchronously, so allow it a moment.
+    deadline = time.monotonic() + 10
+    while await pool.fetchval("SELECT count(*) FROM pg_stat_activity WHERE pid = $1", holder_pid):
+        assert time.monotonic() < deadline, "the terminated session is still alive"
+        await asyncio.sleep(0.02)
     async with store.job_lock(pool, schema, "job.k") as conn:
         assert conn is not None
         stale = await store.get(conn, "job.k", period.id)
@@ -275,7 +282,7 @@ async def test_cli_list_preview_and_trigger_refusals(stack: Env, pool: asyncpg.P
     assert "due now: 3 period(s)" in out and first.id in out
     assert f"CloseHour(hour={first.boundary_hour})" in out
     assert f"RequestPayout(job='simple_earn.interest.hourly', period='{first.id}'" in out
-    assert "per-user amounts: not available" in out
+    assert "per-user amounts: not available" in out and "PreviewPayout" in out and "UNAVAILABLE" in out
     # A dry run writes nothing.
     assert await pool.fetchval("SELECT count(*) FROM job_starts") == 0
     assert await pool.fetchval("SELECT count(*) FROM job_runs") == 0
@@ -489,3 +496,74 @@ async def test_simple_earn_killed_run_resumes_and_completes_once(stack: Env, sim
     finally:
         proc.kill()
         accrual.stop()
+
+
+async def test_simple_earn_cli_preview_shows_per_user_amounts_and_totals(stack: Env, simple_earn: ManagedProcess, wallet_process: ManagedProcess, schema: str) -> None:
+    """The CLI's preview of a payout not requested yet lists what each position would be
+    paid (Simple Earn's PreviewPayout) and the totals. A period of its own (hours 10 to 9
+    before now), which no other test requests; the positions' history is moved back in
+    time in Simple Earn's tables (the preview reads only those)."""
+    from decimal import Decimal
+
+    from earn.v1 import accrual_pb2, simple_earn_pb2, simple_earn_pb2_grpc, wallet_pb2, wallet_pb2_grpc
+
+    address = simple_earn.address
+    assert address and wallet_process.address
+    start_hour = domain.unix_hour(now_hour()) - 12
+    period = domain.period_containing(Cadence.HOURLY, now_hour() - timedelta(hours=10))
+    users = [unique("prev") for _ in range(22)]
+    principals = [Decimal(n + 1) / 10 for n in range(len(users))]
+    async with grpc.aio.insecure_channel(address) as channel, grpc.aio.insecure_channel(wallet_process.address) as wchannel:
+        earn = simple_earn_pb2_grpc.SimpleEarnServiceStub(channel)
+        wallet = wallet_pb2_grpc.WalletServiceStub(wchannel)
+        product = (await earn.CreateProduct(
+            simple_earn_pb2.CreateProductRequest(
+                idempotency_key=unique("prev-product"), product_id=unique("prev"), asset="BTC", kind=simple_earn_pb2.PRODUCT_KIND_FLEXIBLE,
+                tiers=[accrual_pb2.RateTier(up_to="", apr="0.05")], min_subscription="0.001", payout_cadence=simple_earn_pb2.PAYOUT_CADENCE_HOURLY,
+            ),
+            metadata=OPERATOR, timeout=30,
+        )).product
+        for user, principal in zip(users, principals):
+            await wallet.Deposit(wallet_pb2.DepositRequest(idempotency_key=unique("dep"), owner=user, asset="BTC", amount=str(principal)), metadata=OPERATOR)
+            await earn.Subscribe(
+                simple_earn_pb2.SubscribeRequest(idempotency_key=unique(), user_id=user, product_id=product.product_id, amount=str(principal)),
+                metadata=GATEWAY, timeout=30,
+            )
+    # Move the product's rates and the positions' history back in time.
+    conn = await asyncpg.connect(stack.settings.database_url, server_settings={"search_path": "simple_earn"})
+    try:
+        await conn.execute("UPDATE rate_history SET effective_hour = $1 WHERE product_id = $2", start_hour - 5, product.product_id)
+        await conn.execute(
+            "UPDATE principal_changes SET effective_hour = $1 WHERE position_id IN (SELECT id FROM positions WHERE product_id = $2)",
+            start_hour, product.product_id,
+        )
+    finally:
+        await conn.close()
+
+    env = dict(EARN_SIMPLE_EARN_ADDRESS=address, EARN_SCHEDULER_START=iso(now_hour() - timedelta(hours=24)))
+    out = await asyncio.to_thread(cli, stack, schema, "preview", "--job", "simple_earn.interest.hourly", "--period", period.id, **env)
+    assert out.returncode == 0, out.stdout + out.stderr
+    text = out.stdout
+    assert "payout status: not requested yet" in text
+    # Each principal at 5% for the 3 hours [start, boundary) = hours 12 to 9 before now.
+    hours = period.boundary_hour - start_hour
+    assert hours == 3
+    amounts = [(p * Decimal("0.05") * hours / 8760).quantize(Decimal("0.00000001"), rounding="ROUND_DOWN") for p in principals]
+    lines = text.splitlines()
+    for user, amount in zip(users[:20], amounts[:20]):  # the first 20 rows, in position order
+        assert any(user in line and format(amount.normalize(), "f") in line for line in lines), (user, amount, text)
+    assert not any(user in text for user in users[20:])
+    assert "22 position(s)" in text and "... 2 more position(s)" in text, text
+    assert f"total: BTC {format(sum(amounts).normalize(), 'f')}" in text, text  # every position, not only those shown
+    assert product.product_id in text
+    # A dry run: nothing requested, nothing recorded.
+    status = await _payout_status_or_none(address, "simple_earn.interest.hourly", period.id)
+    assert status is None
+
+
+async def _payout_status_or_none(address: str, job: str, period: str) -> Any:
+    try:
+        return await _payout_status(address, job, period)
+    except grpc.aio.AioRpcError as err:
+        assert err.code() == grpc.StatusCode.NOT_FOUND
+        return None

@@ -3,21 +3,29 @@
 from __future__ import annotations
 
 import asyncio
+import tempfile
 import time
+import urllib.request
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
-from datetime import UTC, datetime
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal, localcontext
+from pathlib import Path
 
 import asyncpg
 import grpc
 import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from google.protobuf.timestamp_pb2 import Timestamp
+from prometheus_client.parser import text_string_to_metric_families
 
 from earn.v1 import accrual_pb2, simple_earn_pb2 as se, simple_earn_pb2_grpc, wallet_pb2, wallet_pb2_grpc
-from services.devstack.processes import ManagedProcess
+from services.devstack.processes import PROCESSES, ManagedProcess, ProcessSpec
 from services.kernel import events
+from services.kernel.clock import set_time
+from services.kernel.config import Settings
 from services.kernel.money import EXACT, truncate
 from services.kernel.topics import topic_name
 from tests.conftest import GATEWAY, OPERATOR, SERVICE, unique
@@ -60,7 +68,7 @@ async def earn_db(stack, earn_process: ManagedProcess) -> AsyncIterator[asyncpg.
 TABLES = (
     "products", "rate_history", "positions", "principal_changes", "position_holds", "abandoned_holds", "subscriptions",
     "redemptions", "wallet_releases", "closed_hours", "payout_requests", "payout_batches", "payout_partitions", "interest",
-    "idempotency_keys",
+    "idempotency_keys", "dead_letters",
 )
 
 
@@ -583,3 +591,270 @@ async def test_auto_subscribe_switch_and_bad_queries_write_nothing(earn, wallet,
     assert len(listed.subscriptions) == 1
     products = await earn.ListProducts(se.ListProductsRequest(asset="BTC"), metadata=GATEWAY)
     assert p.product_id in {x.product_id for x in products.products}
+
+
+# ---- payout preview, business metrics, dead letters ---------------------------------------
+
+ACCRUAL = ProcessSpec("accrual", "services.accrual.main", None, None, "EARN_METRICS_PORT", 9110)
+HOURLY_JOB = "simple_earn.interest.hourly"
+
+
+def metric_samples(proc: ManagedProcess) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    """The process's /metrics as {(sample name, sorted labels): value}."""
+    assert proc.metrics_url
+    body = urllib.request.urlopen(proc.metrics_url, timeout=5).read().decode()
+    return {
+        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+        for family in text_string_to_metric_families(body)
+        for sample in family.samples
+    }
+
+
+@dataclass
+class World:
+    """Simple Earn with a file clock, its own database and topics, and an accrual engine
+    (over the module's wallet): time moves by the test, so interest really accrues."""
+
+    clock: Path
+    earn: simple_earn_pb2_grpc.SimpleEarnServiceStub
+    db: asyncpg.Pool
+    process: ManagedProcess
+
+    def move(self, moment: datetime) -> None:
+        set_time(self.clock, moment)
+
+
+@asynccontextmanager
+async def world(stack, wallet_process: ManagedProcess, start: datetime) -> AsyncIterator[World]:
+    name = f"w{uuid.uuid4().hex[:6]}"
+    settings = Settings(pg_database=f"{stack.settings.pg_database}_{name}", topic_prefix=f"{stack.settings.topic_prefix}{name}.")
+    admin = await asyncpg.connect(stack.settings.database_url.rsplit("/", 1)[0] + "/postgres")
+    await admin.execute(f'CREATE DATABASE "{settings.pg_database}"')
+    clock = Path(tempfile.mkdtemp(prefix="clock-")) / "now"
+    set_time(clock, start)
+    env = {"EARN_PG_DATABASE": settings.pg_database, "EARN_TOPIC_PREFIX": settings.topic_prefix, "EARN_CLOCK_FILE": str(clock)}
+    processes: list[ManagedProcess] = []
+    pool = None
+    try:
+        earn_proc = stack.spawn(
+            next(spec for spec in PROCESSES if spec.name == "simple_earn"), **env,
+            EARN_WALLET_ADDRESS=wallet_process.address or "", EARN_RELEASE_SWEEP_SECONDS="1", EARN_POSITIONS_GAUGE_SECONDS="0.2",
+        )
+        processes.append(earn_proc)
+        earn_proc.start()
+        await asyncio.to_thread(earn_proc.wait_ready, 60)
+        engine = stack.spawn(ACCRUAL, **env)
+        processes.append(engine)
+        engine.start()
+        pool = await asyncpg.create_pool(settings.database_url, server_settings={"search_path": "simple_earn"}, min_size=1, max_size=4)
+        async with grpc.aio.insecure_channel(earn_proc.address) as channel:
+            yield World(clock, simple_earn_pb2_grpc.SimpleEarnServiceStub(channel), pool, earn_proc)
+    finally:
+        if pool is not None:
+            await pool.close()
+        for proc in reversed(processes):
+            proc.stop()
+        await admin.execute(f'DROP DATABASE IF EXISTS "{settings.pg_database}" WITH (FORCE)')
+        await admin.close()
+
+
+async def preview_all(earn, job: str, period: str, boundary: int, page_size: int = 0) -> tuple[dict[str, se.PayoutPreviewItem], se.PreviewPayoutResponse]:
+    """Every item of a payout preview, page by page, and the last page."""
+    request = se.PreviewPayoutRequest(job=job, period=period, boundary_hour=boundary, cadence=se.PAYOUT_CADENCE_HOURLY, page_size=page_size)
+    items: dict[str, se.PayoutPreviewItem] = {}
+    while True:
+        reply = await earn.PreviewPayout(request, metadata=OPERATOR)
+        for item in reply.items:
+            assert item.position_id not in items  # pages never repeat a position
+            items[item.position_id] = item
+        if not reply.next_page_token:
+            return items, reply
+        request.page_token = reply.next_page_token
+
+
+async def pay(w: World, job: str, period: str, boundary: int) -> dict[str, tuple[str, int]]:
+    """Close the hours, request the payout, wait for the engine's batches to be paid;
+    returns {position: (amount, from_hour)} of the items that paid something."""
+    await w.earn.CloseHour(se.CloseHourRequest(hour=boundary), metadata=SERVICE)
+    request = se.RequestPayoutRequest(job=job, period=period, boundary_hour=boundary, cadence=se.PAYOUT_CADENCE_HOURLY)
+    await w.earn.RequestPayout(request, metadata=SERVICE)
+
+    async def complete() -> None:
+        status = await w.earn.GetPayoutStatus(se.GetPayoutStatusRequest(job=job, period=period), metadata=SERVICE)
+        assert status.complete
+
+    await eventually(complete, timeout=180)
+    rows = await w.db.fetch("SELECT position_id, amount, from_hour FROM interest WHERE job = $1 AND period = $2 AND amount > 0", job, period)
+    return {str(r["position_id"]): (format(r["amount"].normalize(), "f"), r["from_hour"]) for r in rows}
+
+
+def canonical(amount: str) -> str:
+    return format(Decimal(amount).normalize(), "f")
+
+
+async def test_preview_payout_equals_what_the_engine_then_pays_and_metrics_show_the_workload(stack, wallet, wallet_process) -> None:
+    h0 = int(datetime(2030, 6, 1, tzinfo=UTC).timestamp()) // 3600
+
+    def at(hours: int, minutes: int) -> datetime:
+        return datetime.fromtimestamp(h0 * 3600, UTC) + timedelta(hours=hours, minutes=minutes)
+
+    async with world(stack, wallet_process, at(0, 20)) as w:
+        p = await create(w.earn, payout_cadence=se.PAYOUT_CADENCE_HOURLY)
+        daily = await create(w.earn, tiers=tiers(("", "0.05")))
+        alice, bob, carol = unique("alice"), unique("bob"), unique("carol")
+        for user, amount in ((alice, "20"), (bob, "5"), (carol, "2")):
+            await deposit(wallet, user, amount)
+        a = (await subscribe(w.earn, alice, p.product_id, "7")).position
+        b = (await subscribe(w.earn, bob, p.product_id, "2", auto_subscribe=True)).position
+        c = (await subscribe(w.earn, carol, p.product_id, "1")).position
+        await subscribe(w.earn, alice, daily.product_id, "3")
+
+        # Hour 2: new rates from hour 3, a partial redemption (stops accruing from hour 2)
+        # and a top-up (accrues from hour 3).
+        w.move(at(2, 30))
+        await w.earn.SetProductRates(
+            se.SetProductRatesRequest(idempotency_key=unique(), product_id=p.product_id, tiers=tiers(("2", "0.1"), ("", "0.04"))), metadata=OPERATOR
+        )
+        await redeem(w.earn, alice, a.position_id, "1.5")
+        await subscribe(w.earn, carol, p.product_id, "0.123")
+
+        w.move(at(4, 5))
+        boundary = h0 + 4
+        before = [await w.db.fetchval(f"SELECT count(*) FROM {t}") for t in TABLES]
+        items, last = await preview_all(w.earn, HOURLY_JOB, "p1", boundary, page_size=2)
+        assert [await w.db.fetchval(f"SELECT count(*) FROM {t}") for t in TABLES] == before  # read-only
+        assert set(items) == {a.position_id, b.position_id, c.position_id}  # the daily product is not in it
+        assert not last.requested and list(last.product_ids) == [p.product_id] and last.positions == 3
+        assert not last.unreconciled_position_ids
+        # Independently: alice holds 7 in hour 1, then 5.5 from hour 2; rates change at hour 3.
+        with localcontext(EXACT):
+            exact_a = ((5 * Decimal("0.08") + 2 * Decimal("0.03")) + (5 * Decimal("0.08") + Decimal("0.5") * Decimal("0.03"))
+                       + (2 * Decimal("0.1") + Decimal("3.5") * Decimal("0.04"))) / 8760
+        assert Decimal(items[a.position_id].amount) == truncate(exact_a, 8)
+        assert all(i.from_hour == h0 + 1 and not i.paid for i in items.values())
+
+        paid = await pay(w, HOURLY_JOB, "p1", boundary)
+        assert paid == {pid: (canonical(i.amount), i.from_hour) for pid, i in items.items()}
+        status = await w.earn.GetPayoutStatus(se.GetPayoutStatusRequest(job=HOURLY_JOB, period="p1"), metadata=SERVICE)
+        assert dict(last.totals) == dict(status.paid)
+        # Once paid, the preview shows what was recorded.
+        again, again_last = await preview_all(w.earn, HOURLY_JOB, "p1", boundary)
+        assert again_last.requested and all(i.paid for i in again.values())
+        assert {pid: i.amount for pid, i in again.items()} == {pid: i.amount for pid, i in items.items()}
+
+        # Round 2: the carry of the first payout and bob's reinvestment (from hour 5) count.
+        w.move(at(7, 10))
+        boundary2 = h0 + 7
+        items2, last2 = await preview_all(w.earn, HOURLY_JOB, "p2", boundary2, page_size=1)
+        assert all(i.from_hour == boundary for i in items2.values()) and not last2.unreconciled_position_ids
+        paid2 = await pay(w, HOURLY_JOB, "p2", boundary2)
+        assert paid2 == {pid: (canonical(i.amount), i.from_hour) for pid, i in items2.items()}
+        status2 = await w.earn.GetPayoutStatus(se.GetPayoutStatusRequest(job=HOURLY_JOB, period="p2"), metadata=SERVICE)
+        assert dict(last2.totals) == dict(status2.paid)
+
+        # Business metrics of the workload (a process of its own: the values are exact).
+        interest_paid = sum(Decimal(i.amount) for i in (*items.values(), *items2.values()))
+        reinvested = Decimal(items[b.position_id].amount) + Decimal(items2[b.position_id].amount)
+        product, btc = ("product", p.product_id), ("asset", "BTC")
+
+        async def shown() -> None:
+            samples = await asyncio.to_thread(metric_samples, w.process)
+            assert samples[("earn_simple_earn_subscribed_total", (btc, product))] == pytest.approx(float(Decimal("10.123") + reinvested))
+            assert samples[("earn_simple_earn_subscribed_total", (btc, ("product", daily.product_id)))] == 3
+            assert samples[("earn_simple_earn_redeemed_total", (btc, product))] == 1.5
+            assert samples[("earn_simple_earn_interest_paid_total", (btc, product))] == pytest.approx(float(interest_paid))
+            assert samples[("earn_simple_earn_positions_open", (product,))] == 3
+            assert samples[("earn_simple_earn_positions_open", (("product", daily.product_id),))] == 1
+            assert samples[("earn_simple_earn_payout_batches_total", (("outcome", "paid"),))] >= 2
+            assert not any("user" in dict(labels) for _, labels in samples)  # no user ids in labels
+
+        await eventually(shown)
+        await redeem(w.earn, carol, c.position_id)
+
+        async def closed() -> None:
+            samples = await asyncio.to_thread(metric_samples, w.process)
+            assert samples[("earn_simple_earn_positions_open", (product,))] == 2
+            assert samples[("earn_simple_earn_redeemed_total", (btc, product))] == pytest.approx(1.5 + 1.123)
+
+        await eventually(closed)
+
+
+async def test_preview_payout_refuses_bad_input(earn, earn_db, wallet_db) -> None:
+    boundary = now_hour()
+    good = dict(job=HOURLY_JOB, period=f"V{uuid.uuid4().hex[:8]}", boundary_hour=boundary, cadence=se.PAYOUT_CADENCE_HOURLY)
+    before = await snapshot(earn_db, wallet_db)
+    reply = await earn.PreviewPayout(se.PreviewPayoutRequest(**good), metadata=SERVICE)
+    assert not reply.requested and not reply.next_page_token
+    other_scope = await earn.PreviewPayout(se.PreviewPayoutRequest(**{**good, "page_size": 1}), metadata=SERVICE)
+    for override, code, field in [
+        ({"job": ""}, grpc.StatusCode.INVALID_ARGUMENT, "job"),
+        ({"period": "no spaces"}, grpc.StatusCode.INVALID_ARGUMENT, "period"),
+        ({"boundary_hour": 0}, grpc.StatusCode.INVALID_ARGUMENT, "boundary_hour"),
+        ({"cadence": se.PAYOUT_CADENCE_UNSPECIFIED}, grpc.StatusCode.INVALID_ARGUMENT, "cadence"),
+        ({"page_size": 1001}, grpc.StatusCode.INVALID_ARGUMENT, "page_size"),
+        ({"page_token": "zz"}, grpc.StatusCode.INVALID_ARGUMENT, "page_token"),
+    ]:
+        await expect(code, earn.PreviewPayout(se.PreviewPayoutRequest(**{**good, **override}), metadata=OPERATOR), field)
+    if other_scope.next_page_token:  # a token of one preview is refused by another
+        await expect(
+            grpc.StatusCode.INVALID_ARGUMENT,
+            earn.PreviewPayout(se.PreviewPayoutRequest(**{**good, "period": "other", "page_token": other_scope.next_page_token}), metadata=OPERATOR),
+            "page_token",
+        )
+    await expect(grpc.StatusCode.PERMISSION_DENIED, earn.PreviewPayout(se.PreviewPayoutRequest(**good), metadata=GATEWAY))
+    assert await snapshot(earn_db, wallet_db) == before
+    await earn.RequestPayout(se.RequestPayoutRequest(**good), metadata=SERVICE)
+    await expect(
+        grpc.StatusCode.FAILED_PRECONDITION,
+        earn.PreviewPayout(se.PreviewPayoutRequest(**{**good, "boundary_hour": boundary - 1}), metadata=OPERATOR),
+        "was requested with boundary_hour",
+    )
+    assert (await earn.PreviewPayout(se.PreviewPayoutRequest(**good), metadata=OPERATOR)).requested
+
+
+async def test_unreadable_payout_records_are_parked_and_later_batches_still_pay(stack, earn, wallet, earn_db, earn_process) -> None:
+    p = await create(earn, payout_cadence=se.PAYOUT_CADENCE_HOURLY)
+    user = unique("u")
+    await deposit(wallet, user, "1")
+    position = (await subscribe(earn, user, p.product_id, "1")).position
+    job, period, boundary = "simple_earn.interest", f"D{uuid.uuid4().hex[:8]}", now_hour()
+    partition = 3
+    topic = topic_name(stack.settings, "accrual.payouts")
+    dead_before = await earn_db.fetchval("SELECT count(*) FROM dead_letters")
+
+    garbage = b"\xff\xfe not a protobuf envelope"
+    await _produce(stack, accrual_pb2.PayoutBatch(partition=partition), garbage)
+    bad_job = accrual_pb2.PayoutBatch(job="bad job!", period=period, boundary_hour=boundary, partition=partition, last=True)
+    bad_raw = await _produce(stack, bad_job)
+    wrong_type = events.wrap(accrual_pb2.HourClosed(hour=1), key="x", producer="accrual", occurred_at=datetime.now(UTC)).SerializeToString()
+    await _produce(stack, accrual_pb2.PayoutBatch(partition=partition), wrong_type)
+
+    def item(position_id: str, amount: str) -> accrual_pb2.PayoutItem:
+        return accrual_pb2.PayoutItem(position_id=position_id, product_id=p.product_id, user_id=user, asset="BTC", amount=amount, carry="0", from_hour=boundary - 1)
+
+    # Paid in part: the unknown position is parked for a look, the good item is paid.
+    good = accrual_pb2.PayoutBatch(job=job, period=period, boundary_hour=boundary, partition=partition, sequence=0, last=True)
+    good.items.extend([item(position.position_id, "0.00000123"), item("999999999", "0.5")])
+    good_raw = await _produce(stack, good)
+
+    async def paid() -> None:
+        assert await balance(wallet, user) == Decimal("0.00000123")
+        assert await earn_db.fetchval("SELECT count(*) FROM dead_letters") == dead_before + 4
+
+    await eventually(paid, timeout=30)
+    rows = await earn_db.fetch('SELECT topic, "partition", "offset", error, raw FROM dead_letters ORDER BY id DESC LIMIT 4')
+    rows = rows[::-1]
+    assert [bytes(r["raw"]) for r in rows] == [garbage, bad_raw, wrong_type, good_raw]
+    assert all(r["topic"] == topic and r["partition"] == partition for r in rows)
+    offsets = [r["offset"] for r in rows]
+    assert offsets == sorted(offsets) and len(set(offsets)) == 4
+    assert "DecodeError" in rows[0]["error"] and "job" in rows[1]["error"] and "HourClosed" in rows[2]["error"]
+    assert "999999999" in rows[3]["error"] and "1 item(s) not paid" in rows[3]["error"]
+    recorded = await earn_db.fetch("SELECT position_id, amount FROM interest WHERE period = $1", period)
+    assert [(str(r["position_id"]), r["amount"]) for r in recorded] == [(position.position_id, Decimal("0.00000123"))]
+
+    samples = await asyncio.to_thread(metric_samples, earn_process)
+    assert samples[("earn_simple_earn_dead_letters_total", (("reason", "unreadable"),))] >= 3
+    assert samples[("earn_simple_earn_dead_letters_total", (("reason", "items_skipped"),))] >= 1
+    assert samples[("earn_simple_earn_payout_batches_total", (("outcome", "dead_letter"),))] >= 3
+    assert samples[("earn_simple_earn_interest_paid_total", (("asset", "BTC"), ("product", p.product_id)))] == pytest.approx(0.00000123)

@@ -375,6 +375,7 @@ async def scenario(w: World) -> Outcome:
 
 
 @pytest.fixture(scope="module")
+@pytest.mark.timeout(600)
 async def calm(stack) -> Outcome:  # type: ignore[no-untyped-def]
     async with world(stack, "calm") as platform:
         return await scenario(platform)
@@ -385,6 +386,7 @@ async def test_three_days_of_simple_earn_pay_every_unit_of_the_reference(calm: O
     assert calm.records["alice"] and calm.records["carol"]
 
 
+@pytest.mark.timeout(900)  # three days with crashes and restarts: minutes on a busy 2-core machine
 async def test_sigkilled_engine_and_scheduler_leave_the_wallet_as_a_calm_run(stack, calm: Outcome) -> None:
     """Kill the accrual worker and the scheduler at random points of ticks and payouts,
     restart them, and the wallet ends exactly as in the run without crashes."""

@@ -1,4 +1,6 @@
-"""Simple Earn rules (pure): tier brackets, hours, redemption split, maturity interest."""
+"""Simple Earn rules (pure): tier brackets, hours, redemption split, maturity interest,
+payout previews. The interest maths is the kernel's (services.kernel.interest): the
+bracket and accrual expectations below cross-check it."""
 
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal, localcontext
@@ -7,51 +9,62 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from earn.v1 import accrual_pb2
+from services.kernel import interest
 from services.kernel.errors import FailedPrecondition, InvalidArgument
-from services.kernel.money import EXACT
+from services.kernel.interest import PositionLedger, RateIndex, Tier
+from services.kernel.money import EXACT, truncate
 from services.simple_earn import domain
-from services.simple_earn.domain import Limits, RedemptionSplit, Status, Tier
+from services.simple_earn.domain import Limits, RedemptionSplit, Status
 
 TIERS = (Tier(Decimal(5), Decimal("0.08")), Tier(None, Decimal("0.03")))
 sats = st.integers(1, 10**12).map(lambda n: Decimal(n).scaleb(-8))
 
 
+def raw(*pairs: tuple[str, str]) -> list[accrual_pb2.RateTier]:
+    return [accrual_pb2.RateTier(up_to=u, apr=a) for u, a in pairs]
+
+
 def test_seven_btc_earns_bracket_rates_like_income_tax() -> None:
-    assert domain.brackets(Decimal(7), TIERS) == [(Decimal(5), Decimal("0.08")), (Decimal(2), Decimal("0.03"))]
-    assert domain.apr_weighted(Decimal(7), TIERS) == Decimal("0.46")
-    assert domain.hourly_accrual(Decimal(7), TIERS) * 8760 == Decimal("0.46")
+    assert interest.bracket_amounts(Decimal(7), TIERS) == [Decimal(5), Decimal(2)]
+    assert interest.hourly_apr_units(Decimal(7), TIERS) == Decimal("0.46")
+    assert interest.units_to_amount(interest.hourly_apr_units(Decimal(7), TIERS)) * 8760 == Decimal("0.46")
 
 
 @given(sats, st.lists(st.integers(1, 10**6), min_size=0, max_size=5, unique=True))
 def test_brackets_partition_the_principal(principal: Decimal, bounds: list[int]) -> None:
     bounds.sort()
     tiers = tuple(Tier(Decimal(b), Decimal(i + 1) / 100) for i, b in enumerate(bounds)) + (Tier(None, Decimal("0.5")),)
-    parts = domain.brackets(principal, tiers)
-    assert sum(a for a, _ in parts) == principal
-    assert all(a > 0 for a, _ in parts)
+    parts = interest.bracket_amounts(principal, tiers)
+    assert sum(parts) == principal
+    # The filled brackets come first, each positive; the rest are empty.
+    filled = [a for a in parts if a > 0]
+    assert parts == filled + [Decimal(0)] * (len(parts) - len(filled))
     # Never more than the top rate on everything, never less than the lowest.
-    weighted = domain.apr_weighted(principal, tiers)
+    weighted = interest.hourly_apr_units(principal, tiers)
     assert min(t.apr for t in tiers) * principal <= weighted <= max(t.apr for t in tiers) * principal
 
 
 def test_parse_tiers_rules() -> None:
-    assert domain.parse_tiers([("5", "0.08"), ("", "0.03")], "BTC") == TIERS
+    assert domain.parse_tiers(raw(("5", "0.08"), ("", "0.03")), "BTC") == TIERS
     cases = [
         ([], "tiers"),
         ([("5", "0.08")], "tiers[0].up_to"),
         ([("", "0.08"), ("", "0.03")], "tiers[0].up_to"),
         ([("5", "0.08"), ("5", "0.01"), ("", "0")], "tiers[1].up_to"),
         ([("5", "0.08"), ("4", "0.01"), ("", "0")], "tiers[1].up_to"),
-        ([("5.000000001", "0.08"), ("", "0")], "tiers[0].up_to"),
+        ([("5.000000001", "0.08"), ("", "0")], "tiers[0].up_to"),  # finer than BTC's scale
+        ([(str(i + 1), "0.01") for i in range(16)] + [("", "0")], "tiers"),  # at most 16 tiers
         ([("", "-0.01")], "tiers[0].apr"),
         ([("", "0." + "1" * 19)], "tiers[0].apr"),
         ([("", "1e-2")], "tiers[0].apr"),
     ]
-    for raw, field in cases:
+    for pairs, field in cases:
         with pytest.raises(InvalidArgument) as err:
-            domain.parse_tiers(raw, "BTC")
-        assert err.value.field == field, raw
-    assert domain.parse_tiers([("", "0")], "USDT") == (Tier(None, Decimal(0)),)
+            domain.parse_tiers(raw(*pairs), "BTC")
+        assert err.value.field == field, pairs
+    assert domain.parse_tiers(raw(("", "0")), "USDT") == (Tier(None, Decimal(0)),)
+    assert domain.parse_tiers(raw(("0.000000000000000001", "0.1"), ("", "0")), "ETH")[0].up_to == Decimal("1e-18")
 
 
 @given(st.integers(0, 4 * 10**9))
@@ -138,3 +151,53 @@ def test_hourly_records_follow_rate_and_principal_history() -> None:
         assert records[0][2] == Decimal("0.46") / 8760
         assert records[1][2] == Decimal("1.4") / 8760  # the later of two changes for hour 11 wins
         assert records[2][2] == Decimal("1.0") / 8760
+
+
+def test_hourly_records_list_a_zero_rate_hour_with_zero() -> None:
+    rates = [(9, (Tier(None, Decimal(0)),)), (11, TIERS)]
+    records = domain.hourly_records([(10, Decimal(1))], rates, 9, 12)
+    assert records == [(10, Decimal(1), Decimal(0)), (11, Decimal(1), interest.units_to_amount(Decimal("0.08")))]
+
+
+def test_fixed_interest_is_the_kernel_rate_index_interest() -> None:
+    index = RateIndex([(100, TIERS)])
+    assert domain.fixed_interest(Decimal(7), TIERS, 720, "BTC") == truncate(index.interest(Decimal(7), 100, 820), 8)
+    assert domain.fixed_interest(Decimal(7), TIERS, 0, "BTC") == 0
+
+
+change_lists = st.lists(
+    st.tuples(st.integers(0, 60), st.integers(1, 10**9).map(lambda n: Decimal(n).scaleb(-8)), st.booleans()), min_size=1, max_size=8
+)
+epochs = st.lists(
+    st.tuples(st.integers(0, 60), st.sampled_from([TIERS, (Tier(None, Decimal("0.05")),), (Tier(Decimal(2), Decimal("0.2")), Tier(None, Decimal(0)))])),
+    min_size=1, max_size=4,
+)
+
+
+@given(change_lists, epochs, st.lists(st.integers(1, 80), min_size=1, max_size=6, unique=True), st.sampled_from([2, 6, 8]))
+def test_payout_preview_equals_what_the_engine_ledger_pays(
+    raw_changes: list[tuple[int, Decimal, bool]], rate_epochs: list, boundaries: list[int], scale: int
+) -> None:
+    # A principal history that never goes negative: redemptions take at most what is there.
+    changes: list[tuple[int, Decimal]] = []
+    for hour, amount, is_redemption in sorted(raw_changes, key=lambda c: c[0]):
+        held = domain.accruing_at(changes, 10**6)
+        delta = -min(amount, held) if is_redemption else amount
+        if delta:
+            changes.append((hour, delta))
+    index = domain.rate_index(rate_epochs)
+    ledger = PositionLedger()
+    for hour, delta in changes:
+        ledger.apply_change(index, hour, delta)
+    previous: int | None = None
+    for boundary in sorted(boundaries):
+        preview = domain.preview_payout(index, changes, boundary, previous, scale)
+        # The engine pays a position once it started accruing before the boundary.
+        started = ledger.settled_through is not None or (ledger.changes and ledger.changes[0][0] < boundary)
+        if not started:
+            assert preview is None or preview.amount == 0
+            continue
+        taken = ledger.take_payout(index, boundary, scale)
+        assert preview is not None
+        assert (preview.amount, preview.from_hour) == (taken.paid, taken.from_hour), (boundary, previous)
+        previous = boundary
