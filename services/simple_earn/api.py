@@ -892,19 +892,24 @@ class SimpleEarnApi(simple_earn_pb2_grpc.SimpleEarnServiceServicer):
             effective = domain.next_full_hour(at)
             for product_id in sorted({row["product_id"] for row, *_ in items if row["id"] in reinvest}):
                 await store.get_product(conn, product_id, lock=True)
+            # Positions that do not reinvest are recorded in one statement; the few that
+            # reinvest are locked and handled one by one.
+            plain = [item for item in items if item[0]["id"] not in reinvest]
+            recorded_now = await store.insert_interests(conn, job=job, period=period, items=plain, to_hour=batch.boundary_hour, at=at)
+            paid.extend((row["product_id"], row["asset"], amount) for row, amount, _, _ in plain if row["id"] in recorded_now)
             outgoing = []
             for row, amount, carry, from_hour in items:
                 hold_id = reinvest.get(row["id"])
-                current = await store.get_position(conn, row["id"], None, lock=hold_id is not None)
-                reinvested = hold_id is not None and current["status"] == PositionStatus.ACTIVE
+                if hold_id is None:
+                    continue
+                current = await store.get_position(conn, row["id"], None, lock=True)
+                reinvested = current["status"] == PositionStatus.ACTIVE
                 recorded = await store.insert_interest(
                     conn, job=job, period=period, position=current, amount=amount, carry=carry, from_hour=from_hour,
                     to_hour=batch.boundary_hour, reinvested=reinvested, at=at,
                 )
                 if recorded:
                     paid.append((row["product_id"], row["asset"], amount))
-                if hold_id is None:
-                    continue
                 if recorded and reinvested and await store.claim_hold(conn, hold_id, row["id"], amount, at):
                     await store.add_principal(conn, row["id"], row["product_id"], amount, effective, at)
                     await store.insert_subscription(conn, row["id"], row["user_id"], row["product_id"], amount, "auto_subscribe", hold_id, at)

@@ -439,6 +439,40 @@ async def insert_interest(
     return bool(inserted)
 
 
+async def insert_interests(
+    conn: asyncpg.Connection,
+    *,
+    job: str,
+    period: str,
+    items: list[tuple[asyncpg.Record, Decimal, Decimal, int]],
+    to_hour: int,
+    at: datetime,
+) -> set[int]:
+    """Record many non-reinvested payouts at once (position row, amount, carry, from
+    hour): one statement for the interest rows and the positions' totals. Returns the
+    ids of the positions recorded now; (job, period, position) seen before are skipped."""
+    if not items:
+        return set()
+    rows = await conn.fetch(
+        """
+        WITH ins AS (
+            INSERT INTO interest (job, period, position_id, user_id, product_id, asset, amount, carry, from_hour, to_hour, reinvested, created_at)
+            SELECT $1, $2, t.p, t.u, t.pr, t.a, t.m, t.c, t.f, $3, false, $4
+            FROM unnest($5::bigint[], $6::text[], $7::text[], $8::text[], $9::numeric[], $10::numeric[], $11::bigint[]) AS t(p, u, pr, a, m, c, f)
+            ON CONFLICT (job, period, position_id) DO NOTHING
+            RETURNING position_id, amount
+        )
+        UPDATE positions SET interest_paid = positions.interest_paid + ins.amount
+        FROM ins WHERE positions.id = ins.position_id
+        RETURNING positions.id
+        """,
+        job, period, to_hour, at,
+        [r["id"] for r, *_ in items], [r["user_id"] for r, *_ in items], [r["product_id"] for r, *_ in items],
+        [r["asset"] for r, *_ in items], [m for _, m, _, _ in items], [c for _, _, c, _ in items], [f for *_, f in items],
+    )
+    return {r["id"] for r in rows}
+
+
 async def interest_recorded(conn: asyncpg.Connection | asyncpg.Pool, job: str, period: str, position_ids: list[int]) -> set[int]:
     rows = await conn.fetch(
         "SELECT position_id FROM interest WHERE job = $1 AND period = $2 AND position_id = ANY($3::bigint[])", job, period, position_ids
