@@ -46,7 +46,7 @@ import asyncpg
 import grpc
 from google.protobuf.message import Message
 
-from services.kernel import events, idempotency, inbox, outbox
+from services.kernel import events, idempotency, inbox, outbox, paging
 from services.kernel.config import Settings
 from services.kernel.errors import AlreadyExists, DomainError, FailedPrecondition, InvalidArgument, NotFound
 from services.kernel.grpcserver import GATEWAY, OPERATOR, SERVICE, current_caller
@@ -88,8 +88,6 @@ ROLES = {
     }.items()
 }
 
-MAX_PAGE = 1000
-DEFAULT_PAGE = 100
 MAX_HOLD_ATTEMPTS = 5
 ACCRUAL_PARTITIONS = CATALOGUE[store.TOPIC].partitions
 
@@ -135,26 +133,9 @@ def derived_key(prefix: str, *parts: object) -> str:
     return f"se:{prefix}:h:{hashlib.sha256(text.encode()).hexdigest()}"
 
 
-def _page_token(kind: str, last: int) -> str:
-    return base64.urlsafe_b64encode(f"{kind}:{last}".encode()).decode()
-
-
-def _after(token: str, kind: str) -> int:
-    if not token:
-        return 0
-    try:
-        text = base64.urlsafe_b64decode(token.encode()).decode()
-        prefix, _, value = text.partition(":")
-        if prefix != kind or not value.isdigit():
-            raise ValueError
-        return int(value)
-    except (ValueError, UnicodeDecodeError):
-        raise InvalidArgument("page_token", "is not a token this service issued for this list") from None
-
-
 # A preview page scans at most this many positions (positions owed nothing are skipped,
 # so a page may come back short, with a token to go on).
-PREVIEW_SCAN_LIMIT = 10 * MAX_PAGE
+PREVIEW_SCAN_LIMIT = 10 * paging.MAX_PAGE
 
 
 def _preview_token(scope: str, last_id: int, totals: dict[str, Decimal], count: int) -> str:
@@ -180,12 +161,6 @@ def _preview_cursor(token: str, scope: str) -> tuple[int, dict[str, Decimal], in
         return last_id, totals, count
     except (ValueError, KeyError, TypeError, binascii.Error, UnicodeDecodeError, InvalidArgument):
         raise InvalidArgument("page_token", "is not a token this service issued for this preview") from None
-
-
-def _page_size(value: int) -> int:
-    if value > MAX_PAGE:
-        raise InvalidArgument("page_size", f"at most {MAX_PAGE}")
-    return value or DEFAULT_PAGE
 
 
 def _time(request: Any) -> tuple[datetime | None, datetime | None]:
@@ -555,18 +530,18 @@ class SimpleEarnApi(simple_earn_pb2_grpc.SimpleEarnServiceServicer):
     async def ListPositions(self, request: simple_earn_pb2.ListPositionsRequest, context: grpc.aio.ServicerContext) -> simple_earn_pb2.ListPositionsResponse:
         user = _scoped_user(request.user_id)
         product_id = domain.check_product_id(request.product_id) if request.product_id else ""
-        size = _page_size(request.page_size)
-        rows = await store.list_positions(self.pool, user, product_id, _after(request.page_token, "p"), size + 1)
+        size = paging.page_size(request.page_size)
+        rows = await store.list_positions(self.pool, user, product_id, paging.after(request.page_token, "p"), size + 1)
         response = simple_earn_pb2.ListPositionsResponse(positions=[store.position_message(r) for r in rows[:size]])
         if len(rows) > size:
-            response.next_page_token = _page_token("p", rows[size - 1]["id"])
+            response.next_page_token = paging.token("p", rows[size - 1]["id"])
         return response
 
     async def ListSubscriptions(self, request: simple_earn_pb2.ListSubscriptionsRequest, context: grpc.aio.ServicerContext) -> simple_earn_pb2.ListSubscriptionsResponse:
         user = _scoped_user(request.user_id)
         start, end = _time(request)
-        size = _page_size(request.page_size)
-        rows = await store.list_records(self.pool, "subscriptions", user, start, end, _after(request.page_token, "s"), size + 1)
+        size = paging.page_size(request.page_size)
+        rows = await store.list_records(self.pool, "subscriptions", user, start, end, paging.after(request.page_token, "s"), size + 1)
         response = simple_earn_pb2.ListSubscriptionsResponse()
         for r in rows[:size]:
             item = response.subscriptions.add(
@@ -575,14 +550,14 @@ class SimpleEarnApi(simple_earn_pb2_grpc.SimpleEarnServiceServicer):
             )
             item.created_at.FromDatetime(r["created_at"])
         if len(rows) > size:
-            response.next_page_token = _page_token("s", rows[size - 1]["id"])
+            response.next_page_token = paging.token("s", rows[size - 1]["id"])
         return response
 
     async def ListRedemptions(self, request: simple_earn_pb2.ListRedemptionsRequest, context: grpc.aio.ServicerContext) -> simple_earn_pb2.ListRedemptionsResponse:
         user = _scoped_user(request.user_id)
         start, end = _time(request)
-        size = _page_size(request.page_size)
-        rows = await store.list_records(self.pool, "redemptions", user, start, end, _after(request.page_token, "r"), size + 1)
+        size = paging.page_size(request.page_size)
+        rows = await store.list_records(self.pool, "redemptions", user, start, end, paging.after(request.page_token, "r"), size + 1)
         response = simple_earn_pb2.ListRedemptionsResponse()
         for r in rows[:size]:
             item = response.redemptions.add(
@@ -591,7 +566,7 @@ class SimpleEarnApi(simple_earn_pb2_grpc.SimpleEarnServiceServicer):
             )
             item.created_at.FromDatetime(r["created_at"])
         if len(rows) > size:
-            response.next_page_token = _page_token("r", rows[size - 1]["id"])
+            response.next_page_token = paging.token("r", rows[size - 1]["id"])
         return response
 
     async def ListInterest(self, request: simple_earn_pb2.ListInterestRequest, context: grpc.aio.ServicerContext) -> simple_earn_pb2.ListInterestResponse:
@@ -602,17 +577,17 @@ class SimpleEarnApi(simple_earn_pb2_grpc.SimpleEarnServiceServicer):
         user = _scoped_user(request.user_id)
         position_id = domain.check_position_id(request.position_id) if request.position_id else None
         start, end = _time(request)
-        size = _page_size(request.page_size)
+        size = paging.page_size(request.page_size)
         response = simple_earn_pb2.ListInterestResponse()
         if not request.hourly:
-            rows = await store.list_interest(self.pool, user, position_id, start, end, _after(request.page_token, "i"), size + 1)
+            rows = await store.list_interest(self.pool, user, position_id, start, end, paging.after(request.page_token, "i"), size + 1)
             for r in rows[:size]:
                 response.records.add(
                     position_id=str(r["position_id"]), product_id=r["product_id"], asset=r["asset"], amount=format_amount(r["amount"]),
                     from_hour=r["from_hour"], to_hour=r["to_hour"], period=r["period"], reinvested=r["reinvested"],
                 )
             if len(rows) > size:
-                response.next_page_token = _page_token("i", rows[size - 1]["id"])
+                response.next_page_token = paging.token("i", rows[size - 1]["id"])
             return response
         if position_id is None:
             raise InvalidArgument("position_id", "is required when hourly is set")
@@ -631,7 +606,7 @@ class SimpleEarnApi(simple_earn_pb2_grpc.SimpleEarnServiceServicer):
             first = max(first, -(-int(start.timestamp()) // 3600))
         if end is not None:
             last = min(last, -(-int(end.timestamp()) // 3600))
-        first = max(first, _after(request.page_token, "h"))
+        first = max(first, paging.after(request.page_token, "h"))
         records: list[tuple[int, Decimal, Decimal]] = []
         cursor = first
         while cursor < last and len(records) <= size:
@@ -644,7 +619,7 @@ class SimpleEarnApi(simple_earn_pb2_grpc.SimpleEarnServiceServicer):
                 from_hour=hour, to_hour=hour + 1,
             )
         if len(records) > size:
-            response.next_page_token = _page_token("h", records[size][0])
+            response.next_page_token = paging.token("h", records[size][0])
         return response
 
     # ---- jobs ------------------------------------------------------------------------
@@ -723,7 +698,7 @@ class SimpleEarnApi(simple_earn_pb2_grpc.SimpleEarnServiceServicer):
         if request.boundary_hour <= 0:
             raise InvalidArgument("boundary_hour", "must be a positive unix hour")
         cadence = _enum(_CADENCE, request.cadence, "cadence")
-        size = _page_size(request.page_size)
+        size = paging.page_size(request.page_size)
         boundary = request.boundary_hour
         scope = hashlib.sha256(f"{job}\0{period}\0{boundary}\0{cadence.value}".encode()).hexdigest()[:16]
         after, totals, count = _preview_cursor(request.page_token, scope)

@@ -6,13 +6,12 @@ writes nothing), then runs under its idempotency key (``idempotency.write_once``
 
 from __future__ import annotations
 
-import base64
 from datetime import UTC
 
 import asyncpg
 import grpc
 
-from services.kernel import idempotency
+from services.kernel import idempotency, paging
 from services.kernel.config import Settings
 from services.kernel.errors import InvalidArgument
 from services.kernel.grpcserver import GATEWAY, OPERATOR, SERVICE
@@ -42,9 +41,6 @@ ROLES = {
         "GetLedgerTotals": frozenset({OPERATOR}),
     }.items()
 }
-
-MAX_PAGE = 1000
-DEFAULT_PAGE = 100
 
 
 def _kind(value: int, field: str) -> Kind | None:
@@ -78,23 +74,6 @@ def _user_account(request, kind: Kind) -> tuple[str, AccountKey]:  # type: ignor
     owner = domain.check_name(request.owner, "owner")
     asset = domain.check_asset(request.asset)
     return asset, AccountKey(owner, asset, kind)
-
-
-def _page_token(last_id: int) -> str:
-    return base64.urlsafe_b64encode(f"t:{last_id}".encode()).decode()
-
-
-def _after_id(token: str) -> int:
-    if not token:
-        return 0
-    try:
-        text = base64.urlsafe_b64decode(token.encode()).decode()
-        prefix, _, value = text.partition(":")
-        if prefix != "t" or not value.isdigit():
-            raise ValueError
-        return int(value)
-    except (ValueError, UnicodeDecodeError):
-        raise InvalidArgument("page_token", "is not a token this service issued") from None
 
 
 class WalletApi(wallet_pb2_grpc.WalletServiceServicer):
@@ -223,9 +202,7 @@ class WalletApi(wallet_pb2_grpc.WalletServiceServicer):
         if request.asset:
             domain.check_asset(request.asset)
         posting_id = _id(request.posting_id, "posting_id") if request.posting_id else None
-        if request.page_size > MAX_PAGE:
-            raise InvalidArgument("page_size", f"at most {MAX_PAGE}")
-        size = request.page_size or DEFAULT_PAGE
+        size = paging.page_size(request.page_size)
         created_from = request.created_from.ToDatetime(tzinfo=UTC) if request.HasField("created_from") else None
         created_to = request.created_to.ToDatetime(tzinfo=UTC) if request.HasField("created_to") else None
         rows = await store.list_transfers(
@@ -235,7 +212,7 @@ class WalletApi(wallet_pb2_grpc.WalletServiceServicer):
             posting_id=posting_id,
             created_from=created_from,
             created_to=created_to,
-            after_id=_after_id(request.page_token),
+            after_id=paging.after(request.page_token, "t"),
             limit=size + 1,
         )
         page = rows[:size]
@@ -251,7 +228,7 @@ class WalletApi(wallet_pb2_grpc.WalletServiceServicer):
             ]
         )
         if len(rows) > size:
-            response.next_page_token = _page_token(page[-1]["id"])
+            response.next_page_token = paging.token("t", page[-1]["id"])
         return response
 
     async def GetLedgerTotals(self, request: wallet_pb2.GetLedgerTotalsRequest, context: grpc.aio.ServicerContext) -> wallet_pb2.GetLedgerTotalsResponse:
