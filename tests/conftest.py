@@ -9,8 +9,9 @@ from __future__ import annotations
 import asyncio
 import os
 import socket
+import time
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 
 import asyncpg
@@ -127,3 +128,22 @@ async def wallet_db(stack: Env, wallet_process: ManagedProcess) -> AsyncIterator
 
 def unique(prefix: str = "k") -> str:
     return f"{prefix}-{uuid.uuid4().hex[:12]}"
+
+
+async def eventually(check: Callable[[], object], timeout: float = 20) -> None:
+    """Poll ``check`` (sync or async) until it neither fails an assertion nor returns
+    False; fail with its last assertion after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            result = check()
+            if asyncio.iscoroutine(result):
+                result = await result
+            if result is not False:
+                return
+        except AssertionError:
+            if time.monotonic() > deadline:
+                raise
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not met in time")
+        await asyncio.sleep(0.2)

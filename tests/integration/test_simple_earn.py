@@ -28,7 +28,7 @@ from services.kernel.clock import set_time
 from services.kernel.config import Settings
 from services.kernel.money import EXACT, truncate
 from services.kernel.topics import topic_name
-from tests.conftest import GATEWAY, OPERATOR, SERVICE, unique
+from tests.conftest import eventually, GATEWAY, OPERATOR, SERVICE, unique
 
 FUNDING = wallet_pb2.ACCOUNT_KIND_FUNDING
 HOLD = wallet_pb2.ACCOUNT_KIND_HOLD
@@ -114,23 +114,6 @@ async def subscribe(earn, user: str, product_id: str, amount: str, **fields) -> 
 
 async def redeem(earn, user: str, position_id: str, amount: str = "", key: str | None = None) -> se.RedeemResponse:
     return await earn.Redeem(se.RedeemRequest(idempotency_key=key or unique(), user_id=user, position_id=position_id, amount=amount), metadata=GATEWAY)
-
-
-async def eventually(check: Callable[[], object], timeout: float = 20) -> None:
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            result = check()
-            if asyncio.iscoroutine(result):
-                result = await result
-            if result is not False:
-                return
-        except AssertionError:
-            if time.monotonic() > deadline:
-                raise
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not met in time")
-        await asyncio.sleep(0.2)
 
 
 async def read_accrual(stack, until: Callable[[list[tuple[int, int, str, object]]], bool], timeout: float = 30) -> list[tuple[int, int, str, object]]:

@@ -33,7 +33,7 @@ from earn.v1 import accrual_pb2, simple_earn_pb2 as se, simple_earn_pb2_grpc, wa
 from services.devstack.processes import PROCESSES, ManagedProcess
 from services.kernel.clock import set_time
 from services.kernel.config import REPO_ROOT
-from tests.conftest import GATEWAY, OPERATOR, unique
+from tests.conftest import GATEWAY, OPERATOR, eventually, unique
 
 H0 = int(datetime(2031, 3, 3, tzinfo=UTC).timestamp()) // 3600  # a day starts at H0
 SCALES = {"BTC": 8, "USDT": 6, "ETH": 18}
@@ -213,18 +213,6 @@ async def balance(w: World, owner: str, asset: str, kind: int = FUNDING) -> Deci
     return sum((Decimal(b.balance) for b in reply.balances if b.kind == kind), Decimal(0))
 
 
-async def eventually(check, timeout: float = 30) -> None:  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            await check()
-            return
-        except AssertionError:
-            if time.monotonic() > deadline:
-                raise
-        await asyncio.sleep(0.2)
-
-
 def dec(value: Fraction) -> Decimal:
     return Decimal(value.numerator) / Decimal(value.denominator)
 
@@ -360,7 +348,7 @@ async def scenario(w: World) -> Outcome:
         assert await balance(w, "simple_earn", "USDT", EXPENSE) == -dec(paid_usdt)
         assert await balance(w, "simple_earn", "ETH", EXPENSE) == -dec(expected_erin)
 
-    await eventually(balances_match)
+    await eventually(balances_match, timeout=30)
     totals = await w.wallet.GetLedgerTotals(wallet_pb2.GetLedgerTotalsRequest(), metadata=OPERATOR)
     for total in totals.totals:
         assert Decimal(total.sum) == 0 and total.negative_user_accounts == 0, total
