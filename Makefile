@@ -5,13 +5,19 @@ VENV := .venv
 PY := $(VENV)/bin/python
 GEN := build/gen
 PROTOS := $(shell find protos -name '*.proto' | sort)
+# Tools the suite runs (buf, prometheus, promtool), pinned, in a project-local folder.
+TOOLS := build/tools
+BUF_VERSION := v1.75.0
+# Debian bookworm's prometheus package: prometheus and promtool, static binaries. Only
+# the two binaries are taken out of the .deb (no system install, no service started).
+PROMETHEUS_DEB := 2.42.0+ds-5+deb12u1
 
-.PHONY: run test bench chaos install proto infra-up infra-down clean distclean
+.PHONY: run test bench chaos install proto tools infra-up infra-down clean distclean
 
 run: install proto ## venv, stubs, Kafka + PostgreSQL, every service; Ctrl-C stops all
 	$(PY) -m services.devstack run
 
-test: install proto ## the same set-up, then the whole suite against the real servers
+test: install proto tools ## the same set-up, then the whole suite against the real servers
 	$(PY) -m services.devstack test -- $(PYTEST_ARGS)
 
 bench: install proto ## benchmark scripts; their output is quoted in README
@@ -37,6 +43,21 @@ $(GEN)/.stamp: $(PROTOS) $(VENV)/.installed
 	rm -rf $(GEN) && mkdir -p $(GEN)
 	$(PY) -m grpc_tools.protoc -I protos --python_out=$(GEN) --pyi_out=$(GEN) --grpc_python_out=$(GEN) $(PROTOS)
 	touch $@
+
+tools: $(TOOLS)/.buf-$(BUF_VERSION) $(TOOLS)/.prometheus-$(PROMETHEUS_DEB) ## buf, prometheus, promtool in build/tools
+
+$(TOOLS)/.buf-$(BUF_VERSION):
+	mkdir -p $(TOOLS)
+	GOBIN="$(CURDIR)/$(TOOLS)" go install github.com/bufbuild/buf/cmd/buf@$(BUF_VERSION)
+	rm -f $(TOOLS)/.buf-* && touch $@
+
+$(TOOLS)/.prometheus-$(PROMETHEUS_DEB):
+	rm -rf $(TOOLS)/deb && mkdir -p $(TOOLS)/deb
+	cd $(TOOLS)/deb && { apt-get download prometheus=$(PROMETHEUS_DEB) 2>/dev/null \
+	  || { apt-get update -qq && apt-get download prometheus=$(PROMETHEUS_DEB); }; }
+	dpkg-deb -x $(TOOLS)/deb/prometheus_*.deb $(TOOLS)/deb/root
+	install -m 0755 $(TOOLS)/deb/root/usr/bin/prometheus $(TOOLS)/deb/root/usr/bin/promtool $(TOOLS)/
+	rm -rf $(TOOLS)/deb $(TOOLS)/.prometheus-* && touch $@
 
 clean: ## stop local servers and remove all local data (.data/)
 	-[ -x $(PY) ] && $(PY) -m services.devstack infra-down
