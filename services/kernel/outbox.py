@@ -86,6 +86,10 @@ class Relay:
         self._wake = asyncio.Event()
         self._stopping = asyncio.Event()
         self._lock_key = int.from_bytes(hashlib.sha256(f"relay:{schema}".encode()).digest()[:8], "big", signed=True)
+        # The counters exist from the start, at 0, so rates and alerts see a relay that
+        # never failed rather than no data.
+        PUBLISHED.labels(schema)
+        PUBLISH_ERRORS.labels(schema)
 
     def stop(self) -> None:
         self._stopping.set()
@@ -142,6 +146,9 @@ class Relay:
             except Exception as exc:
                 await producer.stop()
                 log.warning("relay cannot reach Kafka; retrying", extra={"schema": self.schema, "error": str(exc)})
+                # While Kafka is away the backlog grows: keep the gauge (and the alert on it) true.
+                PUBLISH_ERRORS.labels(self.schema).inc()
+                await self._refresh_backlog()
                 if await self._sleep(delay):
                     return None
                 delay = min(delay * 2, 5.0)
@@ -169,6 +176,12 @@ class Relay:
             PUBLISHED.labels(self.schema).inc(len(rows))
         BACKLOG.labels(self.schema).set(await self.pool.fetchval("SELECT count(*) FROM outbox"))
         return len(rows)
+
+    async def _refresh_backlog(self) -> None:
+        try:
+            BACKLOG.labels(self.schema).set(await self.pool.fetchval("SELECT count(*) FROM outbox"))
+        except Exception:  # noqa: BLE001 - the database may be away too; a metric never stops the relay
+            log.debug("outbox backlog not measured", exc_info=True)
 
     async def _sleep(self, seconds: float, *, wake: bool = False) -> bool:
         """Sleep up to ``seconds`` (less if woken); True when stopping."""
