@@ -32,6 +32,7 @@ cannot be probed.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import hashlib
@@ -45,8 +46,9 @@ from typing import Any, TypeVar
 import asyncpg
 import grpc
 from google.protobuf.message import Message
+from google.protobuf.unknown_fields import UnknownFieldSet
 
-from services.kernel import events, idempotency, inbox, outbox, paging
+from services.kernel import events, idempotency, outbox, paging
 from services.kernel.config import Settings
 from services.kernel.errors import AlreadyExists, DomainError, FailedPrecondition, InvalidArgument, NotFound
 from services.kernel.grpcserver import GATEWAY, OPERATOR, SERVICE, current_caller
@@ -89,6 +91,10 @@ ROLES = {
 }
 
 MAX_HOLD_ATTEMPTS = 5
+# PayoutBatch field 7: the items of the format before columns (reserved since).
+_LEGACY_PAYOUT_ITEMS = 7
+# Reinvestment holds placed at once per batch.
+REINVEST_CONCURRENCY = 16
 ACCRUAL_PARTITIONS = CATALOGUE[store.TOPIC].partitions
 
 M = TypeVar("M", bound=Message)
@@ -680,7 +686,7 @@ class SimpleEarnApi(simple_earn_pb2_grpc.SimpleEarnServiceServicer):
             partitions=ACCRUAL_PARTITIONS,
             partitions_done=done,
             items=items,
-            paid={r["asset"]: format_amount(r["paid"]) for r in paid},
+            paid={asset: format_amount(value) for asset, value in sorted(paid.items())},
             complete=done >= ACCRUAL_PARTITIONS or not requested["product_ids"],
         )
 
@@ -766,142 +772,170 @@ class SimpleEarnApi(simple_earn_pb2_grpc.SimpleEarnServiceServicer):
     # ---- payouts (consumer of accrual.payouts) -----------------------------------------
 
     async def apply_payout(self, raw: bytes, skipped: list[str] | None = None) -> str:
-        """Pay one PayoutBatch exactly once. Returns what happened (for logs and tests):
-        "paid" or "duplicate". A record that cannot be parsed or whose batch is invalid
-        raises (DecodeError, ValueError, InvalidArgument) having written nothing; items
-        that cannot be paid (unknown position, bad amount) are left out and described in
-        ``skipped`` when given, so the consumer parks the record for a look.
+        """Pay one PayoutBatch (one product's items, in columns) exactly once. Returns what
+        happened (for logs and tests): "paid" or "duplicate". A record that cannot be
+        parsed or whose batch is invalid raises (DecodeError, ValueError, InvalidArgument)
+        having written nothing. Items that cannot be paid (not a position of that user,
+        product and asset; a bad id or amount; paid before) are left out: nothing is
+        paid for them, and they are described in ``skipped`` when given, so the consumer
+        parks the record for a look.
 
-        Idempotent by the batch's natural key (job, period, partition, sequence), by
-        (job, period, position) for each item and by the envelope's event id (inbox). The
-        wallet transfer and the reinvestment holds have keys derived from the batch, so a
-        crash between them and our commit repeats nothing when the batch is redelivered.
+        Record first, then the wallet (the pattern of Redeem). One statement checks every
+        item against ``positions`` and records the interest rows, the items left out and
+        why, the reinvestment decision, the event id (inbox) and the batch row under its
+        natural key (job, period, partition, sequence); per (job, period, position) the
+        interest row is unique. Then one wallet BulkCredit pays exactly the recorded items,
+        keyed by the batch; the reinvestment holds follow, keyed by (job, period,
+        position); a last transaction marks the batch posted (its partition done if it is
+        the last) and adds the reinvested interest to the positions.
+
+        A redelivery, in the same envelope or re-emitted, finds the batch row: posted ->
+        "duplicate"; recorded but not posted (a crash or a wallet outage in between) -> the
+        same credit and holds again, rebuilt from the row and the columns, which the wallet
+        answers from their keys. A batch delivered again with other items than the first
+        time is refused (parked) and pays nothing more. Until the wallet confirms, the
+        interest rows are visible but the batch counts in no GetPayoutStatus total.
         """
-        problems: list[str] = []
-        note = problems.append
         env = events.parse(raw)
         batch = events.unwrap(env, accrual_pb2.PayoutBatch)
         job = domain.check_job(batch.job)
         period = domain.check_period(batch.period)
-        if await store.batch_seen(self.pool, job, period, batch.partition, batch.sequence):
-            return "duplicate"
-        ids = []
-        for item in batch.items:
-            try:
-                ids.append(domain.check_position_id(item.position_id))
-            except InvalidArgument:
-                log.error("payout item with a bad position id skipped", extra={"job": job, "period": period, "position": item.position_id})
-                note(f"position {item.position_id[:40]!r}: not a position id")
-        rows = {r["id"]: r for r in await self.pool.fetch("SELECT * FROM positions WHERE id = ANY($1::bigint[])", ids)}
-        already = await store.interest_recorded(self.pool, job, period, ids)
-        items: list[tuple[asyncpg.Record, Decimal, Decimal, int]] = []
-        for item in batch.items:
-            row = rows.get(int(item.position_id)) if item.position_id.isdigit() else None
-            if row is None or row["user_id"] != item.user_id or row["asset"] != item.asset or row["product_id"] != item.product_id:
-                log.error("payout item does not match a position; skipped", extra={"job": job, "period": period, "position": item.position_id})
-                if item.position_id.isdigit():
-                    note(f"position {item.position_id[:40]}: no such position of user/product/asset {item.user_id[:64]}/{item.product_id[:64]}/{item.asset[:16]}")
-                continue
-            if row["id"] in already:
-                continue
-            try:
-                amount = parse_amount(item.amount, row["asset"], "amount", allow_zero=True)
-                carry = parse_decimal(item.carry or "0", "carry", scale=80, allow_zero=True)
-            except InvalidArgument as err:
-                log.error("payout item with a bad amount skipped", extra={"position": item.position_id, "error": err.message})
-                note(f"position {item.position_id}: {err.message}")
-                continue
-            items.append((row, amount, carry, item.from_hour))
-        paying = [(row, amount) for row, amount, _, _ in items if amount > 0]
-        posting_id = ""
-        if paying:
-            reply = await self.wallet.call(
-                "TransferBatch",
-                wallet_pb2.TransferBatchRequest(
-                    idempotency_key=derived_key("payout", job, period, batch.partition, batch.sequence),
-                    transfers=[
-                        wallet_pb2.TransferSpec(
-                            asset=row["asset"],
-                            source=wallet_pb2.AccountRef(owner=HOLDER, kind=wallet_pb2.ACCOUNT_KIND_EXPENSE),
-                            destination=wallet_pb2.AccountRef(owner=row["user_id"], kind=wallet_pb2.ACCOUNT_KIND_FUNDING),
-                            amount=format_amount(amount),
-                            reference=f"simple_earn:interest:{job}:{period}:{row['id']}"[:128],
-                        )
-                        for row, amount in paying
-                    ],
-                ),
+        if any(f.field_number == _LEGACY_PAYOUT_ITEMS for f in UnknownFieldSet(batch)):
+            raise ValueError("PayoutBatch with items (field 7): the format before columns; this build pays only columns")
+        n = len(batch.position_ids)
+        product_id, asset = batch.product_id, batch.asset
+        if n or product_id or asset:
+            product_id = domain.check_product_id(product_id)
+            if not asset:
+                raise InvalidArgument("asset", "is required")
+            scale_of(asset)
+        if len(batch.from_hours) != n:
+            raise InvalidArgument("from_hours", f"has {len(batch.from_hours)} entries for {n} items")
+        position_ids, user_ids, amounts = list(batch.position_ids), list(batch.user_ids), list(batch.amounts)
+        batch_key = (job, period, batch.partition, batch.sequence)
+        digest = hashlib.sha256(env.payload).digest()
+
+        recorded = await store.payout_batch(self.pool, *batch_key)
+        if recorded is None:
+            columns = domain.check_payout_columns(position_ids, user_ids, amounts, asset) if n else domain.PayoutColumns("", "", "", None, {})
+            from_hours = list(batch.from_hours)
+            if columns.kept is not None:
+                from_hours = [from_hours[i] for i in columns.kept]
+            recorded = await store.record_payout_batch(
+                self.pool, job=job, period=period, partition=batch.partition, sequence=batch.sequence, last=batch.last,
+                product_id=product_id, asset=asset, boundary_hour=batch.boundary_hour, digest=digest, at=self.settings.clock.now(),
+                consumer=domain.PAYOUT_CONSUMER, event_id=env.event_id, position_ids=columns.position_ids, user_ids=columns.user_ids,
+                amounts=columns.amounts, from_hours=from_hours, sent=columns.kept, excluded=sorted(columns.problems),
+                problems="\n".join(columns.problems[i] for i in sorted(columns.problems)) or None,
             )
-            posting_id = reply.posting_id
-        # Decide once, before any wallet call, which positions reinvest; a redelivery
-        # follows that decision, so it places the same holds and orphans none.
-        decided = await store.payout_intent(
-            self.pool, job, period, batch.partition, batch.sequence,
-            [row["id"] for row, _ in paying if row["auto_subscribe"] and row["status"] == PositionStatus.ACTIVE and row["kind"] == Kind.FLEXIBLE],
-        )
-        reinvest: dict[int, int] = {}
-        for row, amount in paying:
-            if row["id"] not in decided:
-                continue
+            if recorded is None:  # recorded meanwhile by a concurrent delivery
+                recorded = await store.payout_batch(self.pool, *batch_key)
+                if recorded is None:
+                    log.error("payout event applied before, but its batch is not recorded", extra={"event_id": env.event_id, "job": job, "period": period})
+                    return "duplicate"
+        if recorded.digest and recorded.digest != digest:
+            raise InvalidArgument(
+                "sequence",
+                f"batch {job} {period} partition {batch.partition} sequence {batch.sequence} was delivered before with other items;"
+                " it is paid as first delivered and this delivery pays nothing",
+            )
+        if recorded.posted:
+            return "duplicate"
+
+        keep = None if not recorded.excluded else [i for i in range(n) if i not in recorded.excluded]
+        posting_id = None
+        if recorded.items:
+            owners, values = domain.bulk_credits(user_ids, amounts, keep)
+            request = wallet_pb2.BulkCreditRequest(
+                idempotency_key=derived_key("payout", *batch_key), asset=asset,
+                source=wallet_pb2.AccountRef(owner=HOLDER, kind=wallet_pb2.ACCOUNT_KIND_EXPENSE),
+                reference=f"simple_earn:interest:{product_id}:{period}",
+            )
+            request.owners.extend(owners)
+            request.amounts.extend(values)
+            posting_id = (await self.wallet.call("BulkCredit", request)).posting_id
+        holds = await self._reinvestment_holds(job, period, asset, recorded, position_ids, user_ids, amounts)
+        posted, reinvested, abandoned = await self._post_batch(batch_key, product_id, posting_id, holds)
+        if posted:
+            metrics.amount(metrics.INTEREST_PAID, product_id, asset, recorded.paid)
+            for value in reinvested:
+                metrics.amount(metrics.SUBSCRIBED, product_id, asset, value)
+            if recorded.problems:
+                log.error("payout items left out", extra={"job": job, "period": period, "partition": batch.partition, "sequence": batch.sequence, "problems": recorded.problems[:2000]})
+        if skipped is not None and recorded.problems:
+            skipped.extend(recorded.problems.split("\n"))
+        if abandoned:
+            await self.drive_releases()
+        return "paid" if posted else "duplicate"
+
+    async def _reinvestment_holds(
+        self, job: str, period: str, asset: str, recorded: store.RecordedBatch, position_ids: list[str], user_ids: list[str], amounts: list[str]
+    ) -> dict[int, tuple[int, Decimal]]:
+        """Hold the paid interest of the positions decided to reinvest (the decision was
+        recorded with the batch, before any wallet call): position -> (hold id, amount).
+        Keys are derived from (job, period, position), so a redelivery gets the same holds.
+        A hold the wallet refuses (the user spent the interest meanwhile) is skipped."""
+        if not recorded.reinvest:
+            return {}
+        wanted = {str(p) for p in recorded.reinvest}
+        where = {pid: i for i, pid in enumerate(position_ids) if pid in wanted and i not in recorded.excluded}
+
+        async def place(position_id: int) -> tuple[int, tuple[int, Decimal]] | None:
+            i = where[str(position_id)]
             try:
-                hold = await self.wallet.call(
+                reply = await self.wallet.call(
                     "PlaceHold",
                     wallet_pb2.PlaceHoldRequest(
-                        idempotency_key=derived_key("reinvest", job, period, row["id"]), owner=row["user_id"], asset=row["asset"],
-                        amount=format_amount(amount), holder=HOLDER, reference=f"simple_earn:reinvest:{row['id']}",
+                        idempotency_key=derived_key("reinvest", job, period, position_id), owner=user_ids[i], asset=asset,
+                        amount=amounts[i], holder=HOLDER, reference=f"simple_earn:reinvest:{position_id}",
                     ),
                 )
             except FailedPrecondition as err:
-                log.warning("reinvestment skipped", extra={"position": row["id"], "error": err.message})
-                continue
-            if await store.hold_claim(self.pool, int(hold.hold.hold_id)) != "abandoned":
-                reinvest[row["id"]] = int(hold.hold.hold_id)
+                log.warning("reinvestment skipped", extra={"position": position_id, "error": err.message})
+                return None
+            return position_id, (int(reply.hold.hold_id), Decimal(amounts[i]))
 
-        paid: list[tuple[str, str, Decimal]] = []
-        reinvested_amounts: list[tuple[str, str, Decimal]] = []
+        holds: dict[int, tuple[int, Decimal]] = {}
+        ordered = list(recorded.reinvest)
+        for start in range(0, len(ordered), REINVEST_CONCURRENCY):
+            for placed in await asyncio.gather(*(place(p) for p in ordered[start:start + REINVEST_CONCURRENCY])):
+                if placed is not None:
+                    holds[placed[0]] = placed[1]
+        return holds
+
+    async def _post_batch(
+        self, batch_key: tuple[str, str, int, int], product_id: str, posting_id: str | None, holds: dict[int, tuple[int, Decimal]]
+    ) -> tuple[bool, list[Decimal], bool]:
+        """The wallet confirmed the batch's credit: mark it posted and reinvest. Returns
+        (posted now, amounts reinvested, holds abandoned). Once per batch: the batch row's
+        update decides, so a concurrent delivery reinvests nothing twice."""
+        job, period = batch_key[0], batch_key[1]
+        if not holds:
+            posted = await store.post_payout_batch(self.pool, *batch_key, posting_id, self.settings.clock.now())
+            return posted, [], False
+        reinvested: list[Decimal] = []
+        abandoned = False
         async with self.pool.acquire() as conn, conn.transaction():
             at = await store.accrual_clock(conn, self.settings.clock)
-            if not await inbox.first_time(conn, domain.PAYOUT_CONSUMER, env.event_id):
-                return "duplicate"
-            if not await store.insert_batch(conn, job, period, batch.partition, batch.sequence, batch.last, len(items), posting_id, at):
-                return "duplicate"
+            await store.get_product(conn, product_id, lock=True)  # products before positions, like every writer
+            if not await store.post_payout_batch(conn, *batch_key, posting_id, at):
+                return False, [], False
             effective = domain.next_full_hour(at)
-            for product_id in sorted({row["product_id"] for row, *_ in items if row["id"] in reinvest}):
-                await store.get_product(conn, product_id, lock=True)
-            # Positions that do not reinvest are recorded in one statement; the few that
-            # reinvest are locked and handled one by one.
-            plain = [item for item in items if item[0]["id"] not in reinvest]
-            recorded_now = await store.insert_interests(conn, job=job, period=period, items=plain, to_hour=batch.boundary_hour, at=at)
-            paid.extend((row["product_id"], row["asset"], amount) for row, amount, _, _ in plain if row["id"] in recorded_now)
             outgoing = []
-            for row, amount, carry, from_hour in items:
-                hold_id = reinvest.get(row["id"])
-                if hold_id is None:
-                    continue
-                current = await store.get_position(conn, row["id"], None, lock=True)
-                reinvested = current["status"] == PositionStatus.ACTIVE
-                recorded = await store.insert_interest(
-                    conn, job=job, period=period, position=current, amount=amount, carry=carry, from_hour=from_hour,
-                    to_hour=batch.boundary_hour, reinvested=reinvested, at=at,
-                )
-                if recorded:
-                    paid.append((row["product_id"], row["asset"], amount))
-                if recorded and reinvested and await store.claim_hold(conn, hold_id, row["id"], amount, at):
-                    await store.add_principal(conn, row["id"], row["product_id"], amount, effective, at)
-                    await store.insert_subscription(conn, row["id"], row["user_id"], row["product_id"], amount, "auto_subscribe", hold_id, at)
-                    reinvested_amounts.append((row["product_id"], row["asset"], amount))
+            for position_id in sorted(holds):
+                hold_id, amount = holds[position_id]
+                current = await store.get_position(conn, position_id, None, lock=True)
+                if current["status"] == PositionStatus.ACTIVE and await store.claim_hold(conn, hold_id, position_id, amount, at):
+                    await store.mark_reinvested(conn, job, period, position_id)
+                    await store.add_principal(conn, position_id, product_id, amount, effective, at)
+                    await store.insert_subscription(conn, position_id, current["user_id"], product_id, amount, "auto_subscribe", hold_id, at)
                     outgoing.append(store.position_changed(current, [(effective, amount)]))
+                    reinvested.append(amount)
                 else:
-                    await store.abandon_hold(conn, hold_id, amount, f"reinvest {job} {period}: position {row['id']} not reinvestable")
+                    abandoned |= await store.abandon_hold(conn, hold_id, amount, f"reinvest {job} {period}: position {position_id} not reinvestable")
             if outgoing:
                 await outbox.enqueue(conn, self.settings, store.PRODUCER, at, outgoing)
-        for product, asset, value in paid:
-            metrics.amount(metrics.INTEREST_PAID, product, asset, value)
-        for product, asset, value in reinvested_amounts:
-            metrics.amount(metrics.SUBSCRIBED, product, asset, value)
-        if skipped is not None:
-            skipped.extend(problems)
-        await self.drive_releases()
-        return "paid"
+        return True, reinvested, abandoned
 
     # ---- fixed-term maturity ---------------------------------------------------------
 
@@ -996,7 +1030,7 @@ class SimpleEarnApi(simple_earn_pb2_grpc.SimpleEarnServiceServicer):
             if current["status"] != PositionStatus.ACTIVE:
                 return "skipped"
             await store.insert_interest(
-                conn, job=MATURITY_JOB, period=str(position_id), position=current, amount=interest, carry=Decimal(0),
+                conn, job=MATURITY_JOB, period=str(position_id), position_id=position_id, amount=interest,
                 from_hour=current["accrues_from_hour"], to_hour=current["matures_hour"], reinvested=new_hold is not None, at=at,
             )
             for hold_id, remaining in holds:

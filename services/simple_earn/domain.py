@@ -19,7 +19,7 @@ from typing import Protocol
 from services.kernel import interest
 from services.kernel.errors import FailedPrecondition, InvalidArgument
 from services.kernel.interest import Tier
-from services.kernel.money import EXACT, format_amount, parse_amount, parse_decimal, scale_of, truncate
+from services.kernel.money import EXACT, MAX_INTEGER_DIGITS, format_amount, parse_amount, parse_decimal, scale_of, truncate
 
 MAX_TIERS = 16
 MAX_TERM_DAYS = 3650
@@ -357,3 +357,111 @@ def preview_payout(
     paid_before = truncate(interest.units_to_amount(before_units), scale)
     paid_after = truncate(interest.units_to_amount(after_units), scale)
     return PreviewedPayout(max(Decimal(0), paid_after - paid_before), from_hour, paid_before)
+
+
+# ---- payout batches (columns) -------------------------------------------------------------
+#
+# A PayoutBatch carries its items as parallel columns of strings. They are checked here
+# in a tight loop: one regular expression over each whole column (joined by newlines, the
+# form the store sends to PostgreSQL), and only when a column fails, item by item to
+# name the culprits. No per-item object is built.
+
+_POSITION_LINE = re.compile(r"[1-9][0-9]{0,17}")
+_USER_LINE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:@-]{0,63}")
+_AMOUNT_LINES: dict[int, re.Pattern[str]] = {}
+
+
+def _column(line: re.Pattern[str]) -> re.Pattern[str]:
+    """Lines of ``line`` joined by newlines (``line`` never matches a newline)."""
+    return re.compile(rf"(?:{line.pattern}\n)*{line.pattern}")
+
+
+_POSITION_COLUMN = _column(_POSITION_LINE)
+_USER_COLUMN = _column(_USER_LINE)
+_AMOUNT_COLUMNS: dict[int, re.Pattern[str]] = {}
+
+
+def _amount_line(scale: int) -> re.Pattern[str]:
+    """An amount > 0 in the strict grammar with at most ``scale`` fraction digits."""
+    pattern = _AMOUNT_LINES.get(scale)
+    if pattern is None:
+        fraction = rf"(?:\.[0-9]{{1,{scale}}})?" if scale > 0 else ""
+        pattern = re.compile(rf"(?!0(?:\.0*)?(?:\n|\Z))(?:0|[1-9][0-9]{{0,{MAX_INTEGER_DIGITS - 1}}}){fraction}")
+        _AMOUNT_LINES[scale] = pattern
+        _AMOUNT_COLUMNS[scale] = _column(pattern)
+    return pattern
+
+
+def _bad_lines(values: Sequence[str], text: str, line: re.Pattern[str], column: re.Pattern[str]) -> list[int]:
+    """Indexes of the values that break ``line``: one match over the whole column first
+    (and a count of its lines, so a value holding a newline cannot pass as two), item by
+    item only when that fails."""
+    if not values or (text.count("\n") == len(values) - 1 and column.fullmatch(text)):
+        return []
+    return [i for i, value in enumerate(values) if not line.fullmatch(value)]
+
+
+@dataclass(frozen=True, slots=True)
+class PayoutColumns:
+    """A batch's item columns, checked: the text of each column to record (one line per
+    item kept) and the items left out, by index, with why."""
+
+    position_ids: str
+    user_ids: str
+    amounts: str
+    kept: list[int] | None  # the indexes kept, when some were left out; None: all
+    problems: dict[int, str]
+
+
+def check_payout_columns(position_ids: Sequence[str], user_ids: Sequence[str], amounts: Sequence[str], asset: str) -> PayoutColumns:
+    """Check the columns of a PayoutBatch for ``asset``: equal lengths (else the batch is
+    refused: INVALID_ARGUMENT), then per item a position id, a user id (the grammar of a
+    wallet owner) and an amount > 0 with at most the asset's scale of fraction digits; a
+    position listed twice is paid once (the first). Items that fail are left out."""
+    n = len(position_ids)
+    if len(user_ids) != n or len(amounts) != n:
+        raise InvalidArgument(
+            "position_ids", f"the item columns differ in length ({n} position ids, {len(user_ids)} user ids, {len(amounts)} amounts)"
+        )
+    scale = scale_of(asset)
+    amount_line = _amount_line(scale)
+    ids_text, users_text, amounts_text = "\n".join(position_ids), "\n".join(user_ids), "\n".join(amounts)
+    problems: dict[int, str] = {}
+    for i in _bad_lines(position_ids, ids_text, _POSITION_LINE, _POSITION_COLUMN):
+        problems.setdefault(i, f"position {position_ids[i][:40]!r}: not a position id")
+    for i in _bad_lines(user_ids, users_text, _USER_LINE, _USER_COLUMN):
+        problems.setdefault(i, f"position {position_ids[i][:40]!r}: user id {user_ids[i][:64]!r} breaks the user id grammar")
+    for i in _bad_lines(amounts, amounts_text, amount_line, _AMOUNT_COLUMNS[scale]):
+        problems.setdefault(
+            i, f"position {position_ids[i][:40]!r}: amount {amounts[i][:48]!r} is not a decimal > 0 with at most {scale} fraction digits"
+        )
+    if len(set(position_ids)) != n:
+        seen: set[str] = set()
+        for i, value in enumerate(position_ids):
+            if value in seen:
+                problems.setdefault(i, f"position {value[:40]!r}: listed more than once in the batch; paid once")
+            seen.add(value)
+    if not problems:
+        return PayoutColumns(ids_text, users_text, amounts_text, None, {})
+    kept = [i for i in range(n) if i not in problems]
+    return PayoutColumns(
+        "\n".join(position_ids[i] for i in kept),
+        "\n".join(user_ids[i] for i in kept),
+        "\n".join(amounts[i] for i in kept),
+        kept,
+        problems,
+    )
+
+
+def bulk_credits(user_ids: Sequence[str], amounts: Sequence[str], keep: Sequence[int] | None) -> tuple[list[str], list[str]]:
+    """The owners and amounts of a batch's wallet credit: the kept items, one credit per
+    user (a user with two positions in the batch gets their sum), in the batch's order.
+    Deterministic, so a redelivery sends the wallet the same request."""
+    owners = list(user_ids) if keep is None else [user_ids[i] for i in keep]
+    values = list(amounts) if keep is None else [amounts[i] for i in keep]
+    if len(set(owners)) == len(owners):
+        return owners, values
+    total: dict[str, Decimal] = {}
+    for owner, value in zip(owners, values, strict=True):
+        total[owner] = EXACT.add(total.get(owner, Decimal(0)), Decimal(value))
+    return list(total), [format_amount(v) for v in total.values()]

@@ -5,11 +5,14 @@ refresh of the open-positions gauge."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import time
 from pathlib import Path
 
 import grpc
-from aiokafka import AIOKafkaConsumer, ConsumerRecord
+from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
+from aiokafka.abc import ConsumerRebalanceListener
 from google.protobuf.message import DecodeError
 
 from services.kernel import db, logs, topics
@@ -28,6 +31,9 @@ SCHEMA = "simple_earn"
 MIGRATIONS = Path(__file__).parent / "migrations"
 PAYOUT_TOPIC = "accrual.payouts"
 PAYOUT_GROUP = "simple_earn-payouts"
+# Records fetched at once, and queued per partition before its fetching pauses.
+PAYOUT_FETCH_RECORDS = 64
+PAYOUT_QUEUE_PER_PARTITION = 8
 
 
 class SimpleEarnSettings(ServiceSettings):
@@ -39,26 +45,113 @@ class SimpleEarnSettings(ServiceSettings):
     positions_gauge_seconds: float = 15.0
 
 
-async def consume_payouts(settings: SimpleEarnSettings, api: SimpleEarnApi) -> None:
-    """Apply PayoutBatch events one by one; commit offsets only after they are applied.
+class _PartitionWorker:
+    """Applies one partition's records in order, one at a time; ``done`` is the offset to
+    commit (the next one to apply)."""
 
-    A transient failure (wallet or database down) retries the same record with backoff,
-    never skipping it. A record that cannot be parsed or applied (not a PayoutBatch, a
-    bad job or period) is parked in ``dead_letters`` with its raw bytes and the error
-    before the consumer moves past it: the row is committed before the offset is (Kafka's
-    offset commit cannot join a PostgreSQL transaction), and parking is idempotent per
-    (topic, partition, offset), so a crash in between parks it once and loses nothing.
-    A batch paid with some items left out (unknown position, bad amount) is parked too,
-    for a look: its other items are paid.
+    def __init__(self, api: SimpleEarnApi, topic: str, tp: TopicPartition) -> None:
+        self.queue: asyncio.Queue[ConsumerRecord] = asyncio.Queue()
+        self.done: int | None = None
+        self.committed: int | None = None
+        self.task = asyncio.create_task(self._run(api, topic), name=f"payouts-{tp.partition}")
+
+    async def _run(self, api: SimpleEarnApi, topic: str) -> None:
+        while True:
+            record = await self.queue.get()
+            delay = 0.5
+            while True:
+                started = time.perf_counter()
+                try:
+                    outcome = await _consume_one(api, topic, record)
+                except asyncio.CancelledError:
+                    raise
+                except Exception:
+                    log.exception("payout batch failed; retrying", extra={"offset": record.offset, "partition": record.partition})
+                    await asyncio.sleep(delay)
+                    delay = min(delay * 2, 10.0)
+                    continue
+                metrics.PAYOUT_BATCHES.labels(outcome).inc()
+                metrics.PAYOUT_BATCH_SECONDS.observe(time.perf_counter() - started)
+                break
+            self.done = record.offset + 1
+
+    async def stop(self) -> None:
+        self.task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self.task
+
+
+class _Workers(ConsumerRebalanceListener):
+    """One worker per assigned partition; a revoked partition's worker is stopped (what it
+    was doing is idempotent and the next owner redoes it) and its progress committed."""
+
+    def __init__(self, api: SimpleEarnApi, topic: str) -> None:
+        self.api = api
+        self.topic = topic
+        self.consumer: AIOKafkaConsumer | None = None
+        self.by_partition: dict[TopicPartition, _PartitionWorker] = {}
+
+    def get(self, tp: TopicPartition) -> _PartitionWorker:
+        worker = self.by_partition.get(tp)
+        if worker is None:
+            worker = self.by_partition[tp] = _PartitionWorker(self.api, self.topic, tp)
+        return worker
+
+    async def commit(self, partitions: list[TopicPartition] | None = None) -> None:
+        offsets = {
+            tp: w.done for tp, w in self.by_partition.items()
+            if (partitions is None or tp in partitions) and w.done is not None and w.done != w.committed
+        }
+        if offsets and self.consumer is not None:
+            await self.consumer.commit(offsets)
+            for tp, offset in offsets.items():
+                self.by_partition[tp].committed = offset
+
+    async def stop(self, partitions: list[TopicPartition] | None = None) -> None:
+        for tp in list(self.by_partition):
+            if partitions is None or tp in partitions:
+                await self.by_partition[tp].stop()
+        try:
+            await self.commit(partitions)
+        except Exception:  # the group moved on: the next owner redoes (idempotently) what is not committed
+            log.warning("payout offsets not committed on revocation", exc_info=True)
+        for tp in list(self.by_partition):
+            if partitions is None or tp in partitions:
+                del self.by_partition[tp]
+
+    async def on_partitions_revoked(self, revoked: list[TopicPartition]) -> None:
+        await self.stop(list(revoked))
+
+    async def on_partitions_assigned(self, assigned: list[TopicPartition]) -> None:
+        pass
+
+
+async def consume_payouts(settings: SimpleEarnSettings, api: SimpleEarnApi) -> None:
+    """Apply PayoutBatch events; commit offsets only after they are applied.
+
+    The partitions are applied concurrently, each by its own worker, in order within the
+    partition (a partition's last batch is applied after its others). The fetch loop
+    hands records to the workers, pauses a partition whose worker is behind and commits
+    each partition's progress. A transient failure (wallet or database down) retries the
+    same record with backoff, never skipping it. A record that cannot be parsed or
+    applied (not a PayoutBatch, a bad job or period) is parked in ``dead_letters`` with its
+    raw bytes and the error before the consumer moves past it: the row is committed
+    before the offset is (Kafka's offset commit cannot join a PostgreSQL transaction), and
+    parking is idempotent per (topic, partition, offset), so a crash in between parks it
+    once and loses nothing. A batch paid with some items left out (unknown position,
+    another user's, bad amount) is parked too, for a look: its other items are paid.
     """
     topic = topics.topic_name(settings, PAYOUT_TOPIC)
     consumer = AIOKafkaConsumer(
-        topic,
         bootstrap_servers=settings.kafka_bootstrap,
         group_id=settings.topic_prefix + PAYOUT_GROUP,
         enable_auto_commit=False,
         auto_offset_reset="earliest",
+        max_partition_fetch_bytes=8 * 1024 * 1024,
+        fetch_max_bytes=32 * 1024 * 1024,
     )
+    workers = _Workers(api, topic)
+    workers.consumer = consumer
     delay = 0.5
     while True:
         try:
@@ -68,26 +161,28 @@ async def consume_payouts(settings: SimpleEarnSettings, api: SimpleEarnApi) -> N
             log.warning("payout consumer cannot reach Kafka; retrying", extra={"error": str(exc)})
             await asyncio.sleep(delay)
             delay = min(delay * 2, 5.0)
+    consumer.subscribe([topic], listener=workers)
     try:
         while True:
-            batches = await consumer.getmany(timeout_ms=1000, max_records=50)
-            for records in batches.values():
+            fetched = await consumer.getmany(timeout_ms=200, max_records=PAYOUT_FETCH_RECORDS)
+            for tp, records in fetched.items():
+                worker = workers.get(tp)
                 for record in records:
-                    delay = 0.5
-                    while True:
-                        try:
-                            outcome = await _consume_one(api, topic, record)
-                            metrics.PAYOUT_BATCHES.labels(outcome).inc()
-                            break
-                        except asyncio.CancelledError:
-                            raise
-                        except Exception:
-                            log.exception("payout batch failed; retrying", extra={"offset": record.offset, "partition": record.partition})
-                            await asyncio.sleep(delay)
-                            delay = min(delay * 2, 10.0)
-            if batches:
-                await consumer.commit()
+                    worker.queue.put_nowait(record)
+                if worker.queue.qsize() >= PAYOUT_QUEUE_PER_PARTITION:
+                    consumer.pause(tp)
+            paused = consumer.paused()
+            for tp, worker in workers.by_partition.items():
+                if worker.task.done() and not worker.task.cancelled():
+                    worker.task.result()  # a worker never ends by itself: surface its error
+                if tp in paused and worker.queue.qsize() < PAYOUT_QUEUE_PER_PARTITION // 2:
+                    consumer.resume(tp)
+            try:
+                await workers.commit()
+            except Exception:  # a rebalance in progress: committed after it, or redone by the next owner
+                log.warning("payout offsets not committed; will retry", exc_info=True)
     finally:
+        await workers.stop()
         await consumer.stop()
 
 

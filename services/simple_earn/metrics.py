@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from decimal import Decimal
 
-from prometheus_client import Counter, Gauge
+from prometheus_client import Counter, Gauge, Histogram
 
 SUBSCRIBED = Counter(
     "earn_simple_earn_subscribed_total",
@@ -36,6 +36,11 @@ PAYOUT_BATCHES = Counter(
     "earn_simple_earn_payout_batches_total",
     "PayoutBatch records consumed, by outcome: paid, duplicate, dead_letter.",
     ["outcome"],
+)
+PAYOUT_BATCH_SECONDS = Histogram(
+    "earn_simple_earn_payout_batch_seconds",
+    "Time to apply one PayoutBatch record (check, record, wallet credit, reinvestment, post), retries included.",
+    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
 )
 DEAD_LETTERS = Counter(
     "earn_simple_earn_dead_letters_total",

@@ -190,9 +190,12 @@ def rates_event(p: Product, tiers: Tiers, effective_hour: int) -> list[outbox.Ou
 
 # ---- positions -----------------------------------------------------------------------
 
+# interest_paid is derived on read, the sum of the position's interest rows (an
+# index-only scan of interest_position_payout), instead of an UPDATE per payout.
 _POSITION_COLUMNS = (
     "id, user_id, product_id, asset, kind, principal, status, auto_subscribe, auto_renew, fixed_tiers::text AS fixed_tiers,"
-    " accrues_from_hour, matures_hour, closed_from_hour, interest_paid, opened_at"
+    " accrues_from_hour, matures_hour, closed_from_hour, opened_at,"
+    " (SELECT coalesce(sum(i.amount), 0) FROM interest i WHERE i.position_id = positions.id) AS interest_paid"
 )
 
 
@@ -420,64 +423,22 @@ async def insert_interest(
     *,
     job: str,
     period: str,
-    position: asyncpg.Record,
+    position_id: int,
     amount: Decimal,
-    carry: Decimal,
     from_hour: int,
     to_hour: int,
     reinvested: bool,
     at: datetime,
 ) -> bool:
-    """False when (job, period, position) was recorded before."""
-    inserted = await conn.fetchval(
-        "INSERT INTO interest (job, period, position_id, user_id, product_id, asset, amount, carry, from_hour, to_hour, reinvested, created_at)"
-        " VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12) ON CONFLICT (job, period, position_id) DO NOTHING RETURNING true",
-        job, period, position["id"], position["user_id"], position["product_id"], position["asset"], amount, carry, from_hour, to_hour, reinvested, at,
-    )
-    if inserted:
-        await conn.execute("UPDATE positions SET interest_paid = interest_paid + $2 WHERE id = $1", position["id"], amount)
-    return bool(inserted)
-
-
-async def insert_interests(
-    conn: asyncpg.Connection,
-    *,
-    job: str,
-    period: str,
-    items: list[tuple[asyncpg.Record, Decimal, Decimal, int]],
-    to_hour: int,
-    at: datetime,
-) -> set[int]:
-    """Record many non-reinvested payouts at once (position row, amount, carry, from
-    hour): one statement for the interest rows and the positions' totals. Returns the
-    ids of the positions recorded now; (job, period, position) seen before are skipped."""
-    if not items:
-        return set()
-    rows = await conn.fetch(
-        """
-        WITH ins AS (
-            INSERT INTO interest (job, period, position_id, user_id, product_id, asset, amount, carry, from_hour, to_hour, reinvested, created_at)
-            SELECT $1, $2, t.p, t.u, t.pr, t.a, t.m, t.c, t.f, $3, false, $4
-            FROM unnest($5::bigint[], $6::text[], $7::text[], $8::text[], $9::numeric[], $10::numeric[], $11::bigint[]) AS t(p, u, pr, a, m, c, f)
-            ON CONFLICT (job, period, position_id) DO NOTHING
-            RETURNING position_id, amount
+    """One interest record (fixed-term interest at maturity). False when (job, period,
+    position) was recorded before."""
+    return bool(
+        await conn.fetchval(
+            "INSERT INTO interest (job, period, position_id, amount, from_hour, to_hour, reinvested, created_at)"
+            " VALUES ($1, $2, $3, $4, $5, $6, $7, $8) ON CONFLICT (position_id, job, period) DO NOTHING RETURNING true",
+            job, period, position_id, amount, from_hour, to_hour, reinvested, at,
         )
-        UPDATE positions SET interest_paid = positions.interest_paid + ins.amount
-        FROM ins WHERE positions.id = ins.position_id
-        RETURNING positions.id
-        """,
-        job, period, to_hour, at,
-        [r["id"] for r, *_ in items], [r["user_id"] for r, *_ in items], [r["product_id"] for r, *_ in items],
-        [r["asset"] for r, *_ in items], [m for _, m, _, _ in items], [c for _, _, c, _ in items], [f for *_, f in items],
     )
-    return {r["id"] for r in rows}
-
-
-async def interest_recorded(conn: asyncpg.Connection | asyncpg.Pool, job: str, period: str, position_ids: list[int]) -> set[int]:
-    rows = await conn.fetch(
-        "SELECT position_id FROM interest WHERE job = $1 AND period = $2 AND position_id = ANY($3::bigint[])", job, period, position_ids
-    )
-    return {r["position_id"] for r in rows}
 
 
 def _time_clause(column: str, first: int) -> str:
@@ -504,12 +465,25 @@ async def list_records(
 async def list_interest(
     pool: asyncpg.Pool, user_id: str, position_id: int | None, time_from: datetime | None, time_to: datetime | None, after_id: int, limit: int
 ) -> list[asyncpg.Record]:
-    return await pool.fetch(
-        "SELECT * FROM interest WHERE id > $1 AND ($2 = '' OR user_id = $2) AND ($3::bigint IS NULL OR position_id = $3)"
-        + _time_clause("created_at", 4)
-        + " ORDER BY id LIMIT $6",
-        after_id, user_id, position_id, time_from, time_to, limit,
+    """Interest records by id, with the position's product and asset. The filters are
+    written into the SQL only when set, so a user's records are found through the user's
+    positions (positions_user, then interest_position_payout), never by a scan."""
+    sql = (
+        "SELECT i.id, i.position_id, p.product_id, p.asset, i.amount, i.from_hour, i.to_hour, i.period, i.reinvested, i.created_at"
+        " FROM interest i JOIN positions p ON p.id = i.position_id WHERE i.id > $1"
     )
+    args: list[object] = [after_id]
+    for clause, value in (
+        ("p.user_id = ${}", user_id or None),
+        ("i.position_id = ${}", position_id),
+        ("i.created_at >= ${}", time_from),
+        ("i.created_at < ${}", time_to),
+    ):
+        if value is not None:
+            args.append(value)
+            sql += " AND " + clause.format(len(args))
+    args.append(limit)
+    return await pool.fetch(sql + f" ORDER BY i.id LIMIT ${len(args)}", *args)
 
 
 # ---- watermark and payouts ------------------------------------------------------------
@@ -552,35 +526,208 @@ async def flexible_products(conn: asyncpg.Connection, cadence: Cadence) -> list[
     return [r["product_id"] for r in rows]
 
 
-async def batch_seen(conn: asyncpg.Connection | asyncpg.Pool, job: str, period: str, partition: int, sequence: int) -> bool:
+# ---- payout batches ------------------------------------------------------------------------
+#
+# A batch is recorded in ONE statement (record_payout_batch) before the wallet is called:
+# the items are checked against positions, their interest rows inserted, what was left
+# out and why, the reinvestment decision, the event id (inbox) and the batch row with its
+# totals. The wallet credit follows with a key derived from the batch; post_payout_batch
+# then marks the batch posted (and its partition done when it is the last). A redelivery
+# finds the batch row: posted -> nothing to do; not yet posted -> the same credit again
+# (the wallet answers it from its idempotency key), computed from the row, never anew.
+
+
+@dataclass(frozen=True, slots=True)
+class RecordedBatch:
+    items: int  # items recorded, to be paid by the batch's one wallet credit
+    paid: Decimal  # their sum
+    excluded: frozenset[int]  # indexes (into the batch's columns) of the items left out
+    problems: str | None  # why they were left out, one line per item
+    reinvest: tuple[int, ...]  # positions whose interest is reinvested, decided here
+    digest: bytes  # of the batch as first delivered
+    posted: bool  # the wallet confirmed the credit
+
+
+def _recorded(row: asyncpg.Record) -> RecordedBatch:
+    return RecordedBatch(
+        items=row["items"],
+        paid=row["paid"],
+        excluded=frozenset(row["excluded"]),
+        problems=row["problems"],
+        reinvest=tuple(row["reinvest"]),
+        digest=bytes(row["digest"] or b""),
+        posted=row["posted_at"] is not None,
+    )
+
+
+async def payout_batch(conn: asyncpg.Connection | asyncpg.Pool, job: str, period: str, partition: int, sequence: int) -> RecordedBatch | None:
+    row = await conn.fetchrow(
+        "SELECT items, paid, excluded, problems, reinvest, digest, posted_at FROM payout_batches"
+        " WHERE job = $1 AND period = $2 AND partition = $3 AND sequence = $4",
+        job, period, partition, sequence,
+    )
+    return None if row is None else _recorded(row)
+
+
+# $1 job, $2 period, $3 partition, $4 sequence, $5 last, $6 product, $7 asset,
+# $8 boundary hour, $9 digest, $10 time, $11 inbox consumer, $12 event id,
+# $13..$15 position ids, user ids and amounts, each one text of lines, $16 from hours,
+# $17 original index of each item sent (NULL: all were sent, in order), $18 indexes left
+# out before (by the caller's checks), $19 why (NULL: none).
+#
+# The items are checked against positions through positions_identity (an index-only
+# scan: id, user, product, asset, and what decides a reinvestment). {conflict} is empty on
+# the fast path: an item whose (job, period, position) another batch recorded fails the
+# whole statement on interest_position_payout (nothing is written), and the slow path
+# runs it again with ON CONFLICT DO NOTHING, leaving such items out. A speculative insert
+# per row costs about as much as the rest of the insert, for a case that should never
+# happen (the engine puts a position in one batch of a payout).
+_RECORD_BATCH = r"""
+WITH t AS MATERIALIZED (
+    SELECT t.n, t.pos, t.u, t.m, t.f,
+           coalesce(p.user_id = t.u AND p.product_id = $6 AND p.asset = $7, false) AS ok,
+           coalesce(p.auto_subscribe AND p.status = 'active' AND p.kind = 'flexible', false) AS re
+    FROM unnest(string_to_array($13, E'\n')::bigint[], string_to_array($14, E'\n'),
+                string_to_array($15, E'\n')::numeric[], $16::bigint[]) WITH ORDINALITY AS t(pos, u, m, f, n)
+    -- LATERAL: one index lookup per item, never a merge join scanning a range of positions
+    LEFT JOIN LATERAL (SELECT * FROM positions p WHERE p.id = t.pos) p ON true
+), ins AS (
+    INSERT INTO interest (job, period, position_id, amount, from_hour, to_hour, created_at)
+    SELECT $1, $2, t.pos, t.m, t.f, $8, $10 FROM t WHERE t.ok
+    {conflict}
+    RETURNING position_id, amount
+), sums AS (
+    SELECT count(*)::integer AS items, coalesce(sum(amount), 0) AS paid FROM ins
+), left_out AS (
+    SELECT t.n, format('position %s: no such position of user/product/asset %s/%s/%s', t.pos, t.u, $6, $7) AS why
+    FROM t WHERE NOT t.ok
+    {conflicts}
+), inbox_row AS (
+    INSERT INTO inbox (consumer, event_id) VALUES ($11, $12::uuid) ON CONFLICT DO NOTHING RETURNING 1
+), batch AS (
+    INSERT INTO payout_batches (job, period, partition, sequence, last, items, created_at, product_id, asset,
+                                boundary_hour, paid, skipped, excluded, problems, reinvest, digest)
+    SELECT $1, $2, $3, $4, $5, sums.items, $10, $6, $7, $8, sums.paid, cardinality(x.excluded), x.excluded, x.problems, x.reinvest, $9
+    FROM sums, (
+        SELECT coalesce($18::integer[], '{{}}') || array(SELECT coalesce(($17::integer[])[l.n], l.n - 1)::integer FROM left_out l ORDER BY l.n) AS excluded,
+               nullif(concat_ws(E'\n', $19::text, (SELECT string_agg(l.why, E'\n' ORDER BY l.n) FROM left_out l)), '') AS problems,
+               array(SELECT t.pos FROM t WHERE t.ok AND t.re AND t.n NOT IN (SELECT l.n FROM left_out l) ORDER BY t.n) AS reinvest
+    ) x
+    ON CONFLICT DO NOTHING
+    RETURNING items, paid, excluded, problems, reinvest, digest, posted_at
+)
+SELECT (SELECT count(*) FROM inbox_row) AS first_time, b.* FROM (SELECT) AS one LEFT JOIN batch b ON true
+"""
+RECORD_BATCH = _RECORD_BATCH.format(conflict="", conflicts="")
+RECORD_BATCH_SKIPPING_PAID = _RECORD_BATCH.format(
+    conflict="ON CONFLICT (position_id, job, period) DO NOTHING",
+    conflicts="""UNION ALL
+    SELECT t.n, format('position %s: paid before by another batch of %s %s', t.pos, $1, $2)
+    FROM t WHERE t.ok AND t.pos NOT IN (SELECT position_id FROM ins)""",
+)
+
+
+async def record_payout_batch(
+    pool: asyncpg.Pool,
+    *,
+    job: str,
+    period: str,
+    partition: int,
+    sequence: int,
+    last: bool,
+    product_id: str,
+    asset: str,
+    boundary_hour: int,
+    digest: bytes,
+    at: datetime,
+    consumer: str,
+    event_id: str,
+    position_ids: str,
+    user_ids: str,
+    amounts: str,
+    from_hours: list[int],
+    sent: list[int] | None,
+    excluded: list[int],
+    problems: str | None,
+) -> RecordedBatch | None:
+    """Record a payout batch (see RECORD_BATCH) in one statement and one transaction.
+
+    ``position_ids``, ``user_ids`` and ``amounts`` are the items that passed the caller's
+    checks, one per line (each line already checked against its grammar); ``sent`` maps
+    them back to the batch's indexes when some were left out before. None: the batch or
+    its event was recorded meanwhile (a concurrent delivery): nothing is written."""
+    args = (
+        job, period, partition, sequence, last, product_id, asset, boundary_hour, digest, at,
+        consumer, event_id, position_ids, user_ids, amounts, from_hours, sent, excluded, problems,
+    )
+    try:
+        return await _record(pool, RECORD_BATCH, args)
+    except asyncpg.UniqueViolationError as err:
+        if err.constraint_name != "interest_position_payout":
+            raise
+        return await _record(pool, RECORD_BATCH_SKIPPING_PAID, args)
+
+
+async def _record(pool: asyncpg.Pool, sql: str, args: tuple[object, ...]) -> RecordedBatch | None:
+    async with pool.acquire() as conn:
+        tx = conn.transaction()
+        await tx.start()
+        try:
+            row = await conn.fetchrow(sql, *args)
+            assert row is not None
+            if row["items"] is None or not row["first_time"]:
+                await tx.rollback()
+                return None
+        except BaseException:
+            await tx.rollback()
+            raise
+        await tx.commit()
+    return _recorded(row)
+
+
+async def post_payout_batch(
+    conn: asyncpg.Connection | asyncpg.Pool, job: str, period: str, partition: int, sequence: int, posting_id: str | None, at: datetime
+) -> bool:
+    """The wallet confirmed the batch's credit: mark it posted (its partition done when it
+    is the last). False when it was posted before (by a concurrent delivery)."""
     return bool(
         await conn.fetchval(
-            "SELECT true FROM payout_batches WHERE job = $1 AND period = $2 AND partition = $3 AND sequence = $4", job, period, partition, sequence
+            """
+            WITH b AS (
+                UPDATE payout_batches SET posting_id = $5, posted_at = $6
+                WHERE job = $1 AND period = $2 AND partition = $3 AND sequence = $4 AND posted_at IS NULL
+                RETURNING last
+            ), done AS (
+                INSERT INTO payout_partitions (job, period, partition, done_at)
+                SELECT $1, $2, $3, $6 FROM b WHERE b.last ON CONFLICT DO NOTHING
+            )
+            SELECT count(*) FROM b
+            """,
+            job, period, partition, sequence, posting_id, at,
         )
     )
 
 
-async def insert_batch(
-    conn: asyncpg.Connection, job: str, period: str, partition: int, sequence: int, last: bool, items: int, posting_id: str, at: datetime
-) -> bool:
-    inserted = await conn.fetchval(
-        "INSERT INTO payout_batches (job, period, partition, sequence, last, items, posting_id, created_at)"
-        " VALUES ($1, $2, $3, $4, $5, $6, $7, $8) ON CONFLICT DO NOTHING RETURNING true",
-        job, period, partition, sequence, last, items, posting_id, at,
+async def mark_reinvested(conn: asyncpg.Connection, job: str, period: str, position_id: int) -> None:
+    await conn.execute(
+        "UPDATE interest SET reinvested = true WHERE position_id = $3 AND job = $1 AND period = $2", job, period, position_id
     )
-    if inserted and last:
-        await conn.execute(
-            "INSERT INTO payout_partitions (job, period, partition, done_at) VALUES ($1, $2, $3, $4) ON CONFLICT DO NOTHING",
-            job, period, partition, at,
-        )
-    return bool(inserted)
 
 
-async def payout_status(pool: asyncpg.Pool, job: str, period: str) -> tuple[int, int, list[asyncpg.Record]]:
+async def payout_status(pool: asyncpg.Pool, job: str, period: str) -> tuple[int, int, dict[str, Decimal]]:
+    """(partitions done, items paid, paid per asset) of a payout, from the totals of its
+    posted batches (and of batches recorded before they kept totals)."""
     done = await pool.fetchval("SELECT count(*) FROM payout_partitions WHERE job = $1 AND period = $2", job, period)
-    items = await pool.fetchval("SELECT count(*) FROM interest WHERE job = $1 AND period = $2", job, period)
-    paid = await pool.fetch("SELECT asset, sum(amount) AS paid FROM interest WHERE job = $1 AND period = $2 GROUP BY asset ORDER BY asset", job, period)
-    return done, items, paid
+    rows = await pool.fetch(
+        "SELECT asset, sum(items)::bigint AS items, sum(paid) AS paid FROM payout_batches"
+        " WHERE job = $1 AND period = $2 AND posted_at IS NOT NULL AND items > 0 GROUP BY asset"
+        " UNION ALL SELECT asset, items, paid FROM payout_legacy_totals WHERE job = $1 AND period = $2",
+        job, period,
+    )
+    paid: dict[str, Decimal] = {}
+    for r in rows:
+        paid[r["asset"]] = paid.get(r["asset"], Decimal(0)) + r["paid"]
+    return done, sum(r["items"] for r in rows), paid
 
 
 async def due_positions(pool: asyncpg.Pool, until_hour: int, limit: int = 1000) -> list[int]:
@@ -594,19 +741,6 @@ async def due_positions(pool: asyncpg.Pool, until_hour: int, limit: int = 1000) 
 async def position_holds(conn: asyncpg.Connection | asyncpg.Pool, position_id: int) -> list[tuple[int, Decimal]]:
     rows = await conn.fetch("SELECT hold_id, remaining FROM position_holds WHERE position_id = $1 AND remaining > 0 ORDER BY hold_id", position_id)
     return [(r["hold_id"], r["remaining"]) for r in rows]
-
-
-async def payout_intent(pool: asyncpg.Pool, job: str, period: str, partition: int, sequence: int, reinvest: list[int]) -> set[int]:
-    """Record the batch's reinvestment decision once; returns the decision first recorded."""
-    async with pool.acquire() as conn, conn.transaction():
-        await conn.execute(
-            "INSERT INTO payout_intents (job, period, partition, sequence, reinvest) VALUES ($1, $2, $3, $4, $5) ON CONFLICT DO NOTHING",
-            job, period, partition, sequence, reinvest,
-        )
-        decided = await conn.fetchval(
-            "SELECT reinvest FROM payout_intents WHERE job = $1 AND period = $2 AND partition = $3 AND sequence = $4", job, period, partition, sequence
-        )
-    return set(decided)
 
 
 # ---- payout previews --------------------------------------------------------------------

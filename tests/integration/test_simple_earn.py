@@ -425,6 +425,24 @@ async def test_request_payout_is_idempotent_per_job_and_period(stack, earn) -> N
     assert all(list(e[3].product_ids) == list(first.product_ids) and e[3].boundary_hour == boundary for e in mine)
 
 
+def payout_batch(
+    job: str, period: str, boundary: int, partition: int, product_id: str = "", *items: tuple[str, str, str, int],
+    sequence: int = 0, last: bool = True, asset: str = "BTC",
+) -> accrual_pb2.PayoutBatch:
+    """A PayoutBatch as the engine emits it: one product, the items in columns, from
+    (position id, user id, amount, from hour)."""
+    batch = accrual_pb2.PayoutBatch(
+        job=job, period=period, boundary_hour=boundary, partition=partition, sequence=sequence, last=last,
+        product_id=product_id, asset=asset if items or product_id else "",
+    )
+    for position_id, user_id, amount, from_hour in items:
+        batch.position_ids.append(position_id)
+        batch.user_ids.append(user_id)
+        batch.amounts.append(amount)
+        batch.from_hours.append(from_hour)
+    return batch
+
+
 async def _produce(stack, batch: accrual_pb2.PayoutBatch, envelope: bytes | None = None) -> bytes:
     raw = envelope or events.wrap(batch, key=f"{batch.job}:{batch.period}:{batch.partition}", producer="accrual", occurred_at=datetime.now(UTC)).SerializeToString()
     producer = AIOKafkaProducer(bootstrap_servers=stack.settings.kafka_bootstrap)
@@ -447,13 +465,10 @@ async def test_payout_batch_is_paid_exactly_once_and_reinvests(stack, earn, wall
     await earn.RequestPayout(se.RequestPayoutRequest(job=job, period=period, boundary_hour=boundary, cadence=se.PAYOUT_CADENCE_HOURLY), metadata=SERVICE)
     expense_before = await balance(wallet, "simple_earn", EXPENSE)
 
-    def item(pos: se.Position, amount: str, carry: str) -> accrual_pb2.PayoutItem:
-        return accrual_pb2.PayoutItem(
-            position_id=pos.position_id, product_id=p.product_id, user_id=pos.user_id, asset="BTC", amount=amount, carry=carry, from_hour=boundary - 24
-        )
-
-    batches = [accrual_pb2.PayoutBatch(job=job, period=period, boundary_hour=boundary, partition=q, sequence=0, last=True) for q in range(6)]
-    batches[1].items.extend([item(a, "0.00123456", "0.000000001"), item(b, "0.0001", "0")])
+    batches = [payout_batch(job, period, boundary, q) for q in range(6)]  # the last batch of a partition may be empty
+    batches[1] = payout_batch(
+        job, period, boundary, 1, p.product_id, (a.position_id, saver, "0.00123456", boundary - 24), (b.position_id, compounder, "0.0001", boundary - 24)
+    )
     raw = await _produce(stack, batches[1])
     await _produce(stack, batches[1], raw)  # the same envelope again
     await _produce(stack, batches[1])  # the same batch in a new envelope (engine re-ran)
@@ -461,6 +476,9 @@ async def test_payout_batch_is_paid_exactly_once_and_reinvests(stack, earn, wall
     async def paid() -> None:
         assert await balance(wallet, saver) == Decimal("3.00123456")
         assert await earn_db.fetchval("SELECT count(*) FROM interest WHERE period = $1", period) == 2
+        # The batch counts once the wallet confirmed its credit (and the reinvestment is done).
+        status = await earn.GetPayoutStatus(se.GetPayoutStatusRequest(job=job, period=period), metadata=SERVICE)
+        assert status.partitions_done == 1
 
     await eventually(paid)
     status = await earn.GetPayoutStatus(se.GetPayoutStatusRequest(job=job, period=period), metadata=SERVICE)
@@ -487,6 +505,141 @@ async def test_payout_batch_is_paid_exactly_once_and_reinvests(stack, earn, wall
     evs = await read_accrual(stack, lambda evs: len([e for e in evs if e[2] == "earn.v1.PositionChanged" and e[3].position_id == b.position_id]) >= 2)
     reinvested = [e[3] for e in evs if e[2] == "earn.v1.PositionChanged" and e[3].position_id == b.position_id][1]
     assert [c.delta for c in reinvested.changes] == ["0.0001"]
+
+
+async def test_unreadable_payout_records_are_parked_and_later_batches_still_pay(stack, earn, wallet, earn_db, earn_process) -> None:
+    p = await create(earn, payout_cadence=se.PAYOUT_CADENCE_HOURLY)
+    user = unique("u")
+    await deposit(wallet, user, "1")
+    position = (await subscribe(earn, user, p.product_id, "1")).position
+    job, period, boundary = "simple_earn.interest", f"D{uuid.uuid4().hex[:8]}", now_hour()
+    partition = 3
+    topic = topic_name(stack.settings, "accrual.payouts")
+    dead_before = await earn_db.fetchval("SELECT count(*) FROM dead_letters")
+
+    garbage = b"\xff\xfe not a protobuf envelope"
+    await _produce(stack, accrual_pb2.PayoutBatch(partition=partition), garbage)
+    bad_job = accrual_pb2.PayoutBatch(job="bad job!", period=period, boundary_hour=boundary, partition=partition, last=True)
+    bad_raw = await _produce(stack, bad_job)
+    wrong_type = events.wrap(accrual_pb2.HourClosed(hour=1), key="x", producer="accrual", occurred_at=datetime.now(UTC)).SerializeToString()
+    await _produce(stack, accrual_pb2.PayoutBatch(partition=partition), wrong_type)
+    # A batch of the format before columns (items in field 7): parked, never taken for an empty batch.
+    legacy_env = events.wrap(payout_batch(job, period, boundary, partition, sequence=7), key="x", producer="accrual", occurred_at=datetime.now(UTC))
+    legacy_env.payload += bytes([7 << 3 | 2, 2, 10, 0])
+    legacy = legacy_env.SerializeToString()
+    await _produce(stack, accrual_pb2.PayoutBatch(partition=partition), legacy)
+
+    # Paid in part: the unknown position is parked for a look, the good item is paid.
+    good = payout_batch(
+        job, period, boundary, partition, p.product_id, (position.position_id, user, "0.00000123", boundary - 1), ("999999999", user, "0.5", boundary - 1)
+    )
+    good_raw = await _produce(stack, good)
+
+    async def paid() -> None:
+        assert await balance(wallet, user) == Decimal("0.00000123")
+        assert await earn_db.fetchval("SELECT count(*) FROM dead_letters") == dead_before + 5
+
+    await eventually(paid, timeout=30)
+    rows = await earn_db.fetch('SELECT topic, "partition", "offset", error, raw FROM dead_letters ORDER BY id DESC LIMIT 5')
+    rows = rows[::-1]
+    assert [bytes(r["raw"]) for r in rows] == [garbage, bad_raw, wrong_type, legacy, good_raw]
+    assert all(r["topic"] == topic and r["partition"] == partition for r in rows)
+    offsets = [r["offset"] for r in rows]
+    assert offsets == sorted(offsets) and len(set(offsets)) == 5
+    assert "DecodeError" in rows[0]["error"] and "job" in rows[1]["error"] and "HourClosed" in rows[2]["error"]
+    assert "field 7" in rows[3]["error"]
+    assert "999999999" in rows[4]["error"] and "1 item(s) not paid" in rows[4]["error"]
+    recorded = await earn_db.fetch("SELECT position_id, amount FROM interest WHERE period = $1", period)
+    assert [(str(r["position_id"]), r["amount"]) for r in recorded] == [(position.position_id, Decimal("0.00000123"))]
+
+    samples = await asyncio.to_thread(metric_samples, earn_process)
+    assert samples[("earn_simple_earn_dead_letters_total", (("reason", "unreadable"),))] >= 4
+    assert samples[("earn_simple_earn_dead_letters_total", (("reason", "items_skipped"),))] >= 1
+    assert samples[("earn_simple_earn_payout_batches_total", (("outcome", "dead_letter"),))] >= 4
+    assert samples[("earn_simple_earn_interest_paid_total", (("asset", "BTC"), ("product", p.product_id)))] == pytest.approx(0.00000123)
+
+
+async def test_payout_batch_pays_only_items_that_match_a_position_once_even_when_redelivered(stack, earn, wallet, earn_db, earn_process) -> None:
+    p = await create(earn, payout_cadence=se.PAYOUT_CADENCE_HOURLY)
+    other = await create(earn, payout_cadence=se.PAYOUT_CADENCE_HOURLY)
+    alice, bob, carol, dave, eve = (unique(n) for n in ("alice", "bob", "carol", "dave", "eve"))
+    for u in (alice, bob, carol, dave, eve):
+        await deposit(wallet, u, "1")
+    a = (await subscribe(earn, alice, p.product_id, "1")).position
+    b = (await subscribe(earn, bob, p.product_id, "1", auto_subscribe=True)).position
+    c = (await subscribe(earn, carol, other.product_id, "1")).position
+    d = (await subscribe(earn, dave, p.product_id, "1")).position
+    e = (await subscribe(earn, eve, p.product_id, "1")).position
+    job, period, boundary, partition = "simple_earn.interest", f"M{uuid.uuid4().hex[:8]}", now_hour(), 4
+    await earn.RequestPayout(se.RequestPayoutRequest(job=job, period=period, boundary_hour=boundary, cadence=se.PAYOUT_CADENCE_HOURLY), metadata=SERVICE)
+    expense_before = await balance(wallet, "simple_earn", EXPENSE)
+    mallory = unique("mallory")
+    batch = payout_batch(
+        job, period, boundary, partition, p.product_id,
+        (a.position_id, alice, "0.000001", boundary - 24),
+        (c.position_id, carol, "0.3", boundary - 24),  # carol's position is of another product
+        (d.position_id, mallory, "0.4", boundary - 24),  # dave's position, named for another user
+        ("999999998", alice, "0.5", boundary - 24),  # no such position
+        (b.position_id, bob, "0.000002", boundary - 24),
+        (e.position_id, eve, "0.000000001", boundary - 24),  # more fraction digits than BTC has
+        (a.position_id, alice, "0.000001", boundary - 24),  # listed twice
+    )
+    raw = await _produce(stack, batch)
+
+    async def paid() -> None:
+        assert await balance(wallet, alice) == Decimal("0.000001")
+        assert await balance(wallet, bob, HOLD) == Decimal("1.000002")  # credited, then reinvested
+        assert (await earn.GetPayoutStatus(se.GetPayoutStatusRequest(job=job, period=period), metadata=SERVICE)).partitions_done == 1
+        assert await earn_db.fetchval("SELECT count(*) FROM dead_letters WHERE raw = $1", raw) == 1
+
+    await eventually(paid, timeout=30)
+    dead = await earn_db.fetchrow('SELECT error, raw FROM dead_letters WHERE raw = $1', raw)
+    assert dead is not None and dead["error"].startswith("5 item(s) not paid")
+    for culprit in (c.position_id, d.position_id, "999999998", e.position_id):
+        assert culprit in dead["error"]
+    assert "listed more than once" in dead["error"] and mallory in dead["error"]
+
+    async def state() -> tuple:
+        rows = await earn_db.fetch("SELECT position_id, amount, reinvested FROM interest WHERE period = $1 ORDER BY position_id", period)
+        funds = [await balance(wallet, u, kind) for u in (alice, bob, carol, dave, eve, mallory) for kind in (FUNDING, HOLD)]
+        return [(str(r["position_id"]), r["amount"], r["reinvested"]) for r in rows], funds, await balance(wallet, "simple_earn", EXPENSE)
+
+    first = await state()
+    assert first[0] == sorted([(a.position_id, Decimal("0.000001"), False), (b.position_id, Decimal("0.000002"), True)], key=lambda r: int(r[0]))
+    # (funding, hold) of alice, bob, carol, dave, eve and mallory
+    assert first[1] == [Decimal("0.000001"), 1, 0, Decimal("1.000002"), 0, 1, 0, 1, 0, 1, 0, 0]
+    assert first[2] == expense_before - Decimal("0.000003")
+    status = await earn.GetPayoutStatus(se.GetPayoutStatusRequest(job=job, period=period), metadata=SERVICE)
+    assert (status.partitions_done, status.items, dict(status.paid)) == (1, 2, {"BTC": "0.000003"})
+    listed = await earn.ListPositions(se.ListPositionsRequest(user_id=alice), metadata=GATEWAY)
+    assert [(x.position_id, x.interest_paid) for x in listed.positions] == [(a.position_id, "0.000001")]
+    for who, pos in ((carol, c), (dave, d), (eve, e)):
+        listed = await earn.ListPositions(se.ListPositionsRequest(user_id=who), metadata=GATEWAY)
+        assert [x.interest_paid for x in listed.positions] == ["0"], who
+        assert not (await earn.ListInterest(se.ListInterestRequest(user_id=who), metadata=GATEWAY)).records
+    records = await earn.ListInterest(se.ListInterestRequest(user_id=bob), metadata=GATEWAY)
+    assert [(r.position_id, r.product_id, r.asset, r.amount, r.reinvested) for r in records.records] == [(b.position_id, p.product_id, "BTC", "0.000002", True)]
+
+    # Redelivered: the same envelope, and the same batch in a new envelope. Then the same
+    # batch key with other items (parked: paid as first delivered).
+    before = await asyncio.to_thread(metric_samples, earn_process)
+    duplicates = before.get(("earn_simple_earn_payout_batches_total", (("outcome", "duplicate"),)), 0)
+    await _produce(stack, batch, raw)
+    await _produce(stack, batch)
+    changed = payout_batch(job, period, boundary, partition, p.product_id, (d.position_id, dave, "0.4", boundary - 24))
+    changed_raw = await _produce(stack, changed)
+
+    async def seen() -> None:
+        samples = await asyncio.to_thread(metric_samples, earn_process)
+        assert samples[("earn_simple_earn_payout_batches_total", (("outcome", "duplicate"),))] == duplicates + 2
+        assert await earn_db.fetchval("SELECT error FROM dead_letters WHERE raw = $1", changed_raw) is not None
+
+    await eventually(seen, timeout=30)
+    assert "delivered before with other items" in await earn_db.fetchval("SELECT error FROM dead_letters WHERE raw = $1", changed_raw)
+    await asyncio.sleep(1.0)  # the release sweeper and any late duplicate had their chance
+    assert await state() == first
+    status = await earn.GetPayoutStatus(se.GetPayoutStatusRequest(job=job, period=period), metadata=SERVICE)
+    assert (status.partitions_done, status.items, dict(status.paid)) == (1, 2, {"BTC": "0.000003"})
 
 
 # ---- fixed-term maturity ------------------------------------------------------------
@@ -793,51 +946,3 @@ async def test_preview_payout_refuses_bad_input(earn, earn_db, wallet_db) -> Non
         "was requested with boundary_hour",
     )
     assert (await earn.PreviewPayout(se.PreviewPayoutRequest(**good), metadata=OPERATOR)).requested
-
-
-async def test_unreadable_payout_records_are_parked_and_later_batches_still_pay(stack, earn, wallet, earn_db, earn_process) -> None:
-    p = await create(earn, payout_cadence=se.PAYOUT_CADENCE_HOURLY)
-    user = unique("u")
-    await deposit(wallet, user, "1")
-    position = (await subscribe(earn, user, p.product_id, "1")).position
-    job, period, boundary = "simple_earn.interest", f"D{uuid.uuid4().hex[:8]}", now_hour()
-    partition = 3
-    topic = topic_name(stack.settings, "accrual.payouts")
-    dead_before = await earn_db.fetchval("SELECT count(*) FROM dead_letters")
-
-    garbage = b"\xff\xfe not a protobuf envelope"
-    await _produce(stack, accrual_pb2.PayoutBatch(partition=partition), garbage)
-    bad_job = accrual_pb2.PayoutBatch(job="bad job!", period=period, boundary_hour=boundary, partition=partition, last=True)
-    bad_raw = await _produce(stack, bad_job)
-    wrong_type = events.wrap(accrual_pb2.HourClosed(hour=1), key="x", producer="accrual", occurred_at=datetime.now(UTC)).SerializeToString()
-    await _produce(stack, accrual_pb2.PayoutBatch(partition=partition), wrong_type)
-
-    def item(position_id: str, amount: str) -> accrual_pb2.PayoutItem:
-        return accrual_pb2.PayoutItem(position_id=position_id, product_id=p.product_id, user_id=user, asset="BTC", amount=amount, carry="0", from_hour=boundary - 1)
-
-    # Paid in part: the unknown position is parked for a look, the good item is paid.
-    good = accrual_pb2.PayoutBatch(job=job, period=period, boundary_hour=boundary, partition=partition, sequence=0, last=True)
-    good.items.extend([item(position.position_id, "0.00000123"), item("999999999", "0.5")])
-    good_raw = await _produce(stack, good)
-
-    async def paid() -> None:
-        assert await balance(wallet, user) == Decimal("0.00000123")
-        assert await earn_db.fetchval("SELECT count(*) FROM dead_letters") == dead_before + 4
-
-    await eventually(paid, timeout=30)
-    rows = await earn_db.fetch('SELECT topic, "partition", "offset", error, raw FROM dead_letters ORDER BY id DESC LIMIT 4')
-    rows = rows[::-1]
-    assert [bytes(r["raw"]) for r in rows] == [garbage, bad_raw, wrong_type, good_raw]
-    assert all(r["topic"] == topic and r["partition"] == partition for r in rows)
-    offsets = [r["offset"] for r in rows]
-    assert offsets == sorted(offsets) and len(set(offsets)) == 4
-    assert "DecodeError" in rows[0]["error"] and "job" in rows[1]["error"] and "HourClosed" in rows[2]["error"]
-    assert "999999999" in rows[3]["error"] and "1 item(s) not paid" in rows[3]["error"]
-    recorded = await earn_db.fetch("SELECT position_id, amount FROM interest WHERE period = $1", period)
-    assert [(str(r["position_id"]), r["amount"]) for r in recorded] == [(position.position_id, Decimal("0.00000123"))]
-
-    samples = await asyncio.to_thread(metric_samples, earn_process)
-    assert samples[("earn_simple_earn_dead_letters_total", (("reason", "unreadable"),))] >= 3
-    assert samples[("earn_simple_earn_dead_letters_total", (("reason", "items_skipped"),))] >= 1
-    assert samples[("earn_simple_earn_payout_batches_total", (("outcome", "dead_letter"),))] >= 3
-    assert samples[("earn_simple_earn_interest_paid_total", (("asset", "BTC"), ("product", p.product_id)))] == pytest.approx(0.00000123)

@@ -201,3 +201,62 @@ def test_payout_preview_equals_what_the_engine_ledger_pays(
         assert preview is not None
         assert (preview.amount, preview.from_hour) == (taken.paid, taken.from_hour), (boundary, previous)
         previous = boundary
+
+
+# ---- payout batch columns -------------------------------------------------------------------
+
+def _one_by_one(position_id: str, user_id: str, amount: str, asset: str) -> bool:
+    """The per-item rules the column check must agree with: the strict kernel grammar."""
+    from services.kernel.money import parse_amount
+
+    try:
+        domain.check_position_id(position_id)
+        domain.check_user_id(user_id)
+        parse_amount(amount, asset)
+    except InvalidArgument:
+        return False
+    return True
+
+
+texts = st.one_of(
+    st.sampled_from(["0", "00", "0.0", "0.000000001", "1", "1.5", "01", "1e3", "-1", " 1", "1\n2", "", "NaN", "0.00000001", "99999999999999999999", "999999999999999999999", "7", "u-1", "a b", "x" * 65]),
+    st.text(alphabet="0123456789.e-\n ab", max_size=12),
+)
+
+
+@given(st.lists(st.tuples(texts, texts, texts), max_size=8), st.sampled_from(["BTC", "USDT", "ETH"]))
+def test_payout_columns_keep_exactly_the_items_each_rule_accepts(items: list[tuple[str, str, str]], asset: str) -> None:
+    ids, users, amounts = ([i[k] for i in items] for k in range(3))
+    checked = domain.check_payout_columns(ids, users, amounts, asset)
+    seen: set[str] = set()
+    expected_kept = []
+    for n, (position_id, user_id, amount) in enumerate(items):
+        if _one_by_one(position_id, user_id, amount, asset) and position_id not in seen:
+            expected_kept.append(n)
+        seen.add(position_id)
+    kept = list(range(len(items))) if checked.kept is None else checked.kept
+    assert kept == expected_kept
+    assert sorted(checked.problems) == [n for n in range(len(items)) if n not in expected_kept]
+    assert checked.position_ids.split("\n") == [ids[n] for n in kept] or (not kept and checked.position_ids == "")
+    assert checked.amounts.count("\n") == max(0, len(kept) - 1) and checked.user_ids.count("\n") == max(0, len(kept) - 1)
+
+
+def test_payout_columns_name_each_item_left_out() -> None:
+    checked = domain.check_payout_columns(
+        ["1", "2", "x", "4", "1", "6"], ["u1", "u2", "u3", "bad user", "u1", "u6"], ["0.5", "0", "1", "1", "0.5", "0.000000001"], "BTC"
+    )
+    assert checked.kept == [0]
+    assert checked.position_ids == "1" and checked.user_ids == "u1" and checked.amounts == "0.5"
+    assert "not a decimal > 0" in checked.problems[1] and "not a position id" in checked.problems[2]
+    assert "user id grammar" in checked.problems[3] and "more than once" in checked.problems[4] and "fraction digits" in checked.problems[5]
+    with pytest.raises(InvalidArgument, match="position_ids"):
+        domain.check_payout_columns(["1"], [], ["1"], "BTC")
+    with pytest.raises(InvalidArgument, match="asset"):
+        domain.check_payout_columns(["1"], ["u"], ["1"], "NOPE")
+
+
+def test_bulk_credits_are_one_per_user_in_batch_order() -> None:
+    assert domain.bulk_credits(["a", "b"], ["1", "2"], None) == (["a", "b"], ["1", "2"])
+    assert domain.bulk_credits(["a", "b", "c"], ["1", "2", "3"], [0, 2]) == (["a", "c"], ["1", "3"])
+    # A user with two positions in the batch (one closed, one open) gets one credit of their sum.
+    assert domain.bulk_credits(["a", "b", "a"], ["0.1", "2", "0.25"], None) == (["a", "b"], ["0.35", "2"])
