@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 import time
 import uuid
 from datetime import UTC, datetime
@@ -50,6 +51,9 @@ TICK_TO_VISIBLE = Histogram(
 PAYOUT_ITEMS = Counter("earn_accrual_payout_items_total", "PayoutItems emitted (re-emissions included)")
 PAYOUT_REQUESTS = Counter("earn_accrual_payout_requests_total", "PayoutRequested processed per partition")
 LAG = Gauge("earn_accrual_consumer_lag", "Input messages not yet processed, per partition", ["partition"])
+# Payout batches not acknowledged by the broker within this many seconds stop the worker.
+DELIVERY_TIMEOUT = 120.0
+
 SKIPPED = Counter("earn_accrual_events_skipped_total", "Input events skipped, by reason", ["reason"])
 
 _TYPES = {
@@ -86,7 +90,7 @@ def app_id(settings: AccrualSettings) -> str:
 
 
 class Engine:
-    """The agent's logic over the three tables; one instance per app."""
+    """The agent's logic over the tables and the in-memory books; one instance per app."""
 
     def __init__(self, app: faust.App, output: faust.TopicT, partitions: int) -> None:
         self.app = app
@@ -100,19 +104,43 @@ class Engine:
         )
         self.products = app.Table("products", help="per partition: product -> rate index", **table)
         self.positions = app.Table("positions", help="per partition: position ledgers", **table)
-        self.partitions_meta = app.Table(
-            "partitions", help="per partition: watermark and recent payout requests", **table
-        )
+        self.partitions_meta = app.Table("partitions", help="per partition: the watermark", **table)
+        self.payouts = app.Table("payouts", help="per partition: product -> recent payout requests", **table)
         self._index_cache: dict[str, tuple[str, domain.ProductState]] = {}
+        self.books: dict[int, domain.Book] = {}
+        app.on_partitions_assigned.connect(self._forget_books)
+        app.on_partitions_revoked.connect(self._forget_books)
+
+    @classmethod
+    def in_memory(cls, output: Any, partitions: int) -> Engine:
+        """The same logic over plain dicts instead of faust tables and an ``output``
+        with faust's ``send`` signature: for benchmarks and tests without a broker."""
+        engine = cls.__new__(cls)
+        engine.app = None  # type: ignore[assignment]
+        engine.output = output
+        engine.partitions = partitions
+        engine.products, engine.positions, engine.partitions_meta, engine.payouts = {}, {}, {}, {}
+        engine._index_cache = {}
+        engine.books = {}
+        return engine
+
+    async def _forget_books(self, *args: Any, **kwargs: Any) -> None:
+        """After a rebalance the tables are recovered from their changelogs: the books
+        (derived, in memory) are rebuilt from them at the next payout."""
+        self.books.clear()
 
     # -- table helpers
 
     @staticmethod
-    def _get(table: Any, key: str) -> dict[str, Any] | None:
+    def _get(table: Any, key: str) -> Any:
         raw = table.get(key)
         if raw is None:
             return None
         return json.loads(raw if isinstance(raw, str) else raw.decode())
+
+    @staticmethod
+    def _put(table: Any, key: str, value: Any) -> None:
+        table[key] = json.dumps(value, separators=(",", ":"))
 
     def product(self, partition: int, product_id: str) -> domain.ProductState | None:
         key = domain.product_key(partition, product_id)
@@ -127,15 +155,41 @@ class Engine:
         self._index_cache[key] = (raw, state)
         return state
 
+    def product_ids(self, partition: int) -> list[str]:
+        """Every product the partition knows (from its rates), positions or not: a
+        payout request is recorded in each one's history."""
+        prefix = f"{partition}:"
+        keys = (k if isinstance(k, str) else k.decode() for k in list(self.products.keys()))
+        return sorted(domain.split_product_key(k)[1] for k in keys if k.startswith(prefix))
+
+    def history(self, partition: int, product_id: str) -> domain.PayoutHistory:
+        data = self._get(self.payouts, domain.product_key(partition, product_id))
+        return domain.PayoutHistory.from_list(data) if data else domain.PayoutHistory()
+
     def partition_state(self, partition: int) -> domain.PartitionState:
         data = self._get(self.partitions_meta, domain.partition_key(partition))
         return domain.PartitionState.from_dict(data) if data else domain.PartitionState()
 
-    def save_partition_state(self, partition: int, state: domain.PartitionState) -> None:
-        self.partitions_meta[domain.partition_key(partition)] = json.dumps(state.to_dict(), separators=(",", ":"))
-
     def watermark(self, partition: int) -> int:
         return self.partition_state(partition).hour
+
+    def book(self, partition: int) -> domain.Book:
+        """The partition's positions in memory, built from the table when missing."""
+        book = self.books.get(partition)
+        if book is None:
+            book = self.books[partition] = domain.Book()
+            prefix = f"{partition}:"
+            for key in list(self.positions.keys()):
+                key = key if isinstance(key, str) else key.decode()
+                if key.startswith(prefix):
+                    state = domain.PositionState.from_dict(self._get(self.positions, key))
+                    book.put(self._view(partition, state, book))
+            log.info("positions loaded into memory", extra={"partition": partition, "positions": len(book)})
+        return book
+
+    def _view(self, partition: int, state: domain.PositionState, book: domain.Book) -> domain.Position:
+        product = self.product(partition, state.product_id)
+        return domain.position_view(state, product.index if product else None, book.rates_version(state.product_id))
 
     # -- the agent
 
@@ -188,13 +242,15 @@ class Engine:
         state = self.product(partition, msg.product_id)
         state, changed = domain.apply_rates(state, msg.asset, msg.effective_hour, tiers)
         if changed:
-            key = domain.product_key(partition, msg.product_id)
-            self.products[key] = json.dumps(state.to_dict(), separators=(",", ":"))
+            self._put(self.products, domain.product_key(partition, msg.product_id), state.to_dict())
             INDEX_UPDATES.inc()
+            book = self.books.get(partition)
+            if book is not None:
+                book.rates_changed(msg.product_id, msg.effective_hour)
             wm = self.watermark(partition)
             if msg.effective_hour < wm:
                 log.warning(
-                    "rates set for an hour already closed: positions settled past it keep their amounts",
+                    "rates set for an hour already closed: the next payout pays the difference (or waits for a debt)",
                     extra={"product_id": msg.product_id, "effective_hour": msg.effective_hour, "watermark": wm},
                 )
 
@@ -223,121 +279,187 @@ class Engine:
             changes=changes,
             closed_from_hour=msg.closed_from_hour,
             index=product.index if product else None,
+            history=self.history(partition, msg.product_id),
         )
         if new is None:
             SKIPPED.labels("duplicate").inc()
             return
-        self.positions[key] = json.dumps(new.to_dict(), separators=(",", ":"))
+        self._put(self.positions, key, new.to_dict())
+        book = self.books.get(partition)
+        if book is not None:
+            book.put(self._view(partition, new, book))
 
     def on_hour_closed(self, partition: int, env: events_pb2.EventEnvelope, msg: accrual_pb2.HourClosed) -> None:
         # O(1) here: the rate indices need no per-hour work (APR-hours at any hour are
         # computed from the epochs), so closing an hour costs nothing per position.
         state = self.partition_state(partition)
         if state.close_hour(msg.hour):
-            self.save_partition_state(partition, state)
+            self._put(self.partitions_meta, domain.partition_key(partition), state.to_dict())
         TICK_TO_VISIBLE.observe(max(0.0, time.time() - events.occurred_at(env).timestamp()))
 
     async def on_payout(
         self, partition: int, offset: int, env: events_pb2.EventEnvelope, msg: accrual_pb2.PayoutRequested
     ) -> None:
+        """Pay the partition's positions of the wanted products, product after product,
+        in a deterministic order; batches leave as they fill. Nothing is written per
+        position (see ``domain``) except the few closed and paid for good."""
         PAYOUT_REQUESTS.inc()
-        wanted = set(msg.product_ids)
-        prefix = f"{partition}:"
-        keys = []
-        for key in list(self.positions.keys()):
-            key = key if isinstance(key, str) else key.decode()
-            if not key.startswith(prefix):
-                continue
-            _, product_id, position_id = domain.split_position_key(key)
-            if wanted and product_id not in wanted:
-                continue
-            keys.append((position_id, product_id, key))
-        keys.sort()
-        meta = self.partition_state(partition)
-        duplicate, changed = meta.register_request(msg.job, msg.period, offset)
-        if changed:
-            self.save_partition_state(partition, meta)
-        if duplicate:
-            log.warning("payout request seen before at another offset: re-emitting only", extra={"job": msg.job, "period": msg.period})
-        watermark = meta.hour
+        watermark = self.watermark(partition)
         if msg.boundary_hour > watermark:
             log.warning(
                 "payout boundary beyond the closed hours",
                 extra={"job": msg.job, "period": msg.period, "boundary_hour": msg.boundary_hour, "watermark": watermark},
             )
-        items: list[accrual_pb2.PayoutItem] = []
-        for n, (position_id, product_id, key) in enumerate(keys):
-            if n and n % 1000 == 0:
-                await asyncio.sleep(0)  # keep heartbeats and the loop alive in big payouts
-            data = self._get(self.positions, key)
-            if data is None:
-                continue
-            state = domain.PositionState.from_dict(data)
+        book = self.book(partition)
+        wanted = set(msg.product_ids)
+        plan: list[tuple[str, domain.ProductState, domain.PayoutEntry]] = []
+        for product_id in self.product_ids(partition):
             product = self.product(partition, product_id)
-            try:
-                result = domain.payout_position(
-                    state,
-                    product.index if product else None,
-                    job=msg.job,
-                    period=msg.period,
-                    boundary_hour=msg.boundary_hour,
-                    offset=offset,
-                    watermark=watermark,
-                    duplicate=duplicate,
-                )
-            except DomainError as err:
-                log.error("position not paid", extra={"position_id": position_id, "error": err.message})
+            if product is None or (wanted and product_id not in wanted):
                 continue
-            if result.delete:
-                del self.positions[key]
-            elif result.state is not None:
-                self.positions[key] = json.dumps(result.state.to_dict(), separators=(",", ":"))
-            if result.item is not None:
-                record = result.item
-                items.append(
-                    accrual_pb2.PayoutItem(
-                        position_id=state.position_id,
-                        product_id=state.product_id,
-                        user_id=state.user_id,
-                        asset=state.asset,
-                        amount=money.format_amount(record.amount),
-                        carry=money.format_amount(record.carry),
-                        from_hour=record.from_hour,
-                    )
+            history = self.history(partition, product_id)
+            entry, status = history.record(msg.job, msg.period, msg.boundary_hour, offset)
+            if status == "duplicate":
+                # Published again by the upstream relay: the first one's batches are
+                # complete (its offset was committed only after they were); pay nothing.
+                SKIPPED.labels("payout_duplicate").inc()
+                log.warning("payout request published again: already paid", extra={"job": msg.job, "period": msg.period})
+                return
+            if status == "stale":
+                SKIPPED.labels("payout_stale").inc()
+                log.warning(
+                    "payout boundary not after the product's last one: nothing to pay",
+                    extra={"job": msg.job, "period": msg.period, "product_id": product_id, "boundary_hour": msg.boundary_hour},
                 )
-        await self.emit(partition, msg, items)
+                continue
+            if status == "new":
+                self._put(self.payouts, domain.product_key(partition, product_id), history.to_list())
+            assert entry is not None
+            plan.append((product_id, product, entry))
+        emitter = _Emitter(self, partition, msg)
+        for product_id, product, entry in plan:
+            await self._pay_product(partition, book, product, product_id, domain.Payout(product, entry, offset, watermark), emitter)
+        await emitter.finish()
 
-    async def emit(self, partition: int, msg: accrual_pb2.PayoutRequested, items: list[accrual_pb2.PayoutItem]) -> None:
-        key = domain.batch_key(msg.job, msg.period, partition).encode()
-        pending = []
-        for seq, last, chunk in domain.batches(items):
-            batch = accrual_pb2.PayoutBatch(
-                job=msg.job,
-                period=msg.period,
-                boundary_hour=msg.boundary_hour,
-                partition=partition,
-                sequence=seq,
-                last=last,
-                items=chunk,
+    async def _pay_product(
+        self, partition: int, book: domain.Book, product: domain.ProductState, product_id: str,
+        payout: domain.Payout, emitter: _Emitter,
+    ) -> None:
+        emitter.product(product_id, product.asset)
+        scale = money.scale_of(product.asset, "asset") if product.asset else 0
+        for n, pos in enumerate(book.ordered(product_id)):
+            if n % 20_000 == 0:
+                await asyncio.sleep(0)  # keep heartbeats and the loop alive in big payouts
+            if book.stale(pos):
+                pos = self._view(partition, pos.state, book)
+                book.put(pos)
+            try:
+                settled = payout.settle(pos)
+            except domain.Unrecoverable:
+                SKIPPED.labels("unrecoverable_replay").inc()
+                log.error("replayed payout reaches past the position's marks: not re-emitted",
+                          extra={"position_id": pos.state.position_id, "job": payout.entry.job, "period": payout.entry.period})
+                continue
+            except DomainError as err:
+                log.error("position not paid", extra={"position_id": pos.state.position_id, "error": err.message})
+                continue
+            key = domain.position_key(partition, product_id, pos.state.position_id)
+            if settled is None:
+                if pos.state.dropped and payout.expired(pos.state):
+                    del self.positions[key]
+                    book.remove(product_id, pos.state.position_id)
+                continue
+            if settled.amount > 0:
+                await emitter.add(pos.state.position_id, pos.state.user_id, domain.format_minor(settled.amount, scale), settled.from_hour)
+            if settled.drop:
+                marker = payout.marker(pos, settled)
+                self._put(self.positions, key, marker.to_dict())
+                book.put(self._view(partition, marker, book))
+
+
+class _Emitter:
+    """A partition's payout batches for one request: one product per batch, sent as
+    they fill; the last one (possibly empty) flagged. Deterministic: the same state and
+    request give the same batches with the same event ids."""
+
+    def __init__(self, engine: Engine, partition: int, msg: accrual_pb2.PayoutRequested) -> None:
+        self.engine = engine
+        self.partition = partition
+        self.msg = msg
+        self.key = domain.batch_key(msg.job, msg.period, partition)
+        self.sequence = 0
+        self.pending: list[asyncio.Future[Any]] = []
+        self.product_id = self.asset = ""
+        self._clear()
+
+    def _clear(self) -> None:
+        self.position_ids: list[str] = []
+        self.user_ids: list[str] = []
+        self.amounts: list[str] = []
+        self.from_hours: list[int] = []
+
+    def product(self, product_id: str, asset: str) -> None:
+        self.product_id, self.asset = product_id, asset
+
+    async def add(self, position_id: str, user_id: str, amount: str, from_hour: int) -> None:
+        if self.position_ids and len(self.position_ids) >= domain.BATCH_SIZE:
+            await self._send(last=False)
+        elif self.position_ids and self._batch_product != self.product_id:
+            await self._send(last=False)
+        if not self.position_ids:
+            self._batch_product, self._batch_asset = self.product_id, self.asset
+        self.position_ids.append(position_id)
+        self.user_ids.append(user_id)
+        self.amounts.append(amount)
+        self.from_hours.append(from_hour)
+
+    async def _send(self, last: bool) -> None:
+        msg = self.msg
+        batch = accrual_pb2.PayoutBatch(
+            job=msg.job,
+            period=msg.period,
+            boundary_hour=msg.boundary_hour,
+            partition=self.partition,
+            sequence=self.sequence,
+            last=last,
+            product_id=self._batch_product if self.position_ids else "",
+            asset=self._batch_asset if self.position_ids else "",
+            position_ids=self.position_ids,
+            user_ids=self.user_ids,
+            amounts=self.amounts,
+            from_hours=self.from_hours,
+        )
+        env = events.wrap(
+            batch,
+            key=self.key,
+            producer=PRODUCER,
+            occurred_at=datetime.now(UTC),
+            event_id=_batch_event_id(msg.job, msg.period, self.partition, self.sequence),
+        )
+        self.pending.append(
+            await self.engine.output.send(
+                key=self.key.encode(),
+                value=env.SerializeToString(deterministic=True),
+                partition=self.partition % _output_partitions(),
+                force=True,  # now, not at commit: delivery is awaited in finish()
             )
-            env = events.wrap(
-                batch,
-                key=key.decode(),
-                producer=PRODUCER,
-                occurred_at=datetime.now(UTC),
-                event_id=_batch_event_id(msg.job, msg.period, partition, seq),
-            )
-            pending.append(
-                await self.output.send(
-                    key=key,
-                    value=env.SerializeToString(deterministic=True),
-                    partition=partition % _output_partitions(),
-                    force=True,  # now, not at commit: delivery is awaited below
-                )
-            )
-            PAYOUT_ITEMS.inc(len(chunk))
-        # The request's offset may be committed only once its batches are in the log.
-        await asyncio.gather(*pending)
+        )
+        PAYOUT_ITEMS.inc(len(self.position_ids))
+        self.sequence += 1
+        self._clear()
+
+    async def finish(self) -> None:
+        """Send the last batch, then wait until every batch is in the log: only then may
+        the request's offset be committed. A broker that does not acknowledge within
+        ``DELIVERY_TIMEOUT`` fails the request loudly instead of stalling the partition
+        (the process exits and a restart re-emits the same batches)."""
+        await self._send(last=True)
+        try:
+            await asyncio.wait_for(asyncio.gather(*self.pending), DELIVERY_TIMEOUT)
+        except asyncio.TimeoutError:
+            log.critical("payout batches not acknowledged in time: exiting for a restart",
+                         extra={"job": self.msg.job, "period": self.msg.period, "partition": self.partition})
+            os._exit(70)
 
 
 def _output_partitions() -> int:

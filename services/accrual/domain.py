@@ -2,15 +2,33 @@
 
 State of one input partition (the faust app keeps it in changelog-backed tables):
 
-- per product: its ``RateIndex`` (the same in every partition: each partition sees the
-  same ordered ``ProductRatesSet`` facts) and its asset;
+- per product: its ``RateIndex`` and asset (the same in every partition: each partition
+  sees the same ordered ``ProductRatesSet`` facts), and its ``PayoutHistory``: the last
+  payout requests (job, period, boundary, the previous boundary, input offset);
 - the partition's watermark: the last ``HourClosed`` hour;
-- per position: a ``PositionState`` (identity, ``PositionLedger``, closing hour, the
-  ids of recently applied events, the input offset of the last event applied to it,
-  and its recent payouts).
+- per position: a ``PositionState``: identity, principal history, closing hour, the ids
+  of recently applied events, the input offset of the last event applied to it, and its
+  *marks*: what it had been paid in all through recent payout boundaries.
 
-Redelivery (faust at-least-once, or a duplicate from the upstream outbox relay) is made
-harmless per record:
+**Payouts write nothing per position.** A position's exact interest from its start to
+an hour h, E(h) (principal x APR-hours / 8760), is a function of its principal history
+and the product's rate index. Truncation with a carried remainder means that through a
+payout at boundary B a position has been paid floor(E(B)) at the asset's scale in all
+(each payout pays what accrued plus the previous remainder, truncated; the remainder is
+E(B) - floor(E(B)) and carries). So a payout at B after one at B0 pays
+floor(E(B)) - paid(B0), where paid(B0) is
+
+- max(latest mark, floor(E(B0))) when the position has not changed since the request
+  of B0 (E is the same now as then), or
+- its mark at B0, recorded when it changed: before a ``PositionChanged`` is applied the
+  position *materialises* marks for the product's recent boundaries with the history
+  as it was. A late change (an hour already paid) then changes E for paid hours, and the
+  next payout pays the difference (never less than nothing: a debt waits).
+
+A payout over a million positions therefore reads memory (``Book``) and emits batches;
+it writes one record per product, plus the few positions closed and paid for good.
+
+Redelivery (faust at-least-once, or a duplicate from the upstream outbox relay):
 
 - a ``PositionChanged`` is skipped when its offset is <= the position's last applied
   offset (a faust replay after a crash: the table may be ahead of the committed offset)
@@ -18,30 +36,44 @@ harmless per record:
 - a ``ProductRatesSet`` is an upsert of the epoch at its hour: applying it again is a
   no-op;
 - an ``HourClosed`` only moves the watermark forward;
-- a ``PayoutRequested`` finds, per position, the payout it already made for the same
-  (job, period) and re-emits exactly that item; positions dropped after being fully
-  paid leave a small marker with their last payouts and event ids, so a replay neither
-  resurrects them nor loses their item.
+- a ``PayoutRequested`` for a (job, period) in the product's history, at the same offset
+  (a replay) or another (a duplicate publication), recomputes with the boundaries it
+  recorded the first time and so re-emits exactly the same items: positions unchanged
+  since give the same amounts; positions changed after it (their state ahead of a
+  replay) answer from their marks at the two boundaries.
 """
 
 from __future__ import annotations
 
+import bisect
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
-from decimal import Decimal
+from decimal import Decimal, localcontext
 from typing import Any
 
 from services.kernel import money
-from services.kernel.interest import PositionLedger, RateIndex, Tier, tiers_from_json, tiers_to_json
+from services.kernel.interest import (
+    HOURS_PER_YEAR,
+    PositionLedger,
+    RateIndex,
+    Tier,
+    path_apr_hours,
+    tiers_from_json,
+    tiers_to_json,
+)
 
 RECENT_EVENT_IDS = 64  # per position: ids of the last applied PositionChanged events
-RECENT_PAYOUTS = 8  # per position: the last payouts, re-emitted on a replayed request
-BATCH_SIZE = 5000  # PayoutItems per PayoutBatch
-CARRY_DISPLAY_DIGITS = 30  # fraction digits of the carry shown in a PayoutItem
+RECENT_MARKS = 8  # per position: paid-through marks kept (replays reach back this far)
+RECENT_REQUESTS = 64  # per product and partition: payout requests kept
+BATCH_SIZE = 5000  # items per PayoutBatch
 # A dropped position's marker is purged once it is this old both in event hours and in
 # input offsets of its partition: far beyond any replay window of an at-least-once commit.
 MARKER_KEEP_HOURS = 24 * 7
 MARKER_KEEP_OFFSETS = 100_000
+# Exact integers: APR-hours and principals have at most 18 fraction digits, so
+# principal x APR-hours ("units") has at most 36: units are kept as int(units x 10^36).
+UNIT_DIGITS = 36
+_HALF = 18
 
 
 # --------------------------------------------------------------------------- keys
@@ -67,20 +99,59 @@ def split_position_key(key: str) -> tuple[int, str, str]:
     return int(partition), product_id, position_id
 
 
+def split_product_key(key: str) -> tuple[int, str]:
+    partition, product_id = key.split(":", 1)
+    return int(partition), product_id
+
+
+# --------------------------------------------------------------------------- exact integers
+
+
+def to_int(value: Decimal, digits: int) -> int:
+    """``value`` x 10^digits as an int; exact for values with at most ``digits`` fraction digits."""
+    with localcontext(money.EXACT):
+        return int(value.scaleb(digits))
+
+
+def minor_divisor(scale: int) -> int:
+    """Units (x 10^36) per smallest amount of an asset of ``scale``, times 8760: the
+    paid-through amount in smallest units is ``units // minor_divisor(scale)``."""
+    return HOURS_PER_YEAR * 10 ** (UNIT_DIGITS - scale)
+
+
+def format_minor(value: int, scale: int) -> str:
+    """An amount in the asset's smallest units as a canonical decimal string."""
+    if scale == 0:
+        return str(value)
+    whole, frac = divmod(value, 10**scale)
+    frac_text = f"{frac:0{scale}d}".rstrip("0")
+    return f"{whole}.{frac_text}" if frac_text else str(whole)
+
+
+def bracket_ints(principal: int, bounds: Sequence[int | None]) -> tuple[int, ...]:
+    """How much of ``principal`` (x 10^18) falls in each bracket (bounds x 10^18)."""
+    out = []
+    lower = 0
+    for up in bounds:
+        if principal <= lower:
+            out.append(0)
+        elif up is None or principal < up:
+            out.append(principal - lower)
+        else:
+            out.append(up - lower)
+        if up is not None:
+            lower = up
+    return tuple(out)
+
+
 # --------------------------------------------------------------------------- partition
-
-
-RECENT_REQUESTS = 64  # per partition: (job, period) -> offset of the payout requests seen
 
 
 @dataclass(slots=True)
 class PartitionState:
-    """Per input partition: the watermark (all hours before ``hour`` are closed) and the
-    offsets of recent payout requests, to tell a replay (same offset: finish the work)
-    from a duplicate publication (another offset: only re-emit what was paid)."""
+    """Per input partition: the watermark (all hours before ``hour`` are closed)."""
 
     hour: int = 0
-    requests: list[tuple[str, str, int]] = field(default_factory=list)
 
     def close_hour(self, hour: int) -> bool:
         if hour <= self.hour:
@@ -88,21 +159,12 @@ class PartitionState:
         self.hour = hour
         return True
 
-    def register_request(self, job: str, period: str, offset: int) -> tuple[bool, bool]:
-        """Returns (duplicate, changed): ``duplicate`` when the same (job, period) was
-        requested before at another offset."""
-        for j, p, o in self.requests:
-            if j == job and p == period:
-                return o != offset, False
-        self.requests = (self.requests + [(job, period, offset)])[-RECENT_REQUESTS:]
-        return False, True
-
     def to_dict(self) -> dict[str, Any]:
-        return {"hour": self.hour, "requests": [list(r) for r in self.requests]}
+        return {"hour": self.hour}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> PartitionState:
-        return cls(hour=int(data["hour"]), requests=[(j, p, int(o)) for j, p, o in data.get("requests", [])])
+        return cls(hour=int(data["hour"]))
 
 
 # --------------------------------------------------------------------------- products
@@ -133,25 +195,57 @@ def apply_rates(
     return state, changed
 
 
-# --------------------------------------------------------------------------- positions
-
-
 @dataclass(frozen=True, slots=True)
-class PayoutRecord:
+class PayoutEntry:
+    """One payout request of a product: its boundary and the product's previous one."""
+
     job: str
     period: str
-    boundary_hour: int
-    amount: Decimal
-    carry: Decimal
-    from_hour: int
+    boundary: int
+    previous: int | None
+    offset: int
 
-    def to_list(self) -> list[Any]:
-        return [self.job, self.period, self.boundary_hour, str(self.amount), str(self.carry), self.from_hour]
+
+@dataclass(slots=True)
+class PayoutHistory:
+    """A product's recent payout requests in one partition, in input order."""
+
+    entries: list[PayoutEntry] = field(default_factory=list)
+
+    def find(self, job: str, period: str) -> PayoutEntry | None:
+        for entry in reversed(self.entries):
+            if entry.job == job and entry.period == period:
+                return entry
+        return None
+
+    def record(self, job: str, period: str, boundary: int, offset: int) -> tuple[PayoutEntry | None, str]:
+        """The entry of a request and what it is: "new" (recorded now), "replay" (seen
+        at this offset: re-emit the same items), "duplicate" (the same request published
+        again at another offset: its batches are already complete) or "stale" (not
+        after the product's last boundary: everything before it is paid; no entry)."""
+        found = self.find(job, period)
+        if found is not None:
+            return found, "replay" if found.offset == offset else "duplicate"
+        previous = max((e.boundary for e in self.entries), default=None)
+        if previous is not None and boundary <= previous:
+            return None, "stale"
+        entry = PayoutEntry(job, period, boundary, previous, offset)
+        self.entries = (self.entries + [entry])[-RECENT_REQUESTS:]
+        return entry, "new"
+
+    def boundaries_before(self, offset: int) -> list[int]:
+        """The boundaries of the requests before input ``offset`` (the last few)."""
+        return [e.boundary for e in self.entries if e.offset < offset][-RECENT_MARKS:]
+
+    def to_list(self) -> list[list[Any]]:
+        return [[e.job, e.period, e.boundary, e.previous, e.offset] for e in self.entries]
 
     @classmethod
-    def from_list(cls, data: Sequence[Any]) -> PayoutRecord:
-        job, period, boundary, amount, carry, from_hour = data
-        return cls(job, period, int(boundary), Decimal(amount), Decimal(carry), int(from_hour))
+    def from_list(cls, data: Sequence[Sequence[Any]]) -> PayoutHistory:
+        return cls([PayoutEntry(j, p, int(b), None if prev is None else int(prev), int(o)) for j, p, b, prev, o in data])
+
+
+# --------------------------------------------------------------------------- positions
 
 
 @dataclass(slots=True)
@@ -164,8 +258,11 @@ class PositionState:
     closed_from_hour: int = 0
     applied_ids: list[str] = field(default_factory=list)
     last_offset: int = -1
-    payouts: list[PayoutRecord] = field(default_factory=list)
-    # Dropped: closed and fully paid. Only the marker remains (ids, offset, payouts).
+    first_offset: int = -1  # the input offset of the event that created it
+    # (boundary, paid in all through it in the asset's smallest units, the first hour
+    # it earned in as the payout at that boundary saw it), ascending by boundary.
+    marks: list[tuple[int, int, int | None]] = field(default_factory=list)
+    # Dropped: closed and paid for good. Only the marker remains (ids, offset, marks).
     dropped_at_hour: int | None = None
     dropped_at_offset: int | None = None
 
@@ -173,10 +270,15 @@ class PositionState:
     def dropped(self) -> bool:
         return self.dropped_at_hour is not None
 
-    def payout_for(self, job: str, period: str) -> PayoutRecord | None:
-        for record in self.payouts:
-            if record.job == job and record.period == period:
-                return record
+    @property
+    def start(self) -> int | None:
+        """The first hour the position earns in (None: no principal yet)."""
+        return self.ledger.changes[0][0] if self.ledger.changes else None
+
+    def mark_at(self, boundary: int) -> tuple[int, int, int | None] | None:
+        for mark in self.marks:
+            if mark[0] == boundary:
+                return mark
         return None
 
     def to_dict(self) -> dict[str, Any]:
@@ -185,11 +287,12 @@ class PositionState:
             "product_id": self.product_id,
             "user_id": self.user_id,
             "asset": self.asset,
-            "ledger": self.ledger.to_dict(),
+            "changes": [[h, str(d)] for h, d in self.ledger.changes],
             "closed_from_hour": self.closed_from_hour,
             "applied_ids": list(self.applied_ids),
             "last_offset": self.last_offset,
-            "payouts": [p.to_list() for p in self.payouts],
+            "first_offset": self.first_offset,
+            "marks": [list(m) for m in self.marks],
             "dropped_at_hour": self.dropped_at_hour,
             "dropped_at_offset": self.dropped_at_offset,
         }
@@ -201,14 +304,23 @@ class PositionState:
             product_id=data["product_id"],
             user_id=data["user_id"],
             asset=data["asset"],
-            ledger=PositionLedger.from_dict(data["ledger"]),
+            ledger=PositionLedger(changes=[(int(h), Decimal(d)) for h, d in data["changes"]]),
             closed_from_hour=int(data["closed_from_hour"]),
             applied_ids=list(data["applied_ids"]),
             last_offset=int(data["last_offset"]),
-            payouts=[PayoutRecord.from_list(p) for p in data["payouts"]],
+            first_offset=int(data.get("first_offset", -1)),
+            marks=[(int(b), int(p), None if s is None else int(s)) for b, p, s in data["marks"]],
             dropped_at_hour=data.get("dropped_at_hour"),
             dropped_at_offset=data.get("dropped_at_offset"),
         )
+
+
+def units_through(state: PositionState, index: RateIndex | None, hour: int) -> int:
+    """E(hour) x 8760 x 10^36: the exact interest of the hours before ``hour``."""
+    start = state.start
+    if index is None or start is None or hour <= start:
+        return 0
+    return to_int(path_apr_hours(index, state.ledger.changes, start, hour), UNIT_DIGITS)
 
 
 @dataclass(frozen=True, slots=True)
@@ -219,6 +331,23 @@ class Change:
 
 def already_applied(state: PositionState | None, event_id: str, offset: int) -> bool:
     return state is not None and (offset <= state.last_offset or event_id in state.applied_ids)
+
+
+def materialize_marks(state: PositionState, index: RateIndex | None, history: PayoutHistory | None, offset: int) -> None:
+    """Record what the position was paid through each recent boundary of its product
+    (requested before input ``offset``) that it has no mark for, from its history as it
+    is now: called before a change is applied, so the amounts are those the payouts
+    made. Paid amounts never go down (a debt from a late redemption waits)."""
+    if history is None:
+        return
+    scale = money.scale_of(state.asset, "asset")
+    divisor = minor_divisor(scale)
+    for boundary in history.boundaries_before(offset):
+        if state.marks and boundary <= state.marks[-1][0]:
+            continue
+        before = state.marks[-1][1] if state.marks else 0
+        state.marks.append((boundary, max(before, units_through(state, index, boundary) // divisor), state.start))
+    del state.marks[:-RECENT_MARKS]
 
 
 def apply_position_change(
@@ -233,6 +362,7 @@ def apply_position_change(
     changes: Iterable[Change],
     closed_from_hour: int,
     index: RateIndex | None,
+    history: PayoutHistory | None = None,
 ) -> PositionState | None:
     """The position after a ``PositionChanged``; None when it was already applied (the
     caller writes nothing). A change for a dropped position is refused the same way:
@@ -242,100 +372,267 @@ def apply_position_change(
     if state is not None and state.dropped:
         return None
     if state is None:
-        state = PositionState(position_id=position_id, product_id=product_id, user_id=user_id, asset=asset)
-    index = index or RateIndex()
+        state = PositionState(position_id=position_id, product_id=product_id, user_id=user_id, asset=asset, first_offset=offset)
+    state.asset = asset or state.asset
+    materialize_marks(state, index, history, offset)
+    unsettled = RateIndex()  # never settled: the ledger only merges changes per hour
     for change in sorted(changes, key=lambda c: c.effective_hour):
-        state.ledger.apply_change(index, change.effective_hour, change.delta)
+        state.ledger.apply_change(unsettled, change.effective_hour, change.delta)
     if closed_from_hour:
         state.closed_from_hour = closed_from_hour
     state.user_id = user_id or state.user_id
-    state.asset = asset or state.asset
     state.applied_ids = (state.applied_ids + [event_id])[-RECENT_EVENT_IDS:]
     state.last_offset = offset
     return state
 
 
+# --------------------------------------------------------------------------- payouts
+
+
+class Unrecoverable(Exception):
+    """A replayed request reaches further back than a position's marks."""
+
+
+@dataclass(slots=True)
+class Position:
+    """A position as a payout loop sees it (in memory, derived from ``state``): E at
+    its last change hour ``last`` in integer units, so E at any later hour inside the
+    same rate segment is ``units + sum(bracket x (cum(hour) - cum(last)))``."""
+
+    state: PositionState
+    scale: int
+    start: int | None
+    last: int
+    units: int  # E(last) x 8760 x 10^36
+    principal: int  # x 10^18
+    closed: bool  # closed and nothing left in it
+    rates_version: int
+    brackets: tuple[Any, tuple[int, ...]] | None = None  # (bounds, per-bracket principal)
+    # What the last payout in this process left paid in all: (boundary, paid).
+    paid_memo: tuple[int, int] | None = None
+
+
+def position_view(state: PositionState, index: RateIndex | None, rates_version: int) -> Position:
+    changes = state.ledger.changes
+    last = changes[-1][0] if changes else 0
+    principal = state.ledger.principal
+    return Position(
+        state=state,
+        scale=money.scale_of(state.asset, "asset"),
+        start=state.start,
+        last=last,
+        units=units_through(state, index, last),
+        principal=to_int(principal, _HALF),
+        closed=bool(state.closed_from_hour) and principal <= 0,
+        rates_version=rates_version,
+    )
+
+
 @dataclass(frozen=True, slots=True)
-class PayoutResult:
-    """What a payout request does to one position: the item to emit (None: nothing),
-    the state to write (None: unchanged), and whether to delete the record."""
+class Settled:
+    """A request's effect on one position, in the asset's smallest units: the amount
+    paid, what was paid in all before and after it, and whether it is now closed and
+    paid for good."""
 
-    item: PayoutRecord | None
-    state: PositionState | None
-    delete: bool = False
-
-
-def payout_position(
-    state: PositionState,
-    index: RateIndex | None,
-    *,
-    job: str,
-    period: str,
-    boundary_hour: int,
-    offset: int,
-    watermark: int,
-    duplicate: bool = False,
-) -> PayoutResult:
-    """Pay one position for (job, period) up to ``boundary_hour``.
-
-    The same request again (a replay, or a duplicate publication) re-emits the item it
-    made the first time; a duplicate publication pays no position that the original did
-    not. A position with nothing accrued and nothing carried, or one that
-    starts after the boundary, gets no item."""
-    previous = state.payout_for(job, period)
-    if previous is not None:
-        return PayoutResult(previous, None)
-    if duplicate:
-        # The same request published again later: pay nothing new under its name (its
-        # batches were already complete); what accrued since goes to the next payout.
-        return PayoutResult(None, None)
-    if state.dropped:
-        if _marker_expired(state, offset=offset, watermark=watermark):
-            return PayoutResult(None, None, delete=True)
-        return PayoutResult(None, None)
-    if offset <= state.last_offset:
-        # Applied after this request in the log (the record is ahead of a replay) and the
-        # request's item has aged out of the recent payouts: nothing can be re-emitted.
-        return PayoutResult(None, None)
-    ledger = state.ledger
-    started = ledger.settled_through is not None or (ledger.changes and ledger.changes[0][0] < boundary_hour)
-    closed = bool(state.closed_from_hour) and state.closed_from_hour <= boundary_hour and ledger.principal <= 0
-    if not started and not ledger.accrued_units and not ledger.carry_units:
-        if closed:  # opened and closed within one hour: it never earned; forget it
-            _drop(state, boundary_hour, offset)
-            return PayoutResult(None, state)
-        return PayoutResult(None, None)
-    scale = money.scale_of(state.asset, "asset")
-    taken = ledger.take_payout(index or RateIndex(), boundary_hour, scale)
-    record = PayoutRecord(
-        job=job,
-        period=period,
-        boundary_hour=boundary_hour,
-        amount=taken.paid,
-        carry=money.truncate(taken.carry, CARRY_DISPLAY_DIGITS) if taken.carry > 0 else taken.carry,
-        from_hour=taken.from_hour,
-    )
-    state.payouts = (state.payouts + [record])[-RECENT_PAYOUTS:]
-    state.last_offset = offset
-    if closed and ledger.accrued_units >= 0:
-        _drop(state, boundary_hour, offset)  # closed and paid through its closing hour
-    return PayoutResult(record, state)
+    amount: int
+    before: int
+    after: int
+    drop: bool
+    start: int | None  # the first hour it earned in, as this request saw it
+    from_hour: int  # the first hour the item covers (the previous boundary if it had started by then)
 
 
-def _drop(state: PositionState, boundary_hour: int, offset: int) -> None:
-    """Keep only the marker: ids, offset and recent payouts (for replays)."""
-    state.ledger = PositionLedger(carry_units=state.ledger.carry_units)
-    state.dropped_at_hour = boundary_hour
-    state.dropped_at_offset = offset
-    state.last_offset = offset
+class Payout:
+    """One product's payout for one request in one partition: per position, the amount
+    (in the asset's smallest units) and the hours it covers. Integer arithmetic on the
+    product's cumulative APR-hours at the two boundaries; a position whose last change
+    lies in another rate segment (or at or after a boundary) takes the exact path."""
+
+    def __init__(self, product: ProductState, entry: PayoutEntry, offset: int, watermark: int) -> None:
+        self.index = product.index
+        self.entry = entry
+        self.offset = offset
+        self.watermark = watermark
+        self._cum: dict[tuple[int, bool], Any] = {}
+        self.end = self._point(entry.boundary, True)
+        self.begin = None if entry.previous is None else self._point(entry.previous, True)
+
+    def _point(self, hour: int, end: bool) -> Any:
+        key = (hour, end)
+        found = self._cum.get(key, False)
+        if found is False:
+            raw = self.index.cumulative(hour, end=end)
+            found = None if raw is None else (raw[0], tuple(to_int(c, _HALF) for c in raw[1]), raw[2])
+            self._cum[key] = found
+        return found
+
+    def _units_at(self, pos: Position, hour: int, point: Any) -> int:
+        """E(hour) in units for ``hour`` >= the position's last change."""
+        if hour <= pos.last or pos.start is None:
+            return pos.units if hour == pos.last else units_through(pos.state, self.index, hour)
+        base = self._point(pos.last, False)
+        if base is None or point is None or base[0] != point[0]:
+            return units_through(pos.state, self.index, hour)
+        bounds = point[2]
+        if pos.brackets is None or pos.brackets[0] != bounds:
+            pos.brackets = (bounds, bracket_ints(pos.principal, [None if b is None else to_int(b, _HALF) for b in bounds]))
+        total = pos.units
+        for amount, a, b in zip(pos.brackets[1], base[1], point[1]):
+            if amount:
+                total += amount * (b - a)
+        return total
+
+    def paid_through(self, pos: Position, hour: int, point: Any) -> int:
+        """floor(E(hour)) in the asset's smallest units."""
+        if hour < pos.last:
+            return units_through(pos.state, self.index, hour) // minor_divisor(pos.scale)
+        return self._units_at(pos, hour, point) // minor_divisor(pos.scale)
+
+    def settle(self, pos: Position) -> Settled | None:
+        """What this request pays the position; None: nothing to do (not started by
+        the boundary, or a marker). Raises ``Unrecoverable``."""
+        state, entry = pos.state, self.entry
+        boundary, previous = entry.boundary, entry.previous
+        marks = state.marks
+        if self.offset < state.first_offset:
+            return None  # created after this request (a replay with the table ahead)
+        if marks and marks[-1][0] >= boundary:
+            # Changed (or dropped) after this request: a replay or a duplicate
+            # publication; its marks tell what the request paid.
+            mark = state.mark_at(boundary)
+            if mark is None:
+                raise Unrecoverable(state.position_id)
+            _, after, start = mark
+            if previous is None or start is None or start >= previous:
+                before, from_hour = 0, start
+            else:
+                earlier = state.mark_at(previous)
+                if earlier is None:
+                    raise Unrecoverable(state.position_id)
+                before = earlier[1]
+                from_hour = previous if earlier[2] is not None and earlier[2] < previous else start
+            return Settled(max(0, after - before), before, after, False, start, self._from(from_hour))
+        if state.dropped:
+            return None
+        closed = pos.closed and state.closed_from_hour <= boundary
+        if pos.start is None or pos.start >= boundary:
+            # Not earning yet; opened and closed within one hour: it never earned.
+            return Settled(0, 0, 0, True, pos.start, boundary) if closed else None
+        start = pos.start
+        last_mark = marks[-1][1] if marks else 0
+        if previous is None:
+            before, from_hour = last_mark, start
+        elif marks and marks[-1][0] == previous:
+            # Changed since the previous payout: its mark tells what that payout saw.
+            before = last_mark
+            then = marks[-1][2]
+            from_hour = previous if then is not None and then < previous else start
+        else:
+            if pos.paid_memo is not None and pos.paid_memo[0] == previous:
+                before = pos.paid_memo[1]
+            else:
+                before = max(last_mark, self.paid_through(pos, previous, self.begin))
+            from_hour = previous if start < previous else start
+        due = self.paid_through(pos, boundary, self.end)
+        after = max(before, due)
+        pos.paid_memo = (boundary, after)
+        # Closed and paid through its closing hour (no debt left): forget it.
+        return Settled(after - before, before, after, closed and due >= before, start, from_hour)
+
+    def _from(self, hour: int | None) -> int:
+        return self.entry.boundary if hour is None else hour
+
+    def marker(self, pos: Position, settled: Settled) -> PositionState:
+        """What remains of a position closed and paid for good: its ids, offset and the
+        marks this request needs to be re-emitted exactly."""
+        state, entry = pos.state, self.entry
+        marks = [m for m in state.marks if m[0] < entry.boundary]
+        if entry.previous is not None and not any(m[0] == entry.previous for m in marks):
+            marks.append((entry.previous, settled.before, settled.start))
+        marks.append((entry.boundary, settled.after, settled.start))
+        return PositionState(
+            position_id=state.position_id,
+            product_id=state.product_id,
+            user_id=state.user_id,
+            asset=state.asset,
+            closed_from_hour=state.closed_from_hour,
+            applied_ids=list(state.applied_ids),
+            last_offset=max(state.last_offset, self.offset),
+            first_offset=state.first_offset,
+            marks=sorted(marks)[-RECENT_MARKS:],
+            dropped_at_hour=entry.boundary,
+            dropped_at_offset=self.offset,
+        )
+
+    def expired(self, state: PositionState) -> bool:
+        assert state.dropped_at_hour is not None and state.dropped_at_offset is not None
+        return (
+            self.watermark - state.dropped_at_hour >= MARKER_KEEP_HOURS
+            and self.offset - state.dropped_at_offset >= MARKER_KEEP_OFFSETS
+        )
 
 
-def _marker_expired(state: PositionState, *, offset: int, watermark: int) -> bool:
-    assert state.dropped_at_hour is not None and state.dropped_at_offset is not None
-    return (
-        watermark - state.dropped_at_hour >= MARKER_KEEP_HOURS
-        and offset - state.dropped_at_offset >= MARKER_KEEP_OFFSETS
-    )
+# --------------------------------------------------------------------------- the book
+
+
+def _order(position_id: str) -> tuple[int, str]:
+    """Payout order: numeric ids ascend as numbers (new positions append at the end)."""
+    return len(position_id), position_id
+
+
+class Book:
+    """One partition's positions in memory, per product, as payouts read them: derived
+    from the positions table (rebuilt from it after a rebalance), never written back.
+    Also tracks, per product, the effective hours of rate changes applied since it was
+    built: a view whose E(last) covers an hour whose rates changed is rebuilt."""
+
+    def __init__(self) -> None:
+        self.products: dict[str, dict[str, Position]] = {}
+        self._sorted: dict[str, list[str]] = {}
+        self._dirty: set[str] = set()
+        self.rate_changes: dict[str, list[int]] = {}
+
+    def __len__(self) -> int:
+        return sum(len(p) for p in self.products.values())
+
+    def rates_version(self, product_id: str) -> int:
+        return len(self.rate_changes.get(product_id, ()))
+
+    def rates_changed(self, product_id: str, effective_hour: int) -> None:
+        self.rate_changes.setdefault(product_id, []).append(effective_hour)
+
+    def stale(self, pos: Position) -> bool:
+        changes = self.rate_changes.get(pos.state.product_id)
+        if not changes or pos.rates_version >= len(changes):
+            return False
+        return min(changes[pos.rates_version :]) < pos.last
+
+    def put(self, pos: Position) -> None:
+        product_id, position_id = pos.state.product_id, pos.state.position_id
+        positions = self.products.setdefault(product_id, {})
+        if position_id not in positions:
+            order = self._sorted.setdefault(product_id, [])
+            if order and _order(position_id) < _order(order[-1]):
+                self._dirty.add(product_id)
+            order.append(position_id)
+        positions[position_id] = pos
+
+    def remove(self, product_id: str, position_id: str) -> None:
+        positions = self.products.get(product_id, {})
+        if positions.pop(position_id, None) is not None:
+            self._sorted[product_id].remove(position_id)
+
+    def get(self, product_id: str, position_id: str) -> Position | None:
+        return self.products.get(product_id, {}).get(position_id)
+
+    def ordered(self, product_id: str) -> list[Position]:
+        """The product's positions in payout order (a snapshot list)."""
+        order = self._sorted.get(product_id, [])
+        if product_id in self._dirty:
+            order.sort(key=_order)
+            self._dirty.discard(product_id)
+        positions = self.products.get(product_id, {})
+        return [positions[p] for p in order]
 
 
 # --------------------------------------------------------------------------- batches
@@ -357,16 +654,21 @@ def batch_key(job: str, period: str, partition: int) -> str:
 
 __all__ = [
     "BATCH_SIZE",
+    "Book",
     "Change",
-    "PayoutRecord",
-    "PayoutResult",
+    "PayoutEntry",
+    "PayoutHistory",
+    "Payout",
+    "Position",
     "PositionState",
+    "Settled",
+    "Unrecoverable",
     "ProductState",
     "apply_position_change",
     "apply_rates",
     "batch_key",
     "batches",
-    "payout_position",
+    "position_view",
     "position_key",
     "product_key",
     "split_position_key",

@@ -237,6 +237,21 @@ class RateIndex:
         span = hour - epoch.hour
         return tuple(c + t.apr * span for c, t in zip(epoch.cum, epoch.tiers, strict=True))
 
+    def cumulative(self, hour: int, *, end: bool = False) -> tuple[int, tuple[Decimal, ...], tuple[Decimal | None, ...]] | None:
+        """(segment number, each tier's cumulative APR-hours, bracket bounds) at ``hour``:
+        as the start of a span (the epoch holding ``hour``) or, with ``end``, as the end
+        of a span (the epoch holding ``hour - 1``). Inside one segment the interest of a
+        constant principal over a span is one difference per tier of these cumulative
+        values (what the engine's payout loop does in integers). None before the first
+        epoch."""
+        at = hour - 1 if end else hour
+        e = bisect.bisect_right(self._hours, at) - 1
+        if e < 0:
+            return None
+        segment = bisect.bisect_right(self._segment_starts, e) - 1
+        with localcontext(money.EXACT):
+            return segment, self._cum_at(e, hour), self._epochs[e].bounds
+
     def apr_hours(self, principal: Decimal, from_hour: int, to_hour: int) -> Decimal:
         """principal x APR-hours over [from_hour, to_hour) for a constant principal: the
         exact interest times 8760."""

@@ -213,7 +213,8 @@ def reference(steps: list[Step]) -> dict[tuple[str, str], tuple[str, int]]:
                 from_hour = pos.paid_through if pos.paid_through is not None else first
                 pos.paid += due
                 pos.paid_through = until
-                out[(msg.period, pid)] = (_fmt(due), from_hour)
+                if due > 0:  # only positive amounts are emitted
+                    out[(msg.period, pid)] = (_fmt(due), from_hour)
                 # Closed and paid through its closing hour: the engine forgets it.
                 pos.dropped = closed
     return out
@@ -269,14 +270,15 @@ async def collect(settings: Settings, periods: set[str], into: Collected, timeou
                     for record in records:
                         batch = events.unwrap(events.parse(record.value), accrual_pb2.PayoutBatch)
                         assert record.key == f"{batch.job}:{batch.period}:{batch.partition}".encode()
-                        assert len(batch.items) <= 5000
+                        assert len(batch.position_ids) <= 5000
+                        assert len(batch.user_ids) == len(batch.amounts) == len(batch.from_hours) == len(batch.position_ids)
                         into.batches += 1
                         if batch.last:
                             into.last_seen.add((batch.period, batch.partition))
-                        for item in batch.items:
-                            key = (batch.period, item.position_id)
-                            value = (item.amount, item.from_hour)
-                            assert partition_of(item.position_id) == batch.partition
+                        for position_id, amount, from_hour in zip(batch.position_ids, batch.amounts, batch.from_hours):
+                            key = (batch.period, position_id)
+                            value = (amount, from_hour)
+                            assert partition_of(position_id) == batch.partition
                             if key in into.items:
                                 into.duplicates += 1
                                 if into.items[key] != value:

@@ -279,44 +279,25 @@ def test_hourly_records_sum_to_the_span(history, changes, a, length) -> None:
 # ----------------------------------------------------------------- engine state (pure)
 
 
-def test_engine_replay_of_a_suffix_changes_nothing() -> None:
-    """faust at-least-once: the tables can be ahead of the committed offset, so a suffix
-    of already-applied events is replayed; per-record offsets and ids make it a no-op,
-    and a replayed payout request re-emits the same item."""
-    from services.accrual import domain
-
-    index = RateIndex([(0, [Tier(Decimal(5), Decimal("0.08")), Tier(None, Decimal("0.03"))])])
-    kw = dict(position_id="p1", product_id="prod", user_id="u", asset="BTC", closed_from_hour=0, index=index)
-    s = domain.apply_position_change(None, event_id="e1", offset=10, changes=[domain.Change(1, Decimal(7))], **kw)
-    assert s is not None
-    first = domain.payout_position(s, index, job="j", period="d1", boundary_hour=25, offset=11, watermark=25)
-    assert first.item is not None and first.state is not None
-    s2 = domain.apply_position_change(
-        domain.PositionState.from_dict(first.state.to_dict()), event_id="e2", offset=12,
-        changes=[domain.Change(30, Decimal(-7))], **{**kw, "closed_from_hour": 30},
-    )
-    assert s2 is not None
-    # Replay from offset 10: e1 skipped, the payout re-emitted as it was, e2 skipped.
-    assert domain.apply_position_change(s2, event_id="e1", offset=10, changes=[domain.Change(1, Decimal(7))], **kw) is None
-    again = domain.payout_position(s2, index, job="j", period="d1", boundary_hour=25, offset=11, watermark=25)
-    assert again.item == first.item and again.state is None
-    # A duplicate publication (same id, a later offset) is skipped too.
-    assert domain.apply_position_change(s2, event_id="e2", offset=99, changes=[domain.Change(30, Decimal(-7))], **kw) is None
-    # Closing payout: paid through hour 30, then dropped to a marker that still re-emits.
-    last = domain.payout_position(s2, index, job="j", period="d2", boundary_hour=49, offset=13, watermark=49)
-    assert last.item is not None and last.item.from_hour == 25 and last.state is not None and last.state.dropped
-    assert last.item.amount + first.item.amount == Decimal("0.00152283")  # (5x8% + 2x3%) x 29 h / 8760, truncated
-    assert domain.payout_position(last.state, index, job="j", period="d2", boundary_hour=49, offset=13, watermark=49).item == last.item
-    assert domain.payout_position(last.state, index, job="j", period="d3", boundary_hour=73, offset=14, watermark=73).item is None
-
-
-def test_payout_batches() -> None:
+def test_payout_batches_and_history() -> None:
     from services.accrual import domain
 
     assert list(domain.batches([])) == [(0, True, ())]
     chunks = list(domain.batches(list(range(10_001))))
     assert [(seq, last, len(items)) for seq, last, items in chunks] == [(0, False, 5000), (1, False, 5000), (2, True, 1)]
-    meta = domain.PartitionState()
-    assert meta.register_request("j", "d1", 5) == (False, True)
-    assert meta.register_request("j", "d1", 5) == (False, False)  # a replay: finish the work
-    assert meta.register_request("j", "d1", 9) == (True, False)  # a duplicate publication
+    history = domain.PayoutHistory()
+    first, status = history.record("j", "d1", 24, offset=5)
+    assert status == "new" and first is not None and first.previous is None
+    assert history.record("j", "d1", 24, offset=5) == (first, "replay")  # after a crash: finish the work
+    assert history.record("j", "d1", 24, offset=9) == (first, "duplicate")  # published again
+    second, status = history.record("j", "d2", 48, offset=10)
+    assert status == "new" and second is not None and second.previous == 24
+    assert history.record("j", "d0", 12, offset=11) == (None, "stale")  # nothing after 48 to pay
+    assert domain.PayoutHistory.from_list(history.to_list()) == history
+
+
+def test_format_minor() -> None:
+    from services.accrual.domain import format_minor
+
+    assert [format_minor(v, 8) for v in (0, 1, 10**8, 123456789, 120000000)] == ["0", "0.00000001", "1", "1.23456789", "1.2"]
+    assert format_minor(5, 0) == "5"
