@@ -1,0 +1,428 @@
+"""Dashboards and alerts against a live stack: every process of the platform (wallet,
+Simple Earn, accrual engine, scheduler) on free ports, a real Prometheus (build/tools)
+scraping them with the scrape config and rules of deploy/prometheus, and a short
+workload (gRPC calls that succeed and fail, a subscription, three hours closed and paid,
+one day's payout, an unreadable input event). Then every query of every dashboard panel,
+every alert expression and every recording rule must return series: no dashboard or
+alert refers to a metric, or a label, that does not exist.
+
+An alert fires only on trouble, so its expression is evaluated with each comparison made
+a `bool` one (`x > 5` becomes `x > bool 5`) and `absent(x)` read as `x`: that keeps
+exactly the series the alert watches. Counters that get their first sample only on a
+failure (EVENT_ONLY) may return nothing, but must be declared by a process.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import re
+import signal
+import subprocess
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+import yaml
+from aiokafka import AIOKafkaProducer
+from prometheus_client.parser import text_string_to_metric_families
+
+from earn.v1 import accrual_pb2, simple_earn_pb2 as se, simple_earn_pb2_grpc, wallet_pb2, wallet_pb2_grpc
+from services.devstack.processes import PROCESSES, ManagedProcess
+from services.kernel.clock import set_time
+from services.kernel.topics import topic_name
+from tests.conftest import GATEWAY, OPERATOR, Env, eventually, free_port, unique
+from tests.deploy.tools import DEPLOY, tool
+
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(600)]
+
+PROM = DEPLOY / "prometheus"
+DASHBOARDS = sorted((DEPLOY / "grafana" / "dashboards").glob("*.json"))
+# Grafana's variables, as the test reads them: the widest choice.
+GRAFANA_VARIABLES = {"$__rate_interval": "1m", "$__interval": "15s", "$__range": "1h", "$product": ".*"}
+# Counters whose first sample comes with a failure; a healthy run has none.
+EVENT_ONLY = {"earn_simple_earn_dead_letters_total": "payout records parked for an operator"}
+# Labels that would name a user, a position, an account or a request: never on a metric.
+FORBIDDEN_LABELS = {
+    "user", "user_id", "owner", "position", "position_id", "account", "account_id", "hold_id",
+    "posting_id", "idempotency_key", "event_id", "key",
+}
+PROMQL_WORDS = {"by", "without", "on", "ignoring", "group_left", "group_right", "bool", "and", "or", "unless", "offset", "inf", "nan"}
+HOURLY_JOBS = ("ticks", "simple_earn.interest.hourly", "simple_earn.maturity")
+
+
+# ---- PromQL helpers ----------------------------------------------------------------------
+
+
+def _outside_strings_and_braces(expr: str) -> list[tuple[int, int]]:
+    """Spans of expr that are neither string literals nor label matchers."""
+    spans, start, i, depth, quote = [], 0, 0, 0, ""
+    while i < len(expr):
+        ch = expr[i]
+        if quote:
+            if ch == "\\":
+                i += 1
+            elif ch == quote:
+                quote = ""
+                if depth == 0:
+                    start = i + 1
+        elif ch in "\"'`":
+            if depth == 0:
+                spans.append((start, i))
+            quote = ch
+        elif ch == "{":
+            if depth == 0:
+                spans.append((start, i))
+            depth += 1
+        elif ch == "}":
+            depth -= 1
+            if depth == 0:
+                start = i + 1
+        i += 1
+    spans.append((start, len(expr)))
+    return spans
+
+
+def signal_of(expr: str) -> str:
+    """An alert expression with every comparison a `bool` one and absent(x) read as x."""
+    out, last = [], 0
+    for start, end in _outside_strings_and_braces(expr):
+        out.append(expr[last:start])
+        part = expr[start:end]
+        part = re.sub(r"(==|!=|>=|<=|>(?!=)|<(?!=))(?!\s*bool\b)", r"\1 bool", part)
+        part = re.sub(r"\babsent\(", "(", part)
+        part = re.sub(r"\babsent_over_time\(", "last_over_time(", part)
+        out.append(part)
+        last = end
+    out.append(expr[last:])
+    return "".join(out)
+
+
+def metric_names(expr: str) -> set[str]:
+    """The metric (and recorded series) names an expression selects."""
+    text = re.sub(r'"(?:[^"\\]|\\.)*"', '""', expr)
+    text = re.sub(r"\{[^}]*\}", "", text)
+    text = re.sub(r"\[[^\]]*\]", "", text)
+    text = re.sub(r"\b(?:by|without|on|ignoring|group_left|group_right)\s*\([^)]*\)", "", text)
+    names = set()
+    for match in re.finditer(r"(?<![A-Za-z0-9_:.$])[A-Za-z_:][A-Za-z0-9_:]*", text):
+        if text[match.end():].lstrip().startswith("(") or match.group(0).lower() in PROMQL_WORDS:
+            continue
+        names.add(match.group(0))
+    return names
+
+
+def grafana(expr: str) -> str:
+    for variable, value in GRAFANA_VARIABLES.items():
+        expr = expr.replace(variable, value)
+    assert "$" not in expr, f"unknown Grafana variable in {expr}"
+    return expr
+
+
+def dashboard_queries() -> list[tuple[str, str]]:
+    found = []
+    for path in DASHBOARDS:
+        board = json.loads(path.read_text())
+        for panel in [p for top in board["panels"] for p in (top, *top.get("panels", []))]:
+            for target in panel.get("targets", []):
+                found.append((f"{path.name}: {panel['title']} ({target['refId']})", grafana(target["expr"])))
+    return found
+
+
+def rules() -> list[dict[str, Any]]:
+    return [r for path in sorted((PROM / "rules").glob("*.yml")) for g in yaml.safe_load(path.read_text())["groups"] for r in g["rules"]]
+
+
+def test_signal_of_keeps_matchers_and_makes_comparisons_bool() -> None:
+    assert signal_of('up{job!="x", a=~"b|c"} == 0') == 'up{job!="x", a=~"b|c"} == bool 0'
+    assert signal_of("a > 1 and b >= bool 2 or c <= 3") == "a > bool 1 and b >= bool 2 or c <= bool 3"
+    assert signal_of('absent(up{job="w"}) or absent(up{job="s"})') == '(up{job="w"}) or (up{job="s"})'
+    assert metric_names('sum by (le) (rate(x_bucket{a="b"}[5m])) / on (job) y offset 30m > bool 5') == {"x_bucket", "y"}
+    assert metric_names("earn:grpc_server_error_ratio:rate5m > 0.05 and time() - z > 1e3") == {"earn:grpc_server_error_ratio:rate5m", "z"}
+
+
+# ---- the stack and Prometheus ------------------------------------------------------------
+
+
+@dataclass
+class Prometheus:
+    url: str
+    process: subprocess.Popen[bytes]
+    log: Path
+
+    def api(self, path: str, **params: str) -> Any:
+        data = urllib.parse.urlencode(params).encode() if params else None
+        with urllib.request.urlopen(f"{self.url}/api/v1/{path}", data=data, timeout=10) as reply:
+            body = json.load(reply)
+        assert body["status"] == "success", body
+        return body["data"]
+
+    def declared(self) -> set[str]:
+        """Metric names the targets declare (# TYPE), samples or not. Scraped as
+        OpenMetrics, a counter's family has no _total and a histogram's no _bucket."""
+        names = set()
+        for family, entries in self.api("metadata").items():
+            suffixes = {"counter": ("_total",), "histogram": ("_bucket", "_sum", "_count")}.get(entries[0]["type"], ())
+            names |= {family, *(family + suffix for suffix in suffixes)}
+        return names
+
+    def query(self, expr: str) -> list[dict[str, Any]]:
+        try:
+            data = self.api("query", query=expr)
+        except urllib.error.HTTPError as err:  # a bad query is a 400 with the parser's message
+            pytest.fail(f"Prometheus refused {expr!r}: {err.read().decode()}")
+        assert data["resultType"] == "vector", expr
+        return data["result"]
+
+
+def start_prometheus(directory: Path, targets: dict[str, str]) -> Prometheus:
+    """Prometheus with deploy/prometheus/prometheus.yml, its rules, and each job's
+    discovery replaced by the address of the local process; every second."""
+    config = yaml.safe_load((PROM / "prometheus.yml").read_text())
+    port = free_port()
+    targets = {**targets, "prometheus": f"127.0.0.1:{port}"}
+    config["global"].update(scrape_interval="1s", scrape_timeout="1s", evaluation_interval="1s")
+    config["rule_files"] = [str(PROM / "rules" / "*.yml")]
+    assert {job["job_name"] for job in config["scrape_configs"]} == set(targets)
+    for job in config["scrape_configs"]:
+        for key in [k for k in job if k.endswith("_sd_configs") or k == "static_configs"]:
+            del job[key]
+        job["static_configs"] = [{"targets": [targets[job["job_name"]]]}]
+    (directory / "prometheus.yml").write_text(yaml.safe_dump(config))
+    log = directory / "prometheus.log"
+    with log.open("wb") as out:
+        process = subprocess.Popen(
+            [tool("prometheus"), f"--config.file={directory / 'prometheus.yml'}", f"--storage.tsdb.path={directory / 'tsdb'}",
+             f"--web.listen-address=127.0.0.1:{port}", "--log.level=warn"],
+            stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
+        )
+    prometheus = Prometheus(f"http://127.0.0.1:{port}", process, log)
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            with urllib.request.urlopen(f"{prometheus.url}/-/ready", timeout=2) as reply:
+                if reply.status == 200:
+                    return prometheus
+        except OSError:
+            pass
+        if process.poll() is not None or time.monotonic() > deadline:
+            stop(process)
+            pytest.fail(f"Prometheus did not start:\n{log.read_text()[-3000:]}")
+        time.sleep(0.2)
+
+
+def stop(process: subprocess.Popen[bytes]) -> None:
+    if process.poll() is None:
+        os.killpg(process.pid, signal.SIGTERM)
+        try:
+            process.wait(10)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+
+
+def scraped(proc: ManagedProcess) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    assert proc.metrics_url
+    with urllib.request.urlopen(proc.metrics_url, timeout=5) as reply:
+        text = reply.read().decode()
+    return {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(text) for s in family.samples
+    }
+
+
+async def workload(wallet: ManagedProcess, earn: ManagedProcess, stack: Env) -> None:
+    """Calls that succeed and calls refused for each reason a caller can give; a product,
+    a subscription and a partial redemption (accruing from the next hour); an unreadable
+    event in the accrual engine's input."""
+    async with grpc.aio.insecure_channel(wallet.address or "") as wch, grpc.aio.insecure_channel(earn.address or "") as ech:
+        w = wallet_pb2_grpc.WalletServiceStub(wch)
+        e = simple_earn_pb2_grpc.SimpleEarnServiceStub(ech)
+        user = unique("obs")
+        await w.Deposit(wallet_pb2.DepositRequest(idempotency_key=unique(), owner=user, asset="BTC", amount="100"), metadata=OPERATOR)
+        await w.GetBalances(wallet_pb2.GetBalancesRequest(owner=user), metadata=GATEWAY)
+        refused = [
+            (w.Deposit(wallet_pb2.DepositRequest(idempotency_key=unique(), owner=user, asset="BTC", amount="1e3"), metadata=OPERATOR),
+             grpc.StatusCode.INVALID_ARGUMENT),
+            (w.GetBalances(wallet_pb2.GetBalancesRequest(owner=user)), grpc.StatusCode.UNAUTHENTICATED),
+            (w.Deposit(wallet_pb2.DepositRequest(idempotency_key=unique(), owner=user, asset="BTC", amount="1"), metadata=GATEWAY),
+             grpc.StatusCode.PERMISSION_DENIED),
+        ]
+        for call, code in refused:
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                await call
+            assert err.value.code() == code
+        product = (await e.CreateProduct(
+            se.CreateProductRequest(
+                idempotency_key=unique(), product_id=unique("obs-btc"), asset="BTC", kind=se.PRODUCT_KIND_FLEXIBLE,
+                tiers=[accrual_pb2.RateTier(up_to="", apr="0.05")], min_subscription="0.001", payout_cadence=se.PAYOUT_CADENCE_HOURLY,
+            ),
+            metadata=OPERATOR,
+        )).product.product_id
+        position = (await e.Subscribe(
+            se.SubscribeRequest(idempotency_key=unique(), user_id=user, product_id=product, amount="50"), metadata=GATEWAY,
+        )).position.position_id
+        await e.Redeem(se.RedeemRequest(idempotency_key=unique(), user_id=user, position_id=position, amount="10"), metadata=GATEWAY)
+        await e.GetProduct(se.GetProductRequest(product_id=product), metadata=GATEWAY)
+        with pytest.raises(grpc.aio.AioRpcError):
+            await e.GetProduct(se.GetProductRequest(product_id=product))
+    producer = AIOKafkaProducer(bootstrap_servers=stack.settings.kafka_bootstrap)
+    await producer.start()
+    try:
+        await producer.send_and_wait(topic_name(stack.settings, "simple_earn.accrual"), b"\xff not an envelope", key=b"x", partition=0)
+    finally:
+        await producer.stop()
+
+
+@pytest.fixture(scope="module")
+async def prometheus(stack: Env, tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Prometheus]:
+    directory = tmp_path_factory.mktemp("observability")
+    day = datetime.now(UTC).replace(hour=0, minute=0, second=0, microsecond=0)
+    start = day - timedelta(hours=3)  # the scheduler's jobs begin three hours before a day ends
+    clock = directory / "now"
+    set_time(clock, start + timedelta(minutes=20))
+    processes: dict[str, ManagedProcess] = {}
+
+    def spawn(name: str, cwd: Path | None = None, **env: str) -> ManagedProcess:
+        spec = next(s for s in PROCESSES if s.name == name)
+        proc = ManagedProcess(
+            spec, {**stack.env, "EARN_CLOCK_FILE": str(clock), **env}, log_dir=stack.settings.data_dir / "test-logs",
+            port=free_port() if spec.port_env else None, metrics_port=free_port(), echo=False, cwd=cwd,
+        )
+        proc.start()
+        processes[name] = proc
+        return proc
+
+    prom: Prometheus | None = None
+    try:
+        wallet = spawn("wallet")
+        await asyncio.to_thread(wallet.wait_ready, 60)
+        earn = spawn("simple_earn", EARN_WALLET_ADDRESS=wallet.address or "", EARN_POSITIONS_GAUGE_SECONDS="1")
+        await asyncio.to_thread(earn.wait_ready, 60)
+        spawn("accrual", cwd=directory)  # faust's data folder goes there, not into the work tree
+        scheduler = spawn(
+            "scheduler", EARN_SIMPLE_EARN_ADDRESS=earn.address or "", EARN_SCHEDULER_START=start.isoformat(),
+            EARN_RETRY_SECONDS="0.5", EARN_MAX_SLEEP_SECONDS="0.5", EARN_PAYOUT_POLL_SECONDS="0.1",
+            EARN_RPC_TIMEOUT_SECONDS="10", EARN_PAYOUT_TIMEOUT_SECONDS="60",
+        )
+        def answers(proc: ManagedProcess) -> bool:
+            assert proc.running(), f"{proc.name} exited ({proc.returncode}); see {proc.logfile}"
+            try:
+                return bool(scraped(proc))
+            except OSError:
+                return False
+
+        for proc in processes.values():
+            await eventually(lambda p=proc: answers(p), timeout=60)
+        prom = start_prometheus(directory, {name: f"127.0.0.1:{p.metrics_port}" for name, p in processes.items()})
+        await workload(wallet, earn, stack)
+
+        # The day ends: three hours closed and paid hourly, the day's payout, maturities.
+        set_time(clock, day + timedelta(minutes=5))
+
+        def jobs_done() -> None:
+            for name, proc in processes.items():
+                assert proc.running(), f"{name} exited ({proc.returncode}); see {proc.logfile}"
+            samples = scraped(scheduler)
+            runs = {job: samples.get(("earn_job_runs_total", (("job", job), ("status", "succeeded"))), 0) for job in (*HOURLY_JOBS, "simple_earn.interest.daily")}
+            assert runs == {**dict.fromkeys(HOURLY_JOBS, 3.0), "simple_earn.interest.daily": 1.0}, runs
+            paid = scraped(earn)
+            assert any(name == "earn_simple_earn_interest_paid_total" and value > 0 for (name, _), value in paid.items()), "no interest paid yet"
+
+        await eventually(jobs_done, timeout=150)
+        yield prom
+    finally:
+        if prom is not None:
+            stop(prom.process)
+        for proc in reversed(processes.values()):
+            proc.stop()
+
+
+def wait_for(check: Any, prometheus: Prometheus, timeout: float = 30) -> None:
+    """Prometheus needs a few scrapes and rule evaluations after the workload."""
+    deadline = time.monotonic() + timeout
+    while True:
+        failures = check()
+        if not failures:
+            return
+        if time.monotonic() > deadline:
+            pytest.fail("\n".join(failures) + f"\n(Prometheus log: {prometheus.log})")
+        time.sleep(1)
+
+
+# ---- the checks ---------------------------------------------------------------------------
+
+
+def test_every_process_is_scraped_and_every_rule_evaluates(prometheus: Prometheus) -> None:
+    def check() -> list[str]:
+        targets = prometheus.api("targets")["activeTargets"]
+        failures = [f"target {t['labels']['job']} is {t['health']}: {t['lastError']}" for t in targets if t["health"] != "up"]
+        if {t["labels"]["job"] for t in targets} != {"wallet", "simple_earn", "accrual", "scheduler", "prometheus"}:
+            failures.append(f"targets: {sorted(t['labels']['job'] for t in targets)}")
+        loaded = {r["name"]: r for g in prometheus.api("rules")["groups"] for r in g["rules"]}
+        expected = {r.get("alert") or r["record"] for r in rules()}
+        if set(loaded) != expected:
+            failures.append(f"rules loaded {sorted(loaded)}, files have {sorted(expected)}")
+        failures += [f"rule {n}: {r['health']} {r.get('lastError', '')}" for n, r in loaded.items() if r["health"] != "ok"]
+        return failures
+
+    wait_for(check, prometheus)
+
+
+def _returns_series(prometheus: Prometheus, items: list[tuple[str, str]]) -> list[str]:
+    declared = prometheus.declared()
+    failures = []
+    for where, expr in items:
+        if prometheus.query(expr):
+            continue
+        names = metric_names(expr)
+        if names and names <= set(EVENT_ONLY) and names <= declared:
+            continue  # a failure counter that no failure has created yet
+        failures.append(f"{where}: no series for {expr}")
+    return failures
+
+
+def test_every_dashboard_query_returns_series(prometheus: Prometheus) -> None:
+    queries = dashboard_queries()
+    assert len(queries) > 40
+    wait_for(lambda: _returns_series(prometheus, queries), prometheus)
+
+
+def test_every_alert_and_recording_rule_returns_series(prometheus: Prometheus) -> None:
+    items = [(f"alert {r['alert']}", signal_of(r["expr"])) for r in rules() if "alert" in r]
+    items += [(f"recording rule {r['record']}", r["expr"]) for r in rules() if "record" in r]
+    items += [(f"recorded series {r['record']}", r["record"]) for r in rules() if "record" in r]
+    wait_for(lambda: _returns_series(prometheus, items), prometheus)
+
+
+def test_every_metric_named_exists(prometheus: Prometheus) -> None:
+    """Each name in a dashboard or a rule is a series Prometheus has, a series a rule
+    records, or (EVENT_ONLY) a metric a process declares."""
+    exprs = [expr for _, expr in dashboard_queries()] + [r["expr"] for r in rules()]
+    named = set().union(*(metric_names(e) for e in exprs))
+    recorded = {r["record"] for r in rules() if "record" in r}
+
+    def check() -> list[str]:
+        have = set(prometheus.api("label/__name__/values")) | recorded
+        declared = prometheus.declared()
+        missing = named - have - (set(EVENT_ONLY) & declared)
+        return [f"no such metric: {name}" for name in sorted(missing)]
+
+    wait_for(check, prometheus)
+
+
+def test_no_label_names_a_user_or_a_position(prometheus: Prometheus) -> None:
+    labels = set(prometheus.api("labels", **{"match[]": '{__name__=~"earn_.+|grpc_.+"}'}))
+    assert "job_name" in labels  # the scheduler's job label, renamed at scrape time
+    assert not labels & FORBIDDEN_LABELS, labels & FORBIDDEN_LABELS
+    products = prometheus.query("count(count by (product) (earn_simple_earn_positions_open))")
+    assert products and float(products[0]["value"][1]) >= 1
