@@ -1,0 +1,168 @@
+"""deploy/k8s against the Kubernetes API's JSON schemas in strict mode (unknown fields
+are errors), offline, with the schemas the pinned kubernetes-validate wheel ships; then
+what a schema cannot know: selectors that select, probes on the ports the processes
+listen on, resources, the engine's replicas against its input's partitions, scrape
+labels that match the Prometheus config and the alert rules, and EARN_* variables the
+processes really read (here and in docker-compose.yml)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import kubernetes_validate
+import pytest
+
+from services.kernel.config import REPO_ROOT, ServiceSettings, Settings
+from services.kernel.topics import CATALOGUE
+from tests.deploy.tools import DEPLOY, load_yaml, load_yaml_all
+
+K8S = DEPLOY / "k8s"
+MANIFESTS = sorted(p for p in K8S.glob("*.yaml") if p.name != "kustomization.yaml")
+# The oldest and the newest Kubernetes minor the manifests are checked against.
+VERSIONS = ("1.30.0", "1.37.0")
+JOBS = {"wallet", "simple_earn", "accrual", "scheduler"}
+
+
+def documents() -> list[tuple[str, dict[str, Any]]]:
+    return [(f"{path.name}: {doc['kind']} {doc['metadata']['name']}", doc) for path in MANIFESTS for doc in load_yaml_all(path)]
+
+
+def workloads() -> list[dict[str, Any]]:
+    return [doc for _, doc in documents() if doc["kind"] in ("Deployment", "StatefulSet")]
+
+
+def containers(workload: dict[str, Any]) -> list[dict[str, Any]]:
+    return workload["spec"]["template"]["spec"]["containers"]
+
+
+def env_of(container: dict[str, Any]) -> dict[str, str]:
+    return {e["name"]: e.get("value", "") for e in container.get("env", [])}
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+def test_manifests_follow_the_api_schemas(version: str) -> None:
+    failures = []
+    for where, doc in documents():
+        try:
+            kubernetes_validate.validate(doc, version, strict=True)
+        except kubernetes_validate.ValidationError as err:
+            failures.append(f"{where}: {'/'.join(map(str, err.path))}: {err.message}")
+    assert not failures, "\n".join(failures)
+
+
+def test_the_schema_check_catches_mistakes() -> None:
+    (_, wallet), *_ = [(w, d) for w, d in documents() if d["kind"] == "Deployment"]
+    wallet["spec"]["template"]["spec"]["containers"][0]["readinessProbe"]["grcp"] = {"port": 1}
+    with pytest.raises(kubernetes_validate.ValidationError):
+        kubernetes_validate.validate(wallet, VERSIONS[-1], strict=True)
+
+
+def test_kustomization_lists_every_manifest_in_one_namespace() -> None:
+    kustomization = load_yaml(K8S / "kustomization.yaml")
+    assert sorted(kustomization["resources"]) == [p.name for p in MANIFESTS]
+    for where, doc in documents():
+        if doc["kind"] != "Namespace":
+            assert doc["metadata"]["namespace"] == kustomization["namespace"], where
+
+
+def test_selectors_select_and_services_reach_ports() -> None:
+    templates = {w["metadata"]["name"]: w["spec"]["template"] for w in workloads()}
+    for workload in workloads():
+        labels = workload["spec"]["template"]["metadata"]["labels"]
+        assert workload["spec"]["selector"]["matchLabels"].items() <= labels.items()
+    for where, doc in documents():
+        if doc["kind"] == "Service":
+            selected = [name for name, t in templates.items() if doc["spec"]["selector"].items() <= t["metadata"]["labels"].items()]
+            assert len(selected) == 1, where
+            ports = {p["name"] for c in templates[selected[0]]["spec"]["containers"] for p in c["ports"]}
+            assert {p["targetPort"] for p in doc["spec"]["ports"]} <= ports, where
+        if doc["kind"] == "PodDisruptionBudget":
+            assert any(doc["spec"]["selector"]["matchLabels"].items() <= t["metadata"]["labels"].items() for t in templates.values())
+
+
+def test_every_container_has_probes_resources_and_runs_unprivileged() -> None:
+    for workload in workloads():
+        pod = workload["spec"]["template"]["spec"]
+        assert pod["securityContext"]["runAsNonRoot"] is True
+        for container in containers(workload):
+            name = f"{workload['metadata']['name']}/{container['name']}"
+            for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+                assert probe in container, f"{name} has no {probe}"
+            assert {"cpu", "memory"} <= container["resources"]["requests"].keys(), name
+            assert "memory" in container["resources"]["limits"], name
+            assert container["securityContext"]["readOnlyRootFilesystem"] is True, name
+            assert container["securityContext"]["allowPrivilegeEscalation"] is False, name
+
+
+def test_grpc_services_are_probed_on_the_grpc_health_service_of_their_port() -> None:
+    grpc_services = 0
+    for workload in workloads():
+        for container in containers(workload):
+            ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+            if "grpc" not in ports:
+                continue
+            grpc_services += 1
+            assert env_of(container)["EARN_GRPC_PORT"] == str(ports["grpc"])
+            for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+                assert container[probe]["grpc"]["port"] == ports["grpc"], f"{workload['metadata']['name']} {probe}"
+    assert grpc_services == 2  # wallet, simple_earn
+
+
+def test_every_process_is_scraped_as_its_prometheus_job() -> None:
+    config = load_yaml(K8S / "config.yaml")["data"]
+    jobs = set()
+    for workload in workloads():
+        labels = workload["spec"]["template"]["metadata"]["labels"]
+        assert labels["app.kubernetes.io/part-of"] == "earn-platform"
+        jobs.add(labels["earn-platform/job"])
+        (container,) = containers(workload)
+        metrics = [p for p in container["ports"] if p["name"] == "metrics"]
+        assert metrics and str(metrics[0]["containerPort"]) == config["EARN_METRICS_PORT"]
+    assert jobs == JOBS
+    assert config["EARN_METRICS_HOST"] == "0.0.0.0" and config["EARN_GRPC_HOST"] == "0.0.0.0"
+    relabel = load_yaml(DEPLOY / "prometheus" / "prometheus-k8s.yml")["scrape_configs"][0]["relabel_configs"]
+    kept = {r["source_labels"][0]: r["regex"] for r in relabel if r.get("action") == "keep"}
+    assert kept == {"__meta_kubernetes_pod_label_app_kubernetes_io_part_of": "earn-platform",
+                    "__meta_kubernetes_pod_container_port_name": "metrics"}
+    assert {"source_labels": ["__meta_kubernetes_pod_label_earn_platform_job"], "target_label": "job"} in relabel
+
+
+def test_engine_replicas_fit_the_partitions_of_its_input() -> None:
+    (engine,) = [w for w in workloads() if w["metadata"]["name"] == "accrual"]
+    assert engine["kind"] == "StatefulSet"
+    partitions = CATALOGUE["simple_earn.accrual"].partitions
+    replicas = engine["spec"]["replicas"]
+    assert 1 <= replicas <= partitions and partitions % replicas == 0, f"{replicas} workers for {partitions} partitions"
+
+
+def _known_variables() -> set[str]:
+    from services.accrual.app import AccrualSettings
+    from services.scheduler.jobs import SchedulerSettings
+    from services.simple_earn.main import SimpleEarnSettings
+    from services.wallet.main import WalletSettings
+
+    known = set()
+    for cls in (Settings, ServiceSettings, WalletSettings, SimpleEarnSettings, AccrualSettings, SchedulerSettings):
+        for name, field in cls.model_fields.items():
+            alias = field.validation_alias
+            known.add(alias if isinstance(alias, str) else f"EARN_{name.upper()}")
+    return known
+
+
+def _variables(mapping: dict[str, Any], where: str) -> list[tuple[str, str]]:
+    return [(name, where) for name in mapping if name.startswith("EARN_")]
+
+
+def test_every_earn_variable_set_is_one_a_process_reads() -> None:
+    """The settings ignore unknown EARN_* variables, so a misspelt one would be lost silently."""
+    found = _variables(load_yaml(K8S / "config.yaml")["data"], "config.yaml")
+    for workload in workloads():
+        for container in containers(workload):
+            found += _variables(env_of(container), workload["metadata"]["name"])
+    compose: dict[str, Any] = load_yaml(REPO_ROOT / "docker-compose.yml")
+    for name, service in compose["services"].items():
+        found += _variables(service.get("environment") or {}, f"docker-compose.yml {name}")
+    known = _known_variables()
+    unknown = sorted({f"{name} ({where})" for name, where in found if name not in known})
+    assert not unknown, unknown
+
