@@ -53,6 +53,7 @@ PAYOUT_REQUESTS = Counter("earn_accrual_payout_requests_total", "PayoutRequested
 LAG = Gauge("earn_accrual_consumer_lag", "Input messages not yet processed, per partition", ["partition"])
 # Payout batches not acknowledged by the broker within this many seconds stop the worker.
 DELIVERY_TIMEOUT = 120.0
+CHUNK = 5000  # positions settled between two yields to the event loop
 
 SKIPPED = Counter("earn_accrual_events_skipped_total", "Input events skipped, by reason", ["reason"])
 
@@ -285,9 +286,8 @@ class Engine:
             SKIPPED.labels("duplicate").inc()
             return
         self._put(self.positions, key, new.to_dict())
-        book = self.books.get(partition)
-        if book is not None:
-            book.put(self._view(partition, new, book))
+        book = self.book(partition)
+        book.put(self._view(partition, new, book))
 
     def on_hour_closed(self, partition: int, env: events_pb2.EventEnvelope, msg: accrual_pb2.HourClosed) -> None:
         # O(1) here: the rate indices need no per-hour work (APR-hours at any hour are
@@ -346,35 +346,33 @@ class Engine:
         payout: domain.Payout, emitter: _Emitter,
     ) -> None:
         emitter.product(product_id, product.asset)
-        scale = money.scale_of(product.asset, "asset") if product.asset else 0
-        for n, pos in enumerate(book.ordered(product_id)):
-            if n % 20_000 == 0:
-                await asyncio.sleep(0)  # keep heartbeats and the loop alive in big payouts
+        version = book.rates_version(product_id)
+        payout.rates_version = version
+
+        def fresh(pos: domain.Position) -> domain.Position:
             if book.stale(pos):
                 pos = self._view(partition, pos.state, book)
                 book.put(pos)
-            try:
-                settled = payout.settle(pos)
-            except domain.Unrecoverable:
-                SKIPPED.labels("unrecoverable_replay").inc()
-                log.error("replayed payout reaches past the position's marks: not re-emitted",
-                          extra={"position_id": pos.state.position_id, "job": payout.entry.job, "period": payout.entry.period})
-                continue
-            except DomainError as err:
-                log.error("position not paid", extra={"position_id": pos.state.position_id, "error": err.message})
-                continue
-            key = domain.position_key(partition, product_id, pos.state.position_id)
-            if settled is None:
-                if pos.state.dropped and payout.expired(pos.state):
-                    del self.positions[key]
-                    book.remove(product_id, pos.state.position_id)
-                continue
-            if settled.amount > 0:
-                await emitter.add(pos.state.position_id, pos.state.user_id, domain.format_minor(settled.amount, scale), settled.from_hour)
-            if settled.drop:
-                marker = payout.marker(pos, settled)
-                self._put(self.positions, key, marker.to_dict())
+            pos.rates_version = version
+            return pos
+
+        positions = book.ordered(product_id)
+        for at in range(0, len(positions), CHUNK):
+            paid = payout.run(positions[at : at + CHUNK], fresh)
+            await emitter.extend(paid)
+            for marker in paid.markers:
+                self._put(self.positions, domain.position_key(partition, product_id, marker.position_id), marker.to_dict())
                 book.put(self._view(partition, marker, book))
+            for pos in paid.expired:
+                del self.positions[domain.position_key(partition, product_id, pos.state.position_id)]
+                book.remove(product_id, pos.state.position_id)
+            for pos in paid.unrecoverable:
+                SKIPPED.labels("unrecoverable_replay").inc()
+                log.error(
+                    "replayed payout reaches past the position's marks: not re-emitted",
+                    extra={"position_id": pos.state.position_id, "job": payout.entry.job, "period": payout.entry.period},
+                )
+            await asyncio.sleep(0)  # keep heartbeats and the loop alive in big payouts
 
 
 class _Emitter:
@@ -401,17 +399,22 @@ class _Emitter:
     def product(self, product_id: str, asset: str) -> None:
         self.product_id, self.asset = product_id, asset
 
-    async def add(self, position_id: str, user_id: str, amount: str, from_hour: int) -> None:
-        if self.position_ids and len(self.position_ids) >= domain.BATCH_SIZE:
+    async def extend(self, paid: domain.Paid) -> None:
+        """Add settled items of the current product; full batches leave at once."""
+        if self.position_ids and self._batch_product != self.product_id:
             await self._send(last=False)
-        elif self.position_ids and self._batch_product != self.product_id:
-            await self._send(last=False)
-        if not self.position_ids:
-            self._batch_product, self._batch_asset = self.product_id, self.asset
-        self.position_ids.append(position_id)
-        self.user_ids.append(user_id)
-        self.amounts.append(amount)
-        self.from_hours.append(from_hour)
+        at, count = 0, len(paid.position_ids)
+        while at < count:
+            if not self.position_ids:
+                self._batch_product, self._batch_asset = self.product_id, self.asset
+            take = min(count - at, domain.BATCH_SIZE - len(self.position_ids))
+            self.position_ids.extend(paid.position_ids[at : at + take])
+            self.user_ids.extend(paid.user_ids[at : at + take])
+            self.amounts.extend(paid.amounts[at : at + take])
+            self.from_hours.extend(paid.from_hours[at : at + take])
+            at += take
+            if len(self.position_ids) >= domain.BATCH_SIZE:
+                await self._send(last=False)
 
     async def _send(self, last: bool) -> None:
         msg = self.msg

@@ -74,6 +74,7 @@ MARKER_KEEP_OFFSETS = 100_000
 # principal x APR-hours ("units") has at most 36: units are kept as int(units x 10^36).
 UNIT_DIGITS = 36
 _HALF = 18
+_NO_RATES = RateIndex()
 
 
 # --------------------------------------------------------------------------- keys
@@ -375,7 +376,7 @@ def apply_position_change(
         state = PositionState(position_id=position_id, product_id=product_id, user_id=user_id, asset=asset, first_offset=offset)
     state.asset = asset or state.asset
     materialize_marks(state, index, history, offset)
-    unsettled = RateIndex()  # never settled: the ledger only merges changes per hour
+    unsettled = _NO_RATES  # never settled: the ledger only merges changes per hour
     for change in sorted(changes, key=lambda c: c.effective_hour):
         state.ledger.apply_change(unsettled, change.effective_hour, change.delta)
     if closed_from_hour:
@@ -428,6 +429,21 @@ def position_view(state: PositionState, index: RateIndex | None, rates_version: 
     )
 
 
+@dataclass(slots=True)
+class Paid:
+    """A run of positions settled: the items in columns, the markers of positions
+    closed and paid for good (to write), expired markers (to delete), and positions a
+    replay could not re-emit."""
+
+    position_ids: list[str] = field(default_factory=list)
+    user_ids: list[str] = field(default_factory=list)
+    amounts: list[str] = field(default_factory=list)
+    from_hours: list[int] = field(default_factory=list)
+    markers: list[PositionState] = field(default_factory=list)
+    expired: list[Position] = field(default_factory=list)
+    unrecoverable: list[Position] = field(default_factory=list)
+
+
 @dataclass(frozen=True, slots=True)
 class Settled:
     """A request's effect on one position, in the asset's smallest units: the amount
@@ -448,8 +464,9 @@ class Payout:
     product's cumulative APR-hours at the two boundaries; a position whose last change
     lies in another rate segment (or at or after a boundary) takes the exact path."""
 
-    def __init__(self, product: ProductState, entry: PayoutEntry, offset: int, watermark: int) -> None:
+    def __init__(self, product: ProductState, entry: PayoutEntry, offset: int, watermark: int, rates_version: int = 0) -> None:
         self.index = product.index
+        self.rates_version = rates_version
         self.entry = entry
         self.offset = offset
         self.watermark = watermark
@@ -539,6 +556,96 @@ class Payout:
         # Closed and paid through its closing hour (no debt left): forget it.
         return Settled(after - before, before, after, closed and due >= before, start, from_hour)
 
+    def run(self, positions: Iterable[Position], fresh: Any) -> Paid:
+        """Settle ``positions`` (in payout order): the items and what to write. The
+        common case (unchanged since the previous payout, in the boundary's rate
+        segment) is inlined in integers; every other case goes through ``settle``.
+        ``fresh(pos)`` returns the position's view, rebuilt if rates changed under it."""
+        out = Paid()
+        boundary, previous, offset = self.entry.boundary, self.entry.previous, self.offset
+        end = self.end
+        if end is None:
+            positions = [fresh(p) for p in positions]
+            for pos in positions:
+                self._general(pos, out)
+            return out
+        end_segment, end_cum, end_bounds = end
+        bounds_int = [None if b is None else to_int(b, _HALF) for b in end_bounds]
+        divisors: dict[int, int] = {}
+        points: dict[int, Any] = {}
+        ids, users, amounts, froms = out.position_ids, out.user_ids, out.amounts, out.from_hours
+        version = self.rates_version
+        for pos in positions:
+            if pos.rates_version != version:
+                pos = fresh(pos)
+            state = pos.state
+            marks = state.marks
+            start = pos.start
+            if (
+                state.dropped_at_hour is not None
+                or pos.closed
+                or start is None
+                or start >= boundary
+                or pos.last >= boundary
+                or offset < state.first_offset
+                or (marks and (previous is None or marks[-1][0] >= previous))
+            ):
+                self._general(pos, out)
+                continue
+            divisor = divisors.get(pos.scale)
+            if divisor is None:
+                divisor = divisors[pos.scale] = minor_divisor(pos.scale)
+            memo = pos.paid_memo
+            if previous is None:
+                before = 0
+            elif memo is not None and memo[0] == previous:
+                before = memo[1]
+            else:
+                before = self.paid_through(pos, previous, self.begin)
+                if marks and marks[-1][1] > before:
+                    before = marks[-1][1]
+            last = pos.last
+            base = points.get(last, False)
+            if base is False:
+                base = points[last] = self._point(last, False)
+            if base is not None and base[0] == end_segment:
+                brackets = pos.brackets
+                if brackets is None or (brackets[0] is not end_bounds and brackets[0] != end_bounds):
+                    brackets = pos.brackets = (end_bounds, bracket_ints(pos.principal, bounds_int))
+                total = pos.units
+                for amount, a, b in zip(brackets[1], base[1], end_cum):
+                    if amount:
+                        total += amount * (b - a)
+                due = total // divisor
+            else:
+                due = self.paid_through(pos, boundary, end)
+            after = due if due > before else before
+            pos.paid_memo = (boundary, after)
+            if after > before:
+                ids.append(state.position_id)
+                users.append(state.user_id)
+                amounts.append(format_minor(after - before, pos.scale))
+                froms.append(previous if previous is not None and start < previous else start)
+        return out
+
+    def _general(self, pos: Position, out: Paid) -> None:
+        try:
+            settled = self.settle(pos)
+        except Unrecoverable:
+            out.unrecoverable.append(pos)
+            return
+        if settled is None:
+            if pos.state.dropped and self.expired(pos.state):
+                out.expired.append(pos)
+            return
+        if settled.amount > 0:
+            out.position_ids.append(pos.state.position_id)
+            out.user_ids.append(pos.state.user_id)
+            out.amounts.append(format_minor(settled.amount, pos.scale))
+            out.from_hours.append(settled.from_hour)
+        if settled.drop:
+            out.markers.append(self.marker(pos, settled))
+
     def _from(self, hour: int | None) -> int:
         return self.entry.boundary if hour is None else hour
 
@@ -602,6 +709,7 @@ class Book:
         self.rate_changes.setdefault(product_id, []).append(effective_hour)
 
     def stale(self, pos: Position) -> bool:
+        """Rates changed, since the view was built, for an hour its E(last) covers."""
         changes = self.rate_changes.get(pos.state.product_id)
         if not changes or pos.rates_version >= len(changes):
             return False
