@@ -5,7 +5,7 @@ through the real pipeline next to one set-based SQL statement.
     .venv/bin/python -m tests.bench.bench_accrual --positions 100000
 
 1. HourClosed with 1,000 and N open positions, two ways:
-   a. in-process: ``services.accrual.app.Engine`` over plain dicts instead of faust tables
+   a. in-process: ``services.accrual.app.Engine.in_memory``: plain dicts instead of faust tables
       (faust tables cannot be written outside a worker's stream), state built by feeding
       the same PositionChanged envelopes through ``Engine.handle``; time per
       ``Engine.handle(HourClosed)`` averaged over many ticks;
@@ -161,24 +161,13 @@ class _Sink:
         return fut
 
 
-def dict_engine() -> Engine:
-    """The faust app's Engine with plain dicts as its three tables (same get/set/keys/del)."""
-    engine = Engine.__new__(Engine)
-    engine.app = SimpleNamespace(consumer=None)  # Engine._lag swallows the missing consumer
-    engine.output = _Sink()  # type: ignore[assignment]
-    engine.partitions = PARTITIONS
-    engine.products, engine.positions, engine.partitions_meta = {}, {}, {}  # type: ignore[assignment]
-    engine._index_cache = {}
-    return engine
-
-
 def _event(partition: int, offset: int, raw: bytes) -> SimpleNamespace:
     return SimpleNamespace(value=raw, message=SimpleNamespace(partition=partition, offset=offset, tp=None))
 
 
 async def in_process(book: Book, sizes: list[int], tick_count: int) -> None:
-    say(f"\n1a. HourClosed in-process: Engine.handle on dict tables (no faust, no Kafka), {tick_count:,} ticks per size")
-    engine = dict_engine()
+    say(f"\n1a. HourClosed in-process: Engine.in_memory (dicts for tables) (no faust, no Kafka), {tick_count:,} ticks per size")
+    engine = Engine.in_memory(_Sink(), PARTITIONS)
     offsets = [0] * PARTITIONS
 
     async def feed(partition: int, raw: bytes) -> None:
