@@ -274,11 +274,15 @@ def simple_earn() -> Dashboard:
     d.timeseries("Interest paid per hour", "Flexible payouts and fixed-term interest at maturity.",
                  [(f"sum by (product, asset) (increase(earn_simple_earn_interest_paid_total{{{p}}}[1h]))", "{{product}} ({{asset}})")], width=8)
     d.timeseries("Open positions", "Active positions per product.",
-                 [(f"sum by (product) (earn_simple_earn_positions_open{{{p}}})", "{{product}}")], width=8)
+                 [(f"sum by (product) (earn_simple_earn_positions_open{{{p}}})", "{{product}}")], width=6)
     d.timeseries("Payout batches per hour by outcome", "Accrual engine batches consumed: paid, duplicate (a redelivery, harmless), dead_letter.",
-                 [("sum by (outcome) (increase(earn_simple_earn_payout_batches_total[1h]))", "{{outcome}}")], width=8)
+                 [("sum by (outcome) (increase(earn_simple_earn_payout_batches_total[1h]))", "{{outcome}}")], width=6)
+    d.timeseries("Payout batch apply time (p50, p99 over 1 h)", "One PayoutBatch checked, recorded and credited in the wallet, retries included.", [
+        ("histogram_quantile(0.5, sum by (le) (increase(earn_simple_earn_payout_batch_seconds_bucket[1h])))", "p50"),
+        ("histogram_quantile(0.99, sum by (le) (increase(earn_simple_earn_payout_batch_seconds_bucket[1h])))", "p99"),
+    ], "s", width=6)
     d.timeseries("Dead letters per hour by reason", "Payout records parked for an operator: unreadable, or items_skipped (paid in part).",
-                 [("sum by (reason) (increase(earn_simple_earn_dead_letters_total[1h]))", "{{reason}}")], width=8)
+                 [("sum by (reason) (increase(earn_simple_earn_dead_letters_total[1h]))", "{{reason}}")], width=6)
     grpc_section(d, "earn.v1.SimpleEarnService")
     outbox_section(d, "simple_earn", "simple_earn")
     process_section(d, "simple_earn")

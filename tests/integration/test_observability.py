@@ -334,7 +334,10 @@ async def prometheus(stack: Env, tmp_path_factory: pytest.TempPathFactory) -> As
                 assert proc.running(), f"{name} exited ({proc.returncode}); see {proc.logfile}"
             samples = scraped(scheduler)
             runs = {job: samples.get(("earn_job_runs_total", (("job", job), ("status", "succeeded"))), 0) for job in (*HOURLY_JOBS, "simple_earn.interest.daily")}
-            assert runs == {**dict.fromkeys(HOURLY_JOBS, 3.0), "simple_earn.interest.daily": 1.0}, runs
+            assert runs == {**dict.fromkeys(HOURLY_JOBS, 3.0), "simple_earn.interest.daily": 1.0}, (
+                f"succeeded runs so far: {runs}; a payout that never completes is stuck in the engine or in Simple Earn's"
+                f" payout consumer: see {processes['accrual'].logfile} and {earn.logfile}"
+            )
             paid = scraped(earn)
             assert any(name == "earn_simple_earn_interest_paid_total" and value > 0 for (name, _), value in paid.items()), "no interest paid yet"
 
