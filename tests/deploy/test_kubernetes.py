@@ -92,6 +92,7 @@ def test_every_container_has_probes_resources_and_runs_unprivileged() -> None:
             assert "memory" in container["resources"]["limits"], name
             assert container["securityContext"]["readOnlyRootFilesystem"] is True, name
             assert container["securityContext"]["allowPrivilegeEscalation"] is False, name
+            assert "/tmp" in {m["mountPath"] for m in container.get("volumeMounts", [])}, f"{name}: no writable /tmp"
 
 
 def test_grpc_services_are_probed_on_the_grpc_health_service_of_their_port() -> None:
