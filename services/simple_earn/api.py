@@ -207,6 +207,7 @@ class SimpleEarnApi(simple_earn_pb2_grpc.SimpleEarnServiceServicer):
         self.pool = pool
         self.settings = settings
         self.wallet = wallet
+        self._payout_ids: dict[tuple[str, str], int] = {}
 
     # ---- helpers ---------------------------------------------------------------------
 
@@ -223,6 +224,15 @@ class SimpleEarnApi(simple_earn_pb2_grpc.SimpleEarnServiceServicer):
 
     async def _write(self, method: str, request: Message, response_type: type[M], work: Callable[[asyncpg.Connection], Awaitable[M]]) -> M:
         return await idempotency.write_once(self.pool, method=method, request=request, response_type=response_type, work=work)
+
+    async def _payout_id(self, job: str, period: str) -> int:
+        """The small id interest rows carry for (job, period); cached (it never changes)."""
+        found = self._payout_ids.get((job, period))
+        if found is None:
+            if len(self._payout_ids) > 10_000:
+                self._payout_ids.clear()
+            found = self._payout_ids[(job, period)] = await store.payout_id(self.pool, job, period)
+        return found
 
     async def drive_releases(self) -> int:
         """Execute the wallet releases committed and not yet confirmed. Safe to run
@@ -586,7 +596,7 @@ class SimpleEarnApi(simple_earn_pb2_grpc.SimpleEarnServiceServicer):
         size = paging.page_size(request.page_size)
         response = simple_earn_pb2.ListInterestResponse()
         if not request.hourly:
-            rows = await store.list_interest(self.pool, user, position_id, start, end, paging.after(request.page_token, "i"), size + 1)
+            rows, go_on = await store.list_interest(self.pool, user, position_id, start, end, paging.after(request.page_token, "i"), size + 1)
             for r in rows[:size]:
                 response.records.add(
                     position_id=str(r["position_id"]), product_id=r["product_id"], asset=r["asset"], amount=format_amount(r["amount"]),
@@ -594,6 +604,8 @@ class SimpleEarnApi(simple_earn_pb2_grpc.SimpleEarnServiceServicer):
                 )
             if len(rows) > size:
                 response.next_page_token = paging.token("i", rows[size - 1]["id"])
+            elif go_on is not None:  # a listing of everything stopped its walk early: a short page, go on
+                response.next_page_token = paging.token("i", go_on)
             return response
         if position_id is None:
             raise InvalidArgument("position_id", "is required when hourly is set")
@@ -822,7 +834,8 @@ class SimpleEarnApi(simple_earn_pb2_grpc.SimpleEarnServiceServicer):
             if columns.kept is not None:
                 from_hours = [from_hours[i] for i in columns.kept]
             recorded = await store.record_payout_batch(
-                self.pool, job=job, period=period, partition=batch.partition, sequence=batch.sequence, last=batch.last,
+                self.pool, job=job, period=period, payout=await self._payout_id(job, period), partition=batch.partition,
+                sequence=batch.sequence, last=batch.last,
                 product_id=product_id, asset=asset, boundary_hour=batch.boundary_hour, digest=digest, at=self.settings.clock.now(),
                 consumer=domain.PAYOUT_CONSUMER, event_id=env.event_id, position_ids=columns.position_ids, user_ids=columns.user_ids,
                 amounts=columns.amounts, from_hours=from_hours, sent=columns.kept, excluded=sorted(columns.problems),
@@ -909,12 +922,13 @@ class SimpleEarnApi(simple_earn_pb2_grpc.SimpleEarnServiceServicer):
         """The wallet confirmed the batch's credit: mark it posted and reinvest. Returns
         (posted now, amounts reinvested, holds abandoned). Once per batch: the batch row's
         update decides, so a concurrent delivery reinvests nothing twice."""
-        job, period = batch_key[0], batch_key[1]
         if not holds:
             posted = await store.post_payout_batch(self.pool, *batch_key, posting_id, self.settings.clock.now())
             return posted, [], False
         reinvested: list[Decimal] = []
         abandoned = False
+        job, period = batch_key[0], batch_key[1]
+        payout = await self._payout_id(job, period)
         async with self.pool.acquire() as conn, conn.transaction():
             at = await store.accrual_clock(conn, self.settings.clock)
             await store.get_product(conn, product_id, lock=True)  # products before positions, like every writer
@@ -926,7 +940,7 @@ class SimpleEarnApi(simple_earn_pb2_grpc.SimpleEarnServiceServicer):
                 hold_id, amount = holds[position_id]
                 current = await store.get_position(conn, position_id, None, lock=True)
                 if current["status"] == PositionStatus.ACTIVE and await store.claim_hold(conn, hold_id, position_id, amount, at):
-                    await store.mark_reinvested(conn, job, period, position_id)
+                    await store.mark_reinvested(conn, payout, position_id)
                     await store.add_principal(conn, position_id, product_id, amount, effective, at)
                     await store.insert_subscription(conn, position_id, current["user_id"], product_id, amount, "auto_subscribe", hold_id, at)
                     outgoing.append(store.position_changed(current, [(effective, amount)]))
@@ -1029,9 +1043,9 @@ class SimpleEarnApi(simple_earn_pb2_grpc.SimpleEarnServiceServicer):
             current = await store.get_position(conn, position_id, None, lock=True)
             if current["status"] != PositionStatus.ACTIVE:
                 return "skipped"
-            await store.insert_interest(
-                conn, job=MATURITY_JOB, period=str(position_id), position_id=position_id, amount=interest,
-                from_hour=current["accrues_from_hour"], to_hour=current["matures_hour"], reinvested=new_hold is not None, at=at,
+            await store.insert_maturity_interest(
+                conn, position_id=position_id, amount=interest, from_hour=current["accrues_from_hour"], to_hour=current["matures_hour"],
+                reinvested=new_hold is not None, at=at,
             )
             for hold_id, remaining in holds:
                 await store.reduce_hold(conn, hold_id, remaining)

@@ -418,25 +418,26 @@ async def insert_redemption(
     )
 
 
-async def insert_interest(
-    conn: asyncpg.Connection,
-    *,
-    job: str,
-    period: str,
-    position_id: int,
-    amount: Decimal,
-    from_hour: int,
-    to_hour: int,
-    reinvested: bool,
-    at: datetime,
+async def payout_id(conn: asyncpg.Connection | asyncpg.Pool, job: str, period: str) -> int:
+    """The id of payout (job, period), created on first use (interest rows carry it)."""
+    found = await conn.fetchval("SELECT id FROM payouts WHERE job = $1 AND period = $2", job, period)
+    if found is None:
+        await conn.execute("INSERT INTO payouts (job, period) VALUES ($1, $2) ON CONFLICT DO NOTHING", job, period)
+        found = await conn.fetchval("SELECT id FROM payouts WHERE job = $1 AND period = $2", job, period)
+    return found
+
+
+async def insert_maturity_interest(
+    conn: asyncpg.Connection, *, position_id: int, amount: Decimal, from_hour: int, to_hour: int, reinvested: bool, at: datetime
 ) -> bool:
-    """One interest record (fixed-term interest at maturity). False when (job, period,
-    position) was recorded before."""
+    """The interest record of a fixed-term position at maturity (one per position: the
+    maturity is one payout). False when recorded before."""
     return bool(
         await conn.fetchval(
-            "INSERT INTO interest (job, period, position_id, amount, from_hour, to_hour, reinvested, created_at)"
-            " VALUES ($1, $2, $3, $4, $5, $6, $7, $8) ON CONFLICT (position_id, job, period) DO NOTHING RETURNING true",
-            job, period, position_id, amount, from_hour, to_hour, reinvested, at,
+            "INSERT INTO interest (payout_id, position_id, amount, from_hour, to_hour, reinvested, created_at)"
+            " SELECT p.id, $2, $3, $4, $5, $6, $7 FROM payouts p WHERE p.job = $1 AND p.period = ''"
+            " ON CONFLICT (position_id, payout_id) DO NOTHING RETURNING true",
+            MATURITY_JOB, position_id, amount, from_hour, to_hour, reinvested, at,
         )
     )
 
@@ -462,17 +463,30 @@ async def list_records(
     )
 
 
+# A listing of every position's interest walks ids in windows of this many ids per row
+# asked, at most this many windows per page (then the page may come back short, with a
+# token to go on).
+INTEREST_WINDOW_PER_ROW = 16
+INTEREST_WINDOWS_PER_PAGE = 64
+
+
 async def list_interest(
     pool: asyncpg.Pool, user_id: str, position_id: int | None, time_from: datetime | None, time_to: datetime | None, after_id: int, limit: int
-) -> list[asyncpg.Record]:
-    """Interest records by id, with the position's product and asset. The filters are
-    written into the SQL only when set, so a user's records are found through the user's
-    positions (positions_user, then interest_position_payout), never by a scan."""
+) -> tuple[list[asyncpg.Record], int | None]:
+    """Interest records by id after ``after_id`` (at most ``limit``), with the position's
+    product and asset and the payout's period (a maturity's period is its position id),
+    and where to go on when the walk stopped before the end without filling the page.
+
+    The filters are written into the SQL only when set, so a user's records are found
+    through the user's positions (positions_user, then interest_position_payout), never by
+    a scan. Without a user or a position, ids are walked in windows through a BRIN index
+    (interest_id_ranges): each window reads only the blocks of its ids."""
     sql = (
-        "SELECT i.id, i.position_id, p.product_id, p.asset, i.amount, i.from_hour, i.to_hour, i.period, i.reinvested, i.created_at"
-        " FROM interest i JOIN positions p ON p.id = i.position_id WHERE i.id > $1"
+        "SELECT i.id, i.position_id, p.product_id, p.asset, i.amount, i.from_hour, i.to_hour, i.reinvested, i.created_at,"
+        " CASE WHEN o.job = $1 THEN i.position_id::text ELSE o.period END AS period"
+        " FROM interest i JOIN positions p ON p.id = i.position_id JOIN payouts o ON o.id = i.payout_id WHERE i.id > $2"
     )
-    args: list[object] = [after_id]
+    args: list[object] = [MATURITY_JOB, after_id]
     for clause, value in (
         ("p.user_id = ${}", user_id or None),
         ("i.position_id = ${}", position_id),
@@ -482,8 +496,22 @@ async def list_interest(
         if value is not None:
             args.append(value)
             sql += " AND " + clause.format(len(args))
-    args.append(limit)
-    return await pool.fetch(sql + f" ORDER BY i.id LIMIT ${len(args)}", *args)
+    if user_id or position_id is not None:
+        args.append(limit)
+        return await pool.fetch(sql + f" ORDER BY i.id LIMIT ${len(args)}", *args), None
+    window = max(limit, 1) * INTEREST_WINDOW_PER_ROW
+    last = await pool.fetchval("SELECT CASE WHEN is_called THEN last_value ELSE 0 END FROM interest_id_seq")
+    sql += f" AND i.id <= ${len(args) + 1} ORDER BY i.id LIMIT ${len(args) + 2}"
+    args.extend((0, 0))
+    found: list[asyncpg.Record] = []
+    start = after_id
+    for _ in range(INTEREST_WINDOWS_PER_PAGE):
+        if len(found) >= limit or start >= last:
+            return found, None
+        args[1], args[-2], args[-1] = start, start + window, limit - len(found)
+        found.extend(await pool.fetch(sql, *args))
+        start += window
+    return found, (None if len(found) >= limit or start >= last else start)
 
 
 # ---- watermark and payouts ------------------------------------------------------------
@@ -573,11 +601,11 @@ async def payout_batch(conn: asyncpg.Connection | asyncpg.Pool, job: str, period
 # $8 boundary hour, $9 digest, $10 time, $11 inbox consumer, $12 event id,
 # $13..$15 position ids, user ids and amounts, each one text of lines, $16 from hours,
 # $17 original index of each item sent (NULL: all were sent, in order), $18 indexes left
-# out before (by the caller's checks), $19 why (NULL: none).
+# out before (by the caller's checks), $19 why (NULL: none), $20 the payout's id.
 #
 # The items are checked against positions through positions_identity (an index-only
 # scan: id, user, product, asset, and what decides a reinvestment). {conflict} is empty on
-# the fast path: an item whose (job, period, position) another batch recorded fails the
+# the fast path: an item whose (payout, position) another batch recorded fails the
 # whole statement on interest_position_payout (nothing is written), and the slow path
 # runs it again with ON CONFLICT DO NOTHING, leaving such items out. A speculative insert
 # per row costs about as much as the rest of the insert, for a case that should never
@@ -589,15 +617,17 @@ WITH t AS MATERIALIZED (
            coalesce(p.auto_subscribe AND p.status = 'active' AND p.kind = 'flexible', false) AS re
     FROM unnest(string_to_array($13, E'\n')::bigint[], string_to_array($14, E'\n'),
                 string_to_array($15, E'\n')::numeric[], $16::bigint[]) WITH ORDINALITY AS t(pos, u, m, f, n)
-    -- LATERAL: one index lookup per item, never a merge join scanning a range of positions
-    LEFT JOIN LATERAL (SELECT * FROM positions p WHERE p.id = t.pos) p ON true
+    -- One index-only lookup per item (LATERAL ... LIMIT 1 is not flattened into a join
+    -- the planner could turn into a merge join scanning a range of positions).
+    LEFT JOIN LATERAL (
+        SELECT p.user_id, p.product_id, p.asset, p.kind, p.status, p.auto_subscribe FROM positions p WHERE p.id = t.pos LIMIT 1
+    ) p ON true
 ), ins AS (
-    INSERT INTO interest (job, period, position_id, amount, from_hour, to_hour, created_at)
-    SELECT $1, $2, t.pos, t.m, t.f, $8, $10 FROM t WHERE t.ok
-    {conflict}
-    RETURNING position_id, amount
+    INSERT INTO interest (payout_id, position_id, amount, from_hour, to_hour, created_at)
+    SELECT $20, t.pos, t.m, t.f, $8, $10 FROM t WHERE t.ok
+    {insert_tail}
 ), sums AS (
-    SELECT count(*)::integer AS items, coalesce(sum(amount), 0) AS paid FROM ins
+    {sums}
 ), left_out AS (
     SELECT t.n, format('position %s: no such position of user/product/asset %s/%s/%s', t.pos, t.u, $6, $7) AS why
     FROM t WHERE NOT t.ok
@@ -618,9 +648,16 @@ WITH t AS MATERIALIZED (
 )
 SELECT (SELECT count(*) FROM inbox_row) AS first_time, b.* FROM (SELECT) AS one LEFT JOIN batch b ON true
 """
-RECORD_BATCH = _RECORD_BATCH.format(conflict="", conflicts="")
+# Fast path: every checked item goes in (or the statement fails), so the totals are the
+# checked items' and the insert returns nothing.
+RECORD_BATCH = _RECORD_BATCH.format(
+    insert_tail="",
+    sums="SELECT count(*)::integer AS items, coalesce(sum(t.m), 0) AS paid FROM t WHERE t.ok",
+    conflicts="",
+)
 RECORD_BATCH_SKIPPING_PAID = _RECORD_BATCH.format(
-    conflict="ON CONFLICT (position_id, job, period) DO NOTHING",
+    insert_tail="ON CONFLICT (position_id, payout_id) DO NOTHING RETURNING position_id, amount",
+    sums="SELECT count(*)::integer AS items, coalesce(sum(amount), 0) AS paid FROM ins",
     conflicts="""UNION ALL
     SELECT t.n, format('position %s: paid before by another batch of %s %s', t.pos, $1, $2)
     FROM t WHERE t.ok AND t.pos NOT IN (SELECT position_id FROM ins)""",
@@ -632,6 +669,7 @@ async def record_payout_batch(
     *,
     job: str,
     period: str,
+    payout: int,
     partition: int,
     sequence: int,
     last: bool,
@@ -658,7 +696,7 @@ async def record_payout_batch(
     its event was recorded meanwhile (a concurrent delivery): nothing is written."""
     args = (
         job, period, partition, sequence, last, product_id, asset, boundary_hour, digest, at,
-        consumer, event_id, position_ids, user_ids, amounts, from_hours, sent, excluded, problems,
+        consumer, event_id, position_ids, user_ids, amounts, from_hours, sent, excluded, problems, payout,
     )
     try:
         return await _record(pool, RECORD_BATCH, args)
@@ -708,19 +746,18 @@ async def post_payout_batch(
     )
 
 
-async def mark_reinvested(conn: asyncpg.Connection, job: str, period: str, position_id: int) -> None:
-    await conn.execute(
-        "UPDATE interest SET reinvested = true WHERE position_id = $3 AND job = $1 AND period = $2", job, period, position_id
-    )
+async def mark_reinvested(conn: asyncpg.Connection, payout: int, position_id: int) -> None:
+    await conn.execute("UPDATE interest SET reinvested = true WHERE position_id = $2 AND payout_id = $1", payout, position_id)
 
 
 async def payout_status(pool: asyncpg.Pool, job: str, period: str) -> tuple[int, int, dict[str, Decimal]]:
     """(partitions done, items paid, paid per asset) of a payout, from the totals of its
-    posted batches (and of batches recorded before they kept totals)."""
+    posted batches (and, for batches recorded before they kept totals, whose asset is
+    NULL, from payout_legacy_totals)."""
     done = await pool.fetchval("SELECT count(*) FROM payout_partitions WHERE job = $1 AND period = $2", job, period)
     rows = await pool.fetch(
         "SELECT asset, sum(items)::bigint AS items, sum(paid) AS paid FROM payout_batches"
-        " WHERE job = $1 AND period = $2 AND posted_at IS NOT NULL AND items > 0 GROUP BY asset"
+        " WHERE job = $1 AND period = $2 AND posted_at IS NOT NULL AND items > 0 AND asset IS NOT NULL GROUP BY asset"
         " UNION ALL SELECT asset, items, paid FROM payout_legacy_totals WHERE job = $1 AND period = $2",
         job, period,
     )
@@ -753,7 +790,8 @@ async def preview_positions(pool: asyncpg.Pool, product_ids: list[str], after_id
         "SELECT p.id, p.user_id, p.product_id, p.asset, p.status FROM positions p"
         " WHERE p.id > $1 AND p.kind = 'flexible' AND p.product_id = ANY($2::text[])"
         " AND (p.status = 'active' OR p.closed_from_hour > coalesce("
-        "   (SELECT max(i.to_hour) FROM interest i WHERE i.position_id = p.id AND i.job <> $3), -1))"
+        "   (SELECT max(i.to_hour) FROM interest i WHERE i.position_id = p.id"
+        "    AND i.payout_id <> (SELECT id FROM payouts WHERE job = $3 AND period = '')), -1))"
         " ORDER BY p.id LIMIT $4",
         after_id, product_ids, MATURITY_JOB, limit,
     )
@@ -779,8 +817,9 @@ class PaidSoFar:
 async def payouts_so_far(pool: asyncpg.Pool, position_ids: list[int], job: str, period: str) -> dict[int, PaidSoFar]:
     """Per position: its payouts recorded before, other than (job, period) itself."""
     rows = await pool.fetch(
-        "SELECT position_id, max(to_hour) AS last_boundary, sum(amount) AS paid FROM interest"
-        " WHERE position_id = ANY($1::bigint[]) AND job <> $2 AND NOT (job = $3 AND period = $4) GROUP BY position_id",
+        "SELECT i.position_id, max(i.to_hour) AS last_boundary, sum(i.amount) AS paid FROM interest i"
+        " WHERE i.position_id = ANY($1::bigint[]) AND i.payout_id NOT IN"
+        " (SELECT id FROM payouts WHERE (job = $2 AND period = '') OR (job = $3 AND period = $4)) GROUP BY i.position_id",
         position_ids, MATURITY_JOB, job, period,
     )
     return {r["position_id"]: PaidSoFar(r["last_boundary"], r["paid"]) for r in rows}
@@ -789,7 +828,8 @@ async def payouts_so_far(pool: asyncpg.Pool, position_ids: list[int], job: str, 
 async def recorded_payouts(pool: asyncpg.Pool, position_ids: list[int], job: str, period: str) -> dict[int, asyncpg.Record]:
     """The items (job, period) already paid, per position."""
     rows = await pool.fetch(
-        "SELECT position_id, amount, from_hour FROM interest WHERE job = $1 AND period = $2 AND position_id = ANY($3::bigint[])",
+        "SELECT i.position_id, i.amount, i.from_hour FROM interest i"
+        " WHERE i.payout_id = (SELECT id FROM payouts WHERE job = $1 AND period = $2) AND i.position_id = ANY($3::bigint[])",
         job, period, position_ids,
     )
     return {r["position_id"]: r for r in rows}

@@ -475,7 +475,7 @@ async def test_payout_batch_is_paid_exactly_once_and_reinvests(stack, earn, wall
 
     async def paid() -> None:
         assert await balance(wallet, saver) == Decimal("3.00123456")
-        assert await earn_db.fetchval("SELECT count(*) FROM interest WHERE period = $1", period) == 2
+        assert await earn_db.fetchval("SELECT count(*) FROM interest i JOIN payouts o ON o.id = i.payout_id WHERE o.period = $1", period) == 2
         # The batch counts once the wallet confirmed its credit (and the reinvestment is done).
         status = await earn.GetPayoutStatus(se.GetPayoutStatusRequest(job=job, period=period), metadata=SERVICE)
         assert status.partitions_done == 1
@@ -549,7 +549,7 @@ async def test_unreadable_payout_records_are_parked_and_later_batches_still_pay(
     assert "DecodeError" in rows[0]["error"] and "job" in rows[1]["error"] and "HourClosed" in rows[2]["error"]
     assert "field 7" in rows[3]["error"]
     assert "999999999" in rows[4]["error"] and "1 item(s) not paid" in rows[4]["error"]
-    recorded = await earn_db.fetch("SELECT position_id, amount FROM interest WHERE period = $1", period)
+    recorded = await earn_db.fetch("SELECT position_id, amount FROM interest i JOIN payouts o ON o.id = i.payout_id WHERE o.period = $1", period)
     assert [(str(r["position_id"]), r["amount"]) for r in recorded] == [(position.position_id, Decimal("0.00000123"))]
 
     samples = await asyncio.to_thread(metric_samples, earn_process)
@@ -600,7 +600,9 @@ async def test_payout_batch_pays_only_items_that_match_a_position_once_even_when
     assert "listed more than once" in dead["error"] and mallory in dead["error"]
 
     async def state() -> tuple:
-        rows = await earn_db.fetch("SELECT position_id, amount, reinvested FROM interest WHERE period = $1 ORDER BY position_id", period)
+        rows = await earn_db.fetch(
+            "SELECT position_id, amount, reinvested FROM interest i JOIN payouts o ON o.id = i.payout_id WHERE o.period = $1 ORDER BY position_id", period
+        )
         funds = [await balance(wallet, u, kind) for u in (alice, bob, carol, dave, eve, mallory) for kind in (FUNDING, HOLD)]
         return [(str(r["position_id"]), r["amount"], r["reinvested"]) for r in rows], funds, await balance(wallet, "simple_earn", EXPENSE)
 
@@ -640,6 +642,39 @@ async def test_payout_batch_pays_only_items_that_match_a_position_once_even_when
     assert await state() == first
     status = await earn.GetPayoutStatus(se.GetPayoutStatusRequest(job=job, period=period), metadata=SERVICE)
     assert (status.partitions_done, status.items, dict(status.paid)) == (1, 2, {"BTC": "0.000003"})
+
+
+async def test_interest_of_everyone_is_listed_once_in_order_page_by_page(stack, earn, wallet, earn_db) -> None:
+    p = await create(earn, payout_cadence=se.PAYOUT_CADENCE_HOURLY)
+    users = [unique("lister") for _ in range(3)]
+    positions = []
+    for u in users:
+        await deposit(wallet, u, "1")
+        positions.append((await subscribe(earn, u, p.product_id, "1")).position)
+    job, boundary = "simple_earn.interest", now_hour()
+    periods = [f"L{uuid.uuid4().hex[:8]}" for _ in range(2)]
+    for period in periods:
+        await earn.RequestPayout(se.RequestPayoutRequest(job=job, period=period, boundary_hour=boundary, cadence=se.PAYOUT_CADENCE_HOURLY), metadata=SERVICE)
+        await _produce(stack, payout_batch(job, period, boundary, 2, p.product_id, *((x.position_id, x.user_id, "0.00000001", boundary - 1) for x in positions)))
+
+    async def paid() -> None:
+        for period in periods:
+            assert (await earn.GetPayoutStatus(se.GetPayoutStatusRequest(job=job, period=period), metadata=SERVICE)).partitions_done == 1
+
+    await eventually(paid)
+    seen: list[tuple[str, str]] = []
+    request = se.ListInterestRequest(page_size=2)
+    while True:  # everyone's records (an operator's listing), two per page
+        reply = await earn.ListInterest(request, metadata=OPERATOR)
+        seen.extend((r.position_id, r.period) for r in reply.records)
+        if not reply.next_page_token:
+            break
+        request.page_token = reply.next_page_token
+    assert len(seen) == len(set(seen)) == await earn_db.fetchval("SELECT count(*) FROM interest")
+    mine = [x for x in seen if x[1] in periods]
+    assert mine == [(x.position_id, period) for period in periods for x in sorted(positions, key=lambda x: int(x.position_id))]
+    recent = await earn.ListInterest(se.ListInterestRequest(position_id=positions[0].position_id), metadata=OPERATOR)
+    assert [(r.period, r.amount, r.product_id, r.asset) for r in recent.records] == [(period, "0.00000001", p.product_id, "BTC") for period in periods]
 
 
 # ---- fixed-term maturity ------------------------------------------------------------
@@ -820,7 +855,9 @@ async def pay(w: World, job: str, period: str, boundary: int) -> dict[str, tuple
         assert status.complete
 
     await eventually(complete, timeout=180)
-    rows = await w.db.fetch("SELECT position_id, amount, from_hour FROM interest WHERE job = $1 AND period = $2 AND amount > 0", job, period)
+    rows = await w.db.fetch(
+        "SELECT position_id, amount, from_hour FROM interest i JOIN payouts o ON o.id = i.payout_id WHERE o.job = $1 AND o.period = $2 AND amount > 0", job, period
+    )
     return {str(r["position_id"]): (format(r["amount"].normalize(), "f"), r["from_hour"]) for r in rows}
 
 
