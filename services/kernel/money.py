@@ -9,9 +9,12 @@ rounded down, and no value is created or lost.
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from decimal import ROUND_DOWN, Context, Decimal, localcontext
+from functools import cache
 
+from services.kernel import columns
 from services.kernel.errors import InvalidArgument
 
 # Scales of the assets the platform knows: the number of fraction digits of one unit.
@@ -80,6 +83,24 @@ def parse_decimal(text: str, field: str, *, scale: int, allow_zero: bool = False
     if value == 0 and not allow_zero:
         raise InvalidArgument(field, "must be greater than zero")
     return value
+
+
+@cache
+def _amount_column(scale: int) -> re.Pattern[str]:
+    """A newline-separated column of amounts > 0 in the grammar of :func:`parse_decimal`."""
+    whole = f"[1-9][0-9]{{0,{MAX_INTEGER_DIGITS - 1}}}"
+    if scale == 0:
+        return columns.pattern(whole)
+    fraction = f"[0-9]{{1,{scale}}}"
+    return columns.pattern(f"{whole}(?:\\.{fraction})?|0\\.(?=[0-9]*[1-9]){fraction}")
+
+
+def check_amount_column(values: Sequence[str], asset: str, field: str = "amounts") -> None:
+    """Check a column of amounts of ``asset`` (each > 0, the strict grammar, at most the
+    asset's scale) in one pass; the first bad one is refused exactly as
+    :func:`parse_amount` refuses it, named ``field[i]``. Builds no ``Decimal``."""
+    scale = scale_of(asset)
+    columns.check(values, _amount_column(scale), lambda value, name: parse_decimal(value, name, scale=scale), field)
 
 
 def format_amount(value: Decimal) -> str:
