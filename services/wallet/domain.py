@@ -9,13 +9,14 @@ negative; only the external world and product expense accounts may.
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from decimal import Decimal
 from enum import StrEnum
 
+from services.kernel import columns
 from services.kernel.errors import FailedPrecondition, InsufficientFunds, InvalidArgument
-from services.kernel.money import format_amount, parse_amount, scale_of
+from services.kernel.money import check_amount_column, format_amount, parse_amount, scale_of
 
 
 class Kind(StrEnum):
@@ -32,8 +33,12 @@ USER_KINDS = frozenset({Kind.FUNDING, Kind.HOLD})
 MAY_GO_NEGATIVE = frozenset({Kind.EXTERNAL, Kind.EXPENSE})
 
 MAX_BATCH = 10_000
-_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:@-]{0,63}")
-_REFERENCE = re.compile(r"[\x20-\x7e]{0,128}")
+_NAME_RULE = r"[A-Za-z0-9][A-Za-z0-9_.:@-]{0,63}"
+_REFERENCE_RULE = r"[\x20-\x7e]{0,128}"
+_NAME = re.compile(_NAME_RULE)
+_REFERENCE = re.compile(_REFERENCE_RULE)
+_NAME_COLUMN = columns.pattern(_NAME_RULE)
+_REFERENCE_COLUMN = columns.pattern(_REFERENCE_RULE)
 
 
 @dataclass(frozen=True, slots=True, order=True)
@@ -135,18 +140,82 @@ def apply(balances: Mapping[AccountKey, Decimal], orders: Iterable[Order]) -> tu
     return current, applied
 
 
-# A batch at least this large that only credits users' funding accounts from one account
-# allowed to go negative (a product's expense, the external world) is a bulk credit.
+@dataclass(frozen=True, slots=True)
+class BulkCredit:
+    """A payout in columns: ``source`` credits the funding account of ``owners[i]`` with
+    ``amounts[i]`` (a decimal string in the strict grammar, > 0) for every i.
+
+    It cannot overdraw anything: its source may go negative and its destinations only
+    receive. So the wallet debits the source once, by the total, and records the credits
+    as they are, without resolving, locking or rewriting any user's account; they count
+    in every balance at once and are folded into the history later (``store``).
+    """
+
+    asset: str
+    source: AccountKey
+    owners: list[str]
+    amounts: list[str]
+    # One per owner, or empty: then ``reference`` is every credit's reference.
+    references: list[str]
+    reference: str
+
+    def reference_column(self) -> list[str]:
+        """Every credit's reference, one per owner."""
+        return self.references or [self.reference] * len(self.owners)
+
+
+def bulk_credit(
+    *,
+    asset: str,
+    source: tuple[str, Kind | None],
+    owners: Sequence[str],
+    amounts: Sequence[str],
+    references: Sequence[str],
+    reference: str,
+) -> BulkCredit:
+    """Validate a bulk credit column by column: one pass per column, no object per credit
+    (a 5,000-credit payout checks in about a millisecond). The first broken rule is
+    refused naming its field, and its index for a column (``amounts[17]``)."""
+    check_asset(asset)
+    owner, kind = source
+    check_name(owner, "source.owner")
+    if kind is None:
+        raise InvalidArgument("source.kind", "is required")
+    if kind not in MAY_GO_NEGATIVE:
+        allowed = " or ".join(sorted(k.value for k in MAY_GO_NEGATIVE))
+        raise InvalidArgument("source.kind", f"must be an account that may go negative ({allowed}); a {kind.value} account may not")
+    owners, amounts, references = list(owners), list(amounts), list(references)
+    count = len(owners)
+    if count == 0:
+        raise InvalidArgument("owners", "must hold at least one owner")
+    if count > MAX_BATCH:
+        raise InvalidArgument("owners", f"at most {MAX_BATCH} credits per request; got {count}")
+    if len(amounts) != count:
+        raise InvalidArgument("amounts", f"has {len(amounts)} entries for {count} owners: one amount per owner")
+    if len(references) not in (0, count):
+        raise InvalidArgument(
+            "references", f"has {len(references)} entries for {count} owners: one per owner, or none (then reference applies to each)"
+        )
+    columns.check(owners, _NAME_COLUMN, check_name, "owners")
+    if len(set(owners)) != count:
+        first: dict[str, int] = {}
+        for i, name in enumerate(owners):
+            if name in first:
+                raise InvalidArgument(f"owners[{i}]", f"{name!r} is already credited at owners[{first[name]}]: owners must be distinct")
+            first[name] = i
+    check_amount_column(amounts, asset, "amounts")
+    columns.check(references, _REFERENCE_COLUMN, check_reference, "references")
+    check_reference(reference)
+    return BulkCredit(asset, AccountKey(owner, asset, kind), owners, amounts, references, reference)
+
+
+# A batch at least this large that only credits distinct users' funding accounts from one
+# account allowed to go negative is stored as a bulk credit (see BulkCredit).
 BULK_CREDIT_MIN = 64
 
 
-def bulk_credit_source(orders: list[Order]) -> AccountKey | None:
-    """The common source when ``orders`` are a bulk credit (a payout), else None.
-
-    A bulk credit cannot overdraw anything: its source may go negative and its
-    destinations only receive. So its destinations need no lock and no balance check,
-    and the wallet records their credits as pending instead of rewriting each balance.
-    """
+def as_bulk_credit(orders: list[Order]) -> BulkCredit | None:
+    """``orders`` as a BulkCredit when they are one (and at least BULK_CREDIT_MIN), else None."""
     if len(orders) < BULK_CREDIT_MIN:
         return None
     source = orders[0].source
@@ -157,7 +226,15 @@ def bulk_credit_source(orders: list[Order]) -> AccountKey | None:
         if item.source != source or item.destination.kind is not Kind.FUNDING or item.destination in seen:
             return None
         seen.add(item.destination)
-    return source
+    references = [o.reference for o in orders]
+    return BulkCredit(
+        source.asset,
+        source,
+        [o.destination.owner for o in orders],
+        [format_amount(o.amount) for o in orders],
+        references if any(references) else [],
+        "",
+    )
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,11 +1,14 @@
-"""Wallet process: migrate, create topics, serve gRPC, run the outbox relay."""
+"""Wallet process: migrate, create topics, serve gRPC, run the outbox relay and the
+bulk credit folder."""
 
 from __future__ import annotations
 
 import asyncio
+import logging
 from pathlib import Path
 
 import asyncpg
+from prometheus_client import Counter, Gauge
 
 from services.kernel import db, logs, topics
 from services.kernel.config import ServiceSettings, load
@@ -19,18 +22,34 @@ from earn.v1 import wallet_pb2_grpc
 SCHEMA = "wallet"
 MIGRATIONS = Path(__file__).parent / "migrations"
 
+log = logging.getLogger(__name__)
+
+FOLDED = Counter("earn_wallet_bulk_credits_folded_total", "Bulk credits folded into transfers and balances")
+UNFOLDED = Gauge("earn_wallet_bulk_credits_unfolded", "Bulk credits (credits, not requests) waiting to be folded")
+
 
 class WalletSettings(ServiceSettings):
     grpc_port: int = 50051
     metrics_port: int = 9101
+    # Run the bulk credit folder in this process. Several may run (each folds other bulk
+    # credits); with none, balances stay exact and credits wait in their columns.
+    fold_enabled: bool = True
+    fold_idle_seconds: float = 0.5
 
 
-async def fold_pending_credits(pool: asyncpg.Pool) -> None:
-    """Fold pending bulk credits into balances in the background, a few thousand accounts
-    at a time, so payouts stay cheap on their critical path and reads stay short."""
+async def fold_bulk_credits(pool: asyncpg.Pool, idle_seconds: float) -> None:
+    """Fold bulk credits into per-user transfers and balances, oldest first, one per
+    transaction, off the payout's critical path; poll when there is nothing to fold."""
     while True:
-        if await store.fold_some_pending(pool) == 0:
-            await asyncio.sleep(1.0)
+        try:
+            folded = await store.fold_next_bulk_credit(pool)
+        except (asyncpg.PostgresConnectionError, OSError, asyncpg.DeadlockDetectedError) as err:
+            log.warning("bulk credit fold failed; retrying", extra={"error": str(err)})
+            folded = 0
+        FOLDED.inc(folded)
+        if folded == 0:
+            UNFOLDED.set((await store.unfolded_backlog(pool))[1])
+            await asyncio.sleep(idle_seconds)
 
 
 async def main() -> None:
@@ -43,7 +62,8 @@ async def main() -> None:
     app.add_servicer(wallet_pb2_grpc.add_WalletServiceServicer_to_server, WalletApi(pool, settings), SERVICE_NAME)
     if settings.relay_enabled:
         app.background(Relay(settings, pool, SCHEMA).run)
-    app.background(lambda: fold_pending_credits(pool))
+    if settings.fold_enabled:
+        app.background(lambda: fold_bulk_credits(pool, settings.fold_idle_seconds))
     app.on_stop(pool.close)
     await app.serve_forever()
 

@@ -1,9 +1,15 @@
 """Wallet persistence (asyncpg). Every function runs inside the caller's transaction.
 
-Posting protocol (``post``): make sure the accounts exist, lock them in id order (no
-deadlocks between concurrent postings), apply the orders with the pure domain rules,
-write the new balances, the posting, its transfers and its outbox event. Set-based
-statements (unnest arrays) keep a 10,000-transfer batch to a handful of round trips.
+Posting protocol (``post``): make sure the accounts exist, lock them in key order (no
+deadlocks between concurrent postings or with the folder) folding the unfolded bulk credits of the funding
+accounts among them, apply the orders with the pure domain rules, write the new
+balances, the posting, its transfers and its outbox event. Set-based statements (unnest
+arrays) keep a 10,000-transfer batch to a handful of round trips.
+
+Bulk credits (``post_bulk_credit``) take no user account at all: the credits are stored
+in columns, split by the owner's bucket (``bulk_credit_parts``), and count in every
+balance read and lock from the moment they commit; the folder moves them into transfers
+and balances later (``fold_bulk_credit``). See migrations/0002_bulk_credits.sql.
 """
 
 from __future__ import annotations
@@ -16,10 +22,10 @@ import asyncpg
 
 from services.kernel import outbox
 from services.kernel.config import Settings
-from services.kernel.errors import NotFound
-from services.kernel.money import format_amount
+from services.kernel.errors import InvalidArgument, NotFound
+from services.kernel.money import MAX_INTEGER_DIGITS, format_amount
 from services.wallet import domain
-from services.wallet.domain import AccountKey, HoldState, Kind, Order
+from services.wallet.domain import AccountKey, BulkCredit, HoldState, Kind, Order
 
 from earn.v1 import wallet_pb2
 
@@ -31,11 +37,19 @@ TOPIC = "wallet.transfers"
 class Posted:
     posting_id: int
     created_at: datetime
-    transfer_ids: list[int]
-    orders: list[Order]
+    transfer_ids: list[int]  # empty for a bulk credit: its transfers get ids when folded
+
+
+@dataclass(frozen=True, slots=True)
+class BulkPosted:
+    posting_id: int
+    created_at: datetime
+    total: Decimal
+    source_balance_after: Decimal
 
 
 def _sort_key(key: AccountKey) -> tuple[str, str, str]:
+    """Key order: Python compares strings by code point, as PostgreSQL's "C" collation does."""
     return (key.owner, key.asset, key.kind.value)
 
 
@@ -53,64 +67,78 @@ async def _ensure_accounts(conn: asyncpg.Connection, keys: list[AccountKey]) -> 
     )
 
 
-async def _lock_accounts(conn: asyncpg.Connection, keys: set[AccountKey]) -> dict[AccountKey, tuple[int, Decimal]]:
-    """Lock the accounts (in id order: no deadlocks) and fold their pending credits."""
+async def lock_accounts(conn: asyncpg.Connection, keys: set[AccountKey]) -> dict[AccountKey, tuple[int, Decimal]]:
+    """Create and lock the accounts, then fold the unfolded bulk credits of the funding
+    accounts among them; returns each one's id and balance.
+
+    Every transaction locks accounts in key order (owner, asset, kind), so two never wait
+    for each other in a cycle: postings here, the folder in ``fold_bulk_credit``."""
     await _ensure_accounts(conn, list(keys))
     ordered = sorted(keys, key=_sort_key)
     rows = await conn.fetch(
         "SELECT a.id, a.owner, a.asset, a.kind, a.balance FROM accounts a"
         " JOIN unnest($1::text[], $2::text[], $3::text[]) AS t(o, s, k)"
         "   ON a.owner = t.o AND a.asset = t.s AND a.kind = t.k"
-        " ORDER BY a.id FOR UPDATE OF a",
+        ' ORDER BY a.owner COLLATE "C", a.asset COLLATE "C", a.kind COLLATE "C" FOR UPDATE OF a',
         [k.owner for k in ordered],
         [k.asset for k in ordered],
         [k.kind.value for k in ordered],
     )
-    folded = await fold_pending(conn, [r["id"] for r in rows])
+    funding = [r for r in rows if r["kind"] == Kind.FUNDING.value]
+    folded = await _fold_credits_of(conn, funding) if funding else {}
     return {
         AccountKey(r["owner"], r["asset"], Kind(r["kind"])): (r["id"], folded.get(r["id"], r["balance"]))
         for r in rows
     }
 
 
-async def fold_pending(conn: asyncpg.Connection, account_ids: list[int]) -> dict[int, Decimal]:
-    """Add the pending bulk credits of locked accounts to their balances; returns the new
-    balances of the accounts that had some."""
+# Runs in its own statement after the accounts are locked, so it sees every fold that
+# committed while it waited for them. A part row may hold other owners whose postings
+# run concurrently: each removes only its own owners, recomputed from the row's latest
+# version when they meet on it.
+_FOLD_CREDITS_OF = """
+WITH hit AS (
+    SELECT p.posting_id, p.bucket, m.id AS account_id, m.owner, p.amounts[i] AS amount,
+           coalesce(p.refs[i], b.reference) AS reference, b.asset, b.source_id, b.created_at
+    FROM unnest($1::bigint[], $2::text[], $3::text[]) AS m(id, owner, asset)
+    JOIN bulk_credit_parts p
+      ON p.bucket = owner_bucket(m.owner) AND p.asset = m.asset AND p.owners @> ARRAY[m.owner]
+    CROSS JOIN LATERAL array_position(p.owners, m.owner) AS pos(i)
+    JOIN bulk_credits b ON b.posting_id = p.posting_id
+), taken AS (
+    UPDATE bulk_credit_parts p SET
+        owners = coalesce((SELECT array_agg(o ORDER BY n) FROM unnest(p.owners) WITH ORDINALITY AS u(o, n)
+                           WHERE o <> ALL (h.owners)), '{}'),
+        amounts = coalesce((SELECT array_agg(x ORDER BY n) FROM unnest(p.owners, p.amounts) WITH ORDINALITY AS u(o, x, n)
+                            WHERE o <> ALL (h.owners)), '{}'),
+        refs = CASE WHEN p.refs IS NOT NULL THEN
+                   coalesce((SELECT array_agg(r ORDER BY n) FROM unnest(p.owners, p.refs) WITH ORDINALITY AS u(o, r, n)
+                             WHERE o <> ALL (h.owners)), '{}') END,
+        total = p.total - h.amount
+    FROM (SELECT posting_id, bucket, array_agg(owner) AS owners, sum(amount) AS amount FROM hit GROUP BY posting_id, bucket) h
+    WHERE p.posting_id = h.posting_id AND p.bucket = h.bucket
+), history AS (
+    INSERT INTO transfers (posting_id, asset, source_id, destination_id, amount, reference, created_at)
+    SELECT posting_id, asset, source_id, account_id, amount, reference, created_at FROM hit ORDER BY posting_id, account_id
+)
+UPDATE accounts a SET balance = a.balance + s.amount
+FROM (SELECT account_id, sum(amount) AS amount FROM hit GROUP BY account_id) s
+WHERE a.id = s.account_id
+RETURNING a.id, a.balance
+"""
+
+
+async def _fold_credits_of(conn: asyncpg.Connection, accounts: list[asyncpg.Record]) -> dict[int, Decimal]:
+    """Fold the unfolded bulk credits of locked funding accounts (rows of id, owner, asset)
+    into their history and balances; returns the new balances of those that had some."""
     rows = await conn.fetch(
-        """
-        WITH folded AS (
-            UPDATE transfers SET pending = false
-            WHERE pending AND destination_id = ANY($1::bigint[])
-            RETURNING destination_id, amount
-        ), sums AS (
-            SELECT destination_id, sum(amount) AS amount FROM folded GROUP BY destination_id
-        )
-        UPDATE accounts a SET balance = a.balance + sums.amount
-        FROM sums WHERE a.id = sums.destination_id
-        RETURNING a.id, a.balance
-        """,
-        account_ids,
+        _FOLD_CREDITS_OF, [r["id"] for r in accounts], [r["owner"] for r in accounts], [r["asset"] for r in accounts]
     )
     return {r["id"]: r["balance"] for r in rows}
 
 
-async def fold_some_pending(pool: asyncpg.Pool, limit: int = 5000) -> int:
-    """Background compaction: fold pending credits of up to ``limit`` accounts that no
-    posting holds right now. Returns how many accounts it folded."""
-    async with pool.acquire() as conn, conn.transaction():
-        ids = await conn.fetchval(
-            "SELECT array_agg(id) FROM (SELECT id FROM accounts WHERE id IN"
-            " (SELECT DISTINCT destination_id FROM transfers WHERE pending LIMIT $1)"
-            " ORDER BY id FOR UPDATE SKIP LOCKED) AS l",
-            limit,
-        )
-        if not ids:
-            return 0
-        return len(await fold_pending(conn, ids))
-
-
 async def _insert_posting(
-    conn: asyncpg.Connection, kind: str, orders: list[Order], source_ids: list[int], destination_ids: list[int], *, pending: bool
+    conn: asyncpg.Connection, kind: str, orders: list[Order], source_ids: list[int], destination_ids: list[int]
 ) -> tuple[int, datetime, list[int]]:
     posting_id, created_at = await conn.fetchrow(
         "INSERT INTO postings (kind, created_at) VALUES ($1, clock_timestamp()) RETURNING id, created_at", kind
@@ -121,9 +149,9 @@ async def _insert_posting(
     transfer_ids.sort()
     await conn.copy_records_to_table(
         "transfers",
-        columns=["id", "posting_id", "asset", "source_id", "destination_id", "amount", "reference", "created_at", "pending"],
+        columns=["id", "posting_id", "asset", "source_id", "destination_id", "amount", "reference", "created_at"],
         records=[
-            (tid, posting_id, o.asset, sid, did, o.amount, o.reference, created_at, pending)
+            (tid, posting_id, o.asset, sid, did, o.amount, o.reference, created_at)
             for tid, o, sid, did in zip(transfer_ids, orders, source_ids, destination_ids, strict=True)
         ],
     )
@@ -133,12 +161,15 @@ async def _insert_posting(
 async def post(
     conn: asyncpg.Connection, settings: Settings, kind: str, orders: list[Order]
 ) -> Posted:
-    """Apply ``orders`` atomically as one posting and announce it on the outbox."""
-    source = domain.bulk_credit_source(orders)
-    if source is not None:
-        return await _post_bulk_credit(conn, settings, kind, source, orders)
+    """Apply ``orders`` atomically as one posting and announce it on the outbox.
+
+    A batch that is a bulk credit (``domain.as_bulk_credit``) is stored as one."""
+    bulk = domain.as_bulk_credit(orders)
+    if bulk is not None:
+        posted = await post_bulk_credit(conn, settings, kind, bulk)
+        return Posted(posted.posting_id, posted.created_at, [])
     keys = {o.source for o in orders} | {o.destination for o in orders}
-    locked = await _lock_accounts(conn, keys)
+    locked = await lock_accounts(conn, keys)
     balances, applied = domain.apply({k: v[1] for k, v in locked.items()}, orders)
     ids = {k: v[0] for k, v in locked.items()}
     touched = [k for k in balances if balances[k] != locked[k][1]]
@@ -148,9 +179,9 @@ async def post(
         [balances[k] for k in touched],
     )
     posting_id, created_at, transfer_ids = await _insert_posting(
-        conn, kind, orders, [ids[o.source] for o in orders], [ids[o.destination] for o in orders], pending=False
+        conn, kind, orders, [ids[o.source] for o in orders], [ids[o.destination] for o in orders]
     )
-    posted = Posted(posting_id, created_at, transfer_ids, orders)
+    posted = Posted(posting_id, created_at, transfer_ids)
     message = _event(kind, posted)
     message.transfers.extend(
         wallet_pb2.PostedTransfer(
@@ -164,46 +195,172 @@ async def post(
     return posted
 
 
-async def _post_bulk_credit(
-    conn: asyncpg.Connection, settings: Settings, kind: str, source: AccountKey, orders: list[Order]
-) -> Posted:
-    """A payout: one source debited once, each destination credited as a pending transfer.
+# ---- bulk credits ----------------------------------------------------------------------
 
-    Destinations are created if new (before the source is locked, in key order, like any
-    posting) but neither locked nor rewritten; their pending credits count in every
-    balance read and are folded into the balance by the next posting that locks the
-    account, or by the background compaction.
-    """
-    destinations = [o.destination for o in orders]
-    await _ensure_accounts(conn, destinations)
-    locked = await _lock_accounts(conn, {source})
-    source_id, balance = locked[source]
-    rows = await conn.fetch(
-        "SELECT a.id, a.owner FROM accounts a JOIN unnest($1::text[]) AS t(o) ON a.owner = t.o"
-        " WHERE a.asset = $2 AND a.kind = $3",
-        [d.owner for d in destinations],
-        source.asset,
-        Kind.FUNDING.value,
-    )
-    ids = {r["owner"]: r["id"] for r in rows}
-    total = sum((o.amount for o in orders), Decimal(0))
-    await conn.execute("UPDATE accounts SET balance = $2 WHERE id = $1", source_id, balance - total)
-    posting_id, created_at, transfer_ids = await _insert_posting(
-        conn, kind, orders, [source_id] * len(orders), [ids[d.owner] for d in destinations], pending=True
-    )
-    posted = Posted(posting_id, created_at, transfer_ids, orders)
-    message = _event(kind, posted)
+# The posting and its credits, split by bucket, from newline-joined columns (one text
+# parameter per column: far cheaper to send than 5,000-element arrays). No lock is taken,
+# so bulk credits from one source run this step in parallel.
+_INSERT_BULK_CREDIT = """
+WITH posting AS (
+    INSERT INTO postings (kind, created_at) VALUES ($1, clock_timestamp()) RETURNING id, created_at
+), credit AS (
+    SELECT o, a::numeric AS a, r
+    FROM unnest(string_to_array($3, E'\n'), string_to_array($4, E'\n'), string_to_array($5, E'\n')) AS c(o, a, r)
+), parts AS (
+    INSERT INTO bulk_credit_parts (posting_id, bucket, asset, owners, amounts, refs, total)
+    SELECT posting.id, owner_bucket(o), $2, array_agg(o), array_agg(a), CASE WHEN $5 IS NOT NULL THEN array_agg(r) END, sum(a)
+    FROM posting, credit GROUP BY posting.id, owner_bucket(o)
+    RETURNING total
+)
+SELECT posting.id, posting.created_at, (SELECT sum(total) FROM parts) AS total FROM posting
+"""
+
+# The source, created if new, debited once by the total; its row stays locked until
+# commit, so this runs as late as possible. Then the header row.
+_DEBIT_BULK_SOURCE = """
+WITH source AS (
+    INSERT INTO accounts AS a (owner, asset, kind, may_go_negative, balance)
+    VALUES ($2, $3, $4, $4 = ANY($9::text[]), -$5::numeric)
+    ON CONFLICT (owner, asset, kind) DO UPDATE SET balance = a.balance - $5::numeric
+    RETURNING id, balance
+), header AS (
+    INSERT INTO bulk_credits (posting_id, asset, source_id, credit_count, total, reference, created_at)
+    SELECT $1, $3, source.id, $6, $5, $7, $8 FROM source
+)
+SELECT balance FROM source
+"""
+
+
+async def post_bulk_credit(conn: asyncpg.Connection, settings: Settings, kind: str, bulk: BulkCredit) -> BulkPosted:
+    """Post a bulk credit: the credits in columns, the source debited once, the event."""
+    try:
+        posting_id, created_at, total = await conn.fetchrow(
+            _INSERT_BULK_CREDIT,
+            kind,
+            bulk.asset,
+            "\n".join(bulk.owners),
+            "\n".join(bulk.amounts),
+            "\n".join(bulk.references) if bulk.references else None,
+        )
+        balance = await conn.fetchval(
+            _DEBIT_BULK_SOURCE,
+            posting_id,
+            bulk.source.owner,
+            bulk.asset,
+            bulk.source.kind.value,
+            total,
+            len(bulk.owners),
+            bulk.reference,
+            created_at,
+            [k.value for k in domain.MAY_GO_NEGATIVE],
+        )
+    except asyncpg.NumericValueOutOfRangeError:
+        raise InvalidArgument(
+            "amounts", f"their total, or the source's balance after it, exceeds the ledger's {MAX_INTEGER_DIGITS} integer digits"
+        ) from None
+    posted = BulkPosted(posting_id, created_at, total, balance)
+    message = wallet_pb2.TransfersPosted(posting_id=str(posting_id), posting_kind=kind)
+    message.created_at.FromDatetime(created_at)
     credit = message.bulk_credit
-    credit.asset = source.asset
-    credit.source.CopyFrom(account_ref(source))
-    credit.source_balance_after = format_amount(balance - total)
-    credit.transfer_ids.extend(transfer_ids)
-    credit.owners.extend(d.owner for d in destinations)
-    credit.amounts.extend(format_amount(o.amount) for o in orders)
-    if any(o.reference for o in orders):
-        credit.references.extend(o.reference for o in orders)
-    await _announce(conn, settings, posted, message)
+    credit.asset = bulk.asset
+    credit.source.CopyFrom(account_ref(bulk.source))
+    credit.source_balance_after = format_amount(balance)
+    credit.owners.extend(bulk.owners)
+    credit.amounts.extend(bulk.amounts)
+    if bulk.references or bulk.reference:
+        credit.references.extend(bulk.reference_column())
+    await outbox.enqueue(conn, settings, PRODUCER, created_at, [outbox.Outgoing(TOPIC, str(posting_id), message)])
     return posted
+
+
+async def fold_bulk_credit(conn: asyncpg.Connection, posting_id: int | None = None) -> int:
+    """Fold one bulk credit into per-user transfers and balances; call in a transaction.
+
+    The oldest unfolded one that no one else is folding, or ``posting_id`` (waiting for
+    whoever folds it). Creates the funding accounts that do not exist yet and locks them
+    all, then writes the transfers and balances, deletes the parts and marks the bulk
+    credit folded. One transaction: a crash leaves it either folded or not at all.
+    Returns how many credits it folded (0: nothing to fold).
+    """
+    if posting_id is None:
+        header = await conn.fetchrow(
+            "SELECT posting_id, asset FROM bulk_credits WHERE folded_at IS NULL"
+            " ORDER BY posting_id LIMIT 1 FOR UPDATE SKIP LOCKED"
+        )
+    else:
+        header = await conn.fetchrow(
+            "SELECT posting_id, asset FROM bulk_credits WHERE posting_id = $1 AND folded_at IS NULL FOR UPDATE", posting_id
+        )
+    if header is None:
+        return 0
+    posting_id, asset = header
+    # Create the missing funding accounts and lock them all, in key order like every
+    # posting; their ids come back so that nothing below depends on join planning over
+    # accounts (whose statistics lag far behind after a first payout to new users).
+    ids, owners = await conn.fetchrow(
+        """
+        WITH locked AS (
+            INSERT INTO accounts AS a (owner, asset, kind, may_go_negative)
+            SELECT o, $2, 'funding', false FROM bulk_credit_parts p, unnest(p.owners) AS o
+            WHERE p.posting_id = $1 ORDER BY o COLLATE "C"
+            ON CONFLICT (owner, asset, kind) DO UPDATE SET kind = excluded.kind  -- locks it
+            RETURNING a.id, a.owner
+        )
+        SELECT coalesce(array_agg(id), '{}'), coalesce(array_agg(owner), '{}') FROM locked
+        """,
+        posting_id,
+        asset,
+    )
+    # A new statement: it sees every credit that a posting folded early while this
+    # waited for its account.
+    folded = await conn.fetchval(
+        """
+        WITH credit AS (
+            SELECT a.id AS account_id, c.amount, coalesce(c.ref, b.reference) AS reference, b.source_id, b.created_at
+            FROM bulk_credits b
+            JOIN bulk_credit_parts p ON p.posting_id = b.posting_id
+            CROSS JOIN LATERAL unnest(p.owners, p.amounts, p.refs) AS c(owner, amount, ref)
+            JOIN unnest($3::bigint[], $4::text[]) AS a(id, owner) ON a.owner = c.owner
+            WHERE b.posting_id = $1
+        ), history AS (
+            INSERT INTO transfers (posting_id, asset, source_id, destination_id, amount, reference, created_at)
+            SELECT $1, $2, source_id, account_id, amount, reference, created_at FROM credit
+        ), balances AS (
+            UPDATE accounts a SET balance = a.balance + credit.amount FROM credit
+            WHERE a.id = credit.account_id AND a.id = ANY($3::bigint[])  -- the index path, whatever the estimates
+        ), parts AS (
+            DELETE FROM bulk_credit_parts WHERE posting_id = $1
+        ), header AS (
+            UPDATE bulk_credits SET folded_at = clock_timestamp() WHERE posting_id = $1
+        )
+        SELECT count(*) FROM credit
+        """,
+        posting_id,
+        asset,
+        ids,
+        owners,
+    )
+    return folded
+
+
+async def fold_next_bulk_credit(pool: asyncpg.Pool) -> int:
+    """The background folder's step: fold the oldest unfolded bulk credit; 0 if none."""
+    async with pool.acquire() as conn, conn.transaction():
+        return await fold_bulk_credit(conn)
+
+
+async def unfolded_assets(pool: asyncpg.Pool, owner: str) -> list[str]:
+    """The assets in which ``owner`` has bulk credits not folded yet."""
+    rows = await pool.fetch(
+        "SELECT DISTINCT asset FROM bulk_credit_parts WHERE bucket = owner_bucket($1) AND owners @> ARRAY[$1]", owner
+    )
+    return [r["asset"] for r in rows]
+
+
+async def unfolded_backlog(pool: asyncpg.Pool) -> tuple[int, int]:
+    """Bulk credits (postings) not folded yet, and their credits."""
+    row = await pool.fetchrow("SELECT count(*), coalesce(sum(credit_count), 0) FROM bulk_credits WHERE folded_at IS NULL")
+    return row[0], row[1]
 
 
 def _event(kind: str, posted: Posted) -> wallet_pb2.TransfersPosted:
@@ -302,17 +459,41 @@ async def get_hold(conn: asyncpg.Connection | asyncpg.Pool, hold_id: int) -> asy
 # ---- queries -------------------------------------------------------------------------
 
 
-_WITH_PENDING = (
-    "a.balance + coalesce((SELECT sum(t.amount) FROM transfers t WHERE t.pending AND t.destination_id = a.id), 0)"
-)
-
-
 async def balances(pool: asyncpg.Pool, owner: str, asset: str) -> list[asyncpg.Record]:
+    """The owner's balances, each funding balance with its unfolded bulk credits (also
+    where the folder has not created the account yet)."""
     return await pool.fetch(
-        f"SELECT a.owner, a.asset, a.kind, {_WITH_PENDING} AS balance FROM accounts a"
-        " WHERE a.owner = $1 AND ($2 = '' OR a.asset = $2) ORDER BY a.asset, a.kind",
+        """
+        WITH unfolded AS (
+            SELECT p.asset, 'funding'::text AS kind, sum(p.amounts[array_position(p.owners, $1)]) AS amount
+            FROM bulk_credit_parts p
+            WHERE p.bucket = owner_bucket($1) AND p.owners @> ARRAY[$1] AND ($2 = '' OR p.asset = $2)
+            GROUP BY p.asset
+        )
+        SELECT $1 AS owner, coalesce(a.asset, u.asset) AS asset, coalesce(a.kind, u.kind) AS kind,
+               coalesce(a.balance, 0) + coalesce(u.amount, 0) AS balance
+        FROM (SELECT asset, kind, balance FROM accounts WHERE owner = $1 AND ($2 = '' OR asset = $2)) AS a
+        FULL JOIN unfolded u ON a.asset = u.asset AND a.kind = u.kind
+        ORDER BY 2, 3
+        """,
         owner, asset,
     )
+
+
+async def fold_owner(pool: asyncpg.Pool, owner: str) -> None:
+    """Fold the owner's unfolded bulk credits now (as a posting of theirs would), so that
+    their history lists every credit with its transfer id."""
+    assets = await unfolded_assets(pool, owner)
+    if assets:
+        async with pool.acquire() as conn, conn.transaction():
+            await lock_accounts(conn, {AccountKey(owner, a, Kind.FUNDING) for a in assets})
+
+
+async def fold_posting(pool: asyncpg.Pool, posting_id: int) -> None:
+    """Fold the posting now if it is an unfolded bulk credit (for a listing of it)."""
+    if await pool.fetchval("SELECT true FROM bulk_credits WHERE posting_id = $1 AND folded_at IS NULL", posting_id):
+        async with pool.acquire() as conn, conn.transaction():
+            await fold_bulk_credit(conn, posting_id)
 
 
 async def list_transfers(
@@ -348,9 +529,13 @@ async def list_transfers(
 
 
 async def ledger_totals(pool: asyncpg.Pool) -> list[asyncpg.Record]:
+    """Per asset: the sum of every balance with the unfolded bulk credits (one snapshot),
+    the accounts that exist, and the user accounts below zero (unfolded credits only add)."""
     return await pool.fetch(
-        f"SELECT asset, sum(b) AS total, count(*) AS accounts,"
-        " count(*) FILTER (WHERE kind = ANY($1::text[]) AND b < 0) AS negative_user_accounts"
-        f" FROM (SELECT a.asset, a.kind, {_WITH_PENDING} AS b FROM accounts a) AS s GROUP BY asset ORDER BY asset",
+        "SELECT asset, sum(b) AS total, count(*) FILTER (WHERE account) AS accounts,"
+        " count(*) FILTER (WHERE account AND kind = ANY($1::text[]) AND b < 0) AS negative_user_accounts"
+        " FROM (SELECT asset, kind, balance AS b, true AS account FROM accounts"
+        "       UNION ALL SELECT asset, 'funding', total, false FROM bulk_credit_parts) AS s"
+        " GROUP BY asset ORDER BY asset",
         [k.value for k in domain.USER_KINDS],
     )

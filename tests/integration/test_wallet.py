@@ -13,7 +13,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
 
 from earn.v1 import wallet_pb2, wallet_pb2_grpc
-from tests.conftest import GATEWAY, OPERATOR, SERVICE, unique
+from tests.conftest import GATEWAY, OPERATOR, SERVICE, eventually, unique
 
 FUNDING = wallet_pb2.ACCOUNT_KIND_FUNDING
 HOLD = wallet_pb2.ACCOUNT_KIND_HOLD
@@ -323,11 +323,12 @@ async def test_bulk_credit_batch_counts_at_once_and_folds_exactly(wallet, wallet
     totals = {t.asset: t for t in (await wallet.GetLedgerTotals(wallet_pb2.GetLedgerTotalsRequest(), metadata=OPERATOR)).totals}
     assert Decimal(totals["USDT"].sum) == 0
 
-    # The background compaction folds every pending credit; balances do not move.
-    for _ in range(100):
-        if await wallet_db.fetchval("SELECT count(*) FROM transfers WHERE pending") == 0:
-            break
-        await asyncio.sleep(0.1)
-    assert await wallet_db.fetchval("SELECT count(*) FROM transfers WHERE pending") == 0
+    # The background folder folds every bulk credit into transfers; balances do not move.
+    await eventually(lambda: wallet_db.fetchval("SELECT count(*) = 0 FROM bulk_credit_parts"))
     for user in users:
         assert await balance(wallet, user, "USDT") == expected[user], user
+    folded = await wallet_db.fetchval(
+        "SELECT count(*) FROM transfers t JOIN postings p ON p.id = t.posting_id WHERE t.posting_id = ANY($1::bigint[])",
+        [int(reply.posting_id)],
+    )
+    assert folded == 200
