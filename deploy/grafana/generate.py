@@ -249,6 +249,11 @@ def wallet() -> Dashboard:
     grpc_section(d, "earn.v1.WalletService")
     d.heatmap("Latency distribution", "Every wallet call, by duration bucket.",
               f'sum by (le) (rate(grpc_server_handling_seconds_bucket{{grpc_service="earn.v1.WalletService"}}[{R}]))', width=24)
+    d.row("Bulk credits (payouts in columns)")
+    d.timeseries("Waiting to be folded", "Credits committed (they count in every balance) and not yet written to the"
+                 " transfers history by the folder.", [("max(earn_wallet_bulk_credits_unfolded)", "credits")], width=12)
+    d.timeseries("Folded", "Credits the folders write to the history per second.",
+                 [(f"sum(rate(earn_wallet_bulk_credits_folded_total[{R}]))", "credits")], "ops", width=12)
     outbox_section(d, "wallet", "wallet")
     process_section(d, "wallet")
     return d

@@ -43,12 +43,12 @@ async def fold_bulk_credits(pool: asyncpg.Pool, idle_seconds: float) -> None:
     while True:
         try:
             folded = await store.fold_next_bulk_credit(pool)
-        except (asyncpg.PostgresConnectionError, OSError, asyncpg.DeadlockDetectedError) as err:
+            FOLDED.inc(folded)
+            UNFOLDED.set((await store.unfolded_backlog(pool))[1])
+        except (asyncpg.PostgresConnectionError, OSError) as err:  # the database restarts: try again
             log.warning("bulk credit fold failed; retrying", extra={"error": str(err)})
             folded = 0
-        FOLDED.inc(folded)
         if folded == 0:
-            UNFOLDED.set((await store.unfolded_backlog(pool))[1])
             await asyncio.sleep(idle_seconds)
 
 
