@@ -92,19 +92,29 @@ async def lock_accounts(conn: asyncpg.Connection, keys: set[AccountKey]) -> dict
     }
 
 
-# Runs in its own statement after the accounts are locked, so it sees every fold that
-# committed while it waited for them. A part row may hold other owners whose postings
-# run concurrently: each removes only its own owners, recomputed from the row's latest
-# version when they meet on it.
+# The bucket rows holding unfolded credits of the locked funding accounts ($1 owners,
+# $2 assets), locked in key order: two postings that fold credits of the same bulk credit
+# never wait for each other in a cycle. Rows of a bulk credit committed after this are
+# left alone: that credit comes after the posting.
+_LOCK_PARTS_OF = """
+SELECT p.posting_id, p.bucket FROM bulk_credit_parts p
+WHERE p.bucket IN (SELECT owner_bucket(o) FROM unnest($1::text[]) AS o)
+  AND p.owners && $1::text[] AND p.asset = ANY($2::text[])
+ORDER BY p.posting_id, p.bucket
+FOR UPDATE OF p
+"""
+
+# Moves the credits of the locked accounts ($1 ids, $2 owners, $3 assets) out of the
+# locked bucket rows ($4, $5) into transfers and balances.
 _FOLD_CREDITS_OF = """
 WITH hit AS (
     SELECT p.posting_id, p.bucket, m.id AS account_id, m.owner, p.amounts[i] AS amount,
            coalesce(p.refs[i], b.reference) AS reference, b.asset, b.source_id, b.created_at
     FROM unnest($1::bigint[], $2::text[], $3::text[]) AS m(id, owner, asset)
-    JOIN bulk_credit_parts p
-      ON p.bucket = owner_bucket(m.owner) AND p.asset = m.asset AND p.owners @> ARRAY[m.owner]
+    JOIN bulk_credit_parts p ON p.bucket = owner_bucket(m.owner) AND p.asset = m.asset AND p.owners @> ARRAY[m.owner]
     CROSS JOIN LATERAL array_position(p.owners, m.owner) AS pos(i)
     JOIN bulk_credits b ON b.posting_id = p.posting_id
+    WHERE (p.posting_id, p.bucket) IN (SELECT * FROM unnest($4::bigint[], $5::integer[]))
 ), taken AS (
     UPDATE bulk_credit_parts p SET
         owners = coalesce((SELECT array_agg(o ORDER BY n) FROM unnest(p.owners) WITH ORDINALITY AS u(o, n)
@@ -130,9 +140,14 @@ RETURNING a.id, a.balance
 
 async def _fold_credits_of(conn: asyncpg.Connection, accounts: list[asyncpg.Record]) -> dict[int, Decimal]:
     """Fold the unfolded bulk credits of locked funding accounts (rows of id, owner, asset)
-    into their history and balances; returns the new balances of those that had some."""
+    into their history and balances; returns the new balances of those that had some.
+    Runs after the accounts are locked, so it sees every fold that committed meanwhile."""
+    owners, assets = [r["owner"] for r in accounts], [r["asset"] for r in accounts]
+    parts = await conn.fetch(_LOCK_PARTS_OF, owners, sorted(set(assets)))
+    if not parts:
+        return {}
     rows = await conn.fetch(
-        _FOLD_CREDITS_OF, [r["id"] for r in accounts], [r["owner"] for r in accounts], [r["asset"] for r in accounts]
+        _FOLD_CREDITS_OF, [r["id"] for r in accounts], owners, assets, [p[0] for p in parts], [p[1] for p in parts]
     )
     return {r["id"]: r["balance"] for r in rows}
 
