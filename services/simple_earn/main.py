@@ -5,7 +5,7 @@ refresh of the open-positions gauge."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
+import collections
 import logging
 import time
 from pathlib import Path
@@ -15,7 +15,7 @@ from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
 from aiokafka.abc import ConsumerRebalanceListener
 from google.protobuf.message import DecodeError
 
-from services.kernel import db, logs, topics
+from services.kernel import db, events, logs, topics
 from services.kernel.config import ServiceSettings, load
 from services.kernel.errors import InvalidArgument
 from services.kernel.grpcserver import GrpcApp
@@ -23,7 +23,7 @@ from services.kernel.outbox import Relay
 from services.simple_earn import metrics, store
 from services.simple_earn.api import ROLES, SERVICE_NAME, SimpleEarnApi, WalletClient
 
-from earn.v1 import simple_earn_pb2_grpc
+from earn.v1 import accrual_pb2, simple_earn_pb2_grpc
 
 log = logging.getLogger(__name__)
 
@@ -33,7 +33,7 @@ PAYOUT_TOPIC = "accrual.payouts"
 PAYOUT_GROUP = "simple_earn-payouts"
 # Records fetched at once, and queued per partition before its fetching pauses.
 PAYOUT_FETCH_RECORDS = 64
-PAYOUT_QUEUE_PER_PARTITION = 8
+PAYOUT_QUEUE_PER_PARTITION = 16
 
 
 class SimpleEarnSettings(ServiceSettings):
@@ -43,58 +43,100 @@ class SimpleEarnSettings(ServiceSettings):
     wallet_token: str = "dev-service"
     release_sweep_seconds: float = 5.0
     positions_gauge_seconds: float = 15.0
+    # PayoutBatch records of one partition applied at once (a partition's last batch waits
+    # for those before it).
+    payout_concurrency: int = 4
+
+
+def _is_last_batch(raw: bytes) -> bool:
+    """Whether a record is a partition's last PayoutBatch (False for anything unreadable:
+    applying it will say what it is)."""
+    try:
+        env = events.parse(raw)
+        return env.type == accrual_pb2.PayoutBatch.DESCRIPTOR.full_name and accrual_pb2.PayoutBatch.FromString(env.payload).last
+    except Exception:
+        return False
 
 
 class _PartitionWorker:
-    """Applies one partition's records in order, one at a time; ``done`` is the offset to
-    commit (the next one to apply)."""
+    """Applies one partition's records, up to ``concurrency`` at once, started in offset
+    order. Batches are independent (each pays its own positions, under its own keys), but
+    a partition's last batch marks the partition done, so it starts only after every
+    record before it has been applied. ``done`` is the offset to commit: every record
+    before it has been applied."""
 
-    def __init__(self, api: SimpleEarnApi, topic: str, tp: TopicPartition) -> None:
+    def __init__(self, api: SimpleEarnApi, topic: str, tp: TopicPartition, concurrency: int) -> None:
         self.queue: asyncio.Queue[ConsumerRecord] = asyncio.Queue()
         self.done: int | None = None
         self.committed: int | None = None
+        self._slots = asyncio.Semaphore(max(1, concurrency))
+        self._inflight: dict[int, asyncio.Task[None]] = {}
+        self._started: collections.deque[int] = collections.deque()
+        self._applied: set[int] = set()
         self.task = asyncio.create_task(self._run(api, topic), name=f"payouts-{tp.partition}")
 
     async def _run(self, api: SimpleEarnApi, topic: str) -> None:
         while True:
             record = await self.queue.get()
-            delay = 0.5
-            while True:
-                started = time.perf_counter()
-                try:
-                    outcome = await _consume_one(api, topic, record)
-                except asyncio.CancelledError:
-                    raise
-                except Exception:
-                    log.exception("payout batch failed; retrying", extra={"offset": record.offset, "partition": record.partition})
-                    await asyncio.sleep(delay)
-                    delay = min(delay * 2, 10.0)
-                    continue
-                metrics.PAYOUT_BATCHES.labels(outcome).inc()
-                metrics.PAYOUT_BATCH_SECONDS.observe(time.perf_counter() - started)
-                break
-            self.done = record.offset + 1
+            if _is_last_batch(record.value or b"") and self._inflight:
+                await asyncio.wait(list(self._inflight.values()))
+            await self._slots.acquire()
+            self._started.append(record.offset)
+            task = asyncio.create_task(self._apply(api, topic, record))
+            self._inflight[record.offset] = task
+            task.add_done_callback(lambda t, offset=record.offset: self._finished(offset, t))
+
+    def _finished(self, offset: int, task: asyncio.Task[None]) -> None:
+        self._slots.release()
+        self._inflight.pop(offset, None)
+        if task.cancelled():
+            return  # not applied (the worker stopped): never counted as done
+        self._applied.add(offset)
+        while self._started and self._started[0] in self._applied:
+            first = self._started.popleft()
+            self._applied.discard(first)
+            self.done = first + 1
+
+    @staticmethod
+    async def _apply(api: SimpleEarnApi, topic: str, record: ConsumerRecord) -> None:
+        delay = 0.5
+        while True:
+            started = time.perf_counter()
+            try:
+                outcome = await _consume_one(api, topic, record)
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("payout batch failed; retrying", extra={"offset": record.offset, "partition": record.partition})
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 10.0)
+                continue
+            metrics.PAYOUT_BATCHES.labels(outcome).inc()
+            metrics.PAYOUT_BATCH_SECONDS.observe(time.perf_counter() - started)
+            return
 
     async def stop(self) -> None:
         self.task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await self.task
+        for task in list(self._inflight.values()):
+            task.cancel()
+        await asyncio.gather(self.task, *self._inflight.values(), return_exceptions=True)
 
 
 class _Workers(ConsumerRebalanceListener):
     """One worker per assigned partition; a revoked partition's worker is stopped (what it
     was doing is idempotent and the next owner redoes it) and its progress committed."""
 
-    def __init__(self, api: SimpleEarnApi, topic: str) -> None:
+    def __init__(self, api: SimpleEarnApi, topic: str, concurrency: int) -> None:
         self.api = api
         self.topic = topic
+        self.concurrency = concurrency
         self.consumer: AIOKafkaConsumer | None = None
         self.by_partition: dict[TopicPartition, _PartitionWorker] = {}
 
     def get(self, tp: TopicPartition) -> _PartitionWorker:
         worker = self.by_partition.get(tp)
         if worker is None:
-            worker = self.by_partition[tp] = _PartitionWorker(self.api, self.topic, tp)
+            worker = self.by_partition[tp] = _PartitionWorker(self.api, self.topic, tp, self.concurrency)
         return worker
 
     async def commit(self, partitions: list[TopicPartition] | None = None) -> None:
@@ -129,10 +171,11 @@ class _Workers(ConsumerRebalanceListener):
 async def consume_payouts(settings: SimpleEarnSettings, api: SimpleEarnApi) -> None:
     """Apply PayoutBatch events; commit offsets only after they are applied.
 
-    The partitions are applied concurrently, each by its own worker, in order within the
-    partition (a partition's last batch is applied after its others). The fetch loop
-    hands records to the workers, pauses a partition whose worker is behind and commits
-    each partition's progress. A transient failure (wallet or database down) retries the
+    The partitions are applied concurrently, each by its own worker, which also applies a
+    few of its partition's batches at once (the engine sends a partition's batches in a
+    burst); a partition's last batch is applied after every record before it. The fetch
+    loop hands records to the workers, pauses a partition whose worker is behind and
+    commits each partition's progress up to its first record not yet applied. A transient failure (wallet or database down) retries the
     same record with backoff, never skipping it. A record that cannot be parsed or
     applied (not a PayoutBatch, a bad job or period) is parked in ``dead_letters`` with its
     raw bytes and the error before the consumer moves past it: the row is committed
@@ -150,7 +193,7 @@ async def consume_payouts(settings: SimpleEarnSettings, api: SimpleEarnApi) -> N
         max_partition_fetch_bytes=8 * 1024 * 1024,
         fetch_max_bytes=32 * 1024 * 1024,
     )
-    workers = _Workers(api, topic)
+    workers = _Workers(api, topic, settings.payout_concurrency)
     workers.consumer = consumer
     delay = 0.5
     while True:

@@ -659,7 +659,7 @@ RECORD_BATCH_SKIPPING_PAID = _RECORD_BATCH.format(
     insert_tail="ON CONFLICT (position_id, payout_id) DO NOTHING RETURNING position_id, amount",
     sums="SELECT count(*)::integer AS items, coalesce(sum(amount), 0) AS paid FROM ins",
     conflicts="""UNION ALL
-    SELECT t.n, format('position %s: paid before by another batch of %s %s', t.pos, $1, $2)
+    SELECT t.n, format('position %s: paid before by another batch of %s %s', t.pos, $1::text, $2::text)
     FROM t WHERE t.ok AND t.pos NOT IN (SELECT position_id FROM ins)""",
 )
 

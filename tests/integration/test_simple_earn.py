@@ -466,12 +466,17 @@ async def test_payout_batch_is_paid_exactly_once_and_reinvests(stack, earn, wall
     expense_before = await balance(wallet, "simple_earn", EXPENSE)
 
     batches = [payout_batch(job, period, boundary, q) for q in range(6)]  # the last batch of a partition may be empty
-    batches[1] = payout_batch(
-        job, period, boundary, 1, p.product_id, (a.position_id, saver, "0.00123456", boundary - 24), (b.position_id, compounder, "0.0001", boundary - 24)
+    first = payout_batch(
+        job, period, boundary, 1, p.product_id, (a.position_id, saver, "0.00123456", boundary - 24), (b.position_id, compounder, "0.0001", boundary - 24),
+        last=False,
     )
-    raw = await _produce(stack, batches[1])
-    await _produce(stack, batches[1], raw)  # the same envelope again
-    await _produce(stack, batches[1])  # the same batch in a new envelope (engine re-ran)
+    batches[1] = payout_batch(job, period, boundary, 1, sequence=1)  # partition 1's last batch, empty
+    # Three deliveries of one batch, applied at once (a partition's batches before its last
+    # one are applied a few at a time), then the partition's last batch.
+    raw = await _produce(stack, first)
+    await _produce(stack, first, raw)  # the same envelope again
+    await _produce(stack, first)  # the same batch in a new envelope (engine re-ran)
+    await _produce(stack, batches[1])
 
     async def paid() -> None:
         assert await balance(wallet, saver) == Decimal("3.00123456")
@@ -540,7 +545,8 @@ async def test_unreadable_payout_records_are_parked_and_later_batches_still_pay(
         assert await earn_db.fetchval("SELECT count(*) FROM dead_letters") == dead_before + 5
 
     await eventually(paid, timeout=30)
-    rows = await earn_db.fetch('SELECT topic, "partition", "offset", error, raw FROM dead_letters ORDER BY id DESC LIMIT 5')
+    # A partition's records are applied a few at a time: parked in any order, listed by offset.
+    rows = await earn_db.fetch('SELECT topic, "partition", "offset", error, raw FROM dead_letters WHERE "partition" = $1 ORDER BY "offset" DESC LIMIT 5', partition)
     rows = rows[::-1]
     assert [bytes(r["raw"]) for r in rows] == [garbage, bad_raw, wrong_type, legacy, good_raw]
     assert all(r["topic"] == topic and r["partition"] == partition for r in rows)
@@ -642,6 +648,35 @@ async def test_payout_batch_pays_only_items_that_match_a_position_once_even_when
     assert await state() == first
     status = await earn.GetPayoutStatus(se.GetPayoutStatusRequest(job=job, period=period), metadata=SERVICE)
     assert (status.partitions_done, status.items, dict(status.paid)) == (1, 2, {"BTC": "0.000003"})
+
+
+async def test_a_position_paid_by_one_batch_is_left_out_of_another_batch_of_the_payout(stack, earn, wallet, earn_db) -> None:
+    p = await create(earn, payout_cadence=se.PAYOUT_CADENCE_HOURLY)
+    ann, ben = unique("ann"), unique("ben")
+    for u in (ann, ben):
+        await deposit(wallet, u, "1")
+    a = (await subscribe(earn, ann, p.product_id, "1")).position
+    b = (await subscribe(earn, ben, p.product_id, "1")).position
+    job, period, boundary = "simple_earn.interest", f"O{uuid.uuid4().hex[:8]}", now_hour()
+    await earn.RequestPayout(se.RequestPayoutRequest(job=job, period=period, boundary_hour=boundary, cadence=se.PAYOUT_CADENCE_HOURLY), metadata=SERVICE)
+    await _produce(stack, payout_batch(job, period, boundary, 5, p.product_id, (a.position_id, ann, "0.00000011", boundary - 1), last=False))
+    # A second batch of the same payout names ann's position again (the engine should
+    # never): her item is left out (paid before), ben's is paid.
+    second = payout_batch(
+        job, period, boundary, 5, p.product_id, (a.position_id, ann, "0.00000011", boundary - 1), (b.position_id, ben, "0.00000022", boundary - 1),
+        sequence=1,
+    )
+    raw = await _produce(stack, second)
+
+    async def paid() -> None:
+        status = await earn.GetPayoutStatus(se.GetPayoutStatusRequest(job=job, period=period), metadata=SERVICE)
+        assert (status.partitions_done, status.items, dict(status.paid)) == (1, 2, {"BTC": "0.00000033"})
+        assert await earn_db.fetchval("SELECT count(*) FROM dead_letters WHERE raw = $1", raw) == 1
+
+    await eventually(paid)
+    assert (await balance(wallet, ann), await balance(wallet, ben)) == (Decimal("0.00000011"), Decimal("0.00000022"))
+    error = await earn_db.fetchval("SELECT error FROM dead_letters WHERE raw = $1", raw)
+    assert error == f"1 item(s) not paid: position {a.position_id}: paid before by another batch of {job} {period}"
 
 
 async def test_interest_of_everyone_is_listed_once_in_order_page_by_page(stack, earn, wallet, earn_db) -> None:
