@@ -264,6 +264,35 @@ async def test_spending_races_the_folder_and_stays_exact(stack, wallet, db) -> N
     assert (await ledger_sums(wallet))["USDT"] == 0
 
 
+async def test_postings_folding_credits_of_shared_bucket_rows_do_not_deadlock(wallet, db) -> None:
+    """x and z share a bucket row of one bulk credit, y and w another: a batch x -> y and a
+    batch w -> z, at once, each fold credits from both rows (20 such pairs at once). The
+    rows are locked in key order (store._LOCK_PARTS_OF); this exercises it, timing may
+    not make an unordered version fail."""
+    candidates = [unique("share") for _ in range(3000)]
+    by_bucket: dict[int, list[str]] = defaultdict(list)
+    for row in await db.fetch("SELECT o, owner_bucket(o) AS b FROM unnest($1::text[]) AS o", candidates):
+        by_bucket[row["b"]].append(row["o"])
+    pairs = [names[:2] for names in by_bucket.values() if len(names) >= 2]
+    groups = [(pairs[i][0], pairs[i + 1][0], pairs[i][1], pairs[i + 1][1]) for i in range(0, 40, 2)]  # (x, y, z, w)
+
+    def move(src: str, dst: str) -> wallet_pb2.TransferSpec:
+        return wallet_pb2.TransferSpec(
+            asset="USDT", source=wallet_pb2.AccountRef(owner=src, kind=FUNDING), destination=wallet_pb2.AccountRef(owner=dst, kind=FUNDING), amount="0.25"
+        )
+
+    owners = [u for group in groups for u in group]
+    await wallet.BulkCredit(bulk(owners, ["1"] * len(owners)), metadata=SERVICE)
+    batches = []
+    for x, y, z, w in groups:
+        for src, dst in ((x, y), (w, z)):
+            batches.append(wallet.TransferBatch(wallet_pb2.TransferBatchRequest(idempotency_key=unique(), transfers=[move(src, dst)]), metadata=SERVICE))
+    await asyncio.gather(*batches)
+    for x, y, z, w in groups:
+        assert [await balance(wallet, u) for u in (x, y, z, w)] == [Decimal("0.75"), Decimal("1.25"), Decimal("1.25"), Decimal("0.75")]
+    assert (await ledger_sums(wallet))["USDT"] == 0
+
+
 async def test_same_key_same_answer_other_request_refused(wallet, db) -> None:
     owners = [unique("idem") for _ in range(5)]
     request = bulk(owners, ["1"] * 5, key=unique("payout"))
