@@ -679,6 +679,37 @@ async def test_a_position_paid_by_one_batch_is_left_out_of_another_batch_of_the_
     assert error == f"1 item(s) not paid: position {a.position_id}: paid before by another batch of {job} {period}"
 
 
+async def test_a_user_with_two_positions_in_a_batch_gets_one_credit_of_their_sum(stack, earn, wallet, earn_db) -> None:
+    p = await create(earn, payout_cadence=se.PAYOUT_CADENCE_HOURLY)
+    user = unique("twice")
+    await deposit(wallet, user, "2")
+    closed = (await subscribe(earn, user, p.product_id, "1")).position
+    await redeem(earn, user, closed.position_id)  # closed, still owed its interest
+    await eventually(lambda: balance(wallet, user))
+    opened = (await subscribe(earn, user, p.product_id, "1")).position
+    assert opened.position_id != closed.position_id
+    job, period, boundary = "simple_earn.interest", f"W{uuid.uuid4().hex[:8]}", now_hour()
+    await earn.RequestPayout(se.RequestPayoutRequest(job=job, period=period, boundary_hour=boundary, cadence=se.PAYOUT_CADENCE_HOURLY), metadata=SERVICE)
+    before = await balance(wallet, user)
+    # The wallet takes distinct owners only: this pays, only if the two items become one credit.
+    await _produce(stack, payout_batch(
+        job, period, boundary, 0, p.product_id, (closed.position_id, user, "0.00000005", boundary - 3), (opened.position_id, user, "0.00000007", boundary - 1),
+    ))
+
+    async def paid() -> None:
+        status = await earn.GetPayoutStatus(se.GetPayoutStatusRequest(job=job, period=period), metadata=SERVICE)
+        assert (status.partitions_done, status.items, dict(status.paid)) == (1, 2, {"BTC": "0.00000012"})
+
+    await eventually(paid)
+    assert await balance(wallet, user) == before + Decimal("0.00000012")
+    records = await earn.ListInterest(se.ListInterestRequest(user_id=user), metadata=GATEWAY)
+    assert sorted((r.position_id, r.amount, r.from_hour) for r in records.records) == sorted(
+        [(closed.position_id, "0.00000005", boundary - 3), (opened.position_id, "0.00000007", boundary - 1)]
+    )
+    listed = await earn.ListPositions(se.ListPositionsRequest(user_id=user), metadata=GATEWAY)
+    assert {x.position_id: x.interest_paid for x in listed.positions} == {closed.position_id: "0.00000005", opened.position_id: "0.00000007"}
+
+
 async def test_interest_of_everyone_is_listed_once_in_order_page_by_page(stack, earn, wallet, earn_db) -> None:
     p = await create(earn, payout_cadence=se.PAYOUT_CADENCE_HOURLY)
     users = [unique("lister") for _ in range(3)]
