@@ -35,6 +35,8 @@ class WalletSettings(ServiceSettings):
     # credits); with none, balances stay exact and credits wait in their columns.
     fold_enabled: bool = True
     fold_idle_seconds: float = 0.5
+    # Folds running at once in this process (each a transaction of its own bulk credit).
+    fold_tasks: int = 2
 
 
 async def fold_bulk_credits(pool: asyncpg.Pool, idle_seconds: float) -> None:
@@ -63,7 +65,8 @@ async def main() -> None:
     if settings.relay_enabled:
         app.background(Relay(settings, pool, SCHEMA).run)
     if settings.fold_enabled:
-        app.background(lambda: fold_bulk_credits(pool, settings.fold_idle_seconds))
+        for _ in range(settings.fold_tasks):
+            app.background(lambda: fold_bulk_credits(pool, settings.fold_idle_seconds))
     app.on_stop(pool.close)
     await app.serve_forever()
 
