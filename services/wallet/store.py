@@ -1,10 +1,10 @@
 """Wallet persistence (asyncpg). Every function runs inside the caller's transaction.
 
 Posting protocol (``post``): make sure the accounts exist, lock them in key order (no
-deadlocks between concurrent postings or with the folder) folding the unfolded bulk credits of the funding
-accounts among them, apply the orders with the pure domain rules, write the new
-balances, the posting, its transfers and its outbox event. Set-based statements (unnest
-arrays) keep a 10,000-transfer batch to a handful of round trips.
+deadlocks between concurrent postings, nor with the folder), fold the unfolded bulk
+credits of the funding accounts among them, apply the orders with the pure domain rules,
+write the new balances, the posting, its transfers and its outbox event. Set-based
+statements (unnest arrays) keep a 10,000-transfer batch to a handful of round trips.
 
 Bulk credits (``post_bulk_credit``) take no user account at all: the credits are stored
 in columns, split by the owner's bucket (``bulk_credit_parts``), and count in every
@@ -97,9 +97,9 @@ async def lock_accounts(conn: asyncpg.Connection, keys: set[AccountKey]) -> dict
 # never wait for each other in a cycle. Rows of a bulk credit committed after this are
 # left alone: that credit comes after the posting.
 _LOCK_PARTS_OF = """
-SELECT p.posting_id, p.bucket FROM bulk_credit_parts p
-WHERE p.bucket IN (SELECT owner_bucket(o) FROM unnest($1::text[]) AS o)
-  AND p.owners && $1::text[] AND p.asset = ANY($2::text[])
+SELECT p.posting_id, p.bucket
+FROM unnest($1::text[], $2::text[]) AS m(owner, asset)
+JOIN bulk_credit_parts p ON p.bucket = owner_bucket(m.owner) AND p.asset = m.asset AND p.owners @> ARRAY[m.owner]
 ORDER BY p.posting_id, p.bucket
 FOR UPDATE OF p
 """
@@ -143,7 +143,7 @@ async def _fold_credits_of(conn: asyncpg.Connection, accounts: list[asyncpg.Reco
     into their history and balances; returns the new balances of those that had some.
     Runs after the accounts are locked, so it sees every fold that committed meanwhile."""
     owners, assets = [r["owner"] for r in accounts], [r["asset"] for r in accounts]
-    parts = await conn.fetch(_LOCK_PARTS_OF, owners, sorted(set(assets)))
+    parts = await conn.fetch(_LOCK_PARTS_OF, owners, assets)
     if not parts:
         return {}
     rows = await conn.fetch(
