@@ -247,7 +247,18 @@ SELECT balance FROM source
 
 
 async def post_bulk_credit(conn: asyncpg.Connection, settings: Settings, kind: str, bulk: BulkCredit) -> BulkPosted:
-    """Post a bulk credit: the credits in columns, the source debited once, the event."""
+    """Post a bulk credit: the credits in columns, the source debited once, the event.
+
+    The event's columns are built first: from the source's debit to the commit its row is
+    locked, and payouts from that source wait."""
+    message = wallet_pb2.TransfersPosted(posting_kind=kind)
+    credit = message.bulk_credit
+    credit.asset = bulk.asset
+    credit.source.CopyFrom(account_ref(bulk.source))
+    credit.owners.extend(bulk.owners)
+    credit.amounts.extend(bulk.amounts)
+    if bulk.references or bulk.reference:
+        credit.references.extend(bulk.reference_column())
     try:
         posting_id, created_at, total = await conn.fetchrow(
             _INSERT_BULK_CREDIT,
@@ -273,19 +284,11 @@ async def post_bulk_credit(conn: asyncpg.Connection, settings: Settings, kind: s
         raise InvalidArgument(
             "amounts", f"their total, or the source's balance after it, exceeds the ledger's {MAX_INTEGER_DIGITS} integer digits"
         ) from None
-    posted = BulkPosted(posting_id, created_at, total, balance)
-    message = wallet_pb2.TransfersPosted(posting_id=str(posting_id), posting_kind=kind)
+    message.posting_id = str(posting_id)
     message.created_at.FromDatetime(created_at)
-    credit = message.bulk_credit
-    credit.asset = bulk.asset
-    credit.source.CopyFrom(account_ref(bulk.source))
     credit.source_balance_after = format_amount(balance)
-    credit.owners.extend(bulk.owners)
-    credit.amounts.extend(bulk.amounts)
-    if bulk.references or bulk.reference:
-        credit.references.extend(bulk.reference_column())
     await outbox.enqueue(conn, settings, PRODUCER, created_at, [outbox.Outgoing(TOPIC, str(posting_id), message)])
-    return posted
+    return BulkPosted(posting_id, created_at, total, balance)
 
 
 async def fold_bulk_credit(conn: asyncpg.Connection, posting_id: int | None = None) -> int:
