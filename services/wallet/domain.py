@@ -184,12 +184,12 @@ def bulk_credit(
     if kind not in MAY_GO_NEGATIVE:
         allowed = " or ".join(sorted(k.value for k in MAY_GO_NEGATIVE))
         raise InvalidArgument("source.kind", f"must be an account that may go negative ({allowed}); a {kind.value} account may not")
-    owners, amounts, references = list(owners), list(amounts), list(references)
     count = len(owners)
     if count == 0:
         raise InvalidArgument("owners", "must hold at least one owner")
     if count > MAX_BATCH:
         raise InvalidArgument("owners", f"at most {MAX_BATCH} credits per request; got {count}")
+    owners, amounts, references = list(owners), list(amounts), list(references)
     if len(amounts) != count:
         raise InvalidArgument("amounts", f"has {len(amounts)} entries for {count} owners: one amount per owner")
     if len(references) not in (0, count):
