@@ -37,13 +37,26 @@ class WalletSettings(ServiceSettings):
     fold_idle_seconds: float = 0.5
     # Folds running at once in this process (each a transaction of its own bulk credit).
     fold_tasks: int = 2
+    # Folding waits while this process posted a bulk credit less than this long ago (a
+    # payout in progress keeps the database for itself), unless the backlog is over
+    # fold_max_backlog credits. Balances are exact either way.
+    fold_quiet_seconds: float = 1.0
+    fold_max_backlog: int = 5_000_000
 
 
-async def fold_bulk_credits(pool: asyncpg.Pool, idle_seconds: float) -> None:
+async def fold_bulk_credits(pool: asyncpg.Pool, settings: WalletSettings) -> None:
     """Fold bulk credits into per-user transfers and balances, oldest first, one per
-    transaction, off the payout's critical path; poll when there is nothing to fold."""
+    transaction, off the payout's critical path: after a quiet moment (or when the
+    backlog is too big); poll when there is nothing to fold."""
     while True:
         try:
+            quiet = store.BulkActivity.quiet_for()
+            if quiet < settings.fold_quiet_seconds:
+                backlog = (await store.unfolded_backlog(pool))[1]
+                UNFOLDED.set(backlog)
+                if backlog < settings.fold_max_backlog:
+                    await asyncio.sleep(settings.fold_quiet_seconds - quiet)
+                    continue
             folded = await store.fold_next_bulk_credit(pool)
             FOLDED.inc(folded)
             UNFOLDED.set((await store.unfolded_backlog(pool))[1])
@@ -51,7 +64,7 @@ async def fold_bulk_credits(pool: asyncpg.Pool, idle_seconds: float) -> None:
             log.warning("bulk credit fold failed; retrying", extra={"error": str(err)})
             folded = 0
         if folded == 0:
-            await asyncio.sleep(idle_seconds)
+            await asyncio.sleep(settings.fold_idle_seconds)
 
 
 async def main() -> None:
@@ -66,7 +79,7 @@ async def main() -> None:
         app.background(Relay(settings, pool, SCHEMA).run)
     if settings.fold_enabled:
         for _ in range(settings.fold_tasks):
-            app.background(lambda: fold_bulk_credits(pool, settings.fold_idle_seconds))
+            app.background(lambda: fold_bulk_credits(pool, settings))
     app.on_stop(pool.close)
     await app.serve_forever()
 

@@ -14,6 +14,7 @@ and balances later (``fold_bulk_credit``). See migrations/0002_bulk_credits.sql.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from datetime import datetime
 from decimal import Decimal
@@ -246,19 +247,37 @@ SELECT balance FROM source
 """
 
 
+class BulkActivity:
+    """When this process last posted a bulk credit (monotonic seconds): the folder lets
+    a run of payouts finish before it competes with them for the database."""
+
+    last: float = 0.0
+
+    @classmethod
+    def touch(cls) -> None:
+        cls.last = time.monotonic()
+
+    @classmethod
+    def quiet_for(cls) -> float:
+        return time.monotonic() - cls.last
+
+
 async def post_bulk_credit(conn: asyncpg.Connection, settings: Settings, kind: str, bulk: BulkCredit) -> BulkPosted:
     """Post a bulk credit: the credits in columns, the source debited once, the event.
 
     The event's columns are built first: from the source's debit to the commit its row is
     locked, and payouts from that source wait."""
+    BulkActivity.touch()
     message = wallet_pb2.TransfersPosted(posting_kind=kind)
     credit = message.bulk_credit
     credit.asset = bulk.asset
     credit.source.CopyFrom(account_ref(bulk.source))
     credit.owners.extend(bulk.owners)
     credit.amounts.extend(bulk.amounts)
-    if bulk.references or bulk.reference:
-        credit.references.extend(bulk.reference_column())
+    if bulk.references:
+        credit.references.extend(bulk.references)
+    else:
+        credit.reference = bulk.reference
     try:
         posting_id, created_at, total = await conn.fetchrow(
             _INSERT_BULK_CREDIT,

@@ -405,7 +405,7 @@ async def test_the_posting_is_one_event_in_columns(stack, wallet) -> None:
     assert (credit.asset, credit.source) == ("USDT", SOURCE)
     assert list(credit.owners) == owners
     assert list(credit.amounts) == ["1.5", "0.000001", "2.50"]
-    assert list(credit.references) == ["r:0", "r:1", "r:2"]
+    assert list(credit.references) == ["r:0", "r:1", "r:2"] and credit.reference == ""
     assert list(credit.transfer_ids) == []  # known once folded (ListTransfers)
     # No posting of this source since: its balance after this one is its balance now.
     assert Decimal(credit.source_balance_after) == expense
