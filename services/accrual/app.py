@@ -457,8 +457,13 @@ class _Emitter:
         ``DELIVERY_TIMEOUT`` fails the request loudly instead of stalling the partition
         (the process exits and a restart re-emits the same batches)."""
         await self._send(last=True)
+        started = time.perf_counter()
         try:
             await asyncio.wait_for(asyncio.gather(*self.pending), DELIVERY_TIMEOUT)
+            log.info("payout batches delivered", extra={
+                "job": self.msg.job, "period": self.msg.period, "partition": self.partition,
+                "batches": self.sequence, "wait_s": round(time.perf_counter() - started, 4),
+            })
         except asyncio.TimeoutError:
             log.critical("payout batches not acknowledged in time: exiting for a restart",
                          extra={"job": self.msg.job, "period": self.msg.period, "partition": self.partition})

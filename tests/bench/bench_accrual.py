@@ -19,7 +19,7 @@ through the real pipeline next to one set-based SQL statement.
    funds they imply into the wallet (each user's principal on a HOLD account backed by
    a wallet hold, the exchange's EXTERNAL account the counterpart), all with COPY. Timed
    from RequestPayout until Simple Earn recorded the last batch of all 6 partitions
-   (it records a batch after the wallet committed its TransferBatch), then checked in
+   (it marks a batch posted after the wallet committed its BulkCredit), then checked in
    the wallet: N credits from the expense account, same total, ledger sums zero. Then,
    with the services stopped, the straightforward SQL way on a copy of the same data,
    one statement, and where the pipeline's time went.
@@ -501,7 +501,7 @@ class Watch:
                             self.requested.append(r.timestamp / 1000)
                         continue
                     b = events.unwrap(env, accrual_pb2.PayoutBatch)
-                    self.batches.append(SeenBatch(b.partition, b.sequence, b.last, len(b.items), r.timestamp / 1000, received))
+                    self.batches.append(SeenBatch(b.partition, b.sequence, b.last, len(b.position_ids), r.timestamp / 1000, received))
 
     def lasts(self) -> int:
         return sum(1 for b in self.batches if b.last)
@@ -743,13 +743,14 @@ async def payout(
     paid = Decimal(status.paid[ASSET])
     async with pool.acquire() as conn:
         expense = await conn.fetchval("SELECT id FROM wallet.accounts WHERE owner = $1 AND asset = $2 AND kind = 'expense'", EXPENSE_OWNER, ASSET)
-        credits, credited = await conn.fetchrow("SELECT count(*), coalesce(sum(amount), 0) FROM wallet.transfers WHERE source_id = $1", expense)
-        postings = await conn.fetchval("SELECT count(DISTINCT posting_id) FROM wallet.transfers WHERE source_id = $1", expense)
-        pending = await conn.fetchval("SELECT count(*) FROM wallet.transfers WHERE pending")
+        credits, credited, postings = await conn.fetchrow(
+            "SELECT coalesce(sum(credit_count), 0), coalesce(sum(total), 0), count(*) FROM wallet.bulk_credits WHERE source_id = $1", expense
+        )
+        pending = await conn.fetchval("SELECT coalesce(sum(cardinality(owners)), 0) FROM wallet.bulk_credit_parts")
     totals = await wallet.GetLedgerTotals(wallet_pb2.GetLedgerTotalsRequest(), metadata=OPERATOR)
     zero = all(Decimal(t.sum) == 0 for t in totals.totals)
     say(f"   complete after {fmt_s(total)}: GetPayoutStatus complete={status.complete}, items {status.items:,}, paid {paid} {ASSET};"
-        f" wallet: {credits:,} credits from the expense account in {postings} TransferBatch postings, {credited.normalize():f} {ASSET};"
+        f" wallet: {credits:,} credits from the expense account in {postings} BulkCredit postings, {credited.normalize():f} {ASSET};"
         f" ledger sums zero: {zero}; pending credits not yet folded by the wallet's background task: {pending:,}")
     if not (status.complete and status.items == n and credits == n and credited == paid and zero):
         raise AssertionError("the pipeline's payout is incomplete or inconsistent (see the line above)")
@@ -822,14 +823,14 @@ def breakdown(
             busy_until = t2
     cpu_at_done = next((row[4] for row in timeline if row[0] >= engine_done), timeline[-1][4])
     say(f"   {busy_until:7.2f}  engine idle again: after its last batch it still used {timeline[-1][4] - cpu_at_done:.1f} CPU-s"
-        f" (faust flushing the changelog of the {n:,} rewritten positions, commits); {timeline[-1][4]:.1f} CPU-s in all")
+        f" (faust commits, the changelog of one payout record per product); {timeline[-1][4]:.1f} CPU-s in all")
     lat = sorted(b.received - b.produced for b in watch.batches)
     applied = simple_earn_batches(stack.earn.logfile, wall0)
     paid = [a for a in applied if a[3] == "paid"]
     if not paid:
         return
-    calls = metric_sum(w1, "grpc_server_handling_seconds_count", grpc_method="TransferBatch") - metric_sum(w0, "grpc_server_handling_seconds_count", grpc_method="TransferBatch")
-    wallet_s = metric_sum(w1, "grpc_server_handling_seconds_sum", grpc_method="TransferBatch") - metric_sum(w0, "grpc_server_handling_seconds_sum", grpc_method="TransferBatch")
+    calls = metric_sum(w1, "grpc_server_handling_seconds_count", grpc_method="BulkCredit") - metric_sum(w0, "grpc_server_handling_seconds_count", grpc_method="BulkCredit")
+    wallet_s = metric_sum(w1, "grpc_server_handling_seconds_sum", grpc_method="BulkCredit") - metric_sum(w0, "grpc_server_handling_seconds_sum", grpc_method="BulkCredit")
     first_available = min(b.produced for b in watch.batches) - wall0
     say(f"   {paid[0][0] - wall0:7.2f}  Simple Earn applied its first batch (available in Kafka at {first_available:.2f})")
     say(f"   {paid[-1][0] - wall0:7.2f}  Simple Earn applied its last batch: payout complete ({total:.2f} s end to end,"
@@ -844,17 +845,17 @@ def breakdown(
     per_item = busy / n
     say(f"   Kafka: a batch reached an idle consumer in {lat[len(lat) // 2] * 1000:.0f} ms (median; max {lat[-1] * 1000:.0f} ms);"
         f" up to {backlog} batches waited in Kafka for Simple Earn")
-    say(f"   Simple Earn's consumer (one batch at a time): {len(paid)} batches, {per_batch:.2f} s per batch of ~{n // len(paid):,},"
+    say(f"   Simple Earn's consumer (per partition, up to 4 batches at once): {len(paid)} batches, {per_batch:.2f} s per batch of ~{n // len(paid):,},"
         f" {per_item * 1e6:.0f} µs per item"
         + (f"; median gap {statistics.median(during):.2f} s while the engine was busy, {statistics.median(after):.2f} s after" if during and after else ""))
-    say(f"     wallet TransferBatch, server side: {int(calls)} calls, {wallet_s:.2f} s = {wallet_s / max(1, calls):.2f} s per call,"
+    say(f"     wallet BulkCredit, server side: {int(calls)} calls, {wallet_s:.2f} s = {wallet_s / max(1, calls):.2f} s per call,"
         f" {wallet_s / busy * 100:.0f}% of the consumer's time")
-    say(f"     Simple Earn's own work: {busy - wallet_s:.2f} s = {(busy - wallet_s) / busy * 100:.0f}% (positions fetch, then per item"
-        " SELECT position + INSERT interest + UPDATE position in one transaction, inbox, intents)")
+    say(f"     Simple Earn's own work: {busy - wallet_s:.2f} s = {(busy - wallet_s) / busy * 100:.0f}% (one statement records the batch: items"
+        " checked against positions, interest rows, inbox, batch row; then marks it posted)")
     se_cpu, se_pg = usage.get("Simple Earn process", 0.0), usage.get("PostgreSQL backends of simple_earn", 0.0)
     w_cpu, w_pg = usage.get("wallet process", 0.0), usage.get("PostgreSQL backends of wallet", 0.0)
     say(f"     CPU per item: Simple Earn process {se_cpu / n * 1e6:.0f} µs + its PostgreSQL backends {se_pg / n * 1e6:.0f} µs;"
-        f" wallet process {w_cpu / n * 1e6:.0f} µs + its backends {w_pg / n * 1e6:.0f} µs (TransferBatch, relay, background fold);"
+        f" wallet process {w_cpu / n * 1e6:.0f} µs + its backends {w_pg / n * 1e6:.0f} µs (BulkCredit, relay, background fold);"
         f" engine {usage.get('accrual engine process', 0.0) / n * 1e6:.0f} µs; Kafka broker {usage.get('Kafka broker (java)', 0.0) / n * 1e6:.0f} µs;"
         f" the SQL statement: {sql / n * 1e6:.0f} µs wall")
     critical = "Simple Earn's payout consumer" if paid[-1][0] - wall0 - engine_done > 0.25 * total else "the engine"
