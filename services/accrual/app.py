@@ -15,6 +15,7 @@ committed; a replayed request re-emits the same batches (same key, sequence, ite
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
 import logging
 import os
@@ -339,6 +340,9 @@ class Engine:
         emitter = _Emitter(self, partition, msg)
         for product_id, product, entry in plan:
             await self._pay_product(partition, book, product, product_id, domain.Payout(product, entry, offset, watermark), emitter)
+        # The positions in memory are long-lived and free of reference cycles: keep them
+        # out of the cyclic collector's scans (a full scan of millions costs seconds).
+        gc.freeze()
         await emitter.finish()
 
     async def _pay_product(

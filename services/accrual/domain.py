@@ -46,6 +46,7 @@ Redelivery (faust at-least-once, or a duplicate from the upstream outbox relay):
 from __future__ import annotations
 
 import bisect
+import operator
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from decimal import Decimal, localcontext
@@ -127,6 +128,20 @@ def format_minor(value: int, scale: int) -> str:
     whole, frac = divmod(value, 10**scale)
     frac_text = f"{frac:0{scale}d}".rstrip("0")
     return f"{whole}.{frac_text}" if frac_text else str(whole)
+
+
+def _formatter(scale: int) -> Any:
+    """``format_minor`` for one scale, as a fast callable."""
+    if scale == 0:
+        return str
+    unit = 10**scale
+    pattern = f"{{}}.{{:0{scale}d}}"
+
+    def fmt(value: int) -> str:
+        whole, frac = divmod(value, unit)
+        return pattern.format(whole, frac).rstrip("0").rstrip(".") if frac else str(whole)
+
+    return fmt
 
 
 def bracket_ints(principal: int, bounds: Sequence[int | None]) -> tuple[int, ...]:
@@ -409,8 +424,9 @@ class Position:
     closed: bool  # closed and nothing left in it
     rates_version: int
     brackets: tuple[Any, tuple[int, ...]] | None = None  # (bounds, per-bracket principal)
-    # What the last payout in this process left paid in all: (boundary, paid).
-    paid_memo: tuple[int, int] | None = None
+    # What the last payout in this process left paid in all, and at which boundary.
+    memo_boundary: int | None = None
+    memo_paid: int = 0
 
 
 def position_view(state: PositionState, index: RateIndex | None, rates_version: int) -> Position:
@@ -545,14 +561,14 @@ class Payout:
             then = marks[-1][2]
             from_hour = previous if then is not None and then < previous else start
         else:
-            if pos.paid_memo is not None and pos.paid_memo[0] == previous:
-                before = pos.paid_memo[1]
+            if pos.memo_boundary == previous:
+                before = pos.memo_paid
             else:
                 before = max(last_mark, self.paid_through(pos, previous, self.begin))
             from_hour = previous if start < previous else start
         due = self.paid_through(pos, boundary, self.end)
         after = max(before, due)
-        pos.paid_memo = (boundary, after)
+        pos.memo_boundary, pos.memo_paid = boundary, after
         # Closed and paid through its closing hour (no debt left): forget it.
         return Settled(after - before, before, after, closed and due >= before, start, from_hour)
 
@@ -572,59 +588,64 @@ class Payout:
         end_segment, end_cum, end_bounds = end
         bounds_int = [None if b is None else to_int(b, _HALF) for b in end_bounds]
         divisors: dict[int, int] = {}
-        points: dict[int, Any] = {}
+        formats: dict[int, Any] = {}
+        # Per last-change hour: each tier's APR-hours from it to the boundary (None: the
+        # hour is in another rate segment, so the exact path).
+        spans: dict[int, tuple[int, ...] | None] = {}
         ids, users, amounts, froms = out.position_ids, out.user_ids, out.amounts, out.from_hours
         version = self.rates_version
+        mul = operator.mul
         for pos in positions:
             if pos.rates_version != version:
                 pos = fresh(pos)
             state = pos.state
             marks = state.marks
             start = pos.start
+            last = pos.last
             if (
                 state.dropped_at_hour is not None
                 or pos.closed
                 or start is None
                 or start >= boundary
-                or pos.last >= boundary
+                or last >= boundary
                 or offset < state.first_offset
                 or (marks and (previous is None or marks[-1][0] >= previous))
             ):
                 self._general(pos, out)
                 continue
-            divisor = divisors.get(pos.scale)
+            scale = pos.scale
+            divisor = divisors.get(scale)
             if divisor is None:
-                divisor = divisors[pos.scale] = minor_divisor(pos.scale)
-            memo = pos.paid_memo
+                divisor = divisors[scale] = minor_divisor(scale)
+                formats[scale] = _formatter(scale)
             if previous is None:
                 before = 0
-            elif memo is not None and memo[0] == previous:
-                before = memo[1]
+            elif pos.memo_boundary == previous:
+                before = pos.memo_paid
             else:
                 before = self.paid_through(pos, previous, self.begin)
                 if marks and marks[-1][1] > before:
                     before = marks[-1][1]
-            last = pos.last
-            base = points.get(last, False)
-            if base is False:
-                base = points[last] = self._point(last, False)
-            if base is not None and base[0] == end_segment:
+            span = spans.get(last, False)
+            if span is False:
+                base = self._point(last, False)
+                span = spans[last] = (
+                    tuple(b - a for a, b in zip(base[1], end_cum)) if base is not None and base[0] == end_segment else None
+                )
+            if span is None:
+                due = self.paid_through(pos, boundary, end)
+            else:
                 brackets = pos.brackets
                 if brackets is None or (brackets[0] is not end_bounds and brackets[0] != end_bounds):
                     brackets = pos.brackets = (end_bounds, bracket_ints(pos.principal, bounds_int))
-                total = pos.units
-                for amount, a, b in zip(brackets[1], base[1], end_cum):
-                    if amount:
-                        total += amount * (b - a)
-                due = total // divisor
-            else:
-                due = self.paid_through(pos, boundary, end)
+                due = (pos.units + sum(map(mul, brackets[1], span))) // divisor
             after = due if due > before else before
-            pos.paid_memo = (boundary, after)
+            pos.memo_boundary = boundary
+            pos.memo_paid = after
             if after > before:
                 ids.append(state.position_id)
                 users.append(state.user_id)
-                amounts.append(format_minor(after - before, pos.scale))
+                amounts.append(formats[scale](after - before))
                 froms.append(previous if previous is not None and start < previous else start)
         return out
 
