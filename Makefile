@@ -12,7 +12,7 @@ BUF_VERSION := v1.75.0
 # the two binaries are taken out of the .deb (no system install, no service started).
 PROMETHEUS_DEB := 2.42.0+ds-5+deb12u1
 
-.PHONY: run test bench chaos install proto tools infra-up infra-down clean distclean
+.PHONY: run test bench chaos install proto client tools infra-up infra-down clean distclean
 
 run: install proto ## venv, stubs, Kafka + PostgreSQL, every service; Ctrl-C stops all
 	$(PY) -m services.devstack run
@@ -43,6 +43,11 @@ $(GEN)/.stamp: $(PROTOS) $(VENV)/.installed
 	rm -rf $(GEN) && mkdir -p $(GEN)
 	$(PY) -m grpc_tools.protoc -I protos --python_out=$(GEN) --pyi_out=$(GEN) --grpc_python_out=$(GEN) $(PROTOS)
 	touch $@
+
+# The client package for internal consumers (protos/python): its stubs generated from
+# protos/ into build/client, the wheel into build/dist; offline (pip wheel, no isolation).
+client: install ## earn-client wheel in build/dist: pip install build/dist/earn_client-*.whl
+	$(PY) protos/python/build_client.py --stage build/client --dist build/dist
 
 tools: $(TOOLS)/.buf-$(BUF_VERSION) $(TOOLS)/.prometheus-$(PROMETHEUS_DEB) ## buf, prometheus, promtool in build/tools
 

@@ -1,0 +1,107 @@
+"""Client helpers for the earn platform's gRPC services.
+
+The services identify callers by a bearer token in the ``authorization`` metadata (each
+token maps to a role: gateway, operator or service) and refuse calls without one, except
+health and reflection. ``connect`` and ``connect_aio`` open a channel that adds
+``authorization: Bearer <token>`` to every call; ``wallet`` and ``simple_earn`` return
+the generated stubs for a channel::
+
+    from earn.v1 import wallet_pb2
+    import earn_client
+
+    with earn_client.connect("127.0.0.1:50051", "dev-gateway") as channel:
+        reply = earn_client.wallet(channel).GetBalances(wallet_pb2.GetBalancesRequest(owner="alice"), timeout=5)
+
+The messages are ``earn.v1.*_pb2`` (with ``.pyi`` type stubs), the service stubs
+``earn.v1.*_pb2_grpc``. Channels are plaintext: the services listen on a private network
+(mTLS comes with the platform's security work). Every RPC of the services is unary.
+"""
+
+from __future__ import annotations
+
+import collections
+from collections.abc import Sequence
+from typing import Any
+
+import grpc
+import grpc.aio
+
+from earn.v1 import simple_earn_pb2_grpc, wallet_pb2_grpc
+
+__all__ = ["connect", "connect_aio", "simple_earn", "wallet"]
+
+_AUTHORIZATION = "authorization"
+
+ChannelOptions = Sequence[tuple[str, Any]]
+
+
+def _with_token(metadata: Any, token: str) -> list[tuple[str, str | bytes]]:
+    """The call's metadata plus the bearer token, unless the call names its own."""
+    pairs = [(key, value) for key, value in (metadata or ())]
+    if not any(key.lower() == _AUTHORIZATION for key, _ in pairs):
+        pairs.append((_AUTHORIZATION, f"Bearer {token}"))
+    return pairs
+
+
+class _CallDetails(
+    collections.namedtuple("_CallDetails", ("method", "timeout", "metadata", "credentials", "wait_for_ready", "compression")),
+    grpc.ClientCallDetails,
+):
+    pass
+
+
+class _BearerToken(grpc.UnaryUnaryClientInterceptor):
+    def __init__(self, token: str) -> None:
+        self._token = token
+
+    def intercept_unary_unary(self, continuation: Any, details: grpc.ClientCallDetails, request: Any) -> Any:
+        return continuation(
+            _CallDetails(
+                details.method,
+                details.timeout,
+                _with_token(details.metadata, self._token),
+                details.credentials,
+                details.wait_for_ready,
+                getattr(details, "compression", None),
+            ),
+            request,
+        )
+
+
+class _AioBearerToken(grpc.aio.UnaryUnaryClientInterceptor):
+    def __init__(self, token: str) -> None:
+        self._token = token
+
+    async def intercept_unary_unary(self, continuation: Any, details: grpc.aio.ClientCallDetails, request: Any) -> Any:
+        metadata = grpc.aio.Metadata(*_with_token(details.metadata, self._token))
+        return await continuation(details._replace(metadata=metadata), request)
+
+
+def _check(token: str) -> None:
+    if not token or token != token.strip() or "\n" in token:
+        raise ValueError("token: a non-empty bearer token without surrounding whitespace is required")
+
+
+def connect(address: str, token: str, *, options: ChannelOptions | None = None) -> grpc.Channel:
+    """A plaintext channel to ``address`` (host:port) that sends ``token`` with every call.
+
+    Use it as a context manager, or call ``close()``.
+    """
+    _check(token)
+    return grpc.intercept_channel(grpc.insecure_channel(address, options=options), _BearerToken(token))
+
+
+def connect_aio(address: str, token: str, *, options: ChannelOptions | None = None) -> grpc.aio.Channel:
+    """The asyncio variant of ``connect``: ``async with connect_aio(...) as channel``."""
+    _check(token)
+    return grpc.aio.insecure_channel(address, options=options, interceptors=[_AioBearerToken(token)])
+
+
+def wallet(channel: grpc.Channel | grpc.aio.Channel) -> wallet_pb2_grpc.WalletServiceStub:
+    """The stub of ``earn.v1.WalletService`` (the funding ledger) on ``channel``."""
+    return wallet_pb2_grpc.WalletServiceStub(channel)
+
+
+def simple_earn(channel: grpc.Channel | grpc.aio.Channel) -> simple_earn_pb2_grpc.SimpleEarnServiceStub:
+    """The stub of ``earn.v1.SimpleEarnService`` (savings products) on ``channel``."""
+    return simple_earn_pb2_grpc.SimpleEarnServiceStub(channel)
