@@ -1,0 +1,256 @@
+"""The Python client package for internal consumers (protos/python, `make client`) and
+the README's grpcurl examples.
+
+- The wheel is built the way `make client` builds it (protos/python/build_client.py, into
+  a temporary folder) and holds exactly the package: earn_client, and for every .proto
+  the generated *_pb2.py, its *_pb2.pyi and *_pb2_grpc.py, py.typed markers, dependency
+  ranges that admit the platform's pinned grpcio and protobuf.
+- It installs offline (`pip install --no-index`) into a fresh virtual environment. Its
+  dependencies are the suite's own installed grpcio and protobuf, reached through a .pth
+  file: nothing is downloaded, and nothing else of this repository is importable there
+  (no build/gen, no services): whatever `earn` the examples import is the wheel's.
+- Each example runs in that environment against a wallet and a Simple Earn started on
+  free ports, and its output is checked.
+- Every RPC of WalletService and SimpleEarnService has a grpcurl example in README.md
+  whose request JSON parses into the request message, sent to the service's default port
+  with a token whose role may call the method.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shlex
+import subprocess
+import sys
+import sysconfig
+import tomllib
+import uuid
+import zipfile
+from collections.abc import Iterator
+from decimal import Decimal
+from email.parser import Parser
+from pathlib import Path
+
+import pytest
+from google.protobuf import descriptor_pool, json_format, message_factory
+from packaging.requirements import Requirement
+
+from earn.v1 import simple_earn_pb2, wallet_pb2  # noqa: F401  (their services in the default pool)
+from services.devstack.processes import ManagedProcess
+from services.kernel.config import REPO_ROOT
+
+PACKAGE = REPO_ROOT / "protos" / "python"
+EXAMPLES = PACKAGE / "examples"
+PROTO_MODULES = sorted(p.stem for p in (REPO_ROOT / "protos" / "earn" / "v1").glob("*.proto"))
+
+
+def run(*args: str | Path, cwd: Path, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    # No PYTHONPATH, no EARN_* tokens: the examples' defaults, the wheel's modules.
+    env = {"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8", **{k: os.environ[k] for k in ("HOME", "TMPDIR") if k in os.environ}}
+    done = subprocess.run([str(a) for a in args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    if done.returncode != 0:
+        pytest.fail(f"{' '.join(map(str, args))} exited {done.returncode}:\n{done.stdout}\n{done.stderr}")
+    return done
+
+
+@pytest.fixture(scope="module")
+def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    work = tmp_path_factory.mktemp("client-build")
+    done = run(sys.executable, PACKAGE / "build_client.py", "--stage", work / "stage", "--dist", work / "dist", cwd=REPO_ROOT)
+    path = Path(done.stdout.strip().splitlines()[-1])
+    assert path.parent == work / "dist" and path.name.startswith("earn_client-0.1.0-py3-none-any"), path
+    return path
+
+
+@pytest.fixture(scope="module")
+def client_python(wheel: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A fresh venv with the wheel installed (offline); its interpreter."""
+    venv = tmp_path_factory.mktemp("client-venv") / "venv"
+    run(sys.executable, "-m", "venv", "--without-pip", venv, cwd=venv.parent)
+    python = venv / "bin" / "python"
+    site = Path(run(python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])", cwd=venv).stdout.strip())
+    # The dependencies: the suite's installed grpcio, protobuf (and typing-extensions).
+    # A path line in a .pth adds that folder only: the .pth files in it (build/gen, the
+    # editable install of services) are not processed.
+    (site / "suite-dependencies.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
+    run(sys.executable, "-m", "pip", "--python", python, "install", "--no-index", "--quiet", "--disable-pip-version-check",
+        wheel, cwd=venv)
+    return python
+
+
+def test_wheel_holds_the_stubs_their_types_and_the_helper(wheel: Path) -> None:
+    with zipfile.ZipFile(wheel) as archive:
+        names = set(archive.namelist())
+        metadata = Parser().parsestr(archive.read(next(n for n in names if n.endswith(".dist-info/METADATA"))).decode())
+    modules = {n for n in names if ".dist-info/" not in n}
+    expected = {"earn_client/__init__.py", "earn_client/py.typed", "earn/v1/py.typed"}
+    for stem in PROTO_MODULES:
+        expected |= {f"earn/v1/{stem}_pb2.py", f"earn/v1/{stem}_pb2.pyi", f"earn/v1/{stem}_pb2_grpc.py"}
+    assert modules == expected  # nothing else: no earn/__init__.py (a namespace, as in build/gen), no services
+
+    assert metadata["Name"] == "earn-client" and metadata["Version"] == "0.1.0"
+    requires = {Requirement(r).name: Requirement(r) for r in metadata.get_all("Requires-Dist")}
+    assert set(requires) == {"grpcio", "protobuf"}
+    pins = {Requirement(d).name: Requirement(d) for d in tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())["project"]["dependencies"]}
+    for name, requirement in requires.items():
+        (pinned,) = [spec.version for spec in pins[name].specifier]
+        assert requirement.specifier.contains(pinned), f"{requirement} does not admit the platform's pin {name}=={pinned}"
+        assert next(s for s in requirement.specifier if s.operator == ">=").version == pinned, requirement
+
+
+def test_no_generated_code_is_committed() -> None:
+    tracked = subprocess.run(["git", "ls-files", "protos"], cwd=REPO_ROOT, capture_output=True, text=True, check=True).stdout.split()
+    assert not [p for p in tracked if re.search(r"_pb2(_grpc)?\.pyi?$", p)]
+
+
+CHECK_IMPORTS = """
+import sys, sysconfig
+from pathlib import Path
+import grpc
+import earn, earn_client
+from earn.v1 import accrual_pb2, events_pb2, simple_earn_pb2, simple_earn_pb2_grpc, wallet_pb2, wallet_pb2_grpc
+site = Path(sysconfig.get_paths()["purelib"])
+for module in (earn_client, accrual_pb2, events_pb2, simple_earn_pb2, wallet_pb2, wallet_pb2_grpc):
+    path = Path(module.__file__)
+    assert path.is_relative_to(site), path
+    assert module is earn_client or module is wallet_pb2_grpc or path.with_suffix(".pyi").is_file(), path
+assert [Path(p) for p in earn.__path__] == [site / "earn"], earn.__path__
+assert (site / "earn_client" / "py.typed").is_file() and (site / "earn" / "v1" / "py.typed").is_file()
+try:
+    import services
+except ImportError:
+    pass
+else:
+    raise AssertionError("the repository's services are importable: " + str(services.__path__))
+with earn_client.connect("127.0.0.1:1", "t") as channel:
+    assert isinstance(earn_client.wallet(channel), wallet_pb2_grpc.WalletServiceStub)
+    assert isinstance(earn_client.simple_earn(channel), simple_earn_pb2_grpc.SimpleEarnServiceStub)
+    try:
+        earn_client.wallet(channel).GetBalances(wallet_pb2.GetBalancesRequest(owner="a"), timeout=2)
+    except grpc.RpcError as err:
+        assert err.code() == grpc.StatusCode.UNAVAILABLE, err
+    else:
+        raise AssertionError("a call to a closed port succeeded")
+for bad in ("", " t", "t\\n"):
+    try:
+        earn_client.connect("127.0.0.1:1", bad)
+    except ValueError:
+        pass
+    else:
+        raise AssertionError(repr(bad))
+print("ok", wallet_pb2.DESCRIPTOR.services_by_name["WalletService"].full_name)
+"""
+
+
+def test_installed_wheel_exposes_stubs_types_and_helper(client_python: Path, tmp_path: Path) -> None:
+    done = run(client_python, "-c", CHECK_IMPORTS, cwd=tmp_path)
+    assert done.stdout.split() == ["ok", "earn.v1.WalletService"]
+
+
+@pytest.fixture(scope="module")
+def earn_process(stack, wallet_process: ManagedProcess) -> Iterator[ManagedProcess]:
+    proc = stack.process("simple_earn", EARN_WALLET_ADDRESS=wallet_process.address or "")
+    proc.start()
+    proc.wait_ready(timeout=60)
+    yield proc
+    proc.stop()
+
+
+def lines(output: str, prefix: str) -> list[list[str]]:
+    return [line.split()[1:] for line in output.splitlines() if line.startswith(prefix + ":")]
+
+
+@pytest.mark.integration
+def test_examples_run_against_live_services(
+    client_python: Path, wallet_process: ManagedProcess, earn_process: ManagedProcess, tmp_path: Path
+) -> None:
+    user, product = f"client-{uuid.uuid4().hex[:8]}", f"client-flex-{uuid.uuid4().hex[:8]}"
+    wallet = [client_python, EXAMPLES / "wallet_example.py", "--address", wallet_process.address or ""]
+    earn = [client_python, EXAMPLES / "simple_earn_example.py", "--address", earn_process.address or "", "--user", user,
+            "--product", product]
+
+    out = run(*wallet, "--owner", user, "--amount", "1.5", cwd=tmp_path).stdout
+    (deposit,) = lines(out, "deposit")
+    assert deposit[2:] == ["1.5", "BTC", "exchange/ACCOUNT_KIND_EXTERNAL", "->", f"{user}/ACCOUNT_KIND_FUNDING"], out
+    assert lines(out, "balance") == [[user, "BTC", "ACCOUNT_KIND_FUNDING", "1.5"]], out
+
+    out = run(*earn, "--amount", "0.1", cwd=tmp_path).stdout
+    assert lines(out, "created") == [[product]], out
+    (mine,) = [p for p in lines(out, "product") if p[0] == product]
+    assert mine[:4] == [product, "BTC", "PRODUCT_KIND_FLEXIBLE", "PRODUCT_STATUS_ACTIVE"], out
+    (subscribed,) = lines(out, "subscribed")
+    assert subscribed[:4] == ["0.1", "BTC", "to", f"{product}:"], out
+    (position,) = lines(out, "position")
+    assert position[1:5] == [product, "0.1", "BTC", "POSITION_STATUS_ACTIVE"], out
+
+    # Again: the product exists (not created twice); the flexible position grows.
+    out = run(*earn, "--amount", "0.25", cwd=tmp_path).stdout
+    assert not lines(out, "created"), out
+    assert [p[:3] for p in lines(out, "position")] == [[position[0], product, "0.35"]], out
+
+    out = run(*wallet, "--owner", user, "--amount", "0.5", cwd=tmp_path).stdout
+    balances = {b[2]: Decimal(b[3]) for b in lines(out, "balance")}
+    assert balances == {"ACCOUNT_KIND_FUNDING": Decimal("1.65"), "ACCOUNT_KIND_HOLD": Decimal("0.35")}, out
+
+
+# ---- README: grpcurl examples for every RPC ----
+
+DEV_TOKENS = {"dev-gateway": "gateway", "dev-operator": "operator", "dev-service": "service"}
+DEFAULT_PORTS = {"earn.v1.WalletService": 50051, "earn.v1.SimpleEarnService": 50052}
+
+
+def readme_grpcurl_calls() -> list[dict[str, object]]:
+    """Every `grpcurl ... <address> <service>/<method>` in README.md's sh blocks."""
+    calls = []
+    for block in re.findall(r"```sh\n(.*?)```", (REPO_ROOT / "README.md").read_text(), re.S):
+        if "grpcurl" not in block:
+            continue
+        tokens = shlex.split(block.replace("\\\n", " "), comments=True)
+        starts = [i for i, t in enumerate(tokens) if t == "grpcurl"] + [len(tokens)]
+        for start, end in zip(starts, starts[1:]):
+            args, call, positional = iter(tokens[start + 1:end]), {"headers": [], "data": None}, []
+            for arg in args:
+                if arg == "-H":
+                    call["headers"].append(next(args))
+                elif arg == "-d":
+                    call["data"] = next(args)
+                elif arg.startswith("-"):
+                    assert arg == "-plaintext", f"unexpected grpcurl flag {arg} in {tokens[start:end]}"
+                else:
+                    positional.append(arg)
+            assert positional and re.fullmatch(r"127\.0\.0\.1:\d+", positional[0]), tokens[start:end]
+            assert len(positional) <= 3, f"not one grpcurl command: {tokens[start:end]}"
+            call["address"], call["target"] = positional[0], positional[1:]
+            calls.append(call)
+    return calls
+
+
+def test_readme_has_a_correct_grpcurl_example_for_every_rpc() -> None:
+    from services.simple_earn.api import ROLES as SIMPLE_EARN_ROLES
+    from services.wallet.api import ROLES as WALLET_ROLES
+
+    roles = {**WALLET_ROLES, **SIMPLE_EARN_ROLES}
+    pool = descriptor_pool.Default()
+    shown: set[str] = set()
+    for call in readme_grpcurl_calls():
+        target = call["target"]
+        if len(target) != 1 or not str(target[0]).startswith("earn.v1."):
+            continue  # list, describe, health
+        service_name, _, method_name = str(target[0]).partition("/")
+        method = pool.FindServiceByName(service_name).FindMethodByName(method_name)
+        assert method is not None, target
+        where = f"README: grpcurl {service_name}/{method_name}"
+        assert call["address"] == f"127.0.0.1:{DEFAULT_PORTS[service_name]}", where
+        request = message_factory.GetMessageClass(method.input_type)()
+        try:
+            json_format.Parse(call["data"] or "{}", request)
+        except json_format.ParseError as err:
+            pytest.fail(f"{where}: the request JSON is not a {method.input_type.full_name}: {err}")
+        (header,) = call["headers"]
+        token = re.fullmatch(r"authorization: Bearer (\S+)", header)
+        assert token and token.group(1) in DEV_TOKENS, f"{where}: {header!r}"
+        assert DEV_TOKENS[token.group(1)] in roles[f"{service_name}/{method_name}"], f"{where}: role {DEV_TOKENS[token.group(1)]} may not call it"
+        shown.add(f"{service_name}/{method_name}")
+    every = {f"{name}/{m.name}" for name in DEFAULT_PORTS for m in pool.FindServiceByName(name).methods}
+    assert not every - shown, f"README has no grpcurl example for {sorted(every - shown)}"
