@@ -169,12 +169,20 @@ def _preview_cursor(token: str, scope: str) -> tuple[int, dict[str, Decimal], in
         raise InvalidArgument("page_token", "is not a token this service issued for this preview") from None
 
 
+def _when(value: Any, field: str) -> datetime:
+    """A Timestamp as an aware datetime; INVALID_ARGUMENT when it is out of range."""
+    try:
+        return value.ToDatetime(tzinfo=UTC)
+    except (ValueError, OverflowError):
+        raise InvalidArgument(field, "is not a valid timestamp (0001-01-01 to 9999-12-31, nanos 0 to 999999999)") from None
+
+
 def _time(request: Any) -> tuple[datetime | None, datetime | None]:
     if not request.HasField("time"):
         return None, None
     t = request.time
-    start = getattr(t, "from").ToDatetime(tzinfo=UTC) if t.HasField("from") else None
-    end = t.to.ToDatetime(tzinfo=UTC) if t.HasField("to") else None
+    start = _when(getattr(t, "from"), "time.from") if t.HasField("from") else None
+    end = _when(t.to, "time.to") if t.HasField("to") else None
     if start is not None and end is not None and start >= end:
         raise InvalidArgument("time", "from must be before to")
     return start, end
@@ -956,7 +964,7 @@ class SimpleEarnApi(simple_earn_pb2_grpc.SimpleEarnServiceServicer):
     async def MatureDue(self, request: simple_earn_pb2.MatureDueRequest, context: grpc.aio.ServicerContext) -> simple_earn_pb2.MatureDueResponse:
         if not request.HasField("until"):
             raise InvalidArgument("until", "is required")
-        until = request.until.ToDatetime(tzinfo=UTC)
+        until = _when(request.until, "until")
         if until > self.settings.clock.now():
             raise InvalidArgument("until", "must not be in the future")
         matured = renewed = 0

@@ -99,7 +99,7 @@ def check_period(value: str, field: str = "period") -> str:
 def check_position_id(value: str, field: str = "position_id") -> int:
     if not value:
         raise InvalidArgument(field, "is required")
-    if not value.isdigit() or len(value) > 18 or value.startswith("0"):
+    if not (value.isascii() and value.isdigit()) or len(value) > 18 or value.startswith("0"):
         raise InvalidArgument(field, "must be a decimal id")
     return int(value)
 

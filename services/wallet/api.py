@@ -65,9 +65,17 @@ def _order(spec: wallet_pb2.TransferSpec, field: str) -> Order:
 
 
 def _id(value: str, field: str) -> int:
-    if not value.isdigit() or len(value) > 18:
+    if not (value.isascii() and value.isdigit()) or len(value) > 18:
         raise InvalidArgument(field, "must be a decimal id")
     return int(value)
+
+
+def _when(value, field: str):  # type: ignore[no-untyped-def]
+    """A Timestamp as an aware datetime; INVALID_ARGUMENT when it is out of range."""
+    try:
+        return value.ToDatetime(tzinfo=UTC)
+    except (ValueError, OverflowError):
+        raise InvalidArgument(field, "is not a valid timestamp (0001-01-01 to 9999-12-31, nanos 0 to 999999999)") from None
 
 
 def _user_account(request, kind: Kind) -> tuple[str, AccountKey]:  # type: ignore[no-untyped-def]
@@ -227,8 +235,8 @@ class WalletApi(wallet_pb2_grpc.WalletServiceServicer):
             domain.check_asset(request.asset)
         posting_id = _id(request.posting_id, "posting_id") if request.posting_id else None
         size = paging.page_size(request.page_size)
-        created_from = request.created_from.ToDatetime(tzinfo=UTC) if request.HasField("created_from") else None
-        created_to = request.created_to.ToDatetime(tzinfo=UTC) if request.HasField("created_to") else None
+        created_from = _when(request.created_from, "created_from") if request.HasField("created_from") else None
+        created_to = _when(request.created_to, "created_to") if request.HasField("created_to") else None
         # Bulk credits enter the history (and get transfer ids) when folded: fold what this
         # listing would miss. An unfiltered listing shows them once the folder has run.
         if request.owner:
