@@ -30,7 +30,7 @@ def after(page_token: str, kind: str) -> int:
         return 0
     try:
         prefix, _, value = base64.urlsafe_b64decode(page_token.encode()).decode().partition(":")
-        if prefix != kind or not (value.isascii() and value.isdigit()):
+        if prefix != kind or not (value.isascii() and value.isdigit()) or int(value) >= 2**63:  # ids are BIGINT
             raise ValueError
         return int(value)
     except (ValueError, UnicodeDecodeError):

@@ -159,7 +159,7 @@ def _preview_cursor(token: str, scope: str) -> tuple[int, dict[str, Decimal], in
         if not isinstance(data, dict) or data.get("s") != scope:
             raise ValueError
         last_id, count, raw = data["a"], data["n"], data["t"]
-        if not isinstance(last_id, int) or not isinstance(count, int) or last_id < 0 or count < 0 or not isinstance(raw, dict):
+        if not isinstance(last_id, int) or not isinstance(count, int) or not 0 <= last_id < 2**63 or not 0 <= count < 2**63 or not isinstance(raw, dict):
             raise ValueError
         totals = {}
         for asset, value in raw.items():

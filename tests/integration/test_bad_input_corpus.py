@@ -385,6 +385,7 @@ _W = [
     ("token-10KB", "ListTransfers", lambda c: wp.ListTransfersRequest(owner=c.alice, page_token="QUFB" * 2560), INVALID, "page_token:"),
     ("token-other-list", "ListTransfers", lambda c: wp.ListTransfersRequest(owner=c.alice, page_token=base64.urlsafe_b64encode(b"p:1").decode()), INVALID, "page_token:"),
     ("token-negative", "ListTransfers", lambda c: wp.ListTransfersRequest(owner=c.alice, page_token=base64.urlsafe_b64encode(b"t:-1").decode()), INVALID, "page_token:"),
+    ("token-id-past-bigint", "ListTransfers", lambda c: wp.ListTransfersRequest(owner=c.alice, page_token=base64.urlsafe_b64encode(b"t:" + b"9" * 30).decode()), INVALID, "page_token:"),
     ("token-not-utf8", "ListTransfers", lambda c: wp.ListTransfersRequest(owner=c.alice, page_token=base64.urlsafe_b64encode(b"\xff\xfe").decode()), INVALID, "page_token:"),
     ("owner-10KB", "ListTransfers", lambda c: wp.ListTransfersRequest(owner=BIG), INVALID, "owner:"),
     ("asset-unknown", "ListTransfers", lambda c: wp.ListTransfersRequest(owner=c.alice, asset="NOPE"), INVALID, "asset:"),
@@ -548,12 +549,14 @@ _LISTS = {
     "ListInterest": (se.ListInterestRequest, "p"),
 }
 for _m, (_t, _other) in _LISTS.items():
+    _kind = {"ListPositions": "p", "ListSubscriptions": "s", "ListRedemptions": "r", "ListInterest": "i"}[_m]
     row("gateway-no-user", "earn", _m, lambda c, t=_t: t(), INVALID, "user_id:", GATEWAY)
     row("user-10KB", "earn", _m, lambda c, t=_t: t(user_id=BIG), INVALID, "user_id:", GATEWAY)
     row("user-space", "earn", _m, lambda c, t=_t: t(user_id="a b"), INVALID, "user_id:", GATEWAY)
     row("page-size-1001", "earn", _m, lambda c, t=_t: t(user_id=c.alice, page_size=1001), INVALID, "page_size:", GATEWAY)
     row("page-size-max", "earn", _m, lambda c, t=_t: t(user_id=c.alice, page_size=2**32 - 1), INVALID, "page_size:", GATEWAY)
     row("token-garbage", "earn", _m, lambda c, t=_t: t(user_id=c.alice, page_token="!!!"), INVALID, "page_token:", GATEWAY)
+    row("token-id-past-bigint", "earn", _m, lambda c, t=_t, k=_kind: t(user_id=c.alice, page_token=base64.urlsafe_b64encode(f"{k}:{'9' * 30}".encode()).decode()), INVALID, "page_token:", GATEWAY)
     row("token-10KB", "earn", _m, lambda c, t=_t: t(user_id=c.alice, page_token="QUFB" * 2560), INVALID, "page_token:", GATEWAY)
     row("token-other-list", "earn", _m, lambda c, t=_t, o=_other: t(user_id=c.alice, page_token=base64.urlsafe_b64encode(f"{o}:1".encode()).decode()), INVALID, "page_token:", GATEWAY)
     if _m != "ListPositions":
@@ -627,6 +630,15 @@ _S = [
 for _n, _m, _b, _code, _frag in _S:
     row(_n, "earn", _m, _b, _code, _frag, GATEWAY)
 
+def preview_token(*, job: str, period: str, boundary: int, cadence: str, last: int = 1, count: int = 0, totals: dict | None = None) -> str:
+    """A preview page token of the right scope (as the service makes it) with chosen contents."""
+    import hashlib
+
+    scope = hashlib.sha256(f"{job}\0{period}\0{boundary}\0{cadence}".encode()).hexdigest()[:16]
+    data = {"s": scope, "a": last, "t": totals or {}, "n": count}
+    return base64.urlsafe_b64encode(json.dumps(data).encode()).decode()
+
+
 _J = [
     # CloseHour: only bad hours (a good one would close hours).
     ("zero", "CloseHour", lambda c: se.CloseHourRequest(), INVALID, "hour:"),
@@ -657,6 +669,9 @@ _J = [
     ("token-garbage", "PreviewPayout", lambda c: se.PreviewPayoutRequest(job="daily", period="p", boundary_hour=1, cadence=1, page_token="%%%"), INVALID, "page_token:"),
     ("token-10KB", "PreviewPayout", lambda c: se.PreviewPayoutRequest(job="daily", period="p", boundary_hour=1, cadence=1, page_token="QUFB" * 2560), INVALID, "page_token:"),
     ("token-of-a-list", "PreviewPayout", lambda c: se.PreviewPayoutRequest(job="daily", period="p", boundary_hour=1, cadence=1, page_token=base64.urlsafe_b64encode(b"p:1").decode()), INVALID, "page_token:"),
+    ("token-id-past-bigint", "PreviewPayout", lambda c: se.PreviewPayoutRequest(job="daily", period="p", boundary_hour=1, cadence=1, page_token=preview_token(job="daily", period="p", boundary=1, cadence="daily", last=10**30)), INVALID, "page_token:"),
+    ("token-negative-count", "PreviewPayout", lambda c: se.PreviewPayoutRequest(job="daily", period="p", boundary_hour=1, cadence=1, page_token=preview_token(job="daily", period="p", boundary=1, cadence="daily", count=-1)), INVALID, "page_token:"),
+    ("token-total-nan", "PreviewPayout", lambda c: se.PreviewPayoutRequest(job="daily", period="p", boundary_hour=1, cadence=1, page_token=preview_token(job="daily", period="p", boundary=1, cadence="daily", totals={"BTC": "NaN"})), INVALID, "page_token:"),
     ("token-other-scope", "PreviewPayout", lambda c: se.PreviewPayoutRequest(job="daily", period="p", boundary_hour=1, cadence=1, page_token=base64.urlsafe_b64encode(json.dumps({"s": "x", "a": 1, "t": {}, "n": 0}).encode()).decode()), INVALID, "page_token:"),
     # MatureDue: only bad times (a good one would mature positions).
     ("until-missing", "MatureDue", lambda c: se.MatureDueRequest(), INVALID, "until:"),
