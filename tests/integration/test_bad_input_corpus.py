@@ -6,7 +6,7 @@ Each corpus row is (service, method, request builder, token, expected status, fr
 of the message). The request builder gets the ids made by the setup (a funded user, a
 hold, products, positions, used idempotency keys). Every row must leave every table of
 the ``wallet`` and ``simple_earn`` schemas exactly as it was (row counts and an md5 of
-each table's ordered content); the last test compares the whole corpus run too.
+each table's ordered content), and a test after the rows compares the whole run too.
 """
 
 from __future__ import annotations
