@@ -589,7 +589,8 @@ async def run_pipeline(stack: Stack, pool: asyncpg.Pool, book: Book, e2e_ticks: 
     earn = simple_earn_pb2_grpc.SimpleEarnServiceStub(channel)
     wallet = wallet_pb2_grpc.WalletServiceStub(wchannel)
     producer = AIOKafkaProducer(
-        bootstrap_servers=stack.settings.kafka_bootstrap, acks="all", linger_ms=20, max_batch_size=1 << 20, max_request_size=8 << 20
+        bootstrap_servers=stack.settings.kafka_bootstrap, acks="all", linger_ms=20, max_batch_size=1 << 20, max_request_size=8 << 20,
+        enable_idempotence=True,
     )
     ticker = AIOKafkaProducer(bootstrap_servers=stack.settings.kafka_bootstrap, acks="all", linger_ms=0)
     await producer.start()

@@ -224,7 +224,9 @@ def reference(steps: list[Step]) -> dict[tuple[str, str], tuple[str, int]]:
 
 
 async def produce(settings: Settings, steps: list[Step], pace: float = 0.0) -> None:
-    producer = AIOKafkaProducer(bootstrap_servers=settings.kafka_bootstrap, acks="all", linger_ms=5)
+    # Idempotent, like the outbox relay: retries under load neither reorder nor duplicate
+    # the input (the engine relies on per-partition order).
+    producer = AIOKafkaProducer(bootstrap_servers=settings.kafka_bootstrap, acks="all", linger_ms=5, enable_idempotence=True)
     await producer.start()
     name = topic_name(settings, "simple_earn.accrual")
     try:
