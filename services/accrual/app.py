@@ -313,19 +313,25 @@ class Engine:
             )
         book = self.book(partition)
         wanted = set(msg.product_ids)
-        plan: list[tuple[str, domain.ProductState, domain.PayoutEntry]] = []
+        seen: list[tuple[str, domain.ProductState, domain.PayoutHistory, domain.PayoutEntry | None, str]] = []
         for product_id in self.product_ids(partition):
             product = self.product(partition, product_id)
             if product is None or (wanted and product_id not in wanted):
                 continue
             history = self.history(partition, product_id)
             entry, status = history.record(msg.job, msg.period, msg.boundary_hour, offset)
-            if status == "duplicate":
-                # Published again by the upstream relay: the first one's batches are
-                # complete (its offset was committed only after they were); pay nothing.
-                SKIPPED.labels("payout_duplicate").inc()
-                log.warning("payout request published again: already paid", extra={"job": msg.job, "period": msg.period})
-                return
+            seen.append((product_id, product, history, entry, status))
+        # Published again by the upstream relay (another offset): re-emit exactly what the
+        # first one emitted (same batches, same ids: sinks drop them, and a sink still
+        # waiting for a partition's last batch gets it), and record nothing new.
+        again = any(status == "duplicate" for *_, status in seen)
+        if again:
+            SKIPPED.labels("payout_duplicate").inc()
+            log.warning("payout request published again: re-emitting what it paid", extra={"job": msg.job, "period": msg.period})
+        plan: list[tuple[str, domain.ProductState, domain.PayoutEntry]] = []
+        for product_id, product, history, entry, status in seen:
+            if again and status not in ("duplicate", "replay"):
+                continue  # not part of the first request (e.g. a product added since)
             if status == "stale":
                 SKIPPED.labels("payout_stale").inc()
                 log.warning(

@@ -38,9 +38,9 @@ Redelivery (faust at-least-once, or a duplicate from the upstream outbox relay):
 - an ``HourClosed`` only moves the watermark forward;
 - a ``PayoutRequested`` for a (job, period) in the product's history, at the same offset
   (a replay) or another (a duplicate publication), recomputes with the boundaries it
-  recorded the first time and so re-emits exactly the same items: positions unchanged
-  since give the same amounts; positions changed after it (their state ahead of a
-  replay) answer from their marks at the two boundaries.
+  recorded the first time and so re-emits exactly the same items (sinks drop them by
+  batch id): positions unchanged since give the same amounts; positions changed after
+  it answer from their marks at the two boundaries.
 """
 
 from __future__ import annotations
