@@ -26,6 +26,7 @@ from decimal import Decimal
 from typing import Any
 
 import faust
+from aiokafka import AIOKafkaConsumer, TopicPartition
 from prometheus_client import Counter, Gauge, Histogram
 
 from earn.v1 import accrual_pb2, events_pb2
@@ -56,6 +57,7 @@ LAG = Gauge("earn_accrual_consumer_lag", "Input messages not yet processed, per 
 DELIVERY_TIMEOUT = 120.0
 CHUNK = 5000  # positions settled between two yields to the event loop
 
+INPUT_GAPS = Counter("earn_accrual_input_gaps_total", "Runs of input messages the stream skipped, read directly")
 SKIPPED = Counter("earn_accrual_events_skipped_total", "Input events skipped, by reason", ["reason"])
 
 _TYPES = {
@@ -110,6 +112,9 @@ class Engine:
         self.payouts = app.Table("payouts", help="per partition: product -> recent payout requests", **table)
         self._index_cache: dict[str, tuple[str, domain.ProductState]] = {}
         self.books: dict[int, domain.Book] = {}
+        # Per input partition: the offset after the last message applied (this process).
+        self._next: dict[int, int] = {}
+        self.refetch: Any = None  # async (partition, start, stop) -> [(offset, value)]
         app.on_partitions_assigned.connect(self._forget_books)
         app.on_partitions_revoked.connect(self._forget_books)
 
@@ -124,6 +129,8 @@ class Engine:
         engine.products, engine.positions, engine.partitions_meta, engine.payouts = {}, {}, {}, {}
         engine._index_cache = {}
         engine.books = {}
+        engine._next = {}
+        engine.refetch = None
         return engine
 
     async def _forget_books(self, *args: Any, **kwargs: Any) -> None:
@@ -197,8 +204,25 @@ class Engine:
 
     async def handle(self, event: faust.types.EventT) -> None:
         partition, offset = event.message.partition, event.message.offset
+        expected = self._next.get(partition)
+        if expected is not None and offset > expected and self.refetch is not None:
+            # faust marks a message read even when a rebalance suspended the stream before
+            # delivering it, then skips it after seeking back (and commits past it): read
+            # what was not delivered straight from the topic, in order, before this one.
+            INPUT_GAPS.inc()
+            log.error(
+                "input messages not delivered by the stream: reading them directly",
+                extra={"partition": partition, "from_offset": expected, "to_offset": offset},
+            )
+            for missing, value in await self.refetch(partition, expected, offset):
+                await self._apply(partition, missing, value)
+        await self._apply(partition, offset, event.value)
+        self._next[partition] = max(offset + 1, self._next.get(partition, 0))
+        self._lag(event)
+
+    async def _apply(self, partition: int, offset: int, value: bytes) -> None:
         try:
-            env = events.parse(event.value)
+            env = events.parse(value)
         except Exception:  # noqa: BLE001 - a poison message must not stop the partition
             SKIPPED.labels("undecodable").inc()
             log.error("undecodable input message skipped", extra={"partition": partition, "offset": offset})
@@ -223,7 +247,6 @@ class Engine:
             self.on_hour_closed(partition, env, msg)
         else:
             await self.on_payout(partition, offset, env, msg)
-        self._lag(event)
 
     def _lag(self, event: faust.types.EventT) -> None:
         try:
@@ -535,6 +558,32 @@ def create_app(settings: AccrualSettings) -> tuple[faust.App, Engine]:
         internal=False,
     )
     engine = Engine(app, output, CATALOGUE[INPUT].partitions)
+    input_topic = topic_name(settings, INPUT)
+
+    async def refetch(partition: int, start: int, stop: int) -> list[tuple[int, bytes]]:
+        """The input messages [start, stop) of a partition, read with a consumer of
+        their own (no group); the worker exits if they cannot be read in time."""
+        consumer = AIOKafkaConsumer(bootstrap_servers=settings.kafka_bootstrap, enable_auto_commit=False, group_id=None)
+        await consumer.start()
+        try:
+            tp = TopicPartition(input_topic, partition)
+            consumer.assign([tp])
+            consumer.seek(tp, start)
+            out: list[tuple[int, bytes]] = []
+            deadline = time.monotonic() + DELIVERY_TIMEOUT
+            while (not out or out[-1][0] < stop - 1) and time.monotonic() < deadline:
+                for record in (await consumer.getmany(tp, timeout_ms=1000)).get(tp, []):
+                    if start <= record.offset < stop:
+                        out.append((record.offset, record.value))
+            if not out or out[-1][0] < stop - 1:
+                log.critical("input messages could not be read: exiting for a restart",
+                             extra={"partition": partition, "from_offset": start, "to_offset": stop})
+                os._exit(70)
+            return out
+        finally:
+            await consumer.stop()
+
+    engine.refetch = refetch
 
     async def accrue(stream: faust.StreamT) -> None:
         async for event in stream.events():

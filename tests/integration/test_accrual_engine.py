@@ -339,12 +339,6 @@ async def test_payouts_match_the_reference_to_the_unit(stack: Env, seed: int, po
     assert sum(Fraction(a) for a, _ in expected.values()) > 0
 
 
-@pytest.mark.xfail(
-    strict=False,
-    reason="known issue (README, Known issues): after SIGKILLs under load a partition's payout request can"
-    " be re-emitted with other amounts (seen as a request computed without the previous one in its history);"
-    " not reproduced in isolation, under investigation",
-)
 async def test_sigkill_and_restart_pay_the_same(stack: Env) -> None:
     settings, env = settings_with(stack, "acc2.")
     await asyncio.to_thread(topics.ensure_topics, settings, ["simple_earn.accrual", "accrual.payouts"])
