@@ -35,7 +35,7 @@ from services.kernel import events, money
 from services.kernel.config import Settings
 from services.kernel.errors import DomainError
 from services.kernel.interest import parse_tiers
-from services.kernel.topics import CATALOGUE, topic_name
+from services.kernel.topics import CATALOGUE, TopicSpec, topic_name
 
 log = logging.getLogger(__name__)
 
@@ -85,6 +85,25 @@ class AccrualSettings(Settings):
     web_port: int = 0
     commit_interval: float = 2.0
     session_timeout: float = 10.0
+
+
+TABLES = ("products", "positions", "partitions", "payouts")
+
+
+def changelog_topics(settings: AccrualSettings) -> list[TopicSpec]:
+    """The tables' changelog topics, to create before the worker starts: faust creates
+    them itself, but a table written before the broker's metadata shows a new changelog's
+    partitions crashes the agent (PartitionsMismatch: 0 partitions), again and again."""
+    return [
+        TopicSpec(
+            f"{settings.app_id}-{table}-changelog",
+            partitions=CATALOGUE[INPUT].partitions,
+            retention_ms=-1,
+            compacted=True,
+            min_compaction_lag_ms=int(CHANGELOG_CONFIGS["min.compaction.lag.ms"]),
+        )
+        for table in TABLES
+    ]
 
 
 def app_id(settings: AccrualSettings) -> str:
@@ -593,4 +612,4 @@ def create_app(settings: AccrualSettings) -> tuple[faust.App, Engine]:
     return app, engine
 
 
-__all__ = ["AccrualSettings", "Engine", "app_id", "create_app"]
+__all__ = ["AccrualSettings", "Engine", "app_id", "changelog_topics", "create_app"]

@@ -11,7 +11,7 @@ import logging
 import faust
 from prometheus_client import start_http_server
 
-from services.accrual.app import INPUT, OUTPUT, AccrualSettings, create_app
+from services.accrual.app import INPUT, OUTPUT, AccrualSettings, changelog_topics, create_app
 from services.kernel import logs, topics
 from services.kernel.config import load
 
@@ -21,7 +21,7 @@ log = logging.getLogger(__name__)
 def main() -> None:
     settings = load(AccrualSettings)
     logs.configure(settings.log_level)
-    created = topics.ensure_topics(settings, [INPUT, OUTPUT])
+    created = topics.ensure_topics(settings, [INPUT, OUTPUT], extra=changelog_topics(settings))
     if settings.metrics_port:
         start_http_server(settings.metrics_port, addr=settings.metrics_host)
     app, _ = create_app(settings)

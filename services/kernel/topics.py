@@ -8,6 +8,7 @@ test run can use its own fresh set of topics on a shared broker.
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from kafka.admin import KafkaAdminClient, NewTopic
@@ -28,13 +29,17 @@ class TopicSpec:
     retention_ms: int  # -1: keep forever
     compacted: bool = False
     max_message_bytes: int = 8 * 1024 * 1024
+    min_compaction_lag_ms: int | None = None
 
     def configs(self) -> dict[str, str]:
-        return {
+        configs = {
             "cleanup.policy": "compact" if self.compacted else "delete",
             "retention.ms": str(self.retention_ms),
             "max.message.bytes": str(self.max_message_bytes),
         }
+        if self.min_compaction_lag_ms is not None:
+            configs["min.compaction.lag.ms"] = str(self.min_compaction_lag_ms)
+        return configs
 
 
 CATALOGUE: dict[str, TopicSpec] = {
@@ -74,13 +79,15 @@ def _check_partitions(admin: KafkaAdminClient, physical: str, expected: int) -> 
         raise RuntimeError(f"topic {physical} has {count} partitions; the catalogue says {expected}")
 
 
-def ensure_topics(settings: Settings, names: list[str] | None = None) -> list[str]:
-    """Create the missing catalogue topics (all, or ``names``); return those created.
+def ensure_topics(settings: Settings, names: list[str] | None = None, extra: Sequence[TopicSpec] = ()) -> list[str]:
+    """Create the missing catalogue topics (all, or ``names``) and the ``extra`` ones
+    (e.g. a faust app's changelogs); wait until their partitions are visible; return
+    those created.
 
     Synchronous (kafka-python admin client): call it via ``asyncio.to_thread`` from
     async code.
     """
-    specs = [CATALOGUE[n] for n in (names or list(CATALOGUE))]
+    specs = [CATALOGUE[n] for n in (names or list(CATALOGUE))] + list(extra)
     admin = KafkaAdminClient(bootstrap_servers=settings.kafka_bootstrap, client_id="earn-topics")
     try:
         existing = set(admin.list_topics())
