@@ -111,6 +111,15 @@ def wallet_process(stack: Env, wallet_relay: ManagedProcess) -> Iterator[Managed
 
 
 @pytest.fixture(scope="module")
+def earn_process(stack: Env, wallet_process: ManagedProcess) -> Iterator[ManagedProcess]:
+    proc = stack.process("simple_earn", EARN_WALLET_ADDRESS=wallet_process.address or "", EARN_RELEASE_SWEEP_SECONDS="1")
+    proc.start()
+    proc.wait_ready(timeout=60)
+    yield proc
+    proc.stop()
+
+
+@pytest.fixture(scope="module")
 async def wallet_channel(wallet_process: ManagedProcess) -> AsyncIterator[grpc.aio.Channel]:
     assert wallet_process.address
     async with grpc.aio.insecure_channel(wallet_process.address) as channel:

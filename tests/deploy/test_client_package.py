@@ -27,7 +27,6 @@ import sysconfig
 import tomllib
 import uuid
 import zipfile
-from collections.abc import Iterator
 from decimal import Decimal
 from email.parser import Parser
 from pathlib import Path
@@ -146,15 +145,6 @@ print("ok", wallet_pb2.DESCRIPTOR.services_by_name["WalletService"].full_name)
 def test_installed_wheel_exposes_stubs_types_and_helper(client_python: Path, tmp_path: Path) -> None:
     done = run(client_python, "-c", CHECK_IMPORTS, cwd=tmp_path)
     assert done.stdout.split() == ["ok", "earn.v1.WalletService"]
-
-
-@pytest.fixture(scope="module")
-def earn_process(stack, wallet_process: ManagedProcess) -> Iterator[ManagedProcess]:
-    proc = stack.process("simple_earn", EARN_WALLET_ADDRESS=wallet_process.address or "")
-    proc.start()
-    proc.wait_ready(timeout=60)
-    yield proc
-    proc.stop()
 
 
 def lines(output: str, prefix: str) -> list[list[str]]:

@@ -15,7 +15,7 @@ import asyncio
 import base64
 import json
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -49,15 +49,6 @@ DENIED, UNAUTHENTICATED = grpc.StatusCode.PERMISSION_DENIED, grpc.StatusCode.UNA
 
 
 # ---- processes ----------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def earn_process(stack, wallet_process: ManagedProcess) -> Iterator[ManagedProcess]:
-    proc = stack.process("simple_earn", EARN_WALLET_ADDRESS=wallet_process.address or "", EARN_RELEASE_SWEEP_SECONDS="1")
-    proc.start()
-    proc.wait_ready(timeout=60)
-    yield proc
-    proc.stop()
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,7 @@ import tempfile
 import time
 import urllib.request
 import uuid
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -35,15 +35,6 @@ HOLD = wallet_pb2.ACCOUNT_KIND_HOLD
 EXPENSE = wallet_pb2.ACCOUNT_KIND_EXPENSE
 FLEX = se.PRODUCT_KIND_FLEXIBLE
 FIXED = se.PRODUCT_KIND_FIXED
-
-
-@pytest.fixture(scope="module")
-def earn_process(stack, wallet_process: ManagedProcess) -> Iterator[ManagedProcess]:
-    proc = stack.process("simple_earn", EARN_WALLET_ADDRESS=wallet_process.address or "", EARN_RELEASE_SWEEP_SECONDS="1")
-    proc.start()
-    proc.wait_ready(timeout=60)
-    yield proc
-    proc.stop()
 
 
 @pytest.fixture(scope="module")
