@@ -11,8 +11,10 @@ BUF_VERSION := v1.75.0
 # Debian bookworm's prometheus package: prometheus and promtool, static binaries. Only
 # the two binaries are taken out of the .deb (no system install, no service started).
 PROMETHEUS_DEB := 2.42.0+ds-5+deb12u1
+# ghz, the gRPC load generator of `make load`.
+GHZ_VERSION := v0.93.0
 
-.PHONY: run test bench chaos install proto client tools infra-up infra-down clean distclean
+.PHONY: run test bench load chaos install proto client tools infra-up infra-down clean distclean
 
 run: install proto ## venv, stubs, Kafka + PostgreSQL, every service; Ctrl-C stops all
 	$(PY) -m services.devstack run
@@ -22,6 +24,9 @@ test: install proto tools ## the same set-up, then the whole suite against the r
 
 bench: install proto ## benchmark scripts; their output is quoted in README
 	$(PY) -m services.devstack bench
+
+load: install proto tools ## ghz against Subscribe and Redeem, then a 10-minute mixed soak; quoted in README
+	$(PY) -m services.devstack load -- $(LOAD_ARGS)
 
 infra-up: install ## Kafka + PostgreSQL only, in the background (stop with `make infra-down`)
 	$(PY) -m services.devstack infra-up
@@ -49,12 +54,17 @@ $(GEN)/.stamp: $(PROTOS) $(VENV)/.installed
 client: install ## earn-client wheel in build/dist: pip install build/dist/earn_client-*.whl
 	$(PY) protos/python/build_client.py --stage build/client --dist build/dist
 
-tools: $(TOOLS)/.buf-$(BUF_VERSION) $(TOOLS)/.prometheus-$(PROMETHEUS_DEB) ## buf, prometheus, promtool in build/tools
+tools: $(TOOLS)/.buf-$(BUF_VERSION) $(TOOLS)/.prometheus-$(PROMETHEUS_DEB) $(TOOLS)/.ghz-$(GHZ_VERSION) ## buf, prometheus, promtool, ghz in build/tools
 
 $(TOOLS)/.buf-$(BUF_VERSION):
 	mkdir -p $(TOOLS)
 	GOBIN="$(CURDIR)/$(TOOLS)" go install github.com/bufbuild/buf/cmd/buf@$(BUF_VERSION)
 	rm -f $(TOOLS)/.buf-* && touch $@
+
+$(TOOLS)/.ghz-$(GHZ_VERSION):
+	mkdir -p $(TOOLS)
+	GOBIN="$(CURDIR)/$(TOOLS)" go install github.com/bojand/ghz/cmd/ghz@$(GHZ_VERSION)
+	rm -f $(TOOLS)/.ghz-* && touch $@
 
 $(TOOLS)/.prometheus-$(PROMETHEUS_DEB):
 	rm -rf $(TOOLS)/deb && mkdir -p $(TOOLS)/deb

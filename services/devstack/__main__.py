@@ -1,4 +1,4 @@
-"""CLI of the local stack: `python -m services.devstack infra-up|infra-down|run|test|bench`.
+"""CLI of the local stack: `python -m services.devstack infra-up|infra-down|run|test|bench|load`.
 
 Every command that starts a server stops it again on exit, unless the server was already
 running (then it is reused and left alone) or the command is `infra-up`, whose purpose is to
@@ -196,6 +196,26 @@ def bench() -> None:
     if failed:
         say(f"failed: {', '.join(script.name for script in failed)}")
         raise typer.Exit(1)
+
+
+@app.command()
+def load(
+    load_args: list[str] = typer.Argument(None, help="passed to tests/load/run_load.py (after `--`), e.g. --duration 60"),
+) -> None:
+    """Run the ghz load test and mixed soak (tests/load/run_load.py) against the local infra.
+
+    It starts its own wallet and simple_earn processes on free ports, in a scratch database
+    and topic prefix; running servers are reused; what this command starts, it stops."""
+    stack = Stack()
+    code = 1
+    try:
+        with stack.owned():
+            code = _run_child([sys.executable, "-m", "tests.load.run_load", *(load_args or [])], stack)
+    except InfraError as error:
+        raise _fail(error)
+    except KeyboardInterrupt:
+        code = 130
+    raise typer.Exit(code)
 
 
 if __name__ == "__main__":
