@@ -55,6 +55,14 @@ PROCESSES: list[ProcessSpec] = [
         default_metrics_port=9102,
     ),
     ProcessSpec(
+        name="launchpool",
+        module="services.launchpool.main",
+        port_env="EARN_GRPC_PORT",
+        default_port=50053,
+        metrics_port_env="EARN_METRICS_PORT",
+        default_metrics_port=9103,
+    ),
+    ProcessSpec(
         name="scheduler",
         module="services.scheduler.main",
         port_env=None,

@@ -53,6 +53,11 @@ CATALOGUE: dict[str, TopicSpec] = {
         TopicSpec("simple_earn.accrual", partitions=6, retention_ms=-1),
         # The engine's payout results, in deterministic batches.
         TopicSpec("accrual.payouts", partitions=6, retention_ms=30 * DAY_MS),
+        # Launchpool's engine input: pool schedules and stake changes keyed by pool, hour
+        # ticks and payout requests in every partition. Kept forever, like the other input.
+        TopicSpec("launchpool.accrual", partitions=6, retention_ms=-1),
+        # The engine's Launchpool payout batches (PayoutBatch: pool id, stake ids).
+        TopicSpec("launchpool.payouts", partitions=6, retention_ms=30 * DAY_MS),
     )
 }
 

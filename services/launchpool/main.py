@@ -1,0 +1,140 @@
+"""Launchpool process: migrate, create topics, serve gRPC, run the outbox relay, the
+payout consumer (launchpool.payouts) and the sweeper of committed wallet releases."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from pathlib import Path
+
+import grpc
+from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
+from google.protobuf.message import DecodeError
+
+from services.kernel import db, logs, topics
+from services.kernel.config import ServiceSettings, load
+from services.kernel.errors import InvalidArgument
+from services.kernel.grpcserver import GrpcApp
+from services.kernel.outbox import Relay
+from services.launchpool import metrics, store
+from services.launchpool.api import ROLES, SERVICE_NAME, LaunchpoolApi, WalletClient
+
+from earn.v1 import launchpool_pb2_grpc
+
+log = logging.getLogger(__name__)
+
+SCHEMA = "launchpool"
+MIGRATIONS = Path(__file__).parent / "migrations"
+PAYOUT_TOPIC = "launchpool.payouts"
+PAYOUT_GROUP = "launchpool-payouts"
+
+
+class LaunchpoolSettings(ServiceSettings):
+    grpc_port: int = 50053
+    metrics_port: int = 9103
+    wallet_address: str = "127.0.0.1:50051"
+    wallet_token: str = "dev-service"
+    release_sweep_seconds: float = 5.0
+
+
+async def _consume_one(api: LaunchpoolApi, topic: str, record: ConsumerRecord) -> str:
+    """Apply one record or park it; raises on a transient failure (retried)."""
+    raw = record.value or b""
+    where = {"offset": record.offset, "partition": record.partition}
+    skipped: list[str] = []
+    try:
+        outcome = await api.apply_payout(raw, skipped)
+    except (DecodeError, ValueError, InvalidArgument) as err:
+        error = err.message if isinstance(err, InvalidArgument) else f"{type(err).__name__}: {err}"
+        await store.park_dead_letter(api.pool, topic, record.partition, record.offset, error, raw)
+        log.error("unreadable launchpool payout batch parked in dead_letters", extra={**where, "error": error})
+        return "dead_letter"
+    if skipped:
+        error = f"{len(skipped)} item(s) not paid: " + "; ".join(skipped)
+        await store.park_dead_letter(api.pool, topic, record.partition, record.offset, error[:2000], raw)
+        log.error("launchpool payout batch paid in part; parked in dead_letters", extra={**where, "error": error[:2000]})
+    return outcome
+
+
+async def _apply_partition(api: LaunchpoolApi, topic: str, records: list[ConsumerRecord]) -> None:
+    for record in records:
+        delay = 0.5
+        while True:
+            try:
+                outcome = await _consume_one(api, topic, record)
+                break
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("launchpool payout batch failed; retrying", extra={"offset": record.offset, "partition": record.partition})
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 10.0)
+        metrics.PAYOUT_BATCHES.labels(outcome).inc()
+
+
+async def consume_payouts(settings: LaunchpoolSettings, api: LaunchpoolApi) -> None:
+    """Apply PayoutBatch records, partitions concurrently, each in offset order; offsets
+    are committed only after their records are applied (a redelivery is harmless: the
+    batch's natural key, the inbox and the wallet's keys)."""
+    topic = topics.topic_name(settings, PAYOUT_TOPIC)
+    consumer = AIOKafkaConsumer(
+        bootstrap_servers=settings.kafka_bootstrap, group_id=settings.topic_prefix + PAYOUT_GROUP, enable_auto_commit=False,
+        auto_offset_reset="earliest", max_partition_fetch_bytes=8 * 1024 * 1024, fetch_max_bytes=32 * 1024 * 1024,
+    )
+    delay = 0.5
+    while True:
+        try:
+            await consumer.start()
+            break
+        except Exception as exc:
+            log.warning("payout consumer cannot reach Kafka; retrying", extra={"error": str(exc)})
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 5.0)
+    consumer.subscribe([topic])
+    try:
+        while True:
+            fetched = await consumer.getmany(timeout_ms=200, max_records=64)
+            if not fetched:
+                continue
+            await asyncio.gather(*(_apply_partition(api, topic, records) for records in fetched.values()))
+            offsets = {TopicPartition(tp.topic, tp.partition): records[-1].offset + 1 for tp, records in fetched.items() if records}
+            try:
+                await consumer.commit(offsets)
+            except Exception:  # a rebalance: the next owner redoes (idempotently) what is not committed
+                log.warning("launchpool payout offsets not committed", exc_info=True)
+    finally:
+        await consumer.stop()
+
+
+async def sweep_releases(settings: LaunchpoolSettings, api: LaunchpoolApi) -> None:
+    while True:
+        try:
+            await api.drive_releases()
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("release sweep failed")
+        await asyncio.sleep(settings.release_sweep_seconds)
+
+
+async def main() -> None:
+    settings = load(LaunchpoolSettings)
+    logs.configure(settings.log_level)
+    await db.migrate(settings, SCHEMA, MIGRATIONS)
+    await asyncio.to_thread(topics.ensure_topics, settings, [store.TOPIC, PAYOUT_TOPIC])
+    pool = await db.create_pool(settings, SCHEMA)
+    channel = grpc.aio.insecure_channel(settings.wallet_address)
+    api = LaunchpoolApi(pool, settings, WalletClient(channel, settings.wallet_token))
+    app = GrpcApp("launchpool", settings, ROLES)
+    app.add_servicer(launchpool_pb2_grpc.add_LaunchpoolServiceServicer_to_server, api, SERVICE_NAME)
+    if settings.relay_enabled:
+        app.background(Relay(settings, pool, SCHEMA).run)
+    app.background(lambda: consume_payouts(settings, api))
+    app.background(lambda: sweep_releases(settings, api))
+    app.on_stop(pool.close)
+    app.on_stop(lambda: channel.close())
+    await app.serve_forever()
+
+
+if __name__ == "__main__":
+    asyncio.run(main())
