@@ -31,6 +31,7 @@ from services.scheduler.jobs import (
     Outcome,
     SchedulerSettings,
     SimpleEarn,
+    enabled,
     job_spec,
     plan,
     run_due,
@@ -341,6 +342,8 @@ def catch_up(
             for spec in specs:
                 if stop.is_set():
                     return False
+                if not job and not enabled(spec, settings):
+                    continue  # e.g. launchpool jobs without EARN_LAUNCHPOOL_ADDRESS
                 with _progress() as progress:
                     steps = _Steps(progress, spec)
                     outcomes = await run_due(pool, spec, client, settings, at, triggered_by="cli", stop=stop,

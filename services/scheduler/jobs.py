@@ -9,6 +9,10 @@ Jobs:
 - ``simple_earn.interest.daily`` / ``.hourly``: CloseHour(boundary), RequestPayout, then
   wait for GetPayoutStatus to report the payout complete; totals are recorded.
 - ``simple_earn.maturity`` (hourly): MatureDue(until = boundary time).
+- ``launchpool.rewards.hourly`` (hourly; only where ``EARN_LAUNCHPOOL_ADDRESS`` is set):
+  Launchpool's CloseRewardHour(boundary), RequestRewardPayout (the pools due at the
+  boundary: hourly pools while they run, pools paid at the end at their end), then wait
+  for GetRewardPayoutStatus to report it complete.
 """
 
 from __future__ import annotations
@@ -33,7 +37,7 @@ from services.kernel.config import Settings
 from services.scheduler import domain, store
 from services.scheduler.domain import Cadence, Job, Period
 
-from earn.v1 import simple_earn_pb2, simple_earn_pb2_grpc
+from earn.v1 import launchpool_pb2, launchpool_pb2_grpc, simple_earn_pb2, simple_earn_pb2_grpc
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +50,8 @@ class SchedulerSettings(Settings):
     metrics_port: int = 9111  # EARN_METRICS_PORT; 0: no /metrics listener
     metrics_host: str = "127.0.0.1"
     simple_earn_address: str = "127.0.0.1:50052"
+    # Launchpool's address; empty: the launchpool jobs are not run.
+    launchpool_address: str = ""
     # Sent as `authorization: Bearer <token>`; its role must be allowed the job RPCs.
     service_token: str = "dev-service"
     # Own schema; tests give each scheduler its own.
@@ -75,7 +81,9 @@ class SchedulerSettings(Settings):
         unknown = [n for n in names if n not in JOBS]
         if unknown:
             raise SystemExit(f"scheduler: unknown job(s) in EARN_SCHEDULER_JOBS: {', '.join(unknown)}; known: {', '.join(JOBS)}")
-        return [JOBS[n] for n in names] if names else list(JOBS.values())
+        if names and self.launchpool_address == "" and any(n.startswith("launchpool.") for n in names):
+            raise SystemExit("scheduler: the launchpool jobs need EARN_LAUNCHPOOL_ADDRESS")
+        return [JOBS[n] for n in names] if names else [s for s in JOBS.values() if enabled(s, self)]
 
 
 # ---- metrics (exposed by the scheduler process) ----
@@ -249,6 +257,91 @@ MATURE_DUE = Step(
     _mature_due,
 )
 
+# ---- Launchpool ----
+
+
+class Launchpool:
+    """Launchpool's job RPCs, with the service token and a deadline on every call."""
+
+    def __init__(self, settings: SchedulerSettings) -> None:
+        self.settings = settings
+        self.channel = grpc.aio.insecure_channel(settings.launchpool_address)
+        self.stub = launchpool_pb2_grpc.LaunchpoolServiceStub(self.channel)
+        self.metadata = (("authorization", f"Bearer {settings.service_token}"),)
+
+    async def call(self, method: str, request: Any) -> Any:
+        try:
+            return await getattr(self.stub, method)(request, metadata=self.metadata, timeout=self.settings.rpc_timeout_seconds)
+        except grpc.aio.AioRpcError as err:
+            raise JobError(f"Launchpool.{method} at {self.settings.launchpool_address}: {err.code().name}: {err.details()}") from None
+
+
+_LAUNCHPOOL_CLIENTS: dict[tuple[int, str], Launchpool] = {}
+
+
+def _launchpool(ctx: Context) -> Launchpool:
+    """One client per event loop and address (the runner's Context carries Simple Earn's)."""
+    if not ctx.settings.launchpool_address:
+        raise JobError("EARN_LAUNCHPOOL_ADDRESS is not set")
+    key = (id(asyncio.get_running_loop()), ctx.settings.launchpool_address)
+    client = _LAUNCHPOOL_CLIENTS.get(key)
+    if client is None:
+        client = _LAUNCHPOOL_CLIENTS[key] = Launchpool(ctx.settings)
+    return client
+
+
+async def _lp_close_hour(ctx: Context) -> None:
+    reply = await _launchpool(ctx).call("CloseRewardHour", launchpool_pb2.CloseRewardHourRequest(hour=ctx.period.boundary_hour))
+    ctx.totals["closed_hours"] = [int(h) for h in reply.closed]
+
+
+async def _lp_request_payout(ctx: Context) -> None:
+    reply = await _launchpool(ctx).call(
+        "RequestRewardPayout",
+        launchpool_pb2.RequestRewardPayoutRequest(job=ctx.job.name, period=ctx.period.id, boundary_hour=ctx.period.boundary_hour),
+    )
+    ctx.totals["pool_ids"] = sorted(reply.pool_ids)
+
+
+async def _lp_await_payout(ctx: Context) -> None:
+    request = launchpool_pb2.GetRewardPayoutStatusRequest(job=ctx.job.name, period=ctx.period.id)
+    deadline = time.monotonic() + ctx.settings.payout_timeout_seconds
+    while True:
+        status = await _launchpool(ctx).call("GetRewardPayoutStatus", request)
+        ctx.totals.update(
+            partitions=status.partitions, partitions_done=status.partitions_done, items=int(status.items),
+            paid={asset: str(Decimal(amount)) for asset, amount in sorted(status.paid.items())},
+        )
+        if status.complete:
+            return
+        if time.monotonic() >= deadline:
+            raise JobError(
+                f"Launchpool payout {ctx.job.name} {ctx.period.id} not complete after {ctx.settings.payout_timeout_seconds:.0f} s:"
+                f" {status.partitions_done}/{status.partitions} partitions done; is the accrual engine running? The run is retried"
+            )
+        try:
+            await asyncio.wait_for(ctx.stop.wait(), ctx.settings.payout_poll_seconds)
+        except TimeoutError:
+            continue
+        raise Interrupted(f"stopped while waiting for payout {ctx.job.name} {ctx.period.id}")
+
+
+LP_CLOSE_HOUR = Step(
+    "close_reward_hour",
+    lambda job, p: f"Launchpool CloseRewardHour(hour={p.boundary_hour}): close every hour before {_hour(p.boundary_hour)}",
+    _lp_close_hour,
+)
+LP_REQUEST_PAYOUT = Step(
+    "request_reward_payout",
+    lambda job, p: f"Launchpool RequestRewardPayout(job={job.name!r}, period={p.id!r}, boundary_hour={p.boundary_hour}): pay the pools due",
+    _lp_request_payout,
+)
+LP_AWAIT_PAYOUT = Step(
+    "await_reward_payout",
+    lambda job, p: f"Launchpool GetRewardPayoutStatus(job={job.name!r}, period={p.id!r}) until complete",
+    _lp_await_payout,
+)
+
 JOBS: dict[str, JobSpec] = {
     spec.name: spec
     for spec in (
@@ -264,8 +357,18 @@ JOBS: dict[str, JobSpec] = {
             (CLOSE_HOUR, REQUEST_PAYOUT, AWAIT_PAYOUT),
         ),
         JobSpec(Job("simple_earn.maturity", Cadence.HOURLY), "Simple Earn fixed-term maturities", (MATURE_DUE,)),
+        JobSpec(
+            Job("launchpool.rewards.hourly", Cadence.HOURLY),
+            "Launchpool rewards: every hour's reward of hourly pools, everything unpaid at a pool's end",
+            (LP_CLOSE_HOUR, LP_REQUEST_PAYOUT, LP_AWAIT_PAYOUT),
+        ),
     )
 }
+
+
+def enabled(spec: JobSpec, settings: SchedulerSettings) -> bool:
+    """Whether a job runs with these settings (the launchpool jobs need its address)."""
+    return not spec.name.startswith("launchpool.") or bool(settings.launchpool_address)
 
 
 def job_spec(name: str) -> JobSpec:

@@ -1,0 +1,393 @@
+"""The Launchpool agent of the accrual engine: one faust agent over "launchpool.accrual",
+its own tables, its payout batches to "launchpool.payouts". The logic is pure
+(``services.accrual.launchpool``); this module keeps the state and moves the events.
+
+State (changelog-backed tables, memory store, keys prefixed with the input partition so
+partitions never share a key): ``lp_pools`` (a pool's accumulator, its hour-boundary
+values, its recent payouts), ``lp_stakes`` (each stake's units, constant and
+segments), ``lp_meta`` (the partition's watermark). Values are JSON with exact
+rationals as "numerator/denominator" strings.
+
+At-least-once: a pool's own events (schedule, stake changes) carry increasing offsets and
+a pool skips offsets it has applied; ticks are idempotent (advancing to a time already
+passed does nothing); a payout request is recorded per (job, period) in the pool, and
+seen again it re-emits the same batches (same ids: the sink drops them). Nothing is
+written per stake by a payout.
+
+Cost: a stake change is O(1) (the pool and that stake); a tick is O(pools of the
+partition); a payout is one pass over the pool's stakes in memory (built from the table
+after a rebalance).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import time
+import uuid
+from datetime import UTC, datetime
+from fractions import Fraction
+from typing import Any
+
+import faust
+from aiokafka import AIOKafkaConsumer, TopicPartition
+from prometheus_client import Counter, Gauge
+
+from earn.v1 import accrual_pb2, launchpool_pb2
+from services.accrual import launchpool as lp
+from services.kernel import events, money
+from services.kernel.config import Settings
+from services.kernel.topics import CATALOGUE, TopicSpec, topic_name
+
+log = logging.getLogger(__name__)
+
+INPUT = "launchpool.accrual"
+OUTPUT = "launchpool.payouts"
+PRODUCER = "accrual"
+TABLES = ("lp_pools", "lp_stakes", "lp_meta")
+DELIVERY_TIMEOUT = 120.0
+CHUNK = 5000
+
+EVENTS = Counter("earn_accrual_launchpool_events_total", "Launchpool input events processed, by type", ["type"])
+SKIPPED = Counter("earn_accrual_launchpool_events_skipped_total", "Launchpool input events skipped, by reason", ["reason"])
+PAYOUT_ITEMS = Counter("earn_accrual_launchpool_payout_items_total", "Launchpool reward items emitted (re-emissions included)")
+LAG = Gauge("earn_accrual_launchpool_consumer_lag", "Launchpool input messages not yet processed, per partition", ["partition"])
+GAPS = Counter("earn_accrual_launchpool_input_gaps_total", "Runs of Launchpool input messages the stream skipped, read directly")
+
+_TYPES = {
+    launchpool_pb2.LaunchpoolPoolSet.DESCRIPTOR.full_name: launchpool_pb2.LaunchpoolPoolSet,
+    launchpool_pb2.LaunchpoolStakeChanged.DESCRIPTOR.full_name: launchpool_pb2.LaunchpoolStakeChanged,
+    accrual_pb2.HourClosed.DESCRIPTOR.full_name: accrual_pb2.HourClosed,
+    accrual_pb2.PayoutRequested.DESCRIPTOR.full_name: accrual_pb2.PayoutRequested,
+}
+
+CHANGELOG_CONFIGS = {"cleanup.policy": "compact", "retention.ms": "-1", "min.compaction.lag.ms": str(24 * 3600 * 1000)}
+
+
+def changelog_topics(app_id: str) -> list[TopicSpec]:
+    """The tables' changelogs, created before the worker starts (see services.accrual.app)."""
+    return [
+        TopicSpec(f"{app_id}-{table}-changelog", partitions=CATALOGUE[INPUT].partitions, retention_ms=-1, compacted=True,
+                  min_compaction_lag_ms=int(CHANGELOG_CONFIGS["min.compaction.lag.ms"]))
+        for table in TABLES
+    ]
+
+
+def _signed_units(text: str) -> int:
+    negative = text.startswith("-")
+    value = money.parse_decimal(text[1:] if negative else text, "delta", scale=lp.STAKE_SCALE)
+    units = int(value.scaleb(lp.STAKE_SCALE))
+    return -units if negative else units
+
+
+def batch_event_id(job: str, period: str, partition: int, sequence: int) -> uuid.UUID:
+    return uuid.uuid5(uuid.NAMESPACE_URL, f"earn-accrual-launchpool:{job}:{period}:{partition}:{sequence}")
+
+
+class LaunchpoolEngine:
+    def __init__(self, app: faust.App, output: Any, partitions: int) -> None:
+        self.app = app
+        self.output = output
+        self.partitions = partitions
+        table = dict(
+            default=None, partitions=partitions,
+            schema=faust.Schema(key_type=str, value_type=str, key_serializer="raw", value_serializer="raw"),
+            extra_topic_configs=CHANGELOG_CONFIGS,
+        )
+        self.pools = app.Table("lp_pools", help="per partition: Launchpool pool accumulators", **table)
+        self.stakes = app.Table("lp_stakes", help="per partition: Launchpool stakes", **table)
+        self.meta = app.Table("lp_meta", help="per partition: Launchpool watermark", **table)
+        self._init()
+        app.on_partitions_assigned.connect(self._forget)
+        app.on_partitions_revoked.connect(self._forget)
+
+    def _init(self) -> None:
+        self.books: dict[tuple[int, str], dict[str, lp.Stake]] = {}
+        self._next: dict[int, int] = {}
+        self.refetch: Any = None
+
+    @classmethod
+    def in_memory(cls, output: Any, partitions: int) -> LaunchpoolEngine:
+        """Plain dicts instead of faust tables (benchmarks, tests without a broker)."""
+        engine = cls.__new__(cls)
+        engine.app = None  # type: ignore[assignment]
+        engine.output, engine.partitions = output, partitions
+        engine.pools, engine.stakes, engine.meta = {}, {}, {}
+        engine._init()
+        return engine
+
+    async def _forget(self, *args: Any, **kwargs: Any) -> None:
+        self.books.clear()
+        self._next.clear()
+
+    # -- table helpers
+
+    @staticmethod
+    def _get(table: Any, key: str) -> Any:
+        raw = table.get(key)
+        if raw is None:
+            return None
+        return json.loads(raw if isinstance(raw, str) else raw.decode())
+
+    @staticmethod
+    def _put(table: Any, key: str, value: Any) -> None:
+        table[key] = json.dumps(value, separators=(",", ":"))
+
+    def pool(self, partition: int, pool_id: str) -> lp.Pool | None:
+        data = self._get(self.pools, f"{partition}:{pool_id}")
+        return lp.Pool.from_dict(data) if data else None
+
+    def save_pool(self, partition: int, pool: lp.Pool) -> None:
+        self._put(self.pools, f"{partition}:{pool.pool_id}", pool.to_dict())
+
+    def pool_ids(self, partition: int) -> list[str]:
+        prefix = f"{partition}:"
+        keys = (k if isinstance(k, str) else k.decode() for k in list(self.pools.keys()))
+        return sorted(k[len(prefix):] for k in keys if k.startswith(prefix))
+
+    def book(self, partition: int, pool_id: str) -> dict[str, lp.Stake]:
+        """The pool's stakes in memory, built from the table when missing."""
+        found = self.books.get((partition, pool_id))
+        if found is None:
+            found = self.books[(partition, pool_id)] = {}
+            prefix = f"{partition}:{pool_id}:"
+            for key in list(self.stakes.keys()):
+                key = key if isinstance(key, str) else key.decode()
+                if key.startswith(prefix):
+                    stake = lp.Stake.from_dict(self._get(self.stakes, key))
+                    found[stake.stake_id] = stake
+        return found
+
+    def watermark(self, partition: int) -> int:
+        data = self._get(self.meta, str(partition))
+        return int(data["h"]) if data else 0
+
+    # -- the agent
+
+    async def handle(self, partition: int, offset: int, value: bytes) -> None:
+        expected = self._next.get(partition)
+        if expected is not None and offset > expected and self.refetch is not None:
+            GAPS.inc()
+            log.error("launchpool input messages not delivered by the stream: reading them directly",
+                      extra={"partition": partition, "from_offset": expected, "to_offset": offset})
+            for missing, raw in await self.refetch(partition, expected, offset):
+                await self.apply(partition, missing, raw)
+        await self.apply(partition, offset, value)
+        self._next[partition] = max(offset + 1, self._next.get(partition, 0))
+
+    async def apply(self, partition: int, offset: int, value: bytes) -> None:
+        try:
+            env = events.parse(value)
+            cls = _TYPES.get(env.type)
+            if cls is None:
+                SKIPPED.labels("unknown_type").inc()
+                return
+            msg = events.unwrap(env, cls)
+        except Exception:  # noqa: BLE001 - a poison message must not stop the partition
+            SKIPPED.labels("undecodable").inc()
+            log.error("undecodable launchpool input skipped", extra={"partition": partition, "offset": offset})
+            return
+        EVENTS.labels(cls.__name__).inc()
+        if isinstance(msg, launchpool_pb2.LaunchpoolPoolSet):
+            self.on_pool(partition, offset, msg)
+        elif isinstance(msg, launchpool_pb2.LaunchpoolStakeChanged):
+            self.on_stake(partition, offset, msg)
+        elif isinstance(msg, accrual_pb2.HourClosed):
+            self.on_hour(partition, msg.hour)
+        else:
+            await self.on_payout(partition, offset, msg)
+
+    def on_pool(self, partition: int, offset: int, msg: launchpool_pb2.LaunchpoolPoolSet) -> None:
+        if self.pool(partition, msg.pool_id) is not None:
+            SKIPPED.labels("duplicate").inc()
+            return
+        try:
+            scale = money.scale_of(msg.reward_asset)
+            total = Fraction(money.parse_amount(msg.total_reward, msg.reward_asset, "total_reward"))
+            if msg.end_hour <= msg.start_hour:
+                raise ValueError("end before start")
+        except Exception as err:  # noqa: BLE001
+            SKIPPED.labels("invalid").inc()
+            log.error("LaunchpoolPoolSet refused", extra={"pool_id": msg.pool_id, "error": str(err)})
+            return
+        start_us = msg.start_hour * lp.HOUR_US
+        pool = lp.Pool(msg.pool_id, msg.reward_asset, scale, total, start_us, msg.end_hour * lp.HOUR_US, last_us=start_us, last_offset=offset)
+        watermark = self.watermark(partition)
+        if watermark:
+            pool.advance(watermark * lp.HOUR_US)
+        self.save_pool(partition, pool)
+
+    def on_stake(self, partition: int, offset: int, msg: launchpool_pb2.LaunchpoolStakeChanged) -> None:
+        pool = self.pool(partition, msg.pool_id)
+        if pool is None:
+            SKIPPED.labels("unknown_pool").inc()
+            log.error("stake change for an unknown pool", extra={"pool_id": msg.pool_id, "offset": offset})
+            return
+        if offset <= pool.last_offset:
+            SKIPPED.labels("duplicate").inc()
+            return
+        book = self.book(partition, msg.pool_id)
+        key = f"{partition}:{msg.pool_id}:{msg.stake_id}"
+        stake = book.get(msg.stake_id)
+        try:
+            delta = _signed_units(msg.delta)
+            if msg.at_micros < pool.last_us:
+                SKIPPED.labels("late").inc()  # counted; applied at the pool's time
+                log.error("stake change before the pool's time", extra={"pool_id": msg.pool_id, "offset": offset})
+            new = lp.apply_stake_change(pool, stake, stake_id=msg.stake_id, user_id=msg.user_id, delta_units=delta, at_us=msg.at_micros, offset=offset)
+        except Exception as err:  # noqa: BLE001
+            SKIPPED.labels("invalid").inc()
+            log.error("stake change refused", extra={"pool_id": msg.pool_id, "offset": offset, "error": str(err)})
+            return
+        assert new is not None
+        book[msg.stake_id] = new
+        self._put(self.stakes, key, new.to_dict())
+        self.save_pool(partition, pool)
+
+    def on_hour(self, partition: int, hour: int) -> None:
+        if hour > self.watermark(partition):
+            self._put(self.meta, str(partition), {"h": hour})
+        for pool_id in self.pool_ids(partition):
+            pool = self.pool(partition, pool_id)
+            if pool is not None and hour * lp.HOUR_US > pool.last_us:
+                pool.advance(hour * lp.HOUR_US)
+                self.save_pool(partition, pool)
+
+    async def on_payout(self, partition: int, offset: int, msg: accrual_pb2.PayoutRequested) -> None:
+        emitter = _Emitter(self, partition, msg)
+        wanted = set(msg.product_ids)
+        for pool_id in self.pool_ids(partition):
+            if wanted and pool_id not in wanted:
+                continue
+            pool = self.pool(partition, pool_id)
+            if pool is None:
+                continue
+            if msg.boundary_hour * lp.HOUR_US > pool.last_us:
+                pool.advance(msg.boundary_hour * lp.HOUR_US)
+            entry, status = pool.record_payout(msg.job, msg.period, msg.boundary_hour, offset)
+            if status == "stale" or entry is None:
+                SKIPPED.labels("payout_stale").inc()
+                continue
+            if status == "duplicate":
+                SKIPPED.labels("payout_duplicate").inc()
+            self.save_pool(partition, pool)
+            book = self.book(partition, pool_id)
+            stakes = sorted(book.values(), key=lambda s: int(s.stake_id) if s.stake_id.isdigit() else 0)
+            previous = pool.previous_boundary(entry)
+            from_hour = previous if previous is not None else pool.start_hour
+            emitter.start(pool_id, pool.asset)
+            for at in range(0, len(stakes), CHUNK):
+                for stake, units in lp.pay(pool, entry, stakes[at : at + CHUNK]):
+                    await emitter.add(stake.stake_id, stake.user_id, lp.format_units(units, pool.scale), from_hour)
+                await asyncio.sleep(0)
+        await emitter.finish()
+
+
+class _Emitter:
+    """A partition's batches for one payout request: one pool per batch, the last (possibly
+    empty) flagged; deterministic ids."""
+
+    def __init__(self, engine: LaunchpoolEngine, partition: int, msg: accrual_pb2.PayoutRequested) -> None:
+        self.engine, self.partition, self.msg = engine, partition, msg
+        self.key = f"lp:{msg.job}:{msg.period}:{partition}"
+        self.sequence = 0
+        self.pending: list[Any] = []
+        self.pool_id = self.asset = ""
+        self._clear()
+
+    def _clear(self) -> None:
+        self.ids: list[str] = []
+        self.users: list[str] = []
+        self.amounts: list[str] = []
+        self.from_hours: list[int] = []
+
+    def start(self, pool_id: str, asset: str) -> None:
+        self.pool_id, self.asset = pool_id, asset
+
+    async def add(self, stake_id: str, user_id: str, amount: str, from_hour: int) -> None:
+        if self.ids and self._batch_pool != self.pool_id:
+            await self._send(last=False)
+        if not self.ids:
+            self._batch_pool, self._batch_asset = self.pool_id, self.asset
+        self.ids.append(stake_id)
+        self.users.append(user_id)
+        self.amounts.append(amount)
+        self.from_hours.append(from_hour)
+        if len(self.ids) >= lp.BATCH_SIZE:
+            await self._send(last=False)
+
+    async def _send(self, last: bool) -> None:
+        msg = self.msg
+        batch = accrual_pb2.PayoutBatch(
+            job=msg.job, period=msg.period, boundary_hour=msg.boundary_hour, partition=self.partition, sequence=self.sequence, last=last,
+            product_id=self._batch_pool if self.ids else "", asset=self._batch_asset if self.ids else "",
+            position_ids=self.ids, user_ids=self.users, amounts=self.amounts, from_hours=self.from_hours,
+        )
+        env = events.wrap(batch, key=self.key, producer=PRODUCER, occurred_at=datetime.now(UTC),
+                          event_id=batch_event_id(msg.job, msg.period, self.partition, self.sequence))
+        self.pending.append(await self.engine.output.send(
+            key=self.key.encode(), value=env.SerializeToString(deterministic=True),
+            partition=self.partition % CATALOGUE[OUTPUT].partitions, force=True,
+        ))
+        PAYOUT_ITEMS.inc(len(self.ids))
+        self.sequence += 1
+        self._clear()
+
+    async def finish(self) -> None:
+        await self._send(last=True)
+        try:
+            await asyncio.wait_for(asyncio.gather(*self.pending), DELIVERY_TIMEOUT)
+        except asyncio.TimeoutError:
+            log.critical("launchpool payout batches not acknowledged in time: exiting for a restart",
+                         extra={"job": self.msg.job, "period": self.msg.period, "partition": self.partition})
+            os._exit(70)
+
+
+def install(app: faust.App, settings: Settings) -> LaunchpoolEngine:
+    """Add the Launchpool tables and agent to the accrual engine's faust app."""
+    partitions = CATALOGUE[INPUT].partitions
+    source = app.topic(topic_name(settings, INPUT), key_type=bytes, value_type=bytes, key_serializer="raw", value_serializer="raw",
+                       partitions=partitions, internal=False)
+    output = app.topic(topic_name(settings, OUTPUT), key_type=bytes, value_type=bytes, key_serializer="raw", value_serializer="raw",
+                       partitions=CATALOGUE[OUTPUT].partitions, internal=False)
+    engine = LaunchpoolEngine(app, output, partitions)
+    input_topic = topic_name(settings, INPUT)
+
+    async def refetch(partition: int, start: int, stop: int) -> list[tuple[int, bytes]]:
+        consumer = AIOKafkaConsumer(bootstrap_servers=settings.kafka_bootstrap, enable_auto_commit=False, group_id=None)
+        await consumer.start()
+        try:
+            tp = TopicPartition(input_topic, partition)
+            consumer.assign([tp])
+            consumer.seek(tp, start)
+            out: list[tuple[int, bytes]] = []
+            deadline = time.monotonic() + DELIVERY_TIMEOUT
+            while (not out or out[-1][0] < stop - 1) and time.monotonic() < deadline:
+                for record in (await consumer.getmany(tp, timeout_ms=1000)).get(tp, []):
+                    if start <= record.offset < stop:
+                        out.append((record.offset, record.value))
+            if not out or out[-1][0] < stop - 1:
+                log.critical("launchpool input could not be read: exiting for a restart", extra={"partition": partition})
+                os._exit(70)
+            return out
+        finally:
+            await consumer.stop()
+
+    engine.refetch = refetch
+
+    async def launchpool(stream: faust.StreamT) -> None:
+        async for event in stream.events():
+            message = event.message
+            await engine.handle(message.partition, message.offset, event.value)
+            try:
+                high = app.consumer.highwater(message.tp)
+                if high is not None:
+                    LAG.labels(str(message.partition)).set(max(0, high - message.offset - 1))
+            except Exception:  # noqa: BLE001
+                pass
+
+    app.agent(source, name="launchpool", concurrency=1)(launchpool)
+    return engine
+
