@@ -105,6 +105,8 @@ class LaunchpoolEngine:
 
     def _init(self) -> None:
         self.books: dict[tuple[int, str], dict[str, lp.Stake]] = {}
+        # Parsed pools by key, with the table value they were parsed from (or written as).
+        self._pool_cache: dict[str, tuple[str, lp.Pool]] = {}
         self._next: dict[int, int] = {}
         self.refetch: Any = None
 
@@ -120,6 +122,7 @@ class LaunchpoolEngine:
 
     async def _forget(self, *args: Any, **kwargs: Any) -> None:
         self.books.clear()
+        self._pool_cache.clear()
         self._next.clear()
 
     # -- table helpers
@@ -136,11 +139,28 @@ class LaunchpoolEngine:
         table[key] = json.dumps(value, separators=(",", ":"))
 
     def pool(self, partition: int, pool_id: str) -> lp.Pool | None:
-        data = self._get(self.pools, f"{partition}:{pool_id}")
-        return lp.Pool.from_dict(data) if data else None
+        """The pool's state (parsed once per table value; the caller may mutate it and
+        must then save it, or ``drop`` it)."""
+        key = f"{partition}:{pool_id}"
+        raw = self.pools.get(key)
+        if raw is None:
+            return None
+        raw = raw if isinstance(raw, str) else raw.decode()
+        cached = self._pool_cache.get(key)
+        if cached is not None and cached[0] == raw:
+            return cached[1]
+        pool = lp.Pool.from_dict(json.loads(raw))
+        self._pool_cache[key] = (raw, pool)
+        return pool
+
+    def drop(self, partition: int, pool_id: str) -> None:
+        self._pool_cache.pop(f"{partition}:{pool_id}", None)
 
     def save_pool(self, partition: int, pool: lp.Pool) -> None:
-        self._put(self.pools, f"{partition}:{pool.pool_id}", pool.to_dict())
+        key = f"{partition}:{pool.pool_id}"
+        raw = json.dumps(pool.to_dict(), separators=(",", ":"))
+        self.pools[key] = raw
+        self._pool_cache[key] = (raw, pool)
 
     def pool_ids(self, partition: int) -> list[str]:
         prefix = f"{partition}:"
@@ -238,6 +258,7 @@ class LaunchpoolEngine:
                 log.error("stake change before the pool's time", extra={"pool_id": msg.pool_id, "offset": offset})
             new = lp.apply_stake_change(pool, stake, stake_id=msg.stake_id, user_id=msg.user_id, delta_units=delta, at_us=msg.at_micros, offset=offset)
         except Exception as err:  # noqa: BLE001
+            self.drop(partition, msg.pool_id)  # possibly advanced in memory: read it again from the table
             SKIPPED.labels("invalid").inc()
             log.error("stake change refused", extra={"pool_id": msg.pool_id, "offset": offset, "error": str(err)})
             return

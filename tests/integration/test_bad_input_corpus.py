@@ -1,6 +1,6 @@
-"""Issue 8: a corpus of malformed requests for every RPC of WalletService and
-SimpleEarnService, against one live wallet and one live simple_earn, and the role table
-of both services tested method by method.
+"""Issue 8: a corpus of malformed requests for every RPC of WalletService,
+SimpleEarnService and LaunchpoolService, against one live wallet, simple_earn and
+launchpool, and the role table of the three services tested method by method.
 
 Each corpus row is (service, method, request builder, token, expected status, fragment
 of the message). The request builder gets the ids made by the setup (a funded user, a
@@ -25,8 +25,9 @@ import grpc
 import pytest
 from google.protobuf.timestamp_pb2 import Timestamp
 
-from earn.v1 import accrual_pb2, simple_earn_pb2 as se, simple_earn_pb2_grpc, wallet_pb2 as wp, wallet_pb2_grpc
+from earn.v1 import accrual_pb2, launchpool_pb2 as lp, launchpool_pb2_grpc, simple_earn_pb2 as se, simple_earn_pb2_grpc, wallet_pb2 as wp, wallet_pb2_grpc
 from services.devstack.processes import ManagedProcess
+from services.launchpool.api import ROLES as LAUNCHPOOL_ROLES
 from services.simple_earn.api import ROLES as EARN_ROLES
 from services.wallet.api import ROLES as WALLET_ROLES
 from tests.conftest import GATEWAY, OPERATOR, SERVICE, unique
@@ -58,7 +59,22 @@ async def earn_channel(earn_process: ManagedProcess) -> AsyncIterator[grpc.aio.C
 
 
 @pytest.fixture(scope="module")
-async def db(stack, wallet_process: ManagedProcess, earn_process: ManagedProcess) -> AsyncIterator[asyncpg.Pool]:
+def launchpool_process(stack, wallet_process: ManagedProcess):  # type: ignore[no-untyped-def]
+    proc = stack.process("launchpool", EARN_WALLET_ADDRESS=wallet_process.address or "", EARN_RELEASE_SWEEP_SECONDS="1")
+    proc.start()
+    proc.wait_ready(timeout=60)
+    yield proc
+    proc.stop()
+
+
+@pytest.fixture(scope="module")
+async def launchpool_channel(launchpool_process: ManagedProcess) -> AsyncIterator[grpc.aio.Channel]:
+    async with grpc.aio.insecure_channel(launchpool_process.address) as channel:
+        yield channel
+
+
+@pytest.fixture(scope="module")
+async def db(stack, wallet_process: ManagedProcess, earn_process: ManagedProcess, launchpool_process: ManagedProcess) -> AsyncIterator[asyncpg.Pool]:
     pool = await asyncpg.create_pool(stack.settings.database_url, min_size=1, max_size=2)
     assert pool is not None
     yield pool
@@ -66,13 +82,16 @@ async def db(stack, wallet_process: ManagedProcess, earn_process: ManagedProcess
 
 
 @pytest.fixture(scope="module")
-def stubs(wallet_channel: grpc.aio.Channel, earn_channel: grpc.aio.Channel) -> dict[str, Any]:
-    return {"wallet": wallet_pb2_grpc.WalletServiceStub(wallet_channel), "earn": simple_earn_pb2_grpc.SimpleEarnServiceStub(earn_channel)}
+def stubs(wallet_channel: grpc.aio.Channel, earn_channel: grpc.aio.Channel, launchpool_channel: grpc.aio.Channel) -> dict[str, Any]:
+    return {
+        "wallet": wallet_pb2_grpc.WalletServiceStub(wallet_channel), "earn": simple_earn_pb2_grpc.SimpleEarnServiceStub(earn_channel),
+        "lp": launchpool_pb2_grpc.LaunchpoolServiceStub(launchpool_channel),
+    }
 
 
 # ---- snapshots ----------------------------------------------------------------------
 
-SCHEMAS = ("wallet", "simple_earn")
+SCHEMAS = ("wallet", "simple_earn", "launchpool")
 # No table is excluded: no RPC of the corpus may write anything, not even audit-like rows.
 # The only tables written without an RPC are the outboxes (emptied by the relays), the
 # inbox (the payout consumer) and bulk_credit_parts/transfers (the wallet's folder);
@@ -134,6 +153,11 @@ class Ctx:
     alice_flex: str = ""
     alice_fixed: str = ""
     bob_flex: str = ""
+    project: str = ""  # Launchpool: started this hour, 24 hours; pools below
+    pool: str = ""  # USDT stake, min 10, max 100 (tier: volume >= 1000 -> 200), pool cap 100; alice staked 50
+    newcomers: str = ""  # BTC stake, newcomers only (alice staked in another project)
+    other_project: str = ""
+    other_pool: str = ""  # alice staked 20 USDT here
     keys: dict[str, str] = field(default_factory=dict)  # method -> a key used once, successfully
     baseline: dict[str, tuple[int, str]] = field(default_factory=dict)
     requests: dict[str, Any] = field(default_factory=dict)  # method -> the request sent with keys[method]
@@ -210,6 +234,28 @@ async def ctx(stubs, db) -> Ctx:
     await once(
         "SetAutoSubscribe", earn, se.SetAutoSubscribeRequest(idempotency_key=unique(), user_id=c.alice, position_id=c.alice_flex, enabled=True), GATEWAY
     )
+    launch = stubs["lp"]
+    hour = int(time.time()) // 3600
+
+    async def project(method: str | None, pools: list[lp.RewardPoolSpec]) -> str:
+        request = lp.CreateProjectRequest(
+            idempotency_key=unique(), project_id=unique("prj"), reward_asset="BTC", start_time=ts(hour * 3600), end_time=ts((hour + 24) * 3600),
+            pools=pools,
+        )
+        await (once(method, launch, request, OPERATOR) if method else launch.CreateProject(request, metadata=OPERATOR))
+        return request.project_id
+
+    c.pool, c.newcomers, c.other_pool = unique("pool"), unique("pool"), unique("pool")
+    c.project = await project("CreateProject", [
+        lp.RewardPoolSpec(pool_id=c.pool, stake_asset="USDT", total_reward="1", min_stake="10", max_stake="100", pool_cap="100",
+                          cap_tiers=[lp.CapTier(min_volume="1000", max_stake="200")]),
+        lp.RewardPoolSpec(pool_id=c.newcomers, stake_asset="BTC", total_reward="1", min_stake="0.1", max_stake="1", newcomer_only=True),
+    ])
+    c.other_project = await project(None, [lp.RewardPoolSpec(pool_id=c.other_pool, stake_asset="USDT", total_reward="1", min_stake="1", max_stake="100")])
+    await once("SetTradingVolume", launch, lp.SetTradingVolumeRequest(idempotency_key=unique(), user_id=c.bob, volume="5"), OPERATOR)
+    await once("Stake", launch, lp.StakeRequest(idempotency_key=unique(), user_id=c.alice, pool_id=c.pool, amount="60"), GATEWAY)
+    await launch.Stake(lp.StakeRequest(idempotency_key=unique(), user_id=c.alice, pool_id=c.other_pool, amount="20"), metadata=GATEWAY)
+    await once("Unstake", launch, lp.UnstakeRequest(idempotency_key=unique(), user_id=c.alice, pool_id=c.pool, amount="10"), GATEWAY)
     c.baseline = await settled(db)
     return c
 
@@ -673,6 +719,152 @@ _J = [
 for _n, _m, _b, _code, _frag in _J:
     row(_n, "earn", _m, _b, _code, _frag, SERVICE)
 
+# ---- launchpool ----
+
+
+def lp_project(c: Ctx, **fields: Any) -> lp.CreateProjectRequest:
+    hour = int(time.time()) // 3600
+    base: dict[str, Any] = dict(
+        idempotency_key=unique(), project_id=unique("prj"), reward_asset="BTC", start_time=ts((hour + 1) * 3600), end_time=ts((hour + 5) * 3600),
+        pools=[lp_pool()],
+    )
+    return lp.CreateProjectRequest(**{**base, **fields})
+
+
+def lp_pool(**fields: Any) -> lp.RewardPoolSpec:
+    base: dict[str, Any] = dict(pool_id=unique("pool"), stake_asset="USDT", total_reward="1", min_stake="1", max_stake="10")
+    return lp.RewardPoolSpec(**{**base, **fields})
+
+
+_NOW_HOUR = int(time.time()) // 3600
+_LP_CREATE = [
+    ("key-empty", {"idempotency_key": ""}, INVALID, "idempotency_key:"),
+    ("key-10KB", {"idempotency_key": "k" * 10_240}, INVALID, "idempotency_key:"),
+    ("id-empty", {"project_id": ""}, INVALID, "project_id:"),
+    ("id-10KB", {"project_id": BIG}, INVALID, "project_id:"),
+    ("id-space", {"project_id": "a b"}, INVALID, "project_id:"),
+    ("reward-asset-empty", {"reward_asset": ""}, INVALID, "reward_asset:"),
+    ("reward-asset-unknown", {"reward_asset": "NOPE"}, INVALID, "reward_asset:"),
+    ("start-missing", {"start_time": None}, INVALID, "start_time:"),
+    ("start-not-full-hour", {"start_time": ts((_NOW_HOUR + 1) * 3600 + 1)}, INVALID, "start_time:"),
+    ("start-bad-nanos", {"start_time": Timestamp(seconds=(_NOW_HOUR + 1) * 3600, nanos=5)}, INVALID, "start_time:"),
+    ("start-out-of-range", {"start_time": ts(10**15)}, INVALID, "start_time:"),
+    ("start-in-the-past", {"start_time": ts((_NOW_HOUR - 2) * 3600)}, INVALID, "start_time:"),
+    ("end-missing", {"end_time": None}, INVALID, "end_time:"),
+    ("end-before-start", {"end_time": ts(_NOW_HOUR * 3600)}, INVALID, "end_time:"),
+    ("end-past", {"start_time": ts((_NOW_HOUR - 30) * 3600), "end_time": ts((_NOW_HOUR - 1) * 3600)}, INVALID, "end_time:"),
+    ("too-long", {"end_time": ts((_NOW_HOUR + 24 * 400) * 3600)}, INVALID, "end_time:"),
+    ("mode-unknown", {"payout_mode": 9}, INVALID, "payout_mode:"),
+    ("no-pools", {"pools": []}, INVALID, "pools:"),
+    ("21-pools", {"pools": [lp_pool(stake_asset="USDT") for _ in range(21)]}, INVALID, "pools:"),
+    ("pool-id-empty", {"pools": [lp_pool(pool_id="")]}, INVALID, "pools[0].pool_id:"),
+    ("pool-id-10KB", {"pools": [lp_pool(pool_id=BIG)]}, INVALID, "pools[0].pool_id:"),
+    ("stake-asset-empty", {"pools": [lp_pool(stake_asset="")]}, INVALID, "pools[0].stake_asset:"),
+    ("stake-asset-unknown", {"pools": [lp_pool(stake_asset="NOPE")]}, INVALID, "pools[0].stake_asset:"),
+    ("pool-id-twice", {"pools": [lp_pool(pool_id="same"), lp_pool(pool_id="same", stake_asset="BTC")]}, INVALID, "pools[1].pool_id:"),
+    ("stake-coin-twice", {"pools": [lp_pool(), lp_pool()]}, INVALID, "pools[1].stake_asset:"),
+    ("reward-too-precise", {"pools": [lp_pool(total_reward=TOO_PRECISE_BTC)]}, INVALID, "pools[0].total_reward:"),
+    ("min-zero", {"pools": [lp_pool(min_stake="0")]}, INVALID, "pools[0].min_stake:"),
+    ("min-too-precise", {"pools": [lp_pool(min_stake=TOO_PRECISE_USDT)]}, INVALID, "pools[0].min_stake:"),
+    ("max-below-min", {"pools": [lp_pool(min_stake="5", max_stake="4")]}, INVALID, "pools[0].max_stake:"),
+    ("cap-below-min", {"pools": [lp_pool(min_stake="5", pool_cap="4")]}, INVALID, "pools[0].pool_cap:"),
+    ("cap-nan", {"pools": [lp_pool(pool_cap="NaN")]}, INVALID, "pools[0].pool_cap:"),
+    ("tier-volume-negative", {"pools": [lp_pool(cap_tiers=[lp.CapTier(min_volume="-1", max_stake="5")])]}, INVALID, "pools[0].cap_tiers[0].min_volume:"),
+    ("tier-volume-empty", {"pools": [lp_pool(cap_tiers=[lp.CapTier(max_stake="5")])]}, INVALID, "pools[0].cap_tiers[0].min_volume:"),
+    ("tier-stake-below-min", {"pools": [lp_pool(min_stake="2", cap_tiers=[lp.CapTier(min_volume="0", max_stake="1")])]}, INVALID, "pools[0].cap_tiers[0].max_stake:"),
+    ("tiers-not-increasing", {"pools": [lp_pool(cap_tiers=[lp.CapTier(min_volume="5", max_stake="5"), lp.CapTier(min_volume="5", max_stake="6")])]}, INVALID, "pools[0].cap_tiers[1].min_volume:"),
+    ("21-tiers", {"pools": [lp_pool(cap_tiers=[lp.CapTier(min_volume=str(i), max_stake="5") for i in range(21)])]}, INVALID, "pools[0].cap_tiers:"),
+]
+for _n, _f, _code, _frag in _LP_CREATE:
+    # A field given as None is left unset.
+    row(_n, "lp", "CreateProject", lambda c, f=_f: _without(lp_project(c, **{k: v for k, v in f.items() if v is not None}), [k for k, v in f.items() if v is None]),
+        _code, _frag)
+for _n, _v in BAD_AMOUNTS:
+    row(_n, "lp", "CreateProject", lambda c, v=_v: lp_project(c, pools=[lp_pool(total_reward=v)]), INVALID, "pools[0].total_reward:")
+    row(_n, "lp", "Stake", lambda c, v=_v: lp.StakeRequest(idempotency_key=unique(), user_id=c.alice, pool_id=c.pool, amount=v), INVALID, "amount:", GATEWAY)
+    if _v:  # empty means "all of it"
+        row(_n, "lp", "Unstake", lambda c, v=_v: lp.UnstakeRequest(idempotency_key=unique(), user_id=c.alice, pool_id=c.pool, amount=v), INVALID, "amount:", GATEWAY)
+for _n, _v in BAD_KEYS:
+    row(f"key-{_n}", "lp", "Stake", lambda c, v=_v: lp.StakeRequest(idempotency_key=v, user_id=c.alice, pool_id=c.pool, amount="1"), INVALID, "idempotency_key:", GATEWAY)
+    row(f"key-{_n}", "lp", "Unstake", lambda c, v=_v: lp.UnstakeRequest(idempotency_key=v, user_id=c.alice, pool_id=c.pool, amount="1"), INVALID, "idempotency_key:", GATEWAY)
+    row(f"key-{_n}", "lp", "SetTradingVolume", lambda c, v=_v: lp.SetTradingVolumeRequest(idempotency_key=v, user_id=c.alice, volume="1"), INVALID, "idempotency_key:")
+for _n, _v in BAD_NAMES:
+    row(f"user-{_n}", "lp", "Stake", lambda c, v=_v: lp.StakeRequest(idempotency_key=unique(), user_id=v, pool_id=c.pool, amount="1"), INVALID, "user_id:", GATEWAY)
+    row(f"pool-{_n}", "lp", "Stake", lambda c, v=_v: lp.StakeRequest(idempotency_key=unique(), user_id=c.alice, pool_id=v, amount="1"), INVALID, "pool_id:", GATEWAY)
+    row(f"pool-{_n}", "lp", "Unstake", lambda c, v=_v: lp.UnstakeRequest(idempotency_key=unique(), user_id=c.alice, pool_id=v), INVALID, "pool_id:", GATEWAY)
+    row(f"user-{_n}", "lp", "SetTradingVolume", lambda c, v=_v: lp.SetTradingVolumeRequest(idempotency_key=unique(), user_id=v, volume="1"), INVALID, "user_id:")
+    row(f"project-{_n}", "lp", "GetProject", lambda c, v=_v: lp.GetProjectRequest(project_id=v), INVALID, "project_id:", GATEWAY)
+
+
+def _without(request: Any, fields: list[str]) -> Any:
+    for name in fields:
+        request.ClearField(name)
+    return request
+
+
+_LP = [
+    ("key-reused", "CreateProject", lambda c: lp_project(c, idempotency_key=c.keys["CreateProject"]), EXISTS, "idempotency_key:", OPERATOR),
+    ("project-exists", "CreateProject", lambda c: lp_project(c, project_id=c.project), EXISTS, "project_id:", OPERATOR),
+    ("pool-exists", "CreateProject", lambda c: lp_project(c, pools=[lp_pool(pool_id=c.pool)]), EXISTS, "pools[0].pool_id:", OPERATOR),
+    ("volume-negative", "SetTradingVolume", lambda c: lp.SetTradingVolumeRequest(idempotency_key=unique(), user_id=c.alice, volume="-1"), INVALID, "volume:", OPERATOR),
+    ("volume-exponent", "SetTradingVolume", lambda c: lp.SetTradingVolumeRequest(idempotency_key=unique(), user_id=c.alice, volume="1e9"), INVALID, "volume:", OPERATOR),
+    ("volume-too-precise", "SetTradingVolume", lambda c: lp.SetTradingVolumeRequest(idempotency_key=unique(), user_id=c.alice, volume="1.0000001"), INVALID, "volume:", SERVICE),
+    ("volume-empty", "SetTradingVolume", lambda c: lp.SetTradingVolumeRequest(idempotency_key=unique(), user_id=c.alice), INVALID, "volume:", OPERATOR),
+    ("key-reused", "SetTradingVolume", lambda c: lp.SetTradingVolumeRequest(idempotency_key=c.keys["SetTradingVolume"], user_id=c.bob, volume="6"), EXISTS, "idempotency_key:", OPERATOR),
+    ("gateway", "SetTradingVolume", lambda c: lp.SetTradingVolumeRequest(idempotency_key=unique(), user_id=c.alice, volume="1"), DENIED, "SetTradingVolume", GATEWAY),
+    ("unknown", "GetProject", lambda c: lp.GetProjectRequest(project_id="no-such-project"), NOT_FOUND, "project_id:", GATEWAY),
+    ("price-asset-unknown", "GetProject", lambda c: lp.GetProjectRequest(project_id=c.project, prices={"NOPE": "1"}), INVALID, "prices:", GATEWAY),
+    ("price-nan", "GetProject", lambda c: lp.GetProjectRequest(project_id=c.project, prices={"BTC": "NaN"}), INVALID, "prices[BTC]:", GATEWAY),
+    ("price-zero", "GetProject", lambda c: lp.GetProjectRequest(project_id=c.project, prices={"BTC": "0"}), INVALID, "prices[BTC]:", GATEWAY),
+    ("status-unknown", "ListProjects", lambda c: lp.ListProjectsRequest(status=9), INVALID, "status:", GATEWAY),
+    ("price-negative", "ListProjects", lambda c: lp.ListProjectsRequest(prices={"USDT": "-1"}), INVALID, "prices[USDT]:", GATEWAY),
+    ("gateway-no-user", "ListStakes", lambda c: lp.ListStakesRequest(), INVALID, "user_id:", GATEWAY),
+    ("user-10KB", "ListStakes", lambda c: lp.ListStakesRequest(user_id=BIG), INVALID, "user_id:", GATEWAY),
+    ("project-space", "ListStakes", lambda c: lp.ListStakesRequest(user_id=c.alice, project_id="a b"), INVALID, "project_id:", GATEWAY),
+    ("page-size-1001", "ListStakes", lambda c: lp.ListStakesRequest(user_id=c.alice, page_size=1001), INVALID, "page_size:", GATEWAY),
+    ("token-garbage", "ListStakes", lambda c: lp.ListStakesRequest(user_id=c.alice, page_token="garbage"), INVALID, "page_token:", GATEWAY),
+    ("token-other-list", "ListStakes", lambda c: lp.ListStakesRequest(user_id=c.alice, page_token=base64.urlsafe_b64encode(b"r:1").decode()), INVALID, "page_token:", GATEWAY),
+    ("token-past-bigint", "ListStakes", lambda c: lp.ListStakesRequest(user_id=c.alice, page_token=base64.urlsafe_b64encode(b"s:" + b"9" * 30).decode()), INVALID, "page_token:", OPERATOR),
+    ("gateway-no-user", "ListRewards", lambda c: lp.ListRewardsRequest(), INVALID, "user_id:", GATEWAY),
+    ("user-non-ascii", "ListRewards", lambda c: lp.ListRewardsRequest(user_id="é"), INVALID, "user_id:", GATEWAY),
+    ("pool-10KB", "ListRewards", lambda c: lp.ListRewardsRequest(user_id=c.alice, pool_id=BIG), INVALID, "pool_id:", GATEWAY),
+    ("page-size-max", "ListRewards", lambda c: lp.ListRewardsRequest(user_id=c.alice, page_size=2**32 - 1), INVALID, "page_size:", GATEWAY),
+    ("token-other-list", "ListRewards", lambda c: lp.ListRewardsRequest(user_id=c.alice, page_token=base64.urlsafe_b64encode(b"s:1").decode()), INVALID, "page_token:", GATEWAY),
+    # Stake
+    ("too-precise", "Stake", lambda c: lp.StakeRequest(idempotency_key=unique(), user_id=c.alice, pool_id=c.pool, amount=TOO_PRECISE_USDT), INVALID, "amount:", GATEWAY),
+    ("user-empty", "Stake", lambda c: lp.StakeRequest(idempotency_key=unique(), pool_id=c.pool, amount="10"), INVALID, "user_id:", GATEWAY),
+    ("unknown-pool", "Stake", lambda c: lp.StakeRequest(idempotency_key=unique(), user_id=c.alice, pool_id="no-such-pool", amount="10"), NOT_FOUND, "pool_id:", GATEWAY),
+    ("below-minimum", "Stake", lambda c: lp.StakeRequest(idempotency_key=unique(), user_id=c.bob, pool_id=c.pool, amount="9.999999"), PRECONDITION, "minimum", GATEWAY),
+    ("over-personal-cap", "Stake", lambda c: lp.StakeRequest(idempotency_key=unique(), user_id=c.alice, pool_id=c.pool, amount="51"), PRECONDITION, "personal cap", GATEWAY),
+    ("over-pool-cap", "Stake", lambda c: lp.StakeRequest(idempotency_key=unique(), user_id=c.bob, pool_id=c.pool, amount="60"), PRECONDITION, "pool cap", GATEWAY),
+    ("not-a-newcomer", "Stake", lambda c: lp.StakeRequest(idempotency_key=unique(), user_id=c.alice, pool_id=c.newcomers, amount="0.1"), PRECONDITION, "newcomers only", GATEWAY),
+    ("insufficient", "Stake", lambda c: lp.StakeRequest(idempotency_key=unique(), user_id=c.poor, pool_id=c.pool, amount="10"), PRECONDITION, "insufficient funds", GATEWAY),
+    ("key-reused", "Stake", lambda c: lp.StakeRequest(idempotency_key=c.keys["Stake"], user_id=c.alice, pool_id=c.pool, amount="11"), EXISTS, "idempotency_key:", GATEWAY),
+    ("operator", "Stake", lambda c: lp.StakeRequest(idempotency_key=unique(), user_id=c.alice, pool_id=c.pool, amount="10"), DENIED, "Stake", OPERATOR),
+    # Unstake
+    ("too-precise", "Unstake", lambda c: lp.UnstakeRequest(idempotency_key=unique(), user_id=c.alice, pool_id=c.pool, amount=TOO_PRECISE_USDT), INVALID, "amount:", GATEWAY),
+    ("unknown-pool", "Unstake", lambda c: lp.UnstakeRequest(idempotency_key=unique(), user_id=c.alice, pool_id="no-such-pool"), NOT_FOUND, "pool_id:", GATEWAY),
+    ("nothing-staked", "Unstake", lambda c: lp.UnstakeRequest(idempotency_key=unique(), user_id=c.bob, pool_id=c.pool), PRECONDITION, "nothing staked", GATEWAY),
+    ("more-than-staked", "Unstake", lambda c: lp.UnstakeRequest(idempotency_key=unique(), user_id=c.alice, pool_id=c.pool, amount="50.000001"), PRECONDITION, "amount:", GATEWAY),
+    ("below-minimum-left", "Unstake", lambda c: lp.UnstakeRequest(idempotency_key=unique(), user_id=c.alice, pool_id=c.pool, amount="45"), PRECONDITION, "below the minimum", GATEWAY),
+    ("key-reused", "Unstake", lambda c: lp.UnstakeRequest(idempotency_key=c.keys["Unstake"], user_id=c.alice, pool_id=c.pool, amount="11"), EXISTS, "idempotency_key:", GATEWAY),
+    # Jobs
+    ("hour-zero", "CloseRewardHour", lambda c: lp.CloseRewardHourRequest(), INVALID, "hour:", SERVICE),
+    ("hour-negative", "CloseRewardHour", lambda c: lp.CloseRewardHourRequest(hour=-5), INVALID, "hour:", SERVICE),
+    ("hour-future", "CloseRewardHour", lambda c: lp.CloseRewardHourRequest(hour=2**40), PRECONDITION, "hour:", SERVICE),
+    ("job-empty", "RequestRewardPayout", lambda c: lp.RequestRewardPayoutRequest(period="p", boundary_hour=1), INVALID, "job:", SERVICE),
+    ("job-10KB", "RequestRewardPayout", lambda c: lp.RequestRewardPayoutRequest(job=BIG, period="p", boundary_hour=1), INVALID, "job:", SERVICE),
+    ("period-space", "RequestRewardPayout", lambda c: lp.RequestRewardPayoutRequest(job="j", period="a b", boundary_hour=1), INVALID, "period:", SERVICE),
+    ("boundary-zero", "RequestRewardPayout", lambda c: lp.RequestRewardPayoutRequest(job="j", period="p"), INVALID, "boundary_hour:", SERVICE),
+    ("boundary-future", "RequestRewardPayout", lambda c: lp.RequestRewardPayoutRequest(job="j", period="p", boundary_hour=2**40), PRECONDITION, "boundary_hour:", SERVICE),
+    ("hours-not-closed", "RequestRewardPayout", lambda c: lp.RequestRewardPayoutRequest(job="j", period="p", boundary_hour=_NOW_HOUR), PRECONDITION, "not closed", SERVICE),
+    ("job-empty", "GetRewardPayoutStatus", lambda c: lp.GetRewardPayoutStatusRequest(period="p"), INVALID, "job:", OPERATOR),
+    ("period-10KB", "GetRewardPayoutStatus", lambda c: lp.GetRewardPayoutStatusRequest(job="j", period=BIG), INVALID, "period:", SERVICE),
+    ("unknown", "GetRewardPayoutStatus", lambda c: lp.GetRewardPayoutStatusRequest(job="j", period="1999-01-01"), NOT_FOUND, "period:", SERVICE),
+]
+for _n, _m, _b, _code, _frag, _tok in _LP:
+    row(_n, "lp", _m, _b, _code, _frag, _tok)
+
 # Rows that reveal a bug not fixed here: name -> reason (strict xfail).
 KNOWN_BUGS: dict[str, str] = {}
 
@@ -720,7 +912,8 @@ def test_the_corpus_covers_every_rpc() -> None:
     from earn.v1 import simple_earn_pb2, wallet_pb2
 
     covered = {(r.service, r.method) for _, r in ROWS}
-    for service, descriptor in (("wallet", wallet_pb2.DESCRIPTOR.services_by_name["WalletService"]), ("earn", simple_earn_pb2.DESCRIPTOR.services_by_name["SimpleEarnService"])):
+    for service, descriptor in (("wallet", wallet_pb2.DESCRIPTOR.services_by_name["WalletService"]), ("earn", simple_earn_pb2.DESCRIPTOR.services_by_name["SimpleEarnService"]),
+                                ("lp", lp.DESCRIPTOR.services_by_name["LaunchpoolService"])):
         missing = {m.name for m in descriptor.methods} - {m for s, m in covered if s == service}
         assert not missing, f"{service}: no corpus row for {sorted(missing)}"
 
@@ -741,19 +934,25 @@ EXPECTED_ROLES = {
         "ListInterest": {G, O, S}, "Subscribe": {G}, "Redeem": {G}, "SetAutoSubscribe": {G}, "CloseHour": {S},
         "RequestPayout": {S}, "GetPayoutStatus": {S, O}, "PreviewPayout": {S, O}, "MatureDue": {S},
     },
+    "earn.v1.LaunchpoolService": {
+        "CreateProject": {O}, "SetTradingVolume": {O, S}, "GetProject": {G, O, S}, "ListProjects": {G, O, S}, "ListStakes": {G, O, S},
+        "ListRewards": {G, O, S}, "Stake": {G}, "Unstake": {G}, "CloseRewardHour": {S}, "RequestRewardPayout": {S},
+        "GetRewardPayoutStatus": {S, O},
+    },
 }
 
 
 def _descriptors() -> list[Any]:
     from earn.v1 import simple_earn_pb2, wallet_pb2
 
-    return [wallet_pb2.DESCRIPTOR.services_by_name["WalletService"], simple_earn_pb2.DESCRIPTOR.services_by_name["SimpleEarnService"]]
+    return [wallet_pb2.DESCRIPTOR.services_by_name["WalletService"], simple_earn_pb2.DESCRIPTOR.services_by_name["SimpleEarnService"],
+            lp.DESCRIPTOR.services_by_name["LaunchpoolService"]]
 
 
 def test_every_rpc_of_the_protos_is_in_the_role_tables() -> None:
     """Deny by default would refuse an RPC missing from ROLES to everyone: a new RPC must be
     added to the table (and to EXPECTED_ROLES here) on purpose."""
-    tables = {"earn.v1.WalletService": WALLET_ROLES, "earn.v1.SimpleEarnService": EARN_ROLES}
+    tables = {"earn.v1.WalletService": WALLET_ROLES, "earn.v1.SimpleEarnService": EARN_ROLES, "earn.v1.LaunchpoolService": LAUNCHPOOL_ROLES}
     for descriptor in _descriptors():
         table = tables[descriptor.full_name]
         names = {f"{descriptor.full_name}/{m.name}" for m in descriptor.methods}
@@ -794,7 +993,7 @@ async def test_role_table(stubs, ctx: Ctx, service: str, method: str, caller: st
     an allowed caller gets past authorization and meets validation or reads); a refused
     caller gets UNAUTHENTICATED (no valid token) or PERMISSION_DENIED (a role not in the
     table), before anything else."""
-    stub = stubs["wallet" if service.endswith("WalletService") else "earn"]
+    stub = stubs["wallet" if service.endswith("WalletService") else "lp" if service.endswith("LaunchpoolService") else "earn"]
     descriptor = next(d for d in _descriptors() if d.full_name == service).methods_by_name[method]
     from google.protobuf import message_factory
 
