@@ -171,6 +171,11 @@ class World:
                 cli.kill()
                 self.crashes += 1
             await asyncio.to_thread(cli.wait)
+        engine = self.processes["accrual"]
+        if self.chaos is not None and not engine.running():
+            # The worker exits on purpose when it cannot go on (exit 70: a delivery or a
+            # direct read timed out); the supervisor (`make run`, Kubernetes) restarts it.
+            engine.start()
         done = await asyncio.to_thread(
             subprocess.run, self._cli(), cwd=REPO_ROOT, env=self.env, capture_output=True, text=True, timeout=600,
         )

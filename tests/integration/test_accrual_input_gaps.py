@@ -1,0 +1,127 @@
+"""Input messages faust's stream did not deliver are read straight from the topic (the
+engine's ``InputReader`` against the real broker): a gap revealed by the next message,
+a tail that no later message reveals (the stall watchdog), and where a partition starts
+when first assigned (the group's committed offset). The engine's logic runs in memory
+(``Engine.in_memory``); its output must equal the output of an engine that was given
+every message."""
+
+from __future__ import annotations
+
+import copy
+import uuid
+from types import SimpleNamespace
+
+import pytest
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka.structs import OffsetAndMetadata
+
+from services.accrual.app import INPUT, Engine, InputReader
+from services.kernel import topics
+from services.kernel.config import Settings
+from services.kernel.topics import topic_name
+from tests.conftest import Env
+from tests.integration.test_accrual_engine import PARTITIONS, scenario
+from tests.unit.test_accrual_engine_memory import Sink, feed, log_of
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+async def published(stack: Env) -> tuple[Settings, list[list[bytes]]]:
+    """A scenario's input logs published to an input topic of their own."""
+    settings = Settings(pg_database=stack.settings.pg_database, topic_prefix=f"{stack.settings.topic_prefix}gaps{uuid.uuid4().hex[:6]}.")
+    topics.ensure_topics(settings, [INPUT])
+    logs = log_of(scenario(seed=7, positions=40, hours=30, payouts_every=6))
+    producer = AIOKafkaProducer(bootstrap_servers=settings.kafka_bootstrap, acks="all", enable_idempotence=True)
+    await producer.start()
+    try:
+        for p, log in enumerate(logs):
+            for value in log:
+                await producer.send(topic_name(settings, INPUT), value, partition=p)
+        await producer.flush()
+    finally:
+        await producer.stop()
+    return settings, logs
+
+
+def engine_on(settings: Settings, group: str = "gaps-test") -> tuple[Engine, Sink]:
+    sink = Sink()
+    engine = Engine.in_memory(sink, PARTITIONS)
+    topic = topic_name(settings, INPUT)
+    engine.reader = InputReader(settings.kafka_bootstrap, topic, group)
+    assigned = {TopicPartition(topic, p) for p in range(PARTITIONS)}
+    engine.app = SimpleNamespace(  # type: ignore[assignment]
+        rebalancing=False, in_recovery=False, unassigned=False, consumer=SimpleNamespace(assignment=lambda: assigned)
+    )
+    return engine, sink
+
+
+async def everything(logs: list[list[bytes]]) -> Sink:
+    sink = Sink()
+    await feed(Engine.in_memory(sink, PARTITIONS), logs, [0] * PARTITIONS, [len(log) for log in logs])
+    assert sink.items and sink.last
+    return sink
+
+
+async def test_a_gap_revealed_by_the_next_message_is_read_directly(published: tuple[Settings, list[list[bytes]]]) -> None:
+    settings, logs = published
+    expected = await everything(logs)
+    engine, sink = engine_on(settings)
+    ends = [len(log) for log in logs]
+    # The stream delivers each partition's first third, skips the second, delivers the rest.
+    thirds = [end // 3 for end in ends]
+    engine._next = {p: 0 for p in range(PARTITIONS)}
+    await feed(engine, logs, [0] * PARTITIONS, thirds)
+    skip_to = [2 * t for t in thirds]
+    await feed(engine, logs, skip_to, ends)
+    assert (sink.items, sink.last) == (expected.items, expected.last)
+    assert not sink.conflicts
+    assert engine._read_directly == {p: range(thirds[p], skip_to[p]) for p in range(PARTITIONS)}
+
+
+async def test_a_tail_no_message_reveals_is_read_once_the_stream_is_idle(published: tuple[Settings, list[list[bytes]]]) -> None:
+    settings, logs = published
+    expected = await everything(logs)
+    engine, sink = engine_on(settings)
+    ends = [len(log) for log in logs]
+    tails = [end - 1 - p % 3 for p, end in enumerate(ends)]  # 1 to 3 messages never delivered
+    engine._next = {p: 0 for p in range(PARTITIONS)}
+    await feed(engine, logs, [0] * PARTITIONS, tails)
+    assert sink.last != expected.last  # the last payout requests were not seen
+
+    await engine.watch_stalls(stall_seconds=60)  # the stream delivered just now: not idle
+    assert engine._next == dict(enumerate(tails))
+    engine.app.rebalancing = True  # type: ignore[attr-defined]
+    engine._active -= 120
+    await engine.watch_stalls(stall_seconds=60)  # idle, but a rebalance is under way
+    assert engine._next == dict(enumerate(tails))
+
+    engine.app.rebalancing = False  # type: ignore[attr-defined]
+    await engine.watch_stalls(stall_seconds=60)
+    assert (sink.items, sink.last) == (expected.items, expected.last)
+    assert engine._next == dict(enumerate(ends))
+    assert engine._read_directly == {p: range(tails[p], ends[p]) for p in range(PARTITIONS)}
+
+    # If the stream delivers them after all, they are not applied twice.
+    tables = copy.deepcopy((engine.products, engine.positions, engine.partitions_meta, engine.payouts))
+    items = dict(sink.items)
+    await feed(engine, logs, tails, ends)
+    assert (engine.products, engine.positions, engine.partitions_meta, engine.payouts) == tables
+    assert sink.items == items and not sink.conflicts
+
+
+async def test_a_partition_first_assigned_starts_at_the_groups_committed_offset(published: tuple[Settings, list[list[bytes]]]) -> None:
+    settings, _ = published
+    group = f"gaps-{uuid.uuid4().hex[:8]}"
+    topic = topic_name(settings, INPUT)
+    committer = AIOKafkaConsumer(bootstrap_servers=settings.kafka_bootstrap, group_id=group, enable_auto_commit=False)
+    await committer.start()
+    try:
+        committer.assign([TopicPartition(topic, 1)])
+        await committer.commit({TopicPartition(topic, 1): OffsetAndMetadata(5, "")})
+    finally:
+        await committer.stop()
+    engine, _ = engine_on(settings, group)
+    engine._next = {2: 3}  # seen before by this process: kept
+    await engine._on_assigned(None, {TopicPartition(topic, p) for p in range(PARTITIONS)} | {TopicPartition("other", 0)})
+    assert engine._next == {0: 0, 1: 5, 2: 3, 3: 0, 4: 0, 5: 0}
