@@ -37,21 +37,27 @@ TOTAL = "24000"  # USDT: 1,000 an hour
 
 
 class _Sink:
+    """The output topic, in-process: keeps the serialised batches (read after the timing)."""
+
     def __init__(self) -> None:
-        self.batches = 0
-        self.items = 0
-        self.units = 0
+        self.values: list[bytes] = []
 
     async def send(self, *, key: bytes, value: bytes, partition: int, force: bool):  # type: ignore[no-untyped-def]
-        batch = events.unwrap(events.parse(value), accrual_pb2.PayoutBatch)
-        self.batches += 1
-        self.items += len(batch.amounts)
-        for amount in batch.amounts:
-            whole, _, frac = amount.partition(".")
-            self.units += int(whole) * 10**6 + int((frac + "000000")[:6])
+        self.values.append(value)
         fut = asyncio.get_running_loop().create_future()
         fut.set_result(None)
         return fut
+
+    def totals(self) -> tuple[int, int, int]:
+        """(batches, items, units of 10**-6 paid)."""
+        items = units = 0
+        for value in self.values:
+            batch = events.unwrap(events.parse(value), accrual_pb2.PayoutBatch)
+            items += len(batch.amounts)
+            for amount in batch.amounts:
+                whole, _, frac = amount.partition(".")
+                units += int(whole) * 10**6 + int((frac + "000000")[:6])
+        return len(self.values), items, units
 
 
 def envelope(message, key: str) -> bytes:  # type: ignore[no-untyped-def]
@@ -138,14 +144,15 @@ async def run(stakers: int) -> None:
     cpu0 = time.process_time()
     await engine.apply(0, offset, value)
     elapsed, cpu = time.perf_counter() - t0, time.process_time() - cpu0
+    batches, items, paid = sink.totals()
     hour = Fraction(TOTAL) / HOURS * 10**6
     pool = engine.pool(0, "bench")
     assert pool is not None
     undistributed = pool.undistributed * 10**6  # before the first staker entered
-    shortfall = hour - undistributed - sink.units
+    shortfall = hour - undistributed - paid
     say(f"3. payout of the hour to {stakers:,} stakers: {elapsed:.2f} s wall, {cpu:.2f} s CPU = {elapsed / stakers * 1e6:.1f} µs per staker;"
-        f" {sink.items:,} items in {sink.batches} PayoutBatch messages")
-    say(f"   paid {sink.units / 10**6:,.6f} USDT of the hour's {float(hour) / 10**6:,.6f} ({float(undistributed) / 10**6:,.6f} not distributed:"
+        f" {items:,} items in {batches} PayoutBatch messages (built and serialised)")
+    say(f"   paid {paid / 10**6:,.6f} USDT of the hour's {float(hour) / 10**6:,.6f} ({float(undistributed) / 10**6:,.6f} not distributed:"
         f" before the first staker); rounding dust {float(shortfall):,.0f} units (< one unit per staker: {shortfall < stakers})")
     assert 0 <= shortfall < stakers
 
