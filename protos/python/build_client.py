@@ -2,7 +2,8 @@
 
 1. Stage the package in a build folder (default build/client): this folder's
    pyproject.toml and earn_client/, nothing else.
-2. Generate earn/v1/*_pb2.py, *_pb2.pyi and *_pb2_grpc.py into it from protos/earn/v1/*.proto
+2. Generate earn/v1/*_pb2.py, *_pb2.pyi, *_pb2_grpc.py and *_pb2_grpc.pyi (typed stubs and
+   servicers, mypy-protobuf) into it from protos/earn/v1/*.proto
    with grpc_tools.protoc, as `make proto` does for the services (so the client's stubs and
    the servers' come from the same protoc), and mark earn/v1 typed (py.typed).
 3. `pip wheel --no-deps --no-build-isolation`: the interpreter's own setuptools builds it,
@@ -44,8 +45,10 @@ def stage(stage_dir: Path) -> Path:
     if not protos:
         raise SystemExit(f"no .proto files under {PROTOS / 'earn'}")
     out = str(stage_dir)
+    plugin = Path(sys.executable).with_name("protoc-gen-mypy_grpc")  # mypy-protobuf, next to this Python
     _run(sys.executable, "-m", "grpc_tools.protoc", "-I", ".", f"--python_out={out}", f"--pyi_out={out}",
-         f"--grpc_python_out={out}", *protos, cwd=PROTOS)
+         f"--grpc_python_out={out}", f"--plugin=protoc-gen-mypy_grpc={plugin}", f"--mypy_grpc_out=quiet:{out}",
+         *protos, cwd=PROTOS)
     (stage_dir / "earn" / "v1" / "py.typed").touch()
     return stage_dir
 

@@ -3,7 +3,7 @@ the README's grpcurl examples.
 
 - The wheel is built the way `make client` builds it (protos/python/build_client.py, into
   a temporary folder) and holds exactly the package: earn_client, and for every .proto
-  the generated *_pb2.py, its *_pb2.pyi and *_pb2_grpc.py, py.typed markers, dependency
+  the generated *_pb2.py, its *_pb2.pyi, *_pb2_grpc.py and its *_pb2_grpc.pyi, py.typed markers, dependency
   ranges that admit the platform's pinned grpcio and protobuf.
 - It installs offline (`pip install --no-index`) into a fresh virtual environment. Its
   dependencies are the suite's own installed grpcio and protobuf, reached through a .pth
@@ -11,6 +11,8 @@ the README's grpcurl examples.
   (no build/gen, no services): whatever `earn` the examples import is the wheel's.
 - Each example runs in that environment against a wallet and a Simple Earn started on
   free ports, and its output is checked.
+- Every RPC of every service is typed (request and response messages) in the generated
+  *_pb2_grpc.pyi of build/gen and of the wheel.
 - Every RPC of WalletService and SimpleEarnService has a grpcurl example in README.md
   whose request JSON parses into the request message, sent to the service's default port
   with a token whose role may call the method.
@@ -18,6 +20,7 @@ the README's grpcurl examples.
 
 from __future__ import annotations
 
+import ast
 import os
 import re
 import shlex
@@ -85,7 +88,7 @@ def test_wheel_holds_the_stubs_their_types_and_the_helper(wheel: Path) -> None:
     modules = {n for n in names if ".dist-info/" not in n}
     expected = {"earn_client/__init__.py", "earn_client/py.typed", "earn/v1/py.typed"}
     for stem in PROTO_MODULES:
-        expected |= {f"earn/v1/{stem}_pb2.py", f"earn/v1/{stem}_pb2.pyi", f"earn/v1/{stem}_pb2_grpc.py"}
+        expected |= {f"earn/v1/{stem}_pb2{suffix}" for suffix in (".py", ".pyi", "_grpc.py", "_grpc.pyi")}
     assert modules == expected  # nothing else: no earn/__init__.py (a namespace, as in build/gen), no services
 
     assert metadata["Name"] == "earn-client" and metadata["Version"] == "0.1.0"
@@ -96,6 +99,47 @@ def test_wheel_holds_the_stubs_their_types_and_the_helper(wheel: Path) -> None:
         (pinned,) = [spec.version for spec in pins[name].specifier]
         assert requirement.specifier.contains(pinned), f"{requirement} does not admit the platform's pin {name}=={pinned}"
         assert next(s for s in requirement.specifier if s.operator == ">=").version == pinned, requirement
+
+
+def typed_rpcs(stub_pyi: str) -> dict[str, dict[str, str]]:
+    """Per class of a *_pb2_grpc.pyi: its annotated attributes (name -> annotation source)."""
+    tree = ast.parse(stub_pyi)
+    return {
+        node.name: {
+            item.target.id: ast.unparse(item.annotation)
+            for item in node.body
+            if isinstance(item, ast.AnnAssign) and isinstance(item.target, ast.Name)
+        }
+        for node in tree.body
+        if isinstance(node, ast.ClassDef)
+    }
+
+
+@pytest.mark.parametrize("where", ["build/gen", "wheel"])
+def test_every_rpc_is_typed_in_the_grpc_stubs(where: str, wheel: Path) -> None:
+    """The *_pb2_grpc.pyi (mypy-protobuf) types every method of every service's sync and
+    async stub with its request and response messages, in build/gen (`make proto`) and in
+    the wheel."""
+    import importlib
+
+    checked = 0
+    for stem in PROTO_MODULES:
+        module = importlib.import_module(f"earn.v1.{stem}_pb2")
+        if where == "wheel":
+            with zipfile.ZipFile(wheel) as archive:
+                text = archive.read(f"earn/v1/{stem}_pb2_grpc.pyi").decode()
+        else:
+            text = (REPO_ROOT / "build" / "gen" / "earn" / "v1" / f"{stem}_pb2_grpc.pyi").read_text()
+        classes = typed_rpcs(text)
+        for service in module.DESCRIPTOR.services_by_name.values():
+            for kind, callable_ in ((f"{service.name}Stub", "_grpc.UnaryUnaryMultiCallable"),
+                                    (f"{service.name}AsyncStub", "_aio.UnaryUnaryMultiCallable")):
+                assert kind in classes, f"{stem}_pb2_grpc.pyi has no {kind}"
+                for method in service.methods:
+                    expected = f"{callable_}[_{stem}_pb2.{method.input_type.name}, _{stem}_pb2.{method.output_type.name}]"
+                    assert classes[kind].get(method.name) == expected, (kind, method.name, classes[kind].get(method.name))
+                    checked += 1
+    assert checked
 
 
 def test_no_generated_code_is_committed() -> None:
@@ -113,7 +157,7 @@ site = Path(sysconfig.get_paths()["purelib"])
 for module in (earn_client, accrual_pb2, events_pb2, simple_earn_pb2, wallet_pb2, wallet_pb2_grpc):
     path = Path(module.__file__)
     assert path.is_relative_to(site), path
-    assert module is earn_client or module is wallet_pb2_grpc or path.with_suffix(".pyi").is_file(), path
+    assert module is earn_client or path.with_suffix(".pyi").is_file(), path
 assert [Path(p) for p in earn.__path__] == [site / "earn"], earn.__path__
 assert (site / "earn_client" / "py.typed").is_file() and (site / "earn" / "v1" / "py.typed").is_file()
 try:
