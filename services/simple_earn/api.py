@@ -234,7 +234,7 @@ class SimpleEarnApi(simple_earn_pb2_grpc.SimpleEarnServiceServicer):
         return await idempotency.write_once(self.pool, method=method, request=request, response_type=response_type, work=work)
 
     async def _payout_id(self, job: str, period: str) -> int:
-        """The small id interest rows carry for (job, period); cached (it never changes)."""
+        """The small id interest records carry for (job, period); cached (it never changes)."""
         found = self._payout_ids.get((job, period))
         if found is None:
             if len(self._payout_ids) > 10_000:
@@ -801,20 +801,21 @@ class SimpleEarnApi(simple_earn_pb2_grpc.SimpleEarnServiceServicer):
         parks the record for a look.
 
         Record first, then the wallet (the pattern of Redeem). One statement checks every
-        item against ``positions`` and records the interest rows, the items left out and
-        why, the reinvestment decision, the event id (inbox) and the batch row under its
-        natural key (job, period, partition, sequence); per (job, period, position) the
-        interest row is unique. Then one wallet BulkCredit pays exactly the recorded items,
-        keyed by the batch; the reinvestment holds follow, keyed by (job, period,
-        position); a last transaction marks the batch posted (its partition done if it is
-        the last) and adds the reinvested interest to the positions.
+        item against ``positions`` and records the items (as arrays, a few payout_items
+        rows per batch), the items left out and why, the reinvestment decision, the event
+        id (inbox) and the batch row under its natural key (job, period, partition,
+        sequence); an item whose position another batch of the payout recorded is left
+        out (under a lock per payout and product). Then one wallet BulkCredit pays exactly
+        the recorded items, keyed by the batch; the reinvestment holds follow, keyed by
+        (job, period, position); a last transaction marks the batch posted (its partition
+        done if it is the last) and adds the reinvested interest to the positions.
 
         A redelivery, in the same envelope or re-emitted, finds the batch row: posted ->
         "duplicate"; recorded but not posted (a crash or a wallet outage in between) -> the
         same credit and holds again, rebuilt from the row and the columns, which the wallet
         answers from their keys. A batch delivered again with other items than the first
         time is refused (parked) and pays nothing more. Until the wallet confirms, the
-        interest rows are visible but the batch counts in no GetPayoutStatus total.
+        interest records are visible but the batch counts in no GetPayoutStatus total.
         """
         env = events.parse(raw)
         batch = events.unwrap(env, accrual_pb2.PayoutBatch)

@@ -190,12 +190,13 @@ def rates_event(p: Product, tiers: Tiers, effective_hour: int) -> list[outbox.Ou
 
 # ---- positions -----------------------------------------------------------------------
 
-# interest_paid is derived on read, the sum of the position's interest rows (an
-# index-only scan of interest_position_payout), instead of an UPDATE per payout.
+# interest_paid is derived on read, the sum of the position's interest records
+# (position_interest: its rows in interest_records and its items in the payout_items
+# chunks whose range holds it), instead of an UPDATE per payout.
 _POSITION_COLUMNS = (
     "id, user_id, product_id, asset, kind, principal, status, auto_subscribe, auto_renew, fixed_tiers::text AS fixed_tiers,"
     " accrues_from_hour, matures_hour, closed_from_hour, opened_at,"
-    " (SELECT coalesce(sum(i.amount), 0) FROM interest i WHERE i.position_id = positions.id) AS interest_paid"
+    " (SELECT coalesce(sum(i.amount), 0) FROM position_interest(positions.id) i) AS interest_paid"
 )
 
 
@@ -419,7 +420,7 @@ async def insert_redemption(
 
 
 async def payout_id(conn: asyncpg.Connection | asyncpg.Pool, job: str, period: str) -> int:
-    """The id of payout (job, period), created on first use (interest rows carry it)."""
+    """The id of payout (job, period), created on first use (interest records carry it)."""
     found = await conn.fetchval("SELECT id FROM payouts WHERE job = $1 AND period = $2", job, period)
     if found is None:
         await conn.execute("INSERT INTO payouts (job, period) VALUES ($1, $2) ON CONFLICT DO NOTHING", job, period)
@@ -434,7 +435,7 @@ async def insert_maturity_interest(
     maturity is one payout). False when recorded before."""
     return bool(
         await conn.fetchval(
-            "INSERT INTO interest (payout_id, position_id, amount, from_hour, to_hour, reinvested, created_at)"
+            "INSERT INTO interest_records (payout_id, position_id, amount, from_hour, to_hour, reinvested, created_at)"
             " SELECT p.id, $2, $3, $4, $5, $6, $7 FROM payouts p WHERE p.job = $1 AND p.period = ''"
             " ON CONFLICT (position_id, payout_id) DO NOTHING RETURNING true",
             MATURITY_JOB, position_id, amount, from_hour, to_hour, reinvested, at,
@@ -463,55 +464,62 @@ async def list_records(
     )
 
 
-# A listing of every position's interest walks ids in windows of this many ids per row
-# asked, at most this many windows per page (then the page may come back short, with a
-# token to go on).
-INTEREST_WINDOW_PER_ROW = 16
-INTEREST_WINDOWS_PER_PAGE = 64
+# A record's id: block * BLOCK + its index in the chunk (migration 0005).
+BLOCK = 16384
 
 
 async def list_interest(
     pool: asyncpg.Pool, user_id: str, position_id: int | None, time_from: datetime | None, time_to: datetime | None, after_id: int, limit: int
 ) -> tuple[list[asyncpg.Record], int | None]:
     """Interest records by id after ``after_id`` (at most ``limit``), with the position's
-    product and asset and the payout's period (a maturity's period is its position id),
-    and where to go on when the walk stopped before the end without filling the page.
+    product and asset and the payout's period (a maturity's period is its position id).
+    The second value is where to go on when a page stopped short (always None now: a
+    page is filled when there are records).
 
-    The filters are written into the SQL only when set, so a user's records are found
-    through the user's positions (positions_user, then interest_position_payout), never by
-    a scan. Without a user or a position, ids are walked in windows through a BRIN index
-    (interest_id_ranges): each window reads only the blocks of its ids."""
-    sql = (
+    With a user or a position, the records are those of the user's positions
+    (positions_user) through position_interest, never a scan. Without either, both tables
+    are read in id order (interest_records by its id, payout_items by block, at most
+    ``limit`` chunks) and merged."""
+    head = (
         "SELECT i.id, i.position_id, p.product_id, p.asset, i.amount, i.from_hour, i.to_hour, i.reinvested, i.created_at,"
         " CASE WHEN o.job = $1 THEN i.position_id::text ELSE o.period END AS period"
-        " FROM interest i JOIN positions p ON p.id = i.position_id JOIN payouts o ON o.id = i.payout_id WHERE i.id > $2"
     )
     args: list[object] = [MATURITY_JOB, after_id]
-    for clause, value in (
-        ("p.user_id = ${}", user_id or None),
-        ("i.position_id = ${}", position_id),
-        ("i.created_at >= ${}", time_from),
-        ("i.created_at < ${}", time_to),
-    ):
-        if value is not None:
-            args.append(value)
-            sql += " AND " + clause.format(len(args))
+
+    def filters(clauses: tuple[tuple[str, object], ...]) -> str:
+        sql = ""
+        for clause, value in clauses:
+            if value is not None:
+                args.append(value)
+                sql += " AND " + clause.format(len(args))
+        return sql
+
     if user_id or position_id is not None:
+        sql = (
+            head + " FROM positions p CROSS JOIN LATERAL (SELECT p.id AS position_id, x.* FROM position_interest(p.id) x) i"
+            " JOIN payouts o ON o.id = i.payout_id WHERE i.id > $2"
+        )
+        sql += filters((("p.user_id = ${}", user_id or None), ("p.id = ${}", position_id), ("i.created_at >= ${}", time_from), ("i.created_at < ${}", time_to)))
         args.append(limit)
         return await pool.fetch(sql + f" ORDER BY i.id LIMIT ${len(args)}", *args), None
-    window = max(limit, 1) * INTEREST_WINDOW_PER_ROW
-    last = await pool.fetchval("SELECT CASE WHEN is_called THEN last_value ELSE 0 END FROM interest_id_seq")
-    sql += f" AND i.id <= ${len(args) + 1} ORDER BY i.id LIMIT ${len(args) + 2}"
-    args.extend((0, 0))
-    found: list[asyncpg.Record] = []
-    start = after_id
-    for _ in range(INTEREST_WINDOWS_PER_PAGE):
-        if len(found) >= limit or start >= last:
-            return found, None
-        args[1], args[-2], args[-1] = start, start + window, limit - len(found)
-        found.extend(await pool.fetch(sql, *args))
-        start += window
-    return found, (None if len(found) >= limit or start >= last else start)
+    times = filters((("i.created_at >= ${}", time_from), ("i.created_at < ${}", time_to)))
+    args.append(limit)
+    n = f"${len(args)}"
+    rows = await pool.fetch(
+        head + " FROM interest_records i JOIN positions p ON p.id = i.position_id JOIN payouts o ON o.id = i.payout_id"
+        f" WHERE i.id > $2{times} ORDER BY i.id LIMIT {n}",
+        *args,
+    )
+    items = await pool.fetch(
+        head + " FROM (SELECT b.* FROM payout_items b"
+        f"  WHERE b.block >= $2::bigint / {BLOCK}{times.replace('i.created_at', 'b.created_at')} ORDER BY b.block LIMIT {n}) b"
+        f" CROSS JOIN LATERAL (SELECT b.block * {BLOCK} + u.k - 1 AS id, u.position_id, b.payout_id, u.amount, u.from_hour, b.to_hour,"
+        "   EXISTS (SELECT 1 FROM payout_reinvestments x WHERE x.position_id = u.position_id AND x.payout_id = b.payout_id) AS reinvested,"
+        "   b.created_at FROM unnest(b.position_ids, b.amounts, b.from_hours) WITH ORDINALITY AS u(position_id, amount, from_hour, k)) i"
+        f" JOIN positions p ON p.id = i.position_id JOIN payouts o ON o.id = i.payout_id WHERE i.id > $2 ORDER BY i.id LIMIT {n}",
+        *args,
+    )
+    return sorted([*rows, *items], key=lambda r: r["id"])[:limit], None
 
 
 # ---- watermark and payouts ------------------------------------------------------------
@@ -557,7 +565,7 @@ async def flexible_products(conn: asyncpg.Connection, cadence: Cadence) -> list[
 # ---- payout batches ------------------------------------------------------------------------
 #
 # A batch is recorded in ONE statement (record_payout_batch) before the wallet is called:
-# the items are checked against positions, their interest rows inserted, what was left
+# the items are checked against positions, their interest records inserted, what was left
 # out and why, the reinvestment decision, the event id (inbox) and the batch row with its
 # totals. The wallet credit follows with a key derived from the batch; post_payout_batch
 # then marks the batch posted (and its partition done when it is the last). A redelivery
@@ -604,13 +612,16 @@ async def payout_batch(conn: asyncpg.Connection | asyncpg.Pool, job: str, period
 # out before (by the caller's checks), $19 why (NULL: none), $20 the payout's id.
 #
 # The items are checked against positions through positions_identity (an index-only
-# scan: id, user, product, asset, and what decides a reinvestment). {conflict} is empty on
-# the fast path: an item whose (payout, position) another batch recorded fails the
-# whole statement on interest_position_payout (nothing is written), and the slow path
-# runs it again with ON CONFLICT DO NOTHING, leaving such items out. A speculative insert
-# per row costs about as much as the rest of the insert, for a case that should never
-# happen (the engine puts a position in one batch of a payout).
-_RECORD_BATCH = r"""
+# scan: id, user, product, asset, and what decides a reinvestment). The items recorded go
+# into payout_items as arrays, CHUNK items per row (see migration 0005), not one row
+# each. A position recorded by another batch of the payout is left out: `paid` finds
+# them among the payout's chunks whose range overlaps this batch's (the other
+# partitions' items in the same id range; none when the engine behaves), and among the
+# payout's rows in interest_records when it has any (recorded before migration 0005).
+# The caller holds the payout's lock for (payout, product) (PAYOUT_LOCK), taken before
+# this statement's snapshot, so two batches cannot both record one position.
+CHUNK = 200
+RECORD_BATCH = r"""
 WITH t AS MATERIALIZED (
     SELECT t.n, t.pos, t.u, t.m, t.f,
            coalesce(p.user_id = t.u AND p.product_id = $6 AND p.asset = $7, false) AS ok,
@@ -622,16 +633,38 @@ WITH t AS MATERIALIZED (
     LEFT JOIN LATERAL (
         SELECT p.user_id, p.product_id, p.asset, p.kind, p.status, p.auto_subscribe FROM positions p WHERE p.id = t.pos LIMIT 1
     ) p ON true
+), span AS MATERIALIZED (
+    SELECT min(t.pos) AS lo, max(t.pos) AS hi FROM t WHERE t.ok
+), paid AS MATERIALIZED (
+    -- One aggregate over this batch's positions and the overlapping chunks' (no join whose
+    -- method a misestimate could turn into a nested loop over both).
+    SELECT x.pos FROM (
+        SELECT t.pos, true AS mine FROM t WHERE t.ok
+        UNION ALL
+        SELECT u.pos, false FROM span, payout_items b CROSS JOIN LATERAL unnest(b.position_ids) AS u(pos)
+        WHERE b.payout_id = $20 AND b.hi >= span.lo AND b.lo <= span.hi AND u.pos BETWEEN span.lo AND span.hi
+        UNION ALL
+        SELECT r.position_id, false FROM interest_records r, span
+        WHERE r.payout_id = $20 AND r.position_id BETWEEN span.lo AND span.hi AND (SELECT o.in_records FROM payouts o WHERE o.id = $20)
+    ) x GROUP BY x.pos HAVING bool_or(x.mine) AND NOT bool_and(x.mine)
+), rec AS MATERIALIZED (
+    SELECT t.pos, t.m, t.f, row_number() OVER (ORDER BY t.n) - 1 AS k FROM t WHERE t.ok AND t.pos NOT IN (SELECT paid.pos FROM paid)
 ), ins AS (
-    INSERT INTO interest (payout_id, position_id, amount, from_hour, to_hour, created_at)
-    SELECT $20, t.pos, t.m, t.f, $8, $10 FROM t WHERE t.ok
-    {insert_tail}
+    INSERT INTO payout_items (block, payout_id, "partition", sequence, product_id, lo, hi, to_hour, created_at, position_ids, amounts, from_hours)
+    SELECT nextval('interest_blocks'), $20, $3, $4, $6, c.lo, c.hi, $8, $10, c.ids, c.ms, c.fs
+    FROM (
+        SELECT min(rec.pos) AS lo, max(rec.pos) AS hi,
+               array_agg(rec.pos ORDER BY rec.k) AS ids, array_agg(rec.m ORDER BY rec.k) AS ms, array_agg(rec.f ORDER BY rec.k) AS fs
+        FROM rec GROUP BY rec.k / {chunk} ORDER BY rec.k / {chunk}
+    ) c
 ), sums AS (
-    {sums}
+    SELECT count(*)::integer AS items, coalesce(sum(rec.m), 0) AS paid FROM rec
 ), left_out AS (
     SELECT t.n, format('position %s: no such position of user/product/asset %s/%s/%s', t.pos, t.u, $6, $7) AS why
     FROM t WHERE NOT t.ok
-    {conflicts}
+    UNION ALL
+    SELECT t.n, format('position %s: paid before by another batch of %s %s', t.pos, $1::text, $2::text)
+    FROM t WHERE t.ok AND t.pos IN (SELECT paid.pos FROM paid)
 ), inbox_row AS (
     INSERT INTO inbox (consumer, event_id) VALUES ($11, $12::uuid) ON CONFLICT DO NOTHING RETURNING 1
 ), batch AS (
@@ -647,21 +680,10 @@ WITH t AS MATERIALIZED (
     RETURNING items, paid, excluded, problems, reinvest, digest, posted_at
 )
 SELECT (SELECT count(*) FROM inbox_row) AS first_time, b.* FROM (SELECT) AS one LEFT JOIN batch b ON true
-"""
-# Fast path: every checked item goes in (or the statement fails), so the totals are the
-# checked items' and the insert returns nothing.
-RECORD_BATCH = _RECORD_BATCH.format(
-    insert_tail="",
-    sums="SELECT count(*)::integer AS items, coalesce(sum(t.m), 0) AS paid FROM t WHERE t.ok",
-    conflicts="",
-)
-RECORD_BATCH_SKIPPING_PAID = _RECORD_BATCH.format(
-    insert_tail="ON CONFLICT (position_id, payout_id) DO NOTHING RETURNING position_id, amount",
-    sums="SELECT count(*)::integer AS items, coalesce(sum(amount), 0) AS paid FROM ins",
-    conflicts="""UNION ALL
-    SELECT t.n, format('position %s: paid before by another batch of %s %s', t.pos, $1::text, $2::text)
-    FROM t WHERE t.ok AND t.pos NOT IN (SELECT position_id FROM ins)""",
-)
+""".format(chunk=CHUNK)
+# Taken (transaction-scoped) before RECORD_BATCH: one batch of a payout and product
+# records at a time, so the check for positions recorded before sees every other batch.
+PAYOUT_LOCK = "SELECT pg_advisory_xact_lock($1, hashtext($2))"
 
 
 async def record_payout_batch(
@@ -698,20 +720,13 @@ async def record_payout_batch(
         job, period, partition, sequence, last, product_id, asset, boundary_hour, digest, at,
         consumer, event_id, position_ids, user_ids, amounts, from_hours, sent, excluded, problems, payout,
     )
-    try:
-        return await _record(pool, RECORD_BATCH, args)
-    except asyncpg.UniqueViolationError as err:
-        if err.constraint_name != "interest_position_payout":
-            raise
-        return await _record(pool, RECORD_BATCH_SKIPPING_PAID, args)
-
-
-async def _record(pool: asyncpg.Pool, sql: str, args: tuple[object, ...]) -> RecordedBatch | None:
     async with pool.acquire() as conn:
         tx = conn.transaction()
         await tx.start()
         try:
-            row = await conn.fetchrow(sql, *args)
+            if position_ids:
+                await conn.execute(PAYOUT_LOCK, payout, product_id)
+            row = await conn.fetchrow(RECORD_BATCH, *args)
             assert row is not None
             if row["items"] is None or not row["first_time"]:
                 await tx.rollback()
@@ -747,7 +762,13 @@ async def post_payout_batch(
 
 
 async def mark_reinvested(conn: asyncpg.Connection, payout: int, position_id: int) -> None:
-    await conn.execute("UPDATE interest SET reinvested = true WHERE position_id = $2 AND payout_id = $1", payout, position_id)
+    """The position's interest of the payout went back into it (a row of
+    payout_reinvestments; a record of the payout in interest_records, from before migration
+    0005, carries its own flag)."""
+    await conn.execute(
+        "INSERT INTO payout_reinvestments (position_id, payout_id) VALUES ($2, $1) ON CONFLICT DO NOTHING", payout, position_id
+    )
+    await conn.execute("UPDATE interest_records SET reinvested = true WHERE position_id = $2 AND payout_id = $1", payout, position_id)
 
 
 async def payout_status(pool: asyncpg.Pool, job: str, period: str) -> tuple[int, int, dict[str, Decimal]]:
@@ -790,8 +811,8 @@ async def preview_positions(pool: asyncpg.Pool, product_ids: list[str], after_id
         "SELECT p.id, p.user_id, p.product_id, p.asset, p.status FROM positions p"
         " WHERE p.id > $1 AND p.kind = 'flexible' AND p.product_id = ANY($2::text[])"
         " AND (p.status = 'active' OR p.closed_from_hour > coalesce("
-        "   (SELECT max(i.to_hour) FROM interest i WHERE i.position_id = p.id"
-        "    AND i.payout_id <> (SELECT id FROM payouts WHERE job = $3 AND period = '')), -1))"
+        "   (SELECT max(i.to_hour) FROM position_interest(p.id) i"
+        "    WHERE i.payout_id <> (SELECT id FROM payouts WHERE job = $3 AND period = '')), -1))"
         " ORDER BY p.id LIMIT $4",
         after_id, product_ids, MATURITY_JOB, limit,
     )
@@ -817,9 +838,10 @@ class PaidSoFar:
 async def payouts_so_far(pool: asyncpg.Pool, position_ids: list[int], job: str, period: str) -> dict[int, PaidSoFar]:
     """Per position: its payouts recorded before, other than (job, period) itself."""
     rows = await pool.fetch(
-        "SELECT i.position_id, max(i.to_hour) AS last_boundary, sum(i.amount) AS paid FROM interest i"
-        " WHERE i.position_id = ANY($1::bigint[]) AND i.payout_id NOT IN"
-        " (SELECT id FROM payouts WHERE (job = $2 AND period = '') OR (job = $3 AND period = $4)) GROUP BY i.position_id",
+        "SELECT x.position_id, max(i.to_hour) AS last_boundary, sum(i.amount) AS paid"
+        " FROM unnest($1::bigint[]) AS x(position_id) CROSS JOIN LATERAL position_interest(x.position_id) i"
+        " WHERE i.payout_id NOT IN (SELECT id FROM payouts WHERE (job = $2 AND period = '') OR (job = $3 AND period = $4))"
+        " GROUP BY x.position_id",
         position_ids, MATURITY_JOB, job, period,
     )
     return {r["position_id"]: PaidSoFar(r["last_boundary"], r["paid"]) for r in rows}
@@ -828,8 +850,12 @@ async def payouts_so_far(pool: asyncpg.Pool, position_ids: list[int], job: str, 
 async def recorded_payouts(pool: asyncpg.Pool, position_ids: list[int], job: str, period: str) -> dict[int, asyncpg.Record]:
     """The items (job, period) already paid, per position."""
     rows = await pool.fetch(
-        "SELECT i.position_id, i.amount, i.from_hour FROM interest i"
-        " WHERE i.payout_id = (SELECT id FROM payouts WHERE job = $1 AND period = $2) AND i.position_id = ANY($3::bigint[])",
+        "WITH o AS (SELECT id FROM payouts WHERE job = $1 AND period = $2)"
+        " SELECT r.position_id, r.amount, r.from_hour FROM interest_records r, o WHERE r.payout_id = o.id AND r.position_id = ANY($3::bigint[])"
+        " UNION ALL"
+        " SELECT x.position_id, b.amounts[k], b.from_hours[k] FROM o, unnest($3::bigint[]) AS x(position_id)"
+        " JOIN payout_items b ON b.hi >= x.position_id AND b.lo <= x.position_id"
+        " CROSS JOIN LATERAL array_position(b.position_ids, x.position_id) AS k WHERE b.payout_id = o.id AND k IS NOT NULL",
         job, period, position_ids,
     )
     return {r["position_id"]: r for r in rows}

@@ -852,7 +852,7 @@ def breakdown(
     say(f"     wallet BulkCredit, server side: {int(calls)} calls, {wallet_s:.2f} s = {wallet_s / max(1, calls):.2f} s per call,"
         f" {wallet_s / busy * 100:.0f}% of the consumer's time")
     say(f"     Simple Earn's own work: {busy - wallet_s:.2f} s = {(busy - wallet_s) / busy * 100:.0f}% (one statement records the batch: items"
-        " checked against positions, interest rows, inbox, batch row; then marks it posted)")
+        " checked against positions, payout item arrays, inbox, batch row; then marks it posted)")
     se_cpu, se_pg = usage.get("Simple Earn process", 0.0), usage.get("PostgreSQL backends of simple_earn", 0.0)
     w_cpu, w_pg = usage.get("wallet process", 0.0), usage.get("PostgreSQL backends of wallet", 0.0)
     say(f"     CPU per item: Simple Earn process {se_cpu / n * 1e6:.0f} µs + its PostgreSQL backends {se_pg / n * 1e6:.0f} µs;"

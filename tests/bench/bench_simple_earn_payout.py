@@ -11,8 +11,9 @@ batch, one amount per position. For each batch, timed on its own:
 
 - check: the columns checked in Python (``domain.check_payout_columns``);
 - record: the one statement that checks the items against ``positions`` and records the
-  interest rows, what was left out, the reinvestment decision, the inbox row and the batch
-  row (``store.record_payout_batch``, its transaction included): the DB time per batch
+  interest records (payout_items: arrays, 200 items per row), what was left out, the
+  reinvestment decision, the inbox row and the batch row (``store.record_payout_batch``,
+  its transaction and the payout's lock included): the DB time per batch
   the consumer spends before calling the wallet;
 - post: marking the batch posted after the wallet (``store.post_payout_batch``);
 - apply: the whole ``SimpleEarnApi.apply_payout`` (parse, check, record, post, and the
@@ -255,7 +256,7 @@ async def main(args: argparse.Namespace) -> None:
             for name, values in applied.items():
                 say(f"   {name:<24} {ms(values)}")
             rows = await pool.fetchval("SELECT count(*) FROM interest")
-            say(f"   interest rows now: {rows:,}")
+            say(f"   interest records now: {rows:,}")
             await explain(pool, max(second, key=lambda b: len(b.position_ids)))
             load_now = os.getloadavg()
             say("\nRESULT")
