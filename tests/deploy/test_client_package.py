@@ -13,7 +13,7 @@ the README's grpcurl examples.
   free ports, and its output is checked.
 - Every RPC of every service is typed (request and response messages) in the generated
   *_pb2_grpc.pyi of build/gen and of the wheel.
-- Every RPC of WalletService and SimpleEarnService has a grpcurl example in README.md
+- Every RPC of WalletService, SimpleEarnService and LaunchpoolService has a grpcurl example in README.md
   whose request JSON parses into the request message, sent to the service's default port
   with a token whose role may call the method.
 """
@@ -38,7 +38,7 @@ import pytest
 from google.protobuf import descriptor_pool, json_format, message_factory
 from packaging.requirements import Requirement
 
-from earn.v1 import simple_earn_pb2, wallet_pb2  # noqa: F401  (their services in the default pool)
+from earn.v1 import launchpool_pb2, simple_earn_pb2, wallet_pb2  # noqa: F401  (their services in the default pool)
 from services.devstack.processes import ManagedProcess
 from services.kernel.config import REPO_ROOT
 
@@ -231,7 +231,7 @@ def test_examples_run_against_live_services(
 # ---- README: grpcurl examples for every RPC ----
 
 DEV_TOKENS = {"dev-gateway": "gateway", "dev-operator": "operator", "dev-service": "service"}
-DEFAULT_PORTS = {"earn.v1.WalletService": 50051, "earn.v1.SimpleEarnService": 50052}
+DEFAULT_PORTS = {"earn.v1.WalletService": 50051, "earn.v1.SimpleEarnService": 50052, "earn.v1.LaunchpoolService": 50053}
 
 
 def readme_grpcurl_calls() -> list[dict[str, object]]:
@@ -261,10 +261,11 @@ def readme_grpcurl_calls() -> list[dict[str, object]]:
 
 
 def test_readme_has_a_correct_grpcurl_example_for_every_rpc() -> None:
+    from services.launchpool.api import ROLES as LAUNCHPOOL_ROLES
     from services.simple_earn.api import ROLES as SIMPLE_EARN_ROLES
     from services.wallet.api import ROLES as WALLET_ROLES
 
-    roles = {**WALLET_ROLES, **SIMPLE_EARN_ROLES}
+    roles = {**WALLET_ROLES, **SIMPLE_EARN_ROLES, **LAUNCHPOOL_ROLES}
     pool = descriptor_pool.Default()
     shown: set[str] = set()
     for call in readme_grpcurl_calls():
