@@ -670,6 +670,43 @@ async def test_a_position_paid_by_one_batch_is_left_out_of_another_batch_of_the_
     assert error == f"1 item(s) not paid: position {a.position_id}: paid before by another batch of {job} {period}"
 
 
+async def test_a_position_paid_in_one_partition_is_left_out_of_a_batch_of_another(stack, earn, wallet, earn_db) -> None:
+    # Items are stored per batch (payout_items), not one row per item: the check that a
+    # position is paid once per payout looks at every partition's batches, not only its own.
+    p = await create(earn, payout_cadence=se.PAYOUT_CADENCE_HOURLY)
+    ann, ben = unique("ann"), unique("ben")
+    for u in (ann, ben):
+        await deposit(wallet, u, "1")
+    a = (await subscribe(earn, ann, p.product_id, "1")).position
+    b = (await subscribe(earn, ben, p.product_id, "1")).position
+    job, period, boundary = "simple_earn.interest", f"Q{uuid.uuid4().hex[:8]}", now_hour()
+    await earn.RequestPayout(se.RequestPayoutRequest(job=job, period=period, boundary_hour=boundary, cadence=se.PAYOUT_CADENCE_HOURLY), metadata=SERVICE)
+    await _produce(stack, payout_batch(job, period, boundary, 1, p.product_id, (a.position_id, ann, "0.00000011", boundary - 1)))
+
+    async def first() -> None:
+        assert (await earn.GetPayoutStatus(se.GetPayoutStatusRequest(job=job, period=period), metadata=SERVICE)).partitions_done == 1
+
+    await eventually(first)
+    other = payout_batch(
+        job, period, boundary, 3, p.product_id, (a.position_id, ann, "0.00000011", boundary - 1), (b.position_id, ben, "0.00000022", boundary - 1),
+    )
+    raw = await _produce(stack, other)
+
+    async def paid() -> None:
+        status = await earn.GetPayoutStatus(se.GetPayoutStatusRequest(job=job, period=period), metadata=SERVICE)
+        assert (status.partitions_done, status.items, dict(status.paid)) == (2, 2, {"BTC": "0.00000033"})
+        assert await earn_db.fetchval("SELECT count(*) FROM dead_letters WHERE raw = $1", raw) == 1
+
+    await eventually(paid)
+    assert (await balance(wallet, ann), await balance(wallet, ben)) == (Decimal("0.00000011"), Decimal("0.00000022"))
+    error = await earn_db.fetchval("SELECT error FROM dead_letters WHERE raw = $1", raw)
+    assert error == f"1 item(s) not paid: position {a.position_id}: paid before by another batch of {job} {period}"
+    records = await earn.ListInterest(se.ListInterestRequest(user_id=ann), metadata=GATEWAY)
+    assert [(r.position_id, r.amount, r.period) for r in records.records] == [(a.position_id, "0.00000011", period)]
+    listed = await earn.ListPositions(se.ListPositionsRequest(user_id=ann), metadata=GATEWAY)
+    assert [x.interest_paid for x in listed.positions] == ["0.00000011"]
+
+
 async def test_a_user_with_two_positions_in_a_batch_gets_one_credit_of_their_sum(stack, earn, wallet, earn_db) -> None:
     p = await create(earn, payout_cadence=se.PAYOUT_CADENCE_HOURLY)
     user = unique("twice")
