@@ -63,6 +63,22 @@ PROCESSES: list[ProcessSpec] = [
         default_metrics_port=9103,
     ),
     ProcessSpec(
+        name="market",
+        module="services.market.main",
+        port_env="EARN_GRPC_PORT",
+        default_port=50055,
+        metrics_port_env="EARN_METRICS_PORT",
+        default_metrics_port=9105,
+    ),
+    ProcessSpec(
+        name="market_simulator",
+        module="services.market.simulator",
+        port_env=None,
+        default_port=None,
+        metrics_port_env="EARN_METRICS_PORT",
+        default_metrics_port=9107,
+    ),
+    ProcessSpec(
         name="scheduler",
         module="services.scheduler.main",
         port_env=None,

@@ -1,0 +1,109 @@
+"""Market process: migrate, create the prices topic, serve gRPC, consume market.prices.
+
+The consumer stores each record's tick once (inbox by event id, natural key (pair, event
+time)), a batch per transaction, and commits offsets only after the batch committed, so
+a redelivery is harmless. A record that can never be applied is parked in dead_letters.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from pathlib import Path
+
+from aiokafka import AIOKafkaConsumer, TopicPartition
+from google.protobuf.message import DecodeError
+
+from services.kernel import db, logs, topics
+from services.kernel.config import ServiceSettings, load
+from services.kernel.errors import InvalidArgument
+from services.kernel.grpcserver import GrpcApp
+from services.market import metrics, store
+from services.market.api import ROLES, SERVICE_NAME, MarketApi, parse_tick_event
+from services.market.store import NewTick
+
+from earn.v1 import market_pb2_grpc
+
+log = logging.getLogger(__name__)
+
+SCHEMA = "market"
+MIGRATIONS = Path(__file__).parent / "migrations"
+TOPIC = "market.prices"
+GROUP = "market-prices"
+
+
+class MarketSettings(ServiceSettings):
+    grpc_port: int = 50055
+    metrics_port: int = 9105
+    # A window is refused when the price in force at any instant is older than this.
+    max_gap_seconds: float = 60.0
+
+
+async def consume_prices(settings: MarketSettings, api: MarketApi) -> None:
+    topic = topics.topic_name(settings, TOPIC)
+    consumer = AIOKafkaConsumer(
+        bootstrap_servers=settings.kafka_bootstrap, group_id=settings.topic_prefix + GROUP, enable_auto_commit=False,
+        auto_offset_reset="earliest",
+    )
+    delay = 0.5
+    while True:
+        try:
+            await consumer.start()
+            break
+        except Exception as exc:
+            log.warning("prices consumer cannot reach Kafka; retrying", extra={"error": str(exc)})
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 5.0)
+    consumer.subscribe([topic])
+    try:
+        while True:
+            fetched = await consumer.getmany(timeout_ms=200, max_records=2000)
+            if not fetched:
+                continue
+            ticks: list[NewTick] = []
+            for tp, records in fetched.items():
+                for record in records:
+                    raw = record.value or b""
+                    try:
+                        ticks.append(parse_tick_event(raw))
+                    except (DecodeError, ValueError, InvalidArgument) as err:
+                        error = err.message if isinstance(err, InvalidArgument) else f"{type(err).__name__}: {err}"
+                        await store.park_dead_letter(api.pool, topic, record.partition, record.offset, error, raw)
+                        metrics.DEAD_LETTERS.inc()
+                        log.error("unreadable price tick parked in dead_letters", extra={"partition": record.partition, "offset": record.offset, "error": error})
+            delay = 0.5
+            while ticks:
+                try:
+                    await api.apply_ticks(ticks)
+                    break
+                except asyncio.CancelledError:
+                    raise
+                except Exception:
+                    log.exception("storing price ticks failed; retrying")
+                    await asyncio.sleep(delay)
+                    delay = min(delay * 2, 10.0)
+            offsets = {TopicPartition(tp.topic, tp.partition): records[-1].offset + 1 for tp, records in fetched.items() if records}
+            try:
+                await consumer.commit(offsets)
+            except Exception:  # a rebalance: the next owner re-reads, idempotently
+                log.warning("market.prices offsets not committed", exc_info=True)
+    finally:
+        await consumer.stop()
+
+
+async def main() -> None:
+    settings = load(MarketSettings)
+    logs.configure(settings.log_level)
+    await db.migrate(settings, SCHEMA, MIGRATIONS)
+    await asyncio.to_thread(topics.ensure_topics, settings, [TOPIC])
+    pool = await db.create_pool(settings, SCHEMA)
+    api = MarketApi(pool, settings, settings.max_gap_seconds)
+    app = GrpcApp("market", settings, ROLES)
+    app.add_servicer(market_pb2_grpc.add_MarketServiceServicer_to_server, api, SERVICE_NAME)
+    app.background(lambda: consume_prices(settings, api))
+    app.on_stop(pool.close)
+    await app.serve_forever()
+
+
+if __name__ == "__main__":
+    asyncio.run(main())
