@@ -26,12 +26,11 @@ from decimal import Decimal
 from typing import Any
 
 import faust
-from aiokafka import AIOKafkaConsumer, TopicPartition
-from aiokafka.admin import AIOKafkaAdminClient
 from prometheus_client import Counter, Gauge, Histogram
 
 from earn.v1 import accrual_pb2, events_pb2
 from services.accrual import domain
+from services.accrual.delivery import InputGuard, InputReader
 from services.kernel import events, money
 from services.kernel.config import Settings
 from services.kernel.errors import DomainError
@@ -58,9 +57,6 @@ LAG = Gauge("earn_accrual_consumer_lag", "Input messages not yet processed, per 
 DELIVERY_TIMEOUT = 120.0
 CHUNK = 5000  # positions settled between two yields to the event loop
 
-INPUT_GAPS = Counter(
-    "earn_accrual_input_gaps_total", "Runs of input messages the stream did not deliver, read directly", ["found_by"]
-)
 SKIPPED = Counter("earn_accrual_events_skipped_total", "Input events skipped, by reason", ["reason"])
 
 _TYPES = {
@@ -137,17 +133,9 @@ class Engine:
         self.payouts = app.Table("payouts", help="per partition: product -> recent payout requests", **table)
         self._index_cache: dict[str, tuple[str, domain.ProductState]] = {}
         self.books: dict[int, domain.Book] = {}
-        # Per input partition: the offset after the last message applied by this process
-        # (or, before the first one, the group's committed offset when first assigned).
-        self._next: dict[int, int] = {}
-        # Per input partition: offsets read directly, which the stream must not apply again.
-        self._read_directly: dict[int, range] = {}
-        self._lock = asyncio.Lock()  # the agent and the stall watchdog apply in turn
-        self._active = time.monotonic()  # last time the stream delivered (or a rebalance)
-        self.reader: InputReader | None = None
+        self.input = InputGuard("accrual", self._apply)
         app.on_partitions_assigned.connect(self._forget_books)
         app.on_partitions_revoked.connect(self._forget_books)
-        app.on_partitions_assigned.connect(self._on_assigned)
 
     @classmethod
     def in_memory(cls, output: Any, partitions: int) -> Engine:
@@ -160,29 +148,13 @@ class Engine:
         engine.products, engine.positions, engine.partitions_meta, engine.payouts = {}, {}, {}, {}
         engine._index_cache = {}
         engine.books = {}
-        engine._next = {}
-        engine._read_directly = {}
-        engine._lock = asyncio.Lock()
-        engine._active = time.monotonic()
-        engine.reader = None
+        engine.input = InputGuard("accrual", engine._apply)
         return engine
 
     async def _forget_books(self, *args: Any, **kwargs: Any) -> None:
         """After a rebalance the tables are recovered from their changelogs: the books
         (derived, in memory) are rebuilt from them at the next payout."""
         self.books.clear()
-        self._active = time.monotonic()
-
-    async def _on_assigned(self, sender: Any, assigned: Any, **kwargs: Any) -> None:
-        """Where each newly seen input partition starts: the group's committed offset,
-        read before this generation's fetches, so a message the stream then skips (and
-        commits past) shows as a gap. A partition seen before keeps its own offset."""
-        if self.reader is None:
-            return
-        mine = sorted(tp.partition for tp in assigned if tp.topic == self.reader.topic and tp.partition not in self._next)
-        if mine:
-            for partition, offset in (await self.reader.committed(mine)).items():
-                self._next.setdefault(partition, offset)
 
     # -- table helpers
 
@@ -249,58 +221,8 @@ class Engine:
     # -- the agent
 
     async def handle(self, event: faust.types.EventT) -> None:
-        partition, offset = event.message.partition, event.message.offset
-        self._active = time.monotonic()
-        async with self._lock:
-            if offset in self._read_directly.get(partition, range(0)):
-                SKIPPED.labels("read_directly").inc()
-                return
-            expected = self._next.get(partition)
-            if expected is not None and offset > expected and self.reader is not None:
-                # faust marks a message read even when a rebalance suspended the stream before
-                # delivering it, then skips it after seeking back (and commits past it): read
-                # what was not delivered straight from the topic, in order, before this one.
-                await self._read_missing(partition, expected, offset, "next_message")
-            await self._apply(partition, offset, event.value)
-            self._next[partition] = max(offset + 1, self._next.get(partition, 0))
-            self._active = time.monotonic()
+        await self.input.deliver(event.message.partition, event.message.offset, event.value)
         self._lag(event)
-
-    async def _read_missing(self, partition: int, start: int, stop: int, found_by: str) -> None:
-        assert self.reader is not None
-        INPUT_GAPS.labels(found_by).inc()
-        log.error(
-            "input messages not delivered by the stream: reading them directly",
-            extra={"partition": partition, "from_offset": start, "to_offset": stop, "found_by": found_by},
-        )
-        for missing, value in await self.reader.read(partition, start, stop):
-            await self._apply(partition, missing, value)
-            self._next[partition] = missing + 1
-        self._read_directly[partition] = range(start, stop)
-
-    async def watch_stalls(self, stall_seconds: float) -> None:
-        """The skipped message may be the last one of its partition: no later message
-        reveals the gap. When the stream has delivered nothing for ``stall_seconds`` (and
-        no rebalance or recovery is under way) while an assigned partition's end is past
-        the last offset applied, the rest is read directly."""
-        if self.reader is None or time.monotonic() - self._active < stall_seconds:
-            return
-        app = self.app
-        if app.rebalancing or app.in_recovery or app.unassigned:
-            return
-        mine = sorted(
-            tp.partition for tp in app.consumer.assignment() if tp.topic == self.reader.topic and tp.partition in self._next
-        )
-        if not mine:
-            return
-        ends = await self.reader.end_offsets(mine)
-        async with self._lock:
-            if time.monotonic() - self._active < stall_seconds:
-                return
-            for partition in mine:
-                start, stop = self._next[partition], ends.get(partition, 0)
-                if stop > start:
-                    await self._read_missing(partition, start, stop, "stall")
 
     async def _apply(self, partition: int, offset: int, value: bytes) -> None:
         try:
@@ -603,68 +525,6 @@ def _signed_decimal(text: str) -> Decimal:
     return -value if negative else value
 
 
-class InputReader:
-    """The input topic read outside faust's stream, with clients of its own: the group's
-    committed offsets, the partitions' ends, and ranges of messages. A range that cannot
-    be read in time stops the worker (a restart seeks to the committed offsets)."""
-
-    def __init__(self, bootstrap: str, topic: str, group: str) -> None:
-        self.bootstrap, self.topic, self.group = bootstrap, topic, group
-        self._consumer: AIOKafkaConsumer | None = None
-
-    async def _started(self) -> AIOKafkaConsumer:
-        if self._consumer is None:
-            consumer = AIOKafkaConsumer(bootstrap_servers=self.bootstrap, enable_auto_commit=False, group_id=None)
-            await consumer.start()
-            self._consumer = consumer
-        return self._consumer
-
-    def _tps(self, partitions: list[int]) -> list[TopicPartition]:
-        return [TopicPartition(self.topic, p) for p in partitions]
-
-    async def committed(self, partitions: list[int]) -> dict[int, int]:
-        """The group's committed offset per partition; the log start where none is."""
-        admin = AIOKafkaAdminClient(bootstrap_servers=self.bootstrap)
-        await admin.start()
-        try:
-            found = await admin.list_consumer_group_offsets(self.group, partitions=self._tps(partitions))
-        finally:
-            await admin.close()
-        starts = await (await self._started()).beginning_offsets(self._tps(partitions))
-        out = {}
-        for tp in self._tps(partitions):
-            meta = found.get(tp)
-            out[tp.partition] = meta.offset if meta is not None and meta.offset >= 0 else starts[tp]
-        return out
-
-    async def close(self, *args: Any, **kwargs: Any) -> None:
-        consumer, self._consumer = self._consumer, None
-        if consumer is not None:
-            await consumer.stop()
-
-    async def end_offsets(self, partitions: list[int]) -> dict[int, int]:
-        ends = await (await self._started()).end_offsets(self._tps(partitions))
-        return {tp.partition: offset for tp, offset in ends.items()}
-
-    async def read(self, partition: int, start: int, stop: int) -> list[tuple[int, bytes]]:
-        """The messages [start, stop) of a partition, in order."""
-        consumer = await self._started()
-        tp = TopicPartition(self.topic, partition)
-        consumer.assign([tp])
-        consumer.seek(tp, start)
-        out: list[tuple[int, bytes]] = []
-        deadline = time.monotonic() + DELIVERY_TIMEOUT
-        while (not out or out[-1][0] < stop - 1) and time.monotonic() < deadline:
-            for record in (await consumer.getmany(tp, timeout_ms=1000)).get(tp, []):
-                if start <= record.offset < stop:
-                    out.append((record.offset, record.value))
-        if not out or out[-1][0] < stop - 1:
-            log.critical("input messages could not be read: exiting for a restart",
-                         extra={"partition": partition, "from_offset": start, "to_offset": stop})
-            os._exit(70)
-        return out
-
-
 def create_app(settings: AccrualSettings) -> tuple[faust.App, Engine]:
     app = faust.App(
         app_id(settings),
@@ -704,12 +564,8 @@ def create_app(settings: AccrualSettings) -> tuple[faust.App, Engine]:
     engine = Engine(app, output, CATALOGUE[INPUT].partitions)
     input_topic = topic_name(settings, INPUT)
 
-    engine.reader = InputReader(settings.kafka_bootstrap, input_topic, app_id(settings))
-    app.on_before_shutdown.connect(engine.reader.close)
-    async def watch_stalls() -> None:
-        await engine.watch_stalls(settings.stall_seconds)
-
-    app.timer(interval=max(1.0, settings.stall_seconds / 3))(watch_stalls)
+    engine.input.reader = InputReader(settings.kafka_bootstrap, input_topic, app_id(settings))
+    engine.input.install(app, settings.stall_seconds)
 
     async def accrue(stream: faust.StreamT) -> None:
         async for event in stream.events():
@@ -719,4 +575,4 @@ def create_app(settings: AccrualSettings) -> tuple[faust.App, Engine]:
     return app, engine
 
 
-__all__ = ["AccrualSettings", "Engine", "InputReader", "app_id", "changelog_topics", "create_app"]
+__all__ = ["AccrualSettings", "Engine", "app_id", "changelog_topics", "create_app"]

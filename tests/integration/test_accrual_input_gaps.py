@@ -1,5 +1,5 @@
 """Input messages faust's stream did not deliver are read straight from the topic (the
-engine's ``InputReader`` against the real broker): a gap revealed by the next message,
+engine's ``InputGuard`` with an ``InputReader`` against the real broker): a gap revealed by the next message,
 a tail that no later message reveals (the stall watchdog), and where a partition starts
 when first assigned (the group's committed offset). The engine's logic runs in memory
 (``Engine.in_memory``); its output must equal the output of an engine that was given
@@ -15,7 +15,8 @@ import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.structs import OffsetAndMetadata
 
-from services.accrual.app import INPUT, Engine, InputReader
+from services.accrual.app import INPUT, Engine
+from services.accrual.delivery import InputReader
 from services.kernel import topics
 from services.kernel.config import Settings
 from services.kernel.topics import topic_name
@@ -48,12 +49,16 @@ def engine_on(settings: Settings, group: str = "gaps-test") -> tuple[Engine, Sin
     sink = Sink()
     engine = Engine.in_memory(sink, PARTITIONS)
     topic = topic_name(settings, INPUT)
-    engine.reader = InputReader(settings.kafka_bootstrap, topic, group)
-    assigned = {TopicPartition(topic, p) for p in range(PARTITIONS)}
-    engine.app = SimpleNamespace(  # type: ignore[assignment]
-        rebalancing=False, in_recovery=False, unassigned=False, consumer=SimpleNamespace(assignment=lambda: assigned)
-    )
+    engine.input.reader = InputReader(settings.kafka_bootstrap, topic, group)
     return engine, sink
+
+
+def app_of(engine: Engine) -> SimpleNamespace:
+    """What the watchdog reads of the faust app: every partition assigned, no rebalance."""
+    assert engine.input.reader is not None
+    topic = engine.input.reader.topic
+    assigned = {TopicPartition(topic, p) for p in range(PARTITIONS)}
+    return SimpleNamespace(rebalancing=False, in_recovery=False, unassigned=False, consumer=SimpleNamespace(assignment=lambda: assigned))
 
 
 async def everything(logs: list[list[bytes]]) -> Sink:
@@ -70,13 +75,13 @@ async def test_a_gap_revealed_by_the_next_message_is_read_directly(published: tu
     ends = [len(log) for log in logs]
     # The stream delivers each partition's first third, skips the second, delivers the rest.
     thirds = [end // 3 for end in ends]
-    engine._next = {p: 0 for p in range(PARTITIONS)}
+    engine.input.next = {p: 0 for p in range(PARTITIONS)}
     await feed(engine, logs, [0] * PARTITIONS, thirds)
     skip_to = [2 * t for t in thirds]
     await feed(engine, logs, skip_to, ends)
     assert (sink.items, sink.last) == (expected.items, expected.last)
     assert not sink.conflicts
-    assert engine._read_directly == {p: range(thirds[p], skip_to[p]) for p in range(PARTITIONS)}
+    assert engine.input.read_directly == {p: range(thirds[p], skip_to[p]) for p in range(PARTITIONS)}
 
 
 async def test_a_tail_no_message_reveals_is_read_once_the_stream_is_idle(published: tuple[Settings, list[list[bytes]]]) -> None:
@@ -85,22 +90,23 @@ async def test_a_tail_no_message_reveals_is_read_once_the_stream_is_idle(publish
     engine, sink = engine_on(settings)
     ends = [len(log) for log in logs]
     tails = [end - 1 - p % 3 for p, end in enumerate(ends)]  # 1 to 3 messages never delivered
-    engine._next = {p: 0 for p in range(PARTITIONS)}
+    engine.input.next = {p: 0 for p in range(PARTITIONS)}
     await feed(engine, logs, [0] * PARTITIONS, tails)
     assert sink.last != expected.last  # the last payout requests were not seen
 
-    await engine.watch_stalls(stall_seconds=60)  # the stream delivered just now: not idle
-    assert engine._next == dict(enumerate(tails))
-    engine.app.rebalancing = True  # type: ignore[attr-defined]
-    engine._active -= 120
-    await engine.watch_stalls(stall_seconds=60)  # idle, but a rebalance is under way
-    assert engine._next == dict(enumerate(tails))
+    app = app_of(engine)
+    await engine.input.watch(app, stall_seconds=60)  # the stream delivered just now: not idle
+    assert engine.input.next == dict(enumerate(tails))
+    app.rebalancing = True
+    engine.input.active -= 120
+    await engine.input.watch(app, stall_seconds=60)  # idle, but a rebalance is under way
+    assert engine.input.next == dict(enumerate(tails))
 
-    engine.app.rebalancing = False  # type: ignore[attr-defined]
-    await engine.watch_stalls(stall_seconds=60)
+    app.rebalancing = False
+    await engine.input.watch(app, stall_seconds=60)
     assert (sink.items, sink.last) == (expected.items, expected.last)
-    assert engine._next == dict(enumerate(ends))
-    assert engine._read_directly == {p: range(tails[p], ends[p]) for p in range(PARTITIONS)}
+    assert engine.input.next == dict(enumerate(ends))
+    assert engine.input.read_directly == {p: range(tails[p], ends[p]) for p in range(PARTITIONS)}
 
     # If the stream delivers them after all, they are not applied twice.
     tables = copy.deepcopy((engine.products, engine.positions, engine.partitions_meta, engine.payouts))
@@ -122,6 +128,6 @@ async def test_a_partition_first_assigned_starts_at_the_groups_committed_offset(
     finally:
         await committer.stop()
     engine, _ = engine_on(settings, group)
-    engine._next = {2: 3}  # seen before by this process: kept
-    await engine._on_assigned(None, {TopicPartition(topic, p) for p in range(PARTITIONS)} | {TopicPartition("other", 0)})
-    assert engine._next == {0: 0, 1: 5, 2: 3, 3: 0, 4: 0, 5: 0}
+    engine.input.next = {2: 3}  # seen before by this process: kept
+    await engine.input.on_assigned(None, {TopicPartition(topic, p) for p in range(PARTITIONS)} | {TopicPartition("other", 0)})
+    assert engine.input.next == {0: 0, 1: 5, 2: 3, 3: 0, 4: 0, 5: 0}
