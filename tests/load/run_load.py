@@ -48,7 +48,7 @@ import grpc
 from earn.v1 import accrual_pb2, simple_earn_pb2 as se, simple_earn_pb2_grpc, wallet_pb2, wallet_pb2_grpc
 from services.devstack.processes import ManagedProcess
 from services.kernel.config import REPO_ROOT, Settings
-from tests.bench._common import CpuMeter, delete_topics_and_groups, drop_database, recreate_database, scrape, spawn
+from tests.bench._common import CLK_TCK, CpuMeter, delete_topics_and_groups, drop_database, recreate_database, scrape, spawn, ticks
 
 GHZ = REPO_ROOT / "build" / "tools" / "ghz"
 SERVICE = "earn.v1.SimpleEarnService"
@@ -320,6 +320,13 @@ def ghz_version() -> str:
     return next((f"github.com/bojand/ghz {info[i + 2]}" for i, w in enumerate(info[:-2]) if w == "mod"), str(GHZ))
 
 
+def machine_busy_ticks() -> int:
+    """Clock ticks all cores spent busy since boot (/proc/stat: all but idle and iowait)."""
+    with open("/proc/stat") as f:
+        fields = [int(x) for x in f.readline().split()[1:]]
+    return sum(fields) - fields[3] - fields[4]
+
+
 def children_cpu() -> float:
     usage = resource.getrusage(resource.RUSAGE_CHILDREN)  # ghz runs that ended
     return usage.ru_utime + usage.ru_stime
@@ -482,14 +489,21 @@ async def main(args: argparse.Namespace) -> int:
         windows = []
         rss.begin()
 
+        services = [pid for pid in (wallet.pid, earn.pid) if pid]
+
         async def soak() -> None:
             started = time.monotonic()
             while (left := args.duration - (time.monotonic() - started)) > 0.5:
                 seconds = min(args.window, left)
+                busy_before, mine_before, t0 = machine_busy_ticks(), sum(ticks(pid) or 0 for pid in services), time.monotonic()
                 results = await asyncio.gather(*(
                     ghz.run(targets[m], r, args.concurrency, seconds) for m, r in rates.items() if r
                 ))
+                wall = (time.monotonic() - t0) * CLK_TCK
                 row: dict[str, Any] = {"t": round(time.monotonic() - started, 1)}
+                # Cores busy on the whole machine (other users' work included) and in the two services.
+                row["cores_busy"] = round((machine_busy_ticks() - busy_before) / wall, 2)
+                row["cores_services"] = round((sum(ticks(pid) or 0 for pid in services) - mine_before) / wall, 2)
                 text = []
                 for m, calls in zip([m for m, r in rates.items() if r], results):
                     totals[m].add(calls)
@@ -500,7 +514,8 @@ async def main(args: argparse.Namespace) -> int:
                 row["rss_mib"] = {k: v for k, v in last.items() if k != "t"}
                 windows.append(row)
                 mem = " ".join(f"{k} {v:.0f}" for k, v in row["rss_mib"].items())
-                print(f"  t={row['t']:>6.0f} s  " + " | ".join(text) + f" | RSS MiB {mem}", flush=True)
+                print(f"  t={row['t']:>6.0f} s  " + " | ".join(text) + f" | RSS MiB {mem}"
+                      f" | cores busy {row['cores_busy']:.2f} (services {row['cores_services']:.2f})", flush=True)
 
         _, usage = await measured(CpuMeter(processes, pool, database, every=2.0), WaitSampler(pool, database, every=0.5), wallet, soak())
         await rss.end()
@@ -510,8 +525,10 @@ async def main(args: argparse.Namespace) -> int:
         for m, calls in totals.items():
             if calls.count:
                 s = summaries[m] = calls.summary()
+                p99s = sorted(w[m]["p99_ms"] for w in windows if m in w)
+                s["window_p99_ms"] = {"min": p99s[0], "median": p99s[len(p99s) // 2], "max": p99s[-1]}
                 failed += s["failed"]
-                print(line(m, s))
+                print(line(m, s) + f"  (p99 per window: min {p99s[0]:.1f}, median {p99s[len(p99s) // 2]:.1f}, max {p99s[-1]:.1f} ms)")
                 for error, n in s["errors"].items():
                     print(f"{'':>15}{n:,} x {error}")
         memory = rss.summary()
