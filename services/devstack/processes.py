@@ -63,6 +63,23 @@ PROCESSES: list[ProcessSpec] = [
         default_metrics_port=9103,
     ),
     ProcessSpec(
+        name="candydrop",
+        module="services.candydrop.main",
+        port_env="EARN_GRPC_PORT",
+        default_port=50054,
+        metrics_port_env="EARN_METRICS_PORT",
+        default_metrics_port=9104,
+    ),
+    # The demo's exchange: seeded trades and deposits for a live CandyDrop campaign.
+    ProcessSpec(
+        name="candydrop_generator",
+        module="services.candydrop.generator",
+        port_env=None,
+        default_port=None,
+        metrics_port_env=None,
+        default_metrics_port=None,
+    ),
+    ProcessSpec(
         name="market",
         module="services.market.main",
         port_env="EARN_GRPC_PORT",

@@ -58,6 +58,10 @@ CATALOGUE: dict[str, TopicSpec] = {
         TopicSpec("launchpool.accrual", partitions=6, retention_ms=-1),
         # The engine's Launchpool payout batches (PayoutBatch: pool id, stake ids).
         TopicSpec("launchpool.payouts", partitions=6, retention_ms=30 * DAY_MS),
+        # The exchange core's facts (ExchangeEvent, exchange.proto), keyed by user id:
+        # spot and futures fills, and deposits. CandyDrop counts tasks from them.
+        TopicSpec("exchange.trades", partitions=6, retention_ms=7 * DAY_MS),
+        TopicSpec("exchange.deposits", partitions=6, retention_ms=7 * DAY_MS),
         # Index prices per pair (PriceTick, key = pair), fed by the exchange, the simulator
         # or a CSV replay; the market service stores every tick, so a week is plenty.
         TopicSpec("market.prices", partitions=3, retention_ms=7 * DAY_MS),

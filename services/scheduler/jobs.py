@@ -13,6 +13,9 @@ Jobs:
   Launchpool's CloseRewardHour(boundary), RequestRewardPayout (the pools due at the
   boundary: hourly pools while they run, pools paid at the end at their end), then wait
   for GetRewardPayoutStatus to report it complete.
+- ``candydrop.distribution`` (hourly; only where ``EARN_CANDYDROP_ADDRESS`` is set):
+  CandyDrop's DistributePrizes(boundary): the period whose boundary is a campaign's end
+  distributes it (and any ended campaign not paid yet), paying through the wallet.
 """
 
 from __future__ import annotations
@@ -37,7 +40,7 @@ from services.kernel.config import Settings
 from services.scheduler import domain, store
 from services.scheduler.domain import Cadence, Job, Period
 
-from earn.v1 import launchpool_pb2, launchpool_pb2_grpc, simple_earn_pb2, simple_earn_pb2_grpc
+from earn.v1 import candydrop_pb2, candydrop_pb2_grpc, launchpool_pb2, launchpool_pb2_grpc, simple_earn_pb2, simple_earn_pb2_grpc
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +55,8 @@ class SchedulerSettings(Settings):
     simple_earn_address: str = "127.0.0.1:50052"
     # Launchpool's address; empty: the launchpool jobs are not run.
     launchpool_address: str = ""
+    # CandyDrop's address; empty: the candydrop jobs are not run.
+    candydrop_address: str = ""
     # Sent as `authorization: Bearer <token>`; its role must be allowed the job RPCs.
     service_token: str = "dev-service"
     # Own schema; tests give each scheduler its own.
@@ -83,6 +88,8 @@ class SchedulerSettings(Settings):
             raise SystemExit(f"scheduler: unknown job(s) in EARN_SCHEDULER_JOBS: {', '.join(unknown)}; known: {', '.join(JOBS)}")
         if names and self.launchpool_address == "" and any(n.startswith("launchpool.") for n in names):
             raise SystemExit("scheduler: the launchpool jobs need EARN_LAUNCHPOOL_ADDRESS")
+        if names and self.candydrop_address == "" and any(n.startswith("candydrop.") for n in names):
+            raise SystemExit("scheduler: the candydrop jobs need EARN_CANDYDROP_ADDRESS")
         return [JOBS[n] for n in names] if names else [s for s in JOBS.values() if enabled(s, self)]
 
 
@@ -342,6 +349,58 @@ LP_AWAIT_PAYOUT = Step(
     _lp_await_payout,
 )
 
+# ---- CandyDrop ----
+
+
+class CandyDrop:
+    """CandyDrop's job RPC, with the service token and a deadline on every call."""
+
+    def __init__(self, settings: SchedulerSettings) -> None:
+        self.settings = settings
+        self.channel = grpc.aio.insecure_channel(settings.candydrop_address)
+        self.stub = candydrop_pb2_grpc.CandyDropServiceStub(self.channel)
+        self.metadata = (("authorization", f"Bearer {settings.service_token}"),)
+
+    async def call(self, method: str, request: Any) -> Any:
+        try:
+            return await getattr(self.stub, method)(request, metadata=self.metadata, timeout=self.settings.rpc_timeout_seconds)
+        except grpc.aio.AioRpcError as err:
+            raise JobError(f"CandyDrop.{method} at {self.settings.candydrop_address}: {err.code().name}: {err.details()}") from None
+
+
+_CANDYDROP_CLIENTS: dict[tuple[int, str], CandyDrop] = {}
+
+
+def _candydrop(ctx: Context) -> CandyDrop:
+    if not ctx.settings.candydrop_address:
+        raise JobError("EARN_CANDYDROP_ADDRESS is not set")
+    key = (id(asyncio.get_running_loop()), ctx.settings.candydrop_address)
+    client = _CANDYDROP_CLIENTS.get(key)
+    if client is None:
+        client = _CANDYDROP_CLIENTS[key] = CandyDrop(ctx.settings)
+    return client
+
+
+async def _cd_distribute(ctx: Context) -> None:
+    reply = await _candydrop(ctx).call(
+        "DistributePrizes",
+        candydrop_pb2.DistributePrizesRequest(job=ctx.job.name, period=ctx.period.id, boundary_hour=ctx.period.boundary_hour),
+    )
+    paid: dict[str, Decimal] = {}
+    for c in reply.campaigns:
+        paid[c.prize_asset] = paid.get(c.prize_asset, Decimal(0)) + Decimal(c.paid)
+    ctx.totals.update(
+        campaign_ids=sorted(c.campaign_id for c in reply.campaigns), items=sum(c.winners for c in reply.campaigns),
+        paid={asset: str(amount) for asset, amount in sorted(paid.items())},
+    )
+
+
+CD_DISTRIBUTE = Step(
+    "distribute_prizes",
+    lambda job, p: f"CandyDrop DistributePrizes(job={job.name!r}, period={p.id!r}, boundary_hour={p.boundary_hour}): pay every campaign ended by {_hour(p.boundary_hour)}",
+    _cd_distribute,
+)
+
 JOBS: dict[str, JobSpec] = {
     spec.name: spec
     for spec in (
@@ -362,12 +421,19 @@ JOBS: dict[str, JobSpec] = {
             "Launchpool rewards: every hour's reward of hourly pools, everything unpaid at a pool's end",
             (LP_CLOSE_HOUR, LP_REQUEST_PAYOUT, LP_AWAIT_PAYOUT),
         ),
+        JobSpec(
+            Job("candydrop.distribution", Cadence.HOURLY),
+            "CandyDrop prizes: every campaign that ended by the period's boundary, paid once",
+            (CD_DISTRIBUTE,),
+        ),
     )
 }
 
 
 def enabled(spec: JobSpec, settings: SchedulerSettings) -> bool:
-    """Whether a job runs with these settings (the launchpool jobs need its address)."""
+    """Whether a job runs with these settings (the launchpool and candydrop jobs need their address)."""
+    if spec.name.startswith("candydrop."):
+        return bool(settings.candydrop_address)
     return not spec.name.startswith("launchpool.") or bool(settings.launchpool_address)
 
 

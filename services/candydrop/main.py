@@ -1,0 +1,116 @@
+"""CandyDrop process: migrate, create topics, serve gRPC, and count events: one consumer
+of exchange.trades, exchange.deposits and simple_earn.accrual that applies each record
+in one transaction with its inbox row and commits offsets only after applying them."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from pathlib import Path
+
+import grpc
+from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
+from google.protobuf.message import DecodeError
+
+from services.candydrop import metrics
+from services.candydrop.api import ROLES, SERVICE_NAME, CandyDropApi, WalletClient
+from services.kernel import db, logs, topics
+from services.kernel.config import ServiceSettings, load
+from services.kernel.errors import InvalidArgument
+from services.kernel.grpcserver import GrpcApp
+
+from earn.v1 import candydrop_pb2_grpc
+
+log = logging.getLogger(__name__)
+
+SCHEMA = "candydrop"
+MIGRATIONS = Path(__file__).parent / "migrations"
+EXCHANGE_TOPICS = ("exchange.trades", "exchange.deposits")
+SIMPLE_EARN_TOPIC = "simple_earn.accrual"
+GROUP = "candydrop-events"
+
+
+class CandyDropSettings(ServiceSettings):
+    grpc_port: int = 50054
+    metrics_port: int = 9104
+    wallet_address: str = "127.0.0.1:50051"
+    wallet_token: str = "dev-service"
+    # Prizes per wallet BulkCredit (at most 10,000).
+    credit_chunk: int = 5000
+
+
+async def apply_record(api: CandyDropApi, logical: str, record: ConsumerRecord) -> str:
+    """Apply one record or park it; raises on a transient failure (retried)."""
+    raw = record.value or b""
+    try:
+        if logical == SIMPLE_EARN_TOPIC:
+            return await api.apply_simple_earn(raw)
+        return await api.apply_exchange(raw)
+    except (DecodeError, ValueError, InvalidArgument) as err:
+        error = err.message if isinstance(err, InvalidArgument) else f"{type(err).__name__}: {err}"
+        await api.park(record.topic, record.partition, record.offset, error, raw)
+        log.error("unreadable event parked in dead_letters", extra={"topic": record.topic, "offset": record.offset, "error": error})
+        return "dead_letter"
+
+
+async def consume(settings: CandyDropSettings, api: CandyDropApi) -> None:
+    logical = {topics.topic_name(settings, t): t for t in (*EXCHANGE_TOPICS, SIMPLE_EARN_TOPIC)}
+    consumer = AIOKafkaConsumer(
+        bootstrap_servers=settings.kafka_bootstrap, group_id=settings.topic_prefix + GROUP, enable_auto_commit=False,
+        auto_offset_reset="earliest",
+    )
+    delay = 0.5
+    while True:
+        try:
+            await consumer.start()
+            break
+        except Exception as exc:
+            log.warning("event consumer cannot reach Kafka; retrying", extra={"error": str(exc)})
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 5.0)
+    consumer.subscribe(list(logical))
+    try:
+        while True:
+            fetched = await consumer.getmany(timeout_ms=200, max_records=500)
+            for tp, records in fetched.items():
+                for record in records:
+                    delay = 0.5
+                    while True:
+                        try:
+                            outcome = await apply_record(api, logical[tp.topic], record)
+                            break
+                        except asyncio.CancelledError:
+                            raise
+                        except Exception:
+                            log.exception("event failed; retrying", extra={"topic": tp.topic, "offset": record.offset})
+                            await asyncio.sleep(delay)
+                            delay = min(delay * 2, 10.0)
+                    metrics.EVENTS.labels(logical[tp.topic], outcome).inc()
+            offsets = {TopicPartition(tp.topic, tp.partition): records[-1].offset + 1 for tp, records in fetched.items() if records}
+            if offsets:
+                try:
+                    await consumer.commit(offsets)
+                except Exception:  # a rebalance: the next owner redoes (idempotently) what is not committed
+                    log.warning("event offsets not committed", exc_info=True)
+    finally:
+        await consumer.stop()
+
+
+async def main() -> None:
+    settings = load(CandyDropSettings)
+    logs.configure(settings.log_level)
+    await db.migrate(settings, SCHEMA, MIGRATIONS)
+    await asyncio.to_thread(topics.ensure_topics, settings, [*EXCHANGE_TOPICS, SIMPLE_EARN_TOPIC])
+    pool = await db.create_pool(settings, SCHEMA)
+    channel = grpc.aio.insecure_channel(settings.wallet_address)
+    api = CandyDropApi(pool, settings, WalletClient(channel, settings.wallet_token), credit_chunk=settings.credit_chunk)
+    app = GrpcApp("candydrop", settings, ROLES)
+    app.add_servicer(candydrop_pb2_grpc.add_CandyDropServiceServicer_to_server, api, SERVICE_NAME)
+    app.background(lambda: consume(settings, api))
+    app.on_stop(pool.close)
+    app.on_stop(lambda: channel.close())
+    await app.serve_forever()
+
+
+if __name__ == "__main__":
+    asyncio.run(main())

@@ -1,0 +1,245 @@
+"""CandyDrop's SQL (asyncpg), schema ``candydrop``.
+
+Counting and the distribution meet on the campaign's row: the consumer reads the
+campaigns an event may count for ``FOR SHARE`` and only those still open
+(``distribution IS NULL``); the distribution locks the row ``FOR UPDATE`` and marks it
+'distributing' in the transaction that records the prizes. So an event either counted
+before the prizes were computed (and is in them) or is not counted at all.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Sequence
+from datetime import datetime
+from decimal import Decimal
+from typing import Any
+
+import asyncpg
+
+from services.candydrop import domain
+from services.kernel.errors import NotFound
+
+Conn = asyncpg.Connection | asyncpg.Pool
+
+
+# ---- campaigns ----------------------------------------------------------------------
+
+
+async def insert_campaign(conn: asyncpg.Connection, c: domain.Campaign, end_hour: int, at: datetime) -> bool:
+    if not await conn.fetchval(
+        "INSERT INTO campaigns (campaign_id, prize_asset, prize_pool, pool_kind, prize_per_candy, per_user_cap, start_at, end_at, end_hour, created_at)"
+        " VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10) ON CONFLICT DO NOTHING RETURNING true",
+        c.campaign_id, c.prize_asset, c.pool, c.pool_kind.value, c.per_candy, c.cap, c.start, c.end, end_hour, at,
+    ):
+        return False
+    await conn.executemany(
+        "INSERT INTO tasks (campaign_id, task_id, position, kind, asset, threshold, candies, max_completions) VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
+        [(c.campaign_id, t.task_id, i, t.kind.value, t.asset, t.threshold, t.candies, t.max_completions) for i, t in enumerate(c.tasks)],
+    )
+    return True
+
+
+async def campaign(conn: Conn, campaign_id: str, *, lock: bool = False) -> asyncpg.Record:
+    row = await conn.fetchrow("SELECT * FROM campaigns WHERE campaign_id = $1" + (" FOR UPDATE" if lock else ""), campaign_id)
+    if row is None:
+        raise NotFound(f"campaign_id: no campaign {campaign_id}")
+    return row
+
+
+def _task(r: asyncpg.Record) -> domain.Task:
+    return domain.Task(r["task_id"], domain.TaskKind(r["kind"]), r["asset"], r["threshold"], r["candies"], r["max_completions"])
+
+
+async def tasks_of(conn: Conn, campaign_ids: Sequence[str]) -> dict[str, list[domain.Task]]:
+    out: dict[str, list[domain.Task]] = defaultdict(list)
+    for r in await conn.fetch("SELECT * FROM tasks WHERE campaign_id = ANY($1::text[]) ORDER BY campaign_id, position", list(campaign_ids)):
+        out[r["campaign_id"]].append(_task(r))
+    return out
+
+
+def as_campaign(row: asyncpg.Record, tasks: Sequence[domain.Task]) -> domain.Campaign:
+    return domain.Campaign(
+        row["campaign_id"], row["prize_asset"], row["prize_pool"], domain.PoolKind(row["pool_kind"]), row["prize_per_candy"],
+        row["per_user_cap"], row["start_at"], row["end_at"], tuple(tasks),
+    )
+
+
+_STATUS_SQL = {
+    domain.Status.UPCOMING: "distribution IS NULL AND start_at > $1",
+    domain.Status.ACTIVE: "distribution IS NULL AND start_at <= $1 AND end_at > $1",
+    domain.Status.ENDED: "distribution IS NULL AND end_at <= $1",
+    domain.Status.DISTRIBUTING: "distribution = 'distributing' AND $1 = $1",
+    domain.Status.DISTRIBUTED: "distribution = 'distributed' AND $1 = $1",
+}
+
+
+async def list_campaigns(conn: Conn, wanted: domain.Status | None, now: datetime, after: int, limit: int) -> list[asyncpg.Record]:
+    where = _STATUS_SQL[wanted] if wanted else "$1 = $1"
+    return list(await conn.fetch(f"SELECT * FROM campaigns WHERE {where} AND seq > $2 ORDER BY seq LIMIT $3", now, after, limit))
+
+
+async def participants(conn: Conn, campaign_id: str) -> int:
+    return await conn.fetchval("SELECT count(*) FROM registrations WHERE campaign_id = $1", campaign_id)
+
+
+async def progress_rows(conn: Conn, campaign_id: str, user_id: str | None = None) -> list[asyncpg.Record]:
+    if user_id is None:
+        return list(await conn.fetch("SELECT user_id, task_id, amount FROM progress WHERE campaign_id = $1", campaign_id))
+    return list(await conn.fetch("SELECT user_id, task_id, amount FROM progress WHERE campaign_id = $1 AND user_id = $2", campaign_id, user_id))
+
+
+def candies_by_user(tasks: Sequence[domain.Task], rows: Sequence[asyncpg.Record]) -> dict[str, int]:
+    by_user: dict[str, dict[str, Decimal]] = defaultdict(dict)
+    for r in rows:
+        by_user[r["user_id"]][r["task_id"]] = r["amount"]
+    return {u: domain.user_candies(tasks, p) for u, p in by_user.items()}
+
+
+# ---- registrations ------------------------------------------------------------------
+
+
+async def register(conn: asyncpg.Connection, campaign_id: str, user_id: str, at: datetime) -> datetime:
+    await conn.execute(
+        "INSERT INTO registrations (campaign_id, user_id, registered_at) VALUES ($1, $2, $3) ON CONFLICT DO NOTHING", campaign_id, user_id, at,
+    )
+    return await conn.fetchval("SELECT registered_at FROM registrations WHERE campaign_id = $1 AND user_id = $2", campaign_id, user_id)
+
+
+async def registration(conn: Conn, campaign_id: str, user_id: str) -> datetime | None:
+    return await conn.fetchval("SELECT registered_at FROM registrations WHERE campaign_id = $1 AND user_id = $2", campaign_id, user_id)
+
+
+# ---- counting -----------------------------------------------------------------------
+
+
+async def apply_facts(conn: asyncpg.Connection, facts: Sequence[domain.Fact], at: datetime) -> int:
+    """Add what ``facts`` count to the progress of the open campaigns the user registered
+    for; inside the caller's transaction (with the inbox). Returns the progress rows moved."""
+    if not facts:
+        return 0
+    user = facts[0].user_id
+    kinds = sorted({f.kind.value for f in facts})
+    rows = await conn.fetch(
+        "SELECT c.campaign_id, c.start_at, c.end_at, r.registered_at, t.task_id, t.kind, t.asset, t.threshold, t.candies, t.max_completions"
+        " FROM registrations r JOIN campaigns c USING (campaign_id) JOIN tasks t USING (campaign_id)"
+        " WHERE r.user_id = $1 AND t.kind = ANY($2::text[]) AND c.distribution IS NULL"
+        " ORDER BY c.campaign_id, t.task_id FOR SHARE OF c",
+        user, kinds,
+    )
+    adds: dict[tuple[str, str], tuple[Decimal, bool]] = {}
+    for r in rows:
+        task = _task(r)
+        for fact in facts:
+            value = domain.counts(fact=fact, task=task, start=r["start_at"], end=r["end_at"], registered_at=r["registered_at"])
+            if value > 0:
+                key = (r["campaign_id"], r["task_id"])
+                old, _ = adds.get(key, (Decimal(0), False))
+                first = task.kind is domain.TaskKind.FIRST_DEPOSIT
+                adds[key] = (max(old, value) if first else old + value, first)
+    if not adds:
+        return 0
+    keys = sorted(adds)
+    sums = [k for k in keys if not adds[k][1]]
+    firsts = [k for k in keys if adds[k][1]]
+    if sums:
+        await conn.execute(
+            "INSERT INTO progress AS p (campaign_id, task_id, user_id, amount, events, updated_at)"
+            " SELECT c, t, $3, a, 1, $4 FROM unnest($1::text[], $2::text[], $5::numeric[]) AS u(c, t, a)"
+            " ON CONFLICT (campaign_id, task_id, user_id) DO UPDATE SET"
+            " amount = p.amount + EXCLUDED.amount, events = p.events + 1, updated_at = EXCLUDED.updated_at",
+            [k[0] for k in sums], [k[1] for k in sums], user, at, [adds[k][0] for k in sums],
+        )
+    if firsts:  # a first deposit completes once: progress 1, whatever else arrives
+        await conn.execute(
+            "INSERT INTO progress (campaign_id, task_id, user_id, amount, events, updated_at)"
+            " SELECT c, t, $3, 1, 1, $4 FROM unnest($1::text[], $2::text[]) AS u(c, t) ON CONFLICT DO NOTHING",
+            [k[0] for k in firsts], [k[1] for k in firsts], user, at,
+        )
+    return len(keys)
+
+
+async def park_dead_letter(conn: Conn, topic: str, partition: int, offset: int, error: str, raw: bytes) -> None:
+    await conn.execute(
+        'INSERT INTO dead_letters (topic, "partition", "offset", error, raw) VALUES ($1, $2, $3, $4, $5) ON CONFLICT DO NOTHING',
+        topic, partition, offset, error[:2000], raw,
+    )
+
+
+# ---- distribution -------------------------------------------------------------------
+
+
+async def due_campaigns(conn: Conn, boundary_hour: int) -> list[str]:
+    rows = await conn.fetch(
+        "SELECT campaign_id FROM campaigns WHERE end_hour <= $1 AND distribution IS DISTINCT FROM 'distributed' ORDER BY end_hour, campaign_id",
+        boundary_hour,
+    )
+    return [r["campaign_id"] for r in rows]
+
+
+async def record_prizes(
+    conn: asyncpg.Connection, campaign_id: str, prizes: dict[str, Decimal], candies: dict[str, int], chunk_size: int,
+    job: str, period: str,
+) -> None:
+    users = sorted(u for u in prizes)
+    await conn.execute(
+        "INSERT INTO prizes (campaign_id, user_id, candies, amount, chunk) SELECT $1, u, c, a, k"
+        " FROM unnest($2::text[], $3::bigint[], $4::numeric[], $5::integer[]) AS x(u, c, a, k)",
+        campaign_id, users, [candies[u] for u in users], [prizes[u] for u in users], [i // chunk_size for i in range(len(users))],
+    )
+    await conn.execute(
+        "UPDATE campaigns SET distribution = 'distributing', job = $2, period = $3, total_candies = $4, winners = $5, paid = $6"
+        " WHERE campaign_id = $1",
+        campaign_id, job, period, sum(candies.values()), sum(1 for a in prizes.values() if a > 0), sum(prizes.values(), Decimal(0)),
+    )
+
+
+async def unpaid_chunks(conn: Conn, campaign_id: str) -> dict[int, list[tuple[str, Decimal]]]:
+    out: dict[int, list[tuple[str, Decimal]]] = defaultdict(list)
+    for r in await conn.fetch(
+        "SELECT chunk, user_id, amount FROM prizes WHERE campaign_id = $1 AND amount > 0 AND posting_id IS NULL ORDER BY chunk, user_id", campaign_id,
+    ):
+        out[r["chunk"]].append((r["user_id"], r["amount"]))
+    return dict(out)
+
+
+async def chunk_paid(conn: Conn, campaign_id: str, chunk: int, posting_id: str, at: datetime) -> None:
+    await conn.execute(
+        "UPDATE prizes SET posting_id = $3, paid_at = $4 WHERE campaign_id = $1 AND chunk = $2 AND amount > 0 AND posting_id IS NULL",
+        campaign_id, chunk, posting_id, at,
+    )
+
+
+async def mark_distributed(conn: Conn, campaign_id: str, at: datetime) -> bool:
+    done = await conn.fetchval(
+        "UPDATE campaigns SET distribution = 'distributed', distributed_at = $2 WHERE campaign_id = $1 AND distribution = 'distributing' RETURNING true",
+        campaign_id, at,
+    )
+    return bool(done)
+
+
+async def distributed_by(conn: Conn, job: str, period: str) -> list[asyncpg.Record]:
+    return list(await conn.fetch("SELECT * FROM campaigns WHERE job = $1 AND period = $2 ORDER BY campaign_id", job, period))
+
+
+async def prize_of(conn: Conn, campaign_id: str, user_id: str) -> asyncpg.Record | None:
+    return await conn.fetchrow("SELECT * FROM prizes WHERE campaign_id = $1 AND user_id = $2", campaign_id, user_id)
+
+
+async def list_prizes(conn: Conn, user_id: str, campaign_id: str, after: int, limit: int) -> list[asyncpg.Record]:
+    clauses, args = ["p.id > $1"], [after]
+    if user_id:
+        args.append(user_id)
+        clauses.append(f"p.user_id = ${len(args)}")
+    if campaign_id:
+        args.append(campaign_id)
+        clauses.append(f"p.campaign_id = ${len(args)}")
+    args.append(limit)
+    return list(await conn.fetch(
+        f"SELECT p.*, c.prize_asset FROM prizes p JOIN campaigns c USING (campaign_id) WHERE {' AND '.join(clauses)} ORDER BY p.id LIMIT ${len(args)}",
+        *args,
+    ))
+
+
+def as_dict(row: asyncpg.Record) -> dict[str, Any]:
+    return dict(row.items())

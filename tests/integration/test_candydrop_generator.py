@@ -1,0 +1,49 @@
+"""The demo event generator (what `make run` starts next to CandyDrop), briefly: it
+creates the day's demo campaign, registers its users and publishes a bounded number of
+seeded events; CandyDrop counts them (the campaign gains candies)."""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+import sys
+from collections.abc import Iterator
+from datetime import UTC, datetime
+
+import grpc
+import pytest
+
+from earn.v1 import candydrop_pb2 as cd, candydrop_pb2_grpc
+from services.devstack.processes import ManagedProcess
+from services.kernel.config import REPO_ROOT
+from tests.conftest import GATEWAY, eventually
+
+
+@pytest.fixture(scope="module")
+def candydrop_process(stack, wallet_process: ManagedProcess) -> Iterator[ManagedProcess]:  # type: ignore[no-untyped-def]
+    proc = stack.process("candydrop", EARN_WALLET_ADDRESS=wallet_process.address or "")
+    proc.start()
+    proc.wait_ready(timeout=60)
+    yield proc
+    proc.stop()
+
+
+async def test_generator_feeds_a_live_demo_campaign(stack, candydrop_process: ManagedProcess) -> None:  # type: ignore[no-untyped-def]
+    env = {**stack.env, "EARN_CANDYDROP_ADDRESS": candydrop_process.address or "", "EARN_GENERATOR_LIMIT": "40",
+           "EARN_GENERATOR_RATE": "200", "EARN_GENERATOR_USERS": "3", "EARN_GENERATOR_SEED": "3"}
+    done = await asyncio.to_thread(
+        subprocess.run, [sys.executable, "-m", "services.candydrop.generator"], cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=120,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    campaign_id = f"demo-{datetime.now(UTC):%Y-%m-%d}"
+    async with grpc.aio.insecure_channel(candydrop_process.address) as channel:
+        stub = candydrop_pb2_grpc.CandyDropServiceStub(channel)
+
+        async def counted() -> None:
+            campaign = (await stub.GetCampaign(cd.GetCampaignRequest(campaign_id=campaign_id), metadata=GATEWAY)).campaign
+            assert campaign.participants == 3
+            assert campaign.total_candies > 0
+            progress = await stub.GetProgress(cd.GetProgressRequest(campaign_id=campaign_id, user_id="demo-0"), metadata=GATEWAY)
+            assert progress.registered
+
+        await eventually(counted, timeout=30)
