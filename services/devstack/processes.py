@@ -88,6 +88,14 @@ PROCESSES: list[ProcessSpec] = [
         default_metrics_port=9105,
     ),
     ProcessSpec(
+        name="dual",
+        module="services.dual.main",
+        port_env="EARN_GRPC_PORT",
+        default_port=50056,
+        metrics_port_env="EARN_METRICS_PORT",
+        default_metrics_port=9106,
+    ),
+    ProcessSpec(
         name="market_simulator",
         module="services.market.simulator",
         port_env=None,

@@ -13,6 +13,10 @@ Jobs:
   Launchpool's CloseRewardHour(boundary), RequestRewardPayout (the pools due at the
   boundary: hourly pools while they run, pools paid at the end at their end), then wait
   for GetRewardPayoutStatus to report it complete.
+- ``dual.settlement`` (hourly; only where ``EARN_DUAL_ADDRESS`` is set): Dual
+  Investment's SettleDualPlans(until = boundary time): every plan whose settlement time
+  has passed is settled at the market's TWAP and paid once per subscription; a plan
+  whose prices are missing fails the run (with the market's reason) and is retried.
 - ``candydrop.distribution`` (hourly; only where ``EARN_CANDYDROP_ADDRESS`` is set):
   CandyDrop's DistributePrizes(boundary): the period whose boundary is a campaign's end
   distributes it (and any ended campaign not paid yet), paying through the wallet.
@@ -41,6 +45,7 @@ from services.scheduler import domain, store
 from services.scheduler.domain import Cadence, Job, Period
 
 from earn.v1 import candydrop_pb2, candydrop_pb2_grpc, launchpool_pb2, launchpool_pb2_grpc, simple_earn_pb2, simple_earn_pb2_grpc
+from earn.v1 import dual_pb2, dual_pb2_grpc
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +60,8 @@ class SchedulerSettings(Settings):
     simple_earn_address: str = "127.0.0.1:50052"
     # Launchpool's address; empty: the launchpool jobs are not run.
     launchpool_address: str = ""
+    # Dual Investment's address; empty: the dual jobs are not run.
+    dual_address: str = ""
     # CandyDrop's address; empty: the candydrop jobs are not run.
     candydrop_address: str = ""
     # Sent as `authorization: Bearer <token>`; its role must be allowed the job RPCs.
@@ -88,6 +95,8 @@ class SchedulerSettings(Settings):
             raise SystemExit(f"scheduler: unknown job(s) in EARN_SCHEDULER_JOBS: {', '.join(unknown)}; known: {', '.join(JOBS)}")
         if names and self.launchpool_address == "" and any(n.startswith("launchpool.") for n in names):
             raise SystemExit("scheduler: the launchpool jobs need EARN_LAUNCHPOOL_ADDRESS")
+        if names and self.dual_address == "" and any(n.startswith("dual.") for n in names):
+            raise SystemExit("scheduler: the dual jobs need EARN_DUAL_ADDRESS")
         if names and self.candydrop_address == "" and any(n.startswith("candydrop.") for n in names):
             raise SystemExit("scheduler: the candydrop jobs need EARN_CANDYDROP_ADDRESS")
         return [JOBS[n] for n in names] if names else [s for s in JOBS.values() if enabled(s, self)]
@@ -401,6 +410,58 @@ CD_DISTRIBUTE = Step(
     _cd_distribute,
 )
 
+# ---- Dual Investment ----
+
+
+class Dual:
+    """Dual Investment's job RPC, with the service token and a deadline on every call."""
+
+    def __init__(self, settings: SchedulerSettings) -> None:
+        self.settings = settings
+        self.channel = grpc.aio.insecure_channel(settings.dual_address)
+        self.stub = dual_pb2_grpc.DualServiceStub(self.channel)
+        self.metadata = (("authorization", f"Bearer {settings.service_token}"),)
+
+    async def call(self, method: str, request: Any) -> Any:
+        try:
+            return await getattr(self.stub, method)(request, metadata=self.metadata, timeout=self.settings.rpc_timeout_seconds)
+        except grpc.aio.AioRpcError as err:
+            raise JobError(f"Dual.{method} at {self.settings.dual_address}: {err.code().name}: {err.details()}") from None
+
+
+_DUAL_CLIENTS: dict[tuple[int, str], Dual] = {}
+
+
+def _dual(ctx: Context) -> Dual:
+    if not ctx.settings.dual_address:
+        raise JobError("EARN_DUAL_ADDRESS is not set")
+    key = (id(asyncio.get_running_loop()), ctx.settings.dual_address)
+    client = _DUAL_CLIENTS.get(key)
+    if client is None:
+        client = _DUAL_CLIENTS[key] = Dual(ctx.settings)
+    return client
+
+
+async def _dual_settle(ctx: Context) -> None:
+    until = Timestamp()
+    until.FromDatetime(ctx.period.boundary_time)
+    reply = await _dual(ctx).call("SettleDualPlans", dual_pb2.SettleDualPlansRequest(until=until))
+    failed = [p for p in reply.plans if p.status == dual_pb2.DUAL_PLAN_STATUS_FAILED]
+    ctx.totals.update(
+        plan_ids=sorted(p.plan_id for p in reply.plans), items=sum(p.subscriptions_settled for p in reply.plans),
+        paid={asset: str(Decimal(amount)) for asset, amount in sorted(reply.paid.items())},
+        failed={p.plan_id: p.failure_reason for p in failed},
+    )
+    if failed:
+        raise JobError("; ".join(f"plan {p.plan_id}: {p.failure_reason}" for p in failed) + " (the run is retried)")
+
+
+DUAL_SETTLE = Step(
+    "settle_dual_plans",
+    lambda job, p: f"Dual SettleDualPlans(until={_hour(p.boundary_hour)}): settle and pay every plan whose settlement time has passed",
+    _dual_settle,
+)
+
 JOBS: dict[str, JobSpec] = {
     spec.name: spec
     for spec in (
@@ -422,6 +483,11 @@ JOBS: dict[str, JobSpec] = {
             (LP_CLOSE_HOUR, LP_REQUEST_PAYOUT, LP_AWAIT_PAYOUT),
         ),
         JobSpec(
+            Job("dual.settlement", Cadence.HOURLY),
+            "Dual Investment settlement: plans whose settlement time passed, at the market's TWAP, paid once per subscription",
+            (DUAL_SETTLE,),
+        ),
+        JobSpec(
             Job("candydrop.distribution", Cadence.HOURLY),
             "CandyDrop prizes: every campaign that ended by the period's boundary, paid once",
             (CD_DISTRIBUTE,),
@@ -434,6 +500,8 @@ def enabled(spec: JobSpec, settings: SchedulerSettings) -> bool:
     """Whether a job runs with these settings (the launchpool and candydrop jobs need their address)."""
     if spec.name.startswith("candydrop."):
         return bool(settings.candydrop_address)
+    if spec.name.startswith("dual."):
+        return bool(settings.dual_address)
     return not spec.name.startswith("launchpool.") or bool(settings.launchpool_address)
 
 
