@@ -501,6 +501,7 @@ class LaunchpoolApi(launchpool_pb2_grpc.LaunchpoolServiceServicer):
             scale_of(asset)
             check_amount_column(list(batch.amounts), asset)
         digest = hashlib.sha256(env.payload).digest()
+        fresh: list[tuple[str, Decimal]] | None = None  # the credits, when this delivery recorded them
         recorded = await store.batch(self.pool, requested["id"], batch.partition, batch.sequence)
         if recorded is None:
             problems: list[str] = []
@@ -530,7 +531,7 @@ class LaunchpoolApi(launchpool_pb2_grpc.LaunchpoolServiceServicer):
                         rows = await conn.fetch(
                             "INSERT INTO rewards (stake_id, payout_id, batch_id, amount, from_hour, to_hour, created_at)"
                             " SELECT s, $2, $3, a, f, $4, $5 FROM unnest($1::bigint[], $6::numeric[], $7::bigint[]) AS u(s, a, f)"
-                            " ON CONFLICT (stake_id, payout_id) DO NOTHING RETURNING stake_id, amount",
+                            " ON CONFLICT (stake_id, payout_id) DO NOTHING RETURNING id, stake_id, amount",
                             [ids[i] for i in keep], requested["id"], batch_id, batch.boundary_hour, at,
                             [Decimal(batch.amounts[i]) for i in keep], [batch.from_hours[i] for i in keep],
                         )
@@ -539,6 +540,9 @@ class LaunchpoolApi(launchpool_pb2_grpc.LaunchpoolServiceServicer):
                         await conn.execute(
                             "UPDATE payout_batches SET items = $2, total = $3 WHERE id = $1", batch_id, len(rows), sum((r["amount"] for r in rows), Decimal(0)),
                         )
+                        fresh = [(known[r["stake_id"]][0], r["amount"]) for r in sorted(rows, key=lambda r: r["id"])]
+                    elif batch_id is not None:
+                        fresh = []
             recorded = await store.batch(self.pool, requested["id"], batch.partition, batch.sequence)
             if recorded is None:
                 log.error("payout event applied before, but its batch is not recorded", extra={"event_id": env.event_id})
@@ -552,7 +556,9 @@ class LaunchpoolApi(launchpool_pb2_grpc.LaunchpoolServiceServicer):
         if recorded["posted_at"] is not None:
             return "duplicate"
         posting_id = None
-        credits = await store.batch_credits(self.pool, recorded["id"])
+        # The credit is rebuilt from the recorded rows on a redelivery; in the rows' order
+        # either way (the wallet's key answers a repeat only for the same request).
+        credits = fresh if fresh is not None else await store.batch_credits(self.pool, recorded["id"])
         if credits:
             request = wallet_pb2.BulkCreditRequest(
                 idempotency_key=derived_key("payout", job, period, batch.partition, batch.sequence), asset=recorded["asset"],

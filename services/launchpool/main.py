@@ -11,7 +11,7 @@ import grpc
 from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
 from google.protobuf.message import DecodeError
 
-from services.kernel import db, logs, topics
+from services.kernel import db, events, logs, topics
 from services.kernel.config import ServiceSettings, load
 from services.kernel.errors import InvalidArgument
 from services.kernel.grpcserver import GrpcApp
@@ -19,7 +19,7 @@ from services.kernel.outbox import Relay
 from services.launchpool import metrics, store
 from services.launchpool.api import ROLES, SERVICE_NAME, LaunchpoolApi, WalletClient
 
-from earn.v1 import launchpool_pb2_grpc
+from earn.v1 import accrual_pb2, launchpool_pb2_grpc
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +35,8 @@ class LaunchpoolSettings(ServiceSettings):
     wallet_address: str = "127.0.0.1:50051"
     wallet_token: str = "dev-service"
     release_sweep_seconds: float = 5.0
+    # PayoutBatch records of one partition applied at once (its last batch waits for them).
+    payout_concurrency: int = 4
 
 
 async def _consume_one(api: LaunchpoolApi, topic: str, record: ConsumerRecord) -> str:
@@ -56,20 +58,55 @@ async def _consume_one(api: LaunchpoolApi, topic: str, record: ConsumerRecord) -
     return outcome
 
 
-async def _apply_partition(api: LaunchpoolApi, topic: str, records: list[ConsumerRecord]) -> None:
-    for record in records:
-        delay = 0.5
-        while True:
-            try:
-                outcome = await _consume_one(api, topic, record)
-                break
-            except asyncio.CancelledError:
-                raise
-            except Exception:
-                log.exception("launchpool payout batch failed; retrying", extra={"offset": record.offset, "partition": record.partition})
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 10.0)
-        metrics.PAYOUT_BATCHES.labels(outcome).inc()
+def _is_last_batch(raw: bytes) -> bool:
+    try:
+        env = events.parse(raw)
+        return env.type == accrual_pb2.PayoutBatch.DESCRIPTOR.full_name and accrual_pb2.PayoutBatch.FromString(env.payload).last
+    except Exception:  # noqa: BLE001 - applying it will say what it is
+        return False
+
+
+async def _apply_one(api: LaunchpoolApi, topic: str, record: ConsumerRecord) -> None:
+    delay = 0.5
+    while True:
+        try:
+            outcome = await _consume_one(api, topic, record)
+            break
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("launchpool payout batch failed; retrying", extra={"offset": record.offset, "partition": record.partition})
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 10.0)
+    metrics.PAYOUT_BATCHES.labels(outcome).inc()
+
+
+async def _apply_partition(api: LaunchpoolApi, topic: str, records: list[ConsumerRecord], concurrency: int) -> None:
+    """A partition's records, up to ``concurrency`` at once (batches pay distinct stakes
+    under their own keys); a partition's last batch, which completes the partition for
+    GetRewardPayoutStatus, only after every record before it is applied."""
+    slots = asyncio.Semaphore(max(1, concurrency))
+    running: set[asyncio.Task[None]] = set()
+
+    async def guarded(record: ConsumerRecord) -> None:
+        async with slots:
+            await _apply_one(api, topic, record)
+
+    try:
+        for record in records:
+            if _is_last_batch(record.value or b"") and running:
+                await asyncio.gather(*running)
+                running.clear()
+            await slots.acquire()
+            slots.release()
+            task = asyncio.create_task(guarded(record))
+            running.add(task)
+            task.add_done_callback(running.discard)
+        if running:
+            await asyncio.gather(*running)
+    finally:
+        for task in running:
+            task.cancel()
 
 
 async def consume_payouts(settings: LaunchpoolSettings, api: LaunchpoolApi) -> None:
@@ -96,7 +133,7 @@ async def consume_payouts(settings: LaunchpoolSettings, api: LaunchpoolApi) -> N
             fetched = await consumer.getmany(timeout_ms=200, max_records=64)
             if not fetched:
                 continue
-            await asyncio.gather(*(_apply_partition(api, topic, records) for records in fetched.values()))
+            await asyncio.gather(*(_apply_partition(api, topic, records, settings.payout_concurrency) for records in fetched.values()))
             offsets = {TopicPartition(tp.topic, tp.partition): records[-1].offset + 1 for tp, records in fetched.items() if records}
             try:
                 await consumer.commit(offsets)
