@@ -1,11 +1,12 @@
 """Issue 8: a corpus of malformed requests for every RPC of WalletService,
-SimpleEarnService and LaunchpoolService, against one live wallet, simple_earn and
-launchpool, and the role table of the three services tested method by method.
+SimpleEarnService, LaunchpoolService, MarketService and DualService, against one live
+wallet, simple_earn, launchpool, market and dual, and the role table of the five
+services tested method by method.
 
 Each corpus row is (service, method, request builder, token, expected status, fragment
 of the message). The request builder gets the ids made by the setup (a funded user, a
 hold, products, positions, used idempotency keys). Every row must leave every table of
-the ``wallet`` and ``simple_earn`` schemas exactly as it was (row counts and an md5 of
+the services' schemas exactly as it was (row counts and an md5 of
 each table's ordered content), and a test after the rows compares the whole run too.
 """
 
@@ -25,9 +26,12 @@ import grpc
 import pytest
 from google.protobuf.timestamp_pb2 import Timestamp
 
+from earn.v1 import dual_pb2 as du, dual_pb2_grpc, market_pb2 as mk, market_pb2_grpc
 from earn.v1 import accrual_pb2, launchpool_pb2 as lp, launchpool_pb2_grpc, simple_earn_pb2 as se, simple_earn_pb2_grpc, wallet_pb2 as wp, wallet_pb2_grpc
 from services.devstack.processes import ManagedProcess
+from services.dual.api import ROLES as DUAL_ROLES
 from services.launchpool.api import ROLES as LAUNCHPOOL_ROLES
+from services.market.api import ROLES as MARKET_ROLES
 from services.simple_earn.api import ROLES as EARN_ROLES
 from services.wallet.api import ROLES as WALLET_ROLES
 from tests.conftest import GATEWAY, OPERATOR, SERVICE, unique
@@ -74,7 +78,38 @@ async def launchpool_channel(launchpool_process: ManagedProcess) -> AsyncIterato
 
 
 @pytest.fixture(scope="module")
-async def db(stack, wallet_process: ManagedProcess, earn_process: ManagedProcess, launchpool_process: ManagedProcess) -> AsyncIterator[asyncpg.Pool]:
+def market_process(stack):  # type: ignore[no-untyped-def]
+    proc = stack.process("market")
+    proc.start()
+    proc.wait_ready(timeout=60)
+    yield proc
+    proc.stop()
+
+
+@pytest.fixture(scope="module")
+def dual_process(stack, wallet_process: ManagedProcess, market_process: ManagedProcess):  # type: ignore[no-untyped-def]
+    proc = stack.process("dual", EARN_WALLET_ADDRESS=wallet_process.address or "", EARN_MARKET_ADDRESS=market_process.address or "")
+    proc.start()
+    proc.wait_ready(timeout=60)
+    yield proc
+    proc.stop()
+
+
+@pytest.fixture(scope="module")
+async def market_channel(market_process: ManagedProcess) -> AsyncIterator[grpc.aio.Channel]:
+    async with grpc.aio.insecure_channel(market_process.address) as channel:
+        yield channel
+
+
+@pytest.fixture(scope="module")
+async def dual_channel(dual_process: ManagedProcess) -> AsyncIterator[grpc.aio.Channel]:
+    async with grpc.aio.insecure_channel(dual_process.address) as channel:
+        yield channel
+
+
+@pytest.fixture(scope="module")
+async def db(stack, wallet_process: ManagedProcess, earn_process: ManagedProcess, launchpool_process: ManagedProcess,
+             market_process: ManagedProcess, dual_process: ManagedProcess) -> AsyncIterator[asyncpg.Pool]:
     pool = await asyncpg.create_pool(stack.settings.database_url, min_size=1, max_size=2)
     assert pool is not None
     yield pool
@@ -82,16 +117,18 @@ async def db(stack, wallet_process: ManagedProcess, earn_process: ManagedProcess
 
 
 @pytest.fixture(scope="module")
-def stubs(wallet_channel: grpc.aio.Channel, earn_channel: grpc.aio.Channel, launchpool_channel: grpc.aio.Channel) -> dict[str, Any]:
+def stubs(wallet_channel: grpc.aio.Channel, earn_channel: grpc.aio.Channel, launchpool_channel: grpc.aio.Channel,
+          market_channel: grpc.aio.Channel, dual_channel: grpc.aio.Channel) -> dict[str, Any]:
     return {
         "wallet": wallet_pb2_grpc.WalletServiceStub(wallet_channel), "earn": simple_earn_pb2_grpc.SimpleEarnServiceStub(earn_channel),
         "lp": launchpool_pb2_grpc.LaunchpoolServiceStub(launchpool_channel),
+        "mk": market_pb2_grpc.MarketServiceStub(market_channel), "dual": dual_pb2_grpc.DualServiceStub(dual_channel),
     }
 
 
 # ---- snapshots ----------------------------------------------------------------------
 
-SCHEMAS = ("wallet", "simple_earn", "launchpool")
+SCHEMAS = ("wallet", "simple_earn", "launchpool", "market", "dual")
 # No table is excluded: no RPC of the corpus may write anything, not even audit-like rows.
 # The only tables written without an RPC are the outboxes (emptied by the relays), the
 # inbox (the payout consumer) and bulk_credit_parts/transfers (the wallet's folder);
@@ -158,6 +195,8 @@ class Ctx:
     newcomers: str = ""  # BTC stake, newcomers only (alice staked in another project)
     other_project: str = ""
     other_pool: str = ""  # alice staked 20 USDT here
+    dual_plan: str = ""  # sell-high BTC/USDT, min 0.01, max 1 per user, quota 1.2; alice subscribed 0.5
+    dual_sub: str = ""  # alice's subscription
     keys: dict[str, str] = field(default_factory=dict)  # method -> a key used once, successfully
     baseline: dict[str, tuple[int, str]] = field(default_factory=dict)
     requests: dict[str, Any] = field(default_factory=dict)  # method -> the request sent with keys[method]
@@ -256,6 +295,19 @@ async def ctx(stubs, db) -> Ctx:
     await once("Stake", launch, lp.StakeRequest(idempotency_key=unique(), user_id=c.alice, pool_id=c.pool, amount="60"), GATEWAY)
     await launch.Stake(lp.StakeRequest(idempotency_key=unique(), user_id=c.alice, pool_id=c.other_pool, amount="20"), metadata=GATEWAY)
     await once("Unstake", launch, lp.UnstakeRequest(idempotency_key=unique(), user_id=c.alice, pool_id=c.pool, amount="10"), GATEWAY)
+    market, dual = stubs["mk"], stubs["dual"]
+    price_at = (hour - 2) * 3600
+    await once("BackfillPrices", market, mk.BackfillPricesRequest(
+        idempotency_key=unique(), pair="BTC/USDT", ticks=[mk.BackfillTick(price=f"6000{i}.5", event_time=ts(price_at + 60 * i)) for i in range(5)],
+    ), OPERATOR)
+    c.dual_plan = unique("dual")
+    await once("CreateDualPlan", dual, du.CreateDualPlanRequest(
+        idempotency_key=unique(), plan_id=c.dual_plan, base_asset="BTC", quote_asset="USDT", direction=du.DUAL_DIRECTION_SELL_HIGH, strike="60000",
+        apr="0.1", settlement_time=ts((hour + 48) * 3600), min_amount="0.01", max_per_user="1", quota="1.2",
+    ), OPERATOR)
+    order = du.SubscribeDualRequest(client_order_id=unique("order"), user_id=c.alice, plan_id=c.dual_plan, amount="0.5")
+    c.keys["SubscribeDual"], c.requests["SubscribeDual"] = order.client_order_id, order
+    c.dual_sub = (await dual.SubscribeDual(order, metadata=GATEWAY)).subscription.subscription_id
     c.baseline = await settled(db)
     return c
 
@@ -865,6 +917,162 @@ _LP = [
 for _n, _m, _b, _code, _frag, _tok in _LP:
     row(_n, "lp", _m, _b, _code, _frag, _tok)
 
+# ---- market ----
+
+
+def backfill(c: Ctx, **fields: Any) -> mk.BackfillPricesRequest:
+    base: dict[str, Any] = dict(idempotency_key=unique(), pair="BTC/USDT", ticks=[mk.BackfillTick(price="60000", event_time=ts((_NOW_HOUR - 5) * 3600))])
+    return mk.BackfillPricesRequest(**{**base, **fields})
+
+
+def tick(price: str = "60000", seconds: int | None = None, **fields: Any) -> mk.BackfillTick:
+    return mk.BackfillTick(price=price, event_time=ts((_NOW_HOUR - 5) * 3600 if seconds is None else seconds), **fields)
+
+
+BAD_PAIRS = [("empty", ""), ("lower", "btc/usdt"), ("unknown", "BTC/NOPE"), ("same", "BTC/BTC"), ("dash", "BTC-USDT"), ("10KB", BIG), ("space", " BTC/USDT")]
+for _n, _v in BAD_PAIRS:
+    row(f"pair-{_n}", "mk", "GetIndex", lambda c, v=_v: mk.GetIndexRequest(pair=v), INVALID, "pair:", GATEWAY)
+    row(f"pair-{_n}", "mk", "GetTwap", lambda c, v=_v: mk.GetTwapRequest(pair=v, start=ts(0), end=ts(60)), INVALID, "pair:", SERVICE)
+    row(f"pair-{_n}", "mk", "BackfillPrices", lambda c, v=_v: backfill(c, pair=v), INVALID, "pair:")
+for _n, _v in BAD_AMOUNTS:
+    row(_n, "mk", "BackfillPrices", lambda c, v=_v: backfill(c, ticks=[tick(v)]), INVALID, "ticks[0].price:")
+for _n, _v in BAD_KEYS:
+    row(f"key-{_n}", "mk", "BackfillPrices", lambda c, v=_v: backfill(c, idempotency_key=v), INVALID, "idempotency_key:")
+_MK = [
+    ("no-data", "GetIndex", lambda c: mk.GetIndexRequest(pair="ETH/BTC"), NOT_FOUND, "pair:", GATEWAY),
+    ("none-before", "GetIndex", lambda c: mk.GetIndexRequest(pair="BTC/USDT", at=ts(3600)), NOT_FOUND, "pair:", GATEWAY),
+    ("at-out-of-range", "GetIndex", lambda c: mk.GetIndexRequest(pair="BTC/USDT", at=ts(10**15)), INVALID, "at:", GATEWAY),
+    ("at-nanos", "GetIndex", lambda c: mk.GetIndexRequest(pair="BTC/USDT", at=Timestamp(seconds=3600, nanos=5)), INVALID, "at:", OPERATOR),
+    ("start-missing", "GetTwap", lambda c: mk.GetTwapRequest(pair="BTC/USDT", end=ts(60)), INVALID, "start:", SERVICE),
+    ("end-missing", "GetTwap", lambda c: mk.GetTwapRequest(pair="BTC/USDT", start=ts(60)), INVALID, "end:", SERVICE),
+    ("end-before-start", "GetTwap", lambda c: mk.GetTwapRequest(pair="BTC/USDT", start=ts(120), end=ts(60)), INVALID, "end:", SERVICE),
+    ("empty-window", "GetTwap", lambda c: mk.GetTwapRequest(pair="BTC/USDT", start=ts(120), end=ts(120)), INVALID, "end:", GATEWAY),
+    ("window-too-long", "GetTwap", lambda c: mk.GetTwapRequest(pair="BTC/USDT", start=ts(0), end=ts(8 * 86400)), INVALID, "end:", SERVICE),
+    ("end-out-of-range", "GetTwap", lambda c: mk.GetTwapRequest(pair="BTC/USDT", start=ts(0), end=ts(10**15)), INVALID, "end:", SERVICE),
+    ("end-in-the-future", "GetTwap", lambda c: mk.GetTwapRequest(pair="BTC/USDT", start=ts((_NOW_HOUR + 1) * 3600), end=ts((_NOW_HOUR + 2) * 3600)), PRECONDITION, "end:", SERVICE),
+    ("no-ticks", "GetTwap", lambda c: mk.GetTwapRequest(pair="ETH/BTC", start=ts(3600), end=ts(7200)), PRECONDITION, "prices missing for ETH/BTC", SERVICE),
+    ("gap", "GetTwap", lambda c: mk.GetTwapRequest(pair="BTC/USDT", start=ts((_NOW_HOUR - 2) * 3600), end=ts((_NOW_HOUR - 1) * 3600)), PRECONDITION, "no tick between", SERVICE),
+    ("no-ticks", "BackfillPrices", lambda c: backfill(c, ticks=[]), INVALID, "ticks:", OPERATOR),
+    ("10001-ticks", "BackfillPrices", lambda c: backfill(c, ticks=[tick(seconds=i) for i in range(10_001)]), INVALID, "ticks:", OPERATOR),
+    ("too-precise", "BackfillPrices", lambda c: backfill(c, ticks=[tick(TOO_PRECISE_USDT)]), INVALID, "ticks[0].price:", OPERATOR),
+    ("time-missing", "BackfillPrices", lambda c: backfill(c, ticks=[mk.BackfillTick(price="1")]), INVALID, "ticks[0].event_time:", OPERATOR),
+    ("time-future", "BackfillPrices", lambda c: backfill(c, ticks=[tick(seconds=(_NOW_HOUR + 48) * 3600)]), INVALID, "ticks[0].event_time:", OPERATOR),
+    ("time-out-of-range", "BackfillPrices", lambda c: backfill(c, ticks=[tick(seconds=10**15)]), INVALID, "ticks[0].event_time:", OPERATOR),
+    ("time-twice", "BackfillPrices", lambda c: backfill(c, ticks=[tick(seconds=3600), tick("2", seconds=3600)]), INVALID, "ticks[1].event_time:", OPERATOR),
+    ("later-tick-bad", "BackfillPrices", lambda c: backfill(c, ticks=[tick(seconds=3600), tick("-2", seconds=7200)]), INVALID, "ticks[1].price:", OPERATOR),
+    ("source-upper", "BackfillPrices", lambda c: backfill(c, source="Exchange"), INVALID, "source:", OPERATOR),
+    ("source-10KB", "BackfillPrices", lambda c: backfill(c, source=BIG), INVALID, "source:", OPERATOR),
+    ("key-reused", "BackfillPrices", lambda c: backfill(c, idempotency_key=c.keys["BackfillPrices"]), EXISTS, "idempotency_key:", OPERATOR),
+    ("gateway", "BackfillPrices", lambda c: backfill(c), DENIED, "BackfillPrices", GATEWAY),
+    ("service", "BackfillPrices", lambda c: backfill(c), DENIED, "BackfillPrices", SERVICE),
+]
+for _n, _m, _b, _code, _frag, _tok in _MK:
+    row(_n, "mk", _m, _b, _code, _frag, _tok)
+
+# ---- dual ----
+
+
+def dual_plan(c: Ctx, **fields: Any) -> du.CreateDualPlanRequest:
+    base: dict[str, Any] = dict(
+        idempotency_key=unique(), plan_id=unique("dp"), base_asset="BTC", quote_asset="USDT", direction=du.DUAL_DIRECTION_SELL_HIGH, strike="60000",
+        apr="0.1", settlement_time=ts((_NOW_HOUR + 24) * 3600), min_amount="0.01", max_per_user="1", quota="10",
+    )
+    return du.CreateDualPlanRequest(**{**base, **fields})
+
+
+def dual_sub(c: Ctx, **fields: Any) -> du.SubscribeDualRequest:
+    base: dict[str, Any] = dict(client_order_id=unique("o"), user_id=c.bob, plan_id=c.dual_plan, amount="0.1")
+    return du.SubscribeDualRequest(**{**base, **fields})
+
+
+_DUAL_CREATE = [
+    ("plan-id-empty", {"plan_id": ""}, INVALID, "plan_id:"),
+    ("plan-id-10KB", {"plan_id": BIG}, INVALID, "plan_id:"),
+    ("plan-id-space", {"plan_id": "a b"}, INVALID, "plan_id:"),
+    ("base-empty", {"base_asset": ""}, INVALID, "base_asset:"),
+    ("base-unknown", {"base_asset": "NOPE"}, INVALID, "base_asset:"),
+    ("quote-unknown", {"quote_asset": "usdt"}, INVALID, "quote_asset:"),
+    ("same-assets", {"quote_asset": "BTC"}, INVALID, "quote_asset:"),
+    ("direction-missing", {"direction": 0}, INVALID, "direction:"),
+    ("direction-unknown", {"direction": 9}, INVALID, "direction:"),
+    ("strike-too-precise", {"strike": TOO_PRECISE_USDT}, INVALID, "strike:"),
+    ("apr-negative", {"apr": "-0.1"}, INVALID, "apr:"),
+    ("apr-exponent", {"apr": "1e-2"}, INVALID, "apr:"),
+    ("apr-too-precise", {"apr": "0.0000001"}, INVALID, "apr:"),
+    ("apr-too-high", {"apr": "10.5"}, INVALID, "apr:"),
+    ("apr-empty", {"apr": ""}, INVALID, "apr:"),
+    ("settlement-missing", {"settlement_time": None}, INVALID, "settlement_time:"),
+    ("settlement-not-full-hour", {"settlement_time": ts((_NOW_HOUR + 24) * 3600 + 60)}, INVALID, "settlement_time:"),
+    ("settlement-nanos", {"settlement_time": Timestamp(seconds=(_NOW_HOUR + 24) * 3600, nanos=1)}, INVALID, "settlement_time:"),
+    ("settlement-past", {"settlement_time": ts((_NOW_HOUR - 1) * 3600)}, INVALID, "settlement_time:"),
+    ("settlement-too-far", {"settlement_time": ts((_NOW_HOUR + 24 * 400) * 3600)}, INVALID, "settlement_time:"),
+    ("settlement-out-of-range", {"settlement_time": ts(10**15)}, INVALID, "settlement_time:"),
+    ("window-too-short", {"window_seconds": 10}, INVALID, "window_seconds:"),
+    ("window-too-long", {"window_seconds": 100_000}, INVALID, "window_seconds:"),
+    ("window-past-now", {"window_seconds": 86_400, "settlement_time": ts((_NOW_HOUR + 2) * 3600)}, INVALID, "settlement_time:"),
+    ("min-too-precise", {"min_amount": TOO_PRECISE_BTC}, INVALID, "min_amount:"),
+    ("max-below-min", {"min_amount": "1", "max_per_user": "0.5"}, INVALID, "max_per_user:"),
+    ("quota-below-min", {"min_amount": "1", "quota": "0.5"}, INVALID, "quota:"),
+    ("buy-low-min-in-quote", {"direction": du.DUAL_DIRECTION_BUY_LOW, "min_amount": TOO_PRECISE_USDT}, INVALID, "min_amount:"),
+]
+for _n, _f, _code, _frag in _DUAL_CREATE:
+    row(_n, "dual", "CreateDualPlan", lambda c, f=_f: _without(dual_plan(c, **{k: v for k, v in f.items() if v is not None}), [k for k, v in f.items() if v is None]),
+        _code, _frag)
+for _n, _v in BAD_AMOUNTS:
+    row(_n, "dual", "CreateDualPlan", lambda c, v=_v: dual_plan(c, strike=v), INVALID, "strike:")
+    for _field in ("min_amount", "max_per_user", "quota"):
+        row(f"{_field}-{_n}", "dual", "CreateDualPlan", lambda c, v=_v, f=_field: dual_plan(c, **{f: v}), INVALID, f"{_field}:")
+    row(_n, "dual", "SubscribeDual", lambda c, v=_v: dual_sub(c, amount=v), INVALID, "amount:", GATEWAY)
+for _n, _v in BAD_KEYS:
+    row(f"key-{_n}", "dual", "CreateDualPlan", lambda c, v=_v: dual_plan(c, idempotency_key=v), INVALID, "idempotency_key:")
+for _n, _v in [("empty", ""), ("space", "a b"), ("65", "o" * 65), ("10KB", "o" * 10_240), ("non-ascii", "ordré"), ("newline", "o\n")]:
+    row(f"order-{_n}", "dual", "SubscribeDual", lambda c, v=_v: dual_sub(c, client_order_id=v), INVALID, "client_order_id:", GATEWAY)
+for _n, _v in BAD_NAMES:
+    row(f"user-{_n}", "dual", "SubscribeDual", lambda c, v=_v: dual_sub(c, user_id=v), INVALID, "user_id:", GATEWAY)
+    row(f"plan-{_n}", "dual", "SubscribeDual", lambda c, v=_v: dual_sub(c, plan_id=v), INVALID, "plan_id:", GATEWAY)
+    row(f"plan-{_n}", "dual", "GetDualPlan", lambda c, v=_v: du.GetDualPlanRequest(plan_id=v), INVALID, "plan_id:", GATEWAY)
+_DUAL = [
+    ("plan-exists", "CreateDualPlan", lambda c: dual_plan(c, plan_id=c.dual_plan), EXISTS, "plan_id:", OPERATOR),
+    ("key-reused", "CreateDualPlan", lambda c: dual_plan(c, idempotency_key=c.keys["CreateDualPlan"]), EXISTS, "idempotency_key:", OPERATOR),
+    ("gateway", "CreateDualPlan", lambda c: dual_plan(c), DENIED, "CreateDualPlan", GATEWAY),
+    ("unknown", "GetDualPlan", lambda c: du.GetDualPlanRequest(plan_id="no-such-plan"), NOT_FOUND, "plan_id:", GATEWAY),
+    ("status-unknown", "ListDualPlans", lambda c: du.ListDualPlansRequest(status=9), INVALID, "status:", GATEWAY),
+    ("base-unknown", "ListDualPlans", lambda c: du.ListDualPlansRequest(base_asset="NOPE"), INVALID, "base_asset:", OPERATOR),
+    ("quote-10KB", "ListDualPlans", lambda c: du.ListDualPlansRequest(quote_asset=BIG), INVALID, "quote_asset:", SERVICE),
+    ("gateway-no-user", "GetDualSubscription", lambda c: du.GetDualSubscriptionRequest(subscription_id=c.dual_sub), INVALID, "user_id:", GATEWAY),
+    ("id-empty", "GetDualSubscription", lambda c: du.GetDualSubscriptionRequest(user_id=c.alice), INVALID, "subscription_id:", GATEWAY),
+    ("id-letters", "GetDualSubscription", lambda c: du.GetDualSubscriptionRequest(user_id=c.alice, subscription_id="abc"), INVALID, "subscription_id:", GATEWAY),
+    ("id-zero", "GetDualSubscription", lambda c: du.GetDualSubscriptionRequest(user_id=c.alice, subscription_id="0"), INVALID, "subscription_id:", GATEWAY),
+    ("id-negative", "GetDualSubscription", lambda c: du.GetDualSubscriptionRequest(user_id=c.alice, subscription_id="-1"), INVALID, "subscription_id:", GATEWAY),
+    ("id-past-bigint", "GetDualSubscription", lambda c: du.GetDualSubscriptionRequest(user_id=c.alice, subscription_id=str(2**63)), INVALID, "subscription_id:", GATEWAY),
+    ("id-10KB", "GetDualSubscription", lambda c: du.GetDualSubscriptionRequest(user_id=c.alice, subscription_id=BIG_DIGITS), INVALID, "subscription_id:", GATEWAY),
+    ("unknown", "GetDualSubscription", lambda c: du.GetDualSubscriptionRequest(user_id=c.alice, subscription_id="999999999"), NOT_FOUND, "subscription_id:", GATEWAY),
+    ("other-users", "GetDualSubscription", lambda c: du.GetDualSubscriptionRequest(user_id=c.bob, subscription_id=c.dual_sub), NOT_FOUND, "subscription_id:", GATEWAY),
+    ("user-space", "GetDualSubscription", lambda c: du.GetDualSubscriptionRequest(user_id="a b", subscription_id=c.dual_sub), INVALID, "user_id:", GATEWAY),
+    ("gateway-no-user", "ListDualSubscriptions", lambda c: du.ListDualSubscriptionsRequest(), INVALID, "user_id:", GATEWAY),
+    ("user-10KB", "ListDualSubscriptions", lambda c: du.ListDualSubscriptionsRequest(user_id=BIG), INVALID, "user_id:", GATEWAY),
+    ("plan-space", "ListDualSubscriptions", lambda c: du.ListDualSubscriptionsRequest(user_id=c.alice, plan_id="a b"), INVALID, "plan_id:", GATEWAY),
+    ("status-unknown", "ListDualSubscriptions", lambda c: du.ListDualSubscriptionsRequest(user_id=c.alice, status=9), INVALID, "status:", GATEWAY),
+    ("page-size-1001", "ListDualSubscriptions", lambda c: du.ListDualSubscriptionsRequest(user_id=c.alice, page_size=1001), INVALID, "page_size:", GATEWAY),
+    ("token-garbage", "ListDualSubscriptions", lambda c: du.ListDualSubscriptionsRequest(user_id=c.alice, page_token="garbage"), INVALID, "page_token:", GATEWAY),
+    ("token-other-list", "ListDualSubscriptions", lambda c: du.ListDualSubscriptionsRequest(user_id=c.alice, page_token=base64.urlsafe_b64encode(b"s:1").decode()), INVALID, "page_token:", GATEWAY),
+    ("unknown-plan", "SubscribeDual", lambda c: dual_sub(c, plan_id="no-such-plan"), NOT_FOUND, "plan_id:", GATEWAY),
+    ("too-precise", "SubscribeDual", lambda c: dual_sub(c, amount=TOO_PRECISE_BTC), INVALID, "amount:", GATEWAY),
+    ("below-minimum", "SubscribeDual", lambda c: dual_sub(c, amount="0.009"), PRECONDITION, "minimum", GATEWAY),
+    ("over-per-user-maximum", "SubscribeDual", lambda c: dual_sub(c, user_id=c.alice, amount="0.6"), PRECONDITION, "per-user maximum", GATEWAY),
+    ("over-quota", "SubscribeDual", lambda c: dual_sub(c, amount="0.8"), PRECONDITION, "quota", GATEWAY),
+    ("insufficient", "SubscribeDual", lambda c: dual_sub(c, user_id=c.poor, amount="0.5"), PRECONDITION, "insufficient funds", GATEWAY),
+    ("order-reused", "SubscribeDual", lambda c: dual_sub(c, user_id=c.alice, client_order_id=c.keys["SubscribeDual"], amount="0.4"), EXISTS, "client_order_id:", GATEWAY),
+    ("operator", "SubscribeDual", lambda c: dual_sub(c), DENIED, "SubscribeDual", OPERATOR),
+    ("until-missing", "SettleDualPlans", lambda c: du.SettleDualPlansRequest(), INVALID, "until:", SERVICE),
+    ("until-nanos", "SettleDualPlans", lambda c: du.SettleDualPlansRequest(until=Timestamp(seconds=3600, nanos=1)), INVALID, "until:", SERVICE),
+    ("until-out-of-range", "SettleDualPlans", lambda c: du.SettleDualPlansRequest(until=ts(10**15)), INVALID, "until:", SERVICE),
+    ("until-future", "SettleDualPlans", lambda c: du.SettleDualPlansRequest(until=ts((_NOW_HOUR + 72) * 3600)), PRECONDITION, "until:", SERVICE),
+    ("operator", "SettleDualPlans", lambda c: du.SettleDualPlansRequest(until=ts(3600)), DENIED, "SettleDualPlans", OPERATOR),
+]
+for _n, _m, _b, _code, _frag, _tok in _DUAL:
+    row(_n, "dual", _m, _b, _code, _frag, _tok)
+
 # Rows that reveal a bug not fixed here: name -> reason (strict xfail).
 KNOWN_BUGS: dict[str, str] = {}
 
@@ -913,7 +1121,8 @@ def test_the_corpus_covers_every_rpc() -> None:
 
     covered = {(r.service, r.method) for _, r in ROWS}
     for service, descriptor in (("wallet", wallet_pb2.DESCRIPTOR.services_by_name["WalletService"]), ("earn", simple_earn_pb2.DESCRIPTOR.services_by_name["SimpleEarnService"]),
-                                ("lp", lp.DESCRIPTOR.services_by_name["LaunchpoolService"])):
+                                ("lp", lp.DESCRIPTOR.services_by_name["LaunchpoolService"]), ("mk", mk.DESCRIPTOR.services_by_name["MarketService"]),
+                                ("dual", du.DESCRIPTOR.services_by_name["DualService"])):
         missing = {m.name for m in descriptor.methods} - {m for s, m in covered if s == service}
         assert not missing, f"{service}: no corpus row for {sorted(missing)}"
 
@@ -939,6 +1148,11 @@ EXPECTED_ROLES = {
         "ListRewards": {G, O, S}, "Stake": {G}, "Unstake": {G}, "CloseRewardHour": {S}, "RequestRewardPayout": {S},
         "GetRewardPayoutStatus": {S, O},
     },
+    "earn.v1.MarketService": {"GetIndex": {G, O, S}, "GetTwap": {G, O, S}, "BackfillPrices": {O}},
+    "earn.v1.DualService": {
+        "CreateDualPlan": {O}, "GetDualPlan": {G, O, S}, "ListDualPlans": {G, O, S}, "GetDualSubscription": {G, O, S},
+        "ListDualSubscriptions": {G, O, S}, "SubscribeDual": {G}, "SettleDualPlans": {S},
+    },
 }
 
 
@@ -946,13 +1160,15 @@ def _descriptors() -> list[Any]:
     from earn.v1 import simple_earn_pb2, wallet_pb2
 
     return [wallet_pb2.DESCRIPTOR.services_by_name["WalletService"], simple_earn_pb2.DESCRIPTOR.services_by_name["SimpleEarnService"],
-            lp.DESCRIPTOR.services_by_name["LaunchpoolService"]]
+            lp.DESCRIPTOR.services_by_name["LaunchpoolService"], mk.DESCRIPTOR.services_by_name["MarketService"],
+            du.DESCRIPTOR.services_by_name["DualService"]]
 
 
 def test_every_rpc_of_the_protos_is_in_the_role_tables() -> None:
     """Deny by default would refuse an RPC missing from ROLES to everyone: a new RPC must be
     added to the table (and to EXPECTED_ROLES here) on purpose."""
-    tables = {"earn.v1.WalletService": WALLET_ROLES, "earn.v1.SimpleEarnService": EARN_ROLES, "earn.v1.LaunchpoolService": LAUNCHPOOL_ROLES}
+    tables = {"earn.v1.WalletService": WALLET_ROLES, "earn.v1.SimpleEarnService": EARN_ROLES, "earn.v1.LaunchpoolService": LAUNCHPOOL_ROLES,
+              "earn.v1.MarketService": MARKET_ROLES, "earn.v1.DualService": DUAL_ROLES}
     for descriptor in _descriptors():
         table = tables[descriptor.full_name]
         names = {f"{descriptor.full_name}/{m.name}" for m in descriptor.methods}
@@ -993,7 +1209,7 @@ async def test_role_table(stubs, ctx: Ctx, service: str, method: str, caller: st
     an allowed caller gets past authorization and meets validation or reads); a refused
     caller gets UNAUTHENTICATED (no valid token) or PERMISSION_DENIED (a role not in the
     table), before anything else."""
-    stub = stubs["wallet" if service.endswith("WalletService") else "lp" if service.endswith("LaunchpoolService") else "earn"]
+    stub = stubs[{"WalletService": "wallet", "LaunchpoolService": "lp", "MarketService": "mk", "DualService": "dual"}.get(service.split(".")[-1], "earn")]
     descriptor = next(d for d in _descriptors() if d.full_name == service).methods_by_name[method]
     from google.protobuf import message_factory
 
