@@ -13,7 +13,8 @@ the README's grpcurl examples.
   free ports, and its output is checked.
 - Every RPC of every service is typed (request and response messages) in the generated
   *_pb2_grpc.pyi of build/gen and of the wheel.
-- Every RPC of WalletService, SimpleEarnService and LaunchpoolService has a grpcurl example in README.md
+- Every RPC of WalletService, SimpleEarnService, LaunchpoolService, MarketService and DualService has a
+  grpcurl example in README.md
   whose request JSON parses into the request message, sent to the service's default port
   with a token whose role may call the method.
 """
@@ -231,7 +232,8 @@ def test_examples_run_against_live_services(
 # ---- README: grpcurl examples for every RPC ----
 
 DEV_TOKENS = {"dev-gateway": "gateway", "dev-operator": "operator", "dev-service": "service"}
-DEFAULT_PORTS = {"earn.v1.WalletService": 50051, "earn.v1.SimpleEarnService": 50052, "earn.v1.LaunchpoolService": 50053}
+DEFAULT_PORTS = {"earn.v1.WalletService": 50051, "earn.v1.SimpleEarnService": 50052, "earn.v1.LaunchpoolService": 50053,
+                 "earn.v1.MarketService": 50055, "earn.v1.DualService": 50056}
 
 
 def readme_grpcurl_calls() -> list[dict[str, object]]:
@@ -261,11 +263,13 @@ def readme_grpcurl_calls() -> list[dict[str, object]]:
 
 
 def test_readme_has_a_correct_grpcurl_example_for_every_rpc() -> None:
+    from services.dual.api import ROLES as DUAL_ROLES
     from services.launchpool.api import ROLES as LAUNCHPOOL_ROLES
+    from services.market.api import ROLES as MARKET_ROLES
     from services.simple_earn.api import ROLES as SIMPLE_EARN_ROLES
     from services.wallet.api import ROLES as WALLET_ROLES
 
-    roles = {**WALLET_ROLES, **SIMPLE_EARN_ROLES, **LAUNCHPOOL_ROLES}
+    roles = {**WALLET_ROLES, **SIMPLE_EARN_ROLES, **LAUNCHPOOL_ROLES, **MARKET_ROLES, **DUAL_ROLES}
     pool = descriptor_pool.Default()
     shown: set[str] = set()
     for call in readme_grpcurl_calls():
