@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
+import signal
 import uuid
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
@@ -136,11 +138,17 @@ def _stamp(message: Any, field: str, value: datetime | None) -> None:
 
 
 class CandyDropApi(candydrop_pb2_grpc.CandyDropServiceServicer):
-    def __init__(self, pool: asyncpg.Pool, settings: Settings, wallet: WalletClient, *, credit_chunk: int = 5000) -> None:
+    def __init__(
+        self, pool: asyncpg.Pool, settings: Settings, wallet: WalletClient, *, credit_chunk: int = 5000, crash_after_chunks: int = 0,
+    ) -> None:
         self.pool = pool
         self.settings = settings
         self.wallet = wallet
         self.credit_chunk = credit_chunk
+        # Tests only: SIGKILL this process once the wallet paid this many prize chunks,
+        # before they are recorded (the worst moment for a crash). 0: never.
+        self.crash_after_chunks = crash_after_chunks
+        self._chunks_paid = 0
 
     async def _write(self, method: str, request: Message, response_type: type[M], work: Callable[[asyncpg.Connection], Awaitable[M]]) -> M:
         return await idempotency.write_once(self.pool, method=method, request=request, response_type=response_type, work=work)
@@ -364,6 +372,10 @@ class CandyDropApi(candydrop_pb2_grpc.CandyDropServiceServicer):
             credit.owners.extend(u for u, _ in credits)
             credit.amounts.extend(format_amount(a) for _, a in credits)
             reply = await self.wallet.call("BulkCredit", credit)
+            self._chunks_paid += 1
+            if self.crash_after_chunks and self._chunks_paid >= self.crash_after_chunks:
+                log.warning("crash_after_chunks reached: SIGKILL (a test of the distribution's recovery)")
+                os.kill(os.getpid(), signal.SIGKILL)
             await store.chunk_paid(self.pool, campaign_id, chunk, reply.posting_id, self.settings.clock.now())
         if await store.mark_distributed(self.pool, campaign_id, self.settings.clock.now()):
             metrics.CAMPAIGNS_DISTRIBUTED.inc()

@@ -37,6 +37,9 @@ class CandyDropSettings(ServiceSettings):
     wallet_token: str = "dev-service"
     # Prizes per wallet BulkCredit (at most 10,000).
     credit_chunk: int = 5000
+    # Tests only (the kill-and-restart test of the distribution): SIGKILL the process after
+    # the wallet paid this many prize chunks, before recording them. 0: never.
+    crash_after_chunks: int = 0
 
 
 async def apply_record(api: CandyDropApi, logical: str, record: ConsumerRecord) -> str:
@@ -103,7 +106,8 @@ async def main() -> None:
     await asyncio.to_thread(topics.ensure_topics, settings, [*EXCHANGE_TOPICS, SIMPLE_EARN_TOPIC])
     pool = await db.create_pool(settings, SCHEMA)
     channel = grpc.aio.insecure_channel(settings.wallet_address)
-    api = CandyDropApi(pool, settings, WalletClient(channel, settings.wallet_token), credit_chunk=settings.credit_chunk)
+    api = CandyDropApi(pool, settings, WalletClient(channel, settings.wallet_token), credit_chunk=settings.credit_chunk,
+                       crash_after_chunks=settings.crash_after_chunks)
     app = GrpcApp("candydrop", settings, ROLES)
     app.add_servicer(candydrop_pb2_grpc.add_CandyDropServiceServicer_to_server, api, SERVICE_NAME)
     app.background(lambda: consume(settings, api))

@@ -7,10 +7,12 @@ published out of order by event time with duplicates (the same event id again). 
 task's progress, every candy count, every prize record and every wallet balance is
 checked to the unit against a reference computed here with fractions.
 
-Then the same scenario again while CandyDrop (its consumer) is SIGKILLed between and
-during the event bursts, and CandyDrop and the scheduler's CLI are SIGKILLed during the
-distribution (prizes paid in chunks of two): the results must be the same, nothing lost,
-nothing paid twice. EARN_CHAOS_SEED replays a run.
+Then the same scenario again with kills: CandyDrop (its consumer) SIGKILLed between and
+during the event bursts; during each distribution CandyDrop kills itself right after the
+wallet paid a chunk of prizes and before recording it (EARN_CRASH_AFTER_CHUNKS; chunks
+of two prizes), and the scheduler's CLI is SIGKILLed at a random moment. The candies,
+the prizes and every balance must be the same as in the calm run: nothing lost, nothing
+paid twice. EARN_CHAOS_SEED replays a run.
 
 Time is a file clock shared by the services and the scheduler; the test moves it."""
 
@@ -240,26 +242,34 @@ class World:
     def move(self, moment: datetime) -> None:
         set_time(self.clock, moment)
 
-    async def restart_candydrop(self) -> None:
+    async def restart_candydrop(self, **env: str) -> None:
         proc = self.processes["candydrop"]
         proc.kill()
         self.kills += 1
+        proc.env.pop("EARN_CRASH_AFTER_CHUNKS", None)
+        proc.env.update(env)
         proc.start()
         await asyncio.to_thread(proc.wait_ready, 60)
 
     def _cli(self) -> list[str]:
         return [sys.executable, "-m", "services.scheduler.cli", "catch-up", "--job", JOB]
 
-    async def catch_up(self) -> None:
-        while self.chaos is not None and self.chaos.random() < 0.75:
-            cli = subprocess.Popen(self._cli(), cwd=REPO_ROOT, env=self.env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-            await asyncio.sleep(self.chaos.uniform(0.3, 2.5))
-            if self.chaos.random() < 0.7:
-                await self.restart_candydrop()
-            if cli.poll() is None:
-                cli.kill()
-                self.kills += 1
-            await asyncio.to_thread(cli.wait)
+    async def catch_up(self, crash_after_chunks: int = 0) -> None:
+        if self.chaos is not None:
+            # CandyDrop kills itself right after the wallet paid a chunk, before recording
+            # it; the run fails; CandyDrop restarts and the next run pays the rest, once.
+            await self.restart_candydrop(EARN_CRASH_AFTER_CHUNKS=str(crash_after_chunks))
+            failed = await asyncio.to_thread(subprocess.run, self._cli(), cwd=REPO_ROOT, env=self.env, capture_output=True, text=True, timeout=300)
+            assert failed.returncode != 0, failed.stdout
+            await asyncio.to_thread(self.processes["candydrop"].popen.wait, 30)  # type: ignore[union-attr]
+            await self.restart_candydrop()
+            if self.chaos.random() < 0.7:  # and the CLI killed at a random moment
+                cli = subprocess.Popen(self._cli(), cwd=REPO_ROOT, env=self.env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                await asyncio.sleep(self.chaos.uniform(0.3, 2.0))
+                if cli.poll() is None:
+                    cli.kill()
+                    self.kills += 1
+                await asyncio.to_thread(cli.wait)
         done = await asyncio.to_thread(subprocess.run, self._cli(), cwd=REPO_ROOT, env=self.env, capture_output=True, text=True, timeout=300)
         assert done.returncode == 0, done.stdout + done.stderr
 
@@ -280,14 +290,15 @@ async def world(stack, name: str, chaos: random.Random | None = None) -> AsyncIt
     processes: dict[str, ManagedProcess] = {}
     producer = AIOKafkaProducer(bootstrap_servers=stack.settings.kafka_bootstrap, enable_idempotence=True, acks="all")
     try:
-        for process in ("wallet", "simple_earn", "candydrop"):
-            extra = {"EARN_WALLET_ADDRESS": processes["wallet"].address or ""} if process != "wallet" else {}
-            if process == "candydrop":
-                extra["EARN_CREDIT_CHUNK"] = "2"
+        async def start(process: str, **extra: str) -> None:
             proc = stack.spawn(_spec(process), **env, **extra)
             proc.start()
-            await asyncio.to_thread(proc.wait_ready, 60)
             processes[process] = proc
+            await asyncio.to_thread(proc.wait_ready, 60)
+
+        await start("wallet")
+        wallet = processes["wallet"].address or ""
+        await asyncio.gather(start("simple_earn", EARN_WALLET_ADDRESS=wallet), start("candydrop", EARN_WALLET_ADDRESS=wallet, EARN_CREDIT_CHUNK="2"))
         cli_env = {
             **stack.env, **env, "EARN_CANDYDROP_ADDRESS": processes["candydrop"].address or "",
             "EARN_SCHEDULER_START": at(0, 10).isoformat(), "EARN_METRICS_PORT": "0",
@@ -379,11 +390,13 @@ async def scenario(w: World, seed: int) -> Outcome:
     assert sorted(events, key=lambda e: e["time"]) != events  # out of order
     w.move(at(2, 20))
     chunks = [wire[i:i + 40] for i in range(0, len(wire), 40)]
+    restarts = 0
     for chunk in chunks:
         await w.publish(chunk)
-        if w.chaos is not None and w.chaos.random() < 0.6:
-            await asyncio.sleep(w.chaos.uniform(0, 1.0))
+        if w.chaos is not None and restarts < 2 and w.chaos.random() < 0.5:
+            await asyncio.sleep(w.chaos.uniform(0, 1.0))  # the consumer killed while it counts
             await w.restart_candydrop()
+            restarts += 1
 
     everything = events + subscriptions
     expected_progress = {k: c.progress(everything, registered) for k, c in ref.items()}
@@ -411,9 +424,9 @@ async def scenario(w: World, seed: int) -> Outcome:
     before = {(u, a): await balance(w, users[u], a) for u in USERS for a in ("USDT", "BTC")}
     # A ends at 03:00: the job's period 02:00-03:00 distributes it; B is still running.
     w.move(at(3, 5))
-    await w.catch_up()
+    await w.catch_up(crash_after_chunks=1)
     w.move(at(4, 5))
-    await w.catch_up()
+    await w.catch_up(crash_after_chunks=2)
 
     outcome = Outcome(kills=w.kills)
     for k, c in ref.items():
