@@ -12,7 +12,9 @@ At-least-once: a pool's own events (schedule, stake changes) carry increasing of
 a pool skips offsets it has applied; ticks are idempotent (advancing to a time already
 passed does nothing); a payout request is recorded per (job, period) in the pool, and
 seen again it re-emits the same batches (same ids: the sink drops them). Nothing is
-written per stake by a payout.
+written per stake by a payout. Input goes through the engine's ``InputGuard``
+(``services.accrual.delivery``): messages faust's stream skips or leaves undelivered are
+read from the topic directly.
 
 Cost: a stake change is O(1) (the pool and that stake); a tick is O(pools of the
 partition); a payout is one pass over the pool's stakes in memory (built from the table
@@ -25,18 +27,17 @@ import asyncio
 import json
 import logging
 import os
-import time
 import uuid
 from datetime import UTC, datetime
 from fractions import Fraction
 from typing import Any
 
 import faust
-from aiokafka import AIOKafkaConsumer, TopicPartition
 from prometheus_client import Counter, Gauge
 
 from earn.v1 import accrual_pb2, launchpool_pb2
 from services.accrual import launchpool as lp
+from services.accrual.delivery import InputGuard, InputReader
 from services.kernel import events, money
 from services.kernel.config import Settings
 from services.kernel.topics import CATALOGUE, TopicSpec, topic_name
@@ -54,7 +55,6 @@ EVENTS = Counter("earn_accrual_launchpool_events_total", "Launchpool input event
 SKIPPED = Counter("earn_accrual_launchpool_events_skipped_total", "Launchpool input events skipped, by reason", ["reason"])
 PAYOUT_ITEMS = Counter("earn_accrual_launchpool_payout_items_total", "Launchpool reward items emitted (re-emissions included)")
 LAG = Gauge("earn_accrual_launchpool_consumer_lag", "Launchpool input messages not yet processed, per partition", ["partition"])
-GAPS = Counter("earn_accrual_launchpool_input_gaps_total", "Runs of Launchpool input messages the stream skipped, read directly")
 
 _TYPES = {
     launchpool_pb2.LaunchpoolPoolSet.DESCRIPTOR.full_name: launchpool_pb2.LaunchpoolPoolSet,
@@ -107,8 +107,6 @@ class LaunchpoolEngine:
         self.books: dict[tuple[int, str], dict[str, lp.Stake]] = {}
         # Parsed pools by key, with the table value they were parsed from (or written as).
         self._pool_cache: dict[str, tuple[str, lp.Pool]] = {}
-        self._next: dict[int, int] = {}
-        self.refetch: Any = None
 
     @classmethod
     def in_memory(cls, output: Any, partitions: int) -> LaunchpoolEngine:
@@ -123,7 +121,6 @@ class LaunchpoolEngine:
     async def _forget(self, *args: Any, **kwargs: Any) -> None:
         self.books.clear()
         self._pool_cache.clear()
-        self._next.clear()
 
     # -- table helpers
 
@@ -185,17 +182,6 @@ class LaunchpoolEngine:
         return int(data["h"]) if data else 0
 
     # -- the agent
-
-    async def handle(self, partition: int, offset: int, value: bytes) -> None:
-        expected = self._next.get(partition)
-        if expected is not None and offset > expected and self.refetch is not None:
-            GAPS.inc()
-            log.error("launchpool input messages not delivered by the stream: reading them directly",
-                      extra={"partition": partition, "from_offset": expected, "to_offset": offset})
-            for missing, raw in await self.refetch(partition, expected, offset):
-                await self.apply(partition, missing, raw)
-        await self.apply(partition, offset, value)
-        self._next[partition] = max(offset + 1, self._next.get(partition, 0))
 
     async def apply(self, partition: int, offset: int, value: bytes) -> None:
         try:
@@ -374,34 +360,13 @@ def install(app: faust.App, settings: Settings) -> LaunchpoolEngine:
     output = app.topic(topic_name(settings, OUTPUT), key_type=bytes, value_type=bytes, key_serializer="raw", value_serializer="raw",
                        partitions=CATALOGUE[OUTPUT].partitions, internal=False)
     engine = LaunchpoolEngine(app, output, partitions)
-    input_topic = topic_name(settings, INPUT)
-
-    async def refetch(partition: int, start: int, stop: int) -> list[tuple[int, bytes]]:
-        consumer = AIOKafkaConsumer(bootstrap_servers=settings.kafka_bootstrap, enable_auto_commit=False, group_id=None)
-        await consumer.start()
-        try:
-            tp = TopicPartition(input_topic, partition)
-            consumer.assign([tp])
-            consumer.seek(tp, start)
-            out: list[tuple[int, bytes]] = []
-            deadline = time.monotonic() + DELIVERY_TIMEOUT
-            while (not out or out[-1][0] < stop - 1) and time.monotonic() < deadline:
-                for record in (await consumer.getmany(tp, timeout_ms=1000)).get(tp, []):
-                    if start <= record.offset < stop:
-                        out.append((record.offset, record.value))
-            if not out or out[-1][0] < stop - 1:
-                log.critical("launchpool input could not be read: exiting for a restart", extra={"partition": partition})
-                os._exit(70)
-            return out
-        finally:
-            await consumer.stop()
-
-    engine.refetch = refetch
+    guard = InputGuard("launchpool", engine.apply, InputReader(settings.kafka_bootstrap, topic_name(settings, INPUT), app.conf.id))
+    guard.install(app, float(getattr(settings, "stall_seconds", 15.0)))
 
     async def launchpool(stream: faust.StreamT) -> None:
         async for event in stream.events():
             message = event.message
-            await engine.handle(message.partition, message.offset, event.value)
+            await guard.deliver(message.partition, message.offset, event.value)
             try:
                 high = app.consumer.highwater(message.tp)
                 if high is not None:
