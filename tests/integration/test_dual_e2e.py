@@ -10,10 +10,12 @@ subscriptions failed with the market's reason naming the gap, nothing paid), the
 succeeds after an operator backfill. Every user's balances and the treasury are checked
 too, and the ledger sums to zero.
 
-Then the kill test: many subscriptions on three plans; while the CLI settles them, the
-dual service and the CLI are SIGKILLed at seeded random moments (EARN_CHAOS_SEED replays
-one) and restarted; in the end every subscription is paid exactly once (balances equal
-the reference, one payout transfer per subscription).
+Then the kill test: many subscriptions on three plans. A first run stops half-way for
+certain (the treasury runs out of USDT after a few payouts: some subscriptions settled,
+the next failed with the wallet's reason); the treasury is funded, and while the CLI
+settles the rest, the dual service and the CLI are SIGKILLed at seeded random moments
+(EARN_CHAOS_SEED replays one) and restarted; in the end every subscription is paid
+exactly once (balances equal the reference, one payout transfer per subscription).
 
 Time is a file clock shared by the processes; the test moves it."""
 
@@ -396,11 +398,12 @@ async def test_settlement_killed_and_rerun_pays_exactly_once(stack) -> None:  # 
     chaos = random.Random(seed)
     async with world(stack, "dualkill") as w:
         users = [unique(f"u{i}") for i in range(24)]
-        await fund(w, {u: {"BTC": "1", "USDT": "100000"} for u in users}, {"BTC": "100", "USDT": "10000000"})
+        # The treasury has BTC but no USDT of its own yet: the first run stops part-way.
+        await fund(w, {u: {"BTC": "1", "USDT": "100000"} for u in users}, {"BTC": "100"})
         plans = {p.plan_id: p for p in (
-            PlanSpec(unique("k-sh"), SELL, "BTC", "USDT", "60000", "0.25", at(3)),
-            PlanSpec(unique("k-bl"), BUY, "BTC", "USDT", "61000", "0.25", at(3)),
-            PlanSpec(unique("k-late"), SELL, "BTC", "USDT", "65000", "0.4", at(4)),
+            PlanSpec("k2-" + unique("sh"), SELL, "BTC", "USDT", "60000", "0.25", at(3)),
+            PlanSpec("k1-" + unique("bl"), BUY, "BTC", "USDT", "61000", "0.25", at(3)),
+            PlanSpec("k3-" + unique("late"), SELL, "BTC", "USDT", "65000", "0.4", at(4)),
         )}
         for p in plans.values():
             await create(w, p)
@@ -415,6 +418,19 @@ async def test_settlement_killed_and_rerun_pays_exactly_once(stack) -> None:  # 
         ticks = walk_ticks(random.Random(seed), at(2, 29, 40), at(3), 20, 60500, 400) + walk_ticks(random.Random(seed + 1), at(3, 29, 40), at(4), 20, 62000, 400)
         await w.publish("BTC/USDT", ticks)
         w.move(at(4, 5))
+        # A deterministic half-done settlement: the buy-low plan's captured USDT pays the first
+        # sell-high payouts in quote, then the treasury runs short; the run fails with the reason.
+        output = await w.catch_up(ok=False)
+        assert "insufficient funds in dual/USDT/treasury" in output, output
+        sh = ids[0]
+        listed = await w.dual.ListDualSubscriptions(du.ListDualSubscriptionsRequest(plan_id=sh, page_size=1000), metadata=OPERATOR)
+        statuses = [s.status for s in listed.subscriptions]
+        assert statuses.count(du.DUAL_SUBSCRIPTION_STATUS_SETTLED) >= 1 and du.DUAL_SUBSCRIPTION_STATUS_FAILED in statuses, statuses
+        failed = next(s for s in listed.subscriptions if s.status == du.DUAL_SUBSCRIPTION_STATUS_FAILED)
+        assert "insufficient funds" in failed.failure_reason and failed.settlement.payout_asset == "USDT"
+        plan = (await w.dual.GetDualPlan(du.GetDualPlanRequest(plan_id=sh), metadata=OPERATOR)).plan
+        assert plan.status == du.DUAL_PLAN_STATUS_FAILED and "insufficient funds" in plan.failure_reason
+        await fund(w, {}, {"USDT": "10000000"})
         kills = 0
         for _ in range(3):
             cli = subprocess.Popen(w.cli(), cwd=REPO_ROOT, env=w.env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
