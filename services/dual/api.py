@@ -323,7 +323,7 @@ class DualApi(dual_pb2_grpc.DualServiceServicer):
         try:
             async with self.pool.acquire() as conn, conn.transaction():
                 response = await idempotency.once(conn, key=key, method=method, request=request, response_type=du.SubscribeDualResponse, work=work)
-        except FailedPrecondition as err:
+        except DomainError as err:  # a precondition lost, or the order id taken by another request meanwhile
             async with self.pool.acquire() as conn, conn.transaction():
                 abandoned = await store.abandon_hold(conn, hold_id, amount, err.message)
             if abandoned:
