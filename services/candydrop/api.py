@@ -439,11 +439,18 @@ class CandyDropApi(candydrop_pb2_grpc.CandyDropServiceServicer):
         return await self._apply("candydrop.simple_earn", env.event_id, facts)
 
     async def _apply(self, consumer: str, event_key: str, facts: list[domain.Fact]) -> str:
+        """One transaction: what the event counts, its inbox row, the progress. An event
+        that counts for nothing writes nothing (not even its inbox row): delivered again,
+        it again counts for nothing, or for what a registration committed meanwhile made
+        it count, once. So the inbox holds only events of registered users."""
         async with self.pool.acquire() as conn, conn.transaction():
+            adds = await store.counted(conn, facts)
+            if not adds:
+                return "not_counted"
             if not await inbox.first_time(conn, consumer, event_key):
                 return "duplicate"
-            moved = await store.apply_facts(conn, facts, self.settings.clock.now())
-        return "counted" if moved else "not_counted"
+            await store.add_progress(conn, facts[0].user_id, adds, self.settings.clock.now())
+        return "counted"
 
     async def park(self, topic: str, partition: int, offset: int, error: str, raw: bytes) -> None:
         await store.park_dead_letter(self.pool, topic, partition, offset, error, raw)

@@ -69,13 +69,13 @@ _STATUS_SQL = {
     domain.Status.UPCOMING: "distribution IS NULL AND start_at > $1",
     domain.Status.ACTIVE: "distribution IS NULL AND start_at <= $1 AND end_at > $1",
     domain.Status.ENDED: "distribution IS NULL AND end_at <= $1",
-    domain.Status.DISTRIBUTING: "distribution = 'distributing' AND $1 = $1",
-    domain.Status.DISTRIBUTED: "distribution = 'distributed' AND $1 = $1",
+    domain.Status.DISTRIBUTING: "distribution = 'distributing' AND $1::timestamptz IS NOT NULL",
+    domain.Status.DISTRIBUTED: "distribution = 'distributed' AND $1::timestamptz IS NOT NULL",
 }
 
 
 async def list_campaigns(conn: Conn, wanted: domain.Status | None, now: datetime, after: int, limit: int) -> list[asyncpg.Record]:
-    where = _STATUS_SQL[wanted] if wanted else "$1 = $1"
+    where = _STATUS_SQL[wanted] if wanted else "$1::timestamptz IS NOT NULL"
     return list(await conn.fetch(f"SELECT * FROM campaigns WHERE {where} AND seq > $2 ORDER BY seq LIMIT $3", now, after, limit))
 
 
@@ -113,11 +113,13 @@ async def registration(conn: Conn, campaign_id: str, user_id: str) -> datetime |
 # ---- counting -----------------------------------------------------------------------
 
 
-async def apply_facts(conn: asyncpg.Connection, facts: Sequence[domain.Fact], at: datetime) -> int:
-    """Add what ``facts`` count to the progress of the open campaigns the user registered
-    for; inside the caller's transaction (with the inbox). Returns the progress rows moved."""
+async def counted(conn: asyncpg.Connection, facts: Sequence[domain.Fact]) -> dict[tuple[str, str], tuple[Decimal, bool]]:
+    """What ``facts`` (one user's) add to the progress of the open campaigns the user
+    registered for: (campaign, task) -> (amount, is a first deposit). Reads the campaigns
+    FOR SHARE, inside the caller's transaction, so a distribution cannot freeze them
+    before this transaction ends."""
     if not facts:
-        return 0
+        return {}
     user = facts[0].user_id
     kinds = sorted({f.kind.value for f in facts})
     rows = await conn.fetch(
@@ -137,8 +139,11 @@ async def apply_facts(conn: asyncpg.Connection, facts: Sequence[domain.Fact], at
                 old, _ = adds.get(key, (Decimal(0), False))
                 first = task.kind is domain.TaskKind.FIRST_DEPOSIT
                 adds[key] = (max(old, value) if first else old + value, first)
-    if not adds:
-        return 0
+    return adds
+
+
+async def add_progress(conn: asyncpg.Connection, user: str, adds: dict[tuple[str, str], tuple[Decimal, bool]], at: datetime) -> None:
+    """Write what :func:`counted` found, rows in key order."""
     keys = sorted(adds)
     sums = [k for k in keys if not adds[k][1]]
     firsts = [k for k in keys if adds[k][1]]
@@ -156,7 +161,6 @@ async def apply_facts(conn: asyncpg.Connection, facts: Sequence[domain.Fact], at
             " SELECT c, t, $3, 1, 1, $4 FROM unnest($1::text[], $2::text[]) AS u(c, t) ON CONFLICT DO NOTHING",
             [k[0] for k in firsts], [k[1] for k in firsts], user, at,
         )
-    return len(keys)
 
 
 async def park_dead_letter(conn: Conn, topic: str, partition: int, offset: int, error: str, raw: bytes) -> None:

@@ -1,7 +1,7 @@
 """Issue 8: a corpus of malformed requests for every RPC of WalletService,
-SimpleEarnService, LaunchpoolService, MarketService and DualService, against one live
-wallet, simple_earn, launchpool, market and dual, and the role table of the five
-services tested method by method.
+SimpleEarnService, LaunchpoolService, MarketService, DualService and CandyDropService,
+against one live wallet, simple_earn, launchpool, market, dual and candydrop, and the
+role table of the six services tested method by method.
 
 Each corpus row is (service, method, request builder, token, expected status, fragment
 of the message). The request builder gets the ids made by the setup (a funded user, a
@@ -26,8 +26,10 @@ import grpc
 import pytest
 from google.protobuf.timestamp_pb2 import Timestamp
 
+from earn.v1 import candydrop_pb2 as cd, candydrop_pb2_grpc
 from earn.v1 import dual_pb2 as du, dual_pb2_grpc, market_pb2 as mk, market_pb2_grpc
 from earn.v1 import accrual_pb2, launchpool_pb2 as lp, launchpool_pb2_grpc, simple_earn_pb2 as se, simple_earn_pb2_grpc, wallet_pb2 as wp, wallet_pb2_grpc
+from services.candydrop.api import ROLES as CANDYDROP_ROLES
 from services.devstack.processes import ManagedProcess
 from services.dual.api import ROLES as DUAL_ROLES
 from services.launchpool.api import ROLES as LAUNCHPOOL_ROLES
@@ -108,8 +110,23 @@ async def dual_channel(dual_process: ManagedProcess) -> AsyncIterator[grpc.aio.C
 
 
 @pytest.fixture(scope="module")
+def candydrop_process(stack, wallet_process: ManagedProcess):  # type: ignore[no-untyped-def]
+    proc = stack.process("candydrop", EARN_WALLET_ADDRESS=wallet_process.address or "")
+    proc.start()
+    proc.wait_ready(timeout=60)
+    yield proc
+    proc.stop()
+
+
+@pytest.fixture(scope="module")
+async def candydrop_channel(candydrop_process: ManagedProcess) -> AsyncIterator[grpc.aio.Channel]:
+    async with grpc.aio.insecure_channel(candydrop_process.address) as channel:
+        yield channel
+
+
+@pytest.fixture(scope="module")
 async def db(stack, wallet_process: ManagedProcess, earn_process: ManagedProcess, launchpool_process: ManagedProcess,
-             market_process: ManagedProcess, dual_process: ManagedProcess) -> AsyncIterator[asyncpg.Pool]:
+             market_process: ManagedProcess, dual_process: ManagedProcess, candydrop_process: ManagedProcess) -> AsyncIterator[asyncpg.Pool]:
     pool = await asyncpg.create_pool(stack.settings.database_url, min_size=1, max_size=2)
     assert pool is not None
     yield pool
@@ -118,17 +135,18 @@ async def db(stack, wallet_process: ManagedProcess, earn_process: ManagedProcess
 
 @pytest.fixture(scope="module")
 def stubs(wallet_channel: grpc.aio.Channel, earn_channel: grpc.aio.Channel, launchpool_channel: grpc.aio.Channel,
-          market_channel: grpc.aio.Channel, dual_channel: grpc.aio.Channel) -> dict[str, Any]:
+          market_channel: grpc.aio.Channel, dual_channel: grpc.aio.Channel, candydrop_channel: grpc.aio.Channel) -> dict[str, Any]:
     return {
         "wallet": wallet_pb2_grpc.WalletServiceStub(wallet_channel), "earn": simple_earn_pb2_grpc.SimpleEarnServiceStub(earn_channel),
         "lp": launchpool_pb2_grpc.LaunchpoolServiceStub(launchpool_channel),
         "mk": market_pb2_grpc.MarketServiceStub(market_channel), "dual": dual_pb2_grpc.DualServiceStub(dual_channel),
+        "cd": candydrop_pb2_grpc.CandyDropServiceStub(candydrop_channel),
     }
 
 
 # ---- snapshots ----------------------------------------------------------------------
 
-SCHEMAS = ("wallet", "simple_earn", "launchpool", "market", "dual")
+SCHEMAS = ("wallet", "simple_earn", "launchpool", "market", "dual", "candydrop")
 # No table is excluded: no RPC of the corpus may write anything, not even audit-like rows.
 # The only tables written without an RPC are the outboxes (emptied by the relays), the
 # inbox (the payout consumer) and bulk_credit_parts/transfers (the wallet's folder);
@@ -197,6 +215,7 @@ class Ctx:
     other_pool: str = ""  # alice staked 20 USDT here
     dual_plan: str = ""  # sell-high BTC/USDT, min 0.01, max 1 per user, quota 1.2; alice subscribed 0.5
     dual_sub: str = ""  # alice's subscription
+    campaign: str = ""  # CandyDrop: started this hour, 24 hours, a spot task; alice registered
     keys: dict[str, str] = field(default_factory=dict)  # method -> a key used once, successfully
     baseline: dict[str, tuple[int, str]] = field(default_factory=dict)
     requests: dict[str, Any] = field(default_factory=dict)  # method -> the request sent with keys[method]
@@ -308,6 +327,9 @@ async def ctx(stubs, db) -> Ctx:
     order = du.SubscribeDualRequest(client_order_id=unique("order"), user_id=c.alice, plan_id=c.dual_plan, amount="0.5")
     c.keys["SubscribeDual"], c.requests["SubscribeDual"] = order.client_order_id, order
     c.dual_sub = (await dual.SubscribeDual(order, metadata=GATEWAY)).subscription.subscription_id
+    c.campaign = unique("cmp")
+    await once("CreateCampaign", stubs["cd"], campaign_request(c.campaign), OPERATOR)
+    await once("Register", stubs["cd"], cd.RegisterRequest(idempotency_key=unique(), user_id=c.alice, campaign_id=c.campaign), GATEWAY)
     c.baseline = await settled(db)
     return c
 
@@ -1073,6 +1095,112 @@ _DUAL = [
 for _n, _m, _b, _code, _frag, _tok in _DUAL:
     row(_n, "dual", _m, _b, _code, _frag, _tok)
 
+
+# ---- CandyDropService ----
+
+def campaign_request(campaign_id: str, **fields: Any) -> cd.CreateCampaignRequest:
+    """A valid campaign from this hour for 24 hours; ``fields`` replace parts of it."""
+    hour = int(time.time()) // 3600
+    base: dict[str, Any] = dict(
+        idempotency_key=unique(), campaign_id=campaign_id, prize_asset="USDT", prize_pool="1000", pool_kind=cd.PRIZE_POOL_KIND_PRO_RATA,
+        start_time=ts(hour * 3600), end_time=ts((hour + 24) * 3600),
+        tasks=[cd.CandyTask(task_id="spot", kind=cd.CANDY_TASK_KIND_SPOT_VOLUME, asset="USDT", threshold="100", candies=1, max_completions=5)],
+    )
+    base.update(fields)
+    return cd.CreateCampaignRequest(**base)
+
+
+def task(**fields: Any) -> cd.CandyTask:
+    base: dict[str, Any] = dict(task_id="t", kind=cd.CANDY_TASK_KIND_DEPOSIT, asset="BTC", threshold="0.1", candies=1, max_completions=1)
+    base.update(fields)
+    return cd.CandyTask(**base)
+
+
+_CD_FIXED = cd.PRIZE_POOL_KIND_FIXED_PER_CANDY
+_CD = [
+    # CreateCampaign
+    ("key-empty", "CreateCampaign", lambda c: campaign_request(unique("cmp"), idempotency_key=""), INVALID, "idempotency_key:", OPERATOR),
+    ("id-empty", "CreateCampaign", lambda c: campaign_request(""), INVALID, "campaign_id:", OPERATOR),
+    ("id-10KB", "CreateCampaign", lambda c: campaign_request(BIG), INVALID, "campaign_id:", OPERATOR),
+    ("id-49-chars", "CreateCampaign", lambda c: campaign_request("c" * 49), INVALID, "campaign_id:", OPERATOR),
+    ("id-space", "CreateCampaign", lambda c: campaign_request("a b"), INVALID, "campaign_id:", OPERATOR),
+    ("asset-empty", "CreateCampaign", lambda c: campaign_request(unique("cmp"), prize_asset=""), INVALID, "prize_asset:", OPERATOR),
+    ("asset-unknown", "CreateCampaign", lambda c: campaign_request(unique("cmp"), prize_asset="XYZ"), INVALID, "prize_asset:", OPERATOR),
+    ("pool-too-precise", "CreateCampaign", lambda c: campaign_request(unique("cmp"), prize_pool=TOO_PRECISE_USDT), INVALID, "prize_pool:", OPERATOR),
+    ("kind-missing", "CreateCampaign", lambda c: campaign_request(unique("cmp"), pool_kind=0), INVALID, "pool_kind:", OPERATOR),
+    ("kind-unknown", "CreateCampaign", lambda c: campaign_request(unique("cmp"), pool_kind=99), INVALID, "pool_kind:", OPERATOR),
+    ("fixed-without-prize", "CreateCampaign", lambda c: campaign_request(unique("cmp"), pool_kind=_CD_FIXED), INVALID, "prize_per_candy:", OPERATOR),
+    ("fixed-prize-zero", "CreateCampaign", lambda c: campaign_request(unique("cmp"), pool_kind=_CD_FIXED, prize_per_candy="0"), INVALID, "prize_per_candy:", OPERATOR),
+    ("pro-rata-with-prize", "CreateCampaign", lambda c: campaign_request(unique("cmp"), prize_per_candy="1"), INVALID, "prize_per_candy:", OPERATOR),
+    ("cap-negative", "CreateCampaign", lambda c: campaign_request(unique("cmp"), per_user_cap="-5"), INVALID, "per_user_cap:", OPERATOR),
+    ("cap-too-precise", "CreateCampaign", lambda c: campaign_request(unique("cmp"), per_user_cap=TOO_PRECISE_USDT), INVALID, "per_user_cap:", OPERATOR),
+    ("start-missing", "CreateCampaign", lambda c: campaign_request(unique("cmp"), start_time=None), INVALID, "start_time:", OPERATOR),
+    ("start-not-full-hour", "CreateCampaign", lambda c: campaign_request(unique("cmp"), start_time=ts((_NOW_HOUR + 1) * 3600 + 60)), INVALID, "start_time:", OPERATOR),
+    ("start-nanos", "CreateCampaign", lambda c: campaign_request(unique("cmp"), start_time=Timestamp(seconds=(_NOW_HOUR + 1) * 3600, nanos=1)), INVALID, "start_time:", OPERATOR),
+    ("start-year-10000", "CreateCampaign", lambda c: campaign_request(unique("cmp"), start_time=Timestamp(seconds=253402300800)), INVALID, "start_time:", OPERATOR),
+    ("start-in-the-past", "CreateCampaign", lambda c: campaign_request(unique("cmp"), start_time=ts((_NOW_HOUR - 3) * 3600)), INVALID, "start_time:", OPERATOR),
+    ("end-missing", "CreateCampaign", lambda c: campaign_request(unique("cmp"), end_time=None), INVALID, "end_time:", OPERATOR),
+    ("end-before-start", "CreateCampaign", lambda c: campaign_request(unique("cmp"), end_time=ts((_NOW_HOUR - 1) * 3600)), INVALID, "end_time:", OPERATOR),
+    ("end-in-the-past", "CreateCampaign", lambda c: campaign_request(unique("cmp"), start_time=ts((_NOW_HOUR - 48) * 3600), end_time=ts((_NOW_HOUR - 24) * 3600)), INVALID, "end_time:", OPERATOR),
+    ("longer-than-366-days", "CreateCampaign", lambda c: campaign_request(unique("cmp"), end_time=ts((_NOW_HOUR + 24 * 367) * 3600)), INVALID, "end_time:", OPERATOR),
+    ("no-tasks", "CreateCampaign", lambda c: campaign_request(unique("cmp"), tasks=[]), INVALID, "tasks:", OPERATOR),
+    ("21-tasks", "CreateCampaign", lambda c: campaign_request(unique("cmp"), tasks=[task(task_id=f"t{i}") for i in range(21)]), INVALID, "tasks:", OPERATOR),
+    ("task-id-empty", "CreateCampaign", lambda c: campaign_request(unique("cmp"), tasks=[task(task_id="")]), INVALID, "tasks[0].task_id:", OPERATOR),
+    ("task-id-10KB", "CreateCampaign", lambda c: campaign_request(unique("cmp"), tasks=[task(task_id=BIG)]), INVALID, "tasks[0].task_id:", OPERATOR),
+    ("task-id-twice", "CreateCampaign", lambda c: campaign_request(unique("cmp"), tasks=[task(), task()]), INVALID, "tasks[1].task_id:", OPERATOR),
+    ("task-kind-missing", "CreateCampaign", lambda c: campaign_request(unique("cmp"), tasks=[task(kind=0)]), INVALID, "tasks[0].kind:", OPERATOR),
+    ("task-kind-unknown", "CreateCampaign", lambda c: campaign_request(unique("cmp"), tasks=[task(kind=42)]), INVALID, "tasks[0].kind:", OPERATOR),
+    ("task-asset-missing", "CreateCampaign", lambda c: campaign_request(unique("cmp"), tasks=[task(asset="")]), INVALID, "tasks[0].asset:", OPERATOR),
+    ("task-asset-unknown", "CreateCampaign", lambda c: campaign_request(unique("cmp"), tasks=[task(asset="XYZ")]), INVALID, "tasks[0].asset:", OPERATOR),
+    ("task-threshold-missing", "CreateCampaign", lambda c: campaign_request(unique("cmp"), tasks=[task(threshold="")]), INVALID, "tasks[0].threshold:", OPERATOR),
+    ("task-threshold-too-precise", "CreateCampaign", lambda c: campaign_request(unique("cmp"), tasks=[task(threshold=TOO_PRECISE_BTC)]), INVALID, "tasks[0].threshold:", OPERATOR),
+    ("task-candies-zero", "CreateCampaign", lambda c: campaign_request(unique("cmp"), tasks=[task(candies=0)]), INVALID, "tasks[0].candies:", OPERATOR),
+    ("task-candies-huge", "CreateCampaign", lambda c: campaign_request(unique("cmp"), tasks=[task(candies=2**32 - 1)]), INVALID, "tasks[0].candies:", OPERATOR),
+    ("task-completions-zero", "CreateCampaign", lambda c: campaign_request(unique("cmp"), tasks=[task(max_completions=0)]), INVALID, "tasks[0].max_completions:", OPERATOR),
+    ("first-deposit-twice", "CreateCampaign", lambda c: campaign_request(unique("cmp"), tasks=[task(kind=cd.CANDY_TASK_KIND_FIRST_DEPOSIT, max_completions=2)]), INVALID, "tasks[0].max_completions:", OPERATOR),
+    ("exists", "CreateCampaign", lambda c: campaign_request(c.campaign), EXISTS, "campaign_id:", OPERATOR),
+    ("key-reused", "CreateCampaign", lambda c: campaign_request(unique("cmp"), idempotency_key=c.keys["CreateCampaign"]), EXISTS, "idempotency_key:", OPERATOR),
+    ("gateway", "CreateCampaign", lambda c: campaign_request(unique("cmp")), DENIED, "CreateCampaign", GATEWAY),
+    # Register
+    ("key-empty", "Register", lambda c: cd.RegisterRequest(user_id=c.bob, campaign_id=c.campaign), INVALID, "idempotency_key:", GATEWAY),
+    ("key-10KB", "Register", lambda c: cd.RegisterRequest(idempotency_key=BIG, user_id=c.bob, campaign_id=c.campaign), INVALID, "idempotency_key:", GATEWAY),
+    ("user-empty", "Register", lambda c: cd.RegisterRequest(idempotency_key=unique(), campaign_id=c.campaign), INVALID, "user_id:", GATEWAY),
+    ("user-space", "Register", lambda c: cd.RegisterRequest(idempotency_key=unique(), user_id="a b", campaign_id=c.campaign), INVALID, "user_id:", GATEWAY),
+    ("campaign-empty", "Register", lambda c: cd.RegisterRequest(idempotency_key=unique(), user_id=c.bob), INVALID, "campaign_id:", GATEWAY),
+    ("campaign-unknown", "Register", lambda c: cd.RegisterRequest(idempotency_key=unique(), user_id=c.bob, campaign_id="no-such-campaign"), NOT_FOUND, "campaign_id:", GATEWAY),
+    ("key-reused", "Register", lambda c: cd.RegisterRequest(idempotency_key=c.keys["Register"], user_id=c.bob, campaign_id=c.campaign), EXISTS, "idempotency_key:", GATEWAY),
+    ("operator", "Register", lambda c: cd.RegisterRequest(idempotency_key=unique(), user_id=c.bob, campaign_id=c.campaign), DENIED, "Register", OPERATOR),
+    # Queries
+    ("campaign-empty", "GetCampaign", lambda c: cd.GetCampaignRequest(), INVALID, "campaign_id:", GATEWAY),
+    ("campaign-10KB", "GetCampaign", lambda c: cd.GetCampaignRequest(campaign_id=BIG), INVALID, "campaign_id:", GATEWAY),
+    ("campaign-unknown", "GetCampaign", lambda c: cd.GetCampaignRequest(campaign_id="no-such-campaign"), NOT_FOUND, "campaign_id:", GATEWAY),
+    ("status-unknown", "ListCampaigns", lambda c: cd.ListCampaignsRequest(status=77), INVALID, "status:", GATEWAY),
+    ("page-size-max", "ListCampaigns", lambda c: cd.ListCampaignsRequest(page_size=2**32 - 1), INVALID, "page_size:", GATEWAY),
+    ("token-garbage", "ListCampaigns", lambda c: cd.ListCampaignsRequest(page_token="%%%"), INVALID, "page_token:", GATEWAY),
+    ("token-other-list", "ListCampaigns", lambda c: cd.ListCampaignsRequest(page_token=base64.urlsafe_b64encode(b"p:1").decode()), INVALID, "page_token:", GATEWAY),
+    ("campaign-empty", "GetProgress", lambda c: cd.GetProgressRequest(user_id=c.alice), INVALID, "campaign_id:", GATEWAY),
+    ("user-empty", "GetProgress", lambda c: cd.GetProgressRequest(campaign_id=c.campaign), INVALID, "user_id:", GATEWAY),
+    ("user-10KB", "GetProgress", lambda c: cd.GetProgressRequest(campaign_id=c.campaign, user_id=BIG), INVALID, "user_id:", GATEWAY),
+    ("campaign-unknown", "GetProgress", lambda c: cd.GetProgressRequest(campaign_id="no-such-campaign", user_id=c.alice), NOT_FOUND, "campaign_id:", GATEWAY),
+    ("gateway-without-user", "ListPrizes", lambda c: cd.ListPrizesRequest(), INVALID, "user_id:", GATEWAY),
+    ("campaign-bad", "ListPrizes", lambda c: cd.ListPrizesRequest(user_id=c.alice, campaign_id="a b"), INVALID, "campaign_id:", GATEWAY),
+    ("page-size-max", "ListPrizes", lambda c: cd.ListPrizesRequest(user_id=c.alice, page_size=1001), INVALID, "page_size:", GATEWAY),
+    ("token-other-list", "ListPrizes", lambda c: cd.ListPrizesRequest(user_id=c.alice, page_token=base64.urlsafe_b64encode(b"c:1").decode()), INVALID, "page_token:", GATEWAY),
+    ("token-past-bigint", "ListPrizes", lambda c: cd.ListPrizesRequest(user_id=c.alice, page_token=base64.urlsafe_b64encode(b"p:9223372036854775808").decode()), INVALID, "page_token:", OPERATOR),
+    # DistributePrizes
+    ("job-empty", "DistributePrizes", lambda c: cd.DistributePrizesRequest(period="p", boundary_hour=1), INVALID, "job:", SERVICE),
+    ("job-10KB", "DistributePrizes", lambda c: cd.DistributePrizesRequest(job=BIG, period="p", boundary_hour=1), INVALID, "job:", SERVICE),
+    ("period-space", "DistributePrizes", lambda c: cd.DistributePrizesRequest(job="j", period="a b", boundary_hour=1), INVALID, "period:", SERVICE),
+    ("boundary-zero", "DistributePrizes", lambda c: cd.DistributePrizesRequest(job="j", period="p"), INVALID, "boundary_hour:", SERVICE),
+    ("boundary-negative", "DistributePrizes", lambda c: cd.DistributePrizesRequest(job="j", period="p", boundary_hour=-3), INVALID, "boundary_hour:", SERVICE),
+    ("boundary-future", "DistributePrizes", lambda c: cd.DistributePrizesRequest(job="j", period="p", boundary_hour=_NOW_HOUR + 48), PRECONDITION, "boundary_hour:", SERVICE),
+    ("operator", "DistributePrizes", lambda c: cd.DistributePrizesRequest(job="j", period="p", boundary_hour=1), DENIED, "DistributePrizes", OPERATOR),
+]
+for _name, _amount in BAD_AMOUNTS:
+    _CD.append((f"pool-{_name}", "CreateCampaign", lambda c, a=_amount: campaign_request(unique("cmp"), prize_pool=a), INVALID, "prize_pool:", OPERATOR))
+for _n, _m, _b, _code, _frag, _tok in _CD:
+    row(_n, "cd", _m, _b, _code, _frag, _tok)
+
 # Rows that reveal a bug not fixed here: name -> reason (strict xfail).
 KNOWN_BUGS: dict[str, str] = {}
 
@@ -1122,7 +1250,7 @@ def test_the_corpus_covers_every_rpc() -> None:
     covered = {(r.service, r.method) for _, r in ROWS}
     for service, descriptor in (("wallet", wallet_pb2.DESCRIPTOR.services_by_name["WalletService"]), ("earn", simple_earn_pb2.DESCRIPTOR.services_by_name["SimpleEarnService"]),
                                 ("lp", lp.DESCRIPTOR.services_by_name["LaunchpoolService"]), ("mk", mk.DESCRIPTOR.services_by_name["MarketService"]),
-                                ("dual", du.DESCRIPTOR.services_by_name["DualService"])):
+                                ("dual", du.DESCRIPTOR.services_by_name["DualService"]), ("cd", cd.DESCRIPTOR.services_by_name["CandyDropService"])):
         missing = {m.name for m in descriptor.methods} - {m for s, m in covered if s == service}
         assert not missing, f"{service}: no corpus row for {sorted(missing)}"
 
@@ -1153,6 +1281,10 @@ EXPECTED_ROLES = {
         "CreateDualPlan": {O}, "GetDualPlan": {G, O, S}, "ListDualPlans": {G, O, S}, "GetDualSubscription": {G, O, S},
         "ListDualSubscriptions": {G, O, S}, "SubscribeDual": {G}, "SettleDualPlans": {S},
     },
+    "earn.v1.CandyDropService": {
+        "CreateCampaign": {O}, "Register": {G}, "GetCampaign": {G, O, S}, "ListCampaigns": {G, O, S}, "GetProgress": {G, O, S},
+        "ListPrizes": {G, O, S}, "DistributePrizes": {S},
+    },
 }
 
 
@@ -1161,14 +1293,14 @@ def _descriptors() -> list[Any]:
 
     return [wallet_pb2.DESCRIPTOR.services_by_name["WalletService"], simple_earn_pb2.DESCRIPTOR.services_by_name["SimpleEarnService"],
             lp.DESCRIPTOR.services_by_name["LaunchpoolService"], mk.DESCRIPTOR.services_by_name["MarketService"],
-            du.DESCRIPTOR.services_by_name["DualService"]]
+            du.DESCRIPTOR.services_by_name["DualService"], cd.DESCRIPTOR.services_by_name["CandyDropService"]]
 
 
 def test_every_rpc_of_the_protos_is_in_the_role_tables() -> None:
     """Deny by default would refuse an RPC missing from ROLES to everyone: a new RPC must be
     added to the table (and to EXPECTED_ROLES here) on purpose."""
     tables = {"earn.v1.WalletService": WALLET_ROLES, "earn.v1.SimpleEarnService": EARN_ROLES, "earn.v1.LaunchpoolService": LAUNCHPOOL_ROLES,
-              "earn.v1.MarketService": MARKET_ROLES, "earn.v1.DualService": DUAL_ROLES}
+              "earn.v1.MarketService": MARKET_ROLES, "earn.v1.DualService": DUAL_ROLES, "earn.v1.CandyDropService": CANDYDROP_ROLES}
     for descriptor in _descriptors():
         table = tables[descriptor.full_name]
         names = {f"{descriptor.full_name}/{m.name}" for m in descriptor.methods}
@@ -1209,7 +1341,8 @@ async def test_role_table(stubs, ctx: Ctx, service: str, method: str, caller: st
     an allowed caller gets past authorization and meets validation or reads); a refused
     caller gets UNAUTHENTICATED (no valid token) or PERMISSION_DENIED (a role not in the
     table), before anything else."""
-    stub = stubs[{"WalletService": "wallet", "LaunchpoolService": "lp", "MarketService": "mk", "DualService": "dual"}.get(service.split(".")[-1], "earn")]
+    stub = stubs[{"WalletService": "wallet", "LaunchpoolService": "lp", "MarketService": "mk", "DualService": "dual",
+                  "CandyDropService": "cd"}.get(service.split(".")[-1], "earn")]
     descriptor = next(d for d in _descriptors() if d.full_name == service).methods_by_name[method]
     from google.protobuf import message_factory
 

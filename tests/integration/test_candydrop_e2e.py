@@ -419,6 +419,10 @@ async def scenario(w: World, seed: int) -> Outcome:
     campaign_a = (await api.GetCampaign(cd.GetCampaignRequest(campaign_id=ids["A"]), metadata=GATEWAY)).campaign
     assert campaign_a.status == cd.CAMPAIGN_STATUS_ACTIVE and campaign_a.participants == len(REGISTERED)
     assert campaign_a.total_candies == sum(expected_candies["A"].values())
+    active = await api.ListCampaigns(cd.ListCampaignsRequest(status=cd.CAMPAIGN_STATUS_ACTIVE, page_size=1), metadata=GATEWAY)
+    assert len(active.campaigns) == 1 and active.next_page_token
+    active = await api.ListCampaigns(cd.ListCampaignsRequest(status=cd.CAMPAIGN_STATUS_ACTIVE, page_token=active.next_page_token), metadata=GATEWAY)
+    assert len(active.campaigns) == 1 and not active.next_page_token
     assert Decimal(campaign_a.estimated_value_per_candy) == (Decimal(1000) / campaign_a.total_candies).quantize(Decimal(10) ** -18, rounding="ROUND_DOWN")
 
     before = {(u, a): await balance(w, users[u], a) for u in USERS for a in ("USDT", "BTC")}
