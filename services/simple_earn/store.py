@@ -512,7 +512,9 @@ async def list_interest(
     )
     items = await pool.fetch(
         head + " FROM (SELECT b.* FROM payout_items b"
-        f"  WHERE b.block >= $2::bigint / {BLOCK}{times.replace('i.created_at', 'b.created_at')} ORDER BY b.block LIMIT {n}) b"
+        # chunks holding a record after $2, so each gives at least one
+        f"  WHERE b.block >= $2::bigint / {BLOCK} AND b.block * {BLOCK} + cardinality(b.position_ids) - 1 > $2"
+        f"  {times.replace('i.created_at', 'b.created_at')} ORDER BY b.block LIMIT {n}) b"
         f" CROSS JOIN LATERAL (SELECT b.block * {BLOCK} + u.k - 1 AS id, u.position_id, b.payout_id, u.amount, u.from_hour, b.to_hour,"
         "   EXISTS (SELECT 1 FROM payout_reinvestments x WHERE x.position_id = u.position_id AND x.payout_id = b.payout_id) AS reinvested,"
         "   b.created_at FROM unnest(b.position_ids, b.amounts, b.from_hours) WITH ORDINALITY AS u(position_id, amount, from_hour, k)) i"
@@ -636,26 +638,25 @@ WITH t AS MATERIALIZED (
 ), span AS MATERIALIZED (
     SELECT min(t.pos) AS lo, max(t.pos) AS hi FROM t WHERE t.ok
 ), paid AS MATERIALIZED (
-    -- One aggregate over this batch's positions and the overlapping chunks' (no join whose
-    -- method a misestimate could turn into a nested loop over both).
-    SELECT x.pos FROM (
-        SELECT t.pos, true AS mine FROM t WHERE t.ok
-        UNION ALL
-        SELECT u.pos, false FROM span, payout_items b CROSS JOIN LATERAL unnest(b.position_ids) AS u(pos)
-        WHERE b.payout_id = $20 AND b.hi >= span.lo AND b.lo <= span.hi AND u.pos BETWEEN span.lo AND span.hi
-        UNION ALL
-        SELECT r.position_id, false FROM interest_records r, span
-        WHERE r.payout_id = $20 AND r.position_id BETWEEN span.lo AND span.hi AND (SELECT o.in_records FROM payouts o WHERE o.id = $20)
-    ) x GROUP BY x.pos HAVING bool_or(x.mine) AND NOT bool_and(x.mine)
+    -- A set operation (hashed), not a join whose method a misestimate could turn into a
+    -- nested loop over both sides.
+    SELECT t.pos FROM t WHERE t.ok
+    INTERSECT
+    (SELECT u.pos FROM span, payout_items b CROSS JOIN LATERAL unnest(b.position_ids) AS u(pos)
+     WHERE b.payout_id = $20 AND b.hi >= span.lo AND b.lo <= span.hi
+     UNION ALL
+     SELECT r.position_id FROM interest_records r, span
+     WHERE r.payout_id = $20 AND r.position_id BETWEEN span.lo AND span.hi AND (SELECT o.in_records FROM payouts o WHERE o.id = $20))
 ), rec AS MATERIALIZED (
-    SELECT t.pos, t.m, t.f, row_number() OVER (ORDER BY t.n) - 1 AS k FROM t WHERE t.ok AND t.pos NOT IN (SELECT paid.pos FROM paid)
+    SELECT t.n, t.pos, t.m, t.f FROM t WHERE t.ok AND t.pos NOT IN (SELECT paid.pos FROM paid)
 ), ins AS (
+    -- Chunks of the batch's items by index (fewer items when some are left out).
     INSERT INTO payout_items (block, payout_id, "partition", sequence, product_id, lo, hi, to_hour, created_at, position_ids, amounts, from_hours)
     SELECT nextval('interest_blocks'), $20, $3, $4, $6, c.lo, c.hi, $8, $10, c.ids, c.ms, c.fs
     FROM (
         SELECT min(rec.pos) AS lo, max(rec.pos) AS hi,
-               array_agg(rec.pos ORDER BY rec.k) AS ids, array_agg(rec.m ORDER BY rec.k) AS ms, array_agg(rec.f ORDER BY rec.k) AS fs
-        FROM rec GROUP BY rec.k / {chunk} ORDER BY rec.k / {chunk}
+               array_agg(rec.pos ORDER BY rec.n) AS ids, array_agg(rec.m ORDER BY rec.n) AS ms, array_agg(rec.f ORDER BY rec.n) AS fs
+        FROM rec GROUP BY (rec.n - 1) / {chunk} ORDER BY (rec.n - 1) / {chunk}
     ) c
 ), sums AS (
     SELECT count(*)::integer AS items, coalesce(sum(rec.m), 0) AS paid FROM rec

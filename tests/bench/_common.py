@@ -42,7 +42,7 @@ def header(title: str) -> None:
 _SAMPLE = re.compile(r"^([a-zA-Z_:][a-zA-Z0-9_:]*(?:\{[^}]*\})?)\s+(\S+)")
 
 
-def scrape(url: str, timeout: float = 5.0) -> dict[str, float]:
+def scrape(url: str, timeout: float = 30.0) -> dict[str, float]:
     """A /metrics page as {'name{labels}': value}."""
     with urllib.request.urlopen(url, timeout=timeout) as reply:
         text = reply.read().decode()

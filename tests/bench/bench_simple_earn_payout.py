@@ -6,7 +6,7 @@
 A scratch database (``earn_bench_se_payout``, dropped at the end unless ``--keep``) with
 Simple Earn's schema and N flexible positions of one USDT product (one in 1,000 with
 auto-subscribe), loaded by COPY. The engine's batches are rebuilt as it emits them: per
-input partition (crc32 of the position id mod 6), positions in key order, 5,000 per
+input partition (crc32 of the position id mod 6), positions in id order (as numbers), 5,000 per
 batch, one amount per position. For each batch, timed on its own:
 
 - check: the columns checked in Python (``domain.check_payout_columns``);
@@ -103,7 +103,7 @@ async def load(pool: asyncpg.Pool, n: int) -> None:
 
 
 def engine_batches(n: int, period: str, seed: int) -> list[accrual_pb2.PayoutBatch]:
-    """The engine's batches of one payout: per partition, positions in key order."""
+    """The engine's batches of one payout: per partition, positions in id order (as numbers)."""
     rnd = random.Random(seed)
     per_partition: list[list[str]] = [[] for _ in range(PARTITIONS)]
     for i in range(1, n + 1):
@@ -111,7 +111,7 @@ def engine_batches(n: int, period: str, seed: int) -> list[accrual_pb2.PayoutBat
         per_partition[zlib.crc32(pid.encode()) % PARTITIONS].append(pid)
     out = []
     for partition, ids in enumerate(per_partition):
-        ids.sort()
+        ids.sort(key=int)  # the engine's payout order: numeric ids ascend as numbers
         count = (len(ids) + BATCH - 1) // BATCH
         for seq in range(count):
             chunk = ids[seq * BATCH:(seq + 1) * BATCH]
@@ -257,6 +257,21 @@ async def main(args: argparse.Namespace) -> None:
                 say(f"   {name:<24} {ms(values)}")
             rows = await pool.fetchval("SELECT count(*) FROM interest")
             say(f"   interest records now: {rows:,}")
+            say("\n3. reads after the two payouts, 500 random positions: interest_paid (as GetPosition reads it) and the records (ListInterest by position)")
+            rnd = random.Random(3)
+            reads: dict[str, list[float]] = {"interest_paid": [], "records": []}
+            found = 0
+            for position_id in (rnd.randint(1, args.positions) for _ in range(500)):
+                t = time.perf_counter()
+                await store.get_position(pool, position_id, None)
+                reads["interest_paid"].append(time.perf_counter() - t)
+                t = time.perf_counter()
+                records, _ = await store.list_interest(pool, "", position_id, None, None, 0, 100)
+                reads["records"].append(time.perf_counter() - t)
+                found += len(records)
+            for name, values in reads.items():
+                say(f"   {name:<14} {ms(values)}")
+            say(f"   records found: {found:,} (2 per position paid by both payouts)")
             await explain(pool, max(second, key=lambda b: len(b.position_ids)))
             load_now = os.getloadavg()
             say("\nRESULT")
