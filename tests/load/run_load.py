@@ -143,7 +143,7 @@ class Ghz:
         cmd = [
             str(GHZ), "--insecure", "--protoset", str(self.protoset), "--call", f"{SERVICE}.{target.method}",
             "--data-file", str(target.data), "--metadata", json.dumps({"authorization": GATEWAY_TOKEN}),
-            "--concurrency", str(concurrency), "--duration", f"{seconds}s", "--duration-stop", "wait",
+            "--concurrency", str(concurrency), "--duration", f"{seconds:.3f}s", "--duration-stop", "wait",
             "--timeout", "10s", "--cpus", "1", "--format", "json", "--output", str(out),
         ]
         if rps:
@@ -394,7 +394,14 @@ async def measured(cpu: CpuMeter, waits: WaitSampler, wallet: ManagedProcess, wo
     before, calls = children_cpu(), handled(wallet.metrics_url)
     await cpu.begin()
     waits.begin()
-    result = await work
+    try:
+        result = await work
+    except BaseException:  # cancelled (Ctrl-C) or failed: stop the samplers before the pool closes
+        for task in (cpu.task, waits.task):
+            if task is not None:
+                task.cancel()
+        await asyncio.gather(*(t for t in (cpu.task, waits.task) if t is not None), return_exceptions=True)
+        raise
     usage = await cpu.end()
     usage["ghz (load generator)"] = children_cpu() - before
     usage["load driver (samplers)"] = usage.pop("benchmark process (producers, pollers)", 0.0)
@@ -517,8 +524,10 @@ async def main(args: argparse.Namespace) -> int:
                 print(f"  t={row['t']:>6.0f} s  " + " | ".join(text) + f" | RSS MiB {mem}"
                       f" | cores busy {row['cores_busy']:.2f} (services {row['cores_services']:.2f})", flush=True)
 
-        _, usage = await measured(CpuMeter(processes, pool, database, every=2.0), WaitSampler(pool, database, every=0.5), wallet, soak())
-        await rss.end()
+        try:
+            _, usage = await measured(CpuMeter(processes, pool, database, every=2.0), WaitSampler(pool, database, every=0.5), wallet, soak())
+        finally:
+            await rss.end()
         soak_seconds = max((c.seconds for c in totals.values()), default=0.0)
         print("soak totals:")
         summaries = {}
