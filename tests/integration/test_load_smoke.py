@@ -10,8 +10,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from services.kernel.config import REPO_ROOT
 from tests.deploy.tools import tool
+
+pytestmark = pytest.mark.integration
 
 
 def test_short_load_run_reports_every_call_ok(tmp_path: Path) -> None:
