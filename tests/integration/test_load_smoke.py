@@ -23,7 +23,7 @@ def test_short_load_run_reports_every_call_ok(tmp_path: Path) -> None:
     report = tmp_path / "report.json"
     done = subprocess.run(
         [sys.executable, "-m", "tests.load.run_load", "--users", "20", "--target-rps", "20", "--concurrency", "4",
-         "--phase-seconds", "2", "--duration", "4", "--window", "2", "--soak-subscribe-rps", "5",
+         "--phase-seconds", "1", "--duration", "3", "--window", "1.5", "--soak-subscribe-rps", "5",
          "--soak-redeem-rps", "3", "--soak-read-rps", "5", "--sample-every", "1", "--report", str(report)],
         cwd=REPO_ROOT, capture_output=True, text=True, timeout=180,
     )
