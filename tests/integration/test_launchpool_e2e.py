@@ -7,9 +7,10 @@ checked to the unit against a reference computed here with fractions: between
 consecutive events the pool pays total / duration x dt, split by each stake's share at
 that instant; a payout at boundary B pays floor(E(B)) - floor(E(previous boundary)).
 
-Then the same scenario again while the accrual engine and the scheduler's CLI are
-SIGKILLed at random moments (seeded; EARN_CHAOS_SEED replays one): the rewards and the
-wallet must end exactly as in the calm run (nothing lost, nothing paid twice).
+Then the same scenario again while the accrual engine, the scheduler's CLI and the
+Launchpool service (its payout consumer) are SIGKILLed at random moments (seeded;
+EARN_CHAOS_SEED replays one): the rewards and the wallet must end exactly as in the calm
+run (nothing lost, nothing paid twice).
 
 Time is a file clock shared by Launchpool and the scheduler; the test moves it."""
 
@@ -150,6 +151,12 @@ class World:
                 engine.kill()
                 engine.start()
                 self.engine_started = time.monotonic()
+                self.crashes += 1
+            if self.chaos.random() < 0.3:  # Launchpool itself, maybe between recording a batch and paying it
+                service = self.processes["launchpool"]
+                service.kill()
+                service.start()
+                await asyncio.to_thread(service.wait_ready, 60)
                 self.crashes += 1
             if cli.poll() is None:
                 cli.kill()
