@@ -35,6 +35,7 @@ from pathlib import Path
 
 import asyncpg
 import grpc
+import pytest
 from aiokafka import AIOKafkaProducer
 
 from earn.v1 import accrual_pb2, candydrop_pb2 as cd, candydrop_pb2_grpc, exchange_pb2, simple_earn_pb2 as se, simple_earn_pb2_grpc
@@ -44,6 +45,8 @@ from services.kernel.clock import set_time
 from services.kernel.config import REPO_ROOT
 from services.kernel.money import format_amount
 from tests.conftest import GATEWAY, OPERATOR, eventually, unique
+
+pytestmark = pytest.mark.integration
 
 H0 = int(datetime(2031, 7, 7, tzinfo=UTC).timestamp()) // 3600
 JOB = "candydrop.distribution"
@@ -429,6 +432,21 @@ async def scenario(w: World, seed: int) -> Outcome:
     # A ends at 03:00: the job's period 02:00-03:00 distributes it; B is still running.
     w.move(at(3, 5))
     await w.catch_up(crash_after_chunks=1)
+    # A is distributed, B still runs: a fill of 02:30 arriving now counts for B only (A's
+    # progress froze when its prizes were recorded).
+    late = dict(id=f"late-{seed}", kind="spot", user="alice", asset="USDT", amount=Fraction(12345, 100), time=at(2, 30), first=False)
+    frozen = await api.GetProgress(cd.GetProgressRequest(campaign_id=ids["A"], user_id=users["alice"]), metadata=GATEWAY)
+    await w.publish([(*to_message(late, users), users["alice"])])
+    expected_progress["B"] = ref["B"].progress(everything + [late], registered)
+    expected_candies["B"] = ref["B"].candies(expected_progress["B"])
+    expected_prizes["B"] = ref["B"].prizes(expected_candies["B"])
+
+    async def counted_late() -> None:
+        reply = await api.GetProgress(cd.GetProgressRequest(campaign_id=ids["B"], user_id=users["alice"]), metadata=GATEWAY)
+        assert {t.task_id: Fraction(Decimal(t.progress)) for t in reply.tasks}["spot"] == expected_progress["B"]["alice"]["spot"]
+
+    await eventually(counted_late, timeout=60)
+    assert await api.GetProgress(cd.GetProgressRequest(campaign_id=ids["A"], user_id=users["alice"]), metadata=GATEWAY) == frozen
     w.move(at(4, 5))
     await w.catch_up(crash_after_chunks=2)
 

@@ -18,6 +18,8 @@ from services.devstack.processes import ManagedProcess
 from services.kernel.config import REPO_ROOT
 from tests.conftest import GATEWAY, eventually
 
+pytestmark = pytest.mark.integration
+
 
 @pytest.fixture(scope="module")
 def candydrop_process(stack) -> Iterator[ManagedProcess]:  # type: ignore[no-untyped-def]
