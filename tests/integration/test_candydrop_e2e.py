@@ -394,9 +394,9 @@ async def scenario(w: World, seed: int) -> Outcome:
     w.move(at(2, 20))
     chunks = [wire[i:i + 40] for i in range(0, len(wire), 40)]
     restarts = 0
-    for chunk in chunks:
+    for i, chunk in enumerate(chunks):
         await w.publish(chunk)
-        if w.chaos is not None and restarts < 2 and w.chaos.random() < 0.5:
+        if w.chaos is not None and restarts < 2 and (i == 1 or w.chaos.random() < 0.4):  # once at least
             await asyncio.sleep(w.chaos.uniform(0, 1.0))  # the consumer killed while it counts
             await w.restart_candydrop()
             restarts += 1
