@@ -23,7 +23,7 @@ import os
 import signal
 import uuid
 from collections.abc import Awaitable, Callable
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from typing import Any, TypeVar
 
@@ -140,11 +140,15 @@ def _stamp(message: Any, field: str, value: datetime | None) -> None:
 class CandyDropApi(candydrop_pb2_grpc.CandyDropServiceServicer):
     def __init__(
         self, pool: asyncpg.Pool, settings: Settings, wallet: WalletClient, *, credit_chunk: int = 5000, crash_after_chunks: int = 0,
+        settle_seconds: float = 0.0,
     ) -> None:
         self.pool = pool
         self.settings = settings
         self.wallet = wallet
         self.credit_chunk = credit_chunk
+        # A campaign is distributed only this long after its end (late exchange events
+        # still count until then); the first run of the job after that pays it.
+        self.settle = timedelta(seconds=settle_seconds)
         # Tests only: SIGKILL this process once the wallet paid this many prize chunks,
         # before they are recorded (the worst moment for a crash). 0: never.
         self.crash_after_chunks = crash_after_chunks
@@ -331,9 +335,10 @@ class CandyDropApi(candydrop_pb2_grpc.CandyDropServiceServicer):
         period = domain.check_period(request.period)
         if request.boundary_hour <= 0:
             raise InvalidArgument("boundary_hour", "must be a positive unix hour")
-        if request.boundary_hour > unix_hour(self.settings.clock.now()):
+        now = self.settings.clock.now()
+        if request.boundary_hour > unix_hour(now):
             raise FailedPrecondition(f"boundary_hour: {request.boundary_hour} is after the current hour")
-        for campaign_id in await store.due_campaigns(self.pool, request.boundary_hour):
+        for campaign_id in await store.due_campaigns(self.pool, request.boundary_hour, now - self.settle):
             await self.distribute(campaign_id, job, period)
         response = cd.DistributePrizesResponse()
         for row in await store.distributed_by(self.pool, job, period):

@@ -40,6 +40,9 @@ class CandyDropSettings(ServiceSettings):
     # Tests only (the kill-and-restart test of the distribution): SIGKILL the process after
     # the wallet paid this many prize chunks, before recording them. 0: never.
     crash_after_chunks: int = 0
+    # Distribute a campaign only this many seconds after its end, so that exchange events
+    # delivered late still count (the first hourly run after that pays it). 0: at once.
+    settle_seconds: float = 0.0
 
 
 async def apply_record(api: CandyDropApi, logical: str, record: ConsumerRecord) -> str:
@@ -107,7 +110,7 @@ async def main() -> None:
     pool = await db.create_pool(settings, SCHEMA)
     channel = grpc.aio.insecure_channel(settings.wallet_address)
     api = CandyDropApi(pool, settings, WalletClient(channel, settings.wallet_token), credit_chunk=settings.credit_chunk,
-                       crash_after_chunks=settings.crash_after_chunks)
+                       crash_after_chunks=settings.crash_after_chunks, settle_seconds=settings.settle_seconds)
     app = GrpcApp("candydrop", settings, ROLES)
     app.add_servicer(candydrop_pb2_grpc.add_CandyDropServiceServicer_to_server, api, SERVICE_NAME)
     app.background(lambda: consume(settings, api))

@@ -173,10 +173,12 @@ async def park_dead_letter(conn: Conn, topic: str, partition: int, offset: int, 
 # ---- distribution -------------------------------------------------------------------
 
 
-async def due_campaigns(conn: Conn, boundary_hour: int) -> list[str]:
+async def due_campaigns(conn: Conn, boundary_hour: int, ended_by: datetime) -> list[str]:
+    """Campaigns not paid yet that end at or before the boundary and by ``ended_by``."""
     rows = await conn.fetch(
-        "SELECT campaign_id FROM campaigns WHERE end_hour <= $1 AND distribution IS DISTINCT FROM 'distributed' ORDER BY end_hour, campaign_id",
-        boundary_hour,
+        "SELECT campaign_id FROM campaigns WHERE end_hour <= $1 AND end_at <= $2 AND distribution IS DISTINCT FROM 'distributed'"
+        " ORDER BY end_hour, campaign_id",
+        boundary_hour, ended_by,
     )
     return [r["campaign_id"] for r in rows]
 
