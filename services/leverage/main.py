@@ -1,0 +1,57 @@
+"""Smart Leverage process: migrate, serve gRPC, keep the exposure gauge from the store,
+release the holds of quotes that expired without a position. It calls the wallet (holds,
+transfers, the treasury's balance) and the market (index, TWAP) over gRPC."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from pathlib import Path
+
+import grpc
+
+from services.kernel import db, logs
+from services.kernel.config import load
+from services.kernel.grpcserver import GrpcApp
+from services.leverage.api import ROLES, SERVICE_NAME, LeverageApi, LeverageSettings, market_client, wallet_client
+
+from earn.v1 import leverage_pb2_grpc
+
+log = logging.getLogger(__name__)
+
+SCHEMA = "leverage"
+MIGRATIONS = Path(__file__).parent / "migrations"
+
+
+async def sweep(settings: LeverageSettings, api: LeverageApi) -> None:
+    while True:
+        try:
+            await api.release_abandoned()
+            await api.refresh_exposure()
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("release sweep failed")
+        await asyncio.sleep(settings.release_sweep_seconds)
+
+
+async def main() -> None:
+    settings = load(LeverageSettings)
+    logs.configure(settings.log_level)
+    await db.migrate(settings, SCHEMA, MIGRATIONS)
+    pool = await db.create_pool(settings, SCHEMA)
+    wallet = grpc.aio.insecure_channel(settings.wallet_address)
+    market = grpc.aio.insecure_channel(settings.market_address)
+    api = LeverageApi(pool, settings, wallet_client(wallet, settings.service_token), market_client(market, settings.service_token))
+    await api.refresh_exposure()
+    app = GrpcApp("leverage", settings, ROLES)
+    app.add_servicer(leverage_pb2_grpc.add_LeverageServiceServicer_to_server, api, SERVICE_NAME)
+    app.background(lambda: sweep(settings, api))
+    app.on_stop(pool.close)
+    app.on_stop(lambda: wallet.close())
+    app.on_stop(lambda: market.close())
+    await app.serve_forever()
+
+
+if __name__ == "__main__":
+    asyncio.run(main())
