@@ -96,6 +96,14 @@ PROCESSES: list[ProcessSpec] = [
         default_metrics_port=9106,
     ),
     ProcessSpec(
+        name="leverage",
+        module="services.leverage.main",
+        port_env="EARN_GRPC_PORT",
+        default_port=50057,
+        metrics_port_env="EARN_METRICS_PORT",
+        default_metrics_port=9108,
+    ),
+    ProcessSpec(
         name="market_simulator",
         module="services.market.simulator",
         port_env=None,
