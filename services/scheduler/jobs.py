@@ -17,6 +17,10 @@ Jobs:
   Investment's SettleDualPlans(until = boundary time): every plan whose settlement time
   has passed is settled at the market's TWAP and paid once per subscription; a plan
   whose prices are missing fails the run (with the market's reason) and is retried.
+- ``leverage.settlement`` (hourly; only where ``EARN_LEVERAGE_ADDRESS`` is set): Smart
+  Leverage's SettleLeveragePositions(until = boundary time): every position whose maturity
+  has passed is settled at the market's TWAP and paid once; positions whose prices are
+  missing fail the run (with the market's reason) and are retried.
 - ``candydrop.distribution`` (hourly; only where ``EARN_CANDYDROP_ADDRESS`` is set):
   CandyDrop's DistributePrizes(boundary): the period whose boundary is a campaign's end
   distributes it (and any ended campaign not paid yet), paying through the wallet.
@@ -46,6 +50,7 @@ from services.scheduler.domain import Cadence, Job, Period
 
 from earn.v1 import candydrop_pb2, candydrop_pb2_grpc, launchpool_pb2, launchpool_pb2_grpc, simple_earn_pb2, simple_earn_pb2_grpc
 from earn.v1 import dual_pb2, dual_pb2_grpc
+from earn.v1 import leverage_pb2, leverage_pb2_grpc
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +67,8 @@ class SchedulerSettings(Settings):
     launchpool_address: str = ""
     # Dual Investment's address; empty: the dual jobs are not run.
     dual_address: str = ""
+    # Smart Leverage's address; empty: the leverage jobs are not run.
+    leverage_address: str = ""
     # CandyDrop's address; empty: the candydrop jobs are not run.
     candydrop_address: str = ""
     # Sent as `authorization: Bearer <token>`; its role must be allowed the job RPCs.
@@ -97,6 +104,8 @@ class SchedulerSettings(Settings):
             raise SystemExit("scheduler: the launchpool jobs need EARN_LAUNCHPOOL_ADDRESS")
         if names and self.dual_address == "" and any(n.startswith("dual.") for n in names):
             raise SystemExit("scheduler: the dual jobs need EARN_DUAL_ADDRESS")
+        if names and self.leverage_address == "" and any(n.startswith("leverage.") for n in names):
+            raise SystemExit("scheduler: the leverage jobs need EARN_LEVERAGE_ADDRESS")
         if names and self.candydrop_address == "" and any(n.startswith("candydrop.") for n in names):
             raise SystemExit("scheduler: the candydrop jobs need EARN_CANDYDROP_ADDRESS")
         return [JOBS[n] for n in names] if names else [s for s in JOBS.values() if enabled(s, self)]
@@ -462,6 +471,54 @@ DUAL_SETTLE = Step(
     _dual_settle,
 )
 
+# ---- Smart Leverage ----
+
+
+class Leverage:
+    """Smart Leverage's job RPC, with the service token and a deadline on every call."""
+
+    def __init__(self, settings: SchedulerSettings) -> None:
+        self.settings = settings
+        self.channel = grpc.aio.insecure_channel(settings.leverage_address)
+        self.stub = leverage_pb2_grpc.LeverageServiceStub(self.channel)
+        self.metadata = (("authorization", f"Bearer {settings.service_token}"),)
+
+    async def call(self, method: str, request: Any) -> Any:
+        try:
+            return await getattr(self.stub, method)(request, metadata=self.metadata, timeout=self.settings.rpc_timeout_seconds)
+        except grpc.aio.AioRpcError as err:
+            raise JobError(f"Leverage.{method} at {self.settings.leverage_address}: {err.code().name}: {err.details()}") from None
+
+
+_LEVERAGE_CLIENTS: dict[tuple[int, str], Leverage] = {}
+
+
+def _leverage(ctx: Context) -> Leverage:
+    if not ctx.settings.leverage_address:
+        raise JobError("EARN_LEVERAGE_ADDRESS is not set")
+    key = (id(asyncio.get_running_loop()), ctx.settings.leverage_address)
+    client = _LEVERAGE_CLIENTS.get(key)
+    if client is None:
+        client = _LEVERAGE_CLIENTS[key] = Leverage(ctx.settings)
+    return client
+
+
+async def _leverage_settle(ctx: Context) -> None:
+    until = Timestamp()
+    until.FromDatetime(ctx.period.boundary_time)
+    reply = await _leverage(ctx).call("SettleLeveragePositions", leverage_pb2.SettleLeveragePositionsRequest(until=until))
+    ctx.totals.update(items=reply.settled, paid={asset: str(Decimal(amount)) for asset, amount in sorted(reply.paid.items())},
+                      failed=[f.reason for f in reply.failures])
+    if reply.failures:
+        raise JobError("; ".join(f"{f.pair} maturing {f.maturity.ToJsonString()}: {f.reason}" for f in reply.failures) + " (the run is retried)")
+
+
+LEVERAGE_SETTLE = Step(
+    "settle_leverage_positions",
+    lambda job, p: f"Leverage SettleLeveragePositions(until={_hour(p.boundary_hour)}): settle and pay every position whose maturity has passed",
+    _leverage_settle,
+)
+
 JOBS: dict[str, JobSpec] = {
     spec.name: spec
     for spec in (
@@ -488,6 +545,11 @@ JOBS: dict[str, JobSpec] = {
             (DUAL_SETTLE,),
         ),
         JobSpec(
+            Job("leverage.settlement", Cadence.HOURLY),
+            "Smart Leverage settlement: positions whose maturity passed, at the market's TWAP, paid once per position",
+            (LEVERAGE_SETTLE,),
+        ),
+        JobSpec(
             Job("candydrop.distribution", Cadence.HOURLY),
             "CandyDrop prizes: every campaign that ended by the period's boundary, paid once",
             (CD_DISTRIBUTE,),
@@ -502,6 +564,8 @@ def enabled(spec: JobSpec, settings: SchedulerSettings) -> bool:
         return bool(settings.candydrop_address)
     if spec.name.startswith("dual."):
         return bool(settings.dual_address)
+    if spec.name.startswith("leverage."):
+        return bool(settings.leverage_address)
     return not spec.name.startswith("launchpool.") or bool(settings.launchpool_address)
 
 
