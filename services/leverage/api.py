@@ -24,6 +24,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import signal
 import uuid
 from datetime import UTC
 from decimal import Decimal
@@ -89,6 +91,9 @@ class LeverageSettings(ServiceSettings):
     # A quote or an early redemption needs an index tick at most this old.
     max_index_age_seconds: float = 120.0
     release_sweep_seconds: float = 5.0
+    # Tests only: SIGKILL this process right after the wallet paid this many positions and
+    # before they are recorded settled (0: never). Makes a half-done settlement certain.
+    crash_after_payouts: int = 0
 
 
 def _time_us(request: Any, field: str) -> int:
@@ -133,6 +138,7 @@ class LeverageApi(leverage_pb2_grpc.LeverageServiceServicer):
         self.market = market
         self._pay_lock = asyncio.Lock()  # one payout at a time: the treasury cap reads the balance it pays from
         self._exposure_labels: set[tuple[str, str]] = set()
+        self._payouts = 0
 
     def _now_us(self) -> int:
         return micros(self.settings.clock.now())
@@ -495,6 +501,10 @@ class LeverageApi(leverage_pb2_grpc.LeverageServiceServicer):
                 except FailedPrecondition as err:  # refused: nothing moved, the next attempt caps again
                     await store.clear_payout(self.pool, p["id"], f"payout of position {p['id']} failed: {err.message}")
                     raise
+                self._payouts += 1
+                if self._payouts == self.settings.crash_after_payouts:
+                    log.warning("EARN_CRASH_AFTER_PAYOUTS reached: killing this process (tests only)")
+                    os.kill(os.getpid(), signal.SIGKILL)
         if await store.mark_settled(self.pool, p["id"], self.settings.clock.now()):
             metrics.amount(metrics.PAID, payout, p["quote_asset"])
             outcome = "zero" if payout == 0 else ("capped" if payout < p["payoff"] else "paid")

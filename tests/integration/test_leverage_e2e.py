@@ -11,7 +11,9 @@ the market's reason naming the gap, nothing paid), then settling after an operat
 backfill; early redemption at the current index. The exposure gauge follows the open
 positions. Every user's balance and the treasuries are checked, and the ledger sums to zero.
 
-Then the kill test: many positions; while the CLI settles them, the leverage service and
+Then the kill test: many positions. A first run stops half-way for certain (the service
+SIGKILLs itself after the wallet paid a few positions and before recording them:
+EARN_CRASH_AFTER_PAYOUTS); then, while the CLI settles the rest, the leverage service and
 the CLI are SIGKILLed at seeded random moments (EARN_CHAOS_SEED replays one) and
 restarted; in the end every position is paid exactly once.
 
@@ -166,7 +168,7 @@ class World:
 
 
 @asynccontextmanager
-async def world(stack, name: str) -> AsyncIterator[World]:  # type: ignore[no-untyped-def]
+async def world(stack, name: str, **leverage_env: str) -> AsyncIterator[World]:  # type: ignore[no-untyped-def]
     database = f"{stack.settings.pg_database}_{name}"
     admin = await asyncpg.connect(stack.settings.database_url.rsplit("/", 1)[0] + "/postgres")
     await admin.execute(f'CREATE DATABASE "{database}"')
@@ -185,7 +187,7 @@ async def world(stack, name: str) -> AsyncIterator[World]:  # type: ignore[no-un
             await asyncio.to_thread(proc.wait_ready, 60)
         processes["leverage"] = stack.spawn(
             _spec("leverage"), **env, EARN_WALLET_ADDRESS=processes["wallet"].address or "", EARN_MARKET_ADDRESS=processes["market"].address or "",
-            EARN_QUOTE_VALIDITY_SECONDS="5", EARN_MAX_INDEX_AGE_SECONDS="120",
+            EARN_QUOTE_VALIDITY_SECONDS="5", EARN_MAX_INDEX_AGE_SECONDS="120", **leverage_env,
         )
         processes["leverage"].start()
         await asyncio.to_thread(processes["leverage"].wait_ready, 60)
@@ -444,7 +446,7 @@ async def test_settlement_killed_and_rerun_pays_exactly_once(stack) -> None:  # 
     seed = int(os.environ.get("EARN_CHAOS_SEED") or random.SystemRandom().randrange(2**31))
     print(f"EARN_CHAOS_SEED={seed}")
     chaos = random.Random(seed)
-    async with world(stack, "levkill") as w:
+    async with world(stack, "levkill", EARN_CRASH_AFTER_PAYOUTS="7") as w:
         users = [unique(f"u{i}") for i in range(20)]
         await fund(w, {u: "10000" for u in users})
         product = unique("k")
@@ -459,7 +461,20 @@ async def test_settlement_killed_and_rerun_pays_exactly_once(stack) -> None:  # 
         ticks = walk(random.Random(seed), at(2, 29, 40), at(3), 60500, 700)
         await w.publish("BTC/USDT", ticks)
         w.move(at(3, 5))
-        kills = 0
+        # A certain half-done run: seven payouts reach the wallet, then the service dies
+        # before recording the seventh settled; the run fails.
+        output = await w.catch_up(ok=False)
+        assert "UNAVAILABLE" in output, output
+        proc = w.processes["leverage"]
+        assert proc.popen is not None and proc.popen.wait(30) == -9
+        proc.env.pop("EARN_CRASH_AFTER_PAYOUTS")
+        await w.start_leverage()
+        listed = await w.lev.ListLeveragePositions(lv.ListLeveragePositionsRequest(product_id=product, page_size=1000), metadata=OPERATOR)
+        statuses = [p.status for p in listed.positions]
+        # six paid and recorded (and any paying nothing on the way), the seventh paid but not recorded, the rest not paid
+        assert statuses.count(lv.LEVERAGE_POSITION_STATUS_SETTLED) >= 6 and lv.LEVERAGE_POSITION_STATUS_SETTLING in statuses, statuses
+        assert lv.LEVERAGE_POSITION_STATUS_OPEN not in statuses, statuses
+        kills = 1
         for _ in range(3):
             cli = subprocess.Popen(w.cli(), cwd=REPO_ROOT, env=w.env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
             await asyncio.sleep(chaos.uniform(0.3, 1.5))
