@@ -23,6 +23,7 @@ import os
 import signal
 import uuid
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from typing import Any, TypeVar
@@ -38,7 +39,7 @@ from services.kernel.clock import unix_hour
 from services.kernel.config import Settings
 from services.kernel.errors import AlreadyExists, DomainError, FailedPrecondition, InvalidArgument, NotFound
 from services.kernel.grpcserver import GATEWAY, OPERATOR, SERVICE, current_caller
-from services.kernel.money import format_amount, parse_amount, scale_of
+from services.kernel.money import format_amount, parse_amount, parse_decimal, scale_of
 
 from earn.v1 import accrual_pb2, candydrop_pb2 as cd, candydrop_pb2_grpc, exchange_pb2, wallet_pb2, wallet_pb2_grpc
 
@@ -81,6 +82,16 @@ _STATUS = {
 _STATUS_OUT = {v: k for k, v in _STATUS.items()}
 
 M = TypeVar("M", bound=Message)
+
+
+@dataclass(frozen=True, slots=True)
+class Counted:
+    """A consumed event as what it may count: its inbox consumer and key, user and facts."""
+
+    consumer: str
+    key: str
+    user: str
+    facts: list[domain.Fact]
 
 
 class WalletUnavailable(DomainError):
@@ -388,9 +399,10 @@ class CandyDropApi(candydrop_pb2_grpc.CandyDropServiceServicer):
 
     # ---- events (the consumer of exchange.trades, exchange.deposits, simple_earn.accrual)
 
-    async def apply_exchange(self, raw: bytes) -> str:
-        """Count one ExchangeEvent: "counted", "not_counted" or "duplicate". An unreadable
-        or invalid record raises (DecodeError, InvalidArgument) having written nothing."""
+    @staticmethod
+    def parse_exchange(raw: bytes) -> Counted:
+        """An ExchangeEvent as what it may count. An unreadable or invalid record raises
+        (DecodeError, ValueError, InvalidArgument)."""
         event = exchange_pb2.ExchangeEvent.FromString(raw)
         which = event.WhichOneof("event")
         if which == "spot_trade":
@@ -420,28 +432,43 @@ class CandyDropApi(candydrop_pb2_grpc.CandyDropServiceServicer):
         else:
             facts = [domain.Fact(kind, user, asset, amount, at)]
         key = str(uuid.uuid5(EXCHANGE_NAMESPACE, f"{which}:{event_id}"))
-        return await self._apply(f"candydrop.exchange.{which}", key, facts)
+        return Counted(f"candydrop.exchange.{which}", key, user, facts)
 
-    async def apply_simple_earn(self, raw: bytes) -> str:
-        """Count a Simple Earn PositionChanged: the sum of its positive principal changes is
-        a subscription of the position's asset at the event's time. Other types on the
-        topic (ticks, rates, payout requests) are "ignored"."""
+    @staticmethod
+    def parse_simple_earn(raw: bytes) -> Counted | None:
+        """A Simple Earn PositionChanged as a subscription: the sum of its positive principal
+        changes, in the position's asset, at the event's time. None for what counts for no
+        task (other types on the topic: ticks, rates, payout requests; redemptions)."""
         env = events.parse(raw)
         if env.type != accrual_pb2.PositionChanged.DESCRIPTOR.full_name:
-            return "ignored"
+            return None
         change = events.unwrap(env, accrual_pb2.PositionChanged)
         user = domain.check_user_id(change.user_id)
         scale = scale_of(change.asset, "asset")
         added = Decimal(0)
         for c in change.changes:
             if c.delta and not c.delta.startswith("-"):
-                from services.kernel.money import parse_decimal
-
                 added += parse_decimal(c.delta, "changes.delta", scale=scale, allow_zero=True)
         if added <= 0:
-            return "ignored"
+            return None
         facts = [domain.Fact(TaskKind.SIMPLE_EARN_SUBSCRIPTION, user, change.asset, added, events.occurred_at(env))]
-        return await self._apply("candydrop.simple_earn", env.event_id, facts)
+        return Counted("candydrop.simple_earn", env.event_id, user, facts)
+
+    async def apply_exchange(self, raw: bytes) -> str:
+        """Count one ExchangeEvent: "counted", "not_counted" or "duplicate"."""
+        return await self.apply(self.parse_exchange(raw))
+
+    async def apply_simple_earn(self, raw: bytes) -> str:
+        parsed = self.parse_simple_earn(raw)
+        return "ignored" if parsed is None else await self.apply(parsed)
+
+    async def apply(self, parsed: Counted) -> str:
+        return await self._apply(parsed.consumer, parsed.key, parsed.facts)
+
+    async def participants(self, users: set[str]) -> set[str]:
+        """Which of ``users`` are registered in a campaign not distributed yet: the events of
+        the others count for nothing and are dropped without a transaction each."""
+        return await store.registered_users(self.pool, sorted(users))
 
     async def _apply(self, consumer: str, event_key: str, facts: list[domain.Fact]) -> str:
         """One transaction: what the event counts, its inbox row, the progress. An event

@@ -1,19 +1,23 @@
 """CandyDrop process: migrate, create topics, serve gRPC, and count events: one consumer
-of exchange.trades, exchange.deposits and simple_earn.accrual that applies each record
-in one transaction with its inbox row and commits offsets only after applying them."""
+of exchange.trades, exchange.deposits and simple_earn.accrual. Per fetched partition
+batch, one query drops the events of users in no open campaign (most of the exchange's
+flow); each remaining event is applied in one transaction with its inbox row. Offsets
+are committed only after applying."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Awaitable, Callable
 from pathlib import Path
+from typing import TypeVar
 
 import grpc
 from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
 from google.protobuf.message import DecodeError
 
 from services.candydrop import metrics
-from services.candydrop.api import ROLES, SERVICE_NAME, CandyDropApi, WalletClient
+from services.candydrop.api import ROLES, SERVICE_NAME, CandyDropApi, Counted, WalletClient
 from services.kernel import db, logs, topics
 from services.kernel.config import ServiceSettings, load
 from services.kernel.errors import InvalidArgument
@@ -45,18 +49,53 @@ class CandyDropSettings(ServiceSettings):
     settle_seconds: float = 0.0
 
 
-async def apply_record(api: CandyDropApi, logical: str, record: ConsumerRecord) -> str:
-    """Apply one record or park it; raises on a transient failure (retried)."""
+T = TypeVar("T")
+
+
+async def _retried(what: str, work: Callable[[], Awaitable[T]]) -> T:
+    """Run ``work`` until it succeeds: a database or broker hiccup is retried, never skipped."""
+    delay = 0.5
+    while True:
+        try:
+            return await work()
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("event consumer step failed; retrying", extra={"step": what})
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 10.0)
+
+
+def parse_record(logical: str, record: ConsumerRecord) -> Counted | None:
+    """What a record may count; None: nothing (a Simple Earn event that is no subscription).
+    Raises DecodeError, ValueError or InvalidArgument for an unreadable record."""
     raw = record.value or b""
-    try:
-        if logical == SIMPLE_EARN_TOPIC:
-            return await api.apply_simple_earn(raw)
-        return await api.apply_exchange(raw)
-    except (DecodeError, ValueError, InvalidArgument) as err:
-        error = err.message if isinstance(err, InvalidArgument) else f"{type(err).__name__}: {err}"
-        await api.park(record.topic, record.partition, record.offset, error, raw)
-        log.error("unreadable event parked in dead_letters", extra={"topic": record.topic, "offset": record.offset, "error": error})
-        return "dead_letter"
+    if logical == SIMPLE_EARN_TOPIC:
+        return CandyDropApi.parse_simple_earn(raw)
+    return CandyDropApi.parse_exchange(raw)
+
+
+async def apply_batch(api: CandyDropApi, logical: dict[str, str], records: list[ConsumerRecord]) -> None:
+    """Apply fetched records in order: unreadable ones parked, then one query finds which
+    users take part in an open campaign; only their events get a transaction each (count,
+    inbox row, progress). The others count for nothing and write nothing."""
+    parsed: list[tuple[ConsumerRecord, Counted | None | str]] = []
+    for record in records:
+        try:
+            parsed.append((record, parse_record(logical[record.topic], record)))
+        except (DecodeError, ValueError, InvalidArgument) as err:
+            error = err.message if isinstance(err, InvalidArgument) else f"{type(err).__name__}: {err}"
+            await _retried("park", lambda r=record, e=error: api.park(r.topic, r.partition, r.offset, e, r.value or b""))
+            log.error("unreadable event parked in dead_letters", extra={"topic": record.topic, "offset": record.offset, "error": error})
+            parsed.append((record, "dead_letter"))
+    users = {item.user for _, item in parsed if isinstance(item, Counted)}
+    active = await _retried("participants", lambda: api.participants(users)) if users else set()
+    for record, item in parsed:
+        if isinstance(item, Counted):
+            outcome = await _retried("apply", lambda i=item: api.apply(i)) if item.user in active else "not_counted"
+        else:
+            outcome = "ignored" if item is None else item
+        metrics.EVENTS.labels(logical[record.topic], outcome).inc()
 
 
 async def consume(settings: CandyDropSettings, api: CandyDropApi) -> None:
@@ -78,20 +117,8 @@ async def consume(settings: CandyDropSettings, api: CandyDropApi) -> None:
     try:
         while True:
             fetched = await consumer.getmany(timeout_ms=200, max_records=500)
-            for tp, records in fetched.items():
-                for record in records:
-                    delay = 0.5
-                    while True:
-                        try:
-                            outcome = await apply_record(api, logical[tp.topic], record)
-                            break
-                        except asyncio.CancelledError:
-                            raise
-                        except Exception:
-                            log.exception("event failed; retrying", extra={"topic": tp.topic, "offset": record.offset})
-                            await asyncio.sleep(delay)
-                            delay = min(delay * 2, 10.0)
-                    metrics.EVENTS.labels(logical[tp.topic], outcome).inc()
+            for records in fetched.values():
+                await apply_batch(api, logical, records)
             offsets = {TopicPartition(tp.topic, tp.partition): records[-1].offset + 1 for tp, records in fetched.items() if records}
             if offsets:
                 try:

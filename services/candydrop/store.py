@@ -163,6 +163,15 @@ async def add_progress(conn: asyncpg.Connection, user: str, adds: dict[tuple[str
         )
 
 
+async def registered_users(conn: Conn, users: Sequence[str]) -> set[str]:
+    rows = await conn.fetch(
+        "SELECT DISTINCT r.user_id FROM registrations r JOIN campaigns c USING (campaign_id)"
+        " WHERE r.user_id = ANY($1::text[]) AND c.distribution IS NULL",
+        list(users),
+    )
+    return {r["user_id"] for r in rows}
+
+
 async def park_dead_letter(conn: Conn, topic: str, partition: int, offset: int, error: str, raw: bytes) -> None:
     await conn.execute(
         'INSERT INTO dead_letters (topic, "partition", "offset", error, raw) VALUES ($1, $2, $3, $4, $5) ON CONFLICT DO NOTHING',

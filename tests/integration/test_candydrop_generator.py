@@ -49,3 +49,34 @@ async def test_generator_feeds_a_live_demo_campaign(stack, candydrop_process: Ma
             assert progress.registered
 
         await eventually(counted, timeout=30)
+
+
+async def test_unreadable_events_are_parked_and_count_nothing(stack, candydrop_process: ManagedProcess) -> None:  # type: ignore[no-untyped-def]
+    """A record that is no ExchangeEvent and one with a bad amount land in
+    candydrop.dead_letters (with the rule broken); the consumer goes on."""
+    import asyncpg
+    from aiokafka import AIOKafkaProducer
+
+    from earn.v1 import exchange_pb2
+
+    bad_amount = exchange_pb2.ExchangeEvent(spot_trade=exchange_pb2.SpotTrade(
+        event_id="bad-1", user_id="demo-0", base_asset="BTC", quote_asset="USDT", base_amount="1", quote_amount="1e5",
+    ))
+    bad_amount.spot_trade.event_time.GetCurrentTime()
+    producer = AIOKafkaProducer(bootstrap_servers=stack.settings.kafka_bootstrap)
+    await producer.start()
+    try:
+        for value in (b"\xff\xfe not a protobuf", bad_amount.SerializeToString()):
+            await producer.send_and_wait(stack.settings.topic_prefix + "exchange.trades", value, key=b"demo-0")
+    finally:
+        await producer.stop()
+    db = await asyncpg.connect(stack.settings.database_url, server_settings={"search_path": "candydrop"})
+    try:
+        async def parked() -> None:
+            errors = [r["error"] for r in await db.fetch("SELECT error FROM dead_letters ORDER BY \"offset\"")]
+            assert len(errors) == 2, errors
+            assert errors[1].startswith("spot_trade.quote_amount:"), errors
+
+        await eventually(parked, timeout=30)
+    finally:
+        await db.close()
