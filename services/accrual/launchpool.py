@@ -277,6 +277,18 @@ def apply_stake_change(pool: Pool, stake: Stake | None, *, stake_id: str, user_i
     return stake
 
 
+def apply_to_pool(pool: Pool, *, delta_units: int, at_us: int, offset: int) -> None:
+    """The pool's part of :func:`apply_stake_change` alone: for a change whose stake side
+    is already applied (the engine wrote the stake and lost the pool's write in a crash).
+    Applying both parts in turn gives exactly the state of one full application."""
+    if offset <= pool.last_offset:
+        return
+    at_us = max(at_us, pool.last_us)
+    pool.advance(at_us)
+    pool.staked += delta_units
+    pool.last_offset = offset
+
+
 def claimable(pool: Pool, stake: Stake, at_us: int) -> Fraction:
     """The exact reward a stake has earned through ``at_us`` (not before the pool's time),
     paid or not: the pool is advanced on a copy."""

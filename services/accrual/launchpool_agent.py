@@ -3,10 +3,14 @@ its own tables, its payout batches to "launchpool.payouts". The logic is pure
 (``services.accrual.launchpool``); this module keeps the state and moves the events.
 
 State (changelog-backed tables, memory store, keys prefixed with the input partition so
-partitions never share a key): ``lp_pools`` (a pool's accumulator, its hour-boundary
-values, its recent payouts), ``lp_stakes`` (each stake's units, constant and
-segments), ``lp_meta`` (the partition's watermark). Values are JSON with exact
-rationals as "numerator/denominator" strings.
+partitions never share a key): ``lp_state`` holds both a pool's accumulator (its
+hour-boundary values, its recent payouts; key ``p:<partition>:<pool>``) and each stake
+(units, constant, segments; ``s:<partition>:<pool>:<stake>``), ``lp_meta`` the
+partition's watermark. Values are JSON with exact rationals as "numerator/denominator"
+strings. A stake change writes the stake, then the pool, to the one changelog partition
+of its input partition, so after a crash the changelog holds neither, both, or the stake
+alone (never the pool alone); the last case is recognised (the stake's offset is ahead
+of the pool's) and the pool is brought up to it.
 
 At-least-once: a pool's own events (schedule, stake changes) carry increasing offsets and
 a pool skips offsets it has applied; ticks are idempotent (advancing to a time already
@@ -47,7 +51,7 @@ log = logging.getLogger(__name__)
 INPUT = "launchpool.accrual"
 OUTPUT = "launchpool.payouts"
 PRODUCER = "accrual"
-TABLES = ("lp_pools", "lp_stakes", "lp_meta")
+TABLES = ("lp_state", "lp_meta")
 DELIVERY_TIMEOUT = 120.0
 CHUNK = 5000
 
@@ -96,8 +100,7 @@ class LaunchpoolEngine:
             schema=faust.Schema(key_type=str, value_type=str, key_serializer="raw", value_serializer="raw"),
             extra_topic_configs=CHANGELOG_CONFIGS,
         )
-        self.pools = app.Table("lp_pools", help="per partition: Launchpool pool accumulators", **table)
-        self.stakes = app.Table("lp_stakes", help="per partition: Launchpool stakes", **table)
+        self.state = app.Table("lp_state", help="per partition: Launchpool pool accumulators and stakes", **table)
         self.meta = app.Table("lp_meta", help="per partition: Launchpool watermark", **table)
         self._init()
         app.on_partitions_assigned.connect(self._forget)
@@ -107,6 +110,8 @@ class LaunchpoolEngine:
         self.books: dict[tuple[int, str], dict[str, lp.Stake]] = {}
         # Parsed pools by key, with the table value they were parsed from (or written as).
         self._pool_cache: dict[str, tuple[str, lp.Pool]] = {}
+        # The pools of each partition (derived: one scan of the table after a rebalance).
+        self._pool_ids: dict[int, set[str]] = {}
 
     @classmethod
     def in_memory(cls, output: Any, partitions: int) -> LaunchpoolEngine:
@@ -114,13 +119,14 @@ class LaunchpoolEngine:
         engine = cls.__new__(cls)
         engine.app = None  # type: ignore[assignment]
         engine.output, engine.partitions = output, partitions
-        engine.pools, engine.stakes, engine.meta = {}, {}, {}
+        engine.state, engine.meta = {}, {}
         engine._init()
         return engine
 
     async def _forget(self, *args: Any, **kwargs: Any) -> None:
         self.books.clear()
         self._pool_cache.clear()
+        self._pool_ids.clear()
 
     # -- table helpers
 
@@ -138,8 +144,8 @@ class LaunchpoolEngine:
     def pool(self, partition: int, pool_id: str) -> lp.Pool | None:
         """The pool's state (parsed once per table value; the caller may mutate it and
         must then save it, or ``drop`` it)."""
-        key = f"{partition}:{pool_id}"
-        raw = self.pools.get(key)
+        key = f"p:{partition}:{pool_id}"
+        raw = self.state.get(key)
         if raw is None:
             return None
         raw = raw if isinstance(raw, str) else raw.decode()
@@ -151,29 +157,34 @@ class LaunchpoolEngine:
         return pool
 
     def drop(self, partition: int, pool_id: str) -> None:
-        self._pool_cache.pop(f"{partition}:{pool_id}", None)
+        self._pool_cache.pop(f"p:{partition}:{pool_id}", None)
 
     def save_pool(self, partition: int, pool: lp.Pool) -> None:
-        key = f"{partition}:{pool.pool_id}"
+        key = f"p:{partition}:{pool.pool_id}"
         raw = json.dumps(pool.to_dict(), separators=(",", ":"))
-        self.pools[key] = raw
+        self.state[key] = raw
+        if partition in self._pool_ids:
+            self._pool_ids[partition].add(pool.pool_id)
         self._pool_cache[key] = (raw, pool)
 
     def pool_ids(self, partition: int) -> list[str]:
-        prefix = f"{partition}:"
-        keys = (k if isinstance(k, str) else k.decode() for k in list(self.pools.keys()))
-        return sorted(k[len(prefix):] for k in keys if k.startswith(prefix))
+        found = self._pool_ids.get(partition)
+        if found is None:
+            prefix = f"p:{partition}:"
+            keys = (k if isinstance(k, str) else k.decode() for k in list(self.state.keys()))
+            found = self._pool_ids[partition] = {k[len(prefix):] for k in keys if k.startswith(prefix)}
+        return sorted(found)
 
     def book(self, partition: int, pool_id: str) -> dict[str, lp.Stake]:
         """The pool's stakes in memory, built from the table when missing."""
         found = self.books.get((partition, pool_id))
         if found is None:
             found = self.books[(partition, pool_id)] = {}
-            prefix = f"{partition}:{pool_id}:"
-            for key in list(self.stakes.keys()):
+            prefix = f"s:{partition}:{pool_id}:"
+            for key in list(self.state.keys()):
                 key = key if isinstance(key, str) else key.decode()
                 if key.startswith(prefix):
-                    stake = lp.Stake.from_dict(self._get(self.stakes, key))
+                    stake = lp.Stake.from_dict(self._get(self.state, key))
                     found[stake.stake_id] = stake
         return found
 
@@ -235,10 +246,17 @@ class LaunchpoolEngine:
             SKIPPED.labels("duplicate").inc()
             return
         book = self.book(partition, msg.pool_id)
-        key = f"{partition}:{msg.pool_id}:{msg.stake_id}"
+        key = f"s:{partition}:{msg.pool_id}:{msg.stake_id}"
         stake = book.get(msg.stake_id)
         try:
             delta = _signed_units(msg.delta)
+            if stake is not None and stake.last_offset >= offset:
+                # The stake's record of this change reached the changelog and the pool's
+                # did not (a crash between the two writes): bring the pool up to it.
+                SKIPPED.labels("pool_behind").inc()
+                lp.apply_to_pool(pool, delta_units=delta, at_us=msg.at_micros, offset=offset)
+                self.save_pool(partition, pool)
+                return
             if msg.at_micros < pool.last_us:
                 SKIPPED.labels("late").inc()  # counted; applied at the pool's time
                 log.error("stake change before the pool's time", extra={"pool_id": msg.pool_id, "offset": offset})
@@ -250,7 +268,7 @@ class LaunchpoolEngine:
             return
         assert new is not None
         book[msg.stake_id] = new
-        self._put(self.stakes, key, new.to_dict())
+        self._put(self.state, key, new.to_dict())  # the stake first, then the pool (see above)
         self.save_pool(partition, pool)
 
     def on_hour(self, partition: int, hour: int) -> None:

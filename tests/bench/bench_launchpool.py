@@ -132,7 +132,7 @@ async def run(stakers: int) -> list[tuple[int, bytes]]:
                                       at_us=msg.at_micros, offset=offset)
         assert stake is not None
         book[stake.stake_id] = stake
-        engine.stakes[f"0:bench:{stake.stake_id}"] = json.dumps(stake.to_dict(), separators=(",", ":"))
+        engine.state[f"s:0:bench:{stake.stake_id}"] = json.dumps(stake.to_dict(), separators=(",", ":"))
     engine.save_pool(0, pool)
     late = await through_the_agent(stakers - edge, stakers)
     loaded = time.perf_counter() - started
@@ -144,10 +144,10 @@ async def run(stakers: int) -> list[tuple[int, bytes]]:
         f" (cap {len(str(lp.ACC_CAP))})")
 
     # 2. Close the hour: the median of repeated closes of fresh copies (each one real work).
-    saved = engine.pools["0:bench"]
+    saved = engine.state["p:0:bench"]
     times = []
     for _ in range(200):
-        engine.pools["0:bench"] = saved
+        engine.state["p:0:bench"] = saved
         t0 = time.perf_counter()
         engine.on_hour(0, START + 1)
         times.append(time.perf_counter() - t0)

@@ -171,3 +171,23 @@ def test_format_units() -> None:
     assert lp.format_units(1, 8) == "0.00000001"
     assert lp.format_units(150000000, 8) == "1.5"
     assert lp.format_units(7, 0) == "7"
+
+
+@settings(max_examples=100, deadline=None)
+@given(scenarios())
+def test_a_pool_write_lost_after_the_stake_write_is_recovered_exactly(scenario) -> None:  # type: ignore[no-untyped-def]
+    """The engine writes a stake change's stake, then its pool; a crash may keep the first
+    write only. Replaying the change then applies the pool's part alone: the state is
+    the one of a run without the crash."""
+    total, start, end, changes, _, _ = scenario
+    calm = lp.Pool("p", "BTC", SCALE, total, start, end, last_us=start)
+    crashed = lp.Pool.from_dict(calm.to_dict())
+    stakes: dict[str, lp.Stake] = {}
+    for offset, (when, user, delta) in enumerate(changes, start=1):
+        before = lp.Pool.from_dict(crashed.to_dict())
+        stake = lp.apply_stake_change(calm, stakes.get(user), stake_id=user, user_id=user, delta_units=delta, at_us=when, offset=offset)
+        assert stake is not None
+        stakes[user] = stake
+        crashed = before  # the pool's write was lost; the stake's was kept
+        lp.apply_to_pool(crashed, delta_units=delta, at_us=when, offset=offset)
+        assert crashed.to_dict() == calm.to_dict()
