@@ -1,7 +1,7 @@
 """Issue 8: a corpus of malformed requests for every RPC of WalletService,
-SimpleEarnService, LaunchpoolService, MarketService, DualService and CandyDropService,
-against one live wallet, simple_earn, launchpool, market, dual and candydrop, and the
-role table of the six services tested method by method.
+SimpleEarnService, LaunchpoolService, MarketService, DualService, CandyDropService and
+LeverageService, against one live wallet, simple_earn, launchpool, market, dual, candydrop
+and leverage, and the role table of the seven services tested method by method.
 
 Each corpus row is (service, method, request builder, token, expected status, fragment
 of the message). The request builder gets the ids made by the setup (a funded user, a
@@ -28,11 +28,13 @@ from google.protobuf.timestamp_pb2 import Timestamp
 
 from earn.v1 import candydrop_pb2 as cd, candydrop_pb2_grpc
 from earn.v1 import dual_pb2 as du, dual_pb2_grpc, market_pb2 as mk, market_pb2_grpc
+from earn.v1 import leverage_pb2 as lv, leverage_pb2_grpc
 from earn.v1 import accrual_pb2, launchpool_pb2 as lp, launchpool_pb2_grpc, simple_earn_pb2 as se, simple_earn_pb2_grpc, wallet_pb2 as wp, wallet_pb2_grpc
 from services.candydrop.api import ROLES as CANDYDROP_ROLES
 from services.devstack.processes import ManagedProcess
 from services.dual.api import ROLES as DUAL_ROLES
 from services.launchpool.api import ROLES as LAUNCHPOOL_ROLES
+from services.leverage.api import ROLES as LEVERAGE_ROLES
 from services.market.api import ROLES as MARKET_ROLES
 from services.simple_earn.api import ROLES as EARN_ROLES
 from services.wallet.api import ROLES as WALLET_ROLES
@@ -124,9 +126,42 @@ async def candydrop_channel(candydrop_process: ManagedProcess) -> AsyncIterator[
         yield channel
 
 
+# Smart Leverage on a file clock held still: quotes made "earlier" in the setup are expired
+# when the rows run, quotes made "now" are valid for 10 minutes.
+LEVERAGE_QUOTE_VALIDITY = 600
+
+
+@pytest.fixture(scope="module")
+def leverage_clock(tmp_path_factory: pytest.TempPathFactory) -> Any:
+    from services.kernel.clock import set_time
+
+    path = tmp_path_factory.mktemp("leverage-clock") / "now"
+    set_time(path, datetime.now(UTC).replace(microsecond=0))
+    return path
+
+
+@pytest.fixture(scope="module")
+def leverage_process(stack, wallet_process: ManagedProcess, market_process: ManagedProcess, leverage_clock: Any):  # type: ignore[no-untyped-def]
+    proc = stack.process(
+        "leverage", EARN_WALLET_ADDRESS=wallet_process.address or "", EARN_MARKET_ADDRESS=market_process.address or "",
+        EARN_CLOCK_FILE=str(leverage_clock), EARN_QUOTE_VALIDITY_SECONDS=str(LEVERAGE_QUOTE_VALIDITY), EARN_MAX_INDEX_AGE_SECONDS="86400",
+    )
+    proc.start()
+    proc.wait_ready(timeout=60)
+    yield proc
+    proc.stop()
+
+
+@pytest.fixture(scope="module")
+async def leverage_channel(leverage_process: ManagedProcess) -> AsyncIterator[grpc.aio.Channel]:
+    async with grpc.aio.insecure_channel(leverage_process.address) as channel:
+        yield channel
+
+
 @pytest.fixture(scope="module")
 async def db(stack, wallet_process: ManagedProcess, earn_process: ManagedProcess, launchpool_process: ManagedProcess,
-             market_process: ManagedProcess, dual_process: ManagedProcess, candydrop_process: ManagedProcess) -> AsyncIterator[asyncpg.Pool]:
+             market_process: ManagedProcess, dual_process: ManagedProcess, candydrop_process: ManagedProcess,
+             leverage_process: ManagedProcess) -> AsyncIterator[asyncpg.Pool]:
     pool = await asyncpg.create_pool(stack.settings.database_url, min_size=1, max_size=2)
     assert pool is not None
     yield pool
@@ -135,18 +170,20 @@ async def db(stack, wallet_process: ManagedProcess, earn_process: ManagedProcess
 
 @pytest.fixture(scope="module")
 def stubs(wallet_channel: grpc.aio.Channel, earn_channel: grpc.aio.Channel, launchpool_channel: grpc.aio.Channel,
-          market_channel: grpc.aio.Channel, dual_channel: grpc.aio.Channel, candydrop_channel: grpc.aio.Channel) -> dict[str, Any]:
+          market_channel: grpc.aio.Channel, dual_channel: grpc.aio.Channel, candydrop_channel: grpc.aio.Channel,
+          leverage_channel: grpc.aio.Channel) -> dict[str, Any]:
     return {
         "wallet": wallet_pb2_grpc.WalletServiceStub(wallet_channel), "earn": simple_earn_pb2_grpc.SimpleEarnServiceStub(earn_channel),
         "lp": launchpool_pb2_grpc.LaunchpoolServiceStub(launchpool_channel),
         "mk": market_pb2_grpc.MarketServiceStub(market_channel), "dual": dual_pb2_grpc.DualServiceStub(dual_channel),
         "cd": candydrop_pb2_grpc.CandyDropServiceStub(candydrop_channel),
+        "lev": leverage_pb2_grpc.LeverageServiceStub(leverage_channel),
     }
 
 
 # ---- snapshots ----------------------------------------------------------------------
 
-SCHEMAS = ("wallet", "simple_earn", "launchpool", "market", "dual", "candydrop")
+SCHEMAS = ("wallet", "simple_earn", "launchpool", "market", "dual", "candydrop", "leverage")
 # No table is excluded: no RPC of the corpus may write anything, not even audit-like rows.
 # The only tables written without an RPC are the outboxes (emptied by the relays), the
 # inbox (the payout consumer) and bulk_credit_parts/transfers (the wallet's folder);
@@ -216,6 +253,14 @@ class Ctx:
     dual_plan: str = ""  # sell-high BTC/USDT, min 0.01, max 1 per user, quota 1.2; alice subscribed 0.5
     dual_sub: str = ""  # alice's subscription
     campaign: str = ""  # CandyDrop: started this hour, 24 hours, a spot task; alice registered
+    lev_user: str = ""  # 100 USDT, then two positions of 20 (one redeemed early)
+    lev_product: str = ""  # Smart Leverage on BTC/USDT: max leverage 20, principal 10 to 50 USDT
+    lev_maturity: int = 0  # a valid maturity (unix seconds)
+    lev_expired: str = ""  # alice's quote made before its validity ended
+    lev_quote: str = ""  # alice's valid quote, subscribed: lev_position
+    lev_poor_quote: str = ""  # poor's valid quote (no funds)
+    lev_position: str = ""  # alice's open position
+    lev_redeemed: str = ""  # alice's position redeemed early (keys["RedeemLeverageEarly"])
     keys: dict[str, str] = field(default_factory=dict)  # method -> a key used once, successfully
     baseline: dict[str, tuple[int, str]] = field(default_factory=dict)
     requests: dict[str, Any] = field(default_factory=dict)  # method -> the request sent with keys[method]
@@ -236,7 +281,7 @@ def spec(src: str, dst: str, amount: str, asset: str = "BTC", src_kind: int = FU
 
 
 @pytest.fixture(scope="module")
-async def ctx(stubs, db) -> Ctx:
+async def ctx(stubs, db, leverage_clock) -> Ctx:
     wallet, earn = stubs["wallet"], stubs["earn"]
     c = Ctx(alice=unique("alice"), bob=unique("bob"), poor=unique("poor"))
 
@@ -330,8 +375,43 @@ async def ctx(stubs, db) -> Ctx:
     c.campaign = unique("cmp")
     await once("CreateCampaign", stubs["cd"], campaign_request(c.campaign), OPERATOR)
     await once("Register", stubs["cd"], cd.RegisterRequest(idempotency_key=unique(), user_id=c.alice, campaign_id=c.campaign), GATEWAY)
+    await leverage_setup(c, stubs["lev"], wallet, once, leverage_clock)
     c.baseline = await settled(db)
     return c
+
+
+async def leverage_setup(c: Ctx, lev: Any, wallet: Any, once: Any, clock: Any) -> None:
+    from services.kernel.clock import set_time
+
+    now = datetime.fromisoformat(clock.read_text().strip())
+    c.lev_user = unique("levu")
+    c.lev_product = unique("lev")
+    await wallet.Deposit(wp.DepositRequest(idempotency_key=unique(), owner=c.lev_user, asset="USDT", amount="100"), metadata=OPERATOR)
+    await once("CreateLeverageProduct", lev, lv.CreateLeverageProductRequest(
+        idempotency_key=unique(), product_id=c.lev_product, pair="BTC/USDT", max_leverage="20", fee_rate="0.005", min_principal="10",
+        max_principal="50",
+    ), OPERATOR)
+    c.lev_maturity = (int(now.timestamp()) // 3600 + 48) * 3600
+
+    async def quote(user: str, method: str | None = None) -> str:
+        request = lv.RequestLeverageQuoteRequest(
+            idempotency_key=unique(), user_id=user, product_id=c.lev_product, direction=lv.LEVERAGE_DIRECTION_LONG, leverage="5", principal="20",
+            maturity=ts(c.lev_maturity),
+        )
+        reply = await (once(method, lev, request, GATEWAY) if method else lev.RequestLeverageQuote(request, metadata=GATEWAY))
+        return reply.quote.quote_id
+
+    set_time(clock, now - timedelta(seconds=LEVERAGE_QUOTE_VALIDITY + 60))
+    c.lev_expired = await quote(c.lev_user)
+    set_time(clock, now)
+    c.lev_quote = await quote(c.lev_user, "RequestLeverageQuote")
+    c.lev_poor_quote = await quote(c.poor)
+    redeemed_quote = await quote(c.lev_user)
+    c.lev_position = (await lev.SubscribeLeverage(lv.SubscribeLeverageRequest(user_id=c.lev_user, quote_id=c.lev_quote), metadata=GATEWAY)).position.position_id
+    c.lev_redeemed = (await lev.SubscribeLeverage(lv.SubscribeLeverageRequest(user_id=c.lev_user, quote_id=redeemed_quote), metadata=GATEWAY)).position.position_id
+    redeemed = await once("RedeemLeverageEarly", lev, lv.RedeemLeverageEarlyRequest(
+        idempotency_key=unique(), user_id=c.lev_user, position_id=c.lev_redeemed), GATEWAY)
+    assert redeemed.position.status == lv.LEVERAGE_POSITION_STATUS_SETTLED, redeemed
 
 
 # ---- the corpus ---------------------------------------------------------------------
@@ -1095,6 +1175,130 @@ _DUAL = [
 for _n, _m, _b, _code, _frag, _tok in _DUAL:
     row(_n, "dual", _m, _b, _code, _frag, _tok)
 
+# ---- LeverageService ----
+
+
+def lev_product(c: Ctx, **fields: Any) -> lv.CreateLeverageProductRequest:
+    base: dict[str, Any] = dict(
+        idempotency_key=unique(), product_id=unique("lp"), pair="BTC/USDT", max_leverage="20", fee_rate="0.005", min_principal="10",
+        max_principal="1000",
+    )
+    return lv.CreateLeverageProductRequest(**{**base, **fields})
+
+
+def lev_quote(c: Ctx, **fields: Any) -> lv.RequestLeverageQuoteRequest:
+    base: dict[str, Any] = dict(
+        idempotency_key=unique(), user_id=c.lev_user, product_id=c.lev_product, direction=lv.LEVERAGE_DIRECTION_LONG, leverage="5", principal="20",
+        maturity=ts(c.lev_maturity),
+    )
+    return lv.RequestLeverageQuoteRequest(**{**base, **fields})
+
+
+def _lev_without(request: Any, field_name: str) -> Any:
+    request.ClearField(field_name)
+    return request
+
+
+_LEV: list[tuple[str, str, Build, grpc.StatusCode, str, tuple]] = [
+    # CreateLeverageProduct
+    ("key-empty", "CreateLeverageProduct", lambda c: lev_product(c, idempotency_key=""), INVALID, "idempotency_key:", OPERATOR),
+    ("key-10KB", "CreateLeverageProduct", lambda c: lev_product(c, idempotency_key=BIG), INVALID, "idempotency_key:", OPERATOR),
+    ("id-empty", "CreateLeverageProduct", lambda c: lev_product(c, product_id=""), INVALID, "product_id:", OPERATOR),
+    ("id-space", "CreateLeverageProduct", lambda c: lev_product(c, product_id="a b"), INVALID, "product_id:", OPERATOR),
+    ("id-10KB", "CreateLeverageProduct", lambda c: lev_product(c, product_id=BIG), INVALID, "product_id:", OPERATOR),
+    ("pair-empty", "CreateLeverageProduct", lambda c: lev_product(c, pair=""), INVALID, "pair:", OPERATOR),
+    ("pair-lower", "CreateLeverageProduct", lambda c: lev_product(c, pair="btc/usdt"), INVALID, "pair:", OPERATOR),
+    ("pair-unknown", "CreateLeverageProduct", lambda c: lev_product(c, pair="NOPE/USDT"), INVALID, "pair:", OPERATOR),
+    ("pair-same", "CreateLeverageProduct", lambda c: lev_product(c, pair="BTC/BTC"), INVALID, "pair:", OPERATOR),
+    ("leverage-below-1", "CreateLeverageProduct", lambda c: lev_product(c, max_leverage="0.5"), INVALID, "max_leverage:", OPERATOR),
+    ("leverage-over-100", "CreateLeverageProduct", lambda c: lev_product(c, max_leverage="100.01"), INVALID, "max_leverage:", OPERATOR),
+    ("leverage-too-precise", "CreateLeverageProduct", lambda c: lev_product(c, max_leverage="2.125"), INVALID, "max_leverage:", OPERATOR),
+    ("leverage-empty", "CreateLeverageProduct", lambda c: lev_product(c, max_leverage=""), INVALID, "max_leverage:", OPERATOR),
+    ("fee-over-5pct", "CreateLeverageProduct", lambda c: lev_product(c, fee_rate="0.05001"), INVALID, "fee_rate:", OPERATOR),
+    ("fee-negative", "CreateLeverageProduct", lambda c: lev_product(c, fee_rate="-0.01"), INVALID, "fee_rate:", OPERATOR),
+    ("fee-exponent", "CreateLeverageProduct", lambda c: lev_product(c, fee_rate="1e-3"), INVALID, "fee_rate:", OPERATOR),
+    ("fee-too-precise", "CreateLeverageProduct", lambda c: lev_product(c, fee_rate="0.0000001"), INVALID, "fee_rate:", OPERATOR),
+    ("min-too-precise", "CreateLeverageProduct", lambda c: lev_product(c, min_principal=TOO_PRECISE_USDT), INVALID, "min_principal:", OPERATOR),
+    ("max-below-min", "CreateLeverageProduct", lambda c: lev_product(c, min_principal="10", max_principal="5"), INVALID, "max_principal:", OPERATOR),
+    ("term-too-long", "CreateLeverageProduct", lambda c: lev_product(c, max_term_hours=9000), INVALID, "max_term_hours:", OPERATOR),
+    ("window-too-short", "CreateLeverageProduct", lambda c: lev_product(c, window_seconds=10), INVALID, "window_seconds:", OPERATOR),
+    ("window-too-long", "CreateLeverageProduct", lambda c: lev_product(c, window_seconds=100_000), INVALID, "window_seconds:", OPERATOR),
+    ("exists", "CreateLeverageProduct", lambda c: lev_product(c, product_id=c.lev_product), EXISTS, "product_id:", OPERATOR),
+    ("key-reused", "CreateLeverageProduct", lambda c: lev_product(c, idempotency_key=c.keys["CreateLeverageProduct"]), EXISTS, "idempotency_key:", OPERATOR),
+    ("gateway", "CreateLeverageProduct", lambda c: lev_product(c), DENIED, "CreateLeverageProduct", GATEWAY),
+    # queries
+    ("id-empty", "GetLeverageProduct", lambda c: lv.GetLeverageProductRequest(), INVALID, "product_id:", GATEWAY),
+    ("id-space", "GetLeverageProduct", lambda c: lv.GetLeverageProductRequest(product_id="a b"), INVALID, "product_id:", GATEWAY),
+    ("unknown", "GetLeverageProduct", lambda c: lv.GetLeverageProductRequest(product_id="no-such-product"), NOT_FOUND, "product_id:", GATEWAY),
+    ("pair-bad", "ListLeverageProducts", lambda c: lv.ListLeverageProductsRequest(pair="BTCUSDT"), INVALID, "pair:", GATEWAY),
+    ("pair-10KB", "ListLeverageProducts", lambda c: lv.ListLeverageProductsRequest(pair=BIG), INVALID, "pair:", OPERATOR),
+    ("gateway-no-user", "GetLeveragePosition", lambda c: lv.GetLeveragePositionRequest(position_id=c.lev_position), INVALID, "user_id:", GATEWAY),
+    ("id-empty", "GetLeveragePosition", lambda c: lv.GetLeveragePositionRequest(user_id=c.lev_user), INVALID, "position_id:", GATEWAY),
+    ("id-letters", "GetLeveragePosition", lambda c: lv.GetLeveragePositionRequest(user_id=c.lev_user, position_id="abc"), INVALID, "position_id:", GATEWAY),
+    ("id-zero", "GetLeveragePosition", lambda c: lv.GetLeveragePositionRequest(user_id=c.lev_user, position_id="0"), INVALID, "position_id:", GATEWAY),
+    ("id-past-bigint", "GetLeveragePosition", lambda c: lv.GetLeveragePositionRequest(user_id=c.lev_user, position_id=str(2**63)), INVALID, "position_id:", SERVICE),
+    ("unknown", "GetLeveragePosition", lambda c: lv.GetLeveragePositionRequest(user_id=c.lev_user, position_id="999999999"), NOT_FOUND, "position_id:", GATEWAY),
+    ("other-users", "GetLeveragePosition", lambda c: lv.GetLeveragePositionRequest(user_id=c.bob, position_id=c.lev_position), NOT_FOUND, "position_id:", GATEWAY),
+    ("gateway-no-user", "ListLeveragePositions", lambda c: lv.ListLeveragePositionsRequest(), INVALID, "user_id:", GATEWAY),
+    ("user-10KB", "ListLeveragePositions", lambda c: lv.ListLeveragePositionsRequest(user_id=BIG), INVALID, "user_id:", GATEWAY),
+    ("product-space", "ListLeveragePositions", lambda c: lv.ListLeveragePositionsRequest(user_id=c.lev_user, product_id="a b"), INVALID, "product_id:", GATEWAY),
+    ("status-unknown", "ListLeveragePositions", lambda c: lv.ListLeveragePositionsRequest(user_id=c.lev_user, status=9), INVALID, "status:", GATEWAY),
+    ("page-size-1001", "ListLeveragePositions", lambda c: lv.ListLeveragePositionsRequest(user_id=c.lev_user, page_size=1001), INVALID, "page_size:", GATEWAY),
+    ("token-other-list", "ListLeveragePositions", lambda c: lv.ListLeveragePositionsRequest(user_id=c.lev_user, page_token=base64.urlsafe_b64encode(b"ds:1").decode()), INVALID, "page_token:", GATEWAY),
+    # RequestLeverageQuote
+    ("key-empty", "RequestLeverageQuote", lambda c: lev_quote(c, idempotency_key=""), INVALID, "idempotency_key:", GATEWAY),
+    ("user-empty", "RequestLeverageQuote", lambda c: lev_quote(c, user_id=""), INVALID, "user_id:", GATEWAY),
+    ("user-10KB", "RequestLeverageQuote", lambda c: lev_quote(c, user_id=BIG), INVALID, "user_id:", GATEWAY),
+    ("product-unknown", "RequestLeverageQuote", lambda c: lev_quote(c, product_id="no-such-product"), NOT_FOUND, "product_id:", GATEWAY),
+    ("direction-missing", "RequestLeverageQuote", lambda c: lev_quote(c, direction=0), INVALID, "direction:", GATEWAY),
+    ("direction-unknown", "RequestLeverageQuote", lambda c: lev_quote(c, direction=9), INVALID, "direction:", GATEWAY),
+    ("leverage-over-maximum", "RequestLeverageQuote", lambda c: lev_quote(c, leverage="20.01"), INVALID, "leverage:", GATEWAY),
+    ("leverage-below-1", "RequestLeverageQuote", lambda c: lev_quote(c, leverage="0.99"), INVALID, "leverage:", GATEWAY),
+    ("leverage-too-precise", "RequestLeverageQuote", lambda c: lev_quote(c, leverage="2.001"), INVALID, "leverage:", GATEWAY),
+    ("leverage-negative", "RequestLeverageQuote", lambda c: lev_quote(c, leverage="-5"), INVALID, "leverage:", GATEWAY),
+    ("principal-too-precise", "RequestLeverageQuote", lambda c: lev_quote(c, principal=TOO_PRECISE_USDT), INVALID, "principal:", GATEWAY),
+    ("principal-below-minimum", "RequestLeverageQuote", lambda c: lev_quote(c, principal="9.99"), PRECONDITION, "minimum", GATEWAY),
+    ("principal-over-maximum", "RequestLeverageQuote", lambda c: lev_quote(c, principal="50.000001"), PRECONDITION, "maximum", GATEWAY),
+    ("maturity-missing", "RequestLeverageQuote", lambda c: _lev_without(lev_quote(c), "maturity"), INVALID, "maturity:", GATEWAY),
+    ("maturity-not-full-hour", "RequestLeverageQuote", lambda c: lev_quote(c, maturity=ts(c.lev_maturity + 60)), INVALID, "maturity:", GATEWAY),
+    ("maturity-nanos", "RequestLeverageQuote", lambda c: lev_quote(c, maturity=Timestamp(seconds=c.lev_maturity, nanos=1)), INVALID, "maturity:", GATEWAY),
+    ("maturity-past", "RequestLeverageQuote", lambda c: lev_quote(c, maturity=ts(c.lev_maturity - 72 * 3600)), INVALID, "maturity:", GATEWAY),
+    ("maturity-too-far", "RequestLeverageQuote", lambda c: lev_quote(c, maturity=ts(c.lev_maturity + 720 * 3600)), INVALID, "maturity:", GATEWAY),
+    ("maturity-out-of-range", "RequestLeverageQuote", lambda c: lev_quote(c, maturity=ts(10**15)), INVALID, "maturity:", GATEWAY),
+    ("key-reused", "RequestLeverageQuote", lambda c: lev_quote(c, idempotency_key=c.keys["RequestLeverageQuote"], leverage="6"), EXISTS, "idempotency_key:", GATEWAY),
+    ("operator", "RequestLeverageQuote", lambda c: lev_quote(c), DENIED, "RequestLeverageQuote", OPERATOR),
+    # SubscribeLeverage
+    ("user-empty", "SubscribeLeverage", lambda c: lv.SubscribeLeverageRequest(quote_id=c.lev_quote), INVALID, "user_id:", GATEWAY),
+    ("quote-empty", "SubscribeLeverage", lambda c: lv.SubscribeLeverageRequest(user_id=c.lev_user), INVALID, "quote_id:", GATEWAY),
+    ("quote-space", "SubscribeLeverage", lambda c: lv.SubscribeLeverageRequest(user_id=c.lev_user, quote_id="a b"), INVALID, "quote_id:", GATEWAY),
+    ("quote-10KB", "SubscribeLeverage", lambda c: lv.SubscribeLeverageRequest(user_id=c.lev_user, quote_id=BIG), INVALID, "quote_id:", GATEWAY),
+    ("quote-unknown", "SubscribeLeverage", lambda c: lv.SubscribeLeverageRequest(user_id=c.lev_user, quote_id="no-such-quote"), NOT_FOUND, "quote_id:", GATEWAY),
+    ("other-users-quote", "SubscribeLeverage", lambda c: lv.SubscribeLeverageRequest(user_id=c.bob, quote_id=c.lev_poor_quote), NOT_FOUND, "quote_id:", GATEWAY),
+    ("expired", "SubscribeLeverage", lambda c: lv.SubscribeLeverageRequest(user_id=c.lev_user, quote_id=c.lev_expired), PRECONDITION, "expired", GATEWAY),
+    ("insufficient", "SubscribeLeverage", lambda c: lv.SubscribeLeverageRequest(user_id=c.poor, quote_id=c.lev_poor_quote), PRECONDITION, "insufficient funds", GATEWAY),
+    ("operator", "SubscribeLeverage", lambda c: lv.SubscribeLeverageRequest(user_id=c.lev_user, quote_id=c.lev_quote), DENIED, "SubscribeLeverage", OPERATOR),
+    # RedeemLeverageEarly
+    ("key-empty", "RedeemLeverageEarly", lambda c: lv.RedeemLeverageEarlyRequest(user_id=c.lev_user, position_id=c.lev_position), INVALID, "idempotency_key:", GATEWAY),
+    ("user-empty", "RedeemLeverageEarly", lambda c: lv.RedeemLeverageEarlyRequest(idempotency_key=unique(), position_id=c.lev_position), INVALID, "user_id:", GATEWAY),
+    ("id-letters", "RedeemLeverageEarly", lambda c: lv.RedeemLeverageEarlyRequest(idempotency_key=unique(), user_id=c.lev_user, position_id="x1"), INVALID, "position_id:", GATEWAY),
+    ("unknown", "RedeemLeverageEarly", lambda c: lv.RedeemLeverageEarlyRequest(idempotency_key=unique(), user_id=c.lev_user, position_id="999999999"), NOT_FOUND, "position_id:", GATEWAY),
+    ("other-users", "RedeemLeverageEarly", lambda c: lv.RedeemLeverageEarlyRequest(idempotency_key=unique(), user_id=c.bob, position_id=c.lev_position), NOT_FOUND, "position_id:", GATEWAY),
+    ("already-settled", "RedeemLeverageEarly", lambda c: lv.RedeemLeverageEarlyRequest(idempotency_key=unique(), user_id=c.lev_user, position_id=c.lev_redeemed), PRECONDITION, "only an open position", GATEWAY),
+    ("key-reused", "RedeemLeverageEarly", lambda c: lv.RedeemLeverageEarlyRequest(idempotency_key=c.keys["RedeemLeverageEarly"], user_id=c.lev_user, position_id=c.lev_position), EXISTS, "idempotency_key:", GATEWAY),
+    ("operator", "RedeemLeverageEarly", lambda c: lv.RedeemLeverageEarlyRequest(idempotency_key=unique(), user_id=c.lev_user, position_id=c.lev_position), DENIED, "RedeemLeverageEarly", OPERATOR),
+    # SettleLeveragePositions
+    ("until-missing", "SettleLeveragePositions", lambda c: lv.SettleLeveragePositionsRequest(), INVALID, "until:", SERVICE),
+    ("until-nanos", "SettleLeveragePositions", lambda c: lv.SettleLeveragePositionsRequest(until=Timestamp(seconds=3600, nanos=1)), INVALID, "until:", SERVICE),
+    ("until-out-of-range", "SettleLeveragePositions", lambda c: lv.SettleLeveragePositionsRequest(until=ts(10**15)), INVALID, "until:", SERVICE),
+    ("until-future", "SettleLeveragePositions", lambda c: lv.SettleLeveragePositionsRequest(until=ts((_NOW_HOUR + 72) * 3600)), PRECONDITION, "until:", SERVICE),
+    ("operator", "SettleLeveragePositions", lambda c: lv.SettleLeveragePositionsRequest(until=ts(3600)), DENIED, "SettleLeveragePositions", OPERATOR),
+]
+for _name, _amount in BAD_AMOUNTS:
+    _LEV.append((f"principal-{_name}", "RequestLeverageQuote", lambda c, a=_amount: lev_quote(c, principal=a), INVALID, "principal:", GATEWAY))
+    _LEV.append((f"min-{_name}", "CreateLeverageProduct", lambda c, a=_amount: lev_product(c, min_principal=a), INVALID, "min_principal:", OPERATOR))
+for _n, _m, _b, _code, _frag, _tok in _LEV:
+    row(_n, "lev", _m, _b, _code, _frag, _tok)
+
 
 # ---- CandyDropService ----
 
@@ -1250,7 +1454,8 @@ def test_the_corpus_covers_every_rpc() -> None:
     covered = {(r.service, r.method) for _, r in ROWS}
     for service, descriptor in (("wallet", wallet_pb2.DESCRIPTOR.services_by_name["WalletService"]), ("earn", simple_earn_pb2.DESCRIPTOR.services_by_name["SimpleEarnService"]),
                                 ("lp", lp.DESCRIPTOR.services_by_name["LaunchpoolService"]), ("mk", mk.DESCRIPTOR.services_by_name["MarketService"]),
-                                ("dual", du.DESCRIPTOR.services_by_name["DualService"]), ("cd", cd.DESCRIPTOR.services_by_name["CandyDropService"])):
+                                ("dual", du.DESCRIPTOR.services_by_name["DualService"]), ("cd", cd.DESCRIPTOR.services_by_name["CandyDropService"]),
+                                ("lev", lv.DESCRIPTOR.services_by_name["LeverageService"])):
         missing = {m.name for m in descriptor.methods} - {m for s, m in covered if s == service}
         assert not missing, f"{service}: no corpus row for {sorted(missing)}"
 
@@ -1285,6 +1490,11 @@ EXPECTED_ROLES = {
         "CreateCampaign": {O}, "Register": {G}, "GetCampaign": {G, O, S}, "ListCampaigns": {G, O, S}, "GetProgress": {G, O, S},
         "ListPrizes": {G, O, S}, "DistributePrizes": {S},
     },
+    "earn.v1.LeverageService": {
+        "CreateLeverageProduct": {O}, "GetLeverageProduct": {G, O, S}, "ListLeverageProducts": {G, O, S}, "GetLeveragePosition": {G, O, S},
+        "ListLeveragePositions": {G, O, S}, "RequestLeverageQuote": {G}, "SubscribeLeverage": {G}, "RedeemLeverageEarly": {G},
+        "SettleLeveragePositions": {S},
+    },
 }
 
 
@@ -1293,14 +1503,16 @@ def _descriptors() -> list[Any]:
 
     return [wallet_pb2.DESCRIPTOR.services_by_name["WalletService"], simple_earn_pb2.DESCRIPTOR.services_by_name["SimpleEarnService"],
             lp.DESCRIPTOR.services_by_name["LaunchpoolService"], mk.DESCRIPTOR.services_by_name["MarketService"],
-            du.DESCRIPTOR.services_by_name["DualService"], cd.DESCRIPTOR.services_by_name["CandyDropService"]]
+            du.DESCRIPTOR.services_by_name["DualService"], cd.DESCRIPTOR.services_by_name["CandyDropService"],
+            lv.DESCRIPTOR.services_by_name["LeverageService"]]
 
 
 def test_every_rpc_of_the_protos_is_in_the_role_tables() -> None:
     """Deny by default would refuse an RPC missing from ROLES to everyone: a new RPC must be
     added to the table (and to EXPECTED_ROLES here) on purpose."""
     tables = {"earn.v1.WalletService": WALLET_ROLES, "earn.v1.SimpleEarnService": EARN_ROLES, "earn.v1.LaunchpoolService": LAUNCHPOOL_ROLES,
-              "earn.v1.MarketService": MARKET_ROLES, "earn.v1.DualService": DUAL_ROLES, "earn.v1.CandyDropService": CANDYDROP_ROLES}
+              "earn.v1.MarketService": MARKET_ROLES, "earn.v1.DualService": DUAL_ROLES, "earn.v1.CandyDropService": CANDYDROP_ROLES,
+              "earn.v1.LeverageService": LEVERAGE_ROLES}
     for descriptor in _descriptors():
         table = tables[descriptor.full_name]
         names = {f"{descriptor.full_name}/{m.name}" for m in descriptor.methods}
@@ -1342,7 +1554,7 @@ async def test_role_table(stubs, ctx: Ctx, service: str, method: str, caller: st
     caller gets UNAUTHENTICATED (no valid token) or PERMISSION_DENIED (a role not in the
     table), before anything else."""
     stub = stubs[{"WalletService": "wallet", "LaunchpoolService": "lp", "MarketService": "mk", "DualService": "dual",
-                  "CandyDropService": "cd"}.get(service.split(".")[-1], "earn")]
+                  "CandyDropService": "cd", "LeverageService": "lev"}.get(service.split(".")[-1], "earn")]
     descriptor = next(d for d in _descriptors() if d.full_name == service).methods_by_name[method]
     from google.protobuf import message_factory
 
