@@ -2,8 +2,9 @@
 
 - Writes validate the whole request first (bad input writes nothing), then run under
   their client idempotency key in one transaction.
-- Events: each record is applied in one transaction with its inbox row (consumer, event
-  id), so a redelivered event counts nothing again. Exchange events are deduplicated by
+- Events: a record that counts is applied in one transaction with its inbox row
+  (consumer, event id), so a redelivered event counts nothing again; one that counts for
+  nothing writes nothing (``_apply``). Exchange events are deduplicated by
   the exchange's own event id (stable when the exchange delivers a fact again), mapped
   to a UUID with uuid5; Simple Earn's by their envelope's event id.
 - Distribution (``DistributePrizes``, called by the scheduler's job): per ended campaign,
@@ -37,7 +38,7 @@ from services.candydrop.domain import PoolKind, Status, TaskKind
 from services.kernel import events, idempotency, inbox, paging
 from services.kernel.clock import unix_hour
 from services.kernel.config import Settings
-from services.kernel.errors import AlreadyExists, DomainError, FailedPrecondition, InvalidArgument, NotFound
+from services.kernel.errors import AlreadyExists, DomainError, FailedPrecondition, InvalidArgument
 from services.kernel.grpcserver import GATEWAY, OPERATOR, SERVICE, current_caller
 from services.kernel.money import format_amount, parse_amount, parse_decimal, scale_of
 
@@ -487,6 +488,3 @@ class CandyDropApi(candydrop_pb2_grpc.CandyDropServiceServicer):
     async def park(self, topic: str, partition: int, offset: int, error: str, raw: bytes) -> None:
         await store.park_dead_letter(self.pool, topic, partition, offset, error, raw)
 
-
-def parse_optional_amount(text: str, asset: str, field: str) -> Decimal | None:
-    return parse_amount(text, asset, field) if text else None
