@@ -5,7 +5,8 @@ would; positions settled by the scheduler's CLI (job leverage.settlement).
 Every settlement amount is checked to the unit against a reference written here with
 fractions and integer floors (independently of services.leverage.domain): long and short,
 each in and out of the money, leverage at the product's maximum, a payoff floored at
-zero, a payout capped at what the product's treasury holds; an expired quote refused; a
+zero, a payout capped at what the product's treasury holds; an expired quote refused, and
+one whose index moved more than 5% from its entry price; a
 settlement window with missing prices failing the run loudly (the positions failed with
 the market's reason naming the gap, nothing paid), then settling after an operator
 backfill; early redemption at the current index. The exposure gauge follows the open
@@ -328,6 +329,19 @@ async def test_settlements_to_the_unit_with_expired_quotes_a_missing_window_and_
             raise AssertionError("an expired quote was accepted")
         except grpc.aio.AioRpcError as err:
             assert err.code() == grpc.StatusCode.FAILED_PRECONDITION and "expired" in (err.details() or ""), err.details()
+        assert await w.balance(U["alice"], kind=HOLD) == 0
+        # The index moves more than 5% from the entry price between quote and subscription: refused.
+        w.move(at(0, 16, 8))
+        moved = (await w.lev.RequestLeverageQuote(lv.RequestLeverageQuoteRequest(
+            idempotency_key=unique(), user_id=U["alice"], product_id=btc, direction=SHORT, leverage="2", principal="100", maturity=ts(t3),
+        ), metadata=GATEWAY)).quote
+        await w.publish("BTC/USDT", [(at(0, 16, 10), Decimal("63200"))])  # P0 is 5.06% of this index below it
+        w.move(at(0, 16, 11))
+        try:
+            await w.lev.SubscribeLeverage(lv.SubscribeLeverageRequest(user_id=U["alice"], quote_id=moved.quote_id), metadata=GATEWAY)
+            raise AssertionError("a quote 5% off the index was accepted")
+        except grpc.aio.AioRpcError as err:
+            assert err.code() == grpc.StatusCode.FAILED_PRECONDITION and "moved more than 5%" in (err.details() or ""), err.details()
         assert await w.balance(U["alice"], kind=HOLD) == 0
 
         positions = [
