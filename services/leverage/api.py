@@ -94,6 +94,9 @@ class LeverageSettings(ServiceSettings):
     # Tests only: SIGKILL this process right after the wallet paid this many positions and
     # before they are recorded settled (0: never). Makes a half-done settlement certain.
     crash_after_payouts: int = 0
+    # Tests only: SIGKILL this process right after a subscription's hold is placed and
+    # before its position is recorded (the hold is then released by the sweep).
+    crash_after_hold: bool = False
 
 
 def _time_us(request: Any, field: str) -> int:
@@ -353,6 +356,9 @@ class LeverageApi(leverage_pb2_grpc.LeverageServiceServicer):
         )
         hold_id = int(reply.hold.hold_id)
         await store.quote_held(self.pool, quote_id, hold_id)
+        if self.settings.crash_after_hold:
+            log.warning("EARN_CRASH_AFTER_HOLD: killing this process (tests only)")
+            os.kill(os.getpid(), signal.SIGKILL)
 
         async def work() -> lv.SubscribeLeverageResponse:
             locked = await store.quote(conn, quote_id, lock=True)

@@ -517,3 +517,41 @@ async def test_settlement_killed_and_rerun_pays_exactly_once(stack) -> None:  # 
         totals = await w.wallet.GetLedgerTotals(wp.GetLedgerTotalsRequest(), metadata=OPERATOR)
         assert all(Decimal(t.sum) == 0 for t in totals.totals), totals
         print(f"kills: {kills}")
+
+
+async def test_a_hold_left_by_a_crash_is_released_once_its_quote_expired(stack) -> None:  # type: ignore[no-untyped-def]
+    """The service dies between the wallet hold and the position; the quote expires; the
+    sweep releases the hold, and the quote can no longer be subscribed: used or released, never both."""
+    async with world(stack, "levhold", EARN_CRASH_AFTER_HOLD="true", EARN_RELEASE_SWEEP_SECONDS="0.3") as w:
+        user, product = unique("hold"), unique("h")
+        await fund(w, {user: "1000"})
+        await create_product(w, product, "BTC/USDT", "10", "0.01", "0")
+        await w.publish("BTC/USDT", flat(at(0, 9), at(0, 30), Decimal("60000")))
+        w.move(at(0, 20))
+        quote = (await w.lev.RequestLeverageQuote(lv.RequestLeverageQuoteRequest(
+            idempotency_key=unique(), user_id=user, product_id=product, direction=LONG, leverage="3", principal="400", maturity=ts(at(3)),
+        ), metadata=GATEWAY)).quote
+        try:
+            await w.lev.SubscribeLeverage(lv.SubscribeLeverageRequest(user_id=user, quote_id=quote.quote_id), metadata=GATEWAY)
+            raise AssertionError("the service did not crash")
+        except grpc.aio.AioRpcError as err:
+            assert err.code() == grpc.StatusCode.UNAVAILABLE, err.details()
+        assert await w.balance(user, kind=HOLD) == 400
+        proc = w.processes["leverage"]
+        assert proc.popen is not None and proc.popen.wait(30) == -9
+        proc.env.pop("EARN_CRASH_AFTER_HOLD")
+        await w.start_leverage()
+        w.move(at(0, 22))  # the quote expired more than a minute ago
+
+        async def released() -> None:
+            assert await w.balance(user, kind=HOLD) == 0 and await w.balance(user) == 1000
+
+        await eventually(released, timeout=30)
+        try:
+            await w.lev.SubscribeLeverage(lv.SubscribeLeverageRequest(user_id=user, quote_id=quote.quote_id), metadata=GATEWAY)
+            raise AssertionError("an expired quote was accepted")
+        except grpc.aio.AioRpcError as err:
+            assert err.code() == grpc.StatusCode.FAILED_PRECONDITION and "expired" in (err.details() or ""), err.details()
+        listed = await w.lev.ListLeveragePositions(lv.ListLeveragePositionsRequest(user_id=user), metadata=GATEWAY)
+        assert list(listed.positions) == []
+        assert await w.balance(user, kind=HOLD) == 0 and await w.balance(user) == 1000
