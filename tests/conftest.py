@@ -16,12 +16,22 @@ from dataclasses import dataclass
 
 import asyncpg
 import grpc
+import hypothesis
 import pytest
 from kafka.admin import KafkaAdminClient
 
 from services.devstack.processes import PROCESSES, ManagedProcess, ProcessSpec
 from services.kernel.config import Settings
 
+
+# Property tests: the suite (`make test`, CI) runs a fixed set of examples per test, so a
+# run's result does not depend on the draw; `HYPOTHESIS_PROFILE=explore make test` draws
+# new examples (ten times as many) to look for counterexamples, which hypothesis then
+# keeps in .hypothesis/ and replays first. No deadline: the machines are shared, and a
+# per-example time limit is a timing assertion.
+hypothesis.settings.register_profile("suite", derandomize=True, deadline=None, print_blob=True)
+hypothesis.settings.register_profile("explore", derandomize=False, deadline=None, print_blob=True, max_examples=1000)
+hypothesis.settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "suite"))
 
 OPERATOR = (("authorization", "Bearer dev-operator"),)
 GATEWAY = (("authorization", "Bearer dev-gateway"),)

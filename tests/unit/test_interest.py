@@ -232,11 +232,16 @@ def test_payouts_pay_the_exact_total_truncated(history, changes, boundaries, sca
     if late:
         # Changes arrive interleaved with payouts (some after a payout that covered their
         # hour): each still counts exactly, in the next payout. Redemptions of amounts
-        # not yet subscribed are impossible upstream, so deliver in hour order.
+        # not yet subscribed are impossible upstream, so deliver in hour order. A
+        # redemption is never late: upstream it is published before any later payout
+        # request (interest already paid is not clawed back), so a payout first receives
+        # every change up to the last redemption before its boundary.
         pending = sorted(changes, key=lambda c: c[0])
         for boundary in boundaries:
-            while pending and pending[0][0] < boundary - 3:
+            due = max((i + 1 for i, (h, d) in enumerate(pending) if d < 0 and h < boundary), default=0)
+            while pending and (pending[0][0] < boundary - 3 or due > 0):
                 ledger.apply_change(index, *pending.pop(0))
+                due -= 1
             paid_total += ledger.take_payout(index, boundary, scale).paid
         for change in pending:
             ledger.apply_change(index, *change)
