@@ -40,6 +40,7 @@ from __future__ import annotations
 from bisect import bisect_left, insort
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from typing import Any
 from enum import Enum
 from fractions import Fraction
 
@@ -78,12 +79,49 @@ class Watched:
     armed: bool = True
     liquidation_sent: bool = False
     entries: list[tuple[str, str, int]] = field(default_factory=list)  # (list, asset, key)
+    # A loan that depends on one price only: that asset, and its trigger keys (margin
+    # call, liquidation, re-arm; None: never reached) derived from the debt and collateral.
+    simple: str | None = None
+    keys: tuple[int | None, int | None, int | None] = (None, None, None)
+    coef: Fraction = Fraction(0)  # amount x discount of the priced collateral
+    others: Fraction = Fraction(0)  # value of the unpriced (valuation-asset) collateral
 
     def priced_assets(self) -> set[str]:
         assets = {c.asset for c in self.money.collateral if c.amount > 0}
         assets.add(self.money.loan_asset)
         assets.discard(domain.VALUATION_ASSET)
         return assets
+
+
+def _key(trigger: Fraction | None) -> int | None:
+    if trigger is None:
+        return None
+    scaled = trigger * _KEY
+    return scaled.numerator // scaled.denominator
+
+
+def prepare(w: Watched) -> None:
+    """Derive the loan's trigger keys when it depends on one collateral price only (the
+    loan asset the valuation asset, one priced collateral asset once): then its LTV
+    against that price is decided by integer comparisons, exactly."""
+    m = w.money
+    assets = w.priced_assets()
+    priced = [c for c in m.collateral if c.asset != domain.VALUATION_ASSET and c.amount > 0]
+    w.simple = None
+    if len(assets) != 1 or m.loan_asset != domain.VALUATION_ASSET or len(priced) != 1:
+        return
+    c = priced[0]
+    w.simple = c.asset
+    w.coef = Fraction(c.amount, 10**c.scale) * c.discount
+    w.others = domain.collateral_value([x for x in m.collateral if x.asset == domain.VALUATION_ASSET], {})
+    debt_value = Fraction(m.debt, 10**m.scale)
+    amount = Fraction(c.amount, 10**c.scale)
+    lv = w.levels
+    w.keys = (
+        _key(domain.trigger_price(debt_value, lv.margin_call, w.others, amount, c.discount)),
+        _key(domain.trigger_price(debt_value, lv.liquidation, w.others, amount, c.discount)),
+        _key(domain.trigger_price(debt_value, lv.margin_call - lv.rearm_band, w.others, amount, c.discount)),
+    )
 
 
 def price_key(price: Fraction) -> int:
@@ -98,6 +136,7 @@ class LtvMonitor:
     def __init__(self) -> None:
         self.loans: dict[str, Watched] = {}
         self.prices: dict[str, Fraction] = {}
+        self.price_keys: dict[str, int] = {}
         self.price_times: dict[str, int] = {}
         self.down: dict[str, list[tuple[int, str]]] = {}
         self.up: dict[str, list[tuple[int, str]]] = {}
@@ -118,38 +157,31 @@ class LtvMonitor:
                 del book[i]
         w.entries = []
 
-    def _index(self, w: Watched) -> None:
-        """File the loan under its next triggers (it must be judged at current prices)."""
+    def _index(self, w: Watched, batch: dict[tuple[str, str], list[tuple[int, str]]] | None = None) -> None:
+        """File the loan under its next triggers (it must be judged at current prices);
+        with ``batch``, the sorted entries are collected there and merged by the caller."""
         if w.liquidation_sent:
             return
-        assets = w.priced_assets()
-        if len(assets) != 1 or w.money.loan_asset != domain.VALUATION_ASSET:
-            for asset in assets:
+        if w.simple is None:
+            for asset in w.priced_assets():
                 self.multi.setdefault(asset, set()).add(w.loan_id)
                 w.entries.append(("multi", asset, 0))
             return
-        (asset,) = assets
-        m = w.money
-        debt_value = Fraction(m.debt, 10**m.scale)
-        others = domain.collateral_value([c for c in m.collateral if c.asset != asset], self.prices)
-        amount = sum((Fraction(c.amount, 10**c.scale) for c in m.collateral if c.asset == asset), Fraction(0))
-        discount = next(c.discount for c in m.collateral if c.asset == asset)
-        if len([c for c in m.collateral if c.asset == asset]) > 1:  # the same asset twice: judge it fully
-            self.multi.setdefault(asset, set()).add(w.loan_id)
-            w.entries.append(("multi", asset, 0))
-            return
-        level = w.levels.margin_call if w.armed else w.levels.liquidation
-        down = domain.trigger_price(debt_value, level, others, amount, discount)
+        asset = w.simple
+        mc, liq, rearm = w.keys
+        down = mc if w.armed else liq
         if down is not None:
-            key = (down * _KEY).numerator // (down * _KEY).denominator
-            insort(self.down.setdefault(asset, []), (key, w.loan_id))
-            w.entries.append(("down", asset, key))
-        if not w.armed:
-            rearm = domain.trigger_price(debt_value, w.levels.margin_call - w.levels.rearm_band, others, amount, discount)
-            if rearm is not None:
-                key = (rearm * _KEY).numerator // (rearm * _KEY).denominator
-                insort(self.up.setdefault(asset, []), (key, w.loan_id))
-                w.entries.append(("up", asset, key))
+            if batch is None:
+                insort(self.down.setdefault(asset, []), (down, w.loan_id))
+            else:
+                batch.setdefault(("down", asset), []).append((down, w.loan_id))
+            w.entries.append(("down", asset, down))
+        if not w.armed and rearm is not None:
+            if batch is None:
+                insort(self.up.setdefault(asset, []), (rearm, w.loan_id))
+            else:
+                batch.setdefault(("up", asset), []).append((rearm, w.loan_id))
+            w.entries.append(("up", asset, rearm))
 
     # ---- judging -------------------------------------------------------------------------
 
@@ -158,20 +190,43 @@ class LtvMonitor:
         if w.liquidation_sent:
             return []
         self.judged += 1
+        if w.simple is not None:
+            return self._judge_simple(w)
         assets = w.priced_assets()
         if any(a not in self.prices for a in assets):
             return []  # not every price known yet: nothing to judge
         value = domain.ltv(w.money, self.prices)
+        lv = w.levels
+        return self._transitions(w, value >= lv.margin_call, value < lv.margin_call - lv.rearm_band, value >= lv.liquidation,
+                                 lambda: value, assets)
+
+    def _judge_simple(self, w: Watched) -> list[Action]:
+        """The same decisions by integer comparisons with the loan's trigger keys."""
+        asset = w.simple
+        assert asset is not None
+        price = self.prices.get(asset)
+        if price is None:
+            return []
+        p = self.price_keys[asset]
+        mc, liq, rearm = w.keys
+
+        def value() -> Fraction:
+            m = w.money
+            return Fraction(m.debt, 10**m.scale) / (w.coef * price + w.others)
+
+        return self._transitions(w, mc is not None and p <= mc, rearm is None or p > rearm, liq is not None and p <= liq, value, (asset,))
+
+    def _transitions(self, w: Watched, at_call: bool, below_rearm: bool, at_liquidation: bool, value: Any, assets: Iterable[str]) -> list[Action]:
         out = []
-        if w.armed and value >= w.levels.margin_call:
+        if w.armed and at_call:
             w.armed = False
-            out.append(self._action(Kind.MARGIN_CALL, w, value, assets))
-        elif not w.armed and value < w.levels.margin_call - w.levels.rearm_band:
+            out.append(self._action(Kind.MARGIN_CALL, w, value(), assets))
+        elif not w.armed and below_rearm and not at_call:
             w.armed = True
-            out.append(self._action(Kind.REARMED, w, value, assets))
-        if value >= w.levels.liquidation:
+            out.append(self._action(Kind.REARMED, w, value(), assets))
+        if at_liquidation:
             w.liquidation_sent = True
-            out.append(self._action(Kind.LIQUIDATION, w, value, assets))
+            out.append(self._action(Kind.LIQUIDATION, w, value(), assets))
         return out
 
     def _action(self, kind: Kind, w: Watched, value: Fraction, assets: Iterable[str]) -> Action:
@@ -202,6 +257,7 @@ class LtvMonitor:
             w.armed = current.armed  # a called loan stays called until its LTV recovers
         if self.hour:
             domain.charge_hours(money, self.hour)
+        prepare(w)
         self.loans[loan_id] = w
         actions = self._judge(w)
         self._index(w)
@@ -213,6 +269,7 @@ class LtvMonitor:
             return []
         p = price_key(price)
         self.prices[asset] = price
+        self.price_keys[asset] = p
         self.price_times[asset] = at_us
         touched: dict[str, Watched] = {}
         book = self.down.get(asset)
@@ -231,8 +288,16 @@ class LtvMonitor:
         for loan_id in self.multi.get(asset, ()):
             touched[loan_id] = self.loans[loan_id]
         actions: list[Action] = []
+        batch: dict[tuple[str, str], list[tuple[int, str]]] = {}
         for loan_id in sorted(touched):
-            actions += self._rejudge(touched[loan_id])
+            w = touched[loan_id]
+            self._unindex(w)
+            actions += self._judge(w)
+            self._index(w, batch)
+        for (which, name), items in batch.items():  # one merge per list (two sorted runs), not an insertion per loan
+            book = (self.down if which == "down" else self.up).setdefault(name, [])
+            book.extend(items)
+            book.sort()
         return actions
 
     def hour_started(self, hour: int) -> list[Action]:
@@ -244,6 +309,8 @@ class LtvMonitor:
         for loan_id in sorted(self.loans):
             w = self.loans[loan_id]
             if domain.charge_hours(w.money, hour):
+                self._unindex(w)
+                prepare(w)
                 actions += self._rejudge(w)
         return actions
 
