@@ -1,7 +1,11 @@
 """docker-compose.yml against the Compose specification's JSON schema (vendored in
 deploy/schemas, with its source), and what the schema cannot know: every service
-restarts and has a health check, every platform process serves /metrics where
-Prometheus looks for it, and Prometheus and Grafana get their files."""
+restarts and has a health check, every process of PROCESSES is a compose service (the
+demo's price simulator and exchange generator only under the `demo` profile), every
+process that serves gRPC listens on its port and is checked on the gRPC health service,
+every process with metrics serves /metrics where Prometheus looks for it, the scheduler
+gets the address of every product whose jobs it runs, and Prometheus and Grafana get
+their files."""
 
 from __future__ import annotations
 
@@ -13,12 +17,16 @@ from typing import Any
 import jsonschema
 import pytest
 
+from services.devstack.processes import PROCESSES
 from services.kernel.config import REPO_ROOT
 from tests.deploy.tools import DEPLOY, load_yaml
 
 SCHEMA = DEPLOY / "schemas" / "compose-spec.json"
 SCHEMA_SHA256 = "d549057ebc2925f39f62799eab0db7b9e2c18b35b6c00595199116da3ed10e64"  # deploy/schemas/README.md
-PLATFORM = {"wallet", "simple_earn", "accrual", "scheduler"}
+# Demo-only processes: in compose under the `demo` profile, not in Kubernetes (README).
+DEMO = {"market_simulator", "candydrop_generator"}
+PLATFORM = {spec.name for spec in PROCESSES if spec.metrics_port_env} - DEMO
+GRPC = {spec.name: spec.default_port for spec in PROCESSES if spec.port_env}
 
 
 def compose() -> dict[str, Any]:
@@ -55,6 +63,37 @@ def test_every_service_restarts_and_has_a_health_check() -> None:
     for name, service in compose()["services"].items():
         assert service.get("restart") in {"unless-stopped", "always"}, name
         assert service.get("healthcheck", {}).get("test"), f"{name} has no health check"
+
+
+def test_every_process_is_a_compose_service() -> None:
+    services = compose()["services"]
+    assert PLATFORM >= {"wallet", "simple_earn", "accrual", "scheduler", "launchpool", "candydrop", "market", "dual", "leverage"}
+    for spec in PROCESSES:
+        assert spec.name in services, f"{spec.name} (services/devstack/processes.py) is not in docker-compose.yml"
+        service = services[spec.name]
+        assert service["command"] == ["python", "-m", spec.module], spec.name
+        assert service.get("profiles", []) == (["demo"] if spec.name in DEMO else []), spec.name
+
+
+def test_grpc_services_listen_on_their_port_and_are_health_checked() -> None:
+    services = compose()["services"]
+    for name, port in GRPC.items():
+        service = services[name]
+        assert service["environment"]["EARN_GRPC_PORT"] == str(port), name
+        assert f"localhost:{port}" in service["healthcheck"]["test"][-1] and "HealthStub" in service["healthcheck"]["test"][-1], name
+
+
+def test_callers_get_the_addresses_of_the_services_they_call() -> None:
+    services = compose()["services"]
+    for name in ("simple_earn", "launchpool", "candydrop", "dual", "leverage"):
+        assert services[name]["environment"]["EARN_WALLET_ADDRESS"] == f"wallet:{GRPC['wallet']}", name
+    for name in ("dual", "leverage"):
+        assert services[name]["environment"]["EARN_MARKET_ADDRESS"] == f"market:{GRPC['market']}", name
+        assert services[name]["depends_on"]["market"]["condition"] == "service_healthy", name
+    scheduler = services["scheduler"]["environment"]
+    for product in ("simple_earn", "launchpool", "candydrop", "dual", "leverage"):  # each enables its jobs
+        assert scheduler[f"EARN_{product.upper()}_ADDRESS"] == f"{product}:{GRPC[product]}", product
+    assert services["candydrop_generator"]["environment"]["EARN_CANDYDROP_ADDRESS"] == f"candydrop:{GRPC['candydrop']}"
 
 
 def test_platform_processes_serve_metrics_where_prometheus_scrapes() -> None:

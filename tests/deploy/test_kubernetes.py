@@ -12,6 +12,7 @@ from typing import Any
 import kubernetes_validate
 import pytest
 
+from services.devstack.processes import PROCESSES
 from services.kernel.config import REPO_ROOT, ServiceSettings, Settings
 from services.kernel.topics import CATALOGUE
 from tests.deploy.tools import DEPLOY, load_yaml, load_yaml_all
@@ -20,7 +21,11 @@ K8S = DEPLOY / "k8s"
 MANIFESTS = sorted(p for p in K8S.glob("*.yaml") if p.name != "kustomization.yaml")
 # The oldest and the newest Kubernetes minor the manifests are checked against.
 VERSIONS = ("1.30.0", "1.37.0")
-JOBS = {"wallet", "simple_earn", "accrual", "scheduler"}
+# Every process of PROCESSES with metrics is a workload scraped as its job, except the
+# demo's simulators (compose's `demo` profile only; README: Operating it).
+DEMO_ONLY = {"market_simulator", "candydrop_generator"}
+JOBS = {spec.name for spec in PROCESSES if spec.metrics_port_env} - DEMO_ONLY
+GRPC = {spec.name for spec in PROCESSES if spec.port_env} - DEMO_ONLY
 
 
 def documents() -> list[tuple[str, dict[str, Any]]]:
@@ -106,7 +111,7 @@ def test_grpc_services_are_probed_on_the_grpc_health_service_of_their_port() -> 
             assert env_of(container)["EARN_GRPC_PORT"] == str(ports["grpc"])
             for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
                 assert container[probe]["grpc"]["port"] == ports["grpc"], f"{workload['metadata']['name']} {probe}"
-    assert grpc_services == 2  # wallet, simple_earn
+    assert grpc_services == len(GRPC)  # every gRPC process of PROCESSES but the demo's
 
 
 def test_every_process_is_scraped_as_its_prometheus_job() -> None:
@@ -120,6 +125,8 @@ def test_every_process_is_scraped_as_its_prometheus_job() -> None:
         metrics = [p for p in container["ports"] if p["name"] == "metrics"]
         assert metrics and str(metrics[0]["containerPort"]) == config["EARN_METRICS_PORT"]
     assert jobs == JOBS
+    assert jobs >= {"wallet", "simple_earn", "launchpool", "candydrop", "market", "dual", "leverage", "accrual", "scheduler"}
+    assert not jobs & DEMO_ONLY, "the demo's simulators are not deployed on Kubernetes"
     assert config["EARN_METRICS_HOST"] == "0.0.0.0" and config["EARN_GRPC_HOST"] == "0.0.0.0"
     relabel = load_yaml(DEPLOY / "prometheus" / "prometheus-k8s.yml")["scrape_configs"][0]["relabel_configs"]
     kept = {r["source_labels"][0]: r["regex"] for r in relabel if r.get("action") == "keep"}
@@ -136,14 +143,42 @@ def test_engine_replicas_fit_the_partitions_of_its_input() -> None:
     assert 1 <= replicas <= partitions and partitions % replicas == 0, f"{replicas} workers for {partitions} partitions"
 
 
+def test_every_workload_runs_its_process_and_calls_by_earn_config() -> None:
+    config = load_yaml(K8S / "config.yaml")["data"]
+    modules = {spec.name: spec.module for spec in PROCESSES}
+    for workload in workloads():
+        job = workload["spec"]["template"]["metadata"]["labels"]["earn-platform/job"]
+        (container,) = containers(workload)
+        assert container["command"] == ["python", "-m", modules[job]], job
+    services = {doc["metadata"]["name"]: doc for _, doc in documents() if doc["kind"] == "Service"}
+    for product in ("wallet", "simple_earn", "market", "launchpool", "candydrop", "dual", "leverage"):
+        host, port = config[f"EARN_{product.upper()}_ADDRESS"].split(":")
+        name = host.split(".")[0]
+        assert host == f"{name}.{kustomization_namespace()}.svc", product
+        assert int(port) in {p["port"] for p in services[name]["spec"]["ports"]}, product
+
+
+def kustomization_namespace() -> str:
+    return load_yaml(K8S / "kustomization.yaml")["namespace"]
+
+
 def _known_variables() -> set[str]:
     from services.accrual.app import AccrualSettings
+    from services.candydrop.generator import GeneratorSettings
+    from services.candydrop.main import CandyDropSettings
+    from services.dual.main import DualSettings
+    from services.launchpool.main import LaunchpoolSettings
+    from services.leverage.api import LeverageSettings
+    from services.market.main import MarketSettings
+    from services.market.simulator import SimulatorSettings
     from services.scheduler.jobs import SchedulerSettings
     from services.simple_earn.main import SimpleEarnSettings
     from services.wallet.main import WalletSettings
 
     known = set()
-    for cls in (Settings, ServiceSettings, WalletSettings, SimpleEarnSettings, AccrualSettings, SchedulerSettings):
+    for cls in (Settings, ServiceSettings, WalletSettings, SimpleEarnSettings, AccrualSettings, SchedulerSettings,
+                LaunchpoolSettings, CandyDropSettings, GeneratorSettings, MarketSettings, SimulatorSettings,
+                DualSettings, LeverageSettings):
         for name, field in cls.model_fields.items():
             alias = field.validation_alias
             known.add(alias if isinstance(alias, str) else f"EARN_{name.upper()}")
