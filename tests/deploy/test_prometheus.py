@@ -9,12 +9,14 @@ from pathlib import Path
 
 import yaml
 
+from services.devstack.processes import PROCESSES
 from tests.deploy.tools import DEPLOY, load_yaml, run, tool
 
 PROM = DEPLOY / "prometheus"
 RULE_FILES = sorted((PROM / "rules").glob("*.yml"))
 TEST_FILES = sorted((PROM / "tests").glob("*.test.yml"))
-JOBS = {"wallet", "simple_earn", "accrual", "scheduler"}
+# Every process of PROCESSES with metrics, but the demo's simulators (not scraped).
+JOBS = {spec.name for spec in PROCESSES if spec.metrics_port_env} - {"market_simulator", "candydrop_generator"}
 
 
 def rules() -> list[dict]:
@@ -26,6 +28,14 @@ def test_compose_scrape_config_is_valid() -> None:
     assert f"SUCCESS: {len(RULE_FILES)} rule files found" in out.stdout + out.stderr
     config = load_yaml(PROM / "prometheus.yml")
     assert {job["job_name"] for job in config["scrape_configs"]} == JOBS | {"prometheus"}
+    assert JOBS >= {"launchpool", "candydrop", "market", "dual", "leverage"}
+
+
+def test_every_job_is_watched_for_down_and_missing_targets() -> None:
+    by_name = {r["alert"]: r["expr"] for r in rules() if "alert" in r}
+    assert set(by_name["EarnTargetDown"].split('job=~"')[1].split('"')[0].split("|")) == JOBS
+    for job in JOBS:
+        assert f'absent(up{{job="{job}"}})' in by_name["EarnTargetMissing"], job
 
 
 def test_kubernetes_scrape_config_is_valid_apart_from_discovery(tmp_path: Path) -> None:
