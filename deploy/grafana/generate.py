@@ -6,7 +6,8 @@ query against a live stack (tests/integration/test_observability.py).
 
 Queries use only metrics the code exports and only bounded labels (job, instance,
 grpc_service, grpc_method, grpc_code, schema, partition, type, reason, product, asset,
-outcome, job_name, status): never a user, a position or an account. The scheduler's
+outcome, job_name, status, pool, pair, topic, direction, underlying, kind): never a user,
+a position, a campaign or an account. The scheduler's
 `job_name` label is its metrics' `job` label renamed at scrape time (prometheus.yml).
 """
 
@@ -25,7 +26,7 @@ OUT = HERE / "dashboards"
 DATASOURCE = {"type": "prometheus", "uid": "earn-prometheus"}
 SCHEMA_VERSION = 39  # Grafana 11.x loads it as is
 R = "$__rate_interval"
-PROCESSES = 'job=~"wallet|simple_earn|accrual|scheduler"'
+PROCESSES = 'job=~"wallet|simple_earn|launchpool|candydrop|market|dual|leverage|accrual|scheduler"'
 SERVER_ERRORS = 'grpc_code=~"UNKNOWN|INTERNAL|UNAVAILABLE|DATA_LOSS|DEADLINE_EXCEEDED"'
 
 
@@ -237,6 +238,24 @@ def overview() -> Dashboard:
                  [(f"sum by (schema) (rate(earn_outbox_published_total[{R}]))", "{{schema}}")], "ops", width=8)
     d.timeseries("Accrual engine lag by partition", "Input messages of simple_earn.accrual not yet processed (as of the last one processed).",
                  [("max by (partition) (earn_accrual_consumer_lag)", "partition {{partition}}")], width=8)
+    d.timeseries("Launchpool engine lag by partition", "Input messages of launchpool.accrual not yet processed (as of the last one processed).",
+                 [("max by (partition) (earn_accrual_launchpool_consumer_lag)", "partition {{partition}}")], width=12)
+    d.timeseries("Market: age of the newest price by pair", "Since the event time of the newest tick stored (alert EarnMarketPricesStale over 5 minutes).",
+                 [("time() - max by (pair) (earn_market_last_tick_timestamp_seconds)", "{{pair}}")], "s", width=12)
+    d.row("Products: money in and out per hour (units of each asset)")
+    d.timeseries("Subscribed and staked per hour", "Simple Earn, Dual Investment and Smart Leverage subscriptions, Launchpool stakes.", [
+        ("sum by (asset) (increase(earn_simple_earn_subscribed_total[1h]))", "Simple Earn {{asset}}"),
+        ("sum by (asset) (increase(earn_launchpool_staked_total[1h]))", "Launchpool {{asset}}"),
+        ("sum by (asset) (increase(earn_dual_subscribed_total[1h]))", "Dual {{asset}}"),
+        ("sum by (asset) (increase(earn_leverage_subscribed_total[1h]))", "Leverage {{asset}}"),
+    ], width=12)
+    d.timeseries("Paid per hour", "Interest, rewards, prizes, settlements and early redemptions paid to users.", [
+        ("sum by (asset) (increase(earn_simple_earn_interest_paid_total[1h]))", "Simple Earn {{asset}}"),
+        ("sum by (asset) (increase(earn_launchpool_rewards_paid_total[1h]))", "Launchpool {{asset}}"),
+        ("sum by (asset) (increase(earn_candydrop_prizes_paid_total[1h]))", "CandyDrop {{asset}}"),
+        ("sum by (asset) (increase(earn_dual_paid_total[1h]))", "Dual {{asset}}"),
+        ("sum by (asset) (increase(earn_leverage_paid_total[1h]))", "Leverage {{asset}}"),
+    ], width=12)
     d.row("Jobs")
     d.stat("Since last success", "Per job; hourly jobs should stay under an hour, the daily one under a day.",
            [("time() - max by (job_name) (earn_job_last_success_timestamp_seconds)", "{{job_name}}")], "s", width=24)
@@ -349,7 +368,119 @@ def jobs() -> Dashboard:
     return d
 
 
-DASHBOARDS = {"overview": overview, "wallet": wallet, "simple-earn": simple_earn, "accrual": accrual, "jobs": jobs}
+def launchpool() -> Dashboard:
+    d = Dashboard("earn-launchpool", "Earn platform: Launchpool",
+                  "Stakes in and out and rewards paid per pool, the engine's launchpool agent, payout batches, gRPC methods, outbox.",
+                  ["earn", "launchpool"])
+    d.row("Money per pool (units of the asset)")
+    d.timeseries("Staked per hour", "Amounts staked, in the stake asset.",
+                 [("sum by (pool, asset) (increase(earn_launchpool_staked_total[1h]))", "{{pool}} ({{asset}})")], width=8)
+    d.timeseries("Unstaked per hour", "Amounts unstaked, in the stake asset.",
+                 [("sum by (pool, asset) (increase(earn_launchpool_unstaked_total[1h]))", "{{pool}} ({{asset}})")], width=8)
+    d.timeseries("Rewards paid per hour", "Rewards credited, in the reward asset.",
+                 [("sum by (pool, asset) (increase(earn_launchpool_rewards_paid_total[1h]))", "{{pool}} ({{asset}})")], width=8)
+    d.timeseries("Payout batches per hour by outcome", "Engine batches consumed: paid, duplicate (a redelivery, harmless), dead_letter (alert EarnLaunchpoolPayoutDeadLetters).",
+                 [("sum by (outcome) (increase(earn_launchpool_payout_batches_total[1h]))", "{{outcome}}")], width=24, height=6)
+    d.row("Engine: the launchpool agent of the accrual workers")
+    d.timeseries("Events applied by type", "Input events of launchpool.accrual processed per second (pools, stake changes, hour ticks, payout requests).",
+                 [(f"sum by (type) (rate(earn_accrual_launchpool_events_total[{R}]))", "{{type}}")], "ops", width=6)
+    d.timeseries("Events skipped by reason", "Duplicates (a redelivery, harmless) and refused input.",
+                 [(f"sum by (reason) (rate(earn_accrual_launchpool_events_skipped_total[{R}]))", "{{reason}}")], "ops", width=6)
+    d.timeseries("Consumer lag by partition", "Input messages not yet processed, as of the last one processed.",
+                 [("max by (partition) (earn_accrual_launchpool_consumer_lag)", "partition {{partition}}")], width=6)
+    d.timeseries("Reward items emitted", "Per second, re-emissions after a restart included.",
+                 [(f"sum(rate(earn_accrual_launchpool_payout_items_total[{R}]))", "items")], "ops", width=6)
+    grpc_section(d, "earn.v1.LaunchpoolService")
+    outbox_section(d, "launchpool", "launchpool")
+    process_section(d, "launchpool")
+    return d
+
+
+def candydrop() -> Dashboard:
+    d = Dashboard("earn-candydrop", "Earn platform: CandyDrop",
+                  "The exchange's events counted for campaigns, registrations, distributions and prizes, gRPC methods.",
+                  ["earn", "candydrop"])
+    d.row("Exchange events")
+    d.timeseries("Events by topic and outcome", "counted, not_counted (no open task of a registered user), duplicate, ignored, dead_letter (alert EarnInputDeadLetters).",
+                 [(f"sum by (topic, outcome) (rate(earn_candydrop_events_total[{R}]))", "{{topic}} {{outcome}}")], "ops", width=24, stack=True)
+    d.row("Campaigns")
+    d.timeseries("Registrations per hour", "Register calls answered OK, repeats included.",
+                 [("sum(increase(earn_candydrop_registrations_total[1h]))", "registrations")], width=8)
+    d.timeseries("Campaigns distributed per day", "Campaigns whose prizes were all paid (job candydrop.distribution).",
+                 [("sum(increase(earn_candydrop_campaigns_distributed_total[1d]))", "campaigns")], width=8)
+    d.timeseries("Prizes paid per hour", "In units of the prize asset.",
+                 [("sum by (asset) (increase(earn_candydrop_prizes_paid_total[1h]))", "{{asset}}")], width=8)
+    grpc_section(d, "earn.v1.CandyDropService")
+    process_section(d, "candydrop")
+    return d
+
+
+def market() -> Dashboard:
+    d = Dashboard("earn-market", "Earn platform: market prices",
+                  "The index feed (market.prices) the market stores and serves: freshness per pair, ticks, refused TWAPs, gRPC methods.",
+                  ["earn", "market"])
+    d.row("Feed")
+    d.stat("Age of the newest price", "Since the event time of the newest tick stored, per pair (alert EarnMarketPricesStale over 5 minutes).",
+           [("time() - max by (pair) (earn_market_last_tick_timestamp_seconds)", "{{pair}}")], "s", width=24,
+           steps=[("green", None), ("orange", 120), ("red", 300)])
+    d.timeseries("Ticks by pair and outcome", "Ticks received per second: stored, duplicate (a redelivery).",
+                 [(f"sum by (pair, outcome) (rate(earn_market_ticks_total[{R}]))", "{{pair}} {{outcome}}")], "ops", width=8)
+    d.timeseries("TWAPs refused per hour by pair", "GetTwap calls refused for missing data (a gap longer than EARN_MAX_GAP_SECONDS): settlements wait.",
+                 [("sum by (pair) (increase(earn_market_twap_refused_total[1h]))", "{{pair}}")], width=8)
+    d.timeseries("Unreadable records parked", "Records of market.prices parked in dead_letters, per hour (alert EarnInputDeadLetters).",
+                 [("sum(increase(earn_market_dead_letters_total[1h]))", "dead letters")], width=8)
+    grpc_section(d, "earn.v1.MarketService")
+    process_section(d, "market")
+    return d
+
+
+def dual() -> Dashboard:
+    d = Dashboard("earn-dual", "Earn platform: Dual Investment",
+                  "Subscriptions and settlements at the market's TWAP: money in and out, outcomes, failed settlements, gRPC methods.",
+                  ["earn", "dual"])
+    d.row("Money (units of the asset)")
+    d.timeseries("Subscribed per hour", "By invested asset and direction.",
+                 [("sum by (asset, direction) (increase(earn_dual_subscribed_total[1h]))", "{{asset}} {{direction}}")], width=12)
+    d.timeseries("Paid per hour", "Settlement payouts, by payout asset.",
+                 [("sum by (asset) (increase(earn_dual_paid_total[1h]))", "{{asset}}")], width=12)
+    d.row("Settlements (job dual.settlement)")
+    d.timeseries("Subscriptions settled per hour by outcome", "converted (paid in the other asset) or not_converted.",
+                 [("sum by (outcome) (increase(earn_dual_subscriptions_settled_total[1h]))", "{{outcome}}")], width=12)
+    d.timeseries("Failed settlement attempts per hour", "By reason: prices (no TWAP for the window), wallet (alert EarnSettlementFailing).",
+                 [("sum by (reason) (increase(earn_dual_settlement_failures_total[1h]))", "{{reason}}")], width=12)
+    grpc_section(d, "earn.v1.DualService")
+    process_section(d, "dual")
+    return d
+
+
+def leverage() -> Dashboard:
+    d = Dashboard("earn-leverage", "Earn platform: Smart Leverage",
+                  "The platform's open exposure, quotes, subscriptions, settlements and early redemptions, failed settlements, gRPC methods.",
+                  ["earn", "leverage"])
+    d.row("Exposure")
+    d.timeseries("Open notional by underlying and direction", "Principal x leverage of the open positions, in the quote asset (capped per product by its treasury).",
+                 [("sum by (underlying, direction) (earn_leverage_exposure)", "{{underlying}} {{direction}}")], width=24, stack=True)
+    d.row("Money (units of the asset)")
+    d.timeseries("Quotes per hour", "By underlying and direction.",
+                 [("sum by (underlying, direction) (increase(earn_leverage_quotes_total[1h]))", "{{underlying}} {{direction}}")], width=8)
+    d.timeseries("Subscribed per hour", "Principal, by quote asset and direction.",
+                 [("sum by (asset, direction) (increase(earn_leverage_subscribed_total[1h]))", "{{asset}} {{direction}}")], width=8)
+    d.timeseries("Paid per hour", "At settlement and early redemption.",
+                 [("sum by (asset) (increase(earn_leverage_paid_total[1h]))", "{{asset}}")], width=8)
+    d.row("Settlements (job leverage.settlement) and early redemptions")
+    d.timeseries("Positions closed per hour", "By kind (maturity, early) and outcome (paid, zero, capped by the treasury).",
+                 [("sum by (kind, outcome) (increase(earn_leverage_positions_settled_total[1h]))", "{{kind}} {{outcome}}")], width=12)
+    d.timeseries("Failed settlement attempts per hour", "By reason: prices (no TWAP for the window), wallet (alert EarnSettlementFailing).",
+                 [("sum by (reason) (increase(earn_leverage_settlement_failures_total[1h]))", "{{reason}}")], width=12)
+    grpc_section(d, "earn.v1.LeverageService")
+    process_section(d, "leverage")
+    return d
+
+
+DASHBOARDS = {
+    "overview": overview, "wallet": wallet, "simple-earn": simple_earn, "accrual": accrual, "jobs": jobs,
+    "launchpool": launchpool, "candydrop": candydrop, "market": market, "dual": dual, "leverage": leverage,
+}
 
 
 def render() -> dict[str, str]:

@@ -25,6 +25,7 @@ GRAFANA_VARIABLES = {"__rate_interval", "__interval", "__range", "__all"}
 BOUNDED_LABELS = {
     "job", "instance", "pod", "grpc_service", "grpc_method", "grpc_code", "grpc_type", "schema", "partition",
     "type", "reason", "product", "asset", "outcome", "job_name", "status", "le",
+    "pool", "pair", "topic", "direction", "underlying", "kind",
 }
 
 
@@ -63,7 +64,20 @@ def test_dashboards_are_the_generators_output() -> None:
 
 def test_one_dashboard_per_area() -> None:
     tags = {tag for _, board in dashboards() for tag in board["tags"]}
-    assert {"overview", "wallet", "simple_earn", "accrual", "jobs"} <= tags
+    assert {"overview", "wallet", "simple_earn", "accrual", "jobs", "launchpool", "candydrop", "market", "dual", "leverage"} <= tags
+
+
+def test_every_grpc_service_has_its_red_panels_and_the_overview_every_process() -> None:
+    from services.devstack.processes import PROCESSES
+
+    exprs = {name: [t["expr"] for p in panels(board) for t in p.get("targets", [])] for name, board in dashboards()}
+    for service in ("Wallet", "SimpleEarn", "Launchpool", "CandyDrop", "Market", "Dual", "Leverage"):
+        selector = f'grpc_service="earn.v1.{service}Service"'
+        assert any(selector in e and "grpc_server_handled_total" in e for es in exprs.values() for e in es), service
+        assert any(selector in e and "grpc_server_handling_seconds_bucket" in e for es in exprs.values() for e in es), service
+    (targets,) = [e for e in exprs["earn-overview.json"] if e.startswith("up{")]
+    jobs = set(targets.split('job=~"')[1].split('"')[0].split("|"))
+    assert jobs == {s.name for s in PROCESSES if s.metrics_port_env} - {"market_simulator", "candydrop_generator"}
 
 
 @pytest.mark.parametrize("name", [path.name for path in FILES])
