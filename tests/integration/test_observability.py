@@ -1,8 +1,16 @@
 """Dashboards and alerts against a live stack: every process of the platform (wallet,
-Simple Earn, accrual engine, scheduler) on free ports, a real Prometheus (build/tools)
-scraping them with the scrape config and rules of deploy/prometheus, and a short
-workload (gRPC calls that succeed and fail, a subscription, three hours closed and paid,
-one day's payout, an unreadable input event). Then every query of every dashboard panel,
+Simple Earn, Launchpool, CandyDrop, market, Dual Investment, Smart Leverage, accrual
+engine, scheduler) on free ports, a real Prometheus (build/tools) scraping them with the
+scrape config and rules of deploy/prometheus, and a short workload (gRPC calls that
+succeed and fail, a subscription, three hours closed and paid, one day's payout, an
+unreadable input event; index ticks on market.prices as the exchange would send them and
+a TWAP refused for missing data; a Launchpool stake and unstake paid hourly rewards; a
+CandyDrop campaign with a registration, counted and not counted fills and an unreadable
+one, distributed at its end; a Dual Investment plan subscribed and settled; a Smart
+Leverage position redeemed early and one settled at maturity; unreadable records in the
+launchpool engine's input and in its payouts). The demo's market_simulator and
+candydrop_generator are not run: production has no such processes, and nothing scrapes
+them. Then every query of every dashboard panel,
 every alert expression and every recording rule must return series: no dashboard or
 alert refers to a metric, or a label, that does not exist.
 
@@ -24,9 +32,11 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
+import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
@@ -34,13 +44,33 @@ import grpc
 import pytest
 import yaml
 from aiokafka import AIOKafkaProducer
+from google.protobuf.timestamp_pb2 import Timestamp
 from prometheus_client.parser import text_string_to_metric_families
 
-from earn.v1 import accrual_pb2, simple_earn_pb2 as se, simple_earn_pb2_grpc, wallet_pb2, wallet_pb2_grpc
+from earn.v1 import (
+    accrual_pb2,
+    candydrop_pb2 as cd,
+    candydrop_pb2_grpc,
+    dual_pb2 as du,
+    dual_pb2_grpc,
+    exchange_pb2,
+    launchpool_pb2 as lp,
+    launchpool_pb2_grpc,
+    leverage_pb2 as lv,
+    leverage_pb2_grpc,
+    market_pb2 as mk,
+    market_pb2_grpc,
+    simple_earn_pb2 as se,
+    simple_earn_pb2_grpc,
+    wallet_pb2,
+    wallet_pb2_grpc,
+)
 from services.devstack.processes import PROCESSES, ManagedProcess
 from services.kernel.clock import set_time
 from services.kernel.topics import topic_name
-from tests.conftest import GATEWAY, OPERATOR, Env, eventually, free_port, unique
+from services.market import domain as market_domain
+from services.market.simulator import tick_envelope
+from tests.conftest import GATEWAY, OPERATOR, SERVICE, Env, eventually, free_port, unique
 from tests.deploy.tools import DEPLOY, tool
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(600)]
@@ -50,14 +80,23 @@ DASHBOARDS = sorted((DEPLOY / "grafana" / "dashboards").glob("*.json"))
 # Grafana's variables, as the test reads them: the widest choice.
 GRAFANA_VARIABLES = {"$__rate_interval": "1m", "$__interval": "15s", "$__range": "1h", "$product": ".*"}
 # Counters whose first sample comes with a failure; a healthy run has none.
-EVENT_ONLY = {"earn_simple_earn_dead_letters_total": "payout records parked for an operator"}
+EVENT_ONLY = {
+    "earn_simple_earn_dead_letters_total": "payout records parked for an operator",
+    "earn_dual_settlement_failures_total": "a Dual Investment settlement attempt that failed (prices, wallet)",
+    "earn_leverage_settlement_failures_total": "a Smart Leverage settlement attempt that failed (prices, wallet)",
+}
 # Labels that would name a user, a position, an account or a request: never on a metric.
 FORBIDDEN_LABELS = {
     "user", "user_id", "owner", "position", "position_id", "account", "account_id", "hold_id",
     "posting_id", "idempotency_key", "event_id", "key",
 }
 PROMQL_WORDS = {"by", "without", "on", "ignoring", "group_left", "group_right", "bool", "and", "or", "unless", "offset", "inf", "nan"}
-HOURLY_JOBS = ("ticks", "simple_earn.interest.hourly", "simple_earn.maturity")
+HOURLY_JOBS = (
+    "ticks", "simple_earn.interest.hourly", "simple_earn.maturity",
+    "launchpool.rewards.hourly", "dual.settlement", "leverage.settlement", "candydrop.distribution",
+)
+# The demo's processes: not scraped, not started here.
+DEMO = {"market_simulator", "candydrop_generator"}
 
 
 # ---- PromQL helpers ----------------------------------------------------------------------
@@ -283,6 +322,123 @@ async def workload(wallet: ManagedProcess, earn: ManagedProcess, stack: Env) -> 
         await producer.stop()
 
 
+def ts(moment: datetime) -> Timestamp:
+    stamp = Timestamp()
+    stamp.FromDatetime(moment)
+    return stamp
+
+
+async def products_workload(p: dict[str, ManagedProcess], stack: Env, start: datetime, now: datetime) -> None:
+    """The newer products, at `now` (start + 20 min; the day ends at start + 3 h): index
+    ticks every 30 s over the three hours, a TWAP refused; a Launchpool project over the
+    three hours (stake, unstake); a CandyDrop campaign to the day's end (a registration, a
+    fill that counts, one of a user in no campaign, an unreadable record); a Dual plan
+    settled at start + 2 h (subscribed); a Smart Leverage product (a position redeemed
+    early, one maturing at start + 2 h); unreadable records in launchpool.accrual and
+    launchpool.payouts. The scheduler settles, pays and distributes once the clock moves."""
+    day = start + timedelta(hours=3)
+    channels = {name: grpc.aio.insecure_channel(p[name].address or "") for name in ("wallet", "launchpool", "candydrop", "market", "dual", "leverage")}
+    producer = AIOKafkaProducer(bootstrap_servers=stack.settings.kafka_bootstrap, enable_idempotence=True)
+    await producer.start()
+    try:
+        w = wallet_pb2_grpc.WalletServiceStub(channels["wallet"])
+        market = market_pb2_grpc.MarketServiceStub(channels["market"])
+        user, stranger = unique("obs-p"), unique("obs-x")
+        for asset, amount in (("USDT", "100000"), ("BTC", "1")):
+            await w.Deposit(wallet_pb2.DepositRequest(idempotency_key=unique(), owner=user, asset=asset, amount=amount), metadata=OPERATOR)
+
+        # Market: BTC/USDT every 30 s from before the start to after the day's end.
+        pair = market_domain.parse_pair("BTC/USDT")
+        prices = topic_name(stack.settings, "market.prices")
+        moment = start - timedelta(minutes=5)
+        while moment <= day + timedelta(minutes=10):
+            await producer.send(prices, tick_envelope(pair, Decimal("60000"), moment, "exchange", uuid.uuid4()), key=pair.name.encode())
+            moment += timedelta(seconds=30)
+        await producer.flush()
+
+        async def indexed() -> None:
+            try:
+                reply = await market.GetIndex(mk.GetIndexRequest(pair="BTC/USDT", at=ts(now)), metadata=SERVICE)
+            except grpc.aio.AioRpcError as err:
+                raise AssertionError(err.details()) from None
+            assert reply.event_time.ToDatetime(tzinfo=UTC) >= now - timedelta(seconds=30)
+
+        await eventually(indexed, timeout=30)
+        with pytest.raises(grpc.aio.AioRpcError):  # no prices at all in 2001: refused, counted per pair
+            await market.GetTwap(mk.GetTwapRequest(pair="BTC/USDT", start=ts(datetime(2001, 1, 1, tzinfo=UTC)),
+                                                   end=ts(datetime(2001, 1, 1, 1, tzinfo=UTC))), metadata=SERVICE)
+
+        # Launchpool: hourly rewards over the three hours.
+        pools = launchpool_pb2_grpc.LaunchpoolServiceStub(channels["launchpool"])
+        pool = unique("obs-pool")
+        await pools.CreateProject(lp.CreateProjectRequest(
+            idempotency_key=unique(), project_id=unique("obs-proj"), reward_asset="BTC", start_time=ts(start), end_time=ts(day),
+            payout_mode=lp.LAUNCHPOOL_PAYOUT_MODE_HOURLY,
+            pools=[lp.RewardPoolSpec(pool_id=pool, stake_asset="USDT", total_reward="3", min_stake="10", max_stake="1000")],
+        ), metadata=OPERATOR)
+        await pools.Stake(lp.StakeRequest(idempotency_key=unique(), user_id=user, pool_id=pool, amount="100"), metadata=GATEWAY)
+        await pools.Unstake(lp.UnstakeRequest(idempotency_key=unique(), user_id=user, pool_id=pool, amount="10"), metadata=GATEWAY)
+
+        # CandyDrop: a campaign to the day's end.
+        candy = candydrop_pb2_grpc.CandyDropServiceStub(channels["candydrop"])
+        campaign = unique("obs-cd")
+        await candy.CreateCampaign(cd.CreateCampaignRequest(
+            idempotency_key=unique(), campaign_id=campaign, prize_asset="USDT", prize_pool="100", pool_kind=cd.PRIZE_POOL_KIND_PRO_RATA,
+            start_time=ts(start), end_time=ts(day),
+            tasks=[cd.CandyTask(task_id="spot", kind=cd.CANDY_TASK_KIND_SPOT_VOLUME, asset="USDT", threshold="10", candies=1, max_completions=10)],
+        ), metadata=OPERATOR)
+        await candy.Register(cd.RegisterRequest(idempotency_key=unique(), user_id=user, campaign_id=campaign), metadata=GATEWAY)
+        trades = topic_name(stack.settings, "exchange.trades")
+        for who in (user, stranger):
+            fill = exchange_pb2.ExchangeEvent(spot_trade=exchange_pb2.SpotTrade(
+                event_id=unique("obs-fill"), user_id=who, base_asset="BTC", quote_asset="USDT", base_amount="0.001", quote_amount="60",
+                event_time=ts(now)))
+            await producer.send_and_wait(trades, fill.SerializeToString(), key=who.encode())
+        await producer.send_and_wait(trades, b"\xff not an exchange event", key=b"x")
+
+        # Dual Investment: sell high at a strike under the index (converted), settled at start + 2 h.
+        dual = dual_pb2_grpc.DualServiceStub(channels["dual"])
+        await w.Transfer(wallet_pb2.TransferRequest(idempotency_key=unique(), transfer=wallet_pb2.TransferSpec(
+            asset="USDT", source=wallet_pb2.AccountRef(owner="dual", kind=wallet_pb2.ACCOUNT_KIND_EXTERNAL),
+            destination=wallet_pb2.AccountRef(owner="dual", kind=wallet_pb2.ACCOUNT_KIND_TREASURY), amount="100000",
+        )), metadata=OPERATOR)
+        plan = unique("obs-dual")
+        await dual.CreateDualPlan(du.CreateDualPlanRequest(
+            idempotency_key=unique(), plan_id=plan, base_asset="BTC", quote_asset="USDT", direction=du.DUAL_DIRECTION_SELL_HIGH,
+            strike="50000", apr="0.1", settlement_time=ts(start + timedelta(hours=2)), min_amount="0.001", max_per_user="1", quota="10",
+        ), metadata=OPERATOR)
+        await dual.SubscribeDual(du.SubscribeDualRequest(client_order_id=unique("order"), user_id=user, plan_id=plan, amount="0.01"), metadata=GATEWAY)
+
+        # Smart Leverage: one position redeemed early, one maturing at start + 2 h.
+        lev = leverage_pb2_grpc.LeverageServiceStub(channels["leverage"])
+        product = unique("obs-lev")
+        owner = (await lev.CreateLeverageProduct(lv.CreateLeverageProductRequest(
+            idempotency_key=unique(), product_id=product, pair="BTC/USDT", max_leverage="10", fee_rate="0.004", min_principal="10",
+            max_principal="100000",
+        ), metadata=OPERATOR)).product.treasury_owner
+        await w.Transfer(wallet_pb2.TransferRequest(idempotency_key=unique(), transfer=wallet_pb2.TransferSpec(
+            asset="USDT", source=wallet_pb2.AccountRef(owner=owner, kind=wallet_pb2.ACCOUNT_KIND_EXTERNAL),
+            destination=wallet_pb2.AccountRef(owner=owner, kind=wallet_pb2.ACCOUNT_KIND_TREASURY), amount="100000",
+        )), metadata=OPERATOR)
+        positions = []
+        for _ in range(2):
+            quote = (await lev.RequestLeverageQuote(lv.RequestLeverageQuoteRequest(
+                idempotency_key=unique(), user_id=user, product_id=product, direction=lv.LEVERAGE_DIRECTION_LONG, leverage="5",
+                principal="100", maturity=ts(start + timedelta(hours=2)),
+            ), metadata=GATEWAY)).quote
+            reply = await lev.SubscribeLeverage(lv.SubscribeLeverageRequest(user_id=user, quote_id=quote.quote_id), metadata=GATEWAY)
+            positions.append(reply.position.position_id)
+        await lev.RedeemLeverageEarly(lv.RedeemLeverageEarlyRequest(idempotency_key=unique(), user_id=user, position_id=positions[0]), metadata=GATEWAY)
+
+        # Unreadable records: the launchpool engine skips one, Launchpool parks one.
+        await producer.send_and_wait(topic_name(stack.settings, "launchpool.accrual"), b"\xff not an envelope", key=b"x", partition=0)
+        await producer.send_and_wait(topic_name(stack.settings, "launchpool.payouts"), b"\xff not a batch", key=b"x", partition=0)
+    finally:
+        await producer.stop()
+        for channel in channels.values():
+            await channel.close()
+
+
 @pytest.fixture(scope="module")
 async def prometheus(stack: Env, tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Prometheus]:
     directory = tmp_path_factory.mktemp("observability")
@@ -308,9 +464,20 @@ async def prometheus(stack: Env, tmp_path_factory: pytest.TempPathFactory) -> As
         await asyncio.to_thread(wallet.wait_ready, 60)
         earn = spawn("simple_earn", EARN_WALLET_ADDRESS=wallet.address or "", EARN_POSITIONS_GAUGE_SECONDS="1")
         await asyncio.to_thread(earn.wait_ready, 60)
+        launchpool = spawn("launchpool", EARN_WALLET_ADDRESS=wallet.address or "")
+        candydrop = spawn("candydrop", EARN_WALLET_ADDRESS=wallet.address or "")
+        market = spawn("market")
+        for proc in (launchpool, candydrop, market):
+            await asyncio.to_thread(proc.wait_ready, 60)
+        dual = spawn("dual", EARN_WALLET_ADDRESS=wallet.address or "", EARN_MARKET_ADDRESS=market.address or "")
+        leverage = spawn("leverage", EARN_WALLET_ADDRESS=wallet.address or "", EARN_MARKET_ADDRESS=market.address or "")
+        for proc in (dual, leverage):
+            await asyncio.to_thread(proc.wait_ready, 60)
         spawn("accrual", cwd=directory)  # faust's data folder goes there, not into the work tree
         scheduler = spawn(
             "scheduler", EARN_SIMPLE_EARN_ADDRESS=earn.address or "", EARN_SCHEDULER_START=start.isoformat(),
+            EARN_LAUNCHPOOL_ADDRESS=launchpool.address or "", EARN_CANDYDROP_ADDRESS=candydrop.address or "",
+            EARN_DUAL_ADDRESS=dual.address or "", EARN_LEVERAGE_ADDRESS=leverage.address or "",
             EARN_RETRY_SECONDS="0.5", EARN_MAX_SLEEP_SECONDS="0.5", EARN_PAYOUT_POLL_SECONDS="0.1",
             EARN_RPC_TIMEOUT_SECONDS="10", EARN_PAYOUT_TIMEOUT_SECONDS="60",
         )
@@ -325,6 +492,7 @@ async def prometheus(stack: Env, tmp_path_factory: pytest.TempPathFactory) -> As
             await eventually(lambda p=proc: answers(p), timeout=60)
         prom = start_prometheus(directory, {name: f"127.0.0.1:{p.metrics_port}" for name, p in processes.items()})
         await workload(wallet, earn, stack)
+        await products_workload(processes, stack, start, start + timedelta(minutes=20))
 
         # The day ends: three hours closed and paid hourly, the day's payout, maturities.
         set_time(clock, day + timedelta(minutes=5))
@@ -340,6 +508,10 @@ async def prometheus(stack: Env, tmp_path_factory: pytest.TempPathFactory) -> As
             )
             paid = scraped(earn)
             assert any(name == "earn_simple_earn_interest_paid_total" and value > 0 for (name, _), value in paid.items()), "no interest paid yet"
+            for proc, metric in ((launchpool, "earn_launchpool_rewards_paid_total"), (candydrop, "earn_candydrop_prizes_paid_total"),
+                                 (dual, "earn_dual_paid_total"), (leverage, "earn_leverage_positions_settled_total")):
+                samples = scraped(proc)
+                assert sum(v for (name, _), v in samples.items() if name == metric) > 0, f"{proc.name}: no {metric} yet; see {proc.logfile}"
 
         await eventually(jobs_done, timeout=150)
         yield prom
@@ -369,7 +541,7 @@ def test_every_process_is_scraped_and_every_rule_evaluates(prometheus: Prometheu
     def check() -> list[str]:
         targets = prometheus.api("targets")["activeTargets"]
         failures = [f"target {t['labels']['job']} is {t['health']}: {t['lastError']}" for t in targets if t["health"] != "up"]
-        if {t["labels"]["job"] for t in targets} != {"wallet", "simple_earn", "accrual", "scheduler", "prometheus"}:
+        if {t["labels"]["job"] for t in targets} != {s.name for s in PROCESSES if s.metrics_port_env} - DEMO | {"prometheus"}:
             failures.append(f"targets: {sorted(t['labels']['job'] for t in targets)}")
         loaded = {r["name"]: r for g in prometheus.api("rules")["groups"] for r in g["rules"]}
         expected = {r.get("alert") or r["record"] for r in rules()}
