@@ -137,9 +137,19 @@ class LaunchpoolEngine:
             return None
         return json.loads(raw if isinstance(raw, str) else raw.decode())
 
-    @staticmethod
-    def _put(table: Any, key: str, value: Any) -> None:
-        table[key] = json.dumps(value, separators=(",", ":"))
+    def _set(self, table: Any, partition: int, key: str, raw: str) -> None:
+        """Write a table value and its changelog record to the input partition's changelog
+        partition, explicitly: faust derives that partition from the event being processed
+        and refuses writes without one, but the input guard also applies messages it read
+        directly (from a timer, outside the stream's iteration)."""
+        if self.app is None:  # in memory
+            table[key] = raw
+            return
+        table.data[key] = raw  # the store itself: no changelog send of its own
+        table.send_changelog(partition, key, raw)
+
+    def _put(self, table: Any, partition: int, key: str, value: Any) -> None:
+        self._set(table, partition, key, json.dumps(value, separators=(",", ":")))
 
     def pool(self, partition: int, pool_id: str) -> lp.Pool | None:
         """The pool's state (parsed once per table value; the caller may mutate it and
@@ -162,7 +172,7 @@ class LaunchpoolEngine:
     def save_pool(self, partition: int, pool: lp.Pool) -> None:
         key = f"p:{partition}:{pool.pool_id}"
         raw = json.dumps(pool.to_dict(), separators=(",", ":"))
-        self.state[key] = raw
+        self._set(self.state, partition, key, raw)
         if partition in self._pool_ids:
             self._pool_ids[partition].add(pool.pool_id)
         self._pool_cache[key] = (raw, pool)
@@ -268,12 +278,12 @@ class LaunchpoolEngine:
             return
         assert new is not None
         book[msg.stake_id] = new
-        self._put(self.state, key, new.to_dict())  # the stake first, then the pool (see above)
+        self._put(self.state, partition, key, new.to_dict())  # the stake first, then the pool (see above)
         self.save_pool(partition, pool)
 
     def on_hour(self, partition: int, hour: int) -> None:
         if hour > self.watermark(partition):
-            self._put(self.meta, str(partition), {"h": hour})
+            self._put(self.meta, partition, str(partition), {"h": hour})
         for pool_id in self.pool_ids(partition):
             pool = self.pool(partition, pool_id)
             if pool is not None and hour * lp.HOUR_US > pool.last_us:
