@@ -67,6 +67,7 @@ class Action:
     prices: tuple[tuple[str, Fraction], ...]  # the prices the LTV was judged at
     debt: int  # loan-asset units, interest included
     charged_through: int
+    seq: int  # the loan's count of margin calls and re-arms (tells two crossings at one version apart)
 
 
 @dataclass(slots=True)
@@ -78,6 +79,7 @@ class Watched:
     levels: Levels
     armed: bool = True
     liquidation_sent: bool = False
+    seq: int = 0
     entries: list[tuple[str, str, int]] = field(default_factory=list)  # (list, asset, key)
     # A loan that depends on one price only: that asset, and its trigger keys (margin
     # call, liquidation, re-arm; None: never reached) derived from the debt and collateral.
@@ -220,9 +222,11 @@ class LtvMonitor:
         out = []
         if w.armed and at_call:
             w.armed = False
+            w.seq += 1
             out.append(self._action(Kind.MARGIN_CALL, w, value(), assets))
         elif not w.armed and below_rearm and not at_call:
             w.armed = True
+            w.seq += 1
             out.append(self._action(Kind.REARMED, w, value(), assets))
         if at_liquidation:
             w.liquidation_sent = True
@@ -231,7 +235,7 @@ class LtvMonitor:
 
     def _action(self, kind: Kind, w: Watched, value: Fraction, assets: Iterable[str]) -> Action:
         return Action(kind, w.loan_id, w.user_id, w.version, value, tuple(sorted((a, self.prices[a]) for a in assets)),
-                      w.money.debt, w.money.charged_through)
+                      w.money.debt, w.money.charged_through, w.seq)
 
     def _rejudge(self, w: Watched) -> list[Action]:
         self._unindex(w)
@@ -255,6 +259,7 @@ class LtvMonitor:
         w = Watched(loan_id, user_id, version, money, levels)
         if current is not None:
             w.armed = current.armed  # a called loan stays called until its LTV recovers
+            w.seq = current.seq
         if self.hour:
             domain.charge_hours(money, self.hour)
         prepare(w)
@@ -262,6 +267,15 @@ class LtvMonitor:
         actions = self._judge(w)
         self._index(w)
         return actions
+
+    def restore(self, loan_id: str, user_id: str, version: int, money: Loan, levels: Levels, armed: bool, liquidation_sent: bool,
+                seq: int) -> None:
+        """A loan as it was saved (after a restart): filed under its triggers, not judged
+        (it was judged before it was saved; the next input judges it again)."""
+        w = Watched(loan_id, user_id, version, money, levels, armed=armed, liquidation_sent=liquidation_sent, seq=seq)
+        prepare(w)
+        self.loans[loan_id] = w
+        self._index(w)
 
     def price(self, asset: str, price: Fraction, at_us: int) -> list[Action]:
         """An index tick of ``<asset>/USDT``; an older tick than the last one is ignored."""

@@ -11,7 +11,7 @@ import logging
 import faust
 from prometheus_client import start_http_server
 
-from services.accrual import launchpool_agent
+from services.accrual import launchpool_agent, loan_agent
 from services.accrual.app import INPUT, OUTPUT, AccrualSettings, changelog_topics, create_app
 from services.kernel import logs, topics
 from services.kernel.config import load
@@ -26,10 +26,14 @@ def main() -> None:
     created += topics.ensure_topics(
         settings, [launchpool_agent.INPUT, launchpool_agent.OUTPUT], extra=launchpool_agent.changelog_topics(settings.app_id)
     )
+    created += topics.ensure_topics(
+        settings, [loan_agent.INPUT, loan_agent.PRICES, loan_agent.OUTPUT], extra=loan_agent.changelog_topics(settings.app_id)
+    )
     if settings.metrics_port:
         start_http_server(settings.metrics_port, addr=settings.metrics_host)
     app, _ = create_app(settings)
     launchpool_agent.install(app, settings)  # Launchpool rewards: its own input, tables and agent
+    loan_agent.install(app, settings)  # Crypto Loan LTV monitoring: prices joined with open loans
     log.info("accrual engine starting", extra={"app_id": app.conf.id, "topics_created": created})
     worker = _Worker(app, loglevel=settings.log_level, redirect_stdouts=False)
     worker.execute_from_commandline()

@@ -104,6 +104,14 @@ PROCESSES: list[ProcessSpec] = [
         default_metrics_port=9108,
     ),
     ProcessSpec(
+        name="loan",
+        module="services.loan.main",
+        port_env="EARN_GRPC_PORT",
+        default_port=50058,
+        metrics_port_env="EARN_METRICS_PORT",
+        default_metrics_port=9109,
+    ),
+    ProcessSpec(
         name="market_simulator",
         module="services.market.simulator",
         port_env=None,

@@ -65,6 +65,12 @@ CATALOGUE: dict[str, TopicSpec] = {
         # Index prices per pair (PriceTick, key = pair), fed by the exchange, the simulator
         # or a CSV replay; the market service stores every tick, so a week is plenty.
         TopicSpec("market.prices", partitions=3, retention_ms=7 * DAY_MS),
+        # Crypto Loan's engine input: loan states (LoanStateChanged, key = loan id), hour
+        # starts in every partition, and the index ticks the engine copies from
+        # market.prices into every partition. Kept forever, like the other engine inputs.
+        TopicSpec("loan.ltv", partitions=6, retention_ms=-1),
+        # The engine's margin calls, re-arms and liquidation triggers (LoanLtvAction, key = loan id).
+        TopicSpec("loan.actions", partitions=6, retention_ms=30 * DAY_MS),
     )
 }
 
