@@ -19,14 +19,14 @@ import pytest
 
 from services.devstack.processes import PROCESSES
 from services.kernel.config import REPO_ROOT
-from tests.deploy.tools import DEPLOY, load_yaml
+from tests.deploy.tools import DEMO_ONLY, DEPLOY, NOT_DEPLOYED_YET, deployed_processes, load_yaml, scraped_jobs
 
 SCHEMA = DEPLOY / "schemas" / "compose-spec.json"
 SCHEMA_SHA256 = "d549057ebc2925f39f62799eab0db7b9e2c18b35b6c00595199116da3ed10e64"  # deploy/schemas/README.md
 # Demo-only processes: in compose under the `demo` profile, not in Kubernetes (README).
-DEMO = {"market_simulator", "candydrop_generator"}
-PLATFORM = {spec.name for spec in PROCESSES if spec.metrics_port_env} - DEMO
-GRPC = {spec.name: spec.default_port for spec in PROCESSES if spec.port_env}
+DEMO = DEMO_ONLY
+PLATFORM = scraped_jobs()
+GRPC = {spec.name: spec.default_port for spec in PROCESSES if spec.port_env and spec.name not in NOT_DEPLOYED_YET}
 
 
 def compose() -> dict[str, Any]:
@@ -68,7 +68,7 @@ def test_every_service_restarts_and_has_a_health_check() -> None:
 def test_every_process_is_a_compose_service() -> None:
     services = compose()["services"]
     assert PLATFORM >= {"wallet", "simple_earn", "accrual", "scheduler", "launchpool", "candydrop", "market", "dual", "leverage"}
-    for spec in PROCESSES:
+    for spec in [*deployed_processes(), *(s for s in PROCESSES if s.name in DEMO)]:
         assert spec.name in services, f"{spec.name} (services/devstack/processes.py) is not in docker-compose.yml"
         service = services[spec.name]
         assert service["command"] == ["python", "-m", spec.module], spec.name

@@ -68,7 +68,7 @@ def test_one_dashboard_per_area() -> None:
 
 
 def test_every_grpc_service_has_its_red_panels_and_the_overview_every_process() -> None:
-    from services.devstack.processes import PROCESSES
+    from tests.deploy.tools import scraped_jobs
 
     exprs = {name: [t["expr"] for p in panels(board) for t in p.get("targets", [])] for name, board in dashboards()}
     for service in ("Wallet", "SimpleEarn", "Launchpool", "CandyDrop", "Market", "Dual", "Leverage"):
@@ -77,7 +77,7 @@ def test_every_grpc_service_has_its_red_panels_and_the_overview_every_process() 
         assert any(selector in e and "grpc_server_handling_seconds_bucket" in e for es in exprs.values() for e in es), service
     (targets,) = [e for e in exprs["earn-overview.json"] if e.startswith("up{")]
     jobs = set(targets.split('job=~"')[1].split('"')[0].split("|"))
-    assert jobs == {s.name for s in PROCESSES if s.metrics_port_env} - {"market_simulator", "candydrop_generator"}
+    assert jobs == scraped_jobs()
 
 
 @pytest.mark.parametrize("name", [path.name for path in FILES])

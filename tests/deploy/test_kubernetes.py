@@ -15,17 +15,16 @@ import pytest
 from services.devstack.processes import PROCESSES
 from services.kernel.config import REPO_ROOT, ServiceSettings, Settings
 from services.kernel.topics import CATALOGUE
-from tests.deploy.tools import DEPLOY, load_yaml, load_yaml_all
+from tests.deploy.tools import DEMO_ONLY, DEPLOY, deployed_processes, load_yaml, load_yaml_all, scraped_jobs
 
 K8S = DEPLOY / "k8s"
 MANIFESTS = sorted(p for p in K8S.glob("*.yaml") if p.name != "kustomization.yaml")
 # The oldest and the newest Kubernetes minor the manifests are checked against.
 VERSIONS = ("1.30.0", "1.37.0")
-# Every process of PROCESSES with metrics is a workload scraped as its job, except the
-# demo's simulators (compose's `demo` profile only; README: Operating it).
-DEMO_ONLY = {"market_simulator", "candydrop_generator"}
-JOBS = {spec.name for spec in PROCESSES if spec.metrics_port_env} - DEMO_ONLY
-GRPC = {spec.name for spec in PROCESSES if spec.port_env} - DEMO_ONLY
+# Every deployed process of PROCESSES is a workload scraped as its job; the demo's
+# simulators are not deployed here (compose's `demo` profile only; README: Operating it).
+JOBS = scraped_jobs()
+GRPC = {spec.name for spec in deployed_processes() if spec.port_env}
 
 
 def documents() -> list[tuple[str, dict[str, Any]]]:

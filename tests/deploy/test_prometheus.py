@@ -9,14 +9,13 @@ from pathlib import Path
 
 import yaml
 
-from services.devstack.processes import PROCESSES
-from tests.deploy.tools import DEPLOY, load_yaml, run, tool
+from tests.deploy.tools import DEPLOY, load_yaml, run, scraped_jobs, tool
 
 PROM = DEPLOY / "prometheus"
 RULE_FILES = sorted((PROM / "rules").glob("*.yml"))
 TEST_FILES = sorted((PROM / "tests").glob("*.test.yml"))
-# Every process of PROCESSES with metrics, but the demo's simulators (not scraped).
-JOBS = {spec.name for spec in PROCESSES if spec.metrics_port_env} - {"market_simulator", "candydrop_generator"}
+# Every deployed process with metrics (tests/deploy/tools.py: not the demo's simulators).
+JOBS = scraped_jobs()
 
 
 def rules() -> list[dict]:

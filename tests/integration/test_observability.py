@@ -71,7 +71,7 @@ from services.kernel.topics import topic_name
 from services.market import domain as market_domain
 from services.market.simulator import tick_envelope
 from tests.conftest import GATEWAY, OPERATOR, SERVICE, Env, eventually, free_port, unique
-from tests.deploy.tools import DEPLOY, tool
+from tests.deploy.tools import DEPLOY, scraped_jobs, tool
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(600)]
 
@@ -95,8 +95,6 @@ HOURLY_JOBS = (
     "ticks", "simple_earn.interest.hourly", "simple_earn.maturity",
     "launchpool.rewards.hourly", "dual.settlement", "leverage.settlement", "candydrop.distribution",
 )
-# The demo's processes: not scraped, not started here.
-DEMO = {"market_simulator", "candydrop_generator"}
 
 
 # ---- PromQL helpers ----------------------------------------------------------------------
@@ -541,7 +539,7 @@ def test_every_process_is_scraped_and_every_rule_evaluates(prometheus: Prometheu
     def check() -> list[str]:
         targets = prometheus.api("targets")["activeTargets"]
         failures = [f"target {t['labels']['job']} is {t['health']}: {t['lastError']}" for t in targets if t["health"] != "up"]
-        if {t["labels"]["job"] for t in targets} != {s.name for s in PROCESSES if s.metrics_port_env} - DEMO | {"prometheus"}:
+        if {t["labels"]["job"] for t in targets} != scraped_jobs() | {"prometheus"}:
             failures.append(f"targets: {sorted(t['labels']['job'] for t in targets)}")
         loaded = {r["name"]: r for g in prometheus.api("rules")["groups"] for r in g["rules"]}
         expected = {r.get("alert") or r["record"] for r in rules()}
