@@ -234,7 +234,7 @@ def test_examples_run_against_live_services(
 DEV_TOKENS = {"dev-gateway": "gateway", "dev-operator": "operator", "dev-service": "service"}
 DEFAULT_PORTS = {"earn.v1.WalletService": 50051, "earn.v1.SimpleEarnService": 50052, "earn.v1.LaunchpoolService": 50053,
                  "earn.v1.MarketService": 50055, "earn.v1.DualService": 50056, "earn.v1.CandyDropService": 50054,
-                 "earn.v1.LeverageService": 50057}
+                 "earn.v1.LeverageService": 50057, "earn.v1.LoanService": 50058}
 
 
 def readme_grpcurl_calls() -> list[dict[str, object]]:
@@ -268,11 +268,12 @@ def test_readme_has_a_correct_grpcurl_example_for_every_rpc() -> None:
     from services.dual.api import ROLES as DUAL_ROLES
     from services.launchpool.api import ROLES as LAUNCHPOOL_ROLES
     from services.leverage.api import ROLES as LEVERAGE_ROLES
+    from services.loan.api import ROLES as LOAN_ROLES
     from services.market.api import ROLES as MARKET_ROLES
     from services.simple_earn.api import ROLES as SIMPLE_EARN_ROLES
     from services.wallet.api import ROLES as WALLET_ROLES
 
-    roles = {**WALLET_ROLES, **SIMPLE_EARN_ROLES, **LAUNCHPOOL_ROLES, **MARKET_ROLES, **DUAL_ROLES, **CANDYDROP_ROLES, **LEVERAGE_ROLES}
+    roles = {**WALLET_ROLES, **SIMPLE_EARN_ROLES, **LAUNCHPOOL_ROLES, **MARKET_ROLES, **DUAL_ROLES, **CANDYDROP_ROLES, **LEVERAGE_ROLES, **LOAN_ROLES}
     pool = descriptor_pool.Default()
     shown: set[str] = set()
     for call in readme_grpcurl_calls():
