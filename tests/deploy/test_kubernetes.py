@@ -134,12 +134,13 @@ def test_every_process_is_scraped_as_its_prometheus_job() -> None:
     assert {"source_labels": ["__meta_kubernetes_pod_label_earn_platform_job"], "target_label": "job"} in relabel
 
 
-def test_engine_replicas_fit_the_partitions_of_its_input() -> None:
+def test_engine_replicas_fit_the_partitions_of_its_inputs() -> None:
     (engine,) = [w for w in workloads() if w["metadata"]["name"] == "accrual"]
     assert engine["kind"] == "StatefulSet"
-    partitions = CATALOGUE["simple_earn.accrual"].partitions
     replicas = engine["spec"]["replicas"]
-    assert 1 <= replicas <= partitions and partitions % replicas == 0, f"{replicas} workers for {partitions} partitions"
+    for topic in ("simple_earn.accrual", "launchpool.accrual"):  # the engine's two agents
+        partitions = CATALOGUE[topic].partitions
+        assert 1 <= replicas <= partitions and partitions % replicas == 0, f"{replicas} workers for {partitions} partitions of {topic}"
 
 
 def test_every_workload_runs_its_process_and_calls_by_earn_config() -> None:
