@@ -30,7 +30,7 @@ from prometheus_client import Counter, Gauge, Histogram
 
 from earn.v1 import accrual_pb2, events_pb2
 from services.accrual import domain
-from services.accrual.delivery import InputGuard, InputReader
+from services.accrual.delivery import InputGuard, InputReader, parse_drops
 from services.kernel import events, money
 from services.kernel.config import Settings
 from services.kernel.errors import DomainError
@@ -87,6 +87,9 @@ class AccrualSettings(Settings):
     # The stream idle this long while an assigned input partition has messages past the
     # last one applied: they are read directly (the stream skipped them).
     stall_seconds: float = 15.0
+    # Tests only: "partition:offset,..." of input messages the stream's delivery drops once
+    # (as faust may), to prove they are read directly.
+    drop_input: str = ""
 
 
 TABLES = ("products", "positions", "partitions", "payouts")
@@ -566,6 +569,7 @@ def create_app(settings: AccrualSettings) -> tuple[faust.App, Engine]:
 
     engine.input.reader = InputReader(settings.kafka_bootstrap, input_topic, app_id(settings))
     engine.input.install(app, settings.stall_seconds)
+    engine.input.drop = parse_drops(settings.drop_input)
 
     async def accrue(stream: faust.StreamT) -> None:
         async for event in stream.events():

@@ -17,6 +17,9 @@ only waiting message undelivered. An agent therefore applies its input through a
   recovery is under way.
 - Messages read directly are not applied again if the stream delivers them after all
   (applying is idempotent anyway; this only saves the work).
+- A message read directly is applied as the current event of its own partition (faust's
+  tables find the changelog partition of a write from the current event; outside the
+  stream's iteration there is none, and a table write raises).
 
 Each run read directly counts in ``earn_accrual_input_gaps_total{agent, found_by}`` and
 logs an ERROR line.
@@ -28,11 +31,14 @@ import asyncio
 import logging
 import os
 import time
+import weakref
 from collections.abc import Awaitable, Callable
+from types import SimpleNamespace
 from typing import Any
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
+from faust import streams as faust_streams
 from prometheus_client import Counter
 
 log = logging.getLogger(__name__)
@@ -120,6 +126,9 @@ class InputGuard:
 
     def __init__(self, agent: str, apply: Apply, reader: InputReader | None = None) -> None:
         self.agent, self.apply, self.reader = agent, apply, reader
+        # Fault injection for tests (EARN_DROP_INPUT): (partition, offset) of messages
+        # the stream delivers that are dropped once, as faust's stream may drop them.
+        self.drop: set[tuple[int, int]] = set()
         self.next: dict[int, int] = {}
         self.read_directly: dict[int, range] = {}
         self.lock = asyncio.Lock()  # the stream and the watchdog apply in turn
@@ -155,6 +164,10 @@ class InputGuard:
 
     async def deliver(self, partition: int, offset: int, value: bytes) -> None:
         self.active = time.monotonic()
+        if (partition, offset) in self.drop:
+            self.drop.discard((partition, offset))
+            log.warning("input message dropped (EARN_DROP_INPUT)", extra={"agent": self.agent, "partition": partition, "offset": offset})
+            return
         async with self.lock:
             if offset in self.read_directly.get(partition, range(0)):
                 READ_AGAIN.labels(self.agent).inc()
@@ -192,9 +205,32 @@ class InputGuard:
             extra={"agent": self.agent, "partition": partition, "from_offset": start, "to_offset": stop, "found_by": found_by},
         )
         for missing, value in await self.reader.read(partition, start, stop):
-            await self.apply(partition, missing, value)
+            event = _DirectEvent(self.reader.topic, partition, missing)
+            token = faust_streams._current_event.set(weakref.ref(event))  # type: ignore[arg-type]
+            try:
+                await self.apply(partition, missing, value)
+            finally:
+                faust_streams._current_event.reset(token)
             self.next[partition] = missing + 1
         self.read_directly[partition] = range(start, stop)
 
 
-__all__ = ["INPUT_GAPS", "InputGuard", "InputReader"]
+class _DirectEvent:
+    """What faust's tables read of the current event, for a message read directly."""
+
+    def __init__(self, topic: str, partition: int, offset: int) -> None:
+        self.message = SimpleNamespace(
+            topic=topic, partition=partition, offset=offset, timestamp=time.time(), tp=TopicPartition(topic, partition)
+        )
+
+
+def parse_drops(text: str) -> set[tuple[int, int]]:
+    """``"0:12,3:7"`` -> {(0, 12), (3, 7)} (EARN_DROP_INPUT)."""
+    out = set()
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        partition, _, offset = item.partition(":")
+        out.add((int(partition), int(offset)))
+    return out
+
+
+__all__ = ["INPUT_GAPS", "InputGuard", "InputReader", "parse_drops"]

@@ -7,7 +7,9 @@ every message."""
 
 from __future__ import annotations
 
+import asyncio
 import copy
+import urllib.request
 import uuid
 from types import SimpleNamespace
 
@@ -21,7 +23,17 @@ from services.kernel import topics
 from services.kernel.config import Settings
 from services.kernel.topics import topic_name
 from tests.conftest import Env
-from tests.integration.test_accrual_engine import PARTITIONS, scenario
+from tests.integration.test_accrual_engine import (
+    PARTITIONS,
+    Collected,
+    collect,
+    periods_of,
+    produce,
+    reference,
+    scenario,
+    settings_with,
+    start,
+)
 from tests.unit.test_accrual_engine_memory import Sink, feed, log_of
 
 pytestmark = pytest.mark.integration
@@ -131,3 +143,30 @@ async def test_a_partition_first_assigned_starts_at_the_groups_committed_offset(
     engine.input.next = {2: 3}  # seen before by this process: kept
     await engine.input.on_assigned(None, {TopicPartition(topic, p) for p in range(PARTITIONS)} | {TopicPartition("other", 0)})
     assert engine.input.next == {0: 0, 1: 5, 2: 3, 3: 0, 4: 0, 5: 0}
+
+
+async def test_the_engine_process_applies_what_its_stream_dropped(stack: Env) -> None:
+    """A real engine process (faust tables, changelogs) whose stream delivery drops
+    messages (EARN_DROP_INPUT, as faust may): the last message of two partitions, which no
+    later message reveals, and one in the middle of a third. The payouts still equal the
+    reference to the unit."""
+    settings, env = settings_with(stack, "drops.")
+    await asyncio.to_thread(topics.ensure_topics, settings, [INPUT, "accrual.payouts"])
+    steps = scenario(seed=11, positions=60, hours=48, payouts_every=12)
+    ends = [len(log) for log in log_of(steps)]
+    await produce(settings, steps)
+    drops = {(0, ends[0] - 1), (1, ends[1] - 1), (2, ends[2] // 2)}
+    env |= {"EARN_DROP_INPUT": ",".join(f"{p}:{o}" for p, o in sorted(drops)), "EARN_STALL_SECONDS": "3"}
+    engine = start(stack, env)
+    try:
+        got = await collect(settings, periods_of(steps), Collected(), timeout=120)
+        assert engine.running(), f"engine died; see {engine.logfile}"
+        assert engine.metrics_url
+        metrics = await asyncio.to_thread(lambda: urllib.request.urlopen(engine.metrics_url, timeout=5).read().decode())
+    finally:
+        engine.stop()
+    expected = reference(steps)
+    assert not got.conflicts
+    assert got.items == expected
+    for found_by in ("stall", "next_message"):
+        assert f'earn_accrual_input_gaps_total{{agent="accrual",found_by="{found_by}"}}' in metrics
