@@ -11,6 +11,7 @@ import asyncio
 import copy
 import urllib.request
 import uuid
+from collections.abc import AsyncIterator, Callable
 from types import SimpleNamespace
 
 import pytest
@@ -57,12 +58,25 @@ async def published(stack: Env) -> tuple[Settings, list[list[bytes]]]:
     return settings, logs
 
 
-def engine_on(settings: Settings, group: str = "gaps-test") -> tuple[Engine, Sink]:
-    sink = Sink()
-    engine = Engine.in_memory(sink, PARTITIONS)
-    topic = topic_name(settings, INPUT)
-    engine.input.reader = InputReader(settings.kafka_bootstrap, topic, group)
-    return engine, sink
+@pytest.fixture
+async def readers() -> AsyncIterator[list[InputReader]]:
+    """The readers a test opened, closed after it."""
+    opened: list[InputReader] = []
+    yield opened
+    for reader in opened:
+        await reader.close()
+
+
+@pytest.fixture
+def engine_on(readers: list[InputReader]) -> Callable[..., tuple[Engine, Sink]]:
+    def make(settings: Settings, group: str = "gaps-test") -> tuple[Engine, Sink]:
+        sink = Sink()
+        engine = Engine.in_memory(sink, PARTITIONS)
+        engine.input.reader = InputReader(settings.kafka_bootstrap, topic_name(settings, INPUT), group)
+        readers.append(engine.input.reader)
+        return engine, sink
+
+    return make
 
 
 def app_of(engine: Engine) -> SimpleNamespace:
@@ -80,7 +94,7 @@ async def everything(logs: list[list[bytes]]) -> Sink:
     return sink
 
 
-async def test_a_gap_revealed_by_the_next_message_is_read_directly(published: tuple[Settings, list[list[bytes]]]) -> None:
+async def test_a_gap_revealed_by_the_next_message_is_read_directly(published: tuple[Settings, list[list[bytes]]], engine_on: Callable[..., tuple[Engine, Sink]]) -> None:
     settings, logs = published
     expected = await everything(logs)
     engine, sink = engine_on(settings)
@@ -96,7 +110,7 @@ async def test_a_gap_revealed_by_the_next_message_is_read_directly(published: tu
     assert engine.input.read_directly == {p: range(thirds[p], skip_to[p]) for p in range(PARTITIONS)}
 
 
-async def test_a_tail_no_message_reveals_is_read_once_the_stream_is_idle(published: tuple[Settings, list[list[bytes]]]) -> None:
+async def test_a_tail_no_message_reveals_is_read_once_the_stream_is_idle(published: tuple[Settings, list[list[bytes]]], engine_on: Callable[..., tuple[Engine, Sink]]) -> None:
     settings, logs = published
     expected = await everything(logs)
     engine, sink = engine_on(settings)
@@ -128,7 +142,7 @@ async def test_a_tail_no_message_reveals_is_read_once_the_stream_is_idle(publish
     assert sink.items == items and not sink.conflicts
 
 
-async def test_a_partition_first_assigned_starts_at_the_groups_committed_offset(published: tuple[Settings, list[list[bytes]]]) -> None:
+async def test_a_partition_first_assigned_starts_at_the_groups_committed_offset(published: tuple[Settings, list[list[bytes]]], engine_on: Callable[..., tuple[Engine, Sink]]) -> None:
     settings, _ = published
     group = f"gaps-{uuid.uuid4().hex[:8]}"
     topic = topic_name(settings, INPUT)
