@@ -727,7 +727,7 @@ class LoanApi(loan_pb2_grpc.LoanServiceServicer):
             units_ = domain.units(amount, scale)
             now_us = self._now_us()
             op = hashlib.sha256(f"{loan_id}:{key}".encode()).hexdigest()[:16]
-            prices_for = {c.asset for c in money.collateral} | {money.loan_asset, asset}
+            prices_for = {c.asset for c in money.collateral} | {money.loan_asset} | ({asset} if add else set())
             if add:
                 if asset == money.loan_asset:
                     raise InvalidArgument("collateral.asset", "must differ from the loan asset")

@@ -29,12 +29,14 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from earn.v1 import candydrop_pb2 as cd, candydrop_pb2_grpc
 from earn.v1 import dual_pb2 as du, dual_pb2_grpc, market_pb2 as mk, market_pb2_grpc
 from earn.v1 import leverage_pb2 as lv, leverage_pb2_grpc
+from earn.v1 import loan_pb2 as lnp, loan_pb2_grpc
 from earn.v1 import accrual_pb2, launchpool_pb2 as lp, launchpool_pb2_grpc, simple_earn_pb2 as se, simple_earn_pb2_grpc, wallet_pb2 as wp, wallet_pb2_grpc
 from services.candydrop.api import ROLES as CANDYDROP_ROLES
 from services.devstack.processes import ManagedProcess
 from services.dual.api import ROLES as DUAL_ROLES
 from services.launchpool.api import ROLES as LAUNCHPOOL_ROLES
 from services.leverage.api import ROLES as LEVERAGE_ROLES
+from services.loan.api import ROLES as LOAN_ROLES
 from services.market.api import ROLES as MARKET_ROLES
 from services.simple_earn.api import ROLES as EARN_ROLES
 from services.wallet.api import ROLES as WALLET_ROLES
@@ -159,9 +161,25 @@ async def leverage_channel(leverage_process: ManagedProcess) -> AsyncIterator[gr
 
 
 @pytest.fixture(scope="module")
+def loan_process(stack, wallet_process: ManagedProcess, market_process: ManagedProcess):  # type: ignore[no-untyped-def]
+    proc = stack.process("loan", EARN_WALLET_ADDRESS=wallet_process.address or "", EARN_MARKET_ADDRESS=market_process.address or "",
+                         EARN_MAX_INDEX_AGE_SECONDS="86400")
+    proc.start()
+    proc.wait_ready(timeout=60)
+    yield proc
+    proc.stop()
+
+
+@pytest.fixture(scope="module")
+async def loan_channel(loan_process: ManagedProcess) -> AsyncIterator[grpc.aio.Channel]:
+    async with grpc.aio.insecure_channel(loan_process.address) as channel:
+        yield channel
+
+
+@pytest.fixture(scope="module")
 async def db(stack, wallet_process: ManagedProcess, earn_process: ManagedProcess, launchpool_process: ManagedProcess,
              market_process: ManagedProcess, dual_process: ManagedProcess, candydrop_process: ManagedProcess,
-             leverage_process: ManagedProcess) -> AsyncIterator[asyncpg.Pool]:
+             leverage_process: ManagedProcess, loan_process: ManagedProcess) -> AsyncIterator[asyncpg.Pool]:
     pool = await asyncpg.create_pool(stack.settings.database_url, min_size=1, max_size=2)
     assert pool is not None
     yield pool
@@ -171,19 +189,20 @@ async def db(stack, wallet_process: ManagedProcess, earn_process: ManagedProcess
 @pytest.fixture(scope="module")
 def stubs(wallet_channel: grpc.aio.Channel, earn_channel: grpc.aio.Channel, launchpool_channel: grpc.aio.Channel,
           market_channel: grpc.aio.Channel, dual_channel: grpc.aio.Channel, candydrop_channel: grpc.aio.Channel,
-          leverage_channel: grpc.aio.Channel) -> dict[str, Any]:
+          leverage_channel: grpc.aio.Channel, loan_channel: grpc.aio.Channel) -> dict[str, Any]:
     return {
         "wallet": wallet_pb2_grpc.WalletServiceStub(wallet_channel), "earn": simple_earn_pb2_grpc.SimpleEarnServiceStub(earn_channel),
         "lp": launchpool_pb2_grpc.LaunchpoolServiceStub(launchpool_channel),
         "mk": market_pb2_grpc.MarketServiceStub(market_channel), "dual": dual_pb2_grpc.DualServiceStub(dual_channel),
         "cd": candydrop_pb2_grpc.CandyDropServiceStub(candydrop_channel),
         "lev": leverage_pb2_grpc.LeverageServiceStub(leverage_channel),
+        "loan": loan_pb2_grpc.LoanServiceStub(loan_channel),
     }
 
 
 # ---- snapshots ----------------------------------------------------------------------
 
-SCHEMAS = ("wallet", "simple_earn", "launchpool", "market", "dual", "candydrop", "leverage")
+SCHEMAS = ("wallet", "simple_earn", "launchpool", "market", "dual", "candydrop", "leverage", "loan")
 # No table is excluded: no RPC of the corpus may write anything, not even audit-like rows.
 # The only tables written without an RPC are the outboxes (emptied by the relays), the
 # inbox (the payout consumer) and bulk_credit_parts/transfers (the wallet's folder);
@@ -261,6 +280,8 @@ class Ctx:
     lev_poor_quote: str = ""  # poor's valid quote (no funds)
     lev_position: str = ""  # alice's open position
     lev_redeemed: str = ""  # alice's position redeemed early (keys["RedeemLeverageEarly"])
+    loan_user: str = ""  # Crypto Loan: 1 BTC deposited; a USDT loan of 1,000 against 0.1 BTC (then 0.12, then 0.11; 100 repaid)
+    loan_id: str = ""
     keys: dict[str, str] = field(default_factory=dict)  # method -> a key used once, successfully
     baseline: dict[str, tuple[int, str]] = field(default_factory=dict)
     requests: dict[str, Any] = field(default_factory=dict)  # method -> the request sent with keys[method]
@@ -376,6 +397,7 @@ async def ctx(stubs, db, leverage_clock) -> Ctx:
     await once("CreateCampaign", stubs["cd"], campaign_request(c.campaign), OPERATOR)
     await once("Register", stubs["cd"], cd.RegisterRequest(idempotency_key=unique(), user_id=c.alice, campaign_id=c.campaign), GATEWAY)
     await leverage_setup(c, stubs["lev"], wallet, once, leverage_clock)
+    await loan_setup(c, stubs["loan"], wallet, once)
     c.baseline = await settled(db)
     return c
 
@@ -412,6 +434,27 @@ async def leverage_setup(c: Ctx, lev: Any, wallet: Any, once: Any, clock: Any) -
     redeemed = await once("RedeemLeverageEarly", lev, lv.RedeemLeverageEarlyRequest(
         idempotency_key=unique(), user_id=c.lev_user, position_id=c.lev_redeemed), GATEWAY)
     assert redeemed.position.status == lv.LEVERAGE_POSITION_STATUS_SETTLED, redeemed
+
+
+async def loan_setup(c: Ctx, loan: Any, wallet: Any, once: Any) -> None:
+    """Crypto Loan: USDT lent against BTC (counted 95%) at the BTC/USDT index backfilled above."""
+    c.loan_user = unique("loanu")
+    await once("SetLoanAsset", loan, lnp.SetLoanAssetRequest(idempotency_key=unique(), asset=lnp.LoanAsset(
+        asset="USDT", hourly_rate="0.000005", min_borrow="10", max_borrow="100000")), OPERATOR)
+    await once("SetLoanCollateralAsset", loan, lnp.SetLoanCollateralAssetRequest(idempotency_key=unique(), collateral=lnp.LoanCollateralAsset(
+        asset="BTC", discount="0.95")), OPERATOR)
+    await wallet.Transfer(wp.TransferRequest(idempotency_key=unique(), transfer=spec("loan", "loan", "100000", "USDT", wp.ACCOUNT_KIND_EXTERNAL,
+                                                                                      TREASURY)), metadata=OPERATOR)
+    await wallet.Deposit(wp.DepositRequest(idempotency_key=unique(), owner=c.loan_user, asset="BTC", amount="1"), metadata=OPERATOR)
+    borrowed = await once("Borrow", loan, lnp.BorrowRequest(
+        idempotency_key=unique(), user_id=c.loan_user, loan_asset="USDT", amount="1000",
+        collateral=[lnp.LoanCollateralAmount(asset="BTC", amount="0.1")], term=lnp.LOAN_TERM_FLEXIBLE), GATEWAY)
+    c.loan_id = borrowed.loan.loan_id
+    await once("AddLoanCollateral", loan, lnp.AddLoanCollateralRequest(idempotency_key=unique(), user_id=c.loan_user, loan_id=c.loan_id,
+                                                                       collateral=lnp.LoanCollateralAmount(asset="BTC", amount="0.02")), GATEWAY)
+    await once("RemoveLoanCollateral", loan, lnp.RemoveLoanCollateralRequest(idempotency_key=unique(), user_id=c.loan_user, loan_id=c.loan_id,
+                                                                             collateral=lnp.LoanCollateralAmount(asset="BTC", amount="0.01")), GATEWAY)
+    await once("RepayLoan", loan, lnp.RepayLoanRequest(idempotency_key=unique(), user_id=c.loan_user, loan_id=c.loan_id, amount="100"), GATEWAY)
 
 
 # ---- the corpus ---------------------------------------------------------------------
@@ -1405,6 +1448,112 @@ for _name, _amount in BAD_AMOUNTS:
 for _n, _m, _b, _code, _frag, _tok in _CD:
     row(_n, "cd", _m, _b, _code, _frag, _tok)
 
+
+def borrow(c: Ctx, **fields: Any) -> lnp.BorrowRequest:
+    base: dict[str, Any] = dict(idempotency_key=unique(), user_id=c.loan_user, loan_asset="USDT", amount="100",
+                                collateral=[lnp.LoanCollateralAmount(asset="BTC", amount="0.01")], term=lnp.LOAN_TERM_FLEXIBLE)
+    return lnp.BorrowRequest(**{**base, **fields})
+
+
+def loan_coll(c: Ctx, method: str, asset: str = "BTC", amount: str = "0.001", **fields: Any) -> Any:
+    cls = lnp.AddLoanCollateralRequest if method == "AddLoanCollateral" else lnp.RemoveLoanCollateralRequest
+    base: dict[str, Any] = dict(idempotency_key=unique(), user_id=c.loan_user, loan_id=c.loan_id, collateral=lnp.LoanCollateralAmount(asset=asset, amount=amount))
+    return cls(**{**base, **fields})
+
+
+def _btc(amount: str) -> list[Any]:
+    return [lnp.LoanCollateralAmount(asset="BTC", amount=amount)]
+
+
+_LOAN: list[tuple[str, str, Build, grpc.StatusCode, str, tuple]] = [
+    # configuration
+    ("key-empty", "SetLoanAsset", lambda c: lnp.SetLoanAssetRequest(asset=lnp.LoanAsset(asset="USDT", hourly_rate="0.00001", min_borrow="1", max_borrow="2")), INVALID, "idempotency_key:", OPERATOR),
+    ("asset-unknown", "SetLoanAsset", lambda c: lnp.SetLoanAssetRequest(idempotency_key=unique(), asset=lnp.LoanAsset(asset="NOPE", hourly_rate="0", min_borrow="1", max_borrow="2")), INVALID, "asset.asset:", OPERATOR),
+    ("rate-negative", "SetLoanAsset", lambda c: lnp.SetLoanAssetRequest(idempotency_key=unique(), asset=lnp.LoanAsset(asset="USDT", hourly_rate="-0.1", min_borrow="1", max_borrow="2")), INVALID, "asset.hourly_rate:", OPERATOR),
+    ("rate-over-1pct", "SetLoanAsset", lambda c: lnp.SetLoanAssetRequest(idempotency_key=unique(), asset=lnp.LoanAsset(asset="USDT", hourly_rate="0.02", min_borrow="1", max_borrow="2")), INVALID, "asset.hourly_rate:", OPERATOR),
+    ("rate-too-precise", "SetLoanAsset", lambda c: lnp.SetLoanAssetRequest(idempotency_key=unique(), asset=lnp.LoanAsset(asset="USDT", hourly_rate="0.00000000001", min_borrow="1", max_borrow="2")), INVALID, "asset.hourly_rate:", OPERATOR),
+    ("fixed-exponent", "SetLoanAsset", lambda c: lnp.SetLoanAssetRequest(idempotency_key=unique(), asset=lnp.LoanAsset(asset="USDT", hourly_rate="0", fixed_7_days_hourly_rate="1e-5", min_borrow="1", max_borrow="2")), INVALID, "asset.fixed_7_days_hourly_rate:", OPERATOR),
+    ("min-too-precise", "SetLoanAsset", lambda c: lnp.SetLoanAssetRequest(idempotency_key=unique(), asset=lnp.LoanAsset(asset="USDT", hourly_rate="0", min_borrow=TOO_PRECISE_USDT, max_borrow="2")), INVALID, "asset.min_borrow:", OPERATOR),
+    ("max-below-min", "SetLoanAsset", lambda c: lnp.SetLoanAssetRequest(idempotency_key=unique(), asset=lnp.LoanAsset(asset="USDT", hourly_rate="0", min_borrow="5", max_borrow="2")), INVALID, "asset.max_borrow:", OPERATOR),
+    ("key-reused", "SetLoanAsset", lambda c: lnp.SetLoanAssetRequest(idempotency_key=c.keys["SetLoanAsset"], asset=lnp.LoanAsset(asset="USDT", hourly_rate="0.00001", min_borrow="1", max_borrow="2")), EXISTS, "idempotency_key:", OPERATOR),
+    ("gateway", "SetLoanAsset", lambda c: lnp.SetLoanAssetRequest(), DENIED, "SetLoanAsset", GATEWAY),
+    ("discount-over-1", "SetLoanCollateralAsset", lambda c: lnp.SetLoanCollateralAssetRequest(idempotency_key=unique(), collateral=lnp.LoanCollateralAsset(asset="ETH", discount="1.01")), INVALID, "collateral.discount:", OPERATOR),
+    ("discount-zero", "SetLoanCollateralAsset", lambda c: lnp.SetLoanCollateralAssetRequest(idempotency_key=unique(), collateral=lnp.LoanCollateralAsset(asset="ETH", discount="0")), INVALID, "collateral.discount:", OPERATOR),
+    ("discount-too-precise", "SetLoanCollateralAsset", lambda c: lnp.SetLoanCollateralAssetRequest(idempotency_key=unique(), collateral=lnp.LoanCollateralAsset(asset="ETH", discount="0.12345")), INVALID, "collateral.discount:", OPERATOR),
+    ("asset-unknown", "SetLoanCollateralAsset", lambda c: lnp.SetLoanCollateralAssetRequest(idempotency_key=unique(), collateral=lnp.LoanCollateralAsset(asset="NOPE", discount="0.5")), INVALID, "collateral.asset:", OPERATOR),
+    ("service", "SetLoanCollateralAsset", lambda c: lnp.SetLoanCollateralAssetRequest(), DENIED, "SetLoanCollateralAsset", SERVICE),
+    # queries
+    ("no-token", "ListLoanAssets", lambda c: lnp.ListLoanAssetsRequest(), UNAUTHENTICATED, "", NO_TOKEN),
+    ("gateway-no-user", "GetLoan", lambda c: lnp.GetLoanRequest(loan_id=c.loan_id), INVALID, "user_id:", GATEWAY),
+    ("id-empty", "GetLoan", lambda c: lnp.GetLoanRequest(user_id=c.loan_user), INVALID, "loan_id:", GATEWAY),
+    ("id-bad", "GetLoan", lambda c: lnp.GetLoanRequest(user_id=c.loan_user, loan_id="ln-XYZ"), INVALID, "loan_id:", GATEWAY),
+    ("id-10KB", "GetLoan", lambda c: lnp.GetLoanRequest(user_id=c.loan_user, loan_id=BIG), INVALID, "loan_id:", OPERATOR),
+    ("unknown", "GetLoan", lambda c: lnp.GetLoanRequest(user_id=c.loan_user, loan_id="ln-00000000000000000000"), NOT_FOUND, "loan_id:", GATEWAY),
+    ("other-users", "GetLoan", lambda c: lnp.GetLoanRequest(user_id=c.bob, loan_id=c.loan_id), NOT_FOUND, "loan_id:", GATEWAY),
+    ("gateway-no-user", "ListLoans", lambda c: lnp.ListLoansRequest(), INVALID, "user_id:", GATEWAY),
+    ("user-10KB", "ListLoans", lambda c: lnp.ListLoansRequest(user_id=BIG), INVALID, "user_id:", GATEWAY),
+    ("status-unknown", "ListLoans", lambda c: lnp.ListLoansRequest(user_id=c.loan_user, status=9), INVALID, "status:", GATEWAY),
+    ("token-bad", "ListLoans", lambda c: lnp.ListLoansRequest(user_id=c.loan_user, page_token="%%%"), INVALID, "page_token:", GATEWAY),
+    ("id-empty", "ListLoanInterest", lambda c: lnp.ListLoanInterestRequest(user_id=c.loan_user), INVALID, "loan_id:", GATEWAY),
+    ("other-users", "ListLoanInterest", lambda c: lnp.ListLoanInterestRequest(user_id=c.bob, loan_id=c.loan_id), NOT_FOUND, "loan_id:", GATEWAY),
+    ("id-bad", "ListLoanLtvHistory", lambda c: lnp.ListLoanLtvHistoryRequest(user_id=c.loan_user, loan_id="1"), INVALID, "loan_id:", GATEWAY),
+    ("gateway-no-user", "ListLoanLtvHistory", lambda c: lnp.ListLoanLtvHistoryRequest(loan_id=c.loan_id), INVALID, "user_id:", GATEWAY),
+    ("kind-unknown", "ListLoanEvents", lambda c: lnp.ListLoanEventsRequest(user_id=c.loan_user, loan_id=c.loan_id, kind=9), INVALID, "kind:", GATEWAY),
+    ("unknown", "ListLoanEvents", lambda c: lnp.ListLoanEventsRequest(user_id=c.loan_user, loan_id="ln-00000000000000000000"), NOT_FOUND, "loan_id:", GATEWAY),
+    # Borrow
+    ("key-empty", "Borrow", lambda c: borrow(c, idempotency_key=""), INVALID, "idempotency_key:", GATEWAY),
+    ("key-10KB", "Borrow", lambda c: borrow(c, idempotency_key=BIG), INVALID, "idempotency_key:", GATEWAY),
+    ("user-empty", "Borrow", lambda c: borrow(c, user_id=""), INVALID, "user_id:", GATEWAY),
+    ("user-10KB", "Borrow", lambda c: borrow(c, user_id=BIG), INVALID, "user_id:", GATEWAY),
+    ("asset-empty", "Borrow", lambda c: borrow(c, loan_asset=""), INVALID, "loan_asset:", GATEWAY),
+    ("asset-unknown", "Borrow", lambda c: borrow(c, loan_asset="NOPE"), INVALID, "loan_asset:", GATEWAY),
+    ("amount-too-precise", "Borrow", lambda c: borrow(c, amount=TOO_PRECISE_USDT), INVALID, "amount:", GATEWAY),
+    ("term-missing", "Borrow", lambda c: borrow(c, term=0), INVALID, "term:", GATEWAY),
+    ("term-unknown", "Borrow", lambda c: borrow(c, term=9), INVALID, "term:", GATEWAY),
+    ("collateral-none", "Borrow", lambda c: borrow(c, collateral=[]), INVALID, "collateral:", GATEWAY),
+    ("collateral-six", "Borrow", lambda c: borrow(c, collateral=[lnp.LoanCollateralAmount(asset=a, amount="1") for a in ("BTC", "ETH", "SOL", "BNB", "GT", "DOGE")]), INVALID, "collateral:", GATEWAY),
+    ("collateral-twice", "Borrow", lambda c: borrow(c, collateral=_btc("0.01") + _btc("0.01")), INVALID, "collateral[1].asset:", GATEWAY),
+    ("collateral-is-loan-asset", "Borrow", lambda c: borrow(c, collateral=[lnp.LoanCollateralAmount(asset="USDT", amount="1")]), INVALID, "collateral[0].asset:", GATEWAY),
+    ("collateral-asset-empty", "Borrow", lambda c: borrow(c, collateral=[lnp.LoanCollateralAmount(amount="1")]), INVALID, "collateral[0].asset:", GATEWAY),
+    ("collateral-too-precise", "Borrow", lambda c: borrow(c, collateral=_btc("0.000000001")), INVALID, "collateral[0].amount:", GATEWAY),
+    ("collateral-not-accepted", "Borrow", lambda c: borrow(c, collateral=[lnp.LoanCollateralAmount(asset="ETH", amount="1")]), PRECONDITION, "not accepted", GATEWAY),
+    ("asset-not-offered", "Borrow", lambda c: borrow(c, loan_asset="USDC"), PRECONDITION, "not offered", GATEWAY),
+    ("term-not-offered", "Borrow", lambda c: borrow(c, term=lnp.LOAN_TERM_FIXED_30_DAYS), PRECONDITION, "term:", GATEWAY),
+    ("below-minimum", "Borrow", lambda c: borrow(c, amount="9.99"), PRECONDITION, "amount:", GATEWAY),
+    ("ltv-too-high", "Borrow", lambda c: borrow(c, amount="1000", collateral=_btc("0.01")), PRECONDITION, "initial LTV", GATEWAY),
+    ("insufficient-collateral", "Borrow", lambda c: borrow(c, user_id=c.poor), PRECONDITION, "insufficient funds", GATEWAY),
+    ("key-reused", "Borrow", lambda c: borrow(c, idempotency_key=c.keys["Borrow"], user_id=c.loan_user), EXISTS, "idempotency_key:", GATEWAY),
+    ("operator", "Borrow", lambda c: borrow(c), DENIED, "Borrow", OPERATOR),
+    # RepayLoan
+    ("key-empty", "RepayLoan", lambda c: lnp.RepayLoanRequest(user_id=c.loan_user, loan_id=c.loan_id, amount="1"), INVALID, "idempotency_key:", GATEWAY),
+    ("id-bad", "RepayLoan", lambda c: lnp.RepayLoanRequest(idempotency_key=unique(), user_id=c.loan_user, loan_id="a b", amount="1"), INVALID, "loan_id:", GATEWAY),
+    ("unknown", "RepayLoan", lambda c: lnp.RepayLoanRequest(idempotency_key=unique(), user_id=c.loan_user, loan_id="ln-00000000000000000000", amount="1"), NOT_FOUND, "loan_id:", GATEWAY),
+    ("other-users", "RepayLoan", lambda c: lnp.RepayLoanRequest(idempotency_key=unique(), user_id=c.bob, loan_id=c.loan_id, amount="1"), NOT_FOUND, "loan_id:", GATEWAY),
+    ("amount-too-precise", "RepayLoan", lambda c: lnp.RepayLoanRequest(idempotency_key=unique(), user_id=c.loan_user, loan_id=c.loan_id, amount=TOO_PRECISE_USDT), INVALID, "amount:", GATEWAY),
+    ("over-the-debt", "RepayLoan", lambda c: lnp.RepayLoanRequest(idempotency_key=unique(), user_id=c.loan_user, loan_id=c.loan_id, amount="5000"), PRECONDITION, "more than the debt", GATEWAY),
+    ("key-reused", "RepayLoan", lambda c: lnp.RepayLoanRequest(idempotency_key=c.keys["RepayLoan"], user_id=c.loan_user, loan_id=c.loan_id, amount="1"), EXISTS, "idempotency_key:", GATEWAY),
+    # collateral
+    ("asset-empty", "AddLoanCollateral", lambda c: loan_coll(c, "AddLoanCollateral", asset=""), INVALID, "collateral.asset:", GATEWAY),
+    ("amount-zero", "AddLoanCollateral", lambda c: loan_coll(c, "AddLoanCollateral", amount="0"), INVALID, "collateral.amount:", GATEWAY),
+    ("not-accepted", "AddLoanCollateral", lambda c: loan_coll(c, "AddLoanCollateral", asset="ETH"), PRECONDITION, "not accepted", GATEWAY),
+    ("insufficient", "AddLoanCollateral", lambda c: loan_coll(c, "AddLoanCollateral", amount="5"), PRECONDITION, "insufficient funds", GATEWAY),
+    ("key-reused", "AddLoanCollateral", lambda c: loan_coll(c, "AddLoanCollateral", idempotency_key=c.keys["AddLoanCollateral"]), EXISTS, "idempotency_key:", GATEWAY),
+    ("breaches-initial-ltv", "RemoveLoanCollateral", lambda c: loan_coll(c, "RemoveLoanCollateral", amount="0.09"), PRECONDITION, "initial LTV", GATEWAY),
+    ("more-than-pledged", "RemoveLoanCollateral", lambda c: loan_coll(c, "RemoveLoanCollateral", amount="1"), PRECONDITION, "pledged", GATEWAY),
+    ("not-pledged", "RemoveLoanCollateral", lambda c: loan_coll(c, "RemoveLoanCollateral", asset="ETH"), PRECONDITION, "no ETH collateral", GATEWAY),
+    ("too-precise", "RemoveLoanCollateral", lambda c: loan_coll(c, "RemoveLoanCollateral", amount="0.000000001"), INVALID, "collateral.amount:", GATEWAY),
+    ("key-reused", "RemoveLoanCollateral", lambda c: loan_coll(c, "RemoveLoanCollateral", idempotency_key=c.keys["RemoveLoanCollateral"]), EXISTS, "idempotency_key:", GATEWAY),
+    # StartLoanHour
+    ("hour-zero", "StartLoanHour", lambda c: lnp.StartLoanHourRequest(), INVALID, "hour:", SERVICE),
+    ("hour-negative", "StartLoanHour", lambda c: lnp.StartLoanHourRequest(hour=-5), INVALID, "hour:", SERVICE),
+    ("hour-future", "StartLoanHour", lambda c: lnp.StartLoanHourRequest(hour=_NOW_HOUR + 48), PRECONDITION, "hour:", SERVICE),
+    ("gateway", "StartLoanHour", lambda c: lnp.StartLoanHourRequest(hour=1), DENIED, "StartLoanHour", GATEWAY),
+]
+for _name, _amount in BAD_AMOUNTS:
+    _LOAN.append((f"amount-{_name}", "Borrow", lambda c, a=_amount: borrow(c, amount=a), INVALID, "amount:", GATEWAY))
+for _n, _m, _b, _code, _frag, _tok in _LOAN:
+    row(_n, "loan", _m, _b, _code, _frag, _tok)
+
 # Rows that reveal a bug not fixed here: name -> reason (strict xfail).
 KNOWN_BUGS: dict[str, str] = {}
 
@@ -1455,7 +1604,7 @@ def test_the_corpus_covers_every_rpc() -> None:
     for service, descriptor in (("wallet", wallet_pb2.DESCRIPTOR.services_by_name["WalletService"]), ("earn", simple_earn_pb2.DESCRIPTOR.services_by_name["SimpleEarnService"]),
                                 ("lp", lp.DESCRIPTOR.services_by_name["LaunchpoolService"]), ("mk", mk.DESCRIPTOR.services_by_name["MarketService"]),
                                 ("dual", du.DESCRIPTOR.services_by_name["DualService"]), ("cd", cd.DESCRIPTOR.services_by_name["CandyDropService"]),
-                                ("lev", lv.DESCRIPTOR.services_by_name["LeverageService"])):
+                                ("lev", lv.DESCRIPTOR.services_by_name["LeverageService"]), ("loan", lnp.DESCRIPTOR.services_by_name["LoanService"])):
         missing = {m.name for m in descriptor.methods} - {m for s, m in covered if s == service}
         assert not missing, f"{service}: no corpus row for {sorted(missing)}"
 
@@ -1495,6 +1644,11 @@ EXPECTED_ROLES = {
         "ListLeveragePositions": {G, O, S}, "RequestLeverageQuote": {G}, "SubscribeLeverage": {G}, "RedeemLeverageEarly": {G},
         "SettleLeveragePositions": {S},
     },
+    "earn.v1.LoanService": {
+        "SetLoanAsset": {O}, "SetLoanCollateralAsset": {O}, "ListLoanAssets": {G, O, S}, "GetLoan": {G, O, S}, "ListLoans": {G, O, S},
+        "ListLoanInterest": {G, O, S}, "ListLoanLtvHistory": {G, O, S}, "ListLoanEvents": {G, O, S}, "Borrow": {G}, "RepayLoan": {G},
+        "AddLoanCollateral": {G}, "RemoveLoanCollateral": {G}, "StartLoanHour": {S},
+    },
 }
 
 
@@ -1504,7 +1658,7 @@ def _descriptors() -> list[Any]:
     return [wallet_pb2.DESCRIPTOR.services_by_name["WalletService"], simple_earn_pb2.DESCRIPTOR.services_by_name["SimpleEarnService"],
             lp.DESCRIPTOR.services_by_name["LaunchpoolService"], mk.DESCRIPTOR.services_by_name["MarketService"],
             du.DESCRIPTOR.services_by_name["DualService"], cd.DESCRIPTOR.services_by_name["CandyDropService"],
-            lv.DESCRIPTOR.services_by_name["LeverageService"]]
+            lv.DESCRIPTOR.services_by_name["LeverageService"], lnp.DESCRIPTOR.services_by_name["LoanService"]]
 
 
 def test_every_rpc_of_the_protos_is_in_the_role_tables() -> None:
@@ -1512,7 +1666,7 @@ def test_every_rpc_of_the_protos_is_in_the_role_tables() -> None:
     added to the table (and to EXPECTED_ROLES here) on purpose."""
     tables = {"earn.v1.WalletService": WALLET_ROLES, "earn.v1.SimpleEarnService": EARN_ROLES, "earn.v1.LaunchpoolService": LAUNCHPOOL_ROLES,
               "earn.v1.MarketService": MARKET_ROLES, "earn.v1.DualService": DUAL_ROLES, "earn.v1.CandyDropService": CANDYDROP_ROLES,
-              "earn.v1.LeverageService": LEVERAGE_ROLES}
+              "earn.v1.LeverageService": LEVERAGE_ROLES, "earn.v1.LoanService": LOAN_ROLES}
     for descriptor in _descriptors():
         table = tables[descriptor.full_name]
         names = {f"{descriptor.full_name}/{m.name}" for m in descriptor.methods}
@@ -1554,7 +1708,7 @@ async def test_role_table(stubs, ctx: Ctx, service: str, method: str, caller: st
     caller gets UNAUTHENTICATED (no valid token) or PERMISSION_DENIED (a role not in the
     table), before anything else."""
     stub = stubs[{"WalletService": "wallet", "LaunchpoolService": "lp", "MarketService": "mk", "DualService": "dual",
-                  "CandyDropService": "cd", "LeverageService": "lev"}.get(service.split(".")[-1], "earn")]
+                  "CandyDropService": "cd", "LeverageService": "lev", "LoanService": "loan"}.get(service.split(".")[-1], "earn")]
     descriptor = next(d for d in _descriptors() if d.full_name == service).methods_by_name[method]
     from google.protobuf import message_factory
 
