@@ -21,6 +21,9 @@ Jobs:
   Leverage's SettleLeveragePositions(until = boundary time): every position whose maturity
   has passed is settled at the market's TWAP and paid once; positions whose prices are
   missing fail the run (with the market's reason) and are retried.
+- ``loan.hours`` (hourly; only where ``EARN_LOAN_ADDRESS`` is set): Crypto Loan's
+  StartLoanHour(boundary): the hour that starts at the boundary is published to every
+  partition of the engine's loan input, which charges it into every open loan's debt.
 - ``candydrop.distribution`` (hourly; only where ``EARN_CANDYDROP_ADDRESS`` is set):
   CandyDrop's DistributePrizes(boundary): the period whose boundary is a campaign's end
   distributes it (and any ended campaign not paid yet), paying through the wallet.
@@ -51,6 +54,7 @@ from services.scheduler.domain import Cadence, Job, Period
 from earn.v1 import candydrop_pb2, candydrop_pb2_grpc, launchpool_pb2, launchpool_pb2_grpc, simple_earn_pb2, simple_earn_pb2_grpc
 from earn.v1 import dual_pb2, dual_pb2_grpc
 from earn.v1 import leverage_pb2, leverage_pb2_grpc
+from earn.v1 import loan_pb2, loan_pb2_grpc
 
 log = logging.getLogger(__name__)
 
@@ -69,6 +73,8 @@ class SchedulerSettings(Settings):
     dual_address: str = ""
     # Smart Leverage's address; empty: the leverage jobs are not run.
     leverage_address: str = ""
+    # Crypto Loan's address; empty: the loan jobs are not run.
+    loan_address: str = ""
     # CandyDrop's address; empty: the candydrop jobs are not run.
     candydrop_address: str = ""
     # Sent as `authorization: Bearer <token>`; its role must be allowed the job RPCs.
@@ -106,6 +112,8 @@ class SchedulerSettings(Settings):
             raise SystemExit("scheduler: the dual jobs need EARN_DUAL_ADDRESS")
         if names and self.leverage_address == "" and any(n.startswith("leverage.") for n in names):
             raise SystemExit("scheduler: the leverage jobs need EARN_LEVERAGE_ADDRESS")
+        if names and self.loan_address == "" and any(n.startswith("loan.") for n in names):
+            raise SystemExit("scheduler: the loan jobs need EARN_LOAN_ADDRESS")
         if names and self.candydrop_address == "" and any(n.startswith("candydrop.") for n in names):
             raise SystemExit("scheduler: the candydrop jobs need EARN_CANDYDROP_ADDRESS")
         return [JOBS[n] for n in names] if names else [s for s in JOBS.values() if enabled(s, self)]
@@ -519,6 +527,44 @@ LEVERAGE_SETTLE = Step(
     _leverage_settle,
 )
 
+# ---- Crypto Loan ----
+
+
+class LoanClient:
+    """Crypto Loan's job RPC, with the service token and a deadline on every call."""
+
+    def __init__(self, settings: SchedulerSettings) -> None:
+        self.settings = settings
+        self.channel = grpc.aio.insecure_channel(settings.loan_address)
+        self.stub = loan_pb2_grpc.LoanServiceStub(self.channel)
+        self.metadata = (("authorization", f"Bearer {settings.service_token}"),)
+
+    async def call(self, method: str, request: Any) -> Any:
+        try:
+            return await getattr(self.stub, method)(request, metadata=self.metadata, timeout=self.settings.rpc_timeout_seconds)
+        except grpc.aio.AioRpcError as err:
+            raise JobError(f"Loan.{method} at {self.settings.loan_address}: {err.code().name}: {err.details()}") from None
+
+
+_LOAN_CLIENTS: dict[tuple[int, str], LoanClient] = {}
+
+
+async def _loan_hour(ctx: Context) -> None:
+    if not ctx.settings.loan_address:
+        raise JobError("EARN_LOAN_ADDRESS is not set")
+    key = (id(asyncio.get_running_loop()), ctx.settings.loan_address)
+    client = _LOAN_CLIENTS.get(key)
+    if client is None:
+        client = _LOAN_CLIENTS[key] = LoanClient(ctx.settings)
+    await client.call("StartLoanHour", loan_pb2.StartLoanHourRequest(hour=ctx.period.boundary_hour))
+
+
+LOAN_HOUR = Step(
+    "start_loan_hour",
+    lambda job, p: f"Loan StartLoanHour(hour={p.boundary_hour}): the engine charges that hour's interest into every open loan",
+    _loan_hour,
+)
+
 JOBS: dict[str, JobSpec] = {
     spec.name: spec
     for spec in (
@@ -550,6 +596,11 @@ JOBS: dict[str, JobSpec] = {
             (LEVERAGE_SETTLE,),
         ),
         JobSpec(
+            Job("loan.hours", Cadence.HOURLY),
+            "Crypto Loan: each hour's start published to the engine, which charges the hour into every open loan's debt",
+            (LOAN_HOUR,),
+        ),
+        JobSpec(
             Job("candydrop.distribution", Cadence.HOURLY),
             "CandyDrop prizes: every campaign that ended by the period's boundary, paid once",
             (CD_DISTRIBUTE,),
@@ -566,6 +617,8 @@ def enabled(spec: JobSpec, settings: SchedulerSettings) -> bool:
         return bool(settings.dual_address)
     if spec.name.startswith("leverage."):
         return bool(settings.leverage_address)
+    if spec.name.startswith("loan."):
+        return bool(settings.loan_address)
     return not spec.name.startswith("launchpool.") or bool(settings.launchpool_address)
 
 

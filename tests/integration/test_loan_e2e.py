@@ -18,6 +18,8 @@ returns all collateral. Balances of users, the desk's treasury and fee income ar
 from __future__ import annotations
 
 import asyncio
+import subprocess
+import sys
 import tempfile
 import uuid
 from collections.abc import AsyncIterator
@@ -36,6 +38,7 @@ from aiokafka import AIOKafkaProducer
 from earn.v1 import loan_pb2 as ln, loan_pb2_grpc, market_pb2 as mk, market_pb2_grpc, wallet_pb2 as wp, wallet_pb2_grpc
 from services.devstack.processes import PROCESSES, ManagedProcess
 from services.kernel.clock import set_time
+from services.kernel.config import REPO_ROOT
 from services.market import domain as market_domain
 from services.market.simulator import tick_envelope
 from tests.conftest import GATEWAY, OPERATOR, SERVICE, eventually, unique
@@ -75,6 +78,8 @@ class World:
     producer: AIOKafkaProducer
     topic: str
     processes: dict[str, ManagedProcess]
+    database: str = ""
+    prefix: str = ""
 
     async def tick(self, pair: str, price: str, moment: datetime) -> None:
         p = market_domain.parse_pair(pair)
@@ -135,7 +140,7 @@ async def world(stack, name: str) -> AsyncIterator[World]:  # type: ignore[no-un
             grpc.aio.insecure_channel(processes["wallet"].address) as c3,
         ):
             yield World(clock, loan_pb2_grpc.LoanServiceStub(c1), market_pb2_grpc.MarketServiceStub(c2), wallet_pb2_grpc.WalletServiceStub(c3),
-                        producer, prefix + "market.prices", processes)
+                        producer, prefix + "market.prices", processes, database, prefix)
     finally:
         await producer.stop()
         for proc in reversed(processes.values()):
@@ -226,9 +231,13 @@ async def test_loan_end_to_end(stack) -> None:  # type: ignore[no-untyped-def]
         assert await w.balance("bob", "USDT") == Decimal(39900 - 1000) + surplus
         await w.wait_events("alice", alice.loan_id, [ln.LOAN_EVENT_KIND_MARGIN_CALL])
 
-        # an hour of interest: hour H0+1h started (the scheduler's call), 58,800 x 0.000005 = 0.294
+        # an hour of interest: hour H0+1h started (the scheduler's job loan.hours), 58,800 x 0.000005 = 0.294
         set_time(w.clock, at(70))
-        await w.loan.StartLoanHour(ln.StartLoanHourRequest(hour=int(at(60).timestamp()) // 3600), metadata=SERVICE)
+        env = {**stack.env, "EARN_PG_DATABASE": w.database, "EARN_TOPIC_PREFIX": w.prefix, "EARN_CLOCK_FILE": str(w.clock),
+               "EARN_LOAN_ADDRESS": w.processes["loan"].address or "", "EARN_SCHEDULER_START": at(10).isoformat(), "EARN_METRICS_PORT": "0"}
+        done = await asyncio.to_thread(subprocess.run, [sys.executable, "-m", "services.scheduler.cli", "catch-up", "--job", "loan.hours"],
+                                       cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=120)
+        assert done.returncode == 0, done.stdout + done.stderr
         got = (await w.loan.GetLoan(ln.GetLoanRequest(user_id="alice", loan_id=alice.loan_id), metadata=GATEWAY)).loan
         assert got.interest == "0" and got.principal == "58800"  # stored state; the interest enters at the next change
         records = await w.loan.ListLoanInterest(ln.ListLoanInterestRequest(user_id="alice", loan_id=alice.loan_id), metadata=GATEWAY)
