@@ -53,6 +53,7 @@ PRICES = "market.prices"
 OUTPUT = "loan.actions"
 PRODUCER = "accrual"
 TABLE = "loan_state"
+BANDS_EVERY = 10.0  # seconds between two recounts of a partition's LTV bands (a recount judges every loan)
 CHANGELOG_CONFIGS = {"cleanup.policy": "compact", "retention.ms": "-1", "min.compaction.lag.ms": str(24 * 3600 * 1000)}
 
 EVENTS = Counter("earn_accrual_loan_events_total", "Loan input events processed, by type", ["type"])
@@ -124,6 +125,7 @@ class LoanEngine:
         else:
             self.table = {}
         self.monitors: dict[int, LtvMonitor] = {}
+        self._bands_at: dict[int, float] = {}
 
     async def _forget(self, *args: Any, **kwargs: Any) -> None:
         self.monitors.clear()
@@ -232,7 +234,8 @@ class LoanEngine:
         self._save(partition, monitor, touched)
         if not isinstance(msg, loan_pb2.LoanStateChanged):
             self._save_meta(partition, monitor)
-        if isinstance(msg, accrual_pb2.HourClosed) or actions:
+        if (isinstance(msg, accrual_pb2.HourClosed) or actions) and time.monotonic() - self._bands_at.get(partition, 0.0) >= BANDS_EVERY:
+            self._bands_at[partition] = time.monotonic()  # O(loans of the partition): at most every BANDS_EVERY seconds
             self._bands(partition, monitor)
 
 
