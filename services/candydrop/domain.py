@@ -31,15 +31,11 @@ from enum import Enum
 from fractions import Fraction
 
 from services.kernel.errors import InvalidArgument
+from services.kernel.ids import check, check_job, check_period, check_printable, check_user_id
 from services.kernel.money import EXACT, format_amount, parse_amount, scale_of
 
 _CAMPAIGN_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,47}")
 _TASK_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,31}")
-# The grammar of a wallet owner: the user id owns the wallet accounts.
-_USER_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:@-]{0,63}")
-_JOB = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:-]{0,63}")
-_PERIOD = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:T-]{0,31}")
-_EVENT_ID = re.compile(r"[\x21-\x7e]{1,128}")
 
 MAX_TASKS = 20
 MAX_CANDIES = 1_000_000
@@ -68,36 +64,16 @@ class Status(str, Enum):
     DISTRIBUTED = "distributed"
 
 
-def _check(pattern: re.Pattern[str], value: str, field: str, rule: str) -> str:
-    if not value:
-        raise InvalidArgument(field, "is required")
-    if not pattern.fullmatch(value):
-        raise InvalidArgument(field, rule)
-    return value
-
-
 def check_campaign_id(value: str, field: str = "campaign_id") -> str:
-    return _check(_CAMPAIGN_ID, value, field, "must be 1 to 48 characters of letters, digits and _ . - (starting with a letter or digit)")
+    return check(_CAMPAIGN_ID, value, field, "must be 1 to 48 characters of letters, digits and _ . - (starting with a letter or digit)")
 
 
 def check_task_id(value: str, field: str) -> str:
-    return _check(_TASK_ID, value, field, "must be 1 to 32 characters of letters, digits and _ . - (starting with a letter or digit)")
-
-
-def check_user_id(value: str, field: str = "user_id") -> str:
-    return _check(_USER_ID, value, field, "must be 1 to 64 characters of letters, digits and _ . : @ - (starting with a letter or digit)")
-
-
-def check_job(value: str, field: str = "job") -> str:
-    return _check(_JOB, value, field, "must be 1 to 64 characters of letters, digits and _ . : -")
-
-
-def check_period(value: str, field: str = "period") -> str:
-    return _check(_PERIOD, value, field, "must be 1 to 32 characters of letters, digits and _ . : T -")
+    return check(_TASK_ID, value, field, "must be 1 to 32 characters of letters, digits and _ . - (starting with a letter or digit)")
 
 
 def check_event_id(value: str, field: str = "event_id") -> str:
-    return _check(_EVENT_ID, value, field, "must be 1 to 128 printable ASCII characters without spaces")
+    return check_printable(value, field, 128)
 
 
 def prize_account(campaign_id: str) -> str:

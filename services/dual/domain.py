@@ -14,18 +14,15 @@ asset's scale; the sub-unit remainder stays in the product's treasury.
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from decimal import Decimal
 from enum import Enum
 from fractions import Fraction
 
 from services.kernel.errors import FailedPrecondition, InvalidArgument
+from services.kernel.ids import check_id, check_printable, check_user_id
 from services.kernel.money import format_amount, scale_of
 
-_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
-_USER_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:@-]{0,63}")
-_ORDER_ID = re.compile(r"[\x21-\x7e]{1,64}")
 DAY_US = 86_400 * 1_000_000
 HOUR_US = 3_600 * 1_000_000
 APR_SCALE = 6
@@ -56,24 +53,8 @@ class SubscriptionStatus(str, Enum):
     FAILED = "failed"
 
 
-def _check(pattern: re.Pattern[str], value: str, field: str, rule: str) -> str:
-    if not value:
-        raise InvalidArgument(field, "is required")
-    if not pattern.fullmatch(value):
-        raise InvalidArgument(field, rule)
-    return value
-
-
-def check_id(value: str, field: str) -> str:
-    return _check(_ID, value, field, "must be 1 to 64 characters of letters, digits and _ . - (starting with a letter or digit)")
-
-
-def check_user_id(value: str, field: str = "user_id") -> str:
-    return _check(_USER_ID, value, field, "must be 1 to 64 characters of letters, digits and _ . : @ - (starting with a letter or digit)")
-
-
 def check_order_id(value: str, field: str = "client_order_id") -> str:
-    return _check(_ORDER_ID, value, field, "must be 1 to 64 printable ASCII characters without spaces")
+    return check_printable(value, field, 64)
 
 
 @dataclass(frozen=True, slots=True)

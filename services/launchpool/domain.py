@@ -9,20 +9,15 @@ count from their own time, to the microsecond; the engine does the splitting
 
 from __future__ import annotations
 
-import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from decimal import Decimal, localcontext
 from enum import Enum
 
 from services.kernel.errors import FailedPrecondition, InvalidArgument
+from services.kernel.ids import check_id, check_job, check_period, check_user_id
 from services.kernel.money import EXACT, format_amount, parse_amount, parse_decimal, scale_of
 
-_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
-# The grammar of a wallet owner: the user id owns the wallet accounts.
-_USER_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:@-]{0,63}")
-_JOB = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:-]{0,63}")
-_PERIOD = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:T-]{0,31}")
 
 MAX_POOLS = 20
 MAX_TIERS = 20
@@ -40,30 +35,6 @@ class ProjectStatus(str, Enum):
     UPCOMING = "upcoming"
     ACTIVE = "active"
     ENDED = "ended"
-
-
-def _check(pattern: re.Pattern[str], value: str, field: str, rule: str) -> str:
-    if not value:
-        raise InvalidArgument(field, "is required")
-    if not pattern.fullmatch(value):
-        raise InvalidArgument(field, rule)
-    return value
-
-
-def check_id(value: str, field: str) -> str:
-    return _check(_ID, value, field, "must be 1 to 64 characters of letters, digits and _ . - (starting with a letter or digit)")
-
-
-def check_user_id(value: str, field: str = "user_id") -> str:
-    return _check(_USER_ID, value, field, "must be 1 to 64 characters of letters, digits and _ . : @ - (starting with a letter or digit)")
-
-
-def check_job(value: str, field: str = "job") -> str:
-    return _check(_JOB, value, field, "must be 1 to 64 characters of letters, digits and _ . : -")
-
-
-def check_period(value: str, field: str = "period") -> str:
-    return _check(_PERIOD, value, field, "must be 1 to 32 characters of letters, digits and _ . : T -")
 
 
 def check_stake_id(value: str, field: str = "stake_id") -> int:

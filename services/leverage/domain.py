@@ -18,17 +18,15 @@ Choices (README, "Smart Leverage"):
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from decimal import Decimal
 from enum import Enum
 from fractions import Fraction
 
 from services.kernel.errors import FailedPrecondition, InvalidArgument
+from services.kernel.ids import check_id, check_user_id
 from services.kernel.money import format_amount
 
-_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
-_USER_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:@-]{0,63}")
 HOUR_US = 3_600 * 1_000_000
 LEVERAGE_SCALE = 2
 FEE_SCALE = 6
@@ -57,22 +55,6 @@ class Status(str, Enum):
 class CloseKind(str, Enum):
     MATURITY = "maturity"
     EARLY = "early"
-
-
-def _check(pattern: re.Pattern[str], value: str, field: str, rule: str) -> str:
-    if not value:
-        raise InvalidArgument(field, "is required")
-    if not pattern.fullmatch(value):
-        raise InvalidArgument(field, rule)
-    return value
-
-
-def check_id(value: str, field: str) -> str:
-    return _check(_ID, value, field, "must be 1 to 64 characters of letters, digits and _ . - (starting with a letter or digit)")
-
-
-def check_user_id(value: str, field: str = "user_id") -> str:
-    return _check(_USER_ID, value, field, "must be 1 to 64 characters of letters, digits and _ . : @ - (starting with a letter or digit)")
 
 
 def treasury_owner(product_id: str) -> str:
