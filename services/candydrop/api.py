@@ -41,6 +41,7 @@ from services.kernel.config import Settings
 from services.kernel.errors import AlreadyExists, DomainError, FailedPrecondition, InvalidArgument
 from services.kernel.grpcserver import GATEWAY, OPERATOR, SERVICE, current_caller
 from services.kernel.money import format_amount, parse_amount, parse_decimal, scale_of
+from services.kernel.peers import Peer
 
 from earn.v1 import accrual_pb2, candydrop_pb2 as cd, candydrop_pb2_grpc, exchange_pb2, wallet_pb2, wallet_pb2_grpc
 
@@ -95,26 +96,15 @@ class Counted:
     facts: list[domain.Fact]
 
 
-class WalletUnavailable(DomainError):
-    code = "UNAVAILABLE"
-
-
-class WalletClient:
-    """The wallet over gRPC with this service's token; refusals become domain errors."""
+class WalletClient(Peer):
+    """The wallet; whatever it refuses of a distribution is a failed precondition."""
 
     def __init__(self, channel: grpc.aio.Channel, token: str) -> None:
-        self.stub = wallet_pb2_grpc.WalletServiceStub(channel)
-        self.metadata = (("authorization", f"Bearer {token}"),)
+        super().__init__(wallet_pb2_grpc.WalletServiceStub(channel), token, "wallet", retry="the distribution resumes when called again")
 
-    async def call(self, method: str, request: Message) -> Any:
-        try:
-            return await getattr(self.stub, method)(request, metadata=self.metadata, timeout=30)
-        except grpc.aio.AioRpcError as err:
-            code = err.code()
-            if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
-                raise WalletUnavailable("wallet is unavailable; the distribution resumes when called again") from None
-            log.error("wallet call failed", extra={"method": method, "code": code.name, "details": err.details()})
-            raise FailedPrecondition(f"wallet refused {method}: {err.details()}") from None
+    def refused(self, method: str, err: grpc.aio.AioRpcError) -> DomainError:
+        log.error("wallet call failed", extra={"method": method, "code": err.code().name, "details": err.details()})
+        return FailedPrecondition(f"wallet refused {method}: {err.details()}")
 
 
 def derived_key(prefix: str, *parts: object) -> str:

@@ -26,19 +26,20 @@ from typing import Any
 
 import asyncpg
 import grpc
-from google.protobuf.message import Message
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from services.dual import domain, metrics, store
 from services.dual.domain import Direction, PlanStatus, SubscriptionStatus
-from services.kernel import idempotency, paging
+from services.kernel import idempotency, paging, peers
 from services.kernel.config import Settings
 from services.kernel.errors import AlreadyExists, DomainError, FailedPrecondition, InvalidArgument, NotFound
 from services.kernel.grpcserver import GATEWAY, OPERATOR, SERVICE, current_caller
+from services.kernel.ids import parse_serial
 from services.kernel.money import format_amount, parse_amount, parse_decimal, scale_of
+from services.kernel.peers import Peer, Unavailable
 from services.market.domain import micros
 
-from earn.v1 import dual_pb2 as du, dual_pb2_grpc, market_pb2, market_pb2_grpc, wallet_pb2, wallet_pb2_grpc
+from earn.v1 import dual_pb2 as du, dual_pb2_grpc, market_pb2, wallet_pb2
 
 log = logging.getLogger(__name__)
 
@@ -74,39 +75,10 @@ _SUB_STATUS_OUT = {
 _SUB_STATUS_IN = {v: k for k, v in _SUB_STATUS_OUT.items()}
 
 
-class Unavailable(DomainError):
-    code = "UNAVAILABLE"
-
-
-class Client:
-    """A peer service over gRPC with this service's token; refusals become domain errors."""
-
-    def __init__(self, stub: Any, token: str, name: str) -> None:
-        self.stub = stub
-        self.metadata = (("authorization", f"Bearer {token}"),)
-        self.name = name
-
-    async def call(self, method: str, request: Message) -> Any:
-        try:
-            return await getattr(self.stub, method)(request, metadata=self.metadata, timeout=30)
-        except grpc.aio.AioRpcError as err:
-            code = err.code()
-            if code == grpc.StatusCode.FAILED_PRECONDITION:
-                raise FailedPrecondition(err.details() or f"{self.name} refused") from None
-            if code == grpc.StatusCode.NOT_FOUND:
-                raise NotFound(err.details() or f"{self.name}: not found") from None
-            if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
-                raise Unavailable(f"{self.name} is unavailable; retry with the same key") from None
-            log.error("peer call failed", extra={"peer": self.name, "method": method, "code": code.name, "details": err.details()})
-            raise
-
-
-def wallet_client(channel: grpc.aio.Channel, token: str) -> Client:
-    return Client(wallet_pb2_grpc.WalletServiceStub(channel), token, "wallet")
-
-
-def market_client(channel: grpc.aio.Channel, token: str) -> Client:
-    return Client(market_pb2_grpc.MarketServiceStub(channel), token, "market")
+# services/loan still imports these names from here; they are the kernel's (services.kernel.peers).
+Client = Peer
+wallet_client = peers.wallet
+market_client = peers.market
 
 
 def _time_us(request: Any, field: str) -> int:
@@ -142,7 +114,7 @@ def _asset(value: str, field: str) -> str:
 
 
 class DualApi(dual_pb2_grpc.DualServiceServicer):
-    def __init__(self, pool: asyncpg.Pool, settings: Settings, wallet: Client, market: Client) -> None:
+    def __init__(self, pool: asyncpg.Pool, settings: Settings, wallet: Peer, market: Peer) -> None:
         self.pool = pool
         self.settings = settings
         self.wallet = wallet
@@ -252,7 +224,7 @@ class DualApi(dual_pb2_grpc.DualServiceServicer):
         user = _scoped_user(request.user_id)
         if not request.subscription_id:
             raise InvalidArgument("subscription_id", "is required")
-        subscription_id = paging_id(request.subscription_id, "subscription_id")
+        subscription_id = parse_serial(request.subscription_id, "subscription_id")
         row = await store.subscription(self.pool, subscription_id)
         if row is None or (user and row["user_id"] != user):
             raise NotFound(f"subscription_id: no subscription {subscription_id}" + (f" of user {user}" if user else ""))
@@ -442,10 +414,3 @@ class DualApi(dual_pb2_grpc.DualServiceServicer):
         if await store.mark_settled(self.pool, s["id"], self.settings.clock.now()):
             metrics.amount(metrics.PAID, s["payout_amount"], s["payout_asset"])
             metrics.SETTLED.labels("converted" if s["converted"] else "not_converted").inc()
-
-
-def paging_id(text: str, field: str) -> int:
-    if not (text.isascii() and text.isdigit()) or len(text) > 19 or int(text) >= 2**63 or int(text) == 0:
-        raise InvalidArgument(field, "must be a positive decimal id")
-    return int(text)
-

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import grpc
 
-from services.dual.api import ROLES, SERVICE_NAME, DualApi, market_client, wallet_client
-from services.kernel import db, logs
+from services.dual.api import ROLES, SERVICE_NAME, DualApi
+from services.kernel import db, logs, peers
 from services.kernel.config import ServiceSettings, load
 from services.kernel.grpcserver import GrpcApp
 
@@ -50,7 +50,7 @@ async def main() -> None:
     pool = await db.create_pool(settings, SCHEMA)
     wallet = grpc.aio.insecure_channel(settings.wallet_address)
     market = grpc.aio.insecure_channel(settings.market_address)
-    api = DualApi(pool, settings, wallet_client(wallet, settings.service_token), market_client(market, settings.service_token))
+    api = DualApi(pool, settings, peers.wallet(wallet, settings.service_token), peers.market(market, settings.service_token))
     app = GrpcApp("dual", settings, ROLES)
     app.add_servicer(dual_pb2_grpc.add_DualServiceServicer_to_server, api, SERVICE_NAME)
     app.background(lambda: sweep(settings, api))

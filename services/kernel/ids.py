@@ -46,6 +46,13 @@ def check_period(value: str, field: str = "period") -> str:
     return check(PERIOD, value, field, "must be 1 to 32 characters of letters, digits and _ . : T -")
 
 
+def parse_serial(text: str, field: str) -> int:
+    """A database id (BIGINT, from 1) sent as decimal text."""
+    if not (text.isascii() and text.isdigit()) or len(text) > 19 or int(text) >= 2**63 or int(text) == 0:
+        raise InvalidArgument(field, "must be a positive decimal id")
+    return int(text)
+
+
 def check_printable(value: str, field: str, max_length: int) -> str:
     """1 to ``max_length`` printable ASCII characters without spaces (client order ids,
     event ids: whatever the caller's own system produced)."""

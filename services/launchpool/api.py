@@ -39,11 +39,12 @@ from services.kernel.config import Settings
 from services.kernel.errors import AlreadyExists, DomainError, FailedPrecondition, InvalidArgument, NotFound
 from services.kernel.grpcserver import GATEWAY, OPERATOR, SERVICE, current_caller
 from services.kernel.money import check_amount_column, format_amount, parse_amount, parse_decimal, scale_of
+from services.kernel.peers import Peer
 from services.kernel.topics import CATALOGUE
 from services.launchpool import domain, metrics, store
 from services.launchpool.domain import PayoutMode
 
-from earn.v1 import accrual_pb2, launchpool_pb2 as lp, launchpool_pb2_grpc, wallet_pb2, wallet_pb2_grpc
+from earn.v1 import accrual_pb2, launchpool_pb2 as lp, launchpool_pb2_grpc, wallet_pb2
 
 log = logging.getLogger(__name__)
 
@@ -81,30 +82,6 @@ _STATUS = {
 _STATUS_OUT = {v: k for k, v in _STATUS.items()}
 
 M = TypeVar("M", bound=Message)
-
-
-class WalletUnavailable(DomainError):
-    code = "UNAVAILABLE"
-
-
-class WalletClient:
-    """The wallet over gRPC with this service's token; refusals become domain errors."""
-
-    def __init__(self, channel: grpc.aio.Channel, token: str) -> None:
-        self.stub = wallet_pb2_grpc.WalletServiceStub(channel)
-        self.metadata = (("authorization", f"Bearer {token}"),)
-
-    async def call(self, method: str, request: Message) -> Any:
-        try:
-            return await getattr(self.stub, method)(request, metadata=self.metadata, timeout=30)
-        except grpc.aio.AioRpcError as err:
-            code = err.code()
-            if code == grpc.StatusCode.FAILED_PRECONDITION:
-                raise FailedPrecondition(err.details() or "wallet refused") from None
-            if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
-                raise WalletUnavailable("wallet is unavailable; retry with the same idempotency_key") from None
-            log.error("wallet call failed", extra={"method": method, "code": code.name, "details": err.details()})
-            raise
 
 
 def derived_key(prefix: str, *parts: object) -> str:
@@ -147,7 +124,7 @@ def _prices(raw: Any) -> dict[str, Decimal]:
 
 
 class LaunchpoolApi(launchpool_pb2_grpc.LaunchpoolServiceServicer):
-    def __init__(self, pool: asyncpg.Pool, settings: Settings, wallet: WalletClient) -> None:
+    def __init__(self, pool: asyncpg.Pool, settings: Settings, wallet: Peer) -> None:
         self.pool = pool
         self.settings = settings
         self.wallet = wallet

@@ -11,13 +11,13 @@ import grpc
 from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
 from google.protobuf.message import DecodeError
 
-from services.kernel import db, events, logs, topics
+from services.kernel import db, events, logs, peers, topics
 from services.kernel.config import ServiceSettings, load
 from services.kernel.errors import InvalidArgument
 from services.kernel.grpcserver import GrpcApp
 from services.kernel.outbox import Relay
 from services.launchpool import metrics, store
-from services.launchpool.api import ROLES, SERVICE_NAME, LaunchpoolApi, WalletClient
+from services.launchpool.api import ROLES, SERVICE_NAME, LaunchpoolApi
 
 from earn.v1 import accrual_pb2, launchpool_pb2_grpc
 
@@ -161,7 +161,7 @@ async def main() -> None:
     await asyncio.to_thread(topics.ensure_topics, settings, [store.TOPIC, PAYOUT_TOPIC])
     pool = await db.create_pool(settings, SCHEMA)
     channel = grpc.aio.insecure_channel(settings.wallet_address)
-    api = LaunchpoolApi(pool, settings, WalletClient(channel, settings.wallet_token))
+    api = LaunchpoolApi(pool, settings, peers.wallet(channel, settings.wallet_token, retry="retry with the same idempotency_key", not_found=False))
     app = GrpcApp("launchpool", settings, ROLES)
     app.add_servicer(launchpool_pb2_grpc.add_LaunchpoolServiceServicer_to_server, api, SERVICE_NAME)
     if settings.relay_enabled:

@@ -35,19 +35,18 @@ import asyncpg
 import grpc
 from google.protobuf.timestamp_pb2 import Timestamp
 
-from services.dual.api import Client, Unavailable, market_client, paging_id, wallet_client
 from services.kernel import idempotency, paging
 from services.kernel.config import ServiceSettings
 from services.kernel.errors import AlreadyExists, DomainError, FailedPrecondition, InvalidArgument, NotFound
 from services.kernel.grpcserver import GATEWAY, OPERATOR, SERVICE, current_caller
+from services.kernel.ids import parse_serial
 from services.kernel.money import format_amount, parse_amount, parse_decimal, scale_of
+from services.kernel.peers import Peer, Unavailable
 from services.leverage import domain, metrics, store
 from services.leverage.domain import CloseKind, Direction, Status
 from services.market.domain import iso, micros, parse_pair
 
 from earn.v1 import leverage_pb2 as lv, leverage_pb2_grpc, market_pb2, wallet_pb2
-
-__all__ = ["ROLES", "SERVICE_NAME", "LeverageApi", "market_client", "wallet_client"]
 
 log = logging.getLogger(__name__)
 
@@ -134,7 +133,7 @@ def _direction(value: int) -> Direction:
 
 
 class LeverageApi(leverage_pb2_grpc.LeverageServiceServicer):
-    def __init__(self, pool: asyncpg.Pool, settings: LeverageSettings, wallet: Client, market: Client) -> None:
+    def __init__(self, pool: asyncpg.Pool, settings: LeverageSettings, wallet: Peer, market: Peer) -> None:
         self.pool = pool
         self.settings = settings
         self.wallet = wallet
@@ -245,7 +244,7 @@ class LeverageApi(leverage_pb2_grpc.LeverageServiceServicer):
     async def _user_position(self, user: str, position_id_text: str) -> asyncpg.Record:
         if not position_id_text:
             raise InvalidArgument("position_id", "is required")
-        position_id = paging_id(position_id_text, "position_id")
+        position_id = parse_serial(position_id_text, "position_id")
         row = await store.position(self.pool, position_id)
         if row is None or (user and row["user_id"] != user):
             raise NotFound(f"position_id: no position {position_id}" + (f" of user {user}" if user else ""))

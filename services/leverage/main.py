@@ -10,10 +10,10 @@ from pathlib import Path
 
 import grpc
 
-from services.kernel import db, logs
+from services.kernel import db, logs, peers
 from services.kernel.config import load
 from services.kernel.grpcserver import GrpcApp
-from services.leverage.api import ROLES, SERVICE_NAME, LeverageApi, LeverageSettings, market_client, wallet_client
+from services.leverage.api import ROLES, SERVICE_NAME, LeverageApi, LeverageSettings
 
 from earn.v1 import leverage_pb2_grpc
 
@@ -42,7 +42,7 @@ async def main() -> None:
     pool = await db.create_pool(settings, SCHEMA)
     wallet = grpc.aio.insecure_channel(settings.wallet_address)
     market = grpc.aio.insecure_channel(settings.market_address)
-    api = LeverageApi(pool, settings, wallet_client(wallet, settings.service_token), market_client(market, settings.service_token))
+    api = LeverageApi(pool, settings, peers.wallet(wallet, settings.service_token), peers.market(market, settings.service_token))
     await api.refresh_exposure()
     app = GrpcApp("leverage", settings, ROLES)
     app.add_servicer(leverage_pb2_grpc.add_LeverageServiceServicer_to_server, api, SERVICE_NAME)
