@@ -5,12 +5,16 @@ its own tables, its payout batches to "launchpool.payouts". The logic is pure
 State (changelog-backed tables, memory store, keys prefixed with the input partition so
 partitions never share a key): ``lp_state`` holds both a pool's accumulator (its
 hour-boundary values, its recent payouts; key ``p:<partition>:<pool>``) and each stake
-(units, constant, segments; ``s:<partition>:<pool>:<stake>``), ``lp_meta`` the
-partition's watermark. Values are JSON with exact rationals as "numerator/denominator"
-strings. A stake change writes the stake, then the pool, to the one changelog partition
-of its input partition, so after a crash the changelog holds neither, both, or the stake
-alone (never the pool alone); the last case is recognised (the stake's offset is ahead
-of the pool's) and the pool is brought up to it.
+(units, its open hour's partial integral or its settled reward, segments;
+``s:<partition>:<pool>:<stake>``), ``lp_meta`` the partition's watermark. Values are JSON
+with exact rationals as "numerator/denominator" strings. Whatever advances a pool past an
+hour boundary (a stake change, a tick, a payout request) settles the stakes changed in
+the closed hour and writes them, then (for a change) the changed stake, then the pool, to
+the one changelog partition of its input partition, so after a crash the changelog holds
+a prefix of these writes, never the pool without the stakes before it. Replayed, the
+settled stakes are recognised (settling is done once per stake and hour) and so is a
+changed stake whose record is there (its offset is ahead of the pool's): the pool is
+brought up to it.
 
 At-least-once: a pool's own events (schedule, stake changes) carry increasing offsets and
 a pool skips offsets it has applied; ticks are idempotent (advancing to a time already
@@ -21,7 +25,8 @@ written per stake by a payout. Input goes through the engine's ``InputGuard``
 read from the topic directly.
 
 Cost: a stake change is O(1) (the pool and that stake); a tick is O(pools of the
-partition); a payout is one pass over the pool's stakes in memory (built from the table
+partition) plus the stakes changed in the closed hour (settled once each: O(1) amortised
+per change); a payout is one pass over the pool's stakes in memory (built from the table
 after a rebalance).
 """
 
@@ -107,7 +112,7 @@ class LaunchpoolEngine:
         app.on_partitions_revoked.connect(self._forget)
 
     def _init(self) -> None:
-        self.books: dict[tuple[int, str], dict[str, lp.Stake]] = {}
+        self.books: dict[tuple[int, str], lp.Book] = {}
         # Parsed pools by key, with the table value they were parsed from (or written as).
         self._pool_cache: dict[str, tuple[str, lp.Pool]] = {}
         # The pools of each partition (derived: one scan of the table after a rebalance).
@@ -185,18 +190,30 @@ class LaunchpoolEngine:
             found = self._pool_ids[partition] = {k[len(prefix):] for k in keys if k.startswith(prefix)}
         return sorted(found)
 
-    def book(self, partition: int, pool_id: str) -> dict[str, lp.Stake]:
+    def book(self, partition: int, pool_id: str) -> lp.Book:
         """The pool's stakes in memory, built from the table when missing."""
         found = self.books.get((partition, pool_id))
         if found is None:
-            found = self.books[(partition, pool_id)] = {}
+            found = self.books[(partition, pool_id)] = lp.Book()
             prefix = f"s:{partition}:{pool_id}:"
             for key in list(self.state.keys()):
                 key = key if isinstance(key, str) else key.decode()
                 if key.startswith(prefix):
-                    stake = lp.Stake.from_dict(self._get(self.state, key))
-                    found[stake.stake_id] = stake
+                    found.add(lp.Stake.from_dict(self._get(self.state, key)))
         return found
+
+    def save_stakes(self, partition: int, pool_id: str, stakes: list[lp.Stake]) -> None:
+        for stake in stakes:
+            self._put(self.state, partition, f"s:{partition}:{pool_id}:{stake.stake_id}", stake.to_dict())
+
+    def advance(self, partition: int, pool: lp.Pool, to: int) -> None:
+        """Advance the pool (settling the stakes of the hours it closes) and write the
+        settled stakes, then the pool."""
+        if to <= pool.last_us:
+            return
+        settled = lp.advance(pool, self.book(partition, pool.pool_id), to)
+        self.save_stakes(partition, pool.pool_id, settled)
+        self.save_pool(partition, pool)
 
     def watermark(self, partition: int) -> int:
         data = self._get(self.meta, str(partition))
@@ -243,7 +260,7 @@ class LaunchpoolEngine:
         pool = lp.Pool(msg.pool_id, msg.reward_asset, scale, total, start_us, msg.end_hour * lp.HOUR_US, last_us=start_us, last_offset=offset)
         watermark = self.watermark(partition)
         if watermark:
-            pool.advance(watermark * lp.HOUR_US)
+            lp.advance(pool, lp.Book(), watermark * lp.HOUR_US)  # no stakes yet
         self.save_pool(partition, pool)
 
     def on_stake(self, partition: int, offset: int, msg: launchpool_pb2.LaunchpoolStakeChanged) -> None:
@@ -256,29 +273,26 @@ class LaunchpoolEngine:
             SKIPPED.labels("duplicate").inc()
             return
         book = self.book(partition, msg.pool_id)
-        key = f"s:{partition}:{msg.pool_id}:{msg.stake_id}"
         stake = book.get(msg.stake_id)
         try:
             delta = _signed_units(msg.delta)
             if stake is not None and stake.last_offset >= offset:
                 # The stake's record of this change reached the changelog and the pool's
-                # did not (a crash between the two writes): bring the pool up to it.
+                # did not (a crash between the writes): only the pool's part is applied.
                 SKIPPED.labels("pool_behind").inc()
-                lp.apply_to_pool(pool, delta_units=delta, at_us=msg.at_micros, offset=offset)
-                self.save_pool(partition, pool)
-                return
-            if msg.at_micros < pool.last_us:
+            elif msg.at_micros < pool.last_us:
                 SKIPPED.labels("late").inc()  # counted; applied at the pool's time
                 log.error("stake change before the pool's time", extra={"pool_id": msg.pool_id, "offset": offset})
-            new = lp.apply_stake_change(pool, stake, stake_id=msg.stake_id, user_id=msg.user_id, delta_units=delta, at_us=msg.at_micros, offset=offset)
+            writes = lp.apply_stake_change(pool, book, stake_id=msg.stake_id, user_id=msg.user_id, delta_units=delta, at_us=msg.at_micros, offset=offset)
         except Exception as err:  # noqa: BLE001
-            self.drop(partition, msg.pool_id)  # possibly advanced in memory: read it again from the table
+            # Possibly changed in memory: read both again from the table.
+            self.drop(partition, msg.pool_id)
+            self.books.pop((partition, msg.pool_id), None)
             SKIPPED.labels("invalid").inc()
             log.error("stake change refused", extra={"pool_id": msg.pool_id, "offset": offset, "error": str(err)})
             return
-        assert new is not None
-        book[msg.stake_id] = new
-        self._put(self.state, partition, key, new.to_dict())  # the stake first, then the pool (see above)
+        assert writes is not None
+        self.save_stakes(partition, msg.pool_id, writes)  # the stakes first, then the pool (see above)
         self.save_pool(partition, pool)
 
     def on_hour(self, partition: int, hour: int) -> None:
@@ -286,9 +300,8 @@ class LaunchpoolEngine:
             self._put(self.meta, partition, str(partition), {"h": hour})
         for pool_id in self.pool_ids(partition):
             pool = self.pool(partition, pool_id)
-            if pool is not None and hour * lp.HOUR_US > pool.last_us:
-                pool.advance(hour * lp.HOUR_US)
-                self.save_pool(partition, pool)
+            if pool is not None:
+                self.advance(partition, pool, hour * lp.HOUR_US)
 
     async def on_payout(self, partition: int, offset: int, msg: accrual_pb2.PayoutRequested) -> None:
         emitter = _Emitter(self, partition, msg)
@@ -299,8 +312,7 @@ class LaunchpoolEngine:
             pool = self.pool(partition, pool_id)
             if pool is None:
                 continue
-            if msg.boundary_hour * lp.HOUR_US > pool.last_us:
-                pool.advance(msg.boundary_hour * lp.HOUR_US)
+            self.advance(partition, pool, msg.boundary_hour * lp.HOUR_US)
             entry, status = pool.record_payout(msg.job, msg.period, msg.boundary_hour, offset)
             if status == "stale" or entry is None:
                 SKIPPED.labels("payout_stale").inc()

@@ -3,9 +3,12 @@ payout at the end), three pools, stakes entering and leaving mid-hour, a user st
 just before and one just after an hour boundary, minimums, personal caps by trading
 volume, a pool cap, a newcomer-only pool; hours closed and rewards paid by the
 scheduler's CLI (job launchpool.rewards.hourly). Every reward record and balance is
-checked to the unit against a reference computed here with fractions: between
-consecutive events the pool pays total / duration x dt, split by each stake's share at
-that instant; a payout at boundary B pays floor(E(B)) - floor(E(previous boundary)).
+checked to the unit against a reference computed here with fractions from the product
+rule: hour h's reward (total / number of hours) is split by each user's integral of stake
+over the hour divided by the pool's (average stake / pool's average stake; an hour whose
+pool integral is 0 distributes nothing); a payout at boundary B pays floor(E(B)) -
+floor(E(previous boundary)). Pool A's stake changes mid-hour (dave at 01:20), where this
+rule and an instant-by-instant split differ: the rule's amount is asserted.
 
 Then the same scenario again while the accrual engine, the scheduler's CLI and the
 Launchpool service (its payout consumer) are SIGKILLed at random moments (seeded;
@@ -78,25 +81,30 @@ class RefPool:
     boundaries: list[int]  # payout boundaries (hours)
     changes: list[tuple[int, str, Fraction]] = field(default_factory=list)  # (µs, user, delta)
 
+    def integral(self, user: str, lo: int, hi: int) -> Fraction:
+        """The user's stake integrated over [lo, hi) (amount x µs); a change at t counts from t."""
+        mine = sorted((t, d) for t, u, d in self.changes if u == user)
+        held, total, at = Fraction(0), Fraction(0), lo
+        for t, d in mine:
+            if t > at and t < hi:
+                total += held * (t - at)
+                at = t
+            held += d if t < hi else 0
+        return total + held * (hi - at)
+
     def earned(self, boundary: int) -> dict[str, Fraction]:
-        """Exact reward of each user from the start through ``boundary``."""
-        start, end, until = self.start_hour * HOUR_US, self.end_hour * HOUR_US, boundary * HOUR_US
-        rate = self.total / (end - start)
-        points = sorted({start, min(end, until), *(t for t, _, _ in self.changes if t < until)})
-        stake: dict[str, Fraction] = defaultdict(Fraction)
-        earned: dict[str, Fraction] = defaultdict(Fraction)
-        changes = sorted(self.changes, key=lambda c: c[0])
-        i = 0
-        for a, b in zip(points, points[1:]):
-            while i < len(changes) and changes[i][0] <= a:
-                stake[changes[i][1]] += changes[i][2]
-                i += 1
-            lo, hi = max(a, start), min(b, end)
-            pool = sum(stake.values())
-            if hi > lo and pool > 0:
-                for user, amount in stake.items():
-                    earned[user] += rate * (hi - lo) * amount / pool
-        return dict(earned)
+        """Exact reward of each user from the start through ``boundary``: for each hour,
+        hourly reward x user's integral / pool's integral."""
+        hourly = self.total / (self.end_hour - self.start_hour)
+        earned: dict[str, Fraction] = {}
+        users = sorted({u for _, u, _ in self.changes})
+        for h in range(self.start_hour, min(boundary, self.end_hour)):
+            lo, hi = h * HOUR_US, (h + 1) * HOUR_US
+            mine = {u: self.integral(u, lo, hi) for u in users if any(t < hi for t, uu, _ in self.changes if uu == u)}
+            pool = sum(mine.values(), Fraction(0))
+            for user, value in mine.items():
+                earned[user] = earned.get(user, Fraction(0)) + (hourly * value / pool if pool > 0 else Fraction(0))
+        return earned
 
     def undistributed(self) -> Fraction:
         """The reward of the time nobody staked: not distributed."""
@@ -306,17 +314,23 @@ async def scenario(w: World) -> Outcome:
             if got:
                 records[(name, pool)] = got
     assert records[("erin", "B")] and records[("frank", "B")] and records[("alice", "C")]
+    # 01:00-02:00 in pool A: alice 800 and bob 300 all hour, dave 400 from 01:20. Average
+    # pool 1100 x 1/3 + 1500 x 2/3; alice's 800 / (4100 / 3) = 2400 / 4100 of the hour's 1
+    # BTC. (Split instant by instant it would be 800/1100 x 1/3 + 800/1500 x 2/3 =
+    # 0.59797979...: the rule's amount is paid.)
+    assert records[("alice", "A")][H0 + 2] == Decimal("0.58536585")
+    assert records[("erin", "B")][H0 + 2] == Decimal("0.075")  # the hour's whole 0.3 / 4
 
     for pool, r in ref.items():
         paid = sum((sum(p.values(), Decimal(0)) for p in expected[pool].values()), Decimal(0))
         total = Decimal(r.total.numerator) / r.total.denominator
         recipients = len({u for p in expected[pool].values() for u in p})
         assert paid <= total
-        # What is not paid: the reward of the time nobody staked (B until 01:59:59.5, C until
-        # 01:05; A was staked from its first instant), and rounding dust under one unit per
-        # recipient.
+        # What is not paid: the reward of the hours nobody staked (none here: in B erin's
+        # last half second of 01:00-02:00 makes her the hour's whole average pool, in C
+        # alice from 01:05 likewise), and rounding dust under one unit per recipient.
         undistributed = r.undistributed()
-        assert (undistributed == 0) == (pool == "A"), pool
+        assert undistributed == 0, pool
         dust = (Fraction(total) - Fraction(paid) - undistributed) * 10 ** SCALES[r.asset]
         assert 0 <= dust < recipients, (pool, total, paid, undistributed)
 
