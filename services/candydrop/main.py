@@ -8,9 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import TypeVar
 
 import grpc
 from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
@@ -18,7 +16,7 @@ from google.protobuf.message import DecodeError
 
 from services.candydrop import metrics
 from services.candydrop.api import ROLES, SERVICE_NAME, CandyDropApi, Counted, WalletClient
-from services.kernel import db, logs, topics
+from services.kernel import db, logs, loops, topics
 from services.kernel.config import ServiceSettings, load
 from services.kernel.errors import InvalidArgument
 from services.kernel.grpcserver import GrpcApp
@@ -32,6 +30,7 @@ MIGRATIONS = Path(__file__).parent / "migrations"
 EXCHANGE_TOPICS = ("exchange.trades", "exchange.deposits")
 SIMPLE_EARN_TOPIC = "simple_earn.accrual"
 GROUP = "candydrop-events"
+_STEP_FAILED = "event consumer step failed; retrying"
 
 
 class CandyDropSettings(ServiceSettings):
@@ -47,23 +46,6 @@ class CandyDropSettings(ServiceSettings):
     # Distribute a campaign only this many seconds after its end, so that exchange events
     # delivered late still count (the first hourly run after that pays it). 0: at once.
     settle_seconds: float = 0.0
-
-
-T = TypeVar("T")
-
-
-async def _retried(what: str, work: Callable[[], Awaitable[T]]) -> T:
-    """Run ``work`` until it succeeds: a database or broker hiccup is retried, never skipped."""
-    delay = 0.5
-    while True:
-        try:
-            return await work()
-        except asyncio.CancelledError:
-            raise
-        except Exception:
-            log.exception("event consumer step failed; retrying", extra={"step": what})
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, 10.0)
 
 
 def parse_record(logical: str, record: ConsumerRecord) -> Counted | None:
@@ -85,14 +67,14 @@ async def apply_batch(api: CandyDropApi, logical: dict[str, str], records: list[
             parsed.append((record, parse_record(logical[record.topic], record)))
         except (DecodeError, ValueError, InvalidArgument) as err:
             error = err.message if isinstance(err, InvalidArgument) else f"{type(err).__name__}: {err}"
-            await _retried("park", lambda r=record, e=error: api.park(r.topic, r.partition, r.offset, e, r.value or b""))
+            await loops.retried(lambda r=record, e=error: api.park(r.topic, r.partition, r.offset, e, r.value or b""), _STEP_FAILED, step="park")
             log.error("unreadable event parked in dead_letters", extra={"topic": record.topic, "offset": record.offset, "error": error})
             parsed.append((record, "dead_letter"))
     users = {item.user for _, item in parsed if isinstance(item, Counted)}
-    active = await _retried("participants", lambda: api.participants(users)) if users else set()
+    active = await loops.retried(lambda: api.participants(users), _STEP_FAILED, step="participants") if users else set()
     for record, item in parsed:
         if isinstance(item, Counted):
-            outcome = await _retried("apply", lambda i=item: api.apply(i)) if item.user in active else "not_counted"
+            outcome = await loops.retried(lambda i=item: api.apply(i), _STEP_FAILED, step="apply") if item.user in active else "not_counted"
         else:
             outcome = "ignored" if item is None else item
         metrics.EVENTS.labels(logical[record.topic], outcome).inc()
@@ -104,15 +86,7 @@ async def consume(settings: CandyDropSettings, api: CandyDropApi) -> None:
         bootstrap_servers=settings.kafka_bootstrap, group_id=settings.topic_prefix + GROUP, enable_auto_commit=False,
         auto_offset_reset="earliest",
     )
-    delay = 0.5
-    while True:
-        try:
-            await consumer.start()
-            break
-        except Exception as exc:
-            log.warning("event consumer cannot reach Kafka; retrying", extra={"error": str(exc)})
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, 5.0)
+    await loops.start_consumer(consumer, "event consumer")
     consumer.subscribe(list(logical))
     try:
         while True:

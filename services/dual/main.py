@@ -10,7 +10,7 @@ from pathlib import Path
 import grpc
 
 from services.dual.api import ROLES, SERVICE_NAME, DualApi
-from services.kernel import db, logs, peers
+from services.kernel import db, logs, loops, peers
 from services.kernel.config import ServiceSettings, load
 from services.kernel.grpcserver import GrpcApp
 
@@ -32,17 +32,6 @@ class DualSettings(ServiceSettings):
     release_sweep_seconds: float = 5.0
 
 
-async def sweep(settings: DualSettings, api: DualApi) -> None:
-    while True:
-        try:
-            await api.release_abandoned()
-        except asyncio.CancelledError:
-            raise
-        except Exception:
-            log.exception("release sweep failed")
-        await asyncio.sleep(settings.release_sweep_seconds)
-
-
 async def main() -> None:
     settings = load(DualSettings)
     logs.configure(settings.log_level)
@@ -53,7 +42,7 @@ async def main() -> None:
     api = DualApi(pool, settings, peers.wallet(wallet, settings.service_token), peers.market(market, settings.service_token))
     app = GrpcApp("dual", settings, ROLES)
     app.add_servicer(dual_pb2_grpc.add_DualServiceServicer_to_server, api, SERVICE_NAME)
-    app.background(lambda: sweep(settings, api))
+    app.background(lambda: loops.every(settings.release_sweep_seconds, api.release_abandoned, "release sweep failed"))
     app.on_stop(pool.close)
     app.on_stop(lambda: wallet.close())
     app.on_stop(lambda: market.close())

@@ -11,7 +11,7 @@ import grpc
 from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
 from google.protobuf.message import DecodeError
 
-from services.kernel import db, events, logs, peers, topics
+from services.kernel import db, events, logs, loops, peers, topics
 from services.kernel.config import ServiceSettings, load
 from services.kernel.errors import InvalidArgument
 from services.kernel.grpcserver import GrpcApp
@@ -67,17 +67,9 @@ def _is_last_batch(raw: bytes) -> bool:
 
 
 async def _apply_one(api: LaunchpoolApi, topic: str, record: ConsumerRecord) -> None:
-    delay = 0.5
-    while True:
-        try:
-            outcome = await _consume_one(api, topic, record)
-            break
-        except asyncio.CancelledError:
-            raise
-        except Exception:
-            log.exception("launchpool payout batch failed; retrying", extra={"offset": record.offset, "partition": record.partition})
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, 10.0)
+    outcome = await loops.retried(
+        lambda: _consume_one(api, topic, record), "launchpool payout batch failed; retrying", offset=record.offset, partition=record.partition,
+    )
     metrics.PAYOUT_BATCHES.labels(outcome).inc()
 
 
@@ -118,15 +110,7 @@ async def consume_payouts(settings: LaunchpoolSettings, api: LaunchpoolApi) -> N
         bootstrap_servers=settings.kafka_bootstrap, group_id=settings.topic_prefix + PAYOUT_GROUP, enable_auto_commit=False,
         auto_offset_reset="earliest", max_partition_fetch_bytes=8 * 1024 * 1024, fetch_max_bytes=32 * 1024 * 1024,
     )
-    delay = 0.5
-    while True:
-        try:
-            await consumer.start()
-            break
-        except Exception as exc:
-            log.warning("payout consumer cannot reach Kafka; retrying", extra={"error": str(exc)})
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, 5.0)
+    await loops.start_consumer(consumer, "payout consumer")
     consumer.subscribe([topic])
     try:
         while True:
@@ -143,17 +127,6 @@ async def consume_payouts(settings: LaunchpoolSettings, api: LaunchpoolApi) -> N
         await consumer.stop()
 
 
-async def sweep_releases(settings: LaunchpoolSettings, api: LaunchpoolApi) -> None:
-    while True:
-        try:
-            await api.drive_releases()
-        except asyncio.CancelledError:
-            raise
-        except Exception:
-            log.exception("release sweep failed")
-        await asyncio.sleep(settings.release_sweep_seconds)
-
-
 async def main() -> None:
     settings = load(LaunchpoolSettings)
     logs.configure(settings.log_level)
@@ -167,7 +140,7 @@ async def main() -> None:
     if settings.relay_enabled:
         app.background(Relay(settings, pool, SCHEMA).run)
     app.background(lambda: consume_payouts(settings, api))
-    app.background(lambda: sweep_releases(settings, api))
+    app.background(lambda: loops.every(settings.release_sweep_seconds, api.drive_releases, "release sweep failed"))
     app.on_stop(pool.close)
     app.on_stop(lambda: channel.close())
     await app.serve_forever()

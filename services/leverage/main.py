@@ -10,7 +10,7 @@ from pathlib import Path
 
 import grpc
 
-from services.kernel import db, logs, peers
+from services.kernel import db, logs, loops, peers
 from services.kernel.config import load
 from services.kernel.grpcserver import GrpcApp
 from services.leverage.api import ROLES, SERVICE_NAME, LeverageApi, LeverageSettings
@@ -23,16 +23,9 @@ SCHEMA = "leverage"
 MIGRATIONS = Path(__file__).parent / "migrations"
 
 
-async def sweep(settings: LeverageSettings, api: LeverageApi) -> None:
-    while True:
-        try:
-            await api.release_abandoned()
-            await api.refresh_exposure()
-        except asyncio.CancelledError:
-            raise
-        except Exception:
-            log.exception("release sweep failed")
-        await asyncio.sleep(settings.release_sweep_seconds)
+async def sweep(api: LeverageApi) -> None:
+    await api.release_abandoned()
+    await api.refresh_exposure()
 
 
 async def main() -> None:
@@ -46,7 +39,7 @@ async def main() -> None:
     await api.refresh_exposure()
     app = GrpcApp("leverage", settings, ROLES)
     app.add_servicer(leverage_pb2_grpc.add_LeverageServiceServicer_to_server, api, SERVICE_NAME)
-    app.background(lambda: sweep(settings, api))
+    app.background(lambda: loops.every(settings.release_sweep_seconds, lambda: sweep(api), "release sweep failed"))
     app.on_stop(pool.close)
     app.on_stop(lambda: wallet.close())
     app.on_stop(lambda: market.close())

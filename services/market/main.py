@@ -14,7 +14,7 @@ from pathlib import Path
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from google.protobuf.message import DecodeError
 
-from services.kernel import db, logs, topics
+from services.kernel import db, logs, loops, topics
 from services.kernel.config import ServiceSettings, load
 from services.kernel.errors import InvalidArgument
 from services.kernel.grpcserver import GrpcApp
@@ -45,15 +45,7 @@ async def consume_prices(settings: MarketSettings, api: MarketApi) -> None:
         bootstrap_servers=settings.kafka_bootstrap, group_id=settings.topic_prefix + GROUP, enable_auto_commit=False,
         auto_offset_reset="earliest",
     )
-    delay = 0.5
-    while True:
-        try:
-            await consumer.start()
-            break
-        except Exception as exc:
-            log.warning("prices consumer cannot reach Kafka; retrying", extra={"error": str(exc)})
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, 5.0)
+    await loops.start_consumer(consumer, "prices consumer")
     consumer.subscribe([topic])
     try:
         while True:
@@ -71,17 +63,8 @@ async def consume_prices(settings: MarketSettings, api: MarketApi) -> None:
                         await store.park_dead_letter(api.pool, topic, record.partition, record.offset, error, raw)
                         metrics.DEAD_LETTERS.inc()
                         log.error("unreadable price tick parked in dead_letters", extra={"partition": record.partition, "offset": record.offset, "error": error})
-            delay = 0.5
-            while ticks:
-                try:
-                    await api.apply_ticks(ticks)
-                    break
-                except asyncio.CancelledError:
-                    raise
-                except Exception:
-                    log.exception("storing price ticks failed; retrying")
-                    await asyncio.sleep(delay)
-                    delay = min(delay * 2, 10.0)
+            if ticks:
+                await loops.retried(lambda: api.apply_ticks(ticks), "storing price ticks failed; retrying")
             offsets = {TopicPartition(tp.topic, tp.partition): records[-1].offset + 1 for tp, records in fetched.items() if records}
             try:
                 await consumer.commit(offsets)
