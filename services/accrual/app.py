@@ -136,7 +136,7 @@ class Engine:
         self.payouts = app.Table("payouts", help="per partition: product -> recent payout requests", **table)
         self._index_cache: dict[str, tuple[str, domain.ProductState]] = {}
         self.books: dict[int, domain.Book] = {}
-        self.input = InputGuard("accrual", self._apply)
+        self.input = InputGuard("accrual", self._apply, offsets=self.partitions_meta)
         app.on_partitions_assigned.connect(self._forget_books)
         app.on_partitions_revoked.connect(self._forget_books)
 

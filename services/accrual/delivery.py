@@ -6,9 +6,12 @@ then seeks past it and commits past it; after a restart it has also left a parti
 only waiting message undelivered. An agent therefore applies its input through an
 ``InputGuard``:
 
-- It knows the next offset it expects per partition: the group's committed offset when
-  the partition is first assigned to this process (read before the stream starts), then
-  the last offset applied + 1.
+- It knows the next offset it expects per partition, and keeps it with the agent's state:
+  an ``offsets`` table (changelog-backed, written with every message applied) says where
+  the state is, so a worker that restarts (or takes a partition over) after the stream
+  skipped a message and committed past it still sees the gap. Before the table has one,
+  the group's committed offset when the partition is assigned (read before the stream
+  starts) stands in.
 - When the stream jumps ahead, the skipped messages are read straight from the topic
   (``InputReader``, clients of its own) and applied first.
 - A skipped message may be the last of its partition, so no later message reveals it: a
@@ -124,8 +127,12 @@ class InputGuard:
     timer. ``apply(partition, offset, value)`` is the agent's own (idempotent) logic.
     Without a reader (in-memory engines) it only applies."""
 
-    def __init__(self, agent: str, apply: Apply, reader: InputReader | None = None) -> None:
+    def __init__(self, agent: str, apply: Apply, reader: InputReader | None = None, offsets: Any = None) -> None:
         self.agent, self.apply, self.reader = agent, apply, reader
+        # The agent's table (or dict) where "offset:<partition>" is the next offset its
+        # state expects; read once per partition after each rebalance (once recovered).
+        self.offsets = offsets
+        self.restored: set[int] = set()
         # Fault injection for tests (EARN_DROP_INPUT): (partition, offset) of messages
         # the stream delivers that are dropped once, as faust's stream may drop them.
         self.drop: set[tuple[int, int]] = set()
@@ -155,6 +162,7 @@ class InputGuard:
         then skips (and commits past) shows as a gap. A partition seen before keeps its
         own next offset."""
         self.active = time.monotonic()
+        self.restored.clear()  # the tables are recovered anew: read the offsets again
         if self.reader is None:
             return
         mine = sorted(tp.partition for tp in assigned if tp.topic == self.reader.topic and tp.partition not in self.next)
@@ -172,12 +180,28 @@ class InputGuard:
             if offset in self.read_directly.get(partition, range(0)):
                 READ_AGAIN.labels(self.agent).inc()
                 return
+            self._restore(partition)
             expected = self.next.get(partition)
             if expected is not None and offset > expected and self.reader is not None:
                 await self._read(partition, expected, offset, "next_message")
             await self.apply(partition, offset, value)
             self.next[partition] = max(offset + 1, self.next.get(partition, 0))
+            self._record(partition)
             self.active = time.monotonic()
+
+    def _restore(self, partition: int) -> None:
+        """The state's own next offset overrides the committed one (the state may be
+        ahead of the commits, or behind a commit past a skipped message)."""
+        if self.offsets is None or partition in self.restored:
+            return
+        self.restored.add(partition)
+        raw = self.offsets.get(f"offset:{partition}")
+        if raw is not None:
+            self.next[partition] = int(raw if isinstance(raw, str) else raw.decode())
+
+    def _record(self, partition: int) -> None:
+        if self.offsets is not None:
+            self.offsets[f"offset:{partition}"] = str(self.next[partition])
 
     async def watch(self, app: Any, stall_seconds: float) -> None:
         """Read what an idle stream has left undelivered on the assigned partitions."""
@@ -185,7 +209,7 @@ class InputGuard:
             return
         if app.rebalancing or app.in_recovery or app.unassigned:
             return
-        mine = sorted(tp.partition for tp in app.consumer.assignment() if tp.topic == self.reader.topic and tp.partition in self.next)
+        mine = sorted(tp.partition for tp in app.consumer.assignment() if tp.topic == self.reader.topic)
         if not mine:
             return
         ends = await self.reader.end_offsets(mine)
@@ -193,6 +217,9 @@ class InputGuard:
             if time.monotonic() - self.active < stall_seconds:
                 return
             for partition in mine:
+                self._restore(partition)
+                if partition not in self.next:
+                    continue
                 start, stop = self.next[partition], ends.get(partition, 0)
                 if stop > start:
                     await self._read(partition, start, stop, "stall")
@@ -209,9 +236,10 @@ class InputGuard:
             token = faust_streams._current_event.set(weakref.ref(event))  # type: ignore[arg-type]
             try:
                 await self.apply(partition, missing, value)
+                self.next[partition] = missing + 1
+                self._record(partition)
             finally:
                 faust_streams._current_event.reset(token)
-            self.next[partition] = missing + 1
         self.read_directly[partition] = range(start, stop)
 
 

@@ -400,7 +400,8 @@ def install(app: faust.App, settings: Settings) -> LaunchpoolEngine:
     output = app.topic(topic_name(settings, OUTPUT), key_type=bytes, value_type=bytes, key_serializer="raw", value_serializer="raw",
                        partitions=CATALOGUE[OUTPUT].partitions, internal=False)
     engine = LaunchpoolEngine(app, output, partitions)
-    guard = InputGuard("launchpool", engine.apply, InputReader(settings.kafka_bootstrap, topic_name(settings, INPUT), app.conf.id))
+    guard = InputGuard("launchpool", engine.apply, InputReader(settings.kafka_bootstrap, topic_name(settings, INPUT), app.conf.id),
+                       offsets=engine.meta)
     guard.install(app, float(getattr(settings, "stall_seconds", 15.0)))
 
     async def launchpool(stream: faust.StreamT) -> None:

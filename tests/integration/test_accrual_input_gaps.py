@@ -16,9 +16,11 @@ from types import SimpleNamespace
 
 import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.structs import OffsetAndMetadata
 
-from services.accrual.app import INPUT, Engine
+from earn.v1 import accrual_pb2
+from services.accrual.app import INPUT, AccrualSettings, Engine
 from services.accrual.delivery import InputReader
 from services.kernel import topics
 from services.kernel.config import Settings
@@ -184,3 +186,48 @@ async def test_the_engine_process_applies_what_its_stream_dropped(stack: Env) ->
     assert got.items == expected
     for found_by in ("stall", "next_message"):
         assert f'earn_accrual_input_gaps_total{{agent="accrual",found_by="{found_by}"}}' in metrics
+
+
+async def test_a_restarted_engine_reads_what_the_stream_skipped_and_committed_past(stack: Env) -> None:
+    """The stream drops partition 0's last payout request and commits past it; the worker
+    is then SIGKILLed before its watchdog acts. The next worker finds the group's
+    committed offset past that message, but its state's own offset (kept in the table)
+    says the message was never applied: it is read, and the payouts equal the reference."""
+    settings, env = settings_with(stack, "skipkill.")
+    await asyncio.to_thread(topics.ensure_topics, settings, [INPUT, "accrual.payouts"])
+    steps = scenario(seed=12, positions=40, hours=36, payouts_every=12)
+    offset, last_request = 0, None
+    for step in steps:
+        if step.partition in (None, 0):
+            if isinstance(step.payload, accrual_pb2.PayoutRequested):
+                last_request = offset
+            offset += 1
+    assert last_request is not None
+    await produce(settings, steps)
+    group = settings.topic_prefix + AccrualSettings().app_id
+    first = start(stack, env | {"EARN_DROP_INPUT": f"0:{last_request}", "EARN_STALL_SECONDS": "600"})
+    try:
+        admin = AIOKafkaAdminClient(bootstrap_servers=settings.kafka_bootstrap)
+        await admin.start()
+        try:
+            deadline = asyncio.get_running_loop().time() + 120
+            tp = TopicPartition(topic_name(settings, INPUT), 0)
+            while True:
+                found = await admin.list_consumer_group_offsets(group, partitions=[tp])
+                if tp in found and found[tp].offset > last_request:
+                    break  # committed past the message the stream dropped
+                assert asyncio.get_running_loop().time() < deadline, "the first worker never committed past the drop"
+                assert first.running(), f"engine died; see {first.logfile}"
+                await asyncio.sleep(0.5)
+        finally:
+            await admin.close()
+    finally:
+        first.kill()
+    second = start(stack, env | {"EARN_STALL_SECONDS": "3"})
+    try:
+        got = await collect(settings, periods_of(steps), Collected(), timeout=120)
+        assert second.running(), f"engine died; see {second.logfile}"
+    finally:
+        second.stop()
+    assert not got.conflicts
+    assert got.items == reference(steps)
