@@ -39,7 +39,7 @@ from services.kernel import events, idempotency, inbox, paging
 from services.kernel.clock import unix_hour
 from services.kernel.config import Settings
 from services.kernel.errors import AlreadyExists, DomainError, FailedPrecondition, InvalidArgument
-from services.kernel.grpcserver import GATEWAY, OPERATOR, SERVICE, current_caller
+from services.kernel.grpcserver import GATEWAY, OPERATOR, SERVICE, scoped_user
 from services.kernel.money import format_amount, parse_amount, parse_decimal, scale_of
 from services.kernel.peers import Peer
 
@@ -124,14 +124,6 @@ def _when(request: Any, field: str) -> datetime:
     if value.seconds % 3600 or value.nanos:
         raise InvalidArgument(field, "must be a full UTC hour (minutes, seconds and nanos zero)")
     return moment
-
-
-def _scoped_user(user_id: str) -> str:
-    if user_id:
-        return domain.check_user_id(user_id)
-    if current_caller().role == GATEWAY:
-        raise InvalidArgument("user_id", "is required for calls acting for a user")
-    return ""
 
 
 def _stamp(message: Any, field: str, value: datetime | None) -> None:
@@ -315,7 +307,7 @@ class CandyDropApi(candydrop_pb2_grpc.CandyDropServiceServicer):
         return response
 
     async def ListPrizes(self, request: cd.ListPrizesRequest, context: grpc.aio.ServicerContext) -> cd.ListPrizesResponse:
-        user = _scoped_user(request.user_id)
+        user = scoped_user(request.user_id)
         campaign_id = domain.check_campaign_id(request.campaign_id) if request.campaign_id else ""
         size = paging.page_size(request.page_size)
         rows = await store.list_prizes(self.pool, user, campaign_id, paging.after(request.page_token, "p"), size + 1)

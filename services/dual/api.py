@@ -33,7 +33,7 @@ from services.dual.domain import Direction, PlanStatus, SubscriptionStatus
 from services.kernel import idempotency, paging, peers
 from services.kernel.config import Settings
 from services.kernel.errors import AlreadyExists, DomainError, FailedPrecondition, InvalidArgument, NotFound
-from services.kernel.grpcserver import GATEWAY, OPERATOR, SERVICE, current_caller
+from services.kernel.grpcserver import GATEWAY, OPERATOR, SERVICE, scoped_user
 from services.kernel.ids import parse_serial
 from services.kernel.money import format_amount, parse_amount, parse_decimal, scale_of
 from services.kernel.peers import Peer, Unavailable
@@ -96,14 +96,6 @@ def _time_us(request: Any, field: str) -> int:
 
 def _stamp(message: Any, at_us: int) -> None:
     message.FromMicroseconds(at_us)
-
-
-def _scoped_user(user_id: str) -> str:
-    if user_id:
-        return domain.check_user_id(user_id)
-    if current_caller().role == GATEWAY:
-        raise InvalidArgument("user_id", "is required for calls acting for a user")
-    return ""
 
 
 def _asset(value: str, field: str) -> str:
@@ -221,7 +213,7 @@ class DualApi(dual_pb2_grpc.DualServiceServicer):
         return response
 
     async def GetDualSubscription(self, request: du.GetDualSubscriptionRequest, context: grpc.aio.ServicerContext) -> du.GetDualSubscriptionResponse:
-        user = _scoped_user(request.user_id)
+        user = scoped_user(request.user_id)
         if not request.subscription_id:
             raise InvalidArgument("subscription_id", "is required")
         subscription_id = parse_serial(request.subscription_id, "subscription_id")
@@ -231,7 +223,7 @@ class DualApi(dual_pb2_grpc.DualServiceServicer):
         return du.GetDualSubscriptionResponse(subscription=await self._subscription_out(self.pool, row))
 
     async def ListDualSubscriptions(self, request: du.ListDualSubscriptionsRequest, context: grpc.aio.ServicerContext) -> du.ListDualSubscriptionsResponse:
-        user = _scoped_user(request.user_id)
+        user = scoped_user(request.user_id)
         plan_id = domain.check_id(request.plan_id, "plan_id") if request.plan_id else ""
         status = ""
         if request.status:

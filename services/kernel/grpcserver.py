@@ -29,7 +29,8 @@ from grpc_reflection.v1alpha import reflection
 from prometheus_client import Counter, Histogram, start_http_server
 
 from services.kernel.config import ServiceSettings
-from services.kernel.errors import DomainError
+from services.kernel.errors import DomainError, InvalidArgument
+from services.kernel.ids import check_user_id
 
 log = logging.getLogger(__name__)
 
@@ -72,6 +73,16 @@ def current_caller() -> Caller:
     if caller is None:
         raise RuntimeError("no caller outside an RPC")
     return caller
+
+
+def scoped_user(user_id: str) -> str:
+    """The user a call is about: ``user_id`` checked when given; required when the gateway
+    calls (it acts for one user); empty (every user) for operators and services."""
+    if user_id:
+        return check_user_id(user_id)
+    if current_caller().role == GATEWAY:
+        raise InvalidArgument("user_id", "is required for calls acting for a user")
+    return ""
 
 
 def _split(method: str) -> tuple[str, str]:

@@ -37,7 +37,7 @@ from services.kernel import events, idempotency, inbox, outbox, paging
 from services.kernel.clock import unix_hour
 from services.kernel.config import Settings
 from services.kernel.errors import AlreadyExists, DomainError, FailedPrecondition, InvalidArgument, NotFound
-from services.kernel.grpcserver import GATEWAY, OPERATOR, SERVICE, current_caller
+from services.kernel.grpcserver import GATEWAY, OPERATOR, SERVICE, scoped_user
 from services.kernel.money import check_amount_column, format_amount, parse_amount, parse_decimal, scale_of
 from services.kernel.peers import Peer
 from services.kernel.topics import CATALOGUE
@@ -105,14 +105,6 @@ def _full_hour(request: Any, field: str) -> int:
     if value.seconds % 3600 or value.nanos:
         raise InvalidArgument(field, "must be a full UTC hour (minutes, seconds and nanos zero)")
     return unix_hour(moment)
-
-
-def _scoped_user(user_id: str) -> str:
-    if user_id:
-        return domain.check_user_id(user_id)
-    if current_caller().role == GATEWAY:
-        raise InvalidArgument("user_id", "is required for calls acting for a user")
-    return ""
 
 
 def _prices(raw: Any) -> dict[str, Decimal]:
@@ -260,7 +252,7 @@ class LaunchpoolApi(launchpool_pb2_grpc.LaunchpoolServiceServicer):
         return response
 
     async def ListStakes(self, request: lp.ListStakesRequest, context: grpc.aio.ServicerContext) -> lp.ListStakesResponse:
-        user = _scoped_user(request.user_id)
+        user = scoped_user(request.user_id)
         project_id = domain.check_id(request.project_id, "project_id") if request.project_id else ""
         size = paging.page_size(request.page_size)
         rows = await store.list_stakes(self.pool, user, project_id, paging.after(request.page_token, "s"), size + 1)
@@ -272,7 +264,7 @@ class LaunchpoolApi(launchpool_pb2_grpc.LaunchpoolServiceServicer):
         return response
 
     async def ListRewards(self, request: lp.ListRewardsRequest, context: grpc.aio.ServicerContext) -> lp.ListRewardsResponse:
-        user = _scoped_user(request.user_id)
+        user = scoped_user(request.user_id)
         pool_id = domain.check_id(request.pool_id, "pool_id") if request.pool_id else ""
         size = paging.page_size(request.page_size)
         rows = await store.list_rewards(self.pool, user, pool_id, paging.after(request.page_token, "r"), size + 1)

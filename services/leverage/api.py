@@ -38,7 +38,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from services.kernel import idempotency, paging
 from services.kernel.config import ServiceSettings
 from services.kernel.errors import AlreadyExists, DomainError, FailedPrecondition, InvalidArgument, NotFound
-from services.kernel.grpcserver import GATEWAY, OPERATOR, SERVICE, current_caller
+from services.kernel.grpcserver import GATEWAY, OPERATOR, SERVICE, scoped_user
 from services.kernel.ids import parse_serial
 from services.kernel.money import format_amount, parse_amount, parse_decimal, scale_of
 from services.kernel.peers import Peer, Unavailable
@@ -115,14 +115,6 @@ def _ts(at_us: int) -> Timestamp:
     t = Timestamp()
     t.FromMicroseconds(at_us)
     return t
-
-
-def _scoped_user(user_id: str) -> str:
-    if user_id:
-        return domain.check_user_id(user_id)
-    if current_caller().role == GATEWAY:
-        raise InvalidArgument("user_id", "is required for calls acting for a user")
-    return ""
 
 
 def _direction(value: int) -> Direction:
@@ -251,11 +243,11 @@ class LeverageApi(leverage_pb2_grpc.LeverageServiceServicer):
         return row
 
     async def GetLeveragePosition(self, request: lv.GetLeveragePositionRequest, context: grpc.aio.ServicerContext) -> lv.GetLeveragePositionResponse:
-        user = _scoped_user(request.user_id)
+        user = scoped_user(request.user_id)
         return lv.GetLeveragePositionResponse(position=self._position_message(await self._user_position(user, request.position_id)))
 
     async def ListLeveragePositions(self, request: lv.ListLeveragePositionsRequest, context: grpc.aio.ServicerContext) -> lv.ListLeveragePositionsResponse:
-        user = _scoped_user(request.user_id)
+        user = scoped_user(request.user_id)
         product_id = domain.check_id(request.product_id, "product_id") if request.product_id else ""
         status = ""
         if request.status:
