@@ -247,7 +247,8 @@ def install(app: faust.App, settings: Settings) -> LoanEngine:
     prices = app.topic(topic_name(settings, PRICES), partitions=CATALOGUE[PRICES].partitions, **raw)
     output = app.topic(topic_name(settings, OUTPUT), partitions=CATALOGUE[OUTPUT].partitions, **raw)
     engine = LoanEngine(app, output, partitions)
-    guard = InputGuard("loan", engine.apply, InputReader(settings.kafka_bootstrap, topic_name(settings, INPUT), app.conf.id))
+    guard = InputGuard("loan", engine.apply, InputReader(settings.kafka_bootstrap, topic_name(settings, INPUT), app.conf.id),
+                       offsets=engine.table)
     guard.install(app, float(getattr(settings, "stall_seconds", 15.0)))
 
     async def loan(stream: faust.StreamT) -> None:
