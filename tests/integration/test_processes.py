@@ -6,7 +6,6 @@ import asyncio
 import signal
 import subprocess
 import sys
-import time
 import urllib.request
 
 import grpc
@@ -71,8 +70,7 @@ async def test_sigterm_drains_and_exits_cleanly(stack) -> None:
             assert 'grpc_server_handled_total{grpc_code="OK",grpc_method="GetBalances",grpc_service="earn.v1.WalletService",grpc_type="unary"}' in body
             assert "grpc_server_handling_seconds_bucket" in body
             assert "earn_outbox_backlog" in body
-        started = time.monotonic()
+        # stop() sends SIGTERM and waits up to 30 s before it kills; 0 means it drained and exited itself
         assert await asyncio.to_thread(proc.stop, 30) == 0
-        assert time.monotonic() - started < 30
     finally:
         proc.kill()
