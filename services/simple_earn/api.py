@@ -51,13 +51,14 @@ from google.protobuf.unknown_fields import UnknownFieldSet
 from services.kernel import events, idempotency, outbox, paging
 from services.kernel.config import Settings
 from services.kernel.errors import AlreadyExists, DomainError, FailedPrecondition, InvalidArgument, NotFound
-from services.kernel.grpcserver import GATEWAY, OPERATOR, SERVICE, current_caller
+from services.kernel.grpcserver import GATEWAY, OPERATOR, SERVICE, scoped_user
+from services.kernel.peers import Peer
 from services.kernel.money import format_amount, parse_amount, parse_decimal, scale_of
 from services.kernel.topics import CATALOGUE
 from services.simple_earn import domain, metrics, store
 from services.simple_earn.domain import Cadence, Kind, Limits, PositionStatus, Status
 
-from earn.v1 import accrual_pb2, simple_earn_pb2, simple_earn_pb2_grpc, wallet_pb2, wallet_pb2_grpc
+from earn.v1 import accrual_pb2, simple_earn_pb2, simple_earn_pb2_grpc, wallet_pb2
 
 log = logging.getLogger(__name__)
 
@@ -102,32 +103,6 @@ M = TypeVar("M", bound=Message)
 _KIND = {simple_earn_pb2.PRODUCT_KIND_FLEXIBLE: Kind.FLEXIBLE, simple_earn_pb2.PRODUCT_KIND_FIXED: Kind.FIXED}
 _STATUS = {simple_earn_pb2.PRODUCT_STATUS_ACTIVE: Status.ACTIVE, simple_earn_pb2.PRODUCT_STATUS_PAUSED: Status.PAUSED}
 _CADENCE = {simple_earn_pb2.PAYOUT_CADENCE_DAILY: Cadence.DAILY, simple_earn_pb2.PAYOUT_CADENCE_HOURLY: Cadence.HOURLY}
-
-
-class WalletUnavailable(DomainError):
-    """The wallet did not answer; the same request (same key) may be retried."""
-
-    code = "UNAVAILABLE"
-
-
-class WalletClient:
-    """The wallet over gRPC with this service's token; wallet refusals become domain errors."""
-
-    def __init__(self, channel: grpc.aio.Channel, token: str) -> None:
-        self.stub = wallet_pb2_grpc.WalletServiceStub(channel)
-        self.metadata = (("authorization", f"Bearer {token}"),)
-
-    async def call(self, method: str, request: Message) -> Any:
-        try:
-            return await getattr(self.stub, method)(request, metadata=self.metadata, timeout=15)
-        except grpc.aio.AioRpcError as err:
-            code = err.code()
-            if code == grpc.StatusCode.FAILED_PRECONDITION:
-                raise FailedPrecondition(err.details() or "wallet refused") from None
-            if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
-                raise WalletUnavailable("wallet is unavailable; retry with the same idempotency_key") from None
-            log.error("wallet call failed", extra={"method": method, "code": code.name, "details": err.details()})
-            raise
 
 
 def derived_key(prefix: str, *parts: object) -> str:
@@ -188,15 +163,6 @@ def _time(request: Any) -> tuple[datetime | None, datetime | None]:
     return start, end
 
 
-def _scoped_user(user_id: str) -> str:
-    """The user filter of a query: a gateway must name the user it acts for."""
-    if user_id:
-        return domain.check_user_id(user_id)
-    if current_caller().role == GATEWAY:
-        raise InvalidArgument("user_id", "is required for calls acting for a user")
-    return ""
-
-
 def _tiers(raw: Any, asset: str) -> domain.Tiers:
     return domain.parse_tiers(raw, asset)
 
@@ -211,7 +177,7 @@ def _enum(table: dict[int, Any], value: int, field: str, *, required: bool = Tru
 
 
 class SimpleEarnApi(simple_earn_pb2_grpc.SimpleEarnServiceServicer):
-    def __init__(self, pool: asyncpg.Pool, settings: Settings, wallet: WalletClient) -> None:
+    def __init__(self, pool: asyncpg.Pool, settings: Settings, wallet: Peer) -> None:
         self.pool = pool
         self.settings = settings
         self.wallet = wallet
@@ -552,7 +518,7 @@ class SimpleEarnApi(simple_earn_pb2_grpc.SimpleEarnServiceServicer):
     # ---- queries ---------------------------------------------------------------------
 
     async def ListPositions(self, request: simple_earn_pb2.ListPositionsRequest, context: grpc.aio.ServicerContext) -> simple_earn_pb2.ListPositionsResponse:
-        user = _scoped_user(request.user_id)
+        user = scoped_user(request.user_id)
         product_id = domain.check_product_id(request.product_id) if request.product_id else ""
         size = paging.page_size(request.page_size)
         rows = await store.list_positions(self.pool, user, product_id, paging.after(request.page_token, "p"), size + 1)
@@ -562,7 +528,7 @@ class SimpleEarnApi(simple_earn_pb2_grpc.SimpleEarnServiceServicer):
         return response
 
     async def ListSubscriptions(self, request: simple_earn_pb2.ListSubscriptionsRequest, context: grpc.aio.ServicerContext) -> simple_earn_pb2.ListSubscriptionsResponse:
-        user = _scoped_user(request.user_id)
+        user = scoped_user(request.user_id)
         start, end = _time(request)
         size = paging.page_size(request.page_size)
         rows = await store.list_records(self.pool, "subscriptions", user, start, end, paging.after(request.page_token, "s"), size + 1)
@@ -578,7 +544,7 @@ class SimpleEarnApi(simple_earn_pb2_grpc.SimpleEarnServiceServicer):
         return response
 
     async def ListRedemptions(self, request: simple_earn_pb2.ListRedemptionsRequest, context: grpc.aio.ServicerContext) -> simple_earn_pb2.ListRedemptionsResponse:
-        user = _scoped_user(request.user_id)
+        user = scoped_user(request.user_id)
         start, end = _time(request)
         size = paging.page_size(request.page_size)
         rows = await store.list_records(self.pool, "redemptions", user, start, end, paging.after(request.page_token, "r"), size + 1)
@@ -598,7 +564,7 @@ class SimpleEarnApi(simple_earn_pb2_grpc.SimpleEarnServiceServicer):
         derived from its principal history and the product's rate history (or its locked
         tiers). Hourly records cover hours that have ended; the time filter selects hours
         by their start."""
-        user = _scoped_user(request.user_id)
+        user = scoped_user(request.user_id)
         position_id = domain.check_position_id(request.position_id) if request.position_id else None
         start, end = _time(request)
         size = paging.page_size(request.page_size)

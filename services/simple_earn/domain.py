@@ -18,6 +18,12 @@ from typing import Protocol
 
 from services.kernel import interest
 from services.kernel.errors import FailedPrecondition, InvalidArgument
+from services.kernel.ids import USER_ID, check_id
+# User ids (the owner of wallet accounts), jobs and periods: the kernel's grammars, shared
+# with every service that takes payouts; re-exported for this service's callers.
+from services.kernel.ids import check_job as check_job
+from services.kernel.ids import check_period as check_period
+from services.kernel.ids import check_user_id as check_user_id
 from services.kernel.interest import Tier
 from services.kernel.money import EXACT, MAX_INTEGER_DIGITS, format_amount, parse_amount, parse_decimal, scale_of, truncate
 
@@ -26,11 +32,6 @@ MAX_TERM_DAYS = 3650
 # The accrual topic's consumer identity in the kernel inbox.
 PAYOUT_CONSUMER = "simple_earn-payouts"
 
-_PRODUCT_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
-# Same grammar as a wallet owner: the user id becomes the owner of wallet accounts.
-_USER_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:@-]{0,63}")
-_JOB = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:-]{0,63}")
-_PERIOD = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:T-]{0,31}")
 
 
 class RateTierLike(Protocol):
@@ -65,35 +66,7 @@ class Cadence(StrEnum):
 
 
 def check_product_id(value: str, field: str = "product_id") -> str:
-    if not value:
-        raise InvalidArgument(field, "is required")
-    if not _PRODUCT_ID.fullmatch(value):
-        raise InvalidArgument(field, "must be 1 to 64 characters of letters, digits and _ . - (starting with a letter or digit)")
-    return value
-
-
-def check_user_id(value: str, field: str = "user_id") -> str:
-    if not value:
-        raise InvalidArgument(field, "is required")
-    if not _USER_ID.fullmatch(value):
-        raise InvalidArgument(field, "must be 1 to 64 characters of letters, digits and _ . : @ - (starting with a letter or digit)")
-    return value
-
-
-def check_job(value: str, field: str = "job") -> str:
-    if not value:
-        raise InvalidArgument(field, "is required")
-    if not _JOB.fullmatch(value):
-        raise InvalidArgument(field, "must be 1 to 64 characters of letters, digits and _ . : -")
-    return value
-
-
-def check_period(value: str, field: str = "period") -> str:
-    if not value:
-        raise InvalidArgument(field, "is required")
-    if not _PERIOD.fullmatch(value):
-        raise InvalidArgument(field, "must be 1 to 32 characters of letters, digits and _ . : T -")
-    return value
+    return check_id(value, field)
 
 
 def check_position_id(value: str, field: str = "position_id") -> int:
@@ -367,7 +340,7 @@ def preview_payout(
 # name the culprits. No per-item object is built.
 
 _POSITION_LINE = re.compile(r"[1-9][0-9]{0,17}")
-_USER_LINE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:@-]{0,63}")
+_USER_LINE = USER_ID
 _AMOUNT_LINES: dict[int, re.Pattern[str]] = {}
 
 

@@ -15,13 +15,13 @@ from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
 from aiokafka.abc import ConsumerRebalanceListener
 from google.protobuf.message import DecodeError
 
-from services.kernel import db, events, logs, topics
+from services.kernel import db, events, logs, peers, topics
 from services.kernel.config import ServiceSettings, load
 from services.kernel.errors import InvalidArgument
 from services.kernel.grpcserver import GrpcApp
 from services.kernel.outbox import Relay
 from services.simple_earn import metrics, store
-from services.simple_earn.api import ROLES, SERVICE_NAME, SimpleEarnApi, WalletClient
+from services.simple_earn.api import ROLES, SERVICE_NAME, SimpleEarnApi
 
 from earn.v1 import accrual_pb2, simple_earn_pb2_grpc
 
@@ -284,7 +284,7 @@ async def main() -> None:
     await asyncio.to_thread(topics.ensure_topics, settings, ["simple_earn.accrual", PAYOUT_TOPIC])
     pool = await db.create_pool(settings, SCHEMA)
     channel = grpc.aio.insecure_channel(settings.wallet_address)
-    api = SimpleEarnApi(pool, settings, WalletClient(channel, settings.wallet_token))
+    api = SimpleEarnApi(pool, settings, peers.wallet(channel, settings.wallet_token, retry="retry with the same idempotency_key", not_found=False))
     app = GrpcApp("simple_earn", settings, ROLES)
     app.add_servicer(simple_earn_pb2_grpc.add_SimpleEarnServiceServicer_to_server, api, SERVICE_NAME)
     if settings.relay_enabled:
