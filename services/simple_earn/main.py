@@ -15,7 +15,7 @@ from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
 from aiokafka.abc import ConsumerRebalanceListener
 from google.protobuf.message import DecodeError
 
-from services.kernel import db, events, logs, peers, topics
+from services.kernel import db, events, logs, loops, peers, topics
 from services.kernel.config import ServiceSettings, load
 from services.kernel.errors import InvalidArgument
 from services.kernel.grpcserver import GrpcApp
@@ -195,15 +195,7 @@ async def consume_payouts(settings: SimpleEarnSettings, api: SimpleEarnApi) -> N
     )
     workers = _Workers(api, topic, settings.payout_concurrency)
     workers.consumer = consumer
-    delay = 0.5
-    while True:
-        try:
-            await consumer.start()
-            break
-        except Exception as exc:
-            log.warning("payout consumer cannot reach Kafka; retrying", extra={"error": str(exc)})
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, 5.0)
+    await loops.start_consumer(consumer, "payout consumer")
     consumer.subscribe([topic], listener=workers)
     try:
         while True:
@@ -255,26 +247,16 @@ async def _consume_one(api: SimpleEarnApi, topic: str, record: ConsumerRecord) -
 async def refresh_positions_gauge(settings: SimpleEarnSettings, api: SimpleEarnApi) -> None:
     """earn_simple_earn_positions_open from the products' open_positions column (one
     small read, kept by the writes that open and close positions)."""
-    while True:
-        try:
-            metrics.set_open_positions(await store.open_positions(api.pool))
-        except asyncio.CancelledError:
-            raise
-        except Exception:
-            log.exception("open positions gauge refresh failed")
-        await asyncio.sleep(settings.positions_gauge_seconds)
+
+    async def refresh() -> None:
+        metrics.set_open_positions(await store.open_positions(api.pool))
+
+    await loops.every(settings.positions_gauge_seconds, refresh, "open positions gauge refresh failed")
 
 
 async def sweep_releases(settings: SimpleEarnSettings, api: SimpleEarnApi) -> None:
     """Finish wallet releases committed before a crash or a wallet outage."""
-    while True:
-        try:
-            await api.drive_releases()
-        except asyncio.CancelledError:
-            raise
-        except Exception:
-            log.exception("release sweep failed")
-        await asyncio.sleep(settings.release_sweep_seconds)
+    await loops.every(settings.release_sweep_seconds, api.drive_releases, "release sweep failed")
 
 
 async def main() -> None:
