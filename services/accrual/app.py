@@ -18,10 +18,7 @@ import asyncio
 import gc
 import json
 import logging
-import os
 import time
-import uuid
-from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Any
 
@@ -31,6 +28,7 @@ from prometheus_client import Counter, Gauge, Histogram
 from earn.v1 import accrual_pb2, events_pb2
 from services.accrual import domain
 from services.accrual.delivery import InputGuard, InputReader, parse_drops
+from services.accrual.emit import PayoutEmitter
 from services.kernel import events, money
 from services.kernel.config import Settings
 from services.kernel.errors import DomainError
@@ -41,7 +39,6 @@ log = logging.getLogger(__name__)
 
 INPUT = "simple_earn.accrual"
 OUTPUT = "accrual.payouts"
-PRODUCER = "accrual"
 
 EVENTS = Counter("earn_accrual_events_total", "Input events processed, by type", ["type"])
 INDEX_UPDATES = Counter("earn_accrual_index_updates_total", "Rate index epochs set (per partition copy)")
@@ -53,8 +50,6 @@ TICK_TO_VISIBLE = Histogram(
 PAYOUT_ITEMS = Counter("earn_accrual_payout_items_total", "PayoutItems emitted (re-emissions included)")
 PAYOUT_REQUESTS = Counter("earn_accrual_payout_requests_total", "PayoutRequested processed per partition")
 LAG = Gauge("earn_accrual_consumer_lag", "Input messages not yet processed, per partition", ["partition"])
-# Payout batches not acknowledged by the broker within this many seconds stop the worker.
-DELIVERY_TIMEOUT = 120.0
 CHUNK = 5000  # positions settled between two yields to the event loop
 
 SKIPPED = Counter("earn_accrual_events_skipped_total", "Input events skipped, by reason", ["reason"])
@@ -373,7 +368,10 @@ class Engine:
                 self._put(self.payouts, domain.product_key(partition, product_id), history.to_list())
             assert entry is not None
             plan.append((product_id, product, entry))
-        emitter = _Emitter(self, partition, msg)
+        emitter = PayoutEmitter(
+            self.output, OUTPUT, partition, msg,
+            key=domain.batch_key(msg.job, msg.period, partition), namespace="earn-accrual", batch_size=domain.BATCH_SIZE, items=PAYOUT_ITEMS,
+        )
         for product_id, product, entry in plan:
             await self._pay_product(partition, book, product, product_id, domain.Payout(product, entry, offset, watermark), emitter)
         # The positions in memory are long-lived and free of reference cycles: keep them
@@ -383,7 +381,7 @@ class Engine:
 
     async def _pay_product(
         self, partition: int, book: domain.Book, product: domain.ProductState, product_id: str,
-        payout: domain.Payout, emitter: _Emitter,
+        payout: domain.Payout, emitter: PayoutEmitter,
     ) -> None:
         emitter.product(product_id, product.asset)
         version = book.rates_version(product_id)
@@ -399,7 +397,7 @@ class Engine:
         positions = book.ordered(product_id)
         for at in range(0, len(positions), CHUNK):
             paid = payout.run(positions[at : at + CHUNK], fresh)
-            await emitter.extend(paid)
+            await emitter.extend(paid.position_ids, paid.user_ids, paid.amounts, paid.from_hours)
             for marker in paid.markers:
                 self._put(self.positions, domain.position_key(partition, product_id, marker.position_id), marker.to_dict())
                 book.put(self._view(partition, marker, book))
@@ -413,111 +411,6 @@ class Engine:
                     extra={"position_id": pos.state.position_id, "job": payout.entry.job, "period": payout.entry.period},
                 )
             await asyncio.sleep(0)  # keep heartbeats and the loop alive in big payouts
-
-
-class _Emitter:
-    """A partition's payout batches for one request: one product per batch, sent as
-    they fill; the last one (possibly empty) flagged. Deterministic: the same state and
-    request give the same batches with the same event ids."""
-
-    def __init__(self, engine: Engine, partition: int, msg: accrual_pb2.PayoutRequested) -> None:
-        self.engine = engine
-        self.partition = partition
-        self.msg = msg
-        self.key = domain.batch_key(msg.job, msg.period, partition)
-        self.sequence = 0
-        self.pending: list[asyncio.Future[Any]] = []
-        self.product_id = self.asset = ""
-        self._clear()
-
-    def _clear(self) -> None:
-        self.position_ids: list[str] = []
-        self.user_ids: list[str] = []
-        self.amounts: list[str] = []
-        self.from_hours: list[int] = []
-
-    def product(self, product_id: str, asset: str) -> None:
-        self.product_id, self.asset = product_id, asset
-
-    async def extend(self, paid: domain.Paid) -> None:
-        """Add settled items of the current product; full batches leave at once."""
-        if self.position_ids and self._batch_product != self.product_id:
-            await self._send(last=False)
-        at, count = 0, len(paid.position_ids)
-        while at < count:
-            if not self.position_ids:
-                self._batch_product, self._batch_asset = self.product_id, self.asset
-            take = min(count - at, domain.BATCH_SIZE - len(self.position_ids))
-            self.position_ids.extend(paid.position_ids[at : at + take])
-            self.user_ids.extend(paid.user_ids[at : at + take])
-            self.amounts.extend(paid.amounts[at : at + take])
-            self.from_hours.extend(paid.from_hours[at : at + take])
-            at += take
-            if len(self.position_ids) >= domain.BATCH_SIZE:
-                await self._send(last=False)
-
-    async def _send(self, last: bool) -> None:
-        msg = self.msg
-        batch = accrual_pb2.PayoutBatch(
-            job=msg.job,
-            period=msg.period,
-            boundary_hour=msg.boundary_hour,
-            partition=self.partition,
-            sequence=self.sequence,
-            last=last,
-            product_id=self._batch_product if self.position_ids else "",
-            asset=self._batch_asset if self.position_ids else "",
-            position_ids=self.position_ids,
-            user_ids=self.user_ids,
-            amounts=self.amounts,
-            from_hours=self.from_hours,
-        )
-        env = events.wrap(
-            batch,
-            key=self.key,
-            producer=PRODUCER,
-            occurred_at=datetime.now(UTC),
-            event_id=_batch_event_id(msg.job, msg.period, self.partition, self.sequence),
-        )
-        self.pending.append(
-            await self.engine.output.send(
-                key=self.key.encode(),
-                value=env.SerializeToString(deterministic=True),
-                partition=self.partition % _output_partitions(),
-                force=True,  # now, not at commit: delivery is awaited in finish()
-            )
-        )
-        PAYOUT_ITEMS.inc(len(self.position_ids))
-        self.sequence += 1
-        self._clear()
-
-    async def finish(self) -> None:
-        """Send the last batch, then wait until every batch is in the log: only then may
-        the request's offset be committed. A broker that does not acknowledge within
-        ``DELIVERY_TIMEOUT`` fails the request loudly instead of stalling the partition
-        (the process exits and a restart re-emits the same batches)."""
-        await self._send(last=True)
-        started = time.perf_counter()
-        try:
-            await asyncio.wait_for(asyncio.gather(*self.pending), DELIVERY_TIMEOUT)
-            log.info("payout batches delivered", extra={
-                "job": self.msg.job, "period": self.msg.period, "partition": self.partition,
-                "batches": self.sequence, "wait_s": round(time.perf_counter() - started, 4),
-            })
-        except asyncio.TimeoutError:
-            log.critical("payout batches not acknowledged in time: exiting for a restart",
-                         extra={"job": self.msg.job, "period": self.msg.period, "partition": self.partition})
-            os._exit(70)
-
-
-def _output_partitions() -> int:
-    return CATALOGUE[OUTPUT].partitions
-
-
-def _batch_event_id(job: str, period: str, partition: int, seq: int) -> uuid.UUID:
-    """A deterministic envelope id per (job, period, partition, sequence): a re-emitted
-    batch carries the same event id, so inbox-based sinks drop it."""
-    return uuid.uuid5(uuid.NAMESPACE_URL, f"earn-accrual:{job}:{period}:{partition}:{seq}")
 
 
 def _signed_decimal(text: str) -> Decimal:

@@ -35,9 +35,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import os
-import uuid
-from datetime import UTC, datetime
 from fractions import Fraction
 from typing import Any
 
@@ -47,6 +44,7 @@ from prometheus_client import Counter, Gauge
 from earn.v1 import accrual_pb2, launchpool_pb2
 from services.accrual import launchpool as lp
 from services.accrual.delivery import InputGuard, InputReader
+from services.accrual.emit import PayoutEmitter
 from services.kernel import events, money
 from services.kernel.config import Settings
 from services.kernel.topics import CATALOGUE, TopicSpec, topic_name
@@ -55,9 +53,7 @@ log = logging.getLogger(__name__)
 
 INPUT = "launchpool.accrual"
 OUTPUT = "launchpool.payouts"
-PRODUCER = "accrual"
 TABLES = ("lp_state", "lp_meta")
-DELIVERY_TIMEOUT = 120.0
 CHUNK = 5000
 
 EVENTS = Counter("earn_accrual_launchpool_events_total", "Launchpool input events processed, by type", ["type"])
@@ -89,10 +85,6 @@ def _signed_units(text: str) -> int:
     value = money.parse_decimal(text[1:] if negative else text, "delta", scale=lp.STAKE_SCALE)
     units = int(value.scaleb(lp.STAKE_SCALE))
     return -units if negative else units
-
-
-def batch_event_id(job: str, period: str, partition: int, sequence: int) -> uuid.UUID:
-    return uuid.uuid5(uuid.NAMESPACE_URL, f"earn-accrual-launchpool:{job}:{period}:{partition}:{sequence}")
 
 
 class LaunchpoolEngine:
@@ -304,7 +296,10 @@ class LaunchpoolEngine:
                 self.advance(partition, pool, hour * lp.HOUR_US)
 
     async def on_payout(self, partition: int, offset: int, msg: accrual_pb2.PayoutRequested) -> None:
-        emitter = _Emitter(self, partition, msg)
+        emitter = PayoutEmitter(
+            self.output, OUTPUT, partition, msg,
+            key=f"lp:{msg.job}:{msg.period}:{partition}", namespace="earn-accrual-launchpool", batch_size=lp.BATCH_SIZE, items=PAYOUT_ITEMS,
+        )
         wanted = set(msg.product_ids)
         for pool_id in self.pool_ids(partition):
             if wanted and pool_id not in wanted:
@@ -324,72 +319,12 @@ class LaunchpoolEngine:
             stakes = sorted(book.values(), key=lambda s: int(s.stake_id) if s.stake_id.isdigit() else 0)
             previous = pool.previous_boundary(entry)
             from_hour = previous if previous is not None else pool.start_hour
-            emitter.start(pool_id, pool.asset)
+            emitter.product(pool_id, pool.asset)
             for at in range(0, len(stakes), CHUNK):
                 for stake, units in lp.pay(pool, entry, stakes[at : at + CHUNK]):
                     await emitter.add(stake.stake_id, stake.user_id, lp.format_units(units, pool.scale), from_hour)
                 await asyncio.sleep(0)
         await emitter.finish()
-
-
-class _Emitter:
-    """A partition's batches for one payout request: one pool per batch, the last (possibly
-    empty) flagged; deterministic ids."""
-
-    def __init__(self, engine: LaunchpoolEngine, partition: int, msg: accrual_pb2.PayoutRequested) -> None:
-        self.engine, self.partition, self.msg = engine, partition, msg
-        self.key = f"lp:{msg.job}:{msg.period}:{partition}"
-        self.sequence = 0
-        self.pending: list[Any] = []
-        self.pool_id = self.asset = ""
-        self._clear()
-
-    def _clear(self) -> None:
-        self.ids: list[str] = []
-        self.users: list[str] = []
-        self.amounts: list[str] = []
-        self.from_hours: list[int] = []
-
-    def start(self, pool_id: str, asset: str) -> None:
-        self.pool_id, self.asset = pool_id, asset
-
-    async def add(self, stake_id: str, user_id: str, amount: str, from_hour: int) -> None:
-        if self.ids and self._batch_pool != self.pool_id:
-            await self._send(last=False)
-        if not self.ids:
-            self._batch_pool, self._batch_asset = self.pool_id, self.asset
-        self.ids.append(stake_id)
-        self.users.append(user_id)
-        self.amounts.append(amount)
-        self.from_hours.append(from_hour)
-        if len(self.ids) >= lp.BATCH_SIZE:
-            await self._send(last=False)
-
-    async def _send(self, last: bool) -> None:
-        msg = self.msg
-        batch = accrual_pb2.PayoutBatch(
-            job=msg.job, period=msg.period, boundary_hour=msg.boundary_hour, partition=self.partition, sequence=self.sequence, last=last,
-            product_id=self._batch_pool if self.ids else "", asset=self._batch_asset if self.ids else "",
-            position_ids=self.ids, user_ids=self.users, amounts=self.amounts, from_hours=self.from_hours,
-        )
-        env = events.wrap(batch, key=self.key, producer=PRODUCER, occurred_at=datetime.now(UTC),
-                          event_id=batch_event_id(msg.job, msg.period, self.partition, self.sequence))
-        self.pending.append(await self.engine.output.send(
-            key=self.key.encode(), value=env.SerializeToString(deterministic=True),
-            partition=self.partition % CATALOGUE[OUTPUT].partitions, force=True,
-        ))
-        PAYOUT_ITEMS.inc(len(self.ids))
-        self.sequence += 1
-        self._clear()
-
-    async def finish(self) -> None:
-        await self._send(last=True)
-        try:
-            await asyncio.wait_for(asyncio.gather(*self.pending), DELIVERY_TIMEOUT)
-        except asyncio.TimeoutError:
-            log.critical("launchpool payout batches not acknowledged in time: exiting for a restart",
-                         extra={"job": self.msg.job, "period": self.msg.period, "partition": self.partition})
-            os._exit(70)
 
 
 def install(app: faust.App, settings: Settings) -> LaunchpoolEngine:

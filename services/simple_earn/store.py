@@ -19,7 +19,6 @@ from decimal import Decimal
 import asyncpg
 
 from services.kernel import outbox
-from services.kernel.config import Settings
 from services.kernel.errors import NotFound
 from services.kernel.clock import Clock
 from services.kernel.interest import Tier
