@@ -114,6 +114,11 @@ def derived_key(prefix: str, *parts: object) -> str:
     return f"se:{prefix}:h:{hashlib.sha256(text.encode()).hexdigest()}"
 
 
+def _redemption_release_prefix(redemption_id: str) -> str:
+    """The start of the wallet keys of one redemption's releases (``derived_key("red", ...)``)."""
+    return f"se:red:{redemption_id}:"
+
+
 # A preview page scans at most this many positions (positions owed nothing are skipped,
 # so a page may come back short, with a token to go on).
 PREVIEW_SCAN_LIMIT = 10 * paging.MAX_PAGE
@@ -208,11 +213,13 @@ class SimpleEarnApi(simple_earn_pb2_grpc.SimpleEarnServiceServicer):
             found = self._payout_ids[(job, period)] = await store.payout_id(self.pool, job, period)
         return found
 
-    async def drive_releases(self) -> int:
-        """Execute the wallet releases committed and not yet confirmed. Safe to run
+    async def drive_releases(self, keys: list[str] | None = None, prefix: str | None = None) -> int:
+        """Execute the wallet releases committed and not yet confirmed: all of them (the
+        sweep), or only those of ``keys`` or ``prefix`` (a Redeem drives its own, so
+        concurrent Redeems do not each resend every pending release). Safe to run
         concurrently and repeatedly: each release has its own deterministic wallet key."""
         done = 0
-        for r in await store.pending_releases(self.pool):
+        for r in await store.pending_releases(self.pool, keys=keys, prefix=prefix):
             try:
                 await self.wallet.call(
                     "ReleaseHold",
@@ -441,9 +448,10 @@ class SimpleEarnApi(simple_earn_pb2_grpc.SimpleEarnServiceServicer):
         position = await store.get_position(self.pool, position_id, user)
         amount = parse_amount(request.amount, position["asset"], "amount") if request.amount else None
         if (stored := await self._replay("Redeem", request, simple_earn_pb2.RedeemResponse)) is not None:
-            await self.drive_releases()
+            await self.drive_releases(prefix=_redemption_release_prefix(stored.redemption_id))
             return stored
         redeemed: list[tuple[str, str, Decimal]] = []  # filled when the work runs (not on a replay)
+        releases: list[str] = []  # the wallet keys of this redemption's releases
 
         async def work(conn: asyncpg.Connection) -> simple_earn_pb2.RedeemResponse:
             at = await store.accrual_clock(conn, self.settings.clock)
@@ -478,7 +486,9 @@ class SimpleEarnApi(simple_earn_pb2_grpc.SimpleEarnServiceServicer):
             redeemed.append((p.product_id, p.asset, value))
             for hold_id, take in takes:
                 await store.reduce_hold(conn, hold_id, take)
-                await store.schedule_release(conn, derived_key("red", redemption_id, hold_id), hold_id, take, "redemption")
+                key = derived_key("red", redemption_id, hold_id)
+                await store.schedule_release(conn, key, hold_id, take, "redemption")
+                releases.append(key)
             full = value == principal
             if full:
                 await store.close_position(conn, position_id, PositionStatus.REDEEMED, hour, at)
@@ -494,7 +504,10 @@ class SimpleEarnApi(simple_earn_pb2_grpc.SimpleEarnServiceServicer):
         response = await self._write("Redeem", request, simple_earn_pb2.RedeemResponse, work)
         for product, asset, value in redeemed:
             metrics.amount(metrics.REDEEMED, product, asset, value)
-        await self.drive_releases()
+        if redeemed:
+            await self.drive_releases(releases)
+        else:  # another call with the same key did the work while this one waited
+            await self.drive_releases(prefix=_redemption_release_prefix(response.redemption_id))
         return response
 
     async def SetAutoSubscribe(self, request: simple_earn_pb2.SetAutoSubscribeRequest, context: grpc.aio.ServicerContext) -> simple_earn_pb2.SetAutoSubscribeResponse:

@@ -386,7 +386,18 @@ async def stored_response(pool: asyncpg.Pool, key: str) -> asyncpg.Record | None
     return await pool.fetchrow("SELECT request_hash, response FROM idempotency_keys WHERE key = $1", key)
 
 
-async def pending_releases(pool: asyncpg.Pool, limit: int = 100) -> list[asyncpg.Record]:
+async def pending_releases(pool: asyncpg.Pool, limit: int = 100, *, keys: list[str] | None = None, prefix: str | None = None) -> list[asyncpg.Record]:
+    """Releases committed and not yet confirmed by the wallet (few: the partial index
+    ``wallet_releases_pending``): the oldest ``limit``, those of ``keys``, or those whose
+    key starts with ``prefix`` (one redemption's)."""
+    if keys is not None:
+        return await pool.fetch(
+            "SELECT id, key, hold_id, amount FROM wallet_releases WHERE done_at IS NULL AND key = ANY($1::text[]) ORDER BY id", keys
+        )
+    if prefix is not None:
+        return await pool.fetch(
+            "SELECT id, key, hold_id, amount FROM wallet_releases WHERE done_at IS NULL AND starts_with(key, $1) ORDER BY id", prefix
+        )
     return await pool.fetch("SELECT id, key, hold_id, amount FROM wallet_releases WHERE done_at IS NULL ORDER BY id LIMIT $1", limit)
 
 
