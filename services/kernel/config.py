@@ -42,6 +42,14 @@ class Settings(BaseSettings):
     # A file holding the current time (ISO-8601 UTC) instead of the wall clock: for
     # end-to-end tests and demos only (services.kernel.clock).
     clock_file: Path | None = None
+    # mTLS between processes (services.kernel.tls): the directory holding the CA and the
+    # certificates; empty: plaintext with bearer tokens only (no certificates needed).
+    tls_dir: str = ""
+    # The certificate this process presents (<tls_dir>/<identity>.pem) as a client and as a
+    # server; the caller's role is looked up from it (grpcserver.IDENTITY_ROLES). devstack
+    # sets it to each process's name; empty: the process's service name for a gRPC server,
+    # "tool" (role named by the bearer token) for anything else.
+    tls_identity: str = ""
 
     @cached_property
     def clock(self) -> "Clock":

@@ -2,9 +2,11 @@
 
 What it gives each service, so none writes it again:
 - the standard health service and server reflection (both public);
-- deny-by-default authorization: a caller is identified by a service token in the
-  ``authorization: Bearer <token>`` metadata (mTLS certificates later), and a role table
-  per method says who may call it; a method missing from the table is refused;
+- deny-by-default authorization: with mTLS on (``EARN_TLS_DIR``) a caller is identified by
+  the common name of its client certificate, mapped to a role by ``IDENTITY_ROLES``
+  (the ``tool`` identity names its role with a bearer token); with TLS off by a token in
+  the ``authorization: Bearer <token>`` metadata. A role table per method says who may
+  call it; a method missing from the table is refused;
 - domain errors mapped to status codes with the domain's message; anything unexpected
   becomes INTERNAL without leaking details (the traceback goes to the log);
 - Prometheus RED metrics with the standard names (go-grpc-prometheus convention);
@@ -28,6 +30,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from prometheus_client import Counter, Histogram, start_http_server
 
+from services.kernel import tls
 from services.kernel.config import ServiceSettings
 from services.kernel.errors import DomainError, InvalidArgument
 from services.kernel.ids import check_user_id
@@ -58,11 +61,28 @@ SERVICE = "service"  # the platform's own services and jobs
 
 RoleTable = Mapping[str, frozenset[str]]
 
+# The identities that may hold a certificate (CN) and the role each one acts in: the one
+# table for mTLS callers. Every process of the platform that calls another is a service;
+# `tool` (grpcurl, load and benchmark drivers, the test suite, the demo's exchange
+# generator) has no role of its own and names one with its bearer token, as without TLS.
+TOOL = "tool"
+SERVICE_IDENTITIES = (
+    "wallet", "simple_earn", "launchpool", "candydrop", "market", "market_simulator", "dual",
+    "leverage", "loan", "scheduler", "accrual", "relay",
+)
+IDENTITY_ROLES: Mapping[str, str | None] = {
+    GATEWAY: GATEWAY,
+    OPERATOR: OPERATOR,
+    **{name: SERVICE for name in SERVICE_IDENTITIES},
+    TOOL: None,  # role from the bearer token
+}
+
 
 @dataclass(frozen=True, slots=True)
 class Caller:
     role: str
     token_hint: str  # the token's first characters, for logs; never the token
+    identity: str = ""  # the client certificate's CN with mTLS; empty without
 
 
 _caller: contextvars.ContextVar[Caller | None] = contextvars.ContextVar("caller", default=None)
@@ -93,9 +113,10 @@ def _split(method: str) -> tuple[str, str]:
 class _Interceptor(grpc.aio.ServerInterceptor):
     """Auth, error mapping, metrics, for every unary-unary method."""
 
-    def __init__(self, roles: RoleTable, tokens: Mapping[str, str]) -> None:
+    def __init__(self, roles: RoleTable, tokens: Mapping[str, str], *, mtls: bool = False) -> None:
         self.roles = roles
         self.tokens = tokens
+        self.mtls = mtls
 
     async def intercept_service(
         self,
@@ -115,7 +136,7 @@ class _Interceptor(grpc.aio.ServerInterceptor):
             started = time.perf_counter()
             code = grpc.StatusCode.OK
             try:
-                caller = self._authorize(full, metadata)
+                caller = self._authorize(full, metadata, _peer_identity(context) if self.mtls else None)
                 token = _caller.set(caller)
                 try:
                     return await inner(request, context)
@@ -144,18 +165,42 @@ class _Interceptor(grpc.aio.ServerInterceptor):
             response_serializer=handler.response_serializer,
         )
 
-    def _authorize(self, method: str, metadata: Mapping[str, Any]) -> Caller:
+    def _authorize(self, method: str, metadata: Mapping[str, Any], identity: str | None = None) -> Caller:
+        """The caller of ``method`` and whether it may call it. ``identity``: the client
+        certificate's CN when the server runs mTLS (None without TLS)."""
         from services.kernel.errors import PermissionDenied, Unauthenticated
 
         value = metadata.get("authorization", "")
         token = value[7:] if isinstance(value, str) and value.startswith("Bearer ") else ""
-        role = self.tokens.get(token)
-        if role is None:
-            raise Unauthenticated("authorization: a valid 'Bearer <token>' is required")
+        if identity is not None and identity != TOOL:
+            if identity not in IDENTITY_ROLES:
+                raise Unauthenticated(f"certificate identity {identity!r} is not known")
+            role: str | None = IDENTITY_ROLES[identity]
+            token = ""
+        else:
+            role = self.tokens.get(token)
+            if role is None:
+                raise Unauthenticated("authorization: a valid 'Bearer <token>' is required")
         allowed = self.roles.get(method)
         if not allowed or role not in allowed:
             raise PermissionDenied(f"role {role!r} may not call {method}")
-        return Caller(role=role, token_hint=token[:4])
+        return Caller(role=role, token_hint=token[:4], identity=identity or "")
+
+
+def _peer_identity(context: grpc.aio.ServicerContext) -> str:
+    """The CN of the verified client certificate (the server requires one, so a call
+    without it never gets here); empty if the transport gave none."""
+    names = context.auth_context().get("x509_common_name") or []
+    return names[0].decode() if names else ""
+
+
+def server_credentials(settings: ServiceSettings, name: str) -> grpc.ServerCredentials | None:
+    """mTLS server credentials (client certificates from the CA required) when
+    ``settings.tls_dir`` is set; None for plaintext."""
+    if not settings.tls_dir:
+        return None
+    creds = tls.load(settings.tls_dir, settings.tls_identity or name)
+    return grpc.ssl_server_credentials([(creds.key, creds.cert)], root_certificates=creds.ca, require_client_auth=True)
 
 
 class GrpcApp:
@@ -166,7 +211,7 @@ class GrpcApp:
         self.settings = settings
         self.roles = roles
         self.server = grpc.aio.server(
-            interceptors=[_Interceptor(roles, settings.token_roles())],
+            interceptors=[_Interceptor(roles, settings.token_roles(), mtls=bool(settings.tls_dir))],
             options=[("grpc.max_receive_message_length", 16 * 1024 * 1024), ("grpc.so_reuseport", 0)],
         )
         self.health = health.aio.HealthServicer()
@@ -197,7 +242,11 @@ class GrpcApp:
         reflection.enable_server_reflection(names, self.server)
         address = f"{self.settings.grpc_host}:{self.settings.grpc_port}"
         try:
-            self.port = self.server.add_insecure_port(address)
+            creds = server_credentials(self.settings, self.name)
+            if creds is None:
+                self.port = self.server.add_insecure_port(address)
+            else:
+                self.port = self.server.add_secure_port(address, creds)
         except RuntimeError as err:
             raise SystemExit(f"{self.name}: cannot listen on {address} ({err}); set EARN_GRPC_PORT to a free port") from err
         await self.server.start()
@@ -211,7 +260,8 @@ class GrpcApp:
         for svc in self._service_names:
             await self._set_health(svc, serving=True)
         await self._set_health("", serving=True)
-        log.info("serving", extra={"service": self.name, "grpc": f"{self.settings.grpc_host}:{self.port}", "metrics_port": self.settings.metrics_port})
+        log.info("serving", extra={"service": self.name, "grpc": f"{self.settings.grpc_host}:{self.port}",
+                                   "metrics_port": self.settings.metrics_port, "mtls": bool(self.settings.tls_dir)})
         return self.port
 
     async def _set_health(self, service: str, *, serving: bool) -> None:
