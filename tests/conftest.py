@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 import asyncpg
 import grpc
+from services.kernel import grpcclient
 import hypothesis
 import pytest
 from kafka.admin import KafkaAdminClient
@@ -132,7 +133,7 @@ def earn_process(stack: Env, wallet_process: ManagedProcess) -> Iterator[Managed
 @pytest.fixture(scope="module")
 async def wallet_channel(wallet_process: ManagedProcess) -> AsyncIterator[grpc.aio.Channel]:
     assert wallet_process.address
-    async with grpc.aio.insecure_channel(wallet_process.address) as channel:
+    async with grpcclient.channel(wallet_process.address) as channel:
         yield channel
 
 

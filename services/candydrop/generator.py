@@ -26,6 +26,7 @@ from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 
 import grpc
+from services.kernel import grpcclient
 from aiokafka import AIOKafkaProducer
 from pydantic import Field
 from pydantic_settings import SettingsConfigDict
@@ -102,7 +103,7 @@ async def prepare(settings: GeneratorSettings, stop: asyncio.Event) -> tuple[str
     delay = 0.5
     while not stop.is_set():
         try:
-            async with grpc.aio.insecure_channel(settings.candydrop_address) as channel:
+            async with grpcclient.channel(settings.candydrop_address) as channel:
                 stub = candydrop_pb2_grpc.CandyDropServiceStub(channel)
                 operator = (("authorization", f"Bearer {settings.operator_token}"),)
                 gateway = (("authorization", f"Bearer {settings.gateway_token}"),)

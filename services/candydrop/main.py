@@ -11,6 +11,7 @@ import logging
 from pathlib import Path
 
 import grpc
+from services.kernel import grpcclient
 from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
 from google.protobuf.message import DecodeError
 
@@ -109,7 +110,7 @@ async def main() -> None:
     await db.migrate(settings, SCHEMA, MIGRATIONS)
     await asyncio.to_thread(topics.ensure_topics, settings, [*EXCHANGE_TOPICS, SIMPLE_EARN_TOPIC])
     pool = await db.create_pool(settings, SCHEMA)
-    channel = grpc.aio.insecure_channel(settings.wallet_address)
+    channel = grpcclient.channel(settings.wallet_address)
     api = CandyDropApi(pool, settings, WalletClient(channel, settings.wallet_token), credit_chunk=settings.credit_chunk,
                        crash_after_chunks=settings.crash_after_chunks, settle_seconds=settings.settle_seconds)
     app = GrpcApp("candydrop", settings, ROLES)

@@ -8,6 +8,7 @@ import logging
 from pathlib import Path
 
 import grpc
+from services.kernel import grpcclient
 
 from services.dual.api import ROLES, SERVICE_NAME, DualApi
 from services.kernel import db, logs, loops, peers
@@ -37,8 +38,8 @@ async def main() -> None:
     logs.configure(settings.log_level)
     await db.migrate(settings, SCHEMA, MIGRATIONS)
     pool = await db.create_pool(settings, SCHEMA)
-    wallet = grpc.aio.insecure_channel(settings.wallet_address)
-    market = grpc.aio.insecure_channel(settings.market_address)
+    wallet = grpcclient.channel(settings.wallet_address)
+    market = grpcclient.channel(settings.market_address)
     api = DualApi(pool, settings, peers.wallet(wallet, settings.service_token), peers.market(market, settings.service_token))
     app = GrpcApp("dual", settings, ROLES)
     app.add_servicer(dual_pb2_grpc.add_DualServiceServicer_to_server, api, SERVICE_NAME)

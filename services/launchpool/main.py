@@ -8,6 +8,7 @@ import logging
 from pathlib import Path
 
 import grpc
+from services.kernel import grpcclient
 from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
 from google.protobuf.message import DecodeError
 
@@ -133,7 +134,7 @@ async def main() -> None:
     await db.migrate(settings, SCHEMA, MIGRATIONS)
     await asyncio.to_thread(topics.ensure_topics, settings, [store.TOPIC, PAYOUT_TOPIC])
     pool = await db.create_pool(settings, SCHEMA)
-    channel = grpc.aio.insecure_channel(settings.wallet_address)
+    channel = grpcclient.channel(settings.wallet_address)
     api = LaunchpoolApi(pool, settings, peers.wallet(channel, settings.wallet_token, retry="retry with the same idempotency_key", not_found=False))
     app = GrpcApp("launchpool", settings, ROLES)
     app.add_servicer(launchpool_pb2_grpc.add_LaunchpoolServiceServicer_to_server, api, SERVICE_NAME)

@@ -9,6 +9,7 @@ import logging
 from pathlib import Path
 
 import grpc
+from services.kernel import grpcclient
 
 from services.kernel import db, logs, loops, peers
 from services.kernel.config import load
@@ -33,8 +34,8 @@ async def main() -> None:
     logs.configure(settings.log_level)
     await db.migrate(settings, SCHEMA, MIGRATIONS)
     pool = await db.create_pool(settings, SCHEMA)
-    wallet = grpc.aio.insecure_channel(settings.wallet_address)
-    market = grpc.aio.insecure_channel(settings.market_address)
+    wallet = grpcclient.channel(settings.wallet_address)
+    market = grpcclient.channel(settings.market_address)
     api = LeverageApi(pool, settings, peers.wallet(wallet, settings.service_token), peers.market(market, settings.service_token))
     await api.refresh_exposure()
     app = GrpcApp("leverage", settings, ROLES)

@@ -9,6 +9,7 @@ import logging
 from pathlib import Path
 
 import grpc
+from services.kernel import grpcclient
 from aiokafka import AIOKafkaConsumer
 
 from services.kernel import db, logs, topics
@@ -81,8 +82,8 @@ async def main() -> None:
     await db.migrate(settings, SCHEMA, MIGRATIONS)
     await asyncio.to_thread(topics.ensure_topics, settings, [STATE_TOPIC, ACTION_TOPIC])
     pool = await db.create_pool(settings, SCHEMA)
-    wallet = grpc.aio.insecure_channel(settings.wallet_address)
-    market = grpc.aio.insecure_channel(settings.market_address)
+    wallet = grpcclient.channel(settings.wallet_address)
+    market = grpcclient.channel(settings.market_address)
     api = LoanApi(pool, settings, wallet_client(wallet, settings.service_token), market_client(market, settings.service_token))
     app = GrpcApp("loan", settings, ROLES)
     app.add_servicer(loan_pb2_grpc.add_LoanServiceServicer_to_server, api, SERVICE_NAME)

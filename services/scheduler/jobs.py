@@ -42,6 +42,7 @@ from typing import Any
 
 import asyncpg
 import grpc
+from services.kernel import grpcclient
 from google.protobuf.timestamp_pb2 import Timestamp
 from prometheus_client import Counter, Gauge, Histogram
 from pydantic import Field
@@ -153,7 +154,7 @@ class SimpleEarn:
 
     def __init__(self, settings: SchedulerSettings) -> None:
         self.settings = settings
-        self.channel = grpc.aio.insecure_channel(settings.simple_earn_address)
+        self.channel = grpcclient.channel(settings.simple_earn_address)
         self.stub = simple_earn_pb2_grpc.SimpleEarnServiceStub(self.channel)
         self.metadata = (("authorization", f"Bearer {settings.service_token}"),)
 
@@ -298,7 +299,7 @@ class Launchpool:
 
     def __init__(self, settings: SchedulerSettings) -> None:
         self.settings = settings
-        self.channel = grpc.aio.insecure_channel(settings.launchpool_address)
+        self.channel = grpcclient.channel(settings.launchpool_address)
         self.stub = launchpool_pb2_grpc.LaunchpoolServiceStub(self.channel)
         self.metadata = (("authorization", f"Bearer {settings.service_token}"),)
 
@@ -383,7 +384,7 @@ class CandyDrop:
 
     def __init__(self, settings: SchedulerSettings) -> None:
         self.settings = settings
-        self.channel = grpc.aio.insecure_channel(settings.candydrop_address)
+        self.channel = grpcclient.channel(settings.candydrop_address)
         self.stub = candydrop_pb2_grpc.CandyDropServiceStub(self.channel)
         self.metadata = (("authorization", f"Bearer {settings.service_token}"),)
 
@@ -435,7 +436,7 @@ class Dual:
 
     def __init__(self, settings: SchedulerSettings) -> None:
         self.settings = settings
-        self.channel = grpc.aio.insecure_channel(settings.dual_address)
+        self.channel = grpcclient.channel(settings.dual_address)
         self.stub = dual_pb2_grpc.DualServiceStub(self.channel)
         self.metadata = (("authorization", f"Bearer {settings.service_token}"),)
 
@@ -487,7 +488,7 @@ class Leverage:
 
     def __init__(self, settings: SchedulerSettings) -> None:
         self.settings = settings
-        self.channel = grpc.aio.insecure_channel(settings.leverage_address)
+        self.channel = grpcclient.channel(settings.leverage_address)
         self.stub = leverage_pb2_grpc.LeverageServiceStub(self.channel)
         self.metadata = (("authorization", f"Bearer {settings.service_token}"),)
 
@@ -535,7 +536,7 @@ class LoanClient:
 
     def __init__(self, settings: SchedulerSettings) -> None:
         self.settings = settings
-        self.channel = grpc.aio.insecure_channel(settings.loan_address)
+        self.channel = grpcclient.channel(settings.loan_address)
         self.stub = loan_pb2_grpc.LoanServiceStub(self.channel)
         self.metadata = (("authorization", f"Bearer {settings.service_token}"),)
 

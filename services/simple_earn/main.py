@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import grpc
+from services.kernel import grpcclient
 from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
 from aiokafka.abc import ConsumerRebalanceListener
 from google.protobuf.message import DecodeError
@@ -265,7 +266,7 @@ async def main() -> None:
     await db.migrate(settings, SCHEMA, MIGRATIONS)
     await asyncio.to_thread(topics.ensure_topics, settings, ["simple_earn.accrual", PAYOUT_TOPIC])
     pool = await db.create_pool(settings, SCHEMA)
-    channel = grpc.aio.insecure_channel(settings.wallet_address)
+    channel = grpcclient.channel(settings.wallet_address)
     api = SimpleEarnApi(pool, settings, peers.wallet(channel, settings.wallet_token, retry="retry with the same idempotency_key", not_found=False))
     app = GrpcApp("simple_earn", settings, ROLES)
     app.add_servicer(simple_earn_pb2_grpc.add_SimpleEarnServiceServicer_to_server, api, SERVICE_NAME)

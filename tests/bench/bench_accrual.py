@@ -46,6 +46,7 @@ from types import SimpleNamespace
 
 import asyncpg
 import grpc
+from services.kernel import grpcclient
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
 from earn.v1 import accrual_pb2, simple_earn_pb2 as se, simple_earn_pb2_grpc, wallet_pb2, wallet_pb2_grpc
@@ -584,8 +585,8 @@ async def pipeline(book: Book, e2e_ticks: int) -> None:
 
 async def run_pipeline(stack: Stack, pool: asyncpg.Pool, book: Book, e2e_ticks: int) -> None:
     n, h0 = book.size, book.h0
-    channel = grpc.aio.insecure_channel(stack.earn.address or "")
-    wchannel = grpc.aio.insecure_channel(stack.wallet.address or "")
+    channel = grpcclient.channel(stack.earn.address or "")
+    wchannel = grpcclient.channel(stack.wallet.address or "")
     earn = simple_earn_pb2_grpc.SimpleEarnServiceStub(channel)
     wallet = wallet_pb2_grpc.WalletServiceStub(wchannel)
     producer = AIOKafkaProducer(

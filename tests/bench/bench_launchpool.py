@@ -40,6 +40,7 @@ from pathlib import Path
 
 import asyncpg
 import grpc
+from services.kernel import grpcclient
 from aiokafka import AIOKafkaProducer
 
 from earn.v1 import accrual_pb2, launchpool_pb2, launchpool_pb2_grpc, wallet_pb2, wallet_pb2_grpc
@@ -215,7 +216,7 @@ async def pipeline(stakers: int, batches: list[tuple[int, bytes]]) -> None:
         settings = Settings(pg_database=database, topic_prefix=prefix)
         pool = await asyncpg.create_pool(settings.database_url, min_size=1, max_size=2)
         assert pool is not None
-        async with grpc.aio.insecure_channel(service.address) as c1, grpc.aio.insecure_channel(wallet.address) as c2:
+        async with grpcclient.channel(service.address) as c1, grpcclient.channel(wallet.address) as c2:
             api, wallet_api = launchpool_pb2_grpc.LaunchpoolServiceStub(c1), wallet_pb2_grpc.WalletServiceStub(c2)
             t = launchpool_pb2.CreateProjectRequest(idempotency_key="bench-project", project_id="bench", reward_asset="USDT",
                                                     pools=[launchpool_pb2.RewardPoolSpec(pool_id="bench", stake_asset="USDT", total_reward=TOTAL,

@@ -26,6 +26,7 @@ from functools import cache
 
 import asyncpg
 import grpc
+from services.kernel import grpcclient
 
 from earn.v1 import wallet_pb2
 from services.kernel.config import Settings
@@ -127,7 +128,7 @@ async def main(users: int, batch: int, in_flight: int, references: bool) -> None
         print(f"{len(bodies['first'])} requests per round, {size / 1024:,.0f} KiB each; {in_flight} in flight;"
               f" per-credit references: {'yes' if references else 'no (one reference per request)'}")
         options = [("grpc.max_send_message_length", 64 << 20)]
-        async with grpc.aio.insecure_channel(wallet.address, options=options) as channel:
+        async with grpcclient.channel(wallet.address, options=options) as channel:
             for n, (label, tag, folder_during) in enumerate(rounds, start=1):
                 folder = spawn("wallet", {**env, "EARN_RELAY_ENABLED": "false", "EARN_FOLD_IDLE_SECONDS": "0.05"}, log_dir)
                 if folder_during:

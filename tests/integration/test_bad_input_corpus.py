@@ -23,6 +23,7 @@ from typing import Any
 
 import asyncpg
 import grpc
+from services.kernel import grpcclient
 import pytest
 from google.protobuf.timestamp_pb2 import Timestamp
 
@@ -64,7 +65,7 @@ DENIED, UNAUTHENTICATED = grpc.StatusCode.PERMISSION_DENIED, grpc.StatusCode.UNA
 
 @pytest.fixture(scope="module")
 async def earn_channel(earn_process: ManagedProcess) -> AsyncIterator[grpc.aio.Channel]:
-    async with grpc.aio.insecure_channel(earn_process.address) as channel:
+    async with grpcclient.channel(earn_process.address) as channel:
         yield channel
 
 
@@ -79,7 +80,7 @@ def launchpool_process(stack, wallet_process: ManagedProcess):  # type: ignore[n
 
 @pytest.fixture(scope="module")
 async def launchpool_channel(launchpool_process: ManagedProcess) -> AsyncIterator[grpc.aio.Channel]:
-    async with grpc.aio.insecure_channel(launchpool_process.address) as channel:
+    async with grpcclient.channel(launchpool_process.address) as channel:
         yield channel
 
 
@@ -103,13 +104,13 @@ def dual_process(stack, wallet_process: ManagedProcess, market_process: ManagedP
 
 @pytest.fixture(scope="module")
 async def market_channel(market_process: ManagedProcess) -> AsyncIterator[grpc.aio.Channel]:
-    async with grpc.aio.insecure_channel(market_process.address) as channel:
+    async with grpcclient.channel(market_process.address) as channel:
         yield channel
 
 
 @pytest.fixture(scope="module")
 async def dual_channel(dual_process: ManagedProcess) -> AsyncIterator[grpc.aio.Channel]:
-    async with grpc.aio.insecure_channel(dual_process.address) as channel:
+    async with grpcclient.channel(dual_process.address) as channel:
         yield channel
 
 
@@ -124,7 +125,7 @@ def candydrop_process(stack, wallet_process: ManagedProcess):  # type: ignore[no
 
 @pytest.fixture(scope="module")
 async def candydrop_channel(candydrop_process: ManagedProcess) -> AsyncIterator[grpc.aio.Channel]:
-    async with grpc.aio.insecure_channel(candydrop_process.address) as channel:
+    async with grpcclient.channel(candydrop_process.address) as channel:
         yield channel
 
 
@@ -156,7 +157,7 @@ def leverage_process(stack, wallet_process: ManagedProcess, market_process: Mana
 
 @pytest.fixture(scope="module")
 async def leverage_channel(leverage_process: ManagedProcess) -> AsyncIterator[grpc.aio.Channel]:
-    async with grpc.aio.insecure_channel(leverage_process.address) as channel:
+    async with grpcclient.channel(leverage_process.address) as channel:
         yield channel
 
 
@@ -172,7 +173,7 @@ def loan_process(stack, wallet_process: ManagedProcess, market_process: ManagedP
 
 @pytest.fixture(scope="module")
 async def loan_channel(loan_process: ManagedProcess) -> AsyncIterator[grpc.aio.Channel]:
-    async with grpc.aio.insecure_channel(loan_process.address) as channel:
+    async with grpcclient.channel(loan_process.address) as channel:
         yield channel
 
 

@@ -9,6 +9,7 @@ import uuid
 
 import asyncpg
 import grpc
+from services.kernel import grpcclient
 from aiokafka import AIOKafkaConsumer
 
 from earn.v1 import wallet_pb2, wallet_pb2_grpc
@@ -58,7 +59,7 @@ async def test_relay_survives_broker_restart(stack, tmp_path) -> None:
     try:
         wallet_proc.start()
         await asyncio.to_thread(wallet_proc.wait_ready, 60)
-        async with grpc.aio.insecure_channel(wallet_proc.address) as channel:
+        async with grpcclient.channel(wallet_proc.address) as channel:
             wallet = wallet_pb2_grpc.WalletServiceStub(channel)
 
             async def deposits(n: int) -> None:

@@ -35,6 +35,7 @@ from pathlib import Path
 
 import asyncpg
 import grpc
+from services.kernel import grpcclient
 import pytest
 from aiokafka import AIOKafkaProducer
 
@@ -308,9 +309,9 @@ async def world(stack, name: str, chaos: random.Random | None = None) -> AsyncIt
         }
         await producer.start()
         async with (
-            grpc.aio.insecure_channel(processes["candydrop"].address) as c1,
-            grpc.aio.insecure_channel(processes["simple_earn"].address) as c2,
-            grpc.aio.insecure_channel(processes["wallet"].address) as c3,
+            grpcclient.channel(processes["candydrop"].address) as c1,
+            grpcclient.channel(processes["simple_earn"].address) as c2,
+            grpcclient.channel(processes["wallet"].address) as c3,
         ):
             yield World(clock, cli_env, processes, candydrop_pb2_grpc.CandyDropServiceStub(c1), simple_earn_pb2_grpc.SimpleEarnServiceStub(c2),
                         wallet_pb2_grpc.WalletServiceStub(c3), producer, prefix, chaos)

@@ -11,6 +11,7 @@ from collections.abc import Iterator
 from datetime import UTC, datetime
 
 import grpc
+from services.kernel import grpcclient
 import pytest
 
 from earn.v1 import candydrop_pb2 as cd, candydrop_pb2_grpc
@@ -38,7 +39,7 @@ async def test_generator_feeds_a_live_demo_campaign(stack, candydrop_process: Ma
         subprocess.run, [sys.executable, "-m", "services.candydrop.generator"], cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=120,
     )
     assert done.returncode == 0, done.stdout + done.stderr
-    async with grpc.aio.insecure_channel(candydrop_process.address) as channel:
+    async with grpcclient.channel(candydrop_process.address) as channel:
         stub = candydrop_pb2_grpc.CandyDropServiceStub(channel)
 
         async def counted() -> None:

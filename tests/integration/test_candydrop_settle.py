@@ -11,6 +11,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import grpc
+from services.kernel import grpcclient
 import pytest
 
 from earn.v1 import candydrop_pb2 as cd, candydrop_pb2_grpc
@@ -51,7 +52,7 @@ async def test_a_campaign_waits_for_its_settlement_delay(candydrop_process: Mana
     )
     request.start_time.FromDatetime(at(1))
     request.end_time.FromDatetime(at(2))
-    async with grpc.aio.insecure_channel(candydrop_process.address) as channel:
+    async with grpcclient.channel(candydrop_process.address) as channel:
         api = candydrop_pb2_grpc.CandyDropServiceStub(channel)
         await api.CreateCampaign(request, metadata=OPERATOR)
 

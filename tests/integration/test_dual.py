@@ -12,6 +12,7 @@ from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 
 import grpc
+from services.kernel import grpcclient
 import pytest
 from google.protobuf.timestamp_pb2 import Timestamp
 
@@ -41,7 +42,7 @@ def dual_process(stack, wallet_process: ManagedProcess, market_process: ManagedP
 
 @pytest.fixture(scope="module")
 async def dual(dual_process: ManagedProcess) -> AsyncIterator[dual_pb2_grpc.DualServiceStub]:
-    async with grpc.aio.insecure_channel(dual_process.address) as channel:
+    async with grpcclient.channel(dual_process.address) as channel:
         yield dual_pb2_grpc.DualServiceStub(channel)
 
 

@@ -38,6 +38,7 @@ from pathlib import Path
 
 import asyncpg
 import grpc
+from services.kernel import grpcclient
 from aiokafka import AIOKafkaProducer
 from google.protobuf.timestamp_pb2 import Timestamp
 
@@ -178,9 +179,9 @@ async def world(stack, name: str) -> AsyncIterator[World]:  # type: ignore[no-un
         }
         await producer.start()
         async with (
-            grpc.aio.insecure_channel(processes["dual"].address) as c1,
-            grpc.aio.insecure_channel(processes["market"].address) as c2,
-            grpc.aio.insecure_channel(processes["wallet"].address) as c3,
+            grpcclient.channel(processes["dual"].address) as c1,
+            grpcclient.channel(processes["market"].address) as c2,
+            grpcclient.channel(processes["wallet"].address) as c3,
         ):
             yield World(
                 clock, cli_env, processes, dual_pb2_grpc.DualServiceStub(c1), market_pb2_grpc.MarketServiceStub(c2),

@@ -37,6 +37,7 @@ from pathlib import Path
 
 import asyncpg
 import grpc
+from services.kernel import grpcclient
 import pytest
 
 from earn.v1 import launchpool_pb2 as lp, launchpool_pb2_grpc, wallet_pb2, wallet_pb2_grpc
@@ -198,7 +199,7 @@ async def world(stack, name: str, chaos: random.Random | None = None) -> AsyncIt
             "EARN_SCHEDULER_START": at(0, 10).isoformat(),
             "EARN_METRICS_PORT": "0",
         }
-        async with grpc.aio.insecure_channel(processes["launchpool"].address) as c1, grpc.aio.insecure_channel(processes["wallet"].address) as c2:
+        async with grpcclient.channel(processes["launchpool"].address) as c1, grpcclient.channel(processes["wallet"].address) as c2:
             yield World(clock, cli_env, processes, launchpool_pb2_grpc.LaunchpoolServiceStub(c1), wallet_pb2_grpc.WalletServiceStub(c2), chaos)
     finally:
         for proc in reversed(processes.values()):

@@ -40,6 +40,7 @@ from pathlib import Path
 
 import asyncpg
 import grpc
+from services.kernel import grpcclient
 from aiokafka import AIOKafkaProducer
 from google.protobuf.timestamp_pb2 import Timestamp
 
@@ -198,9 +199,9 @@ async def world(stack, name: str, **leverage_env: str) -> AsyncIterator[World]: 
         }
         await producer.start()
         async with (
-            grpc.aio.insecure_channel(processes["leverage"].address) as c1,
-            grpc.aio.insecure_channel(processes["market"].address) as c2,
-            grpc.aio.insecure_channel(processes["wallet"].address) as c3,
+            grpcclient.channel(processes["leverage"].address) as c1,
+            grpcclient.channel(processes["market"].address) as c2,
+            grpcclient.channel(processes["wallet"].address) as c3,
         ):
             yield World(
                 clock, cli_env, processes, leverage_pb2_grpc.LeverageServiceStub(c1), market_pb2_grpc.MarketServiceStub(c2),

@@ -32,6 +32,7 @@ from pathlib import Path
 
 import asyncpg
 import grpc
+from services.kernel import grpcclient
 import pytest
 from aiokafka import AIOKafkaProducer
 
@@ -135,9 +136,9 @@ async def world(stack, name: str) -> AsyncIterator[World]:  # type: ignore[no-un
         await asyncio.to_thread(processes["accrual"].wait_ready, 60)
         await producer.start()
         async with (
-            grpc.aio.insecure_channel(processes["loan"].address) as c1,
-            grpc.aio.insecure_channel(processes["market"].address) as c2,
-            grpc.aio.insecure_channel(processes["wallet"].address) as c3,
+            grpcclient.channel(processes["loan"].address) as c1,
+            grpcclient.channel(processes["market"].address) as c2,
+            grpcclient.channel(processes["wallet"].address) as c3,
         ):
             yield World(clock, loan_pb2_grpc.LoanServiceStub(c1), market_pb2_grpc.MarketServiceStub(c2), wallet_pb2_grpc.WalletServiceStub(c3),
                         producer, prefix + "market.prices", processes, database, prefix)

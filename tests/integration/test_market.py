@@ -16,6 +16,7 @@ from decimal import Decimal
 from fractions import Fraction
 
 import grpc
+from services.kernel import grpcclient
 import pytest
 from aiokafka import AIOKafkaProducer
 from google.protobuf.timestamp_pb2 import Timestamp
@@ -49,7 +50,7 @@ def market_process(stack) -> ManagedProcess:  # type: ignore[no-untyped-def]
 
 @pytest.fixture(scope="module")
 async def market(market_process: ManagedProcess) -> AsyncIterator[market_pb2_grpc.MarketServiceStub]:
-    async with grpc.aio.insecure_channel(market_process.address) as channel:
+    async with grpcclient.channel(market_process.address) as channel:
         yield market_pb2_grpc.MarketServiceStub(channel)
 
 

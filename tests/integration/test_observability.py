@@ -41,6 +41,7 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+from services.kernel import grpcclient
 import pytest
 import yaml
 from aiokafka import AIOKafkaProducer
@@ -281,7 +282,7 @@ async def workload(wallet: ManagedProcess, earn: ManagedProcess, stack: Env) -> 
     """Calls that succeed and calls refused for each reason a caller can give; a product,
     a subscription and a partial redemption (accruing from the next hour); an unreadable
     event in the accrual engine's input."""
-    async with grpc.aio.insecure_channel(wallet.address or "") as wch, grpc.aio.insecure_channel(earn.address or "") as ech:
+    async with grpcclient.channel(wallet.address or "") as wch, grpcclient.channel(earn.address or "") as ech:
         w = wallet_pb2_grpc.WalletServiceStub(wch)
         e = simple_earn_pb2_grpc.SimpleEarnServiceStub(ech)
         user = unique("obs")
@@ -335,7 +336,7 @@ async def products_workload(p: dict[str, ManagedProcess], stack: Env, start: dat
     early, one maturing at start + 2 h); unreadable records in launchpool.accrual and
     launchpool.payouts. The scheduler settles, pays and distributes once the clock moves."""
     day = start + timedelta(hours=3)
-    channels = {name: grpc.aio.insecure_channel(p[name].address or "") for name in ("wallet", "launchpool", "candydrop", "market", "dual", "leverage")}
+    channels = {name: grpcclient.channel(p[name].address or "") for name in ("wallet", "launchpool", "candydrop", "market", "dual", "leverage")}
     producer = AIOKafkaProducer(bootstrap_servers=stack.settings.kafka_bootstrap, enable_idempotence=True)
     await producer.start()
     try:

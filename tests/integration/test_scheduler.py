@@ -24,6 +24,7 @@ from typing import Any, TypeVar
 
 import asyncpg
 import grpc
+from services.kernel import grpcclient
 import pytest
 
 from services.devstack.processes import PROCESSES, ManagedProcess, ProcessSpec
@@ -343,7 +344,7 @@ async def simple_earn(stack: Env, wallet_process: ManagedProcess) -> AsyncIterat
         await asyncio.to_thread(proc.wait_ready, 60)
         from earn.v1 import accrual_pb2, simple_earn_pb2, simple_earn_pb2_grpc
 
-        async with grpc.aio.insecure_channel(proc.address) as channel:
+        async with grpcclient.channel(proc.address) as channel:
             stub = simple_earn_pb2_grpc.SimpleEarnServiceStub(channel)
             for cadence in (simple_earn_pb2.PAYOUT_CADENCE_HOURLY, simple_earn_pb2.PAYOUT_CADENCE_DAILY):
                 await stub.CreateProduct(
@@ -366,7 +367,7 @@ def _accrual(stack: Env) -> ManagedProcess:
 async def _close_hour(address: str, hour: int) -> list[int]:
     from earn.v1 import simple_earn_pb2, simple_earn_pb2_grpc
 
-    async with grpc.aio.insecure_channel(address) as channel:
+    async with grpcclient.channel(address) as channel:
         reply = await simple_earn_pb2_grpc.SimpleEarnServiceStub(channel).CloseHour(
             simple_earn_pb2.CloseHourRequest(hour=hour), metadata=SERVICE, timeout=30
         )
@@ -376,7 +377,7 @@ async def _close_hour(address: str, hour: int) -> list[int]:
 async def _payout_status(address: str, job: str, period: str) -> Any:
     from earn.v1 import simple_earn_pb2, simple_earn_pb2_grpc
 
-    async with grpc.aio.insecure_channel(address) as channel:
+    async with grpcclient.channel(address) as channel:
         return await simple_earn_pb2_grpc.SimpleEarnServiceStub(channel).GetPayoutStatus(
             simple_earn_pb2.GetPayoutStatusRequest(job=job, period=period), metadata=SERVICE, timeout=30
         )
@@ -513,7 +514,7 @@ async def test_simple_earn_cli_preview_shows_per_user_amounts_and_totals(stack: 
     period = domain.period_containing(Cadence.HOURLY, now_hour() - timedelta(hours=10))
     users = [unique("prev") for _ in range(22)]
     principals = [Decimal(n + 1) / 10 for n in range(len(users))]
-    async with grpc.aio.insecure_channel(address) as channel, grpc.aio.insecure_channel(wallet_process.address) as wchannel:
+    async with grpcclient.channel(address) as channel, grpcclient.channel(wallet_process.address) as wchannel:
         earn = simple_earn_pb2_grpc.SimpleEarnServiceStub(channel)
         wallet = wallet_pb2_grpc.WalletServiceStub(wchannel)
         product = (await earn.CreateProduct(

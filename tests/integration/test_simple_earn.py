@@ -16,6 +16,7 @@ from pathlib import Path
 
 import asyncpg
 import grpc
+from services.kernel import grpcclient
 import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from google.protobuf.timestamp_pb2 import Timestamp
@@ -39,7 +40,7 @@ FIXED = se.PRODUCT_KIND_FIXED
 
 @pytest.fixture(scope="module")
 async def earn(earn_process: ManagedProcess) -> AsyncIterator[simple_earn_pb2_grpc.SimpleEarnServiceStub]:
-    async with grpc.aio.insecure_channel(earn_process.address) as channel:
+    async with grpcclient.channel(earn_process.address) as channel:
         yield simple_earn_pb2_grpc.SimpleEarnServiceStub(channel)
 
 
@@ -912,7 +913,7 @@ async def world(stack, wallet_process: ManagedProcess, start: datetime) -> Async
         processes.append(engine)
         engine.start()
         pool = await asyncpg.create_pool(settings.database_url, server_settings={"search_path": "simple_earn"}, min_size=1, max_size=4)
-        async with grpc.aio.insecure_channel(earn_proc.address) as channel:
+        async with grpcclient.channel(earn_proc.address) as channel:
             yield World(clock, simple_earn_pb2_grpc.SimpleEarnServiceStub(channel), pool, earn_proc)
     finally:
         if pool is not None:

@@ -27,6 +27,7 @@ from pathlib import Path
 
 import asyncpg
 import grpc
+from services.kernel import grpcclient
 import pytest
 
 from earn.v1 import accrual_pb2, simple_earn_pb2 as se, simple_earn_pb2_grpc, wallet_pb2, wallet_pb2_grpc
@@ -204,7 +205,7 @@ async def world(stack, name: str, chaos: random.Random | None = None) -> AsyncIt
             "EARN_SCHEDULER_START": at(0, 20).isoformat(),
             "EARN_METRICS_PORT": "0",
         }
-        async with grpc.aio.insecure_channel(processes["simple_earn"].address) as earn, grpc.aio.insecure_channel(processes["wallet"].address) as wallet:
+        async with grpcclient.channel(processes["simple_earn"].address) as earn, grpcclient.channel(processes["wallet"].address) as wallet:
             yield World(clock, cli_env, processes, simple_earn_pb2_grpc.SimpleEarnServiceStub(earn), wallet_pb2_grpc.WalletServiceStub(wallet), chaos)
     finally:
         for proc in reversed(processes.values()):

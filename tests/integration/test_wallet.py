@@ -8,6 +8,7 @@ from decimal import Decimal
 
 import asyncpg
 import grpc
+from services.kernel import grpcclient
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
@@ -57,11 +58,11 @@ async def snapshot(db: asyncpg.Pool) -> tuple:
 
 
 async def test_reflection_and_health_need_only_the_address(wallet_process) -> None:
-    async with grpc.aio.insecure_channel(wallet_process.address) as channel:
+    async with grpcclient.channel(wallet_process.address) as channel:
         reply = await health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=""))
         assert reply.status == health_pb2.HealthCheckResponse.SERVING
 
-    sync_channel = grpc.insecure_channel(wallet_process.address)
+    sync_channel = grpcclient.sync_channel(wallet_process.address)
     try:
         database = ProtoReflectionDescriptorDatabase(sync_channel)
         services = await asyncio.to_thread(database.get_services)

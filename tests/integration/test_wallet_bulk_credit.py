@@ -17,6 +17,7 @@ from decimal import Decimal
 
 import asyncpg
 import grpc
+from services.kernel import grpcclient
 import pytest
 from aiokafka import AIOKafkaConsumer
 
@@ -45,7 +46,7 @@ def api_process(stack: Env) -> Iterator[ManagedProcess]:
 @pytest.fixture(scope="module")
 async def wallet(api_process: ManagedProcess) -> AsyncIterator[wallet_pb2_grpc.WalletServiceStub]:
     assert api_process.address
-    async with grpc.aio.insecure_channel(api_process.address) as channel:
+    async with grpcclient.channel(api_process.address) as channel:
         yield wallet_pb2_grpc.WalletServiceStub(channel)
 
 

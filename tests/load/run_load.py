@@ -44,6 +44,7 @@ from typing import Any
 
 import asyncpg
 import grpc
+from services.kernel import grpcclient
 
 from earn.v1 import accrual_pb2, simple_earn_pb2 as se, simple_earn_pb2_grpc, wallet_pb2, wallet_pb2_grpc
 from services.devstack.processes import ManagedProcess
@@ -125,6 +126,17 @@ def parse_ghz(path: Path) -> Calls:
 # ------------------------------------------------------------------ ghz
 
 
+def ghz_transport() -> list[str]:
+    """ghz's transport flags: the CA and this driver's certificate when the stack runs mTLS
+    (EARN_TLS_DIR, identity EARN_TLS_IDENTITY or `tool`), plaintext otherwise."""
+    settings = Settings()
+    if not settings.tls_dir:
+        return ["--insecure"]
+    directory, identity = Path(settings.tls_dir), settings.tls_identity or "tool"
+    return ["--cacert", str(directory / "ca.pem"), "--cert", str(directory / f"{identity}.pem"),
+            "--key", str(directory / f"{identity}.key")]
+
+
 @dataclass
 class Target:
     method: str
@@ -141,7 +153,7 @@ class Ghz:
 
     def command(self, target: Target, rps: int, concurrency: int, seconds: float, out: Path) -> list[str]:
         cmd = [
-            str(GHZ), "--insecure", "--protoset", str(self.protoset), "--call", f"{SERVICE}.{target.method}",
+            str(GHZ), *ghz_transport(), "--protoset", str(self.protoset), "--call", f"{SERVICE}.{target.method}",
             "--data-file", str(target.data), "--metadata", json.dumps({"authorization": GATEWAY_TOKEN}),
             "--concurrency", str(concurrency), "--duration", f"{seconds:.3f}s", "--duration-stop", "wait",
             "--timeout", "10s", "--cpus", "1", "--format", "json", "--output", str(out),
@@ -257,7 +269,7 @@ async def seed(wallet: ManagedProcess, earn: ManagedProcess, users: list[str], p
     """Fund every user, create the products, open one position each (user i in product
     i mod products); returns the position ids (in the order of users) and the seconds the
     deposits and subscriptions took."""
-    async with grpc.aio.insecure_channel(wallet.address) as wch, grpc.aio.insecure_channel(earn.address) as ech:
+    async with grpcclient.channel(wallet.address) as wch, grpcclient.channel(earn.address) as ech:
         w = wallet_pb2_grpc.WalletServiceStub(wch)
         e = simple_earn_pb2_grpc.SimpleEarnServiceStub(ech)
         started = time.monotonic()
