@@ -1,4 +1,9 @@
-"""CLI of the local stack: `python -m services.devstack infra-up|infra-down|run|test|bench|load`.
+"""CLI of the local stack: `python -m services.devstack infra-up|infra-down|run|test|bench|load|certs`.
+
+`run`, `test` and `load` issue the local CA and the certificates into ``<data dir>/tls``
+(kept when still valid) and run everything with mTLS (EARN_TLS_DIR); the test and load
+drivers present the ``tool`` certificate and name their role with bearer tokens. Set
+EARN_TLS_DIR= (empty) to run in plaintext instead.
 
 Every command that starts a server stops it again on exit, unless the server was already
 running (then it is reused and left alone) or the command is `infra-up`, whose purpose is to
@@ -8,6 +13,7 @@ leave the servers running for later commands.
 from __future__ import annotations
 
 import contextlib
+import os
 import signal
 import subprocess
 import sys
@@ -25,6 +31,7 @@ from services.devstack.infra import (
     stop_signal,
 )
 from services.devstack.processes import PROCESSES, ManagedProcess, ProcessSpec, ProcessStartError
+from services.kernel import tls
 from services.kernel.config import REPO_ROOT
 
 app = typer.Typer(
@@ -47,14 +54,26 @@ def _print_addresses(stack: Stack, processes: Sequence[ManagedProcess] = ()) -> 
         print(f"  {name:<{width}}  {address}", flush=True)
 
 
-def _run_child(command: list[str], stack: Stack, grace: float = 30) -> int:
+def _tls_env(stack: Stack) -> dict[str, str]:
+    """EARN_TLS_DIR (certificates issued or reused in <data dir>/tls) and the driver's
+    identity, `tool`; nothing when EARN_TLS_DIR is set (an empty value means plaintext)."""
+    if "EARN_TLS_DIR" in os.environ:
+        return {}
+    directory = stack.settings.data_dir / "tls"
+    issued = tls.ensure(directory)
+    if issued:
+        say(f"certificates issued in {directory}: {', '.join(issued)}")
+    return {"EARN_TLS_DIR": str(directory), "EARN_TLS_IDENTITY": "tool"}
+
+
+def _run_child(command: list[str], stack: Stack, grace: float = 30, extra_env: dict[str, str] | None = None) -> int:
     """Run a command with the stack's environment and return its exit code.
 
     When we are asked to stop, the child gets the chance to end by itself if it was Ctrl-C
     (the terminal sent it SIGINT too), then SIGTERM, then SIGKILL after grace seconds.
     """
     with deferred_signals() as stop:
-        child = subprocess.Popen(command, env=stack.env(), cwd=REPO_ROOT)
+        child = subprocess.Popen(command, env={**stack.env(), **(extra_env or {})}, cwd=REPO_ROOT)
         try:
             while child.poll() is None and not stop.wait(0.2):
                 pass
@@ -120,7 +139,7 @@ def run() -> None:
     try:
         with stack.owned(), deferred_signals() as stop:
             try:
-                env = stack.env()
+                env = {**stack.env(), **_tls_env(stack)}
                 planned = [ManagedProcess(spec, env, log_dir=log_dir, cwd=REPO_ROOT, **_ports(spec, env)) for spec in PROCESSES]
                 # Each process finds the others where this launch put them: EARN_<NAME>_ADDRESS.
                 addresses = {f"EARN_{p.name.upper()}_ADDRESS": p.address for p in planned if p.address}
@@ -163,6 +182,7 @@ def test(
             code = _run_child(
                 [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", *(pytest_args or [])],
                 stack,
+                extra_env=_tls_env(stack),
             )
     except InfraError as error:
         raise _fail(error)
@@ -210,12 +230,22 @@ def load(
     code = 1
     try:
         with stack.owned():
-            code = _run_child([sys.executable, "-m", "tests.load.run_load", *(load_args or [])], stack)
+            code = _run_child([sys.executable, "-m", "tests.load.run_load", *(load_args or [])], stack, extra_env=_tls_env(stack))
     except InfraError as error:
         raise _fail(error)
     except KeyboardInterrupt:
         code = 130
     raise typer.Exit(code)
+
+
+@app.command()
+def certs() -> None:
+    """Issue (or keep, when still valid) the local CA and every identity's certificate in
+    <data dir>/tls, for running processes with EARN_TLS_DIR by hand."""
+    stack = Stack()
+    directory = stack.settings.data_dir / "tls"
+    issued = tls.ensure(directory)
+    say(f"{directory}: {'issued ' + ', '.join(issued) if issued else 'all certificates valid'}")
 
 
 if __name__ == "__main__":

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import IO
 
 import grpc
+from services.kernel import grpcclient
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from services.devstack.infra import POLL_SECONDS, port_in_use, tail
@@ -35,6 +36,8 @@ class ProcessSpec:
     default_port: int | None
     metrics_port_env: str | None  # Prometheus /metrics port variable; None: no metrics listener
     default_metrics_port: int | None
+    # The certificate it presents with mTLS (EARN_TLS_IDENTITY); None: its name.
+    tls_identity: str | None = None
 
 
 PROCESSES: list[ProcessSpec] = [
@@ -78,6 +81,7 @@ PROCESSES: list[ProcessSpec] = [
         default_port=None,
         metrics_port_env=None,
         default_metrics_port=None,
+        tls_identity="tool",  # the exchange's stand-in: acts as gateway and operator by token
     ),
     ProcessSpec(
         name="market",
@@ -182,6 +186,8 @@ class ManagedProcess:
             self.env[spec.port_env] = str(self.port)
         if spec.metrics_port_env and self.metrics_port is not None:
             self.env[spec.metrics_port_env] = str(self.metrics_port)
+        if self.env.get("EARN_TLS_DIR"):
+            self.env["EARN_TLS_IDENTITY"] = spec.tls_identity or spec.name
         self.popen: subprocess.Popen[bytes] | None = None
         self._pump: threading.Thread | None = None
 
@@ -267,7 +273,8 @@ class ManagedProcess:
         if self.address is None:
             return
         deadline = time.monotonic() + timeout
-        with grpc.insecure_channel(self.address) as channel:
+        tls_dir = self.env.get("EARN_TLS_DIR", "")
+        with grpcclient.sync_channel(self.address, tls_dir=tls_dir, identity="tool") as channel:
             stub = health_pb2_grpc.HealthStub(channel)
             while True:
                 code = self.popen.poll()
