@@ -9,6 +9,7 @@ import sys
 import urllib.request
 
 import grpc
+from services.kernel import grpcclient
 import psutil
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
@@ -19,7 +20,7 @@ from tests.conftest import GATEWAY, free_port
 
 
 def _health(address: str) -> int:
-    with grpc.insecure_channel(address) as channel:
+    with grpcclient.sync_channel(address) as channel:
         return health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=""), timeout=2).status
 
 
@@ -63,7 +64,7 @@ async def test_sigterm_drains_and_exits_cleanly(stack) -> None:
     proc.start()
     try:
         await asyncio.to_thread(proc.wait_ready, 60)
-        async with grpc.aio.insecure_channel(proc.address) as channel:
+        async with grpcclient.channel(proc.address) as channel:
             wallet = wallet_pb2_grpc.WalletServiceStub(channel)
             await wallet.GetBalances(wallet_pb2.GetBalancesRequest(owner="nobody"), metadata=GATEWAY)
             body = urllib.request.urlopen(proc.metrics_url, timeout=5).read().decode()
