@@ -6,7 +6,7 @@ users, then publishes seeded spot and futures fills and deposits for them at a s
 rate to exchange.trades and exchange.deposits (keyed by user, idempotent producer), so
 the campaign's progress moves while you watch:
 
-    grpcurl -plaintext -H 'authorization: Bearer dev-gateway' \
+    grpcurl -cacert .data/tls/ca.pem -cert .data/tls/tool.pem -key .data/tls/tool.key -H 'authorization: Bearer dev-gateway' \
       -d '{"campaign_id":"demo-2026-11-26","user_id":"demo-0"}' \
       127.0.0.1:50054 earn.v1.CandyDropService/GetProgress
 

@@ -237,6 +237,9 @@ DEFAULT_PORTS = {"earn.v1.WalletService": 50051, "earn.v1.SimpleEarnService": 50
                  "earn.v1.LeverageService": 50057, "earn.v1.LoanService": 50058}
 
 
+README_TLS = {"-cacert": ".data/tls/ca.pem", "-cert": ".data/tls/tool.pem", "-key": ".data/tls/tool.key"}
+
+
 def readme_grpcurl_calls() -> list[dict[str, object]]:
     """Every `grpcurl ... <address> <service>/<method>` in README.md's sh blocks."""
     calls = []
@@ -252,10 +255,14 @@ def readme_grpcurl_calls() -> list[dict[str, object]]:
                     call["headers"].append(next(args))
                 elif arg == "-d":
                     call["data"] = next(args)
+                elif arg in README_TLS:
+                    call[arg] = next(args)
                 elif arg.startswith("-"):
-                    assert arg == "-plaintext", f"unexpected grpcurl flag {arg} in {tokens[start:end]}"
+                    pytest.fail(f"unexpected grpcurl flag {arg} in {tokens[start:end]}")
                 else:
                     positional.append(arg)
+            # mTLS: every call presents the tool certificate (its role named by the token)
+            assert {flag: call.get(flag) for flag in README_TLS} == README_TLS, tokens[start:end]
             assert positional and re.fullmatch(r"127\.0\.0\.1:\d+", positional[0]), tokens[start:end]
             assert len(positional) <= 3, f"not one grpcurl command: {tokens[start:end]}"
             call["address"], call["target"] = positional[0], positional[1:]
