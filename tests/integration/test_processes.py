@@ -11,6 +11,7 @@ import urllib.request
 import grpc
 from services.kernel import grpcclient
 import psutil
+import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from earn.v1 import wallet_pb2, wallet_pb2_grpc
@@ -19,8 +20,8 @@ from services.kernel.config import REPO_ROOT
 from tests.conftest import GATEWAY, free_port
 
 
-def _health(address: str) -> int:
-    with grpcclient.sync_channel(address) as channel:
+def _health(address: str, tls_dir: str | None = None) -> int:
+    with grpcclient.sync_channel(address, tls_dir=tls_dir) as channel:
         return health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=""), timeout=2).status
 
 
@@ -32,6 +33,11 @@ def test_run_starts_every_process_and_ctrl_c_leaves_nothing_behind(stack) -> Non
         if spec.port_env:
             env[f"EARN_{name}_GRPC_PORT"] = str(free_port())
     port = int(env["EARN_WALLET_GRPC_PORT"])
+    # As `make run`: the launcher issues (or reuses) the certificates in .data/tls itself
+    # and runs every process with mTLS.
+    env.pop("EARN_TLS_DIR", None)
+    env.pop("EARN_TLS_IDENTITY", None)
+    tls_dir = str(stack.settings.data_dir / "tls")
     launcher = subprocess.Popen(
         [sys.executable, "-m", "services.devstack", "run"], cwd=REPO_ROOT, env=env,
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
@@ -46,7 +52,9 @@ def test_run_starts_every_process_and_ctrl_c_leaves_nothing_behind(stack) -> Non
         output = "".join(lines)
         assert f"127.0.0.1:{port}" in output, output
         assert "reusing" in output  # the suite's servers are reused, and left running
-        assert _health(f"127.0.0.1:{port}") == health_pb2.HealthCheckResponse.SERVING
+        assert _health(f"127.0.0.1:{port}", tls_dir) == health_pb2.HealthCheckResponse.SERVING
+        with pytest.raises(grpc.RpcError):  # plaintext is refused
+            _health(f"127.0.0.1:{port}", "")
         children = psutil.Process(launcher.pid).children(recursive=True)
         assert children
         launcher.send_signal(signal.SIGINT)
