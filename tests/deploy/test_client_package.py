@@ -201,9 +201,10 @@ def test_examples_run_against_live_services(
     client_python: Path, wallet_process: ManagedProcess, earn_process: ManagedProcess, tmp_path: Path
 ) -> None:
     user, product = f"client-{uuid.uuid4().hex[:8]}", f"client-flex-{uuid.uuid4().hex[:8]}"
-    wallet = [client_python, EXAMPLES / "wallet_example.py", "--address", wallet_process.address or ""]
+    tls = ["--tls-dir", wallet_process.env.get("EARN_TLS_DIR", "")]  # mTLS when the suite runs with it
+    wallet = [client_python, EXAMPLES / "wallet_example.py", "--address", wallet_process.address or "", *tls]
     earn = [client_python, EXAMPLES / "simple_earn_example.py", "--address", earn_process.address or "", "--user", user,
-            "--product", product]
+            "--product", product, *tls]
 
     out = run(*wallet, "--owner", user, "--amount", "1.5", cwd=tmp_path).stdout
     (deposit,) = lines(out, "deposit")

@@ -13,14 +13,17 @@ the generated stubs for a channel::
         reply = earn_client.wallet(channel).GetBalances(wallet_pb2.GetBalancesRequest(owner="alice"), timeout=5)
 
 The messages are ``earn.v1.*_pb2`` (with ``.pyi`` type stubs), the service stubs
-``earn.v1.*_pb2_grpc``. Channels are plaintext: the services listen on a private network
-(mTLS comes with the platform's security work). Every RPC of the services is unary.
+``earn.v1.*_pb2_grpc``. With ``tls_dir`` (the platform's certificate directory, e.g.
+``.data/tls`` of `make run`) the channel is mTLS: it trusts ``ca.pem`` there and presents
+``<identity>.pem``/``.key`` (default identity ``tool``, whose role the token names);
+without, plaintext (services running without EARN_TLS_DIR). Every RPC is unary.
 """
 
 from __future__ import annotations
 
 import collections
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -82,18 +85,39 @@ def _check(token: str) -> None:
         raise ValueError("token: a non-empty bearer token without surrounding whitespace is required")
 
 
-def connect(address: str, token: str, *, options: ChannelOptions | None = None) -> grpc.Channel:
-    """A plaintext channel to ``address`` (host:port) that sends ``token`` with every call.
+def _credentials(tls_dir: str, identity: str) -> grpc.ChannelCredentials:
+    directory = Path(tls_dir)
+    return grpc.ssl_channel_credentials(
+        root_certificates=(directory / "ca.pem").read_bytes(),
+        private_key=(directory / f"{identity}.key").read_bytes(),
+        certificate_chain=(directory / f"{identity}.pem").read_bytes(),
+    )
+
+
+def connect(
+    address: str, token: str, *, options: ChannelOptions | None = None, tls_dir: str | None = None, identity: str = "tool"
+) -> grpc.Channel:
+    """A channel to ``address`` (host:port) that sends ``token`` with every call: mTLS
+    with ``identity``'s certificate from ``tls_dir`` when given, else plaintext.
 
     Use it as a context manager, or call ``close()``.
     """
     _check(token)
-    return grpc.intercept_channel(grpc.insecure_channel(address, options=options), _BearerToken(token))
+    if tls_dir:
+        channel = grpc.secure_channel(address, _credentials(tls_dir, identity), options=options)
+    else:
+        channel = grpc.insecure_channel(address, options=options)
+    return grpc.intercept_channel(channel, _BearerToken(token))
 
 
-def connect_aio(address: str, token: str, *, options: ChannelOptions | None = None) -> grpc.aio.Channel:
+def connect_aio(
+    address: str, token: str, *, options: ChannelOptions | None = None, tls_dir: str | None = None, identity: str = "tool"
+) -> grpc.aio.Channel:
     """The asyncio variant of ``connect``: ``async with connect_aio(...) as channel``."""
     _check(token)
+    if tls_dir:
+        creds = _credentials(tls_dir, identity)
+        return grpc.aio.secure_channel(address, creds, options=options, interceptors=[_AioBearerToken(token)])
     return grpc.aio.insecure_channel(address, options=options, interceptors=[_AioBearerToken(token)])
 
 

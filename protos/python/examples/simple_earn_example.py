@@ -27,12 +27,12 @@ from earn.v1 import accrual_pb2, simple_earn_pb2 as se
 
 
 async def run(args: argparse.Namespace) -> None:
-    async with earn_client.connect_aio(args.address, args.gateway_token) as channel:
+    async with earn_client.connect_aio(args.address, args.gateway_token, tls_dir=args.tls_dir) as channel:
         earn = earn_client.simple_earn(channel)
 
         products = (await earn.ListProducts(se.ListProductsRequest(asset=args.asset), timeout=10)).products
         if not any(p.product_id == args.product for p in products):
-            async with earn_client.connect_aio(args.address, args.operator_token) as operator_channel:
+            async with earn_client.connect_aio(args.address, args.operator_token, tls_dir=args.tls_dir) as operator_channel:
                 created = await earn_client.simple_earn(operator_channel).CreateProduct(
                     se.CreateProductRequest(
                         # The same key with the same request answers the first creation again.
@@ -77,6 +77,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--address", default="127.0.0.1:50052", help="Simple Earn's gRPC address")
     parser.add_argument("--operator-token", default=os.environ.get("EARN_OPERATOR_TOKEN", "dev-operator"))
     parser.add_argument("--gateway-token", default=os.environ.get("EARN_GATEWAY_TOKEN", "dev-gateway"))
+    parser.add_argument("--tls-dir", default=os.environ.get("EARN_TLS_DIR", ""),
+                        help="the certificate directory (ca.pem, tool.pem, tool.key) when the services run mTLS")
     parser.add_argument("--user", default="alice")
     parser.add_argument("--product", default="example-btc-flex")
     parser.add_argument("--asset", default="BTC")

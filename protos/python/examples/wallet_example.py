@@ -28,6 +28,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--address", default="127.0.0.1:50051", help="the wallet's gRPC address")
     parser.add_argument("--operator-token", default=os.environ.get("EARN_OPERATOR_TOKEN", "dev-operator"))
     parser.add_argument("--gateway-token", default=os.environ.get("EARN_GATEWAY_TOKEN", "dev-gateway"))
+    parser.add_argument("--tls-dir", default=os.environ.get("EARN_TLS_DIR", ""),
+                        help="the certificate directory (ca.pem, tool.pem, tool.key) when the services run mTLS")
     parser.add_argument("--owner", default="alice")
     parser.add_argument("--asset", default="BTC")
     parser.add_argument("--amount", default="1.5", help="a plain decimal, at most the asset's scale")
@@ -43,13 +45,13 @@ def main(argv: list[str] | None = None) -> int:
         reference="earn-client wallet example",
     )
     try:
-        with earn_client.connect(args.address, args.operator_token) as channel:
+        with earn_client.connect(args.address, args.operator_token, tls_dir=args.tls_dir) as channel:
             transfer = earn_client.wallet(channel).Deposit(deposit, timeout=10).transfer
         print(f"deposit: transfer {transfer.transfer_id}, {transfer.amount} {transfer.asset} "
               f"{transfer.source.owner}/{wallet_pb2.AccountKind.Name(transfer.source.kind)} -> "
               f"{transfer.destination.owner}/{wallet_pb2.AccountKind.Name(transfer.destination.kind)}")
 
-        with earn_client.connect(args.address, args.gateway_token) as channel:
+        with earn_client.connect(args.address, args.gateway_token, tls_dir=args.tls_dir) as channel:
             reply = earn_client.wallet(channel).GetBalances(wallet_pb2.GetBalancesRequest(owner=args.owner), timeout=10)
     except grpc.RpcError as err:  # the status code and the service's message, e.g. INVALID_ARGUMENT: amount: ...
         print(f"error: {err.code().name}: {err.details()}", file=sys.stderr)
