@@ -28,6 +28,9 @@ bench: install proto ## benchmark scripts; their output is quoted in README
 load: install proto tools ## ghz against Subscribe and Redeem, then a 10-minute mixed soak; quoted in README
 	$(PY) -m services.devstack load -- $(LOAD_ARGS)
 
+chaos: install proto ## N seeded chaos runs (SIGKILL at seeded moments, compared with calm runs); SEED=s replays one
+	$(PY) -m tests.chaos.run_chaos --seeds $(or $(SEEDS),1) $(if $(SEED),--seed $(SEED))
+
 infra-up: install ## Kafka + PostgreSQL only, in the background (stop with `make infra-down`)
 	$(PY) -m services.devstack infra-up
 
