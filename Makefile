@@ -29,7 +29,7 @@ load: install proto tools ## ghz against Subscribe and Redeem, then a 10-minute 
 	$(PY) -m services.devstack load -- $(LOAD_ARGS)
 
 chaos: install proto ## N seeded chaos runs (SIGKILL at seeded moments, compared with calm runs); SEED=s replays one
-	$(PY) -m tests.chaos.run_chaos --seeds $(or $(SEEDS),1) $(if $(SEED),--seed $(SEED))
+	$(PY) -m tests.chaos.run_chaos --seeds $(or $(SEEDS),1) $(if $(SEED),--seed $(SEED)) $(CHAOS_ARGS)
 
 infra-up: install ## Kafka + PostgreSQL only, in the background (stop with `make infra-down`)
 	$(PY) -m services.devstack infra-up

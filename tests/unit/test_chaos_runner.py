@@ -11,7 +11,7 @@ from tests.chaos import run_chaos
 
 def test_a_failing_seed_prints_its_replay_command_and_fails_the_run(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
     ran: list[int] = []
-    monkeypatch.setattr(run_chaos, "run_seed", lambda seed: ran.append(seed) or seed != 7)
+    monkeypatch.setattr(run_chaos, "run_seed", lambda seed, products: ran.append(seed) or seed != 7)
     assert run_chaos.main(["--seed", "7"]) == 1
     assert ran == [7]
     assert "make chaos SEEDS=1 SEED=7" in capsys.readouterr().out
@@ -19,6 +19,11 @@ def test_a_failing_seed_prints_its_replay_command_and_fails_the_run(monkeypatch:
 
 def test_n_seeds_run_and_pass(monkeypatch: pytest.MonkeyPatch) -> None:
     ran: list[int] = []
-    monkeypatch.setattr(run_chaos, "run_seed", lambda seed: ran.append(seed) or True)
+    monkeypatch.setattr(run_chaos, "run_seed", lambda seed, products: ran.append(seed) or True)
     assert run_chaos.main(["--seeds", "3"]) == 0
     assert len(ran) == 3
+
+
+def test_unknown_products_are_refused() -> None:
+    with pytest.raises(SystemExit):
+        run_chaos.main(["--products", "simple_earn,nope"])
