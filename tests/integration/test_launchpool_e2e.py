@@ -152,7 +152,7 @@ class World:
         return [sys.executable, "-m", "services.scheduler.cli", "catch-up", "--job", JOB]
 
     async def catch_up(self) -> None:
-        while self.chaos is not None and self.chaos.random() < 0.7:
+        while self.chaos is not None and (self.crashes == 0 or self.chaos.random() < 0.7):
             cli = subprocess.Popen(self._cli(), cwd=REPO_ROOT, env=self.env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
             await asyncio.sleep(self.chaos.uniform(0.2, 2.5))
             if self.chaos.random() < 0.6 and time.monotonic() - self.engine_started > ENGINE_SETTLE_SECONDS:
