@@ -175,7 +175,7 @@ class WalletApi(wallet_pb2_grpc.WalletServiceServicer):
         item = Order(asset, funding, AccountKey(owner, asset, Kind.HOLD), amount, reference)
 
         async def work(conn: asyncpg.Connection) -> wallet_pb2.PlaceHoldResponse:
-            posted = await store.post(conn, self.settings, "hold_place", [item])
+            posted = await store.post(conn, self.settings, "hold_place", [item], holder=holder)
             row = await store.insert_hold(conn, owner, asset, holder, amount, reference, posted.created_at)
             return wallet_pb2.PlaceHoldResponse(hold=store.hold_message(row))
 
@@ -191,7 +191,7 @@ class WalletApi(wallet_pb2_grpc.WalletServiceServicer):
             amount = domain.settle_amount(hold, request.amount)
             held = AccountKey(hold.owner, hold.asset, Kind.HOLD)
             target = AccountKey(hold.owner, hold.asset, Kind.FUNDING) if destination is None else AccountKey(destination[0], hold.asset, destination[1])
-            posted = await store.post(conn, self.settings, method, [Order(hold.asset, held, target, amount, f"hold:{hold_id}")])
+            posted = await store.post(conn, self.settings, method, [Order(hold.asset, held, target, amount, f"hold:{hold_id}")], holder=hold.holder)
             row = await store.reduce_hold(conn, hold_id, amount, posted.created_at)
             return response_type(hold=store.hold_message(row))
 

@@ -244,6 +244,7 @@ class HoldState:
     asset: str
     amount: Decimal
     remaining: Decimal
+    holder: str = ""
 
 
 def settle_amount(hold: HoldState, requested: str, field: str = "amount") -> Decimal:

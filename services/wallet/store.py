@@ -154,10 +154,10 @@ async def _fold_credits_of(conn: asyncpg.Connection, accounts: list[asyncpg.Reco
 
 
 async def _insert_posting(
-    conn: asyncpg.Connection, kind: str, orders: list[Order], source_ids: list[int], destination_ids: list[int]
+    conn: asyncpg.Connection, kind: str, orders: list[Order], source_ids: list[int], destination_ids: list[int], at: datetime
 ) -> tuple[int, datetime, list[int]]:
     posting_id, created_at = await conn.fetchrow(
-        "INSERT INTO postings (kind, created_at) VALUES ($1, clock_timestamp()) RETURNING id, created_at", kind
+        "INSERT INTO postings (kind, created_at) VALUES ($1, $2) RETURNING id, created_at", kind, at
     )
     transfer_ids: list[int] = await conn.fetchval(
         "SELECT array_agg(nextval('transfers_id_seq')) FROM generate_series(1, $1)", len(orders)
@@ -175,11 +175,14 @@ async def _insert_posting(
 
 
 async def post(
-    conn: asyncpg.Connection, settings: Settings, kind: str, orders: list[Order]
+    conn: asyncpg.Connection, settings: Settings, kind: str, orders: list[Order], *, holder: str = ""
 ) -> Posted:
     """Apply ``orders`` atomically as one posting and announce it on the outbox.
 
-    A batch that is a bulk credit (``domain.as_bulk_credit``) is stored as one."""
+    A batch that is a bulk credit (``domain.as_bulk_credit``) is stored as one. The
+    posting is stamped with the kernel clock (``settings.clock``: the wall clock, or
+    EARN_CLOCK_FILE in tests). ``holder``: the service holding the funds, for hold
+    postings (announced in TransfersPosted.holder)."""
     bulk = domain.as_bulk_credit(orders)
     if bulk is not None:
         posted = await post_bulk_credit(conn, settings, kind, bulk)
@@ -195,10 +198,11 @@ async def post(
         [balances[k] for k in touched],
     )
     posting_id, created_at, transfer_ids = await _insert_posting(
-        conn, kind, orders, [ids[o.source] for o in orders], [ids[o.destination] for o in orders]
+        conn, kind, orders, [ids[o.source] for o in orders], [ids[o.destination] for o in orders], settings.clock.now()
     )
     posted = Posted(posting_id, created_at, transfer_ids)
     message = _event(kind, posted)
+    message.holder = holder
     message.transfers.extend(
         wallet_pb2.PostedTransfer(
             transfer=transfer_message(tid, posting_id, a.order, created_at),
@@ -218,7 +222,7 @@ async def post(
 # so bulk credits from one source run this step in parallel.
 _INSERT_BULK_CREDIT = """
 WITH posting AS (
-    INSERT INTO postings (kind, created_at) VALUES ($1, clock_timestamp()) RETURNING id, created_at
+    INSERT INTO postings (kind, created_at) VALUES ($1, $6::timestamptz) RETURNING id, created_at
 ), credit AS (
     SELECT o, a::numeric AS a, r
     FROM unnest(string_to_array($3, E'\n'), string_to_array($4, E'\n'), string_to_array($5, E'\n')) AS c(o, a, r)
@@ -286,6 +290,7 @@ async def post_bulk_credit(conn: asyncpg.Connection, settings: Settings, kind: s
             "\n".join(bulk.owners),
             "\n".join(bulk.amounts),
             "\n".join(bulk.references) if bulk.references else None,
+            settings.clock.now(),
         )
         balance = await conn.fetchval(
             _DEBIT_BULK_SOURCE,
@@ -473,10 +478,10 @@ async def insert_hold(conn: asyncpg.Connection, owner: str, asset: str, holder: 
 
 
 async def lock_hold(conn: asyncpg.Connection, hold_id: int) -> HoldState:
-    row = await conn.fetchrow("SELECT id, owner, asset, amount, remaining FROM holds WHERE id = $1 FOR UPDATE", hold_id)
+    row = await conn.fetchrow("SELECT id, owner, asset, amount, remaining, holder FROM holds WHERE id = $1 FOR UPDATE", hold_id)
     if row is None:
         raise NotFound(f"hold_id: no hold {hold_id}")
-    return HoldState(row["id"], row["owner"], row["asset"], row["amount"], row["remaining"])
+    return HoldState(row["id"], row["owner"], row["asset"], row["amount"], row["remaining"], row["holder"])
 
 
 async def reduce_hold(conn: asyncpg.Connection, hold_id: int, by: Decimal, at: datetime) -> asyncpg.Record:
