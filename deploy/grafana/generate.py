@@ -6,7 +6,7 @@ query against a live stack (tests/integration/test_observability.py).
 
 Queries use only metrics the code exports and only bounded labels (job, instance,
 grpc_service, grpc_method, grpc_code, schema, partition, type, reason, product, asset,
-outcome, job_name, status, pool, pair, topic, direction, underlying, kind): never a user,
+outcome, job_name, status, pool, pair, topic, direction, underlying, kind, band): never a user,
 a position, a campaign or an account. The scheduler's
 `job_name` label is its metrics' `job` label renamed at scrape time (prometheus.yml).
 """
@@ -26,7 +26,7 @@ OUT = HERE / "dashboards"
 DATASOURCE = {"type": "prometheus", "uid": "earn-prometheus"}
 SCHEMA_VERSION = 39  # Grafana 11.x loads it as is
 R = "$__rate_interval"
-PROCESSES = 'job=~"wallet|simple_earn|launchpool|candydrop|market|dual|leverage|accrual|scheduler"'
+PROCESSES = 'job=~"wallet|simple_earn|launchpool|candydrop|market|dual|leverage|loan|accrual|scheduler"'
 SERVER_ERRORS = 'grpc_code=~"UNKNOWN|INTERNAL|UNAVAILABLE|DATA_LOSS|DEADLINE_EXCEEDED"'
 
 
@@ -477,9 +477,53 @@ def leverage() -> Dashboard:
     return d
 
 
+def loan() -> Dashboard:
+    d = Dashboard("earn-loan", "Earn platform: Crypto Loan",
+                  "Open loans per LTV band (the engine's monitor), margin calls and liquidations, price-to-action latency,"
+                  " money lent and repaid, gRPC methods, the outbox of loan states.",
+                  ["earn", "loan"])
+    d.row("Open loans by LTV band (the accrual engine's count, every 10 s while prices or hours move)")
+    d.timeseries("Loans per LTV band", "healthy (at or below the initial level), above_initial, margin_call (lower half of margin call"
+                 " to liquidation), near_liquidation (upper half: alert EarnLoansNearLiquidation), liquidation (triggered, not yet"
+                 " executed: alert EarnLoansLiquidationStuck).",
+                 [("sum by (band) (earn_accrual_loans_by_ltv_band)", "{{band}}")], width=16, stack=True)
+    d.stat("Near or over liquidation", "Open loans in the near_liquidation and liquidation bands.",
+           [('sum by (band) (earn_accrual_loans_by_ltv_band{band=~"near_liquidation|liquidation"})', "{{band}}")],
+           width=8, height=8, steps=[("green", None), ("orange", 1)])
+    d.row("Margin calls and liquidations")
+    d.timeseries("Actions recorded per hour by kind", "By the loan service: margin_call, rearmed (LTV back under the re-arm line),"
+                 " liquidation (executed).",
+                 [("sum by (kind) (increase(earn_loan_actions_total[1h]))", "{{kind}}")], width=12)
+    d.timeseries("Actions emitted by the engine per hour by kind", "Triggers sent on loan.actions (a redelivery after a restart is"
+                 " counted again; the service records each once).",
+                 [("sum by (kind) (increase(earn_accrual_loan_actions_total[1h]))", "{{kind}}")], width=12)
+    d.timeseries("Price tick to action recorded (p50, p99 over 1 h)", "From the tick's event time to the loan service recording the"
+                 " action (margin call) or executing it (liquidation).", [
+        ("histogram_quantile(0.5, sum by (kind, le) (increase(earn_loan_price_to_action_seconds_bucket[1h])))", "p50 {{kind}}"),
+        ("histogram_quantile(0.99, sum by (kind, le) (increase(earn_loan_price_to_action_seconds_bucket[1h])))", "p99 {{kind}}"),
+    ], "s", width=12)
+    d.timeseries("Price tick to the engine's last action (p50, p99 over 1 h)", "From the tick's event time to the engine sending the"
+                 " last action it caused.", [
+        ("histogram_quantile(0.5, sum by (le) (increase(earn_accrual_loan_tick_to_action_seconds_bucket[1h])))", "p50"),
+        ("histogram_quantile(0.99, sum by (le) (increase(earn_accrual_loan_tick_to_action_seconds_bucket[1h])))", "p99"),
+    ], "s", width=12)
+    d.row("Money (units of the loan asset)")
+    d.timeseries("Borrowed per hour", "Lent from the desk's treasury, by loan asset.",
+                 [("sum by (asset) (increase(earn_loan_borrowed_total[1h]))", "{{asset}}")], width=12)
+    d.timeseries("Repaid per hour", "Interest and principal repaid by users, by loan asset (liquidations not included).",
+                 [("sum by (asset) (increase(earn_loan_repaid_total[1h]))", "{{asset}}")], width=12)
+    d.row("Engine input (loan.ltv)")
+    d.timeseries("Loan input events by type", "Loan states, hour starts and the price ticks copied into every partition, per second.",
+                 [(f"sum by (type) (rate(earn_accrual_loan_events_total[{R}]))", "{{type}}")], "ops", width=24)
+    grpc_section(d, "earn.v1.LoanService")
+    outbox_section(d, "loan", "loan")
+    process_section(d, "loan")
+    return d
+
+
 DASHBOARDS = {
     "overview": overview, "wallet": wallet, "simple-earn": simple_earn, "accrual": accrual, "jobs": jobs,
-    "launchpool": launchpool, "candydrop": candydrop, "market": market, "dual": dual, "leverage": leverage,
+    "launchpool": launchpool, "candydrop": candydrop, "market": market, "dual": dual, "leverage": leverage, "loan": loan,
 }
 
 

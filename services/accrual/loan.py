@@ -336,9 +336,13 @@ class LtvMonitor:
 
 
 def band_of(value: Fraction, levels: Levels) -> str:
-    """The LTV band a loan is in (the metric's label)."""
+    """The LTV band a loan is in (the metric's label): healthy (at or below the initial
+    level), above_initial, margin_call (the lower half of margin call to liquidation),
+    near_liquidation (the upper half) and liquidation (not yet executed)."""
     if value >= levels.liquidation:
         return "liquidation"
+    if value >= (levels.margin_call + levels.liquidation) / 2:
+        return "near_liquidation"  # the upper half of the margin-call range (85% to 90% by default)
     if value >= levels.margin_call:
         return "margin_call"
     if value > levels.initial:

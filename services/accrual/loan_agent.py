@@ -59,7 +59,7 @@ CHANGELOG_CONFIGS = {"cleanup.policy": "compact", "retention.ms": "-1", "min.com
 EVENTS = Counter("earn_accrual_loan_events_total", "Loan input events processed, by type", ["type"])
 SKIPPED = Counter("earn_accrual_loan_events_skipped_total", "Loan input events skipped, by reason", ["reason"])
 ACTIONS = Counter("earn_accrual_loan_actions_total", "Margin calls, re-arms and liquidation triggers emitted", ["kind"])
-BANDS = Gauge("earn_accrual_loans_by_ltv_band", "Open loans per LTV band (healthy, above_initial, margin_call, liquidation), per partition",
+BANDS = Gauge("earn_accrual_loans_by_ltv_band", "Open loans per LTV band (healthy, above_initial, margin_call, near_liquidation, liquidation), per partition",
               ["band", "partition"])
 TICK_TO_ACTION = Histogram(
     "earn_accrual_loan_tick_to_action_seconds", "From a price tick's event time to its last action sent by the engine",
@@ -179,7 +179,7 @@ class LoanEngine:
             ACTIONS.labels(a.kind.value).inc()
 
     def _bands(self, partition: int, monitor: LtvMonitor) -> None:
-        counts = {"healthy": 0, "above_initial": 0, "margin_call": 0, "liquidation": 0}
+        counts = {"healthy": 0, "above_initial": 0, "margin_call": 0, "near_liquidation": 0, "liquidation": 0}
         for loan_id, w in monitor.loans.items():
             value = monitor.ltv(loan_id)
             if value is not None:

@@ -85,13 +85,13 @@ def test_grpc_services_listen_on_their_port_and_are_health_checked() -> None:
 
 def test_callers_get_the_addresses_of_the_services_they_call() -> None:
     services = compose()["services"]
-    for name in ("simple_earn", "launchpool", "candydrop", "dual", "leverage"):
+    for name in ("simple_earn", "launchpool", "candydrop", "dual", "leverage", "loan"):
         assert services[name]["environment"]["EARN_WALLET_ADDRESS"] == f"wallet:{GRPC['wallet']}", name
-    for name in ("dual", "leverage"):
+    for name in ("dual", "leverage", "loan"):
         assert services[name]["environment"]["EARN_MARKET_ADDRESS"] == f"market:{GRPC['market']}", name
         assert services[name]["depends_on"]["market"]["condition"] == "service_healthy", name
     scheduler = services["scheduler"]["environment"]
-    for product in ("simple_earn", "launchpool", "candydrop", "dual", "leverage"):  # each enables its jobs
+    for product in ("simple_earn", "launchpool", "candydrop", "dual", "leverage", "loan"):  # each enables its jobs
         assert scheduler[f"EARN_{product.upper()}_ADDRESS"] == f"{product}:{GRPC[product]}", product
     assert services["candydrop_generator"]["environment"]["EARN_CANDYDROP_ADDRESS"] == f"candydrop:{GRPC['candydrop']}"
 

@@ -25,7 +25,7 @@ GRAFANA_VARIABLES = {"__rate_interval", "__interval", "__range", "__all"}
 BOUNDED_LABELS = {
     "job", "instance", "pod", "grpc_service", "grpc_method", "grpc_code", "grpc_type", "schema", "partition",
     "type", "reason", "product", "asset", "outcome", "job_name", "status", "le",
-    "pool", "pair", "topic", "direction", "underlying", "kind",
+    "pool", "pair", "topic", "direction", "underlying", "kind", "band",
 }
 
 

@@ -138,7 +138,7 @@ def test_engine_replicas_fit_the_partitions_of_its_inputs() -> None:
     (engine,) = [w for w in workloads() if w["metadata"]["name"] == "accrual"]
     assert engine["kind"] == "StatefulSet"
     replicas = engine["spec"]["replicas"]
-    for topic in ("simple_earn.accrual", "launchpool.accrual"):  # the engine's two agents
+    for topic in ("simple_earn.accrual", "launchpool.accrual", "loan.ltv"):  # the engine's inputs
         partitions = CATALOGUE[topic].partitions
         assert 1 <= replicas <= partitions and partitions % replicas == 0, f"{replicas} workers for {partitions} partitions of {topic}"
 
@@ -151,7 +151,7 @@ def test_every_workload_runs_its_process_and_calls_by_earn_config() -> None:
         (container,) = containers(workload)
         assert container["command"] == ["python", "-m", modules[job]], job
     services = {doc["metadata"]["name"]: doc for _, doc in documents() if doc["kind"] == "Service"}
-    for product in ("wallet", "simple_earn", "market", "launchpool", "candydrop", "dual", "leverage"):
+    for product in ("wallet", "simple_earn", "market", "launchpool", "candydrop", "dual", "leverage", "loan"):
         host, port = config[f"EARN_{product.upper()}_ADDRESS"].split(":")
         name = host.split(".")[0]
         assert host == f"{name}.{kustomization_namespace()}.svc", product
@@ -169,6 +169,7 @@ def _known_variables() -> set[str]:
     from services.dual.main import DualSettings
     from services.launchpool.main import LaunchpoolSettings
     from services.leverage.api import LeverageSettings
+    from services.loan.api import LoanSettings
     from services.market.main import MarketSettings
     from services.market.simulator import SimulatorSettings
     from services.scheduler.jobs import SchedulerSettings
@@ -178,7 +179,7 @@ def _known_variables() -> set[str]:
     known = set()
     for cls in (Settings, ServiceSettings, WalletSettings, SimpleEarnSettings, AccrualSettings, SchedulerSettings,
                 LaunchpoolSettings, CandyDropSettings, GeneratorSettings, MarketSettings, SimulatorSettings,
-                DualSettings, LeverageSettings):
+                DualSettings, LeverageSettings, LoanSettings):
         for name, field in cls.model_fields.items():
             alias = field.validation_alias
             known.add(alias if isinstance(alias, str) else f"EARN_{name.upper()}")

@@ -22,7 +22,6 @@ TOOLS = REPO_ROOT / "build" / "tools"
 # dashboard land). Every other process must be in every deployment file.
 DEMO_ONLY = frozenset({"market_simulator", "candydrop_generator"})
 NOT_DEPLOYED_YET = frozenset({
-    "loan",  # Crypto Loan: being written; its deployment and observability come with it
 })
 
 

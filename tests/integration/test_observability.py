@@ -1,6 +1,6 @@
 """Dashboards and alerts against a live stack: every process of the platform (wallet,
-Simple Earn, Launchpool, CandyDrop, market, Dual Investment, Smart Leverage, accrual
-engine, scheduler) on free ports, a real Prometheus (build/tools) scraping them with the
+Simple Earn, Launchpool, CandyDrop, market, Dual Investment, Smart Leverage, Crypto
+Loan, accrual engine, scheduler) on free ports, a real Prometheus (build/tools) scraping them with the
 scrape config and rules of deploy/prometheus, and a short workload (gRPC calls that
 succeed and fail, a subscription, three hours closed and paid, one day's payout, an
 unreadable input event; index ticks on market.prices as the exchange would send them and
@@ -8,7 +8,8 @@ a TWAP refused for missing data; a Launchpool stake and unstake paid hourly rewa
 CandyDrop campaign with a registration, counted and not counted fills and an unreadable
 one, distributed at its end; a Dual Investment plan subscribed and settled; a Smart
 Leverage position redeemed early and one settled at maturity; unreadable records in the
-launchpool engine's input and in its payouts). The demo's market_simulator and
+launchpool engine's input and in its payouts; a Crypto Loan borrowed, partly repaid and
+margin-called by the engine on an ETH tick, its hours started by the scheduler). The demo's market_simulator and
 candydrop_generator are not run: production has no such processes, and nothing scrapes
 them. Then every query of every dashboard panel,
 every alert expression and every recording rule must return series: no dashboard or
@@ -59,6 +60,8 @@ from earn.v1 import (
     launchpool_pb2_grpc,
     leverage_pb2 as lv,
     leverage_pb2_grpc,
+    loan_pb2 as ln,
+    loan_pb2_grpc,
     market_pb2 as mk,
     market_pb2_grpc,
     simple_earn_pb2 as se,
@@ -94,7 +97,7 @@ FORBIDDEN_LABELS = {
 PROMQL_WORDS = {"by", "without", "on", "ignoring", "group_left", "group_right", "bool", "and", "or", "unless", "offset", "inf", "nan"}
 HOURLY_JOBS = (
     "ticks", "simple_earn.interest.hourly", "simple_earn.maturity",
-    "launchpool.rewards.hourly", "dual.settlement", "leverage.settlement", "candydrop.distribution",
+    "launchpool.rewards.hourly", "dual.settlement", "leverage.settlement", "candydrop.distribution", "loan.hours",
 )
 
 
@@ -438,6 +441,60 @@ async def products_workload(p: dict[str, ManagedProcess], stack: Env, start: dat
             await channel.close()
 
 
+async def loan_workload(p: dict[str, ManagedProcess], stack: Env, now: datetime) -> None:
+    """Crypto Loan at `now`: USDT lent against ETH (counted 90%) at 70%, partly repaid, then
+    an ETH tick that takes it to 85.3% (margin call, band near_liquidation): the engine
+    judges it and the loan service records the call."""
+    async with grpcclient.channel(p["wallet"].address or "") as wch, grpcclient.channel(p["loan"].address or "") as lch:
+        w = wallet_pb2_grpc.WalletServiceStub(wch)
+        loans = loan_pb2_grpc.LoanServiceStub(lch)
+        market = market_pb2_grpc.MarketServiceStub(mch := grpcclient.channel(p["market"].address or ""))
+        producer = AIOKafkaProducer(bootstrap_servers=stack.settings.kafka_bootstrap, enable_idempotence=True)
+        await producer.start()
+        try:
+            user = unique("obs-loan")
+            await loans.SetLoanAsset(ln.SetLoanAssetRequest(idempotency_key=unique(), asset=ln.LoanAsset(
+                asset="USDT", hourly_rate="0.000005", min_borrow="10", max_borrow="1000000")), metadata=OPERATOR)
+            await loans.SetLoanCollateralAsset(ln.SetLoanCollateralAssetRequest(idempotency_key=unique(), collateral=ln.LoanCollateralAsset(
+                asset="ETH", discount="0.9")), metadata=OPERATOR)
+            await w.Transfer(wallet_pb2.TransferRequest(idempotency_key=unique(), transfer=wallet_pb2.TransferSpec(
+                asset="USDT", source=wallet_pb2.AccountRef(owner="loan", kind=wallet_pb2.ACCOUNT_KIND_EXTERNAL),
+                destination=wallet_pb2.AccountRef(owner="loan", kind=wallet_pb2.ACCOUNT_KIND_TREASURY), amount="100000",
+            )), metadata=OPERATOR)
+            await w.Deposit(wallet_pb2.DepositRequest(idempotency_key=unique(), owner=user, asset="ETH", amount="10"), metadata=OPERATOR)
+            prices = topic_name(stack.settings, "market.prices")
+            eth = market_domain.parse_pair("ETH/USDT")
+
+            async def tick(price: str, moment: datetime) -> None:
+                await producer.send_and_wait(prices, tick_envelope(eth, Decimal(price), moment, "exchange", uuid.uuid4()), key=eth.name.encode())
+
+                async def arrived() -> None:
+                    try:
+                        reply = await market.GetIndex(mk.GetIndexRequest(pair="ETH/USDT"), metadata=SERVICE)
+                    except grpc.aio.AioRpcError as err:
+                        raise AssertionError(err.details()) from None
+                    assert reply.event_time.ToDatetime(tzinfo=UTC) >= moment
+
+                await eventually(arrived, timeout=30)
+
+            await tick("3000", now - timedelta(seconds=10))
+            # 10 ETH x 3,000 x 0.9 = 27,000 counted; 70% = 18,900
+            loan = (await loans.Borrow(ln.BorrowRequest(idempotency_key=unique(), user_id=user, loan_asset="USDT", amount="18900",
+                                                        collateral=[ln.LoanCollateralAmount(asset="ETH", amount="10")],
+                                                        term=ln.LOAN_TERM_FLEXIBLE), metadata=GATEWAY)).loan
+            await loans.RepayLoan(ln.RepayLoanRequest(idempotency_key=unique(), user_id=user, loan_id=loan.loan_id, amount="100"), metadata=GATEWAY)
+            await tick("2450", now - timedelta(seconds=5))  # 18,800 / 22,050 = 85.3%
+
+            async def called() -> None:
+                reply = await loans.ListLoanEvents(ln.ListLoanEventsRequest(user_id=user, loan_id=loan.loan_id), metadata=GATEWAY)
+                assert [e.kind for e in reply.events] == [ln.LOAN_EVENT_KIND_MARGIN_CALL]
+
+            await eventually(called, timeout=60)
+        finally:
+            await producer.stop()
+            await mch.close()
+
+
 @pytest.fixture(scope="module")
 async def prometheus(stack: Env, tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Prometheus]:
     directory = tmp_path_factory.mktemp("observability")
@@ -470,13 +527,15 @@ async def prometheus(stack: Env, tmp_path_factory: pytest.TempPathFactory) -> As
             await asyncio.to_thread(proc.wait_ready, 60)
         dual = spawn("dual", EARN_WALLET_ADDRESS=wallet.address or "", EARN_MARKET_ADDRESS=market.address or "")
         leverage = spawn("leverage", EARN_WALLET_ADDRESS=wallet.address or "", EARN_MARKET_ADDRESS=market.address or "")
-        for proc in (dual, leverage):
+        loan = spawn("loan", EARN_WALLET_ADDRESS=wallet.address or "", EARN_MARKET_ADDRESS=market.address or "")
+        for proc in (dual, leverage, loan):
             await asyncio.to_thread(proc.wait_ready, 60)
         spawn("accrual", cwd=directory)  # faust's data folder goes there, not into the work tree
         scheduler = spawn(
             "scheduler", EARN_SIMPLE_EARN_ADDRESS=earn.address or "", EARN_SCHEDULER_START=start.isoformat(),
             EARN_LAUNCHPOOL_ADDRESS=launchpool.address or "", EARN_CANDYDROP_ADDRESS=candydrop.address or "",
             EARN_DUAL_ADDRESS=dual.address or "", EARN_LEVERAGE_ADDRESS=leverage.address or "",
+            EARN_LOAN_ADDRESS=loan.address or "",
             EARN_RETRY_SECONDS="0.5", EARN_MAX_SLEEP_SECONDS="0.5", EARN_PAYOUT_POLL_SECONDS="0.1",
             EARN_RPC_TIMEOUT_SECONDS="10", EARN_PAYOUT_TIMEOUT_SECONDS="60",
         )
@@ -492,6 +551,7 @@ async def prometheus(stack: Env, tmp_path_factory: pytest.TempPathFactory) -> As
         prom = start_prometheus(directory, {name: f"127.0.0.1:{p.metrics_port}" for name, p in processes.items()})
         await workload(wallet, earn, stack)
         await products_workload(processes, stack, start, start + timedelta(minutes=20))
+        await loan_workload(processes, stack, start + timedelta(minutes=20))
 
         # The day ends: three hours closed and paid hourly, the day's payout, maturities.
         set_time(clock, day + timedelta(minutes=5))
@@ -508,7 +568,8 @@ async def prometheus(stack: Env, tmp_path_factory: pytest.TempPathFactory) -> As
             paid = scraped(earn)
             assert any(name == "earn_simple_earn_interest_paid_total" and value > 0 for (name, _), value in paid.items()), "no interest paid yet"
             for proc, metric in ((launchpool, "earn_launchpool_rewards_paid_total"), (candydrop, "earn_candydrop_prizes_paid_total"),
-                                 (dual, "earn_dual_paid_total"), (leverage, "earn_leverage_positions_settled_total")):
+                                 (dual, "earn_dual_paid_total"), (leverage, "earn_leverage_positions_settled_total"),
+                                 (loan, "earn_loan_actions_total")):
                 samples = scraped(proc)
                 assert sum(v for (name, _), v in samples.items() if name == metric) > 0, f"{proc.name}: no {metric} yet; see {proc.logfile}"
 
