@@ -73,6 +73,14 @@ PROCESSES: list[ProcessSpec] = [
         metrics_port_env="EARN_METRICS_PORT",
         default_metrics_port=9104,
     ),
+    ProcessSpec(
+        name="hodler",
+        module="services.hodler.main",
+        port_env="EARN_GRPC_PORT",
+        default_port=50059,
+        metrics_port_env="EARN_METRICS_PORT",
+        default_metrics_port=9112,
+    ),
     # The demo's exchange: seeded trades and deposits for a live CandyDrop campaign.
     ProcessSpec(
         name="candydrop_generator",

@@ -68,7 +68,7 @@ RoleTable = Mapping[str, frozenset[str]]
 TOOL = "tool"
 SERVICE_IDENTITIES = (
     "wallet", "simple_earn", "launchpool", "candydrop", "market", "market_simulator", "dual",
-    "leverage", "loan", "scheduler", "accrual", "relay",
+    "leverage", "loan", "scheduler", "accrual", "relay", "hodler",
 )
 IDENTITY_ROLES: Mapping[str, str | None] = {
     GATEWAY: GATEWAY,

@@ -27,6 +27,10 @@ Jobs:
 - ``candydrop.distribution`` (hourly; only where ``EARN_CANDYDROP_ADDRESS`` is set):
   CandyDrop's DistributePrizes(boundary): the period whose boundary is a campaign's end
   distributes it (and any ended campaign not paid yet), paying through the wallet.
+- ``hodler.distribution`` (hourly; only where ``EARN_HODLER_ADDRESS`` is set): HODLer
+  Airdrop's DistributeAirdrops(boundary): every airdrop that ended by the boundary and is
+  not paid yet, once HODLer has applied every wallet event (else the run fails and is
+  retried).
 """
 
 from __future__ import annotations
@@ -56,6 +60,7 @@ from earn.v1 import candydrop_pb2, candydrop_pb2_grpc, launchpool_pb2, launchpoo
 from earn.v1 import dual_pb2, dual_pb2_grpc
 from earn.v1 import leverage_pb2, leverage_pb2_grpc
 from earn.v1 import loan_pb2, loan_pb2_grpc
+from earn.v1 import hodler_pb2, hodler_pb2_grpc
 
 log = logging.getLogger(__name__)
 
@@ -78,6 +83,8 @@ class SchedulerSettings(Settings):
     loan_address: str = ""
     # CandyDrop's address; empty: the candydrop jobs are not run.
     candydrop_address: str = ""
+    # HODLer Airdrop's address; empty: the hodler jobs are not run.
+    hodler_address: str = ""
     # Sent as `authorization: Bearer <token>`; its role must be allowed the job RPCs.
     service_token: str = "dev-service"
     # Own schema; tests give each scheduler its own.
@@ -117,6 +124,8 @@ class SchedulerSettings(Settings):
             raise SystemExit("scheduler: the loan jobs need EARN_LOAN_ADDRESS")
         if names and self.candydrop_address == "" and any(n.startswith("candydrop.") for n in names):
             raise SystemExit("scheduler: the candydrop jobs need EARN_CANDYDROP_ADDRESS")
+        if names and self.hodler_address == "" and any(n.startswith("hodler.") for n in names):
+            raise SystemExit("scheduler: the hodler jobs need EARN_HODLER_ADDRESS")
         return [JOBS[n] for n in names] if names else [s for s in JOBS.values() if enabled(s, self)]
 
 
@@ -428,6 +437,58 @@ CD_DISTRIBUTE = Step(
     _cd_distribute,
 )
 
+# ---- HODLer Airdrop ----
+
+
+class Hodler:
+    """HODLer Airdrop's job RPC, with the service token and a deadline on every call."""
+
+    def __init__(self, settings: SchedulerSettings) -> None:
+        self.settings = settings
+        self.channel = grpcclient.channel(settings.hodler_address)
+        self.stub = hodler_pb2_grpc.HodlerServiceStub(self.channel)
+        self.metadata = (("authorization", f"Bearer {settings.service_token}"),)
+
+    async def call(self, method: str, request: Any) -> Any:
+        try:
+            return await getattr(self.stub, method)(request, metadata=self.metadata, timeout=self.settings.rpc_timeout_seconds)
+        except grpc.aio.AioRpcError as err:
+            raise JobError(f"Hodler.{method} at {self.settings.hodler_address}: {err.code().name}: {err.details()}") from None
+
+
+_HODLER_CLIENTS: dict[tuple[int, str], Hodler] = {}
+
+
+def _hodler(ctx: Context) -> Hodler:
+    if not ctx.settings.hodler_address:
+        raise JobError("EARN_HODLER_ADDRESS is not set")
+    key = (id(asyncio.get_running_loop()), ctx.settings.hodler_address)
+    client = _HODLER_CLIENTS.get(key)
+    if client is None:
+        client = _HODLER_CLIENTS[key] = Hodler(ctx.settings)
+    return client
+
+
+async def _hd_distribute(ctx: Context) -> None:
+    reply = await _hodler(ctx).call(
+        "DistributeAirdrops",
+        hodler_pb2.DistributeAirdropsRequest(job=ctx.job.name, period=ctx.period.id, boundary_hour=ctx.period.boundary_hour),
+    )
+    paid: dict[str, Decimal] = {}
+    for a in reply.airdrops:
+        paid[a.reward_asset] = paid.get(a.reward_asset, Decimal(0)) + Decimal(a.paid)
+    ctx.totals.update(
+        airdrop_ids=sorted(a.airdrop_id for a in reply.airdrops), items=sum(a.winners for a in reply.airdrops),
+        paid={asset: str(amount) for asset, amount in sorted(paid.items())},
+    )
+
+
+HD_DISTRIBUTE = Step(
+    "distribute_airdrops",
+    lambda job, p: f"Hodler DistributeAirdrops(job={job.name!r}, period={p.id!r}, boundary_hour={p.boundary_hour}): pay every airdrop ended by {_hour(p.boundary_hour)}",
+    _hd_distribute,
+)
+
 # ---- Dual Investment ----
 
 
@@ -606,6 +667,11 @@ JOBS: dict[str, JobSpec] = {
             "CandyDrop prizes: every campaign that ended by the period's boundary, paid once",
             (CD_DISTRIBUTE,),
         ),
+        JobSpec(
+            Job("hodler.distribution", Cadence.HOURLY),
+            "HODLer Airdrop rewards: every airdrop that ended by the period's boundary, split by time-weighted average holding, paid once",
+            (HD_DISTRIBUTE,),
+        ),
     )
 }
 
@@ -614,6 +680,8 @@ def enabled(spec: JobSpec, settings: SchedulerSettings) -> bool:
     """Whether a job runs with these settings (the launchpool and candydrop jobs need their address)."""
     if spec.name.startswith("candydrop."):
         return bool(settings.candydrop_address)
+    if spec.name.startswith("hodler."):
+        return bool(settings.hodler_address)
     if spec.name.startswith("dual."):
         return bool(settings.dual_address)
     if spec.name.startswith("leverage."):
