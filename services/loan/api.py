@@ -89,10 +89,14 @@ ROLES = {
 _TERM = {ln.LOAN_TERM_FLEXIBLE: "flexible", ln.LOAN_TERM_FIXED_7_DAYS: "fixed_7_days", ln.LOAN_TERM_FIXED_30_DAYS: "fixed_30_days"}
 _TERM_OUT = {v: k for k, v in _TERM.items()}
 _TERM_DAYS = {"fixed_7_days": 7, "fixed_30_days": 30}
-_STATUS_OUT = {"open": ln.LOAN_STATUS_OPEN, "repaid": ln.LOAN_STATUS_REPAID, "liquidated": ln.LOAN_STATUS_LIQUIDATED}
+_STATUS_OUT = {"open": ln.LOAN_STATUS_OPEN, "repaid": ln.LOAN_STATUS_REPAID, "liquidated": ln.LOAN_STATUS_LIQUIDATED,
+               "matured": ln.LOAN_STATUS_MATURED}
 _STATUS_IN = {v: k for k, v in _STATUS_OUT.items()}
-_KIND_OUT = {"margin_call": ln.LOAN_EVENT_KIND_MARGIN_CALL, "rearmed": ln.LOAN_EVENT_KIND_REARMED, "liquidation": ln.LOAN_EVENT_KIND_LIQUIDATION}
+_KIND_OUT = {"margin_call": ln.LOAN_EVENT_KIND_MARGIN_CALL, "rearmed": ln.LOAN_EVENT_KIND_REARMED, "liquidation": ln.LOAN_EVENT_KIND_LIQUIDATION,
+             "maturity": ln.LOAN_EVENT_KIND_MATURITY}
 _KIND_IN = {v: k for k, v in _KIND_OUT.items()}
+# What the engine's actions may carry (a maturity is the service's own, at the hour job).
+_ACTION_KINDS = {k: v for k, v in _KIND_IN.items() if v != "maturity"}
 _WALLET_TYPES = {
     "PlaceHold": wallet_pb2.PlaceHoldRequest, "ReleaseHold": wallet_pb2.ReleaseHoldRequest,
     "CaptureHold": wallet_pb2.CaptureHoldRequest, "Transfer": wallet_pb2.TransferRequest,
@@ -332,7 +336,7 @@ class LoanApi(loan_pb2_grpc.LoanServiceServicer):
         """Complete a pending operation (after a crash): the same wallet calls, then apply."""
         plan = json.loads(op["plan"])
         replies = await self._execute(op["op_key"], plan)
-        if plan["method"] == "Liquidate":
+        if plan["method"] in ("Liquidate", "Mature"):
             async with conn.transaction():
                 await self._apply(conn, op["op_key"], plan, replies)
             return
@@ -484,6 +488,8 @@ class LoanApi(loan_pb2_grpc.LoanServiceServicer):
         history = await store.history(self.pool, row["loan_id"])
         scale = scale_of(row["loan_asset"])
         end_us = row["closed_us"] if row["closed_us"] is not None else self._now_us()
+        if row["due_us"] is not None:
+            end_us = min(end_us, row["due_us"])  # a fixed term charges no hour after its due time
         last_hour = domain.hour_of(end_us)
         rate = Fraction(row["hourly_rate"])
         exact, charged, i, principal = Fraction(0), 0, 0, 0
@@ -631,7 +637,7 @@ class LoanApi(loan_pb2_grpc.LoanServiceServicer):
             raise FailedPrecondition(f"loan_id: loan {loan_id} is {row['status']}")
         coll = await store.collateral(conn, loan_id)
         money = self._money(row, coll)
-        domain.charge_hours(money, domain.hour_of(self._now_us()))
+        domain.charge_until(money, self._now_us(), row["due_us"])
         return row, coll, money
 
     def _release_steps(self, loan_id: str, op: str, holds: list[asyncpg.Record], asset: str | None, units: int | None) -> list[dict[str, Any]]:
@@ -779,6 +785,7 @@ class LoanApi(loan_pb2_grpc.LoanServiceServicer):
             if await store.hour_started(conn, request.hour):
                 await outbox.enqueue(conn, self.settings, "loan", datetime.now(UTC),
                                      outbox.broadcast(STATE_TOPIC, f"hour:{request.hour}", accrual_pb2.HourClosed(hour=request.hour)))
+        await self.mature_due_loans(request.hour * domain.HOUR_US)
         return ln.StartLoanHourResponse()
 
     # ---- the engine's actions --------------------------------------------------------------
@@ -790,7 +797,7 @@ class LoanApi(loan_pb2_grpc.LoanServiceServicer):
 
         env = events.parse(raw)
         action = events.unwrap(env, ln.LoanLtvAction)
-        kind = _KIND_IN.get(action.kind)
+        kind = _ACTION_KINDS.get(action.kind)
         if kind is None:
             raise ValueError(f"unknown action kind {action.kind}")
         price_us = micros(action.price_time.ToDatetime(tzinfo=UTC)) if action.HasField("price_time") else None
@@ -824,59 +831,105 @@ class LoanApi(loan_pb2_grpc.LoanServiceServicer):
             coll = await store.collateral(conn, action.loan_id)
             money = self._money(row, coll)
             at_hour = domain.hour_of(price_us) if price_us is not None else domain.hour_of(now_us)
-            domain.charge_hours(money, max(at_hour, action.charged_through))
+            through = max(at_hour, action.charged_through)
+            if row["due_us"] is not None:
+                through = min(through, domain.hour_of(row["due_us"]))
+            domain.charge_hours(money, through)
             prices = {a: Fraction(p) for a, p in action.prices.items()}
             result = domain.liquidate(money, prices, Fraction(row["liquidation_fee"]))
-            holds = await store.holds(conn, action.loan_id)
-            steps: list[dict[str, Any]] = []
-            for sale in result.sales:
-                left = sale.sold
-                for h in sorted(holds, key=lambda h: h["hold_id"]):
-                    if h["asset"] != sale.asset or left == 0:
-                        continue
-                    take = min(left, int(h["remaining"]))
-                    if take:
-                        steps.append({"call": "CaptureHold", "hold_id": h["hold_id"], "units": take, "req": base64.b64encode(wallet_pb2.CaptureHoldRequest(
-                            idempotency_key=f"loan:{action.loan_id}:liq:capture:{h['hold_id']}", hold_id=str(h["hold_id"]),
-                            amount=format_amount(domain.from_units(take, scale_of(sale.asset))),
-                            destination=_account(DESK, wallet_pb2.ACCOUNT_KIND_TREASURY)).SerializeToString()).decode()})
-                        left -= take
-            captured = {s["hold_id"]: s["units"] for s in steps}
-            for h in holds:
-                rest = int(h["remaining"]) - captured.get(h["hold_id"], 0)
-                if rest > 0:
-                    steps.append({"call": "ReleaseHold", "hold_id": h["hold_id"], "units": rest, "req": base64.b64encode(wallet_pb2.ReleaseHoldRequest(
-                        idempotency_key=f"loan:{action.loan_id}:liq:release:{h['hold_id']}", hold_id=str(h["hold_id"]),
-                        amount=format_amount(domain.from_units(rest, scale_of(h["asset"])))).SerializeToString()).decode()})
-            if result.surplus:
-                steps.append({"call": "Transfer", "req": base64.b64encode(wallet_pb2.TransferRequest(
-                    idempotency_key=f"loan:{action.loan_id}:liq:surplus", transfer=wallet_pb2.TransferSpec(
-                        asset=money.loan_asset, source=_account(DESK, wallet_pb2.ACCOUNT_KIND_TREASURY),
-                        destination=_account(row["user_id"], wallet_pb2.ACCOUNT_KIND_FUNDING),
-                        amount=format_amount(domain.from_units(result.surplus, money.scale)), reference=f"loan:liquidation:{action.loan_id}"),
-                ).SerializeToString()).decode()})
             ltv_dec = str(ltv.numerator / Decimal(ltv.denominator))
-            detail = {
-                "sales": [{"asset": s.asset, "sold": format_amount(domain.from_units(s.sold, scale_of(s.asset))),
-                           "returned": format_amount(domain.from_units(s.returned, scale_of(s.asset))),
-                           "price": format_amount(Decimal(s.price.numerator) / Decimal(s.price.denominator))} for s in result.sales],
-                "debt_repaid": format_amount(domain.from_units(result.debt_repaid, money.scale)),
-                "surplus": format_amount(domain.from_units(result.surplus, money.scale)),
-                "shortfall": format_amount(domain.from_units(result.shortfall, money.scale)),
-            }
-            money.principal, money.interest = 0, 0
-            money.collateral = [Collateral(c.asset, c.scale, 0, c.discount) for c in money.collateral]
-            state = self._state(row, {}, money, row["version"] + 1, "liquidated")
-            state["closed_us"] = now_us
-            plan = {"at_us": now_us, "cause": "liquidation", "ltv": ltv_dec, "steps": steps, "state": state,
-                    "event": {"kind": "liquidation", "version": action.version, "ltv": ltv_dec, "at_us": now_us, "price_us": price_us, "detail": detail},
-                    "method": "Liquidate", "request": "", "request_type": ""}
-            await store.insert_op(conn, op_key, action.loan_id, "Liquidate", json.dumps(plan), now_us)
-            replies = await self._execute(op_key, plan)
-            async with conn.transaction():
-                await self._apply(conn, op_key, plan, replies)
+            await self._close(conn, row, money, result, op_key=op_key, method="Liquidate", tag="liq", status="liquidated",
+                              event={"kind": "liquidation", "version": action.version, "ltv": ltv_dec, "at_us": now_us, "price_us": price_us},
+                              now_us=now_us, closed_us=now_us)
         metrics.ACTIONS.labels("liquidation").inc()
         if price_us is not None:
             metrics.LATENCY.labels("liquidation").observe(max(0.0, (micros(datetime.now(UTC)) - price_us) / 1e6))
         return "liquidation"
 
+    async def _close(self, conn: asyncpg.Connection, row: asyncpg.Record, money: Loan, result: domain.Liquidation, *, op_key: str,
+                     method: str, tag: str, status: str, event: dict[str, Any], now_us: int, closed_us: int) -> None:
+        """Close a loan from its collateral (a liquidation, a maturity; under the loan's
+        lock): capture the sold part of the holds into the desk's treasury, release the
+        rest, pay the surplus; recorded as operation ``op_key`` first, so a crash in
+        between is completed with the same wallet keys (``loan:<loan>:<tag>:...``)."""
+        loan_id = row["loan_id"]
+        holds = await store.holds(conn, loan_id)
+        steps: list[dict[str, Any]] = []
+        for sale in result.sales:
+            left = sale.sold
+            for h in sorted(holds, key=lambda h: h["hold_id"]):
+                if h["asset"] != sale.asset or left == 0:
+                    continue
+                take = min(left, int(h["remaining"]))
+                if take:
+                    steps.append({"call": "CaptureHold", "hold_id": h["hold_id"], "units": take, "req": base64.b64encode(wallet_pb2.CaptureHoldRequest(
+                        idempotency_key=f"loan:{loan_id}:{tag}:capture:{h['hold_id']}", hold_id=str(h["hold_id"]),
+                        amount=format_amount(domain.from_units(take, scale_of(sale.asset))),
+                        destination=_account(DESK, wallet_pb2.ACCOUNT_KIND_TREASURY)).SerializeToString()).decode()})
+                    left -= take
+        captured = {s["hold_id"]: s["units"] for s in steps}
+        for h in holds:
+            rest = int(h["remaining"]) - captured.get(h["hold_id"], 0)
+            if rest > 0:
+                steps.append({"call": "ReleaseHold", "hold_id": h["hold_id"], "units": rest, "req": base64.b64encode(wallet_pb2.ReleaseHoldRequest(
+                    idempotency_key=f"loan:{loan_id}:{tag}:release:{h['hold_id']}", hold_id=str(h["hold_id"]),
+                    amount=format_amount(domain.from_units(rest, scale_of(h["asset"])))).SerializeToString()).decode()})
+        if result.surplus:
+            steps.append({"call": "Transfer", "req": base64.b64encode(wallet_pb2.TransferRequest(
+                idempotency_key=f"loan:{loan_id}:{tag}:surplus", transfer=wallet_pb2.TransferSpec(
+                    asset=money.loan_asset, source=_account(DESK, wallet_pb2.ACCOUNT_KIND_TREASURY),
+                    destination=_account(row["user_id"], wallet_pb2.ACCOUNT_KIND_FUNDING),
+                    amount=format_amount(domain.from_units(result.surplus, money.scale)), reference=f"loan:{event['kind']}:{loan_id}"),
+            ).SerializeToString()).decode()})
+        detail = {
+            "sales": [{"asset": s.asset, "sold": format_amount(domain.from_units(s.sold, scale_of(s.asset))),
+                       "returned": format_amount(domain.from_units(s.returned, scale_of(s.asset))),
+                       "price": format_amount(Decimal(s.price.numerator) / Decimal(s.price.denominator))} for s in result.sales],
+            "debt_repaid": format_amount(domain.from_units(result.debt_repaid, money.scale)),
+            "surplus": format_amount(domain.from_units(result.surplus, money.scale)),
+            "shortfall": format_amount(domain.from_units(result.shortfall, money.scale)),
+        }
+        money.principal, money.interest = 0, 0
+        money.collateral = [Collateral(c.asset, c.scale, 0, c.discount) for c in money.collateral]
+        state = self._state(row, {}, money, row["version"] + 1, status)
+        state["closed_us"] = closed_us
+        plan = {"at_us": now_us, "cause": event["kind"], "ltv": event["ltv"], "steps": steps, "state": state,
+                "event": {**event, "detail": detail}, "method": method, "request": "", "request_type": ""}
+        await store.insert_op(conn, op_key, loan_id, method, json.dumps(plan), now_us)
+        replies = await self._execute(op_key, plan)
+        async with conn.transaction():
+            await self._apply(conn, op_key, plan, replies)
+
+    # ---- fixed terms at their due time -----------------------------------------------------
+
+    async def mature_due_loans(self, until_us: int) -> int:
+        """Settle every open fixed-term loan due by ``until_us`` from its collateral, at the
+        index of its due time without a fee (domain.settle_at_maturity); once per loan
+        (operation ``loan:mature:<loan>``; a pending one is completed). A loan whose price
+        is missing fails the call, which the hour job retries."""
+        settled = 0
+        for loan_id in await store.due_loans(self.pool, until_us):
+            async with self._locked(loan_id) as conn:
+                op_key = f"loan:mature:{loan_id}"
+                op = await store.op(conn, op_key)
+                if op is not None:
+                    if op["status"] == "pending":
+                        await self._resume(conn, op)
+                    continue
+                row = await store.loan(conn, loan_id)
+                if row is None or row["status"] != "open" or row["due_us"] is None or row["due_us"] > until_us:
+                    continue  # repaid or liquidated meanwhile
+                coll = await store.collateral(conn, loan_id)
+                money = self._money(row, coll)
+                due_us = row["due_us"]
+                prices = await self._prices({c.asset for c in money.collateral} | {money.loan_asset}, due_us)
+                result = domain.settle_at_maturity(money, prices, due_us)
+                ltv = domain.ltv(money, prices)
+                now_us = self._now_us()
+                ltv_dec = str(ltv.numerator / Decimal(ltv.denominator))
+                await self._close(conn, row, money, result, op_key=op_key, method="Mature", tag="mat", status="matured",
+                                  event={"kind": "maturity", "version": row["version"], "ltv": ltv_dec, "at_us": now_us, "price_us": due_us},
+                                  now_us=now_us, closed_us=due_us)
+            metrics.ACTIONS.labels("maturity").inc()
+            settled += 1
+        return settled

@@ -289,6 +289,23 @@ def liquidate(loan: Loan, prices: Mapping[str, Fraction], fee: Fraction) -> Liqu
     return Liquidation(tuple(sales), covered, 0, loan.debt - covered)
 
 
+def charge_until(loan: Loan, now_us: int, due_us: int | None) -> int:
+    """Charge the hours started by ``now_us``; a fixed-term loan stops at its due time
+    (hours starting after it are not charged, even while its settlement is pending)."""
+    end = now_us if due_us is None else min(now_us, due_us)
+    return charge_hours(loan, hour_of(end))
+
+
+def settle_at_maturity(loan: Loan, prices: Mapping[str, Fraction], due_us: int) -> Liquidation:
+    """A fixed-term loan not repaid by its due time: every hour started by then charged
+    (a started hour counts as full), then the debt repaid from the collateral at the
+    index of the due time without a fee: just enough sold, asset by asset in the loan's
+    order (rounded up to the asset's scale), the proceeds above the debt paid back
+    (floored), the rest returned; a shortfall is bad debt."""
+    charge_hours(loan, hour_of(due_us))
+    return liquidate(loan, prices, Fraction(0))
+
+
 # ---- triggers: the prices at which a loan crosses a level --------------------------------
 
 

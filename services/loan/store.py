@@ -174,6 +174,13 @@ async def pending_ops(conn: Conn, before_us: int) -> list[asyncpg.Record]:
                             before_us)
 
 
+async def due_loans(conn: Conn, until_us: int) -> list[str]:
+    """Open fixed-term loans due by ``until_us``, the earliest first."""
+    rows = await conn.fetch("SELECT loan_id FROM loans WHERE status = 'open' AND due_us IS NOT NULL AND due_us <= $1 ORDER BY due_us, loan_id",
+                            until_us)
+    return [r["loan_id"] for r in rows]
+
+
 async def hour_started(conn: asyncpg.Connection, hour: int) -> bool:
     return bool(await conn.fetchval("INSERT INTO loan_hours (hour) VALUES ($1) ON CONFLICT DO NOTHING RETURNING true", hour))
 

@@ -23,7 +23,8 @@ Jobs:
   missing fail the run (with the market's reason) and are retried.
 - ``loan.hours`` (hourly; only where ``EARN_LOAN_ADDRESS`` is set): Crypto Loan's
   StartLoanHour(boundary): the hour that starts at the boundary is published to every
-  partition of the engine's loan input, which charges it into every open loan's debt.
+  partition of the engine's loan input, which charges it into every open loan's debt;
+  then every fixed-term loan due by the boundary is settled from its collateral (once).
 - ``candydrop.distribution`` (hourly; only where ``EARN_CANDYDROP_ADDRESS`` is set):
   CandyDrop's DistributePrizes(boundary): the period whose boundary is a campaign's end
   distributes it (and any ended campaign not paid yet), paying through the wallet.

@@ -317,3 +317,77 @@ async def test_engine_killed_during_a_crash_liquidates_each_loan_once(stack) -> 
         assert await w.balance("loan", "BTC", TREASURY) == expected_sold
         totals = await w.wallet.GetLedgerTotals(wp.GetLedgerTotalsRequest(), metadata=OPERATOR)
         assert all(Decimal(t.sum) == 0 for t in totals.totals), totals
+
+
+async def test_fixed_term_loan_is_settled_from_collateral_at_its_due_time_once(stack) -> None:  # type: ignore[no-untyped-def]
+    """A 7-day loan not repaid by its due time: the scheduler's loan.hours job of the first
+    hour after it settles the debt (every hour started by the due time charged) from the
+    collateral at the index of the due time, without a fee; the surplus is paid back, the
+    rest of the collateral returned; once (the job again changes nothing). A 30-day loan
+    is not due yet and stays open."""
+    async with world(stack, "loanmature") as w:
+        await w.loan.SetLoanAsset(ln.SetLoanAssetRequest(idempotency_key=unique(), asset=ln.LoanAsset(
+            asset="USDT", hourly_rate=RATE, fixed_7_days_hourly_rate="0.000006", fixed_30_days_hourly_rate="0.000007", min_borrow="10",
+            max_borrow="1000000")), metadata=OPERATOR)
+        await w.loan.SetLoanCollateralAsset(ln.SetLoanCollateralAssetRequest(idempotency_key=unique(), collateral=ln.LoanCollateralAsset(
+            asset="BTC", discount="0.95")), metadata=OPERATOR)
+        await w.wallet.Transfer(wp.TransferRequest(idempotency_key=unique(), transfer=wp.TransferSpec(
+            asset="USDT", source=wp.AccountRef(owner="loan", kind=EXTERNAL), destination=wp.AccountRef(owner="loan", kind=TREASURY),
+            amount="1000000")), metadata=OPERATOR)
+        for user in ("dave", "erin"):
+            await w.wallet.Deposit(wp.DepositRequest(idempotency_key=unique(), owner=user, asset="BTC", amount="1"), metadata=OPERATOR)
+        await w.tick("BTC/USDT", "60000", at(9))
+        one_btc = [ln.LoanCollateralAmount(asset="BTC", amount="1")]
+        dave = (await w.loan.Borrow(ln.BorrowRequest(idempotency_key=unique(), user_id="dave", loan_asset="USDT", amount="30000",
+                                                     collateral=one_btc, term=ln.LOAN_TERM_FIXED_7_DAYS), metadata=GATEWAY)).loan
+        erin = (await w.loan.Borrow(ln.BorrowRequest(idempotency_key=unique(), user_id="erin", loan_asset="USDT", amount="20000",
+                                                     collateral=one_btc, term=ln.LOAN_TERM_FIXED_30_DAYS), metadata=GATEWAY)).loan
+        due = at(10) + timedelta(days=7)
+        assert dave.due_at.ToDatetime(tzinfo=UTC) == due and dave.hourly_rate == "0.000006"
+
+        # the due time passes; the index at the due time is 49,999 (a later tick is not used)
+        set_time(w.clock, due + timedelta(minutes=45))
+        await w.tick("BTC/USDT", "49999", due - timedelta(minutes=1))
+        await w.tick("BTC/USDT", "45000", due + timedelta(minutes=30))
+        env = {**stack.env, "EARN_PG_DATABASE": w.database, "EARN_TOPIC_PREFIX": w.prefix, "EARN_CLOCK_FILE": str(w.clock),
+               "EARN_LOAN_ADDRESS": w.processes["loan"].address or "", "EARN_SCHEDULER_START": due.isoformat(), "EARN_METRICS_PORT": "0"}
+
+        async def catch_up() -> None:
+            done = await asyncio.to_thread(subprocess.run, [sys.executable, "-m", "services.scheduler.cli", "catch-up", "--job", "loan.hours"],
+                                           cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=120)
+            assert done.returncode == 0, done.stdout + done.stderr
+
+        # before the first hour after the due time has started: nothing to run, the loan is open
+        await catch_up()
+        assert (await w.loan.GetLoan(ln.GetLoanRequest(user_id="dave", loan_id=dave.loan_id), metadata=GATEWAY)).loan.status == ln.LOAN_STATUS_OPEN
+        set_time(w.clock, due + timedelta(minutes=55))  # hour H0 + 7 d + 1 h has started
+        await catch_up()
+
+        # 7 x 24 hours (H0+1h .. H0+7d, the last started at the due time's hour) of 30,000 x 0.000006 = 0.18
+        debt = Fraction(30000) + 168 * Fraction(18, 100)
+        sold = ceil_to(debt / 49999, 8)
+        surplus = floor_to(Fraction(sold) * 49999 - debt, 6)
+        got = (await w.loan.GetLoan(ln.GetLoanRequest(user_id="dave", loan_id=dave.loan_id), metadata=GATEWAY)).loan
+        assert got.status == ln.LOAN_STATUS_MATURED and got.principal == "0" and got.interest == "0"
+        events = await w.wait_events("dave", dave.loan_id, [ln.LOAN_EVENT_KIND_MATURITY])
+        m = events[0]
+        assert [(s.asset, Decimal(s.sold), Decimal(s.returned), Decimal(s.index_price)) for s in m.sales] == [("BTC", sold, 1 - sold, 49999)]
+        assert (Decimal(m.debt_repaid), Decimal(m.surplus), Decimal(m.shortfall)) == (Decimal(debt.numerator) / debt.denominator, surplus, 0)
+        records = await w.loan.ListLoanInterest(ln.ListLoanInterestRequest(user_id="dave", loan_id=dave.loan_id), metadata=GATEWAY)
+        assert len(records.records) == 168 and records.total == "30.24"
+        assert await w.balance("dave", "BTC") == 1 - sold and await w.balance("dave", "BTC", HOLD) == 0
+        assert await w.balance("dave", "USDT") == 30000 + surplus
+        assert await w.balance("loan", "BTC", TREASURY) == sold
+        assert await w.balance("loan", "USDT", TREASURY) == 1000000 - 30000 - 20000 - surplus
+
+        # once: the hour again (the job's call, by hand) and the job's next hour change nothing
+        await w.loan.StartLoanHour(ln.StartLoanHourRequest(hour=int((due + timedelta(minutes=55)).timestamp()) // 3600), metadata=SERVICE)
+        set_time(w.clock, due + timedelta(minutes=115))
+        await w.tick("BTC/USDT", "45000", due + timedelta(minutes=110))
+        await catch_up()
+        assert [e.kind for e in await w.events("dave", dave.loan_id)] == [ln.LOAN_EVENT_KIND_MATURITY]
+        assert await w.balance("loan", "BTC", TREASURY) == sold
+        assert (await w.loan.GetLoan(ln.GetLoanRequest(user_id="erin", loan_id=erin.loan_id), metadata=GATEWAY)).loan.status == ln.LOAN_STATUS_OPEN
+        assert await w.balance("erin", "BTC", HOLD) == 1
+        totals = await w.wallet.GetLedgerTotals(wp.GetLedgerTotalsRequest(), metadata=OPERATOR)
+        assert all(Decimal(t.sum) == 0 for t in totals.totals), totals

@@ -199,3 +199,40 @@ def test_trigger_price_is_where_the_ltv_equals_the_level() -> None:
     assert p is not None
     assert domain.ltv(loan, {"BTC": p, "ETH": Fraction(3000)}) == Fraction(80, 100)
     assert domain.trigger_price(Fraction(1), Fraction(80, 100), eth_value, Fraction(1), Fraction(95, 100)) is None
+
+
+# ---- fixed terms at their due time -----------------------------------------------------------
+
+
+@settings(max_examples=300)
+@given(principal=st.integers(10**6, 10**12), rate=st.integers(0, 10**6), days=st.sampled_from([7, 30]),
+       offset_us=st.integers(0, domain.HOUR_US - 1), btc=st.integers(1, 10**8 * 3), price=st.integers(10**6, 10**11),
+       late_hours=st.integers(0, 50))
+def test_maturity_charges_the_hours_started_by_the_due_time_then_sells_without_a_fee(
+    principal: int, rate: int, days: int, offset_us: int, btc: int, price: int, late_hours: int,
+) -> None:
+    """Borrowed in hour 100 (at offset_us into it; interest from hour 101): the hours started
+    by the due time are charged, 24 x days of them (a started hour is full; nothing after
+    the due time, however late the settlement or a repayment); then just enough BTC sold
+    at the index itself (no fee), the surplus floored, the rest returned."""
+    borrowed_us = 100 * domain.HOUR_US + offset_us
+    due_us = borrowed_us + days * 24 * domain.HOUR_US
+    loan = make_loan(principal, rate, [Collateral("BTC", 8, btc, Fraction(95, 100))], start=101)
+    late = make_loan(principal, rate, [Collateral("BTC", 8, btc, Fraction(95, 100))], start=101)
+    domain.charge_until(late, due_us + late_hours * domain.HOUR_US, due_us)  # a repayment after the due time: capped
+    hours = 24 * days  # 101 .. 100 + 24 x days: the last one starts at or before the due time
+    interest = principal * rate * hours // RATE_DEN
+    assert late.interest == interest
+    prices = {"BTC": Fraction(price, 10**6)}
+    got = domain.settle_at_maturity(loan, prices, due_us)
+    assert loan.interest == interest and loan.debt == principal + interest
+    debt = principal + interest
+    # price is in 10^-6 USDT per BTC: one satoshi is worth price / 10^8 USDT units (scale 6)
+    wanted = -(-debt * 10**8 // price)
+    sold = min(btc, wanted)
+    assert (got.sales[0].sold, got.sales[0].returned) == (sold, btc - sold)
+    proceeds = sold * price  # USDT units x 10^8
+    if proceeds >= debt * 10**8:
+        assert (got.debt_repaid, got.surplus, got.shortfall) == (debt, (proceeds - debt * 10**8) // 10**8, 0)
+    else:
+        assert (got.debt_repaid, got.surplus, got.shortfall) == (proceeds // 10**8, 0, debt - proceeds // 10**8)
