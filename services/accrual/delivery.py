@@ -252,11 +252,16 @@ class _DirectEvent:
         )
 
 
-def parse_drops(text: str) -> set[tuple[int, int]]:
-    """``"0:12,3:7"`` -> {(0, 12), (3, 7)} (EARN_DROP_INPUT)."""
+def parse_drops(text: str, agent: str = "accrual") -> set[tuple[int, int]]:
+    """``"0:12,3:7"`` -> {(0, 12), (3, 7)} (EARN_DROP_INPUT): the drops of ``agent``. An
+    item without a prefix is the accrual agent's; ``loan_prices/1:4`` is agent
+    loan_prices' (partition 1, offset 4 of its input)."""
     out = set()
     for item in filter(None, (part.strip() for part in text.split(","))):
-        partition, _, offset = item.partition(":")
+        owner, _, where = item.rpartition("/")
+        if (owner or "accrual") != agent:
+            continue
+        partition, _, offset = where.partition(":")
         out.add((int(partition), int(offset)))
     return out
 

@@ -2,10 +2,15 @@
 
 Two faust agents, installed by the engine's ``main`` next to the Launchpool one:
 
-- ``loan_prices`` reads ``market.prices`` (the index ticks) and copies each ``<ASSET>/USDT``
-  tick into *every* partition of ``loan.ltv`` (like the hour ticks), with an event id
-  derived from the tick's and the partition: each partition then sees prices, loan
-  states and hour starts in one order, and its LTV decisions are a function of its input.
+- ``loan_prices`` reads ``market.prices`` (the index ticks) through its own ``InputGuard``
+  and copies each ``<ASSET>/USDT`` tick into *every* partition of ``loan.ltv`` (like the
+  hour ticks), with an event id derived from the tick's and the partition: each
+  partition then sees prices, loan states and hour starts in one order, and its LTV
+  decisions are a function of its input. A tick faust's stream skips is read directly
+  (revealed by the next tick of its partition, or by the watchdog when none follows), so
+  it is forwarded at once rather than its action waiting for the next tick; the next
+  offset per ``market.prices`` partition is kept in the agent's table
+  ``loan_price_offsets`` (as many partitions as market.prices).
 - ``loan`` reads ``loan.ltv`` through the engine's ``InputGuard`` (messages faust's stream
   skips are read directly): ``LoanStateChanged`` (key = loan id; the newest version
   replaces the loan), ``HourClosed`` (hour ``hour`` started: charge it into every open
@@ -38,7 +43,7 @@ import faust
 from prometheus_client import Counter, Gauge, Histogram
 
 from earn.v1 import accrual_pb2, loan_pb2, market_pb2
-from services.accrual.delivery import InputGuard, InputReader
+from services.accrual.delivery import InputGuard, InputReader, parse_drops
 from services.accrual.loan import Action, Kind, LtvMonitor, band_of
 from services.kernel import events, money
 from services.kernel.config import Settings
@@ -53,6 +58,7 @@ PRICES = "market.prices"
 OUTPUT = "loan.actions"
 PRODUCER = "accrual"
 TABLE = "loan_state"
+PRICE_TABLE = "loan_price_offsets"  # loan_prices' next input offset per market.prices partition
 BANDS_EVERY = 10.0  # seconds between two recounts of a partition's LTV bands (a recount judges every loan)
 CHANGELOG_CONFIGS = {"cleanup.policy": "compact", "retention.ms": "-1", "min.compaction.lag.ms": str(24 * 3600 * 1000)}
 
@@ -75,8 +81,11 @@ _TYPES = {
 
 
 def changelog_topics(app_id: str) -> list[TopicSpec]:
+    lag = int(CHANGELOG_CONFIGS["min.compaction.lag.ms"])
     return [TopicSpec(f"{app_id}-{TABLE}-changelog", partitions=CATALOGUE[INPUT].partitions, retention_ms=-1, compacted=True,
-                      min_compaction_lag_ms=int(CHANGELOG_CONFIGS["min.compaction.lag.ms"]))]
+                      min_compaction_lag_ms=lag),
+            TopicSpec(f"{app_id}-{PRICE_TABLE}-changelog", partitions=CATALOGUE[PRICES].partitions, retention_ms=-1, compacted=True,
+                      min_compaction_lag_ms=lag)]
 
 
 def _frac(text: str) -> Fraction:
@@ -247,29 +256,44 @@ def install(app: faust.App, settings: Settings) -> LoanEngine:
     prices = app.topic(topic_name(settings, PRICES), partitions=CATALOGUE[PRICES].partitions, **raw)
     output = app.topic(topic_name(settings, OUTPUT), partitions=CATALOGUE[OUTPUT].partitions, **raw)
     engine = LoanEngine(app, output, partitions)
+    stall = float(getattr(settings, "stall_seconds", 15.0))
+    drops = str(getattr(settings, "drop_input", ""))
     guard = InputGuard("loan", engine.apply, InputReader(settings.kafka_bootstrap, topic_name(settings, INPUT), app.conf.id),
                        offsets=engine.table)
-    guard.install(app, float(getattr(settings, "stall_seconds", 15.0)))
+    guard.install(app, stall)
+    guard.drop = parse_drops(drops, "loan")
+
+    async def forward(partition: int, offset: int, value: bytes) -> None:
+        """Copy one tick into every partition of loan.ltv (derived ids: a replay copies the same events)."""
+        try:
+            env = events.parse(value)
+        except Exception:  # noqa: BLE001
+            SKIPPED.labels("undecodable_tick").inc()
+            return
+        if env.type != market_pb2.PriceTick.DESCRIPTOR.full_name:
+            return
+        for p in range(partitions):
+            copy = type(env)()
+            copy.CopyFrom(env)
+            copy.event_id = str(uuid.uuid5(uuid.NAMESPACE_URL, f"earn-accrual-loan-tick:{env.event_id}:{p}"))
+            await source.send(key=env.key.encode(), value=copy.SerializeToString(deterministic=True), partition=p, force=True)
+
+    price_offsets = app.Table(PRICE_TABLE, default=None, partitions=CATALOGUE[PRICES].partitions,
+                              help="per market.prices partition: the next offset the price forwarder expects",
+                              schema=faust.Schema(key_type=str, value_type=str, key_serializer="raw", value_serializer="raw"),
+                              extra_topic_configs=CHANGELOG_CONFIGS)
+    forwarder = InputGuard("loan_prices", forward, InputReader(settings.kafka_bootstrap, topic_name(settings, PRICES), app.conf.id),
+                           offsets=price_offsets)
+    forwarder.install(app, stall)
+    forwarder.drop = parse_drops(drops, "loan_prices")
 
     async def loan(stream: faust.StreamT) -> None:
         async for event in stream.events():
             await guard.deliver(event.message.partition, event.message.offset, event.value)
 
     async def loan_prices(stream: faust.StreamT) -> None:
-        """Copy each tick into every partition of loan.ltv (derived ids: a replay copies the same events)."""
         async for event in stream.events():
-            try:
-                env = events.parse(event.value)
-            except Exception:  # noqa: BLE001
-                SKIPPED.labels("undecodable_tick").inc()
-                continue
-            if env.type != market_pb2.PriceTick.DESCRIPTOR.full_name:
-                continue
-            for p in range(partitions):
-                copy = type(env)()
-                copy.CopyFrom(env)
-                copy.event_id = str(uuid.uuid5(uuid.NAMESPACE_URL, f"earn-accrual-loan-tick:{env.event_id}:{p}"))
-                await source.send(key=env.key.encode(), value=copy.SerializeToString(deterministic=True), partition=p, force=True)
+            await forwarder.deliver(event.message.partition, event.message.offset, event.value)
 
     app.agent(source, name="loan", concurrency=1)(loan)
     app.agent(prices, name="loan_prices", concurrency=1)(loan_prices)

@@ -111,7 +111,7 @@ class World:
 
 
 @asynccontextmanager
-async def world(stack, name: str) -> AsyncIterator[World]:  # type: ignore[no-untyped-def]
+async def world(stack, name: str, engine_env: dict[str, str] | None = None) -> AsyncIterator[World]:  # type: ignore[no-untyped-def]
     database = f"{stack.settings.pg_database}_{name}"
     admin = await asyncpg.connect(stack.settings.database_url.rsplit("/", 1)[0] + "/postgres")
     await admin.execute(f'CREATE DATABASE "{database}"')
@@ -131,7 +131,7 @@ async def world(stack, name: str) -> AsyncIterator[World]:  # type: ignore[no-un
                                         EARN_MARKET_ADDRESS=processes["market"].address or "", EARN_MAX_INDEX_AGE_SECONDS="86400")
         processes["loan"].start()
         await asyncio.to_thread(processes["loan"].wait_ready, 60)
-        processes["accrual"] = stack.spawn(_spec("accrual"), **env)
+        processes["accrual"] = stack.spawn(_spec("accrual"), **env, **(engine_env or {}))
         processes["accrual"].start()
         await asyncio.to_thread(processes["accrual"].wait_ready, 60)
         await producer.start()
