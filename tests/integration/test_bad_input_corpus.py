@@ -28,6 +28,7 @@ import pytest
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from earn.v1 import candydrop_pb2 as cd, candydrop_pb2_grpc
+from earn.v1 import hodler_pb2 as hd, hodler_pb2_grpc
 from earn.v1 import dual_pb2 as du, dual_pb2_grpc, market_pb2 as mk, market_pb2_grpc
 from earn.v1 import leverage_pb2 as lv, leverage_pb2_grpc
 from earn.v1 import loan_pb2 as lnp, loan_pb2_grpc
@@ -35,6 +36,7 @@ from earn.v1 import accrual_pb2, launchpool_pb2 as lp, launchpool_pb2_grpc, simp
 from services.candydrop.api import ROLES as CANDYDROP_ROLES
 from services.devstack.processes import ManagedProcess
 from services.dual.api import ROLES as DUAL_ROLES
+from services.hodler.api import ROLES as HODLER_ROLES
 from services.launchpool.api import ROLES as LAUNCHPOOL_ROLES
 from services.leverage.api import ROLES as LEVERAGE_ROLES
 from services.loan.api import ROLES as LOAN_ROLES
@@ -129,6 +131,21 @@ async def candydrop_channel(candydrop_process: ManagedProcess) -> AsyncIterator[
         yield channel
 
 
+@pytest.fixture(scope="module")
+def hodler_process(stack, wallet_process: ManagedProcess):  # type: ignore[no-untyped-def]
+    proc = stack.process("hodler", EARN_WALLET_ADDRESS=wallet_process.address or "")
+    proc.start()
+    proc.wait_ready(timeout=60)
+    yield proc
+    proc.stop()
+
+
+@pytest.fixture(scope="module")
+async def hodler_channel(hodler_process: ManagedProcess) -> AsyncIterator[grpc.aio.Channel]:
+    async with grpcclient.channel(hodler_process.address) as channel:
+        yield channel
+
+
 # Smart Leverage on a file clock held still: quotes made "earlier" in the setup are expired
 # when the rows run, quotes made "now" are valid for 10 minutes.
 LEVERAGE_QUOTE_VALIDITY = 600
@@ -180,7 +197,7 @@ async def loan_channel(loan_process: ManagedProcess) -> AsyncIterator[grpc.aio.C
 @pytest.fixture(scope="module")
 async def db(stack, wallet_process: ManagedProcess, earn_process: ManagedProcess, launchpool_process: ManagedProcess,
              market_process: ManagedProcess, dual_process: ManagedProcess, candydrop_process: ManagedProcess,
-             leverage_process: ManagedProcess, loan_process: ManagedProcess) -> AsyncIterator[asyncpg.Pool]:
+             leverage_process: ManagedProcess, loan_process: ManagedProcess, hodler_process: ManagedProcess) -> AsyncIterator[asyncpg.Pool]:
     pool = await asyncpg.create_pool(stack.settings.database_url, min_size=1, max_size=2)
     assert pool is not None
     yield pool
@@ -190,7 +207,7 @@ async def db(stack, wallet_process: ManagedProcess, earn_process: ManagedProcess
 @pytest.fixture(scope="module")
 def stubs(wallet_channel: grpc.aio.Channel, earn_channel: grpc.aio.Channel, launchpool_channel: grpc.aio.Channel,
           market_channel: grpc.aio.Channel, dual_channel: grpc.aio.Channel, candydrop_channel: grpc.aio.Channel,
-          leverage_channel: grpc.aio.Channel, loan_channel: grpc.aio.Channel) -> dict[str, Any]:
+          leverage_channel: grpc.aio.Channel, loan_channel: grpc.aio.Channel, hodler_channel: grpc.aio.Channel) -> dict[str, Any]:
     return {
         "wallet": wallet_pb2_grpc.WalletServiceStub(wallet_channel), "earn": simple_earn_pb2_grpc.SimpleEarnServiceStub(earn_channel),
         "lp": launchpool_pb2_grpc.LaunchpoolServiceStub(launchpool_channel),
@@ -198,12 +215,13 @@ def stubs(wallet_channel: grpc.aio.Channel, earn_channel: grpc.aio.Channel, laun
         "cd": candydrop_pb2_grpc.CandyDropServiceStub(candydrop_channel),
         "lev": leverage_pb2_grpc.LeverageServiceStub(leverage_channel),
         "loan": loan_pb2_grpc.LoanServiceStub(loan_channel),
+        "hd": hodler_pb2_grpc.HodlerServiceStub(hodler_channel),
     }
 
 
 # ---- snapshots ----------------------------------------------------------------------
 
-SCHEMAS = ("wallet", "simple_earn", "launchpool", "market", "dual", "candydrop", "leverage", "loan")
+SCHEMAS = ("wallet", "simple_earn", "launchpool", "market", "dual", "candydrop", "leverage", "loan", "hodler")
 # No table is excluded: no RPC of the corpus may write anything, not even audit-like rows.
 # The only tables written without an RPC are the outboxes (emptied by the relays), the
 # inbox (the payout consumer) and bulk_credit_parts/transfers (the wallet's folder);
@@ -283,6 +301,7 @@ class Ctx:
     lev_redeemed: str = ""  # alice's position redeemed early (keys["RedeemLeverageEarly"])
     loan_user: str = ""  # Crypto Loan: 1 BTC deposited; a USDT loan of 1,000 against 0.1 BTC (then 0.12, then 0.11; 100 repaid)
     loan_id: str = ""
+    airdrop: str = ""  # HODLer: GT held, USDT reward, starts in two hours
     keys: dict[str, str] = field(default_factory=dict)  # method -> a key used once, successfully
     baseline: dict[str, tuple[int, str]] = field(default_factory=dict)
     requests: dict[str, Any] = field(default_factory=dict)  # method -> the request sent with keys[method]
@@ -399,6 +418,8 @@ async def ctx(stubs, db, leverage_clock) -> Ctx:
     await once("Register", stubs["cd"], cd.RegisterRequest(idempotency_key=unique(), user_id=c.alice, campaign_id=c.campaign), GATEWAY)
     await leverage_setup(c, stubs["lev"], wallet, once, leverage_clock)
     await loan_setup(c, stubs["loan"], wallet, once)
+    c.airdrop = unique("air")
+    await once("CreateAirdrop", stubs["hd"], airdrop_request(c.airdrop), OPERATOR)
     c.baseline = await settled(db)
     return c
 
@@ -1450,6 +1471,82 @@ for _n, _m, _b, _code, _frag, _tok in _CD:
     row(_n, "cd", _m, _b, _code, _frag, _tok)
 
 
+# ---- hodler ----
+
+
+def airdrop_request(airdrop_id: str, **fields: Any) -> hd.CreateAirdropRequest:
+    base: dict[str, Any] = dict(idempotency_key=unique(), airdrop_id=airdrop_id, hold_asset="GT", reward_asset="USDT", total="1000",
+                                start_hour=_NOW_HOUR + 2, end_hour=_NOW_HOUR + 26, per_user_cap="500")
+    return hd.CreateAirdropRequest(**{**base, **fields})
+
+
+_HD: list[tuple[str, str, Build, grpc.StatusCode, str, tuple]] = [
+    # CreateAirdrop
+    ("key-empty", "CreateAirdrop", lambda c: airdrop_request(unique("air"), idempotency_key=""), INVALID, "idempotency_key:", OPERATOR),
+    ("key-10KB", "CreateAirdrop", lambda c: airdrop_request(unique("air"), idempotency_key=BIG), INVALID, "idempotency_key:", OPERATOR),
+    ("key-reused", "CreateAirdrop", lambda c: airdrop_request(unique("air"), idempotency_key=c.keys["CreateAirdrop"]), EXISTS, "idempotency_key:", OPERATOR),
+    ("id-empty", "CreateAirdrop", lambda c: airdrop_request(""), INVALID, "airdrop_id:", OPERATOR),
+    ("id-10KB", "CreateAirdrop", lambda c: airdrop_request(BIG), INVALID, "airdrop_id:", OPERATOR),
+    ("id-space", "CreateAirdrop", lambda c: airdrop_request("a b"), INVALID, "airdrop_id:", OPERATOR),
+    ("id-exists", "CreateAirdrop", lambda c: airdrop_request(c.airdrop), EXISTS, "airdrop_id:", OPERATOR),
+    ("hold-asset-empty", "CreateAirdrop", lambda c: airdrop_request(unique("air"), hold_asset=""), INVALID, "hold_asset:", OPERATOR),
+    ("hold-asset-unknown", "CreateAirdrop", lambda c: airdrop_request(unique("air"), hold_asset="NOPE"), INVALID, "hold_asset:", OPERATOR),
+    ("hold-asset-10KB", "CreateAirdrop", lambda c: airdrop_request(unique("air"), hold_asset=BIG), INVALID, "hold_asset:", OPERATOR),
+    ("reward-asset-empty", "CreateAirdrop", lambda c: airdrop_request(unique("air"), reward_asset=""), INVALID, "reward_asset:", OPERATOR),
+    ("reward-asset-lower", "CreateAirdrop", lambda c: airdrop_request(unique("air"), reward_asset="usdt"), INVALID, "reward_asset:", OPERATOR),
+    ("total-too-precise", "CreateAirdrop", lambda c: airdrop_request(unique("air"), total=TOO_PRECISE_USDT), INVALID, "total:", OPERATOR),
+    ("start-zero", "CreateAirdrop", lambda c: airdrop_request(unique("air"), start_hour=0), INVALID, "start_hour:", OPERATOR),
+    ("start-negative", "CreateAirdrop", lambda c: airdrop_request(unique("air"), start_hour=-5), INVALID, "start_hour:", OPERATOR),
+    ("start-this-hour", "CreateAirdrop", lambda c: airdrop_request(unique("air"), start_hour=_NOW_HOUR), INVALID, "start_hour:", OPERATOR),
+    ("start-in-the-past", "CreateAirdrop", lambda c: airdrop_request(unique("air"), start_hour=_NOW_HOUR - 48, end_hour=_NOW_HOUR - 24), INVALID, "start_hour:", OPERATOR),
+    ("end-missing", "CreateAirdrop", lambda c: airdrop_request(unique("air"), end_hour=0), INVALID, "end_hour:", OPERATOR),
+    ("end-equal-start", "CreateAirdrop", lambda c: airdrop_request(unique("air"), end_hour=_NOW_HOUR + 2), INVALID, "end_hour:", OPERATOR),
+    ("longer-than-366-days", "CreateAirdrop", lambda c: airdrop_request(unique("air"), end_hour=_NOW_HOUR + 3 + 24 * 366), INVALID, "end_hour:", OPERATOR),
+    ("end-int64-max", "CreateAirdrop", lambda c: airdrop_request(unique("air"), end_hour=2**63 - 1), INVALID, "end_hour:", OPERATOR),
+    ("min-too-precise", "CreateAirdrop", lambda c: airdrop_request(unique("air"), min_average=TOO_PRECISE_BTC), INVALID, "min_average:", OPERATOR),
+    ("cap-below-min", "CreateAirdrop", lambda c: airdrop_request(unique("air"), min_average="10", per_user_cap="5"), INVALID, "per_user_cap:", OPERATOR),
+    ("cap-zero", "CreateAirdrop", lambda c: airdrop_request(unique("air"), per_user_cap="0"), INVALID, "per_user_cap:", OPERATOR),
+    ("gateway", "CreateAirdrop", lambda c: airdrop_request(unique("air")), DENIED, "CreateAirdrop", GATEWAY),
+    # queries
+    ("airdrop-empty", "GetAirdrop", lambda c: hd.GetAirdropRequest(), INVALID, "airdrop_id:", GATEWAY),
+    ("airdrop-10KB", "GetAirdrop", lambda c: hd.GetAirdropRequest(airdrop_id=BIG), INVALID, "airdrop_id:", GATEWAY),
+    ("airdrop-unknown", "GetAirdrop", lambda c: hd.GetAirdropRequest(airdrop_id="no-such-airdrop"), NOT_FOUND, "airdrop_id:", GATEWAY),
+    ("status-unknown", "ListAirdrops", lambda c: hd.ListAirdropsRequest(status=77), INVALID, "status:", GATEWAY),
+    ("page-size-max", "ListAirdrops", lambda c: hd.ListAirdropsRequest(page_size=2**32 - 1), INVALID, "page_size:", GATEWAY),
+    ("token-garbage", "ListAirdrops", lambda c: hd.ListAirdropsRequest(page_token="%%%"), INVALID, "page_token:", GATEWAY),
+    ("token-other-list", "ListAirdrops", lambda c: hd.ListAirdropsRequest(page_token=base64.urlsafe_b64encode(b"r:1").decode()), INVALID, "page_token:", GATEWAY),
+    ("airdrop-empty", "GetUserHolding", lambda c: hd.GetUserHoldingRequest(user_id=c.alice), INVALID, "airdrop_id:", GATEWAY),
+    ("user-empty", "GetUserHolding", lambda c: hd.GetUserHoldingRequest(airdrop_id=c.airdrop), INVALID, "user_id:", GATEWAY),
+    ("user-10KB", "GetUserHolding", lambda c: hd.GetUserHoldingRequest(airdrop_id=c.airdrop, user_id=BIG), INVALID, "user_id:", GATEWAY),
+    ("airdrop-unknown", "GetUserHolding", lambda c: hd.GetUserHoldingRequest(airdrop_id="no-such-airdrop", user_id=c.alice), NOT_FOUND, "airdrop_id:", GATEWAY),
+    ("airdrop-empty", "GetEstimate", lambda c: hd.GetEstimateRequest(), INVALID, "airdrop_id:", GATEWAY),
+    ("airdrop-space", "GetEstimate", lambda c: hd.GetEstimateRequest(airdrop_id="a b"), INVALID, "airdrop_id:", GATEWAY),
+    ("airdrop-unknown", "GetEstimate", lambda c: hd.GetEstimateRequest(airdrop_id="no-such-airdrop"), NOT_FOUND, "airdrop_id:", GATEWAY),
+    ("gateway-without-user", "ListRewards", lambda c: hd.ListAirdropRewardsRequest(), INVALID, "user_id:", GATEWAY),
+    ("user-space", "ListRewards", lambda c: hd.ListAirdropRewardsRequest(user_id="a b"), INVALID, "user_id:", GATEWAY),
+    ("airdrop-bad", "ListRewards", lambda c: hd.ListAirdropRewardsRequest(user_id=c.alice, airdrop_id="a b"), INVALID, "airdrop_id:", GATEWAY),
+    ("page-size-max", "ListRewards", lambda c: hd.ListAirdropRewardsRequest(user_id=c.alice, page_size=1001), INVALID, "page_size:", GATEWAY),
+    ("token-other-list", "ListRewards", lambda c: hd.ListAirdropRewardsRequest(user_id=c.alice, page_token=base64.urlsafe_b64encode(b"a:1").decode()), INVALID, "page_token:", GATEWAY),
+    ("token-past-bigint", "ListRewards", lambda c: hd.ListAirdropRewardsRequest(page_token=base64.urlsafe_b64encode(b"r:9223372036854775808").decode()), INVALID, "page_token:", OPERATOR),
+    # DistributeAirdrops
+    ("job-empty", "DistributeAirdrops", lambda c: hd.DistributeAirdropsRequest(period="p", boundary_hour=1), INVALID, "job:", SERVICE),
+    ("job-10KB", "DistributeAirdrops", lambda c: hd.DistributeAirdropsRequest(job=BIG, period="p", boundary_hour=1), INVALID, "job:", SERVICE),
+    ("period-space", "DistributeAirdrops", lambda c: hd.DistributeAirdropsRequest(job="j", period="a b", boundary_hour=1), INVALID, "period:", SERVICE),
+    ("boundary-zero", "DistributeAirdrops", lambda c: hd.DistributeAirdropsRequest(job="j", period="p"), INVALID, "boundary_hour:", SERVICE),
+    ("boundary-negative", "DistributeAirdrops", lambda c: hd.DistributeAirdropsRequest(job="j", period="p", boundary_hour=-3), INVALID, "boundary_hour:", SERVICE),
+    ("boundary-future", "DistributeAirdrops", lambda c: hd.DistributeAirdropsRequest(job="j", period="p", boundary_hour=_NOW_HOUR + 48), PRECONDITION, "boundary_hour:", SERVICE),
+    ("operator", "DistributeAirdrops", lambda c: hd.DistributeAirdropsRequest(job="j", period="p", boundary_hour=1), DENIED, "DistributeAirdrops", OPERATOR),
+]
+for _name, _amount in BAD_AMOUNTS:
+    _HD.append((f"total-{_name}", "CreateAirdrop", lambda c, a=_amount: airdrop_request(unique("air"), total=a), INVALID, "total:", OPERATOR))
+    if _name not in ("zero", "zero-fraction", "empty"):  # a zero minimum is allowed; empty: the default ("1")
+        _HD.append((f"min-{_name}", "CreateAirdrop", lambda c, a=_amount: airdrop_request(unique("air"), min_average=a), INVALID, "min_average:", OPERATOR))
+    if _name != "empty":  # empty: no cap
+        _HD.append((f"cap-{_name}", "CreateAirdrop", lambda c, a=_amount: airdrop_request(unique("air"), per_user_cap=a), INVALID, "per_user_cap:", OPERATOR))
+for _n, _m, _b, _code, _frag, _tok in _HD:
+    row(_n, "hd", _m, _b, _code, _frag, _tok)
+
+
 def borrow(c: Ctx, **fields: Any) -> lnp.BorrowRequest:
     base: dict[str, Any] = dict(idempotency_key=unique(), user_id=c.loan_user, loan_asset="USDT", amount="100",
                                 collateral=[lnp.LoanCollateralAmount(asset="BTC", amount="0.01")], term=lnp.LOAN_TERM_FLEXIBLE)
@@ -1605,7 +1702,8 @@ def test_the_corpus_covers_every_rpc() -> None:
     for service, descriptor in (("wallet", wallet_pb2.DESCRIPTOR.services_by_name["WalletService"]), ("earn", simple_earn_pb2.DESCRIPTOR.services_by_name["SimpleEarnService"]),
                                 ("lp", lp.DESCRIPTOR.services_by_name["LaunchpoolService"]), ("mk", mk.DESCRIPTOR.services_by_name["MarketService"]),
                                 ("dual", du.DESCRIPTOR.services_by_name["DualService"]), ("cd", cd.DESCRIPTOR.services_by_name["CandyDropService"]),
-                                ("lev", lv.DESCRIPTOR.services_by_name["LeverageService"]), ("loan", lnp.DESCRIPTOR.services_by_name["LoanService"])):
+                                ("lev", lv.DESCRIPTOR.services_by_name["LeverageService"]), ("loan", lnp.DESCRIPTOR.services_by_name["LoanService"]),
+                                ("hd", hd.DESCRIPTOR.services_by_name["HodlerService"])):
         missing = {m.name for m in descriptor.methods} - {m for s, m in covered if s == service}
         assert not missing, f"{service}: no corpus row for {sorted(missing)}"
 
@@ -1650,6 +1748,10 @@ EXPECTED_ROLES = {
         "ListLoanInterest": {G, O, S}, "ListLoanLtvHistory": {G, O, S}, "ListLoanEvents": {G, O, S}, "Borrow": {G}, "RepayLoan": {G},
         "AddLoanCollateral": {G}, "RemoveLoanCollateral": {G}, "StartLoanHour": {S},
     },
+    "earn.v1.HodlerService": {
+        "CreateAirdrop": {O}, "GetAirdrop": {G, O, S}, "ListAirdrops": {G, O, S}, "GetUserHolding": {G, O, S}, "GetEstimate": {G, O, S},
+        "ListRewards": {G, O, S}, "DistributeAirdrops": {S},
+    },
 }
 
 
@@ -1659,7 +1761,8 @@ def _descriptors() -> list[Any]:
     return [wallet_pb2.DESCRIPTOR.services_by_name["WalletService"], simple_earn_pb2.DESCRIPTOR.services_by_name["SimpleEarnService"],
             lp.DESCRIPTOR.services_by_name["LaunchpoolService"], mk.DESCRIPTOR.services_by_name["MarketService"],
             du.DESCRIPTOR.services_by_name["DualService"], cd.DESCRIPTOR.services_by_name["CandyDropService"],
-            lv.DESCRIPTOR.services_by_name["LeverageService"], lnp.DESCRIPTOR.services_by_name["LoanService"]]
+            lv.DESCRIPTOR.services_by_name["LeverageService"], lnp.DESCRIPTOR.services_by_name["LoanService"],
+            hd.DESCRIPTOR.services_by_name["HodlerService"]]
 
 
 def test_every_rpc_of_the_protos_is_in_the_role_tables() -> None:
@@ -1667,7 +1770,7 @@ def test_every_rpc_of_the_protos_is_in_the_role_tables() -> None:
     added to the table (and to EXPECTED_ROLES here) on purpose."""
     tables = {"earn.v1.WalletService": WALLET_ROLES, "earn.v1.SimpleEarnService": EARN_ROLES, "earn.v1.LaunchpoolService": LAUNCHPOOL_ROLES,
               "earn.v1.MarketService": MARKET_ROLES, "earn.v1.DualService": DUAL_ROLES, "earn.v1.CandyDropService": CANDYDROP_ROLES,
-              "earn.v1.LeverageService": LEVERAGE_ROLES, "earn.v1.LoanService": LOAN_ROLES}
+              "earn.v1.LeverageService": LEVERAGE_ROLES, "earn.v1.LoanService": LOAN_ROLES, "earn.v1.HodlerService": HODLER_ROLES}
     for descriptor in _descriptors():
         table = tables[descriptor.full_name]
         names = {f"{descriptor.full_name}/{m.name}" for m in descriptor.methods}
@@ -1709,7 +1812,7 @@ async def test_role_table(stubs, ctx: Ctx, service: str, method: str, caller: st
     caller gets UNAUTHENTICATED (no valid token) or PERMISSION_DENIED (a role not in the
     table), before anything else."""
     stub = stubs[{"WalletService": "wallet", "LaunchpoolService": "lp", "MarketService": "mk", "DualService": "dual",
-                  "CandyDropService": "cd", "LeverageService": "lev", "LoanService": "loan"}.get(service.split(".")[-1], "earn")]
+                  "CandyDropService": "cd", "LeverageService": "lev", "LoanService": "loan", "HodlerService": "hd"}.get(service.split(".")[-1], "earn")]
     descriptor = next(d for d in _descriptors() if d.full_name == service).methods_by_name[method]
     from google.protobuf import message_factory
 
