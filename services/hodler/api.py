@@ -64,7 +64,7 @@ ROLES = {
         "ListAirdrops": _QUERY,
         "GetUserHolding": _QUERY,
         "GetEstimate": _QUERY,
-        "ListRewards": _QUERY,
+        "ListAirdropRewards": _QUERY,
         "DistributeAirdrops": frozenset({SERVICE}),
     }.items()
 }
@@ -222,7 +222,7 @@ class HodlerApi(hodler_pb2_grpc.HodlerServiceServicer):
             total_projected_average=domain.display(whole),
         )
 
-    async def ListRewards(self, request: hd.ListAirdropRewardsRequest, context: grpc.aio.ServicerContext) -> hd.ListAirdropRewardsResponse:
+    async def ListAirdropRewards(self, request: hd.ListAirdropRewardsRequest, context: grpc.aio.ServicerContext) -> hd.ListAirdropRewardsResponse:
         user = scoped_user(request.user_id)
         airdrop_id = domain.check_airdrop_id(request.airdrop_id) if request.airdrop_id else ""
         size = paging.page_size(request.page_size)

@@ -1522,12 +1522,12 @@ _HD: list[tuple[str, str, Build, grpc.StatusCode, str, tuple]] = [
     ("airdrop-empty", "GetEstimate", lambda c: hd.GetEstimateRequest(), INVALID, "airdrop_id:", GATEWAY),
     ("airdrop-space", "GetEstimate", lambda c: hd.GetEstimateRequest(airdrop_id="a b"), INVALID, "airdrop_id:", GATEWAY),
     ("airdrop-unknown", "GetEstimate", lambda c: hd.GetEstimateRequest(airdrop_id="no-such-airdrop"), NOT_FOUND, "airdrop_id:", GATEWAY),
-    ("gateway-without-user", "ListRewards", lambda c: hd.ListAirdropRewardsRequest(), INVALID, "user_id:", GATEWAY),
-    ("user-space", "ListRewards", lambda c: hd.ListAirdropRewardsRequest(user_id="a b"), INVALID, "user_id:", GATEWAY),
-    ("airdrop-bad", "ListRewards", lambda c: hd.ListAirdropRewardsRequest(user_id=c.alice, airdrop_id="a b"), INVALID, "airdrop_id:", GATEWAY),
-    ("page-size-max", "ListRewards", lambda c: hd.ListAirdropRewardsRequest(user_id=c.alice, page_size=1001), INVALID, "page_size:", GATEWAY),
-    ("token-other-list", "ListRewards", lambda c: hd.ListAirdropRewardsRequest(user_id=c.alice, page_token=base64.urlsafe_b64encode(b"a:1").decode()), INVALID, "page_token:", GATEWAY),
-    ("token-past-bigint", "ListRewards", lambda c: hd.ListAirdropRewardsRequest(page_token=base64.urlsafe_b64encode(b"r:9223372036854775808").decode()), INVALID, "page_token:", OPERATOR),
+    ("gateway-without-user", "ListAirdropRewards", lambda c: hd.ListAirdropRewardsRequest(), INVALID, "user_id:", GATEWAY),
+    ("user-space", "ListAirdropRewards", lambda c: hd.ListAirdropRewardsRequest(user_id="a b"), INVALID, "user_id:", GATEWAY),
+    ("airdrop-bad", "ListAirdropRewards", lambda c: hd.ListAirdropRewardsRequest(user_id=c.alice, airdrop_id="a b"), INVALID, "airdrop_id:", GATEWAY),
+    ("page-size-max", "ListAirdropRewards", lambda c: hd.ListAirdropRewardsRequest(user_id=c.alice, page_size=1001), INVALID, "page_size:", GATEWAY),
+    ("token-other-list", "ListAirdropRewards", lambda c: hd.ListAirdropRewardsRequest(user_id=c.alice, page_token=base64.urlsafe_b64encode(b"a:1").decode()), INVALID, "page_token:", GATEWAY),
+    ("token-past-bigint", "ListAirdropRewards", lambda c: hd.ListAirdropRewardsRequest(page_token=base64.urlsafe_b64encode(b"r:9223372036854775808").decode()), INVALID, "page_token:", OPERATOR),
     # DistributeAirdrops
     ("job-empty", "DistributeAirdrops", lambda c: hd.DistributeAirdropsRequest(period="p", boundary_hour=1), INVALID, "job:", SERVICE),
     ("job-10KB", "DistributeAirdrops", lambda c: hd.DistributeAirdropsRequest(job=BIG, period="p", boundary_hour=1), INVALID, "job:", SERVICE),
@@ -1750,7 +1750,7 @@ EXPECTED_ROLES = {
     },
     "earn.v1.HodlerService": {
         "CreateAirdrop": {O}, "GetAirdrop": {G, O, S}, "ListAirdrops": {G, O, S}, "GetUserHolding": {G, O, S}, "GetEstimate": {G, O, S},
-        "ListRewards": {G, O, S}, "DistributeAirdrops": {S},
+        "ListAirdropRewards": {G, O, S}, "DistributeAirdrops": {S},
     },
 }
 

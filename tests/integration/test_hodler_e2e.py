@@ -410,7 +410,7 @@ async def scenario(w: World, seed: int) -> Outcome:
         assert paid <= total and (total - paid) * 10**6 < len(recipients)  # only dust stays
         # The airdrop's account paid exactly the rewards, once.
         assert await balance(w, f"hodler:{ids[k]}", "USDT", EXPENSE) == -paid
-        records = await w.hodler.ListRewards(hd.ListAirdropRewardsRequest(airdrop_id=ids[k], page_size=1000), metadata=OPERATOR)
+        records = await w.hodler.ListAirdropRewards(hd.ListAirdropRewardsRequest(airdrop_id=ids[k], page_size=1000), metadata=OPERATOR)
         by_user = {r.user_id: Decimal(r.amount) for r in records.rewards}
         assert by_user == {users[u]: v for u, v in expected[k].items()}, k
         assert all(r.posting_id for r in records.rewards if Decimal(r.amount) > 0)
@@ -422,9 +422,9 @@ async def scenario(w: World, seed: int) -> Outcome:
     for u in users:
         won = sum((v for (k, name), v in outcome.rewards.items() if name == u), Decimal(0))
         assert await balance(w, users[u], "USDT") == before[u] + won, u
-    mine = await w.hodler.ListRewards(hd.ListAirdropRewardsRequest(user_id=users["steady"]), metadata=GATEWAY)
+    mine = await w.hodler.ListAirdropRewards(hd.ListAirdropRewardsRequest(user_id=users["steady"]), metadata=GATEWAY)
     assert {r.user_id for r in mine.rewards} == {users["steady"]} and len(mine.rewards) == 2
-    page = await w.hodler.ListRewards(hd.ListAirdropRewardsRequest(airdrop_id=ids["main"], page_size=2), metadata=OPERATOR)
+    page = await w.hodler.ListAirdropRewards(hd.ListAirdropRewardsRequest(airdrop_id=ids["main"], page_size=2), metadata=OPERATOR)
     assert len(page.rewards) == 2 and page.next_page_token
     listed = await w.hodler.ListAirdrops(hd.ListAirdropsRequest(status=hd.AIRDROP_STATUS_DISTRIBUTED, page_size=1), metadata=GATEWAY)
     assert len(listed.airdrops) == 1 and listed.next_page_token
