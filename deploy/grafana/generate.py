@@ -26,7 +26,7 @@ OUT = HERE / "dashboards"
 DATASOURCE = {"type": "prometheus", "uid": "earn-prometheus"}
 SCHEMA_VERSION = 39  # Grafana 11.x loads it as is
 R = "$__rate_interval"
-PROCESSES = 'job=~"wallet|simple_earn|launchpool|candydrop|market|dual|leverage|loan|accrual|scheduler"'
+PROCESSES = 'job=~"wallet|simple_earn|launchpool|candydrop|hodler|market|dual|leverage|loan|accrual|scheduler"'
 SERVER_ERRORS = 'grpc_code=~"UNKNOWN|INTERNAL|UNAVAILABLE|DATA_LOSS|DEADLINE_EXCEEDED"'
 
 
@@ -253,6 +253,7 @@ def overview() -> Dashboard:
         ("sum by (asset) (increase(earn_simple_earn_interest_paid_total[1h]))", "Simple Earn {{asset}}"),
         ("sum by (asset) (increase(earn_launchpool_rewards_paid_total[1h]))", "Launchpool {{asset}}"),
         ("sum by (asset) (increase(earn_candydrop_prizes_paid_total[1h]))", "CandyDrop {{asset}}"),
+        ("sum by (asset) (increase(earn_hodler_rewards_paid_total[1h]))", "HODLer {{asset}}"),
         ("sum by (asset) (increase(earn_dual_paid_total[1h]))", "Dual {{asset}}"),
         ("sum by (asset) (increase(earn_leverage_paid_total[1h]))", "Leverage {{asset}}"),
     ], width=12)
@@ -415,6 +416,25 @@ def candydrop() -> Dashboard:
     return d
 
 
+def hodler() -> Dashboard:
+    d = Dashboard("earn-hodler", "Earn platform: HODLer Airdrop",
+                  "Wallet postings applied to counted holdings, airdrops by status, distributions and rewards, gRPC methods.",
+                  ["earn", "hodler"])
+    d.row("Wallet events")
+    d.timeseries("Postings by outcome", "applied, duplicate (redelivered), ignored (no counted holding changed), dead_letter.",
+                 [(f"sum by (outcome) (rate(earn_hodler_events_total[{R}]))", "{{outcome}}")], "ops", width=24, stack=True)
+    d.row("Airdrops")
+    d.timeseries("Airdrops by status", "upcoming, active, ended (not paid yet), distributed.",
+                 [("max by (status) (earn_hodler_airdrops)", "{{status}}")], width=8)
+    d.timeseries("Airdrops distributed per day", "Airdrops whose rewards were all paid (job hodler.distribution).",
+                 [("sum(increase(earn_hodler_airdrops_distributed_total[1d]))", "airdrops")], width=8)
+    d.timeseries("Rewards paid per hour", "In units of the reward asset.",
+                 [("sum by (asset) (increase(earn_hodler_rewards_paid_total[1h]))", "{{asset}}")], width=8)
+    grpc_section(d, "earn.v1.HodlerService")
+    process_section(d, "hodler")
+    return d
+
+
 def market() -> Dashboard:
     d = Dashboard("earn-market", "Earn platform: market prices",
                   "The index feed (market.prices) the market stores and serves: freshness per pair, ticks, refused TWAPs, gRPC methods.",
@@ -523,7 +543,7 @@ def loan() -> Dashboard:
 
 DASHBOARDS = {
     "overview": overview, "wallet": wallet, "simple-earn": simple_earn, "accrual": accrual, "jobs": jobs,
-    "launchpool": launchpool, "candydrop": candydrop, "market": market, "dual": dual, "leverage": leverage, "loan": loan,
+    "launchpool": launchpool, "candydrop": candydrop, "hodler": hodler, "market": market, "dual": dual, "leverage": leverage, "loan": loan,
 }
 
 

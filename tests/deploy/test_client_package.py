@@ -235,7 +235,7 @@ def test_examples_run_against_live_services(
 DEV_TOKENS = {"dev-gateway": "gateway", "dev-operator": "operator", "dev-service": "service"}
 DEFAULT_PORTS = {"earn.v1.WalletService": 50051, "earn.v1.SimpleEarnService": 50052, "earn.v1.LaunchpoolService": 50053,
                  "earn.v1.MarketService": 50055, "earn.v1.DualService": 50056, "earn.v1.CandyDropService": 50054,
-                 "earn.v1.LeverageService": 50057, "earn.v1.LoanService": 50058}
+                 "earn.v1.LeverageService": 50057, "earn.v1.LoanService": 50058, "earn.v1.HodlerService": 50059}
 
 
 README_TLS = {"-cacert": ".data/tls/ca.pem", "-cert": ".data/tls/tool.pem", "-key": ".data/tls/tool.key"}
@@ -274,6 +274,7 @@ def readme_grpcurl_calls() -> list[dict[str, object]]:
 def test_readme_has_a_correct_grpcurl_example_for_every_rpc() -> None:
     from services.candydrop.api import ROLES as CANDYDROP_ROLES
     from services.dual.api import ROLES as DUAL_ROLES
+    from services.hodler.api import ROLES as HODLER_ROLES
     from services.launchpool.api import ROLES as LAUNCHPOOL_ROLES
     from services.leverage.api import ROLES as LEVERAGE_ROLES
     from services.loan.api import ROLES as LOAN_ROLES
@@ -281,7 +282,7 @@ def test_readme_has_a_correct_grpcurl_example_for_every_rpc() -> None:
     from services.simple_earn.api import ROLES as SIMPLE_EARN_ROLES
     from services.wallet.api import ROLES as WALLET_ROLES
 
-    roles = {**WALLET_ROLES, **SIMPLE_EARN_ROLES, **LAUNCHPOOL_ROLES, **MARKET_ROLES, **DUAL_ROLES, **CANDYDROP_ROLES, **LEVERAGE_ROLES, **LOAN_ROLES}
+    roles = {**WALLET_ROLES, **SIMPLE_EARN_ROLES, **LAUNCHPOOL_ROLES, **MARKET_ROLES, **DUAL_ROLES, **CANDYDROP_ROLES, **LEVERAGE_ROLES, **LOAN_ROLES, **HODLER_ROLES}
     pool = descriptor_pool.Default()
     shown: set[str] = set()
     for call in readme_grpcurl_calls():

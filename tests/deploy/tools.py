@@ -22,7 +22,6 @@ TOOLS = REPO_ROOT / "build" / "tools"
 # dashboard land). Every other process must be in every deployment file.
 DEMO_ONLY = frozenset({"market_simulator", "candydrop_generator"})
 NOT_DEPLOYED_YET = frozenset({
-    "hodler",  # HODLer Airdrop: its compose/k8s/scrape/dashboard entries come in a later commit
 })
 
 

@@ -9,7 +9,8 @@ CandyDrop campaign with a registration, counted and not counted fills and an unr
 one, distributed at its end; a Dual Investment plan subscribed and settled; a Smart
 Leverage position redeemed early and one settled at maturity; unreadable records in the
 launchpool engine's input and in its payouts; a Crypto Loan borrowed, partly repaid and
-margin-called by the engine on an ETH tick, its hours started by the scheduler). The demo's market_simulator and
+margin-called by the engine on an ETH tick, its hours started by the scheduler; a HODLer
+airdrop on GT held, paid at its end). The demo's market_simulator and
 candydrop_generator are not run: production has no such processes, and nothing scrapes
 them. Then every query of every dashboard panel,
 every alert expression and every recording rule must return series: no dashboard or
@@ -49,6 +50,7 @@ from aiokafka import AIOKafkaProducer
 from google.protobuf.timestamp_pb2 import Timestamp
 from prometheus_client.parser import text_string_to_metric_families
 
+from earn.v1 import hodler_pb2 as hd, hodler_pb2_grpc
 from earn.v1 import (
     accrual_pb2,
     candydrop_pb2 as cd,
@@ -98,6 +100,7 @@ PROMQL_WORDS = {"by", "without", "on", "ignoring", "group_left", "group_right", 
 HOURLY_JOBS = (
     "ticks", "simple_earn.interest.hourly", "simple_earn.maturity",
     "launchpool.rewards.hourly", "dual.settlement", "leverage.settlement", "candydrop.distribution", "loan.hours",
+    "hodler.distribution",
 )
 
 
@@ -339,7 +342,7 @@ async def products_workload(p: dict[str, ManagedProcess], stack: Env, start: dat
     early, one maturing at start + 2 h); unreadable records in launchpool.accrual and
     launchpool.payouts. The scheduler settles, pays and distributes once the clock moves."""
     day = start + timedelta(hours=3)
-    channels = {name: grpcclient.channel(p[name].address or "") for name in ("wallet", "launchpool", "candydrop", "market", "dual", "leverage")}
+    channels = {name: grpcclient.channel(p[name].address or "") for name in ("wallet", "launchpool", "candydrop", "market", "dual", "leverage", "hodler")}
     producer = AIOKafkaProducer(bootstrap_servers=stack.settings.kafka_bootstrap, enable_idempotence=True)
     await producer.start()
     try:
@@ -397,6 +400,19 @@ async def products_workload(p: dict[str, ManagedProcess], stack: Env, start: dat
                 event_time=ts(now)))
             await producer.send_and_wait(trades, fill.SerializeToString(), key=who.encode())
         await producer.send_and_wait(trades, b"\xff not an exchange event", key=b"x")
+
+        # HODLer Airdrop: GT held from now, an airdrop over the second hour, paid at start + 2 h.
+        hodler = hodler_pb2_grpc.HodlerServiceStub(channels["hodler"])
+        airdrop = unique("obs-hd")
+        await hodler.CreateAirdrop(hd.CreateAirdropRequest(
+            idempotency_key=unique(), airdrop_id=airdrop, hold_asset="GT", reward_asset="USDT", total="10",
+            start_hour=int(start.timestamp()) // 3600 + 1, end_hour=int(start.timestamp()) // 3600 + 2,
+        ), metadata=OPERATOR)
+        await w.Deposit(wallet_pb2.DepositRequest(idempotency_key=unique(), owner=user, asset="GT", amount="5"), metadata=OPERATOR)
+        await hodler.GetEstimate(hd.GetEstimateRequest(airdrop_id=airdrop), metadata=GATEWAY)
+        await hodler.ListAirdrops(hd.ListAirdropsRequest(), metadata=GATEWAY)
+        with pytest.raises(grpc.aio.AioRpcError):  # refused: counted per code
+            await hodler.GetAirdrop(hd.GetAirdropRequest(airdrop_id="no-such-airdrop"), metadata=GATEWAY)
 
         # Dual Investment: sell high at a strike under the index (converted), settled at start + 2 h.
         dual = dual_pb2_grpc.DualServiceStub(channels["dual"])
@@ -522,8 +538,9 @@ async def prometheus(stack: Env, tmp_path_factory: pytest.TempPathFactory) -> As
         await asyncio.to_thread(earn.wait_ready, 60)
         launchpool = spawn("launchpool", EARN_WALLET_ADDRESS=wallet.address or "")
         candydrop = spawn("candydrop", EARN_WALLET_ADDRESS=wallet.address or "")
+        hodler = spawn("hodler", EARN_WALLET_ADDRESS=wallet.address or "", EARN_GAUGE_SECONDS="1")
         market = spawn("market")
-        for proc in (launchpool, candydrop, market):
+        for proc in (launchpool, candydrop, hodler, market):
             await asyncio.to_thread(proc.wait_ready, 60)
         dual = spawn("dual", EARN_WALLET_ADDRESS=wallet.address or "", EARN_MARKET_ADDRESS=market.address or "")
         leverage = spawn("leverage", EARN_WALLET_ADDRESS=wallet.address or "", EARN_MARKET_ADDRESS=market.address or "")
@@ -535,7 +552,7 @@ async def prometheus(stack: Env, tmp_path_factory: pytest.TempPathFactory) -> As
             "scheduler", EARN_SIMPLE_EARN_ADDRESS=earn.address or "", EARN_SCHEDULER_START=start.isoformat(),
             EARN_LAUNCHPOOL_ADDRESS=launchpool.address or "", EARN_CANDYDROP_ADDRESS=candydrop.address or "",
             EARN_DUAL_ADDRESS=dual.address or "", EARN_LEVERAGE_ADDRESS=leverage.address or "",
-            EARN_LOAN_ADDRESS=loan.address or "",
+            EARN_LOAN_ADDRESS=loan.address or "", EARN_HODLER_ADDRESS=hodler.address or "",
             EARN_RETRY_SECONDS="0.5", EARN_MAX_SLEEP_SECONDS="0.5", EARN_PAYOUT_POLL_SECONDS="0.1",
             EARN_RPC_TIMEOUT_SECONDS="10", EARN_PAYOUT_TIMEOUT_SECONDS="60",
         )
@@ -569,7 +586,7 @@ async def prometheus(stack: Env, tmp_path_factory: pytest.TempPathFactory) -> As
             assert any(name == "earn_simple_earn_interest_paid_total" and value > 0 for (name, _), value in paid.items()), "no interest paid yet"
             for proc, metric in ((launchpool, "earn_launchpool_rewards_paid_total"), (candydrop, "earn_candydrop_prizes_paid_total"),
                                  (dual, "earn_dual_paid_total"), (leverage, "earn_leverage_positions_settled_total"),
-                                 (loan, "earn_loan_actions_total")):
+                                 (loan, "earn_loan_actions_total"), (hodler, "earn_hodler_rewards_paid_total")):
                 samples = scraped(proc)
                 assert sum(v for (name, _), v in samples.items() if name == metric) > 0, f"{proc.name}: no {metric} yet; see {proc.logfile}"
 
