@@ -5,7 +5,8 @@ the end-to-end tests with EARN_CHAOS_SEED=<seed>: Simple Earn and Launchpool (th
 engine, the scheduler and Launchpool SIGKILLed at seeded random moments and restarted, the
 wallet and payouts compared with a calm run and the Fraction reference), Dual and Smart
 Leverage settlement (the service and the CLI killed; one payout per subscription), Crypto
-Loan (the engine killed during a crash; each loan liquidated once) and CandyDrop, through
+Loan (the engine killed during a crash; each loan liquidated once), CandyDrop and HODLer
+Airdrop (the service killed while it consumes and while it pays), through
 pytest and the suite's fixtures. A failing seed is printed with its replay command; the
 exit code is 1 if any seed failed.
 
@@ -29,6 +30,7 @@ SCENARIOS = {
     "leverage": "tests/integration/test_leverage_e2e.py::test_settlement_killed_and_rerun_pays_exactly_once",
     "loan": "tests/integration/test_loan_e2e.py::test_engine_killed_during_a_crash_liquidates_each_loan_once",
     "candydrop": "tests/integration/test_candydrop_e2e.py::test_candydrop_end_to_end_and_with_kills",
+    "hodler": "tests/integration/test_hodler_e2e.py::test_hodler_end_to_end_and_with_kills",
 }
 
 
