@@ -87,6 +87,10 @@ class Watched:
     keys: tuple[int | None, int | None, int | None] = (None, None, None)
     coef: Fraction = Fraction(0)  # amount x discount of the priced collateral
     others: Fraction = Fraction(0)  # value of the unpriced (valuation-asset) collateral
+    # Simple loans: the price keys of the LTV bands (liquidation, near liquidation, margin
+    # call: at or below; above initial: strictly below), derived when first counted after
+    # a change of the debt or collateral (None: not derived yet).
+    band_keys: tuple[int | None, int | None, int | None, int | None] | None = None
 
     def priced_assets(self) -> set[str]:
         assets = {c.asset for c in self.money.collateral if c.amount > 0}
@@ -110,6 +114,7 @@ def prepare(w: Watched) -> None:
     assets = w.priced_assets()
     priced = [c for c in m.collateral if c.asset != domain.VALUATION_ASSET and c.amount > 0]
     w.simple = None
+    w.band_keys = None
     if len(assets) != 1 or m.loan_asset != domain.VALUATION_ASSET or len(priced) != 1:
         return
     c = priced[0]
@@ -328,11 +333,72 @@ class LtvMonitor:
                 actions += self._rejudge(w)
         return actions
 
+    def bands(self) -> dict[str, int]:
+        """Open loans per LTV band at the current prices (band_of, exactly)."""
+        counts = dict.fromkeys(BANDS, 0)
+        self.count_bands(list(self.loans.values()), counts)
+        return counts
+
+    def count_bands(self, loans: Iterable[Watched], counts: dict[str, int]) -> None:
+        """Add ``loans`` to ``counts`` by LTV band: a one-price loan by integer comparisons
+        of the price key with its band keys (derived once per debt or collateral change),
+        the others by their LTV. A loan no longer watched is left out."""
+        for w in loans:
+            if self.loans.get(w.loan_id) is not w:
+                continue
+            asset = w.simple
+            if asset is None:
+                value = self.ltv(w.loan_id)
+                if value is not None:
+                    counts[band_of(value, w.levels)] += 1
+                continue
+            p = self.price_keys.get(asset)
+            if p is None:
+                continue
+            keys = w.band_keys
+            if keys is None:
+                keys = w.band_keys = _band_keys(w)
+            liq, near, mc, initial = keys
+            if liq is not None and p <= liq:
+                counts["liquidation"] += 1
+            elif near is not None and p <= near:
+                counts["near_liquidation"] += 1
+            elif mc is not None and p <= mc:
+                counts["margin_call"] += 1
+            elif initial is not None and p < initial:
+                counts["above_initial"] += 1
+            else:
+                counts["healthy"] += 1
+
     def ltv(self, loan_id: str) -> Fraction | None:
         w = self.loans.get(loan_id)
         if w is None or any(a not in self.prices for a in w.priced_assets()):
             return None
         return domain.ltv(w.money, self.prices)
+
+
+BANDS = ("healthy", "above_initial", "margin_call", "near_liquidation", "liquidation")
+
+
+def _band_keys(w: Watched) -> tuple[int | None, int | None, int | None, int | None]:
+    """A one-price loan's LTV is at or over a level exactly when the price is at or below
+    the level's trigger T (the LTV falls as the price rises): price key <= floor(T x 10^18).
+    Over the initial level (strictly): price < T, key < ceil(T x 10^18)."""
+    m = w.money
+    debt_value = Fraction(m.debt, 10**m.scale)
+    lv = w.levels
+
+    def trigger(level: Fraction) -> Fraction | None:  # domain.trigger_price with coef = amount x discount
+        p = (debt_value / level - w.others) / w.coef
+        return p if p > 0 else None
+
+    initial = trigger(lv.initial)
+    ceil_initial = None
+    if initial is not None:
+        scaled = initial * _KEY
+        ceil_initial = -((-scaled.numerator) // scaled.denominator)
+    mc, liq, _ = w.keys  # the margin-call and liquidation keys are the monitor's own triggers
+    return liq, _key(trigger((lv.margin_call + lv.liquidation) / 2)), mc, ceil_initial
 
 
 def band_of(value: Fraction, levels: Levels) -> str:
@@ -350,4 +416,4 @@ def band_of(value: Fraction, levels: Levels) -> str:
     return "healthy"
 
 
-__all__ = ["Action", "Collateral", "Kind", "LtvMonitor", "band_of", "price_key"]
+__all__ = ["BANDS", "Action", "Collateral", "Kind", "LtvMonitor", "band_of", "price_key"]

@@ -16,11 +16,15 @@ Two faust agents, installed by the engine's ``main`` next to the Launchpool one:
   replaces the loan), ``HourClosed`` (hour ``hour`` started: charge it into every open
   loan's debt) and the copied ``PriceTick`` s. The pure ``LtvMonitor``
   (``services.accrual.loan``) says which loans cross; their ``LoanLtvAction`` s go to
-  ``loan.actions`` (key = loan id), then the loans' new arming is written to the table.
+  ``loan.actions`` as ``LoanActions`` batches (one message per input message and
+  partition, at most ``BATCH_MAX`` actions each, to the same partition of loan.actions),
+  then the loans' new arming is written to the table.
 
-State: table ``loan_state`` (``l:<partition>:<loan_id>`` -> the loan's money, levels,
-arming, sequence; ``m:<partition>`` -> the partition's prices and hour), changelog kept
-forever and created before the worker starts. The monitor of a partition is rebuilt
+State: table ``loan_state`` (``l:<partition>:<loan_id>`` -> the loan's money and levels,
+written when they change: a loan state, an hour; ``a:<partition>:<loan_id>`` -> its
+arming, "<armed><liquidation sent>:<sequence>", written when an action changes it, which
+is all a tick changes; ``m:<partition>`` -> the partition's prices and hour), changelog
+kept forever and created before the worker starts. The monitor of a partition is rebuilt
 from the table when the partition is first seen after a (re)start or rebalance.
 
 At-least-once: a crash after an action was sent and before the table write re-sends it
@@ -30,6 +34,7 @@ and executes a liquidation once per loan, at the version judged.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import time
@@ -40,11 +45,12 @@ from fractions import Fraction
 from typing import Any
 
 import faust
+from google.protobuf.timestamp_pb2 import Timestamp
 from prometheus_client import Counter, Gauge, Histogram
 
 from earn.v1 import accrual_pb2, loan_pb2, market_pb2
 from services.accrual.delivery import InputGuard, InputReader, parse_drops
-from services.accrual.loan import Action, Kind, LtvMonitor, band_of
+from services.accrual.loan import BANDS as BAND_NAMES, Action, Kind, LtvMonitor
 from services.kernel import events, money
 from services.kernel.config import Settings
 from services.kernel.topics import CATALOGUE, TopicSpec, topic_name
@@ -59,7 +65,9 @@ OUTPUT = "loan.actions"
 PRODUCER = "accrual"
 TABLE = "loan_state"
 PRICE_TABLE = "loan_price_offsets"  # loan_prices' next input offset per market.prices partition
-BANDS_EVERY = 10.0  # seconds between two recounts of a partition's LTV bands (a recount judges every loan)
+BATCH_MAX = 1000  # actions per LoanActions message (well under the producer's 1 MB request)
+BANDS_EVERY = 10.0  # seconds between two recounts of the LTV bands (a timer: integer comparisons per loan)
+BANDS_CHUNK = 5000  # loans counted between two yields to the agents
 CHANGELOG_CONFIGS = {"cleanup.policy": "compact", "retention.ms": "-1", "min.compaction.lag.ms": str(24 * 3600 * 1000)}
 
 EVENTS = Counter("earn_accrual_loan_events_total", "Loan input events processed, by type", ["type"])
@@ -111,20 +119,32 @@ def _dump(w: Any) -> str:
         "sh": m.start_hour, "ct": m.charged_through, "x": str(m.exact_interest - m.charged_units),
         "c": [[c.asset, c.scale, c.amount, str(c.discount)] for c in m.collateral],
         "l": [str(x) for x in (w.levels.initial, w.levels.margin_call, w.levels.liquidation, w.levels.fee, w.levels.rearm_band)],
-        "armed": w.armed, "liq": w.liquidation_sent, "seq": w.seq,
     }, separators=(",", ":"))
 
 
-def _load(monitor: LtvMonitor, loan_id: str, raw: str) -> None:
+DEFAULT_ARMING = "10:0"
+
+
+def _dump_arming(w: Any) -> str:
+    return f"{int(w.armed)}{int(w.liquidation_sent)}:{w.seq}"
+
+
+def _load(monitor: LtvMonitor, loan_id: str, raw: str, arming: str | None) -> None:
     d = json.loads(raw)
     m = Loan(d["a"], d["s"], d["p"], d["i"], Fraction(d["r"]), d["sh"], d["ct"], exact_interest=Fraction(d["x"]), charged_units=0,
              collateral=[Collateral(a, s, n, Fraction(x)) for a, s, n, x in d["c"]])
-    monitor.restore(loan_id, d["u"], d["v"], m, Levels(*(Fraction(x) for x in d["l"])), d["armed"], d["liq"], d["seq"])
+    if arming is not None:
+        flags, _, seq = arming.partition(":")
+        armed, liq, n = flags[0] == "1", flags[1] == "1", int(seq)
+    else:  # the default (armed, nothing sent), or written before the arming had its own key
+        armed, liq, n = d.get("armed", True), d.get("liq", False), d.get("seq", 0)
+    monitor.restore(loan_id, d["u"], d["v"], m, Levels(*(Fraction(x) for x in d["l"])), armed, liq, n)
 
 
 class LoanEngine:
     def __init__(self, app: faust.App | None, output: Any, partitions: int) -> None:
         self.app, self.output, self.partitions = app, output, partitions
+        self.output_partitions = CATALOGUE[OUTPUT].partitions
         if app is not None:
             self.table: Any = app.Table(TABLE, default=None, partitions=partitions, help="per partition: open loans and prices",
                                         schema=faust.Schema(key_type=str, value_type=str, key_serializer="raw", value_serializer="raw"),
@@ -134,7 +154,7 @@ class LoanEngine:
         else:
             self.table = {}
         self.monitors: dict[int, LtvMonitor] = {}
-        self._bands_at: dict[int, float] = {}
+        self._banded: set[int] = set()  # partitions whose band gauges this worker set
 
     async def _forget(self, *args: Any, **kwargs: Any) -> None:
         self.monitors.clear()
@@ -157,44 +177,95 @@ class LoanEngine:
                 if key.startswith(prefix):
                     raw = self.table.get(key)
                     if raw is not None:
-                        _load(found, key[len(prefix):], raw if isinstance(raw, str) else raw.decode())
+                        loan_id = key[len(prefix):]
+                        arming = self.table.get(f"a:{partition}:{loan_id}")
+                        _load(found, loan_id, raw if isinstance(raw, str) else raw.decode(),
+                              None if arming is None else arming if isinstance(arming, str) else arming.decode())
         return found
 
     def _save_meta(self, partition: int, monitor: LtvMonitor) -> None:
         self.table[f"m:{partition}"] = json.dumps({"h": monitor.hour, "p": {a: [str(p), monitor.price_times[a]] for a, p in monitor.prices.items()}})
 
-    def _save(self, partition: int, monitor: LtvMonitor, loan_ids: set[str]) -> None:
+    def _save(self, partition: int, monitor: LtvMonitor, loan_ids: set[str], arming_of: set[str] | None = None) -> None:
+        """Money and levels of each loan (a loan state, an hour), and the arming of those
+        in ``arming_of`` (None: all of them)."""
         for loan_id in sorted(loan_ids):
             w = monitor.loans.get(loan_id)
-            key = f"l:{partition}:{loan_id}"
+            key, arming = f"l:{partition}:{loan_id}", f"a:{partition}:{loan_id}"
             if w is None:
-                if self.table.get(key) is not None:
-                    del self.table[key]
+                for k in (key, arming):
+                    if self.table.get(k) is not None:
+                        del self.table[k]
             else:
                 self.table[key] = _dump(w)
+                if arming_of is None or loan_id in arming_of:
+                    text = _dump_arming(w)
+                    if text != DEFAULT_ARMING or self.table.get(arming) is not None:  # absent: armed, nothing sent, sequence 0
+                        self.table[arming] = text
 
-    async def _send(self, actions: list[Action], price_time: datetime | None) -> None:
+    def _save_arming(self, partition: int, monitor: LtvMonitor, loan_ids: set[str]) -> None:
+        """Only the arming of each loan (a tick changes nothing else)."""
+        for loan_id in sorted(loan_ids):
+            w = monitor.loans.get(loan_id)
+            if w is not None:
+                self.table[f"a:{partition}:{loan_id}"] = _dump_arming(w)
+
+    async def _send(self, partition: int, offset: int, actions: list[Action], price_time: datetime | None) -> None:
+        """The actions as LoanActions batches to the same partition of loan.actions; the
+        batch ids derive from the input message (a replay sends the same batches)."""
+        if not actions:
+            return
+        stamp = None
+        if price_time is not None:
+            stamp = Timestamp()
+            stamp.FromDatetime(price_time)
+        texts: dict[tuple[str, Fraction], str] = {}
+        out_partition = partition % self.output_partitions
+        now = datetime.now(UTC)
+        for chunk, start in enumerate(range(0, len(actions), BATCH_MAX)):
+            batch = loan_pb2.LoanActions()
+            for a in actions[start:start + BATCH_MAX]:
+                prices = {}
+                for asset, p in a.prices:
+                    text = texts.get((asset, p))
+                    if text is None:
+                        text = texts[(asset, p)] = str(Decimal(p.numerator) / Decimal(p.denominator))
+                    prices[asset] = text
+                msg = batch.actions.add(
+                    loan_id=a.loan_id, user_id=a.user_id, version=a.version, kind=_KIND[a.kind], ltv=f"{a.ltv.numerator}/{a.ltv.denominator}",
+                    prices=prices, debt_units=str(a.debt), charged_through=a.charged_through, seq=a.seq,
+                )
+                if stamp is not None:
+                    msg.price_time.CopyFrom(stamp)
+            key = f"ltv-{partition}"
+            event_id = uuid.uuid5(uuid.NAMESPACE_URL, f"earn-accrual-loan-actions:{partition}:{offset}:{chunk}")
+            env = events.wrap(batch, key=key, producer=PRODUCER, occurred_at=now, event_id=event_id)
+            await self.output.send(key=key.encode(), value=env.SerializeToString(deterministic=True), partition=out_partition)
         for a in actions:
-            msg = loan_pb2.LoanLtvAction(
-                loan_id=a.loan_id, user_id=a.user_id, version=a.version, kind=_KIND[a.kind], ltv=f"{a.ltv.numerator}/{a.ltv.denominator}",
-                prices={asset: str(Decimal(p.numerator) / Decimal(p.denominator)) for asset, p in a.prices}, debt_units=str(a.debt),
-                charged_through=a.charged_through, seq=a.seq,
-            )
-            if price_time is not None:
-                msg.price_time.FromDatetime(price_time)
-            event_id = uuid.uuid5(uuid.NAMESPACE_URL, f"earn-accrual-loan:{a.loan_id}:{a.kind.value}:{a.version}:{a.seq}")
-            env = events.wrap(msg, key=a.loan_id, producer=PRODUCER, occurred_at=datetime.now(UTC), event_id=event_id)
-            await self.output.send(key=a.loan_id.encode(), value=env.SerializeToString(deterministic=True))
             ACTIONS.labels(a.kind.value).inc()
 
-    def _bands(self, partition: int, monitor: LtvMonitor) -> None:
-        counts = {"healthy": 0, "above_initial": 0, "margin_call": 0, "near_liquidation": 0, "liquidation": 0}
-        for loan_id, w in monitor.loans.items():
-            value = monitor.ltv(loan_id)
-            if value is not None:
-                counts[band_of(value, w.levels)] += 1
-        for band, n in counts.items():
-            BANDS.labels(band, str(partition)).set(n)
+    async def recount_bands(self) -> None:
+        """The LTV band gauges of every partition this worker holds (a timer, every
+        BANDS_EVERY seconds; off the input's path: it yields to the agents every
+        BANDS_CHUNK loans); the gauges of partitions it no longer holds are removed."""
+        for partition, monitor in list(self.monitors.items()):
+            counts = dict.fromkeys(BAND_NAMES, 0)
+            loans = list(monitor.loans.values())
+            for start in range(0, len(loans), BANDS_CHUNK):
+                monitor.count_bands(loans[start:start + BANDS_CHUNK], counts)
+                await asyncio.sleep(0)
+            if self.monitors.get(partition) is not monitor:
+                continue  # revoked meanwhile
+            for band, n in counts.items():
+                BANDS.labels(band, str(partition)).set(n)
+            self._banded.add(partition)
+        for partition in self._banded - set(self.monitors):
+            for band in BAND_NAMES:
+                try:
+                    BANDS.remove(band, str(partition))
+                except KeyError:
+                    pass
+            self._banded.discard(partition)
 
     async def apply(self, partition: int, offset: int, value: bytes) -> None:
         try:
@@ -237,15 +308,17 @@ class LoanEngine:
             price_time = msg.event_time.ToDatetime(tzinfo=UTC)
             actions = monitor.price(base, price, msg.event_time.seconds * 1_000_000 + msg.event_time.nanos // 1000)
             touched = {a.loan_id for a in actions}
-        await self._send(actions, price_time)
+        await self._send(partition, offset, actions, price_time)
         if price_time is not None and actions:
             TICK_TO_ACTION.observe(max(0.0, time.time() - price_time.timestamp()))
-        self._save(partition, monitor, touched)
+        if price_time is not None:
+            self._save_arming(partition, monitor, touched)
+        elif isinstance(msg, accrual_pb2.HourClosed):
+            self._save(partition, monitor, touched, {a.loan_id for a in actions})  # every debt grew; few armings changed
+        else:
+            self._save(partition, monitor, touched)
         if not isinstance(msg, loan_pb2.LoanStateChanged):
             self._save_meta(partition, monitor)
-        if (isinstance(msg, accrual_pb2.HourClosed) or actions) and time.monotonic() - self._bands_at.get(partition, 0.0) >= BANDS_EVERY:
-            self._bands_at[partition] = time.monotonic()  # O(loans of the partition): at most every BANDS_EVERY seconds
-            self._bands(partition, monitor)
 
 
 def install(app: faust.App, settings: Settings) -> LoanEngine:
@@ -295,6 +368,10 @@ def install(app: faust.App, settings: Settings) -> LoanEngine:
         async for event in stream.events():
             await forwarder.deliver(event.message.partition, event.message.offset, event.value)
 
+    async def loan_bands() -> None:
+        await engine.recount_bands()
+
+    app.timer(interval=BANDS_EVERY, name="loan_bands")(loan_bands)
     app.agent(source, name="loan", concurrency=1)(loan)
     app.agent(prices, name="loan_prices", concurrency=1)(loan_prices)
     return engine

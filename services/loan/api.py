@@ -791,31 +791,52 @@ class LoanApi(loan_pb2_grpc.LoanServiceServicer):
     # ---- the engine's actions --------------------------------------------------------------
 
     async def apply_action(self, raw: bytes) -> str:
-        """One LoanLtvAction from the engine: record a margin call or a re-arm once (the loan,
-        kind and version); execute a liquidation once per loan, at the version judged."""
+        """One record of loan.actions: a LoanActions batch (what the engine sends) or a
+        single LoanLtvAction (older records). Each action is applied idempotently: a margin
+        call or a re-arm recorded once (the loan, kind, version and sequence; a batch's in
+        one transaction); a liquidation executed once per loan, at the version judged."""
         from services.kernel import events
 
         env = events.parse(raw)
-        action = events.unwrap(env, ln.LoanLtvAction)
-        kind = _ACTION_KINDS.get(action.kind)
-        if kind is None:
-            raise ValueError(f"unknown action kind {action.kind}")
+        if env.type == ln.LoanActions.DESCRIPTOR.full_name:
+            batch = list(events.unwrap(env, ln.LoanActions).actions)
+        else:
+            batch = [events.unwrap(env, ln.LoanLtvAction)]
+        kinds = []
+        for action in batch:
+            kind = _ACTION_KINDS.get(action.kind)
+            if kind is None:
+                raise ValueError(f"unknown action kind {action.kind}")
+            kinds.append(kind)
+        now_us = self._now_us()
+        rows = []
+        for action, kind in zip(batch, kinds):
+            if kind != "liquidation":
+                ltv = Fraction(action.ltv)
+                rows.append({"loan_id": action.loan_id, "kind": kind, "version": action.version, "seq": action.seq,
+                             "ltv": str(ltv.numerator / Decimal(ltv.denominator)), "at_us": now_us,
+                             "price_us": micros(action.price_time.ToDatetime(tzinfo=UTC)) if action.HasField("price_time") else None})
+        outcome = "duplicate"
+        if rows:
+            async with self.pool.acquire() as conn, conn.transaction():
+                new = await store.add_events(conn, rows)
+            done_us = micros(datetime.now(UTC))
+            for r in new:
+                metrics.ACTIONS.labels(r["kind"]).inc()
+                if r["price_us"] is not None:
+                    metrics.LATENCY.labels(r["kind"]).observe(max(0.0, (done_us - r["price_us"]) / 1e6))
+            if new:
+                outcome = new[-1]["kind"]
+        for action, kind in zip(batch, kinds):
+            if kind == "liquidation":
+                outcome = await self._liquidate(action)
+        return outcome
+
+    async def _liquidate(self, action: ln.LoanLtvAction) -> str:
+        """A liquidation trigger: executed once per loan, only at the version judged."""
         price_us = micros(action.price_time.ToDatetime(tzinfo=UTC)) if action.HasField("price_time") else None
         ltv = Fraction(action.ltv)
         now_us = self._now_us()
-        if kind != "liquidation":
-            async with self.pool.acquire() as conn, conn.transaction():
-                if await store.loan(conn, action.loan_id) is None:
-                    return "unknown_loan"
-                new = await store.add_event(conn, action.loan_id, {
-                    "kind": kind, "version": action.version, "seq": action.seq, "ltv": str(ltv.numerator / Decimal(ltv.denominator)), "at_us": now_us,
-                    "price_us": price_us, "detail": None,
-                })
-            if new:
-                metrics.ACTIONS.labels(kind).inc()
-                if price_us is not None:
-                    metrics.LATENCY.labels(kind).observe(max(0.0, (micros(datetime.now(UTC)) - price_us) / 1e6))
-            return kind if new else "duplicate"
         async with self._locked(action.loan_id) as conn:
             op_key = f"loan:liquidate:{action.loan_id}"
             op = await store.op(conn, op_key)

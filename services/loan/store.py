@@ -144,6 +144,23 @@ async def add_event(conn: asyncpg.Connection, loan_id: str, e: dict[str, Any]) -
     ))
 
 
+async def add_events(conn: asyncpg.Connection, rows: list[dict[str, Any]]) -> list[asyncpg.Record]:
+    """Many events without details at once (an engine batch's margin calls and re-arms),
+    each once per (loan, kind, version, seq), for loans that exist; returns those new."""
+    if not rows:
+        return []
+    return await conn.fetch(
+        "INSERT INTO loan_events (loan_id, kind, version, seq, ltv, at_us, price_us)"
+        " SELECT e.loan_id, e.kind, e.version, e.seq, e.ltv, e.at_us, e.price_us"
+        " FROM unnest($1::text[], $2::text[], $3::bigint[], $4::bigint[], $5::numeric[], $6::bigint[], $7::bigint[])"
+        "   AS e (loan_id, kind, version, seq, ltv, at_us, price_us)"
+        " WHERE EXISTS (SELECT 1 FROM loans l WHERE l.loan_id = e.loan_id)"
+        " ON CONFLICT DO NOTHING RETURNING kind, price_us",
+        [r["loan_id"] for r in rows], [r["kind"] for r in rows], [r["version"] for r in rows], [r["seq"] for r in rows],
+        [Decimal(r["ltv"]) for r in rows], [r["at_us"] for r in rows], [r["price_us"] for r in rows],
+    )
+
+
 async def events(conn: Conn, loan_id: str, kind: str) -> list[asyncpg.Record]:
     return await conn.fetch("SELECT * FROM loan_events WHERE loan_id = $1 AND ($2 = '' OR kind = $2) ORDER BY id", loan_id, kind)
 

@@ -10,7 +10,7 @@ from fractions import Fraction
 
 from hypothesis import given, settings, strategies as st
 
-from services.accrual.loan import Kind, LtvMonitor
+from services.accrual.loan import BANDS, Kind, LtvMonitor, band_of
 from services.loan import domain
 from services.loan.domain import Collateral, Levels, Loan
 
@@ -77,6 +77,12 @@ def test_monitor_matches_brute_force(loans: list, ticks: list) -> None:
         prices[asset] = price
         got = sorted((a.kind.value, a.loan_id) for a in monitor.price(asset, price, t))
         assert got == sorted(ref.judge(prices))
+        # the LTV bands (by keys for one-price loans) against the exact LTV of every loan
+        expected = dict.fromkeys(BANDS, 0)
+        for loan_id, w in monitor.loans.items():
+            if all(a in prices for a in w.priced_assets()):
+                expected[band_of(domain.ltv(ref.loans[loan_id], prices), LEVELS)] += 1
+        assert monitor.bands() == expected
 
 
 def test_one_margin_call_per_crossing_and_a_tick_touches_only_crossing_loans() -> None:
@@ -114,3 +120,17 @@ def test_interest_charged_each_hour_can_cross() -> None:
     acts = monitor.hour_started(100)  # 79.99 USDT of interest: 80,069.99 / 100,000
     assert [a.kind for a in acts] == [Kind.MARGIN_CALL]
     assert acts[0].debt == 79_990 * 10**6 + 79_990_000
+
+
+def test_bands_at_their_exact_boundaries() -> None:
+    """42,840 USDT on 1 BTC counted 100%: 70% at 61,200, 80% at 53,550, 85% (near
+    liquidation) at 50,400, 90% at 47,600; a level reached belongs to the band above it,
+    except the initial level (at 70% a loan is healthy)."""
+    monitor = LtvMonitor()
+    monitor.upsert("L1", "u", 1, loan_money(42_840 * 10**6, [Collateral("BTC", 8, 10**8, Fraction(1))]), LEVELS)
+    for t, (price, band) in enumerate([("61200", "healthy"), ("61199.99", "above_initial"), ("53550.01", "above_initial"),
+                                       ("53550", "margin_call"), ("50400.01", "margin_call"), ("50400", "near_liquidation"),
+                                       ("47600.01", "near_liquidation"), ("47600", "liquidation")]):
+        monitor.price("BTC", Fraction(price), t)
+        assert monitor.bands() == {**dict.fromkeys(BANDS, 0), band: 1}, price
+        assert band_of(monitor.ltv("L1") or Fraction(0), LEVELS) == band
