@@ -276,14 +276,20 @@ class GrpcApp:
         await self.start()
         tasks = [asyncio.create_task(job(), name=f"{self.name}-bg-{i}") for i, job in enumerate(self._background)]
         stop_wait = asyncio.create_task(self._stop.wait())
+        failed = False
         try:
             # A background task that dies is a broken process: stop rather than limp on.
             done, _ = await asyncio.wait([stop_wait, *tasks], return_when=asyncio.FIRST_COMPLETED)
             for task in done:
                 if task is not stop_wait and task.exception() is not None:
+                    failed = True
                     log.error("background task failed", exc_info=task.exception())
         finally:
             await self.shutdown(tasks)
+        if failed:
+            # Exit non-zero (70, EX_SOFTWARE) so a supervisor restarting on failure brings
+            # the process back (exit 0 after losing the database looked like a clean stop).
+            raise SystemExit(70)
 
     async def shutdown(self, tasks: list[asyncio.Task[None]] | None = None) -> None:
         """Health NOT_SERVING, drain calls, cancel background tasks, then the hooks.
