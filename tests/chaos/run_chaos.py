@@ -10,9 +10,12 @@ Airdrop (the service killed while it consumes and while it pays), through
 pytest and the suite's fixtures. A failing seed is printed with its replay command; the
 exit code is 1 if any seed failed.
 
-Not yet covered: its own PostgreSQL and Kafka on free ports,
-SIGKILL of the broker, the database, the wallet and the relay, and the invariant checks
-over a mixed workload across all products in one world.
+The `mixed` scenario (tests/integration/test_chaos_infra.py) starts its own PostgreSQL and
+Kafka on free ports and, during a seeded mixed workload (deposits, Simple Earn, Launchpool,
+ticks and payouts), SIGKILLs each of the wallet, its relay, Simple Earn, Launchpool, the
+engine, the scheduler CLI, the broker and the postmaster; then the ledger sums to zero per
+asset, no user account is negative, every outbox is empty and the wallet and payout records
+equal the calm run's.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ SCENARIOS = {
     "leverage": "tests/integration/test_leverage_e2e.py::test_settlement_killed_and_rerun_pays_exactly_once",
     "loan": "tests/integration/test_loan_e2e.py::test_engine_killed_during_a_crash_liquidates_each_loan_once",
     "candydrop": "tests/integration/test_candydrop_e2e.py::test_candydrop_end_to_end_and_with_kills",
+    "mixed": "tests/integration/test_chaos_infra.py::test_mixed_chaos_kills_services_broker_and_database_and_loses_nothing",
     "hodler": "tests/integration/test_hodler_e2e.py::test_hodler_end_to_end_and_with_kills",
 }
 

@@ -27,3 +27,13 @@ def test_n_seeds_run_and_pass(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_unknown_products_are_refused() -> None:
     with pytest.raises(SystemExit):
         run_chaos.main(["--products", "simple_earn,nope"])
+
+
+def test_every_scenario_names_an_existing_test_including_mixed() -> None:
+    from pathlib import Path
+
+    assert "mixed" in run_chaos.SCENARIOS
+    root = Path(__file__).resolve().parents[2]
+    for name, node in run_chaos.SCENARIOS.items():
+        path, function = node.split("::")
+        assert f"def {function}(" in (root / path).read_text(), name
