@@ -25,6 +25,7 @@ from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+import asyncpg
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
@@ -105,6 +106,24 @@ def scoped_user(user_id: str) -> str:
     return ""
 
 
+# The database went away (restart, crash, network): the request may be retried as it is.
+_DATABASE_GONE: tuple[type[BaseException], ...] = (
+    ConnectionError,  # refused or reset while the pool (re)connects
+    asyncpg.PostgresConnectionError,  # SQLSTATE class 08
+    asyncpg.exceptions.ConnectionDoesNotExistError,  # the connection was lost mid-query
+    asyncpg.exceptions.AdminShutdownError,
+    asyncpg.exceptions.CrashShutdownError,
+    asyncpg.exceptions.CannotConnectNowError,  # the server is starting or in recovery
+)
+
+
+def database_unavailable(err: BaseException) -> bool:
+    """True for a lost or refused database connection: the RPC answers UNAVAILABLE (retry
+    with the same key) instead of INTERNAL, so a client does not take a PostgreSQL restart
+    for a definitive failure. Writes are transactional and keyed, so a retry is safe."""
+    return isinstance(err, _DATABASE_GONE)
+
+
 def _split(method: str) -> tuple[str, str]:
     service, _, name = method.lstrip("/").partition("/")
     return service, name
@@ -152,6 +171,10 @@ class _Interceptor(grpc.aio.ServerInterceptor):
                 if isinstance(err, grpc.aio.AbortError):
                     code = context.code() or grpc.StatusCode.UNKNOWN
                     raise
+                if database_unavailable(err):
+                    code = grpc.StatusCode.UNAVAILABLE
+                    log.warning("database unavailable", extra={"method": full, "error": repr(err)})
+                    await context.abort(code, "the database is unavailable; retry with the same idempotency key")
                 code = grpc.StatusCode.INTERNAL
                 log.exception("unhandled error", extra={"method": full})
                 await context.abort(code, "internal error")
