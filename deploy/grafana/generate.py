@@ -422,7 +422,9 @@ def hodler() -> Dashboard:
                   ["earn", "hodler"])
     d.row("Wallet events")
     d.timeseries("Postings by outcome", "applied, duplicate (redelivered), ignored (no counted holding changed), dead_letter.",
-                 [(f"sum by (outcome) (rate(earn_hodler_events_total[{R}]))", "{{outcome}}")], "ops", width=24, stack=True)
+                 [(f"sum by (outcome) (rate(earn_hodler_events_total[{R}]))", "{{outcome}}")], "ops", width=16, stack=True)
+    d.timeseries("Late postings per hour", "Postings stamped inside an airdrop's window that arrived after its distribution began: not counted (alert EarnHodlerLatePostings).",
+                 [("sum(increase(earn_hodler_late_changes_total[1h]))", "late")], width=8)
     d.row("Airdrops")
     d.timeseries("Airdrops by status", "upcoming, active, ended (not paid yet), distributed.",
                  [("max by (status) (earn_hodler_airdrops)", "{{status}}")], width=8)

@@ -117,7 +117,7 @@ def _stamp(message: Any, field: str, value: Any) -> None:
 class HodlerApi(hodler_pb2_grpc.HodlerServiceServicer):
     def __init__(
         self, pool: asyncpg.Pool, settings: Settings, wallet: WalletClient, end_offsets: EndOffsets, *, credit_chunk: int = 5000,
-        crash_after_chunks: int = 0,
+        crash_after_chunks: int = 0, settle_seconds: float = 600.0,
     ) -> None:
         self.pool = pool
         self.settings = settings
@@ -128,6 +128,7 @@ class HodlerApi(hodler_pb2_grpc.HodlerServiceServicer):
         # before they are recorded (the worst moment for a crash). 0: never.
         self.crash_after_chunks = crash_after_chunks
         self._chunks_paid = 0
+        self.settle_us = int(settle_seconds * 1_000_000)
 
     def now_us(self) -> int:
         return domain.micros(self.settings.clock.now())
@@ -247,7 +248,7 @@ class HodlerApi(hodler_pb2_grpc.HodlerServiceServicer):
             raise InvalidArgument("boundary_hour", "must be a positive unix hour")
         if request.boundary_hour > unix_hour(self.settings.clock.now()):
             raise FailedPrecondition(f"boundary_hour: {request.boundary_hour} is after the current hour")
-        due = await store.due_airdrops(self.pool, request.boundary_hour)
+        due = await store.due_airdrops(self.pool, request.boundary_hour, self.now_us() - self.settle_us)
         if any(r["distribution"] is None for r in due):
             await self.check_caught_up()
         for r in due:
@@ -357,7 +358,11 @@ class HodlerApi(hodler_pb2_grpc.HodlerServiceServicer):
         async with self.pool.acquire() as conn, conn.transaction():
             if not await inbox.first_time(conn, CONSUMER, parsed.key):
                 return "duplicate"
-            await store.apply_changes(conn, parsed.changes, parsed.t_us)
+            late = await store.apply_changes(conn, parsed.changes, parsed.t_us)
+        if late:
+            metrics.LATE_CHANGES.inc()
+            log.warning("wallet posting stamped inside the window of %d airdrop(s) already being paid: not counted in them", late,
+                        extra={"key": parsed.key, "t_us": parsed.t_us})
         return "applied"
 
     async def advance(self, offsets: dict[int, int]) -> None:

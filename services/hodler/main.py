@@ -40,6 +40,11 @@ class HodlerSettings(ServiceSettings):
     # Tests only (the kill-and-restart test of the distribution): SIGKILL the process after
     # the wallet paid this many reward chunks, before recording them. 0: never.
     crash_after_chunks: int = 0
+    # An airdrop is distributed only this long after its window closed, so that wallet
+    # postings stamped before the end have left the wallet's outbox and reached the topic
+    # (the relay publishes within seconds; this covers a relay restart). With the hourly
+    # job, an airdrop is paid by the first run at least this long after its end.
+    settle_seconds: float = 600.0
     # How often the airdrops-by-status gauge is refreshed.
     gauge_seconds: float = 15.0
 
@@ -116,7 +121,7 @@ async def main() -> None:
     channel = grpcclient.channel(settings.wallet_address)
     ends = TopicEnds(settings)
     api = HodlerApi(pool, settings, WalletClient(channel, settings.wallet_token), ends, credit_chunk=settings.credit_chunk,
-                    crash_after_chunks=settings.crash_after_chunks)
+                    crash_after_chunks=settings.crash_after_chunks, settle_seconds=settings.settle_seconds)
     app = GrpcApp("hodler", settings, ROLES)
     app.add_servicer(hodler_pb2_grpc.add_HodlerServiceServicer_to_server, api, SERVICE_NAME)
     app.background(lambda: consume(settings, api))

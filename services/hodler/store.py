@@ -117,10 +117,11 @@ async def balance(conn: Conn, user_id: str, asset: str) -> Decimal:
 # ---- events -----------------------------------------------------------------------------
 
 
-async def apply_changes(conn: asyncpg.Connection, changes: dict[tuple[str, str], Decimal], t_us: int) -> None:
+async def apply_changes(conn: asyncpg.Connection, changes: dict[tuple[str, str], Decimal], t_us: int) -> int:
     """One posting's changes of counted holdings at time ``t_us``: the balances, then
     the sums of every open airdrop on the asset whose end is after ``t_us``. Set-based:
-    one statement each, rows in key order."""
+    one statement each, rows in key order. Returns how many airdrops the posting falls in
+    but which are already being paid (a late posting: not counted, reported)."""
     keys = sorted(changes)
     users, assets, deltas = [k[0] for k in keys], [k[1] for k in keys], [changes[k] for k in keys]
     await conn.execute(
@@ -128,7 +129,7 @@ async def apply_changes(conn: asyncpg.Connection, changes: dict[tuple[str, str],
         " ON CONFLICT (user_id, asset) DO UPDATE SET amount = b.amount + EXCLUDED.amount",
         users, assets, deltas,
     )
-    await conn.execute(
+    return await conn.fetchval(
         """
         WITH d AS (
             SELECT * FROM unnest($1::text[], $2::text[], $3::numeric[]) AS d(user_id, asset, delta)
@@ -146,10 +147,12 @@ async def apply_changes(conn: asyncpg.Connection, changes: dict[tuple[str, str],
             INSERT INTO holdings AS h (airdrop_id, user_id, pre, d1, m1)
             SELECT airdrop_id, user_id, pre, d1, m1 FROM c ORDER BY airdrop_id, user_id
             ON CONFLICT (airdrop_id, user_id) DO UPDATE SET pre = h.pre + EXCLUDED.pre, d1 = h.d1 + EXCLUDED.d1, m1 = h.m1 + EXCLUDED.m1
+        ), s AS (
+            UPDATE airdrop_sums s SET pre = s.pre + t.pre, d1 = s.d1 + t.d1, m1 = s.m1 + t.m1
+            FROM (SELECT airdrop_id, sum(pre) AS pre, sum(d1) AS d1, sum(m1) AS m1 FROM c GROUP BY airdrop_id) t
+            WHERE s.airdrop_id = t.airdrop_id
         )
-        UPDATE airdrop_sums s SET pre = s.pre + t.pre, d1 = s.d1 + t.d1, m1 = s.m1 + t.m1
-        FROM (SELECT airdrop_id, sum(pre) AS pre, sum(d1) AS d1, sum(m1) AS m1 FROM c GROUP BY airdrop_id) t
-        WHERE s.airdrop_id = t.airdrop_id
+        SELECT count(*) FROM airdrops WHERE hold_asset = ANY($2::text[]) AND end_us > $4::bigint AND distribution IS NOT NULL
         """,
         users, assets, deltas, t_us,
     )
@@ -180,12 +183,14 @@ async def park_dead_letter(conn: Conn, topic: str, partition: int, offset: int, 
 # ---- distribution -----------------------------------------------------------------------
 
 
-async def due_airdrops(conn: Conn, boundary_hour: int) -> list[asyncpg.Record]:
-    """Airdrops not paid yet that end at or before the boundary."""
+async def due_airdrops(conn: Conn, boundary_hour: int, settled_by_us: int) -> list[asyncpg.Record]:
+    """Airdrops not paid yet that end at or before the boundary: those being paid, and
+    those not started whose end is at or before ``settled_by_us`` (now less the settle
+    delay, so that postings stamped before the end have reached the topic)."""
     return list(await conn.fetch(
         "SELECT airdrop_id, distribution FROM airdrops WHERE end_hour <= $1 AND distribution IS DISTINCT FROM 'distributed'"
-        " ORDER BY end_hour, airdrop_id",
-        boundary_hour,
+        " AND (distribution IS NOT NULL OR end_us <= $2) ORDER BY end_hour, airdrop_id",
+        boundary_hour, settled_by_us,
     ))
 
 

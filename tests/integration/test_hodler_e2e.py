@@ -47,7 +47,7 @@ from services.devstack.processes import PROCESSES, ManagedProcess
 from services.kernel import grpcclient
 from services.kernel.clock import set_time
 from services.kernel.config import REPO_ROOT
-from tests.conftest import GATEWAY, OPERATOR, eventually, unique
+from tests.conftest import GATEWAY, OPERATOR, SERVICE, eventually, unique
 
 pytestmark = pytest.mark.integration
 
@@ -351,6 +351,13 @@ async def scenario(w: World, seed: int) -> Outcome:
     w.move(at(2))
     await w.earn.Redeem(se.RedeemRequest(idempotency_key=unique(), user_id=users["mover"], position_id=sub.position.position_id, amount="10"), metadata=GATEWAY)
     assert await balance(w, users["mover"], "GT", HOLD) == 15
+    # "short" has just ended: within the settle delay (10 minutes) no call pays it yet.
+    early = await w.hodler.DistributeAirdrops(
+        hd.DistributeAirdropsRequest(job="by-hand", period="early", boundary_hour=H0 + 2), metadata=SERVICE,
+    )
+    assert list(early.airdrops) == []
+    short = await w.hodler.GetAirdrop(hd.GetAirdropRequest(airdrop_id=ids["short"]), metadata=GATEWAY)
+    assert short.airdrop.status == hd.AIRDROP_STATUS_ENDED
     await noise_burst(at(2, 5), 20)
     await withdraw(at(2, 30), "mover", "5")
     await withdraw(at(2, 31), "whale", "100")
