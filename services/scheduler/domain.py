@@ -40,6 +40,8 @@ class Cadence(str, Enum):
 class Job:
     name: str
     cadence: Cadence
+    # A period is due this long after its boundary (a job that waits for late inputs).
+    delay: timedelta = timedelta(0)
 
 
 @dataclass(frozen=True, slots=True, order=True)
@@ -137,7 +139,8 @@ def due_periods(
     start: datetime,
     limit: int | None = None,
 ) -> list[Period]:
-    """Every period of ``job`` after ``last_done`` whose boundary has passed, in order.
+    """Every period of ``job`` after ``last_done`` whose boundary (plus the job's delay)
+    has passed, in order.
 
     Without history (``last_done`` None) the sequence begins at the period containing
     ``start``. ``limit`` caps the list (a long outage is caught up in slices).
@@ -145,7 +148,7 @@ def due_periods(
     if last_done is not None and last_done.cadence is not job.cadence:
         raise ValueError(f"{job.name} is {job.cadence.value}; last period {last_done.id} is {last_done.cadence.value}")
     period = last_done.next() if last_done is not None else first_period(job.cadence, start)
-    now_hour = unix_hour(now)
+    now_hour = unix_hour(now - job.delay)
     if period.boundary_hour > now_hour:
         return []
     count = (now_hour - period.boundary_hour) // job.cadence.hours + 1
@@ -178,9 +181,10 @@ def check_trigger(job: Job, period: Period, last_done: Period | None, now: datet
         raise TriggerRefused(f"{job.name} is {job.cadence.value}; {period.id} is not one of its periods")
     if last_done is not None and period <= last_done:
         raise TriggerRefused(f"{job.name} {period.id} is already done (succeeded up to {last_done.id}); a run is never repeated")
-    if not period.is_due(now):
+    if not period.is_due(now - job.delay):
+        wait = f" plus the job's delay of {job.delay}" if job.delay else ""
         raise TriggerRefused(
-            f"{job.name} {period.id} is not due: its boundary {period.boundary_time.isoformat()} is after now ({now.isoformat()})"
+            f"{job.name} {period.id} is not due: its boundary {period.boundary_time.isoformat()}{wait} is after now ({now.isoformat()})"
         )
     first = last_done.next() if last_done is not None else first_period(job.cadence, start)
     if period < first:

@@ -28,10 +28,10 @@ Jobs:
 - ``candydrop.distribution`` (hourly; only where ``EARN_CANDYDROP_ADDRESS`` is set):
   CandyDrop's DistributePrizes(boundary): the period whose boundary is a campaign's end
   distributes it (and any ended campaign not paid yet), paying through the wallet.
-- ``hodler.distribution`` (hourly; only where ``EARN_HODLER_ADDRESS`` is set): HODLer
-  Airdrop's DistributeAirdrops(boundary): every airdrop that ended by the boundary and is
-  not paid yet, once HODLer has applied every wallet event (else the run fails and is
-  retried).
+- ``hodler.distribution`` (hourly, each period run 15 minutes after its boundary; only
+  where ``EARN_HODLER_ADDRESS`` is set): HODLer Airdrop's DistributeAirdrops(boundary):
+  every airdrop that ended by the boundary and is not paid yet, once HODLer has applied
+  every wallet event (else the run fails and is retried).
 """
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timedelta
 from decimal import Decimal
 from typing import Any
 
@@ -669,7 +669,10 @@ JOBS: dict[str, JobSpec] = {
             (CD_DISTRIBUTE,),
         ),
         JobSpec(
-            Job("hodler.distribution", Cadence.HOURLY),
+            # 15 minutes after the boundary: HODLer pays an airdrop only once its window
+            # closed EARN_SETTLE_SECONDS (10 minutes) ago, so the run at the boundary
+            # would leave an airdrop ending there to the next hour.
+            Job("hodler.distribution", Cadence.HOURLY, delay=timedelta(minutes=15)),
             "HODLer Airdrop rewards: every airdrop that ended by the period's boundary, split by time-weighted average holding, paid once",
             (HD_DISTRIBUTE,),
         ),

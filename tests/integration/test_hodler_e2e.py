@@ -402,8 +402,8 @@ async def scenario(w: World, seed: int) -> Outcome:
     assert "whale" in expected["main"] and "loaner" in expected["main"]
     before = {u: await balance(w, users[u], "USDT") for u in users}
 
-    # Both airdrops ended: the job distributes them.
-    w.move(at(4, 10))
+    # Both airdrops ended: the job distributes them (its period ending at 4:00 runs from 4:15).
+    w.move(at(4, 20))
     await w.catch_up()
 
     outcome = Outcome()

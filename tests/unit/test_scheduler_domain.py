@@ -153,6 +153,18 @@ def test_a_period_falls_due_exactly_at_its_boundary(job: Job, moment: datetime) 
     assert domain.due_periods(job, period.previous(), boundary, start=boundary) == [period]
 
 
+@given(jobs, moments, st.integers(min_value=1, max_value=59))
+def test_a_delayed_job_falls_due_its_delay_after_the_boundary(job: Job, moment: datetime, minutes: int) -> None:
+    delayed = Job(job.name, job.cadence, delay=timedelta(minutes=minutes))
+    period = domain.period_containing(job.cadence, moment)
+    ready = period.boundary_time + delayed.delay
+    assert domain.due_periods(delayed, period.previous(), ready - timedelta(microseconds=1), start=domain.hour_time(period.start_hour)) == []
+    assert domain.due_periods(delayed, period.previous(), ready, start=domain.hour_time(period.start_hour)) == [period]
+    with pytest.raises(TriggerRefused, match="delay"):
+        domain.check_trigger(delayed, period, period.previous(), ready - timedelta(microseconds=1), start=domain.hour_time(period.start_hour))
+    domain.check_trigger(delayed, period, period.previous(), ready, start=domain.hour_time(period.start_hour))
+
+
 @given(moments)
 def test_the_next_boundary_is_the_next_full_hour(now: datetime) -> None:
     nxt = domain.next_boundary(now)
