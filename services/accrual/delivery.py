@@ -207,6 +207,15 @@ class InputGuard:
         """Read what an idle stream has left undelivered on the assigned partitions."""
         if self.reader is None or time.monotonic() - self.active < stall_seconds:
             return
+        if app.unassigned and not (app.rebalancing or app.in_recovery):
+            # No partition at all since the last rebalance, for longer than a stall: seen
+            # after a broker SIGKILL, when the group rebalanced before the restarted broker
+            # knew the topics ("Ignoring missing topic") and faust never rebalanced again.
+            # Nothing would ever be consumed; exit so the supervisor restarts the worker
+            # (run at most as many workers as the input topics have partitions).
+            log.critical("no input partition assigned after a rebalance: exiting for a restart",
+                         extra={"agent": self.agent, "topic": self.reader.topic})
+            os._exit(70)
         if app.rebalancing or app.in_recovery or app.unassigned:
             return
         mine = sorted(tp.partition for tp in app.consumer.assignment() if tp.topic == self.reader.topic)
