@@ -3,8 +3,9 @@
 The services identify callers by a bearer token in the ``authorization`` metadata (each
 token maps to a role: gateway, operator or service) and refuse calls without one, except
 health and reflection. ``connect`` and ``connect_aio`` open a channel that adds
-``authorization: Bearer <token>`` to every call; ``wallet`` and ``simple_earn`` return
-the generated stubs for a channel::
+``authorization: Bearer <token>`` to every call; ``wallet``, ``simple_earn``,
+``launchpool``, ``candydrop``, ``hodler``, ``market``, ``dual``, ``leverage`` and ``loan``
+return the generated stub of that service for a channel (sync or asyncio)::
 
     from earn.v1 import wallet_pb2
     import earn_client
@@ -29,9 +30,21 @@ from typing import Any
 import grpc
 import grpc.aio
 
-from earn.v1 import simple_earn_pb2_grpc, wallet_pb2_grpc
+from earn.v1 import (
+    candydrop_pb2_grpc,
+    dual_pb2_grpc,
+    hodler_pb2_grpc,
+    launchpool_pb2_grpc,
+    leverage_pb2_grpc,
+    loan_pb2_grpc,
+    market_pb2_grpc,
+    simple_earn_pb2_grpc,
+    wallet_pb2_grpc,
+)
 
-__all__ = ["connect", "connect_aio", "simple_earn", "wallet"]
+__all__ = [
+    "candydrop", "connect", "connect_aio", "dual", "hodler", "launchpool", "leverage", "loan", "market", "simple_earn", "wallet",
+]
 
 _AUTHORIZATION = "authorization"
 
@@ -129,3 +142,38 @@ def wallet(channel: grpc.Channel | grpc.aio.Channel) -> wallet_pb2_grpc.WalletSe
 def simple_earn(channel: grpc.Channel | grpc.aio.Channel) -> simple_earn_pb2_grpc.SimpleEarnServiceStub:
     """The stub of ``earn.v1.SimpleEarnService`` (savings products) on ``channel``."""
     return simple_earn_pb2_grpc.SimpleEarnServiceStub(channel)
+
+
+def launchpool(channel: grpc.Channel | grpc.aio.Channel) -> launchpool_pb2_grpc.LaunchpoolServiceStub:
+    """The stub of ``earn.v1.LaunchpoolService`` (stake to farm a new token) on ``channel``."""
+    return launchpool_pb2_grpc.LaunchpoolServiceStub(channel)
+
+
+def candydrop(channel: grpc.Channel | grpc.aio.Channel) -> candydrop_pb2_grpc.CandyDropServiceStub:
+    """The stub of ``earn.v1.CandyDropService`` (task campaigns with prize pools) on ``channel``."""
+    return candydrop_pb2_grpc.CandyDropServiceStub(channel)
+
+
+def hodler(channel: grpc.Channel | grpc.aio.Channel) -> hodler_pb2_grpc.HodlerServiceStub:
+    """The stub of ``earn.v1.HodlerService`` (airdrops to holders) on ``channel``."""
+    return hodler_pb2_grpc.HodlerServiceStub(channel)
+
+
+def market(channel: grpc.Channel | grpc.aio.Channel) -> market_pb2_grpc.MarketServiceStub:
+    """The stub of ``earn.v1.MarketService`` (index prices, TWAPs) on ``channel``."""
+    return market_pb2_grpc.MarketServiceStub(channel)
+
+
+def dual(channel: grpc.Channel | grpc.aio.Channel) -> dual_pb2_grpc.DualServiceStub:
+    """The stub of ``earn.v1.DualService`` (Dual Investment plans) on ``channel``."""
+    return dual_pb2_grpc.DualServiceStub(channel)
+
+
+def leverage(channel: grpc.Channel | grpc.aio.Channel) -> leverage_pb2_grpc.LeverageServiceStub:
+    """The stub of ``earn.v1.LeverageService`` (Smart Leverage) on ``channel``."""
+    return leverage_pb2_grpc.LeverageServiceStub(channel)
+
+
+def loan(channel: grpc.Channel | grpc.aio.Channel) -> loan_pb2_grpc.LoanServiceStub:
+    """The stub of ``earn.v1.LoanService`` (Crypto Loan) on ``channel``."""
+    return loan_pb2_grpc.LoanServiceStub(channel)
