@@ -63,6 +63,7 @@ ROLES = {
         "GetAirdrop": _QUERY,
         "ListAirdrops": _QUERY,
         "GetUserHolding": _QUERY,
+        "ListHourlyAverages": _QUERY,
         "GetEstimate": _QUERY,
         "ListAirdropRewards": _QUERY,
         "DistributeAirdrops": frozenset({SERVICE}),
@@ -212,6 +213,30 @@ class HodlerApi(hodler_pb2_grpc.HodlerServiceServicer):
             _, unit = await self._per_unit(a)
             estimate = Fraction(0) if unit is None else counted * unit
             response.estimated_reward = format_amount(domain.floor_to_scale(estimate, scale_of(a.reward_asset)))
+        return response
+
+    async def ListHourlyAverages(self, request: hd.ListHourlyAveragesRequest, context: grpc.aio.ServicerContext) -> hd.ListHourlyAveragesResponse:
+        """Each whole hour's average from the window's start to the current hour (projected)
+        or the end: PRE and the user's changes in the window, the three-sum formula per hour."""
+        airdrop_id = domain.check_airdrop_id(request.airdrop_id)
+        user = check_user_id(request.user_id)
+        size = paging.page_size(request.page_size)
+        after = paging.after(request.page_token, "h")
+        a = store.as_airdrop(await store.airdrop(self.pool, airdrop_id))
+        first = max(a.start_hour, after + 1)
+        last = min(a.end_hour, unix_hour(self.settings.clock.now()) + 1)  # exclusive
+        stop = min(last, first + size)
+        response = hd.ListHourlyAveragesResponse()
+        if first >= stop:
+            return response
+        async with self.pool.acquire() as conn, conn.transaction(isolation="repeatable_read", readonly=True):
+            sums = await store.user_sums(conn, airdrop_id, user)
+            before, changes = await store.window_changes(conn, airdrop_id, user, first * domain.HOUR_US, stop * domain.HOUR_US)
+        hours = domain.hourly_averages(sums.pre + Fraction(before), [(t, Fraction(d)) for t, d in changes], first, stop)
+        for hour, avg in hours:
+            response.hours.add(hour=hour, average=domain.display(avg))
+        if stop < last:
+            response.next_page_token = paging.token("h", stop - 1)
         return response
 
     async def GetEstimate(self, request: hd.GetEstimateRequest, context: grpc.aio.ServicerContext) -> hd.GetEstimateResponse:

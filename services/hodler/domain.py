@@ -188,6 +188,24 @@ def average(sums: Sums, start_us: int, end_us: int) -> Fraction:
     return integral(sums, start_us, end_us) / (end_us - start_us)
 
 
+def hourly_averages(balance: Fraction, changes: Iterable[tuple[int, Fraction]], first_hour: int, end_hour: int) -> list[tuple[int, Fraction]]:
+    """The average of each hour in [first_hour, end_hour): ``balance`` is the holding at
+    the first hour's start, ``changes`` the (t, delta) in the hours, any order. Each hour
+    is the three-sum formula on its own window, the balance at its start as PRE."""
+    by_hour: dict[int, list[tuple[int, Fraction]]] = {}
+    for t, delta in changes:
+        by_hour.setdefault(t // HOUR_US, []).append((t, Fraction(delta)))
+    out = []
+    for hour in range(first_hour, end_hour):
+        start, end = hour * HOUR_US, (hour + 1) * HOUR_US
+        sums = Sums(pre=balance)
+        for t, delta in by_hour.get(hour, ()):
+            sums = sums + contribution(delta, t, start, end)
+        out.append((hour, average(sums, start, end)))
+        balance += sums.d1
+    return out
+
+
 def counted_average(avg: Fraction, min_average: Decimal, cap: Decimal | None) -> Fraction:
     """0 below the minimum (and for nothing held), else the average bounded by the cap."""
     if avg <= 0 or avg < Fraction(min_average):

@@ -109,6 +109,18 @@ async def all_sums(conn: Conn, airdrop_id: str) -> dict[str, domain.Sums]:
     return {r["user_id"]: _sums(r) for r in rows}
 
 
+async def window_changes(conn: Conn, airdrop_id: str, user_id: str, from_us: int, to_us: int) -> tuple[Decimal, list[tuple[int, Decimal]]]:
+    """The user's changes in the window before ``from_us`` (summed) and in [from_us, to_us)."""
+    before = await conn.fetchval(
+        "SELECT coalesce(sum(delta), 0) FROM window_changes WHERE airdrop_id = $1 AND user_id = $2 AND t_us < $3", airdrop_id, user_id, from_us,
+    )
+    rows = await conn.fetch(
+        "SELECT t_us, delta FROM window_changes WHERE airdrop_id = $1 AND user_id = $2 AND t_us >= $3 AND t_us < $4 ORDER BY t_us",
+        airdrop_id, user_id, from_us, to_us,
+    )
+    return before, [(r["t_us"], r["delta"]) for r in rows]
+
+
 async def balance(conn: Conn, user_id: str, asset: str) -> Decimal:
     value = await conn.fetchval("SELECT amount FROM balances WHERE user_id = $1 AND asset = $2", user_id, asset)
     return Decimal(0) if value is None else value
@@ -147,6 +159,9 @@ async def apply_changes(conn: asyncpg.Connection, changes: dict[tuple[str, str],
             INSERT INTO holdings AS h (airdrop_id, user_id, pre, d1, m1)
             SELECT airdrop_id, user_id, pre, d1, m1 FROM c ORDER BY airdrop_id, user_id
             ON CONFLICT (airdrop_id, user_id) DO UPDATE SET pre = h.pre + EXCLUDED.pre, d1 = h.d1 + EXCLUDED.d1, m1 = h.m1 + EXCLUDED.m1
+        ), w AS (
+            INSERT INTO window_changes (airdrop_id, user_id, t_us, delta)
+            SELECT airdrop_id, user_id, $4::bigint, d1 FROM c WHERE d1 <> 0
         ), s AS (
             UPDATE airdrop_sums s SET pre = s.pre + t.pre, d1 = s.d1 + t.d1, m1 = s.m1 + t.m1
             FROM (SELECT airdrop_id, sum(pre) AS pre, sum(d1) AS d1, sum(m1) AS m1 FROM c GROUP BY airdrop_id) t

@@ -1519,6 +1519,12 @@ _HD: list[tuple[str, str, Build, grpc.StatusCode, str, tuple]] = [
     ("user-empty", "GetUserHolding", lambda c: hd.GetUserHoldingRequest(airdrop_id=c.airdrop), INVALID, "user_id:", GATEWAY),
     ("user-10KB", "GetUserHolding", lambda c: hd.GetUserHoldingRequest(airdrop_id=c.airdrop, user_id=BIG), INVALID, "user_id:", GATEWAY),
     ("airdrop-unknown", "GetUserHolding", lambda c: hd.GetUserHoldingRequest(airdrop_id="no-such-airdrop", user_id=c.alice), NOT_FOUND, "airdrop_id:", GATEWAY),
+    ("airdrop-empty", "ListHourlyAverages", lambda c: hd.ListHourlyAveragesRequest(user_id=c.alice), INVALID, "airdrop_id:", GATEWAY),
+    ("user-empty", "ListHourlyAverages", lambda c: hd.ListHourlyAveragesRequest(airdrop_id=c.airdrop), INVALID, "user_id:", GATEWAY),
+    ("user-10KB", "ListHourlyAverages", lambda c: hd.ListHourlyAveragesRequest(airdrop_id=c.airdrop, user_id=BIG), INVALID, "user_id:", GATEWAY),
+    ("airdrop-unknown", "ListHourlyAverages", lambda c: hd.ListHourlyAveragesRequest(airdrop_id="no-such-airdrop", user_id=c.alice), NOT_FOUND, "airdrop_id:", GATEWAY),
+    ("page-size-max", "ListHourlyAverages", lambda c: hd.ListHourlyAveragesRequest(airdrop_id=c.airdrop, user_id=c.alice, page_size=1001), INVALID, "page_size:", GATEWAY),
+    ("token-other-list", "ListHourlyAverages", lambda c: hd.ListHourlyAveragesRequest(airdrop_id=c.airdrop, user_id=c.alice, page_token=base64.urlsafe_b64encode(b"r:1").decode()), INVALID, "page_token:", GATEWAY),
     ("airdrop-empty", "GetEstimate", lambda c: hd.GetEstimateRequest(), INVALID, "airdrop_id:", GATEWAY),
     ("airdrop-space", "GetEstimate", lambda c: hd.GetEstimateRequest(airdrop_id="a b"), INVALID, "airdrop_id:", GATEWAY),
     ("airdrop-unknown", "GetEstimate", lambda c: hd.GetEstimateRequest(airdrop_id="no-such-airdrop"), NOT_FOUND, "airdrop_id:", GATEWAY),
@@ -1750,7 +1756,7 @@ EXPECTED_ROLES = {
     },
     "earn.v1.HodlerService": {
         "CreateAirdrop": {O}, "GetAirdrop": {G, O, S}, "ListAirdrops": {G, O, S}, "GetUserHolding": {G, O, S}, "GetEstimate": {G, O, S},
-        "ListAirdropRewards": {G, O, S}, "DistributeAirdrops": {S},
+        "ListHourlyAverages": {G, O, S}, "ListAirdropRewards": {G, O, S}, "DistributeAirdrops": {S},
     },
 }
 

@@ -435,6 +435,25 @@ async def scenario(w: World, seed: int) -> Outcome:
     assert len(page.rewards) == 2 and page.next_page_token
     listed = await w.hodler.ListAirdrops(hd.ListAirdropsRequest(status=hd.AIRDROP_STATUS_DISTRIBUTED, page_size=1), metadata=GATEWAY)
     assert len(listed.airdrops) == 1 and listed.next_page_token
+    # Each hour's exact average, in pages of two hours, against the reference per hour.
+    main = AIRDROPS["main"]
+    hours = int((main.end - main.start).total_seconds()) // 3600
+    for name in history:
+        got_hours: list[tuple[int, Decimal]] = []
+        token = ""
+        while True:
+            page_h = await w.hodler.ListHourlyAverages(
+                hd.ListHourlyAveragesRequest(airdrop_id=ids["main"], user_id=users[name], page_size=2, page_token=token), metadata=GATEWAY,
+            )
+            got_hours += [(h.hour, Decimal(h.average)) for h in page_h.hours]
+            token = page_h.next_page_token
+            if not token:
+                break
+        want = [
+            (H0 + 1 + i, floor18(integral(history[name], main.start + timedelta(hours=i), main.start + timedelta(hours=i + 1)) / (3600 * 10**6)))
+            for i in range(hours)
+        ]
+        assert got_hours == want, name
     outcome.kills = w.kills
     return outcome
 

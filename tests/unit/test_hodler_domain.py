@@ -57,6 +57,20 @@ def test_integral_equals_the_step_function_reference_in_any_arrival_order(histor
     assert domain.average(sums, start, end) == reference_integral(history, start, end) / (end - start)
 
 
+@given(history=history_st, start_h=st.integers(1, 5), length=st.integers(1, 4), seed=st.integers(0, 2**32))
+@settings(max_examples=200, deadline=None)
+def test_hourly_averages_equal_the_reference_per_hour_and_average_to_the_window(history, start_h, length, seed) -> None:  # type: ignore[no-untyped-def]
+    start, end = start_h * H, (start_h + length) * H
+    pre = sum((d for t, d in history if t < start), Fraction(0))
+    inside = [(t, d) for t, d in history if start <= t < end]
+    random.Random(seed).shuffle(inside)
+    hours = domain.hourly_averages(pre, inside, start_h, start_h + length)
+    assert [h for h, _ in hours] == list(range(start_h, start_h + length))
+    for hour, avg in hours:
+        assert avg == reference_integral(history, hour * H, (hour + 1) * H) / H
+    assert sum(avg for _, avg in hours) / length == reference_integral(history, start, end) / (end - start)
+
+
 def test_integral_by_hand() -> None:
     # 10 held from before the start, +5 at the half of a 2-hour window, -15 after the end.
     s, e = 10 * H, 12 * H
