@@ -9,8 +9,9 @@ the README's grpcurl examples.
   dependencies are the suite's own installed grpcio and protobuf, reached through a .pth
   file: nothing is downloaded, and nothing else of this repository is importable there
   (no build/gen, no services): whatever `earn` the examples import is the wheel's.
-- Each example runs in that environment against a wallet and a Simple Earn started on
-  free ports, and its output is checked.
+- Each example runs in that environment against a live process of its service (the
+  wallet, Simple Earn, Launchpool, CandyDrop, HODLer, the market, Dual Investment, Smart
+  Leverage, Crypto Loan) started on free ports, and its output is checked.
 - Every RPC of every service is typed (request and response messages) in the generated
   *_pb2_grpc.pyi of build/gen and of the wheel.
 - Every RPC of WalletService, SimpleEarnService, LaunchpoolService, MarketService and DualService has a
@@ -23,6 +24,7 @@ from __future__ import annotations
 
 import ast
 import os
+import time
 import re
 import shlex
 import subprocess
@@ -33,15 +35,22 @@ import uuid
 import zipfile
 from decimal import Decimal
 from email.parser import Parser
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from google.protobuf import descriptor_pool, json_format, message_factory
+from google.protobuf.timestamp_pb2 import Timestamp
 from packaging.requirements import Requirement
 
-from earn.v1 import launchpool_pb2, simple_earn_pb2, wallet_pb2  # noqa: F401  (their services in the default pool)
+from earn.v1 import candydrop_pb2 as cd, candydrop_pb2_grpc, dual_pb2 as du, dual_pb2_grpc, hodler_pb2 as hd, hodler_pb2_grpc
+from earn.v1 import launchpool_pb2 as lp, launchpool_pb2_grpc, leverage_pb2 as lv, leverage_pb2_grpc, loan_pb2 as ln, loan_pb2_grpc
+from earn.v1 import market_pb2 as mk, market_pb2_grpc, simple_earn_pb2, wallet_pb2  # noqa: F401  (their services in the default pool)
+from earn.v1 import wallet_pb2_grpc
 from services.devstack.processes import ManagedProcess
+from services.kernel import grpcclient
 from services.kernel.config import REPO_ROOT
+from tests.conftest import GATEWAY, OPERATOR, Env
 
 PACKAGE = REPO_ROOT / "protos" / "python"
 EXAMPLES = PACKAGE / "examples"
@@ -170,6 +179,12 @@ else:
 with earn_client.connect("127.0.0.1:1", "t") as channel:
     assert isinstance(earn_client.wallet(channel), wallet_pb2_grpc.WalletServiceStub)
     assert isinstance(earn_client.simple_earn(channel), simple_earn_pb2_grpc.SimpleEarnServiceStub)
+    import importlib
+    for name, service in (("launchpool", "Launchpool"), ("candydrop", "CandyDrop"), ("hodler", "Hodler"), ("market", "Market"),
+                          ("dual", "Dual"), ("leverage", "Leverage"), ("loan", "Loan")):
+        stub = getattr(importlib.import_module(f"earn.v1.{name}_pb2_grpc"), f"{service}ServiceStub")
+        assert isinstance(getattr(earn_client, name)(channel), stub), name
+        assert name in earn_client.__all__, name
     try:
         earn_client.wallet(channel).GetBalances(wallet_pb2.GetBalancesRequest(owner="a"), timeout=2)
     except grpc.RpcError as err:
@@ -228,6 +243,141 @@ def test_examples_run_against_live_services(
     out = run(*wallet, "--owner", user, "--amount", "0.5", cwd=tmp_path).stdout
     balances = {b[2]: Decimal(b[3]) for b in lines(out, "balance")}
     assert balances == {"ACCOUNT_KIND_FUNDING": Decimal("1.65"), "ACCOUNT_KIND_HOLD": Decimal("0.35")}, out
+
+
+
+PRODUCT_SERVICES = ("market", "launchpool", "candydrop", "hodler", "dual", "leverage", "loan")
+
+
+@pytest.fixture(scope="module")
+def product_processes(stack: Env, wallet_process: ManagedProcess) -> Iterator[dict[str, ManagedProcess]]:
+    """The other services, started together (their ports are known before they listen)."""
+    wallet = wallet_process.address or ""
+    market = stack.process("market")
+    upstream = {"EARN_WALLET_ADDRESS": wallet, "EARN_MARKET_ADDRESS": market.address or ""}
+    procs = {"market": market, **{name: stack.process(name, **upstream) for name in PRODUCT_SERVICES[1:]}}
+    try:
+        for proc in procs.values():
+            proc.start()
+        for proc in procs.values():
+            proc.wait_ready(timeout=120)
+        yield procs
+    finally:
+        for proc in procs.values():
+            proc.stop()
+
+
+def ts(seconds: int) -> Timestamp:
+    return Timestamp(seconds=seconds)
+
+
+def seed(procs: dict[str, ManagedProcess], wallet_address: str, user: str, tag: str, hour: int) -> None:
+    """What the examples read: a price, one of each product (operator), a deposit, a Dual
+    subscription and a CandyDrop registration of ``user`` (gateway); ``hour``: the unix hour now."""
+
+    def stub(name: str, make: type) -> object:
+        return make(channels.setdefault(name, grpcclient.sync_channel(procs[name].address or "")))
+
+    channels: dict[str, object] = {}
+    try:
+        key = iter(f"client-example-{tag}-{i}" for i in range(100))
+        stub("market", market_pb2_grpc.MarketServiceStub).BackfillPrices(mk.BackfillPricesRequest(
+            idempotency_key=next(key), pair="BTC/USDT", ticks=[mk.BackfillTick(price="61234.5", event_time=ts((hour - 1) * 3600))],
+        ), metadata=OPERATOR, timeout=10)
+        stub("launchpool", launchpool_pb2_grpc.LaunchpoolServiceStub).CreateProject(lp.CreateProjectRequest(
+            idempotency_key=next(key), project_id=f"prj-{tag}", reward_asset="BTC", start_time=ts((hour + 2) * 3600),
+            end_time=ts((hour + 6) * 3600),
+            pools=[lp.RewardPoolSpec(pool_id=f"pool-{tag}", stake_asset="USDT", total_reward="1", min_stake="1", max_stake="10")],
+        ), metadata=OPERATOR, timeout=10)
+        candydrop = stub("candydrop", candydrop_pb2_grpc.CandyDropServiceStub)
+        candydrop.CreateCampaign(cd.CreateCampaignRequest(
+            idempotency_key=next(key), campaign_id=f"cmp-{tag}", prize_asset="USDT", prize_pool="1000", pool_kind=cd.PRIZE_POOL_KIND_PRO_RATA,
+            start_time=ts(hour * 3600), end_time=ts((hour + 24) * 3600),
+            tasks=[cd.CandyTask(task_id="spot", kind=cd.CANDY_TASK_KIND_SPOT_VOLUME, asset="USDT", threshold="100", candies=1,
+                                max_completions=5)],
+        ), metadata=OPERATOR, timeout=10)
+        candydrop.Register(cd.RegisterRequest(idempotency_key=next(key), user_id=user, campaign_id=f"cmp-{tag}"), metadata=GATEWAY, timeout=10)
+        stub("hodler", hodler_pb2_grpc.HodlerServiceStub).CreateAirdrop(hd.CreateAirdropRequest(
+            idempotency_key=next(key), airdrop_id=f"air-{tag}", hold_asset="GT", reward_asset="USDT", total="1000", start_hour=hour + 2,
+            end_hour=hour + 26, per_user_cap="500",
+        ), metadata=OPERATOR, timeout=10)
+        with grpcclient.sync_channel(wallet_address) as wallet_channel:
+            wallet_pb2_grpc.WalletServiceStub(wallet_channel).Deposit(wallet_pb2.DepositRequest(
+                idempotency_key=next(key), owner=user, asset="BTC", amount="1"), metadata=OPERATOR, timeout=10)
+        dual = stub("dual", dual_pb2_grpc.DualServiceStub)
+        dual.CreateDualPlan(du.CreateDualPlanRequest(
+            idempotency_key=next(key), plan_id=f"dual-{tag}", base_asset="BTC", quote_asset="USDT", direction=du.DUAL_DIRECTION_SELL_HIGH,
+            strike="60000", apr="0.1", settlement_time=ts((hour + 48) * 3600), min_amount="0.01", max_per_user="1", quota="1.2",
+        ), metadata=OPERATOR, timeout=10)
+        dual.SubscribeDual(du.SubscribeDualRequest(client_order_id=next(key), user_id=user, plan_id=f"dual-{tag}", amount="0.5"),
+                           metadata=GATEWAY, timeout=10)
+        stub("leverage", leverage_pb2_grpc.LeverageServiceStub).CreateLeverageProduct(lv.CreateLeverageProductRequest(
+            idempotency_key=next(key), product_id=f"lev-{tag}", pair="BTC/USDT", max_leverage="20", fee_rate="0.005", min_principal="10",
+            max_principal="50",
+        ), metadata=OPERATOR, timeout=10)
+        loan = stub("loan", loan_pb2_grpc.LoanServiceStub)
+        loan.SetLoanAsset(ln.SetLoanAssetRequest(idempotency_key=next(key), asset=ln.LoanAsset(
+            asset="USDT", hourly_rate="0.000005", min_borrow="10", max_borrow="100000")), metadata=OPERATOR, timeout=10)
+        loan.SetLoanCollateralAsset(ln.SetLoanCollateralAssetRequest(idempotency_key=next(key), collateral=ln.LoanCollateralAsset(
+            asset="BTC", discount="0.95")), metadata=OPERATOR, timeout=10)
+    finally:
+        for channel in channels.values():
+            channel.close()  # type: ignore[attr-defined]
+
+
+@pytest.mark.integration
+def test_every_other_example_runs_against_its_live_service(
+    client_python: Path, wallet_process: ManagedProcess, product_processes: dict[str, ManagedProcess], tmp_path: Path
+) -> None:
+    tag, hour = uuid.uuid4().hex[:8], int(time.time()) // 3600
+    user, other = f"client-{tag}", f"client-other-{tag}"
+    seed(product_processes, wallet_process.address or "", user, tag, hour)
+    tls = ["--tls-dir", wallet_process.env.get("EARN_TLS_DIR", "")]  # mTLS when the suite runs with it
+
+    def example(name: str, *args: str) -> str:
+        address = product_processes[name].address or ""
+        return run(client_python, EXAMPLES / f"{name}_example.py", "--address", address, *tls, *args, cwd=tmp_path).stdout
+
+    out = example("market", "--pair", "BTC/USDT", "--pair", "ETH/USDT")
+    assert lines(out, "index") == [["BTC/USDT", "61234.5", ts((hour - 1) * 3600).ToJsonString(), "backfill"],
+                                   ["ETH/USDT", "none"]], out
+
+    out = example("launchpool", "--user", user, "--price", "BTC=60000", "--price", "USDT=1")
+    (project,) = [p for p in lines(out, "project") if p[0] == f"prj-{tag}"]
+    assert project[1:3] == ["BTC", "PROJECT_STATUS_UPCOMING"], out
+    (pool,) = [p for p in lines(out, "pool") if p[0] == f"pool-{tag}"]
+    assert pool[1:] == [f"prj-{tag}", "stake", "USDT", "reward", "1", "staked", "0", "stakers", "0", "APR", "-"], out
+    assert not lines(out, "stake"), out
+
+    out = example("candydrop", "--user", user)
+    (campaign,) = [c for c in lines(out, "campaign") if c[0] == f"cmp-{tag}"]
+    assert campaign[1:5] == ["1000", "USDT", "PRIZE_POOL_KIND_PRO_RATA", "CAMPAIGN_STATUS_ACTIVE"], out
+    assert [t for t in lines(out, "task") if t[0] == f"cmp-{tag}"] == [
+        [f"cmp-{tag}", "spot", "CANDY_TASK_KIND_SPOT_VOLUME", "100", "USDT", "candies", "1", "up", "to", "5", "times"]], out
+    (progress,) = [p for p in lines(out, "progress") if p[0] == f"cmp-{tag}"]
+    assert progress == [f"cmp-{tag}", user, "registered", "candies", "0", "estimated", "prize", "0"], out
+
+    out = example("hodler", "--user", other)
+    (airdrop,) = [a for a in lines(out, "airdrop") if a[0] == f"air-{tag}"]
+    assert airdrop[1:6] == ["hold", "GT", "reward", "1000", "USDT"] and airdrop[-3:-1] == ["AIRDROP_STATUS_UPCOMING", "holders"], out
+    (holding,) = [h for h in lines(out, "holding") if h[0] == f"air-{tag}"]
+    assert holding == [f"air-{tag}", other, "balance", "0", "average", "0", "estimated", "reward", "0"], out
+
+    out = example("dual", "--user", user, "--base", "BTC", "--quote", "USDT")
+    (plan,) = [p for p in lines(out, "plan") if p[0] == f"dual-{tag}"]
+    assert plan[1:7] == ["BTC/USDT", "DUAL_DIRECTION_SELL_HIGH", "strike", "60000", "APR", "0.1"], out
+    (subscription,) = lines(out, "subscription")
+    assert subscription[1:4] == [f"dual-{tag}", "0.5", "BTC"], out
+
+    out = example("leverage", "--user", user, "--pair", "BTC/USDT")
+    (product,) = [p for p in lines(out, "product") if p[0] == f"lev-{tag}"]
+    assert product[1:9] == ["BTC/USDT", "max", "leverage", "20", "fee", "0.005", "principal", "10-50"], out
+    assert not lines(out, "position"), out
+
+    out = example("loan", "--user", user)
+    assert ["USDT", "hourly", "rate", "0.000005", "borrow", "10-100000"] in lines(out, "asset"), out
+    assert ["BTC", "discount", "0.95"] in lines(out, "collateral"), out
+    assert not lines(out, "loan"), out
 
 
 # ---- README: grpcurl examples for every RPC ----
