@@ -121,6 +121,8 @@ def database_unavailable(err: BaseException) -> bool:
     """True for a lost or refused database connection: the RPC answers UNAVAILABLE (retry
     with the same key) instead of INTERNAL, so a client does not take a PostgreSQL restart
     for a definitive failure. Writes are transactional and keyed, so a retry is safe."""
+    if isinstance(err, asyncpg.InterfaceError) and "connection is closed" in str(err):
+        return True  # e.g. "cannot call Transaction.__aexit__(): the underlying connection is closed"
     return isinstance(err, _DATABASE_GONE)
 
 

@@ -18,6 +18,8 @@ from services.kernel.grpcserver import database_unavailable
     asyncpg.exceptions.CrashShutdownError("terminating connection because of crash of another server process"),
     asyncpg.exceptions.CannotConnectNowError("the database system is starting up"),
     asyncpg.exceptions.ConnectionFailureError("connection failure"),
+    # seen when the postmaster was SIGKILLed during a Deposit's transaction
+    asyncpg.exceptions.InterfaceError("cannot call Transaction.__aexit__(): the underlying connection is closed"),
 ])
 def test_a_lost_database_is_unavailable(err: BaseException) -> None:
     assert database_unavailable(err)
