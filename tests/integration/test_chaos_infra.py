@@ -243,6 +243,7 @@ class World:
     refused: list[tuple[int, str]] = field(default_factory=list)
     paused: bool = False  # the supervisor leaves a process alone while chaos restarts it
     failure: BaseException | None = None
+    retries: dict[str, int] = field(default_factory=dict)  # status -> retries of commands
 
     def move(self, moment: datetime) -> None:
         set_time(self.clock, moment)
@@ -302,10 +303,12 @@ class World:
                 reply = await rpc(request, metadata=metadata, timeout=15)
             except grpc.aio.AioRpcError as err:
                 if err.code() in RETRIED and time.monotonic() < deadline:
+                    self.retries[err.code().name] = self.retries.get(err.code().name, 0) + 1
                     await asyncio.sleep(delay)
                     delay = min(delay * 2, 2.0)
                     continue
                 self.refused.append((index, err.code().name))
+                print(f"mixed: command {index} refused: {err.code().name} {err.details()}", flush=True)
                 return None
             self.accepted.append(index)
             return reply
@@ -486,7 +489,9 @@ async def scenario(w: World, commands: list[Command], reference: Outcome | None 
             if killing is not None:
                 await killing
             assert w.chaos is not None
-            delay = w.chaos.uniform(0.3, 3.0) if c.kind == "catch_up" else w.chaos.uniform(0, 0.3)
+            # Commands take milliseconds: a short delay lands the kill while this one is in
+            # flight (and the next ones meet the restart); during catch-ups, mid-run.
+            delay = w.chaos.uniform(0.3, 3.0) if c.kind == "catch_up" else w.chaos.uniform(0, 0.03)
             killing = asyncio.create_task(w.kill(target, delay))
         key = f"c{c.index}"
         if c.kind == "deposit":
@@ -545,7 +550,7 @@ async def test_mixed_chaos_kills_services_broker_and_database_and_loses_nothing(
     try:
         async with world(infra, "chaos", random.Random(SEED)) as w:
             got = await scenario(w, workload(SEED), reference=calm)
-            print(f"mixed chaos seed {SEED}: killed {w.kills}; exited on their own and restarted: {w.restarts}")
+            print(f"mixed chaos seed {SEED}: killed {w.kills}; exited on their own and restarted: {w.restarts}; command retries: {w.retries}")
             assert set(TARGETS) <= set(w.kills), f"not every target was killed: {w.kills}"
     except BaseException:
         print(f"mixed chaos FAILED for seed {SEED}; replay: {REPLAY}")
