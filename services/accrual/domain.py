@@ -45,7 +45,6 @@ Redelivery (faust at-least-once, or a duplicate from the upstream outbox relay):
 
 from __future__ import annotations
 
-import bisect
 import operator
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field

@@ -10,7 +10,6 @@ import asyncio
 import logging
 from pathlib import Path
 
-import grpc
 from services.kernel import grpcclient
 from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
 from google.protobuf.message import DecodeError

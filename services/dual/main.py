@@ -7,7 +7,6 @@ import asyncio
 import logging
 from pathlib import Path
 
-import grpc
 from services.kernel import grpcclient
 
 from services.dual.api import ROLES, SERVICE_NAME, DualApi

@@ -8,7 +8,6 @@ import asyncio
 import logging
 from pathlib import Path
 
-import grpc
 from services.kernel import grpcclient
 from aiokafka import AIOKafkaConsumer
 

@@ -10,7 +10,6 @@ import logging
 import time
 from pathlib import Path
 
-import grpc
 from services.kernel import grpcclient
 from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
 from aiokafka.abc import ConsumerRebalanceListener

@@ -45,7 +45,6 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import asyncpg
-import grpc
 from services.kernel import grpcclient
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 

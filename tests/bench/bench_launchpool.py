@@ -39,7 +39,6 @@ from fractions import Fraction
 from pathlib import Path
 
 import asyncpg
-import grpc
 from services.kernel import grpcclient
 from aiokafka import AIOKafkaProducer
 

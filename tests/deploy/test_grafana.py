@@ -9,7 +9,6 @@ import importlib.util
 import json
 import re
 import sys
-from pathlib import Path
 from typing import Any
 
 import pytest

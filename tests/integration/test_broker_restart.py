@@ -8,7 +8,6 @@ import asyncio
 import uuid
 
 import asyncpg
-import grpc
 from services.kernel import grpcclient
 from aiokafka import AIOKafkaConsumer
 

@@ -34,7 +34,6 @@ from fractions import Fraction
 from pathlib import Path
 
 import asyncpg
-import grpc
 from services.kernel import grpcclient
 import pytest
 from aiokafka import AIOKafkaProducer

@@ -10,7 +10,6 @@ import sys
 from collections.abc import Iterator
 from datetime import UTC, datetime
 
-import grpc
 from services.kernel import grpcclient
 import pytest
 

@@ -6,7 +6,6 @@ the seeded simulator's ticks reach the index."""
 
 from __future__ import annotations
 
-import asyncio
 import subprocess
 import sys
 import uuid

@@ -8,13 +8,12 @@ import uuid
 from pathlib import Path
 
 import asyncpg
-import grpc
 from aiokafka import AIOKafkaConsumer
 
 from earn.v1 import wallet_pb2, wallet_pb2_grpc
 from services.kernel import db, events, inbox
 from services.kernel.topics import topic_name
-from tests.conftest import OPERATOR, SERVICE, unique
+from tests.conftest import OPERATOR, unique
 
 
 async def _consume_into_sink(stack, sink: asyncpg.Pool, expected: set[str], timeout: float = 60) -> int:

@@ -26,7 +26,6 @@ from fractions import Fraction
 from pathlib import Path
 
 import asyncpg
-import grpc
 from services.kernel import grpcclient
 import pytest
 

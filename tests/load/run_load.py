@@ -43,7 +43,6 @@ from pathlib import Path
 from typing import Any
 
 import asyncpg
-import grpc
 from services.kernel import grpcclient
 
 from earn.v1 import accrual_pb2, simple_earn_pb2 as se, simple_earn_pb2_grpc, wallet_pb2, wallet_pb2_grpc
