@@ -114,6 +114,11 @@ _DATABASE_GONE: tuple[type[BaseException], ...] = (
     asyncpg.exceptions.AdminShutdownError,
     asyncpg.exceptions.CrashShutdownError,
     asyncpg.exceptions.CannotConnectNowError,  # the server is starting or in recovery
+    # A pooled connection whose session the server ended mid-transaction can come back
+    # from the pool with its protocol state broken ("cannot switch to state 15; another
+    # operation (2) is in progress", asyncpg#784, sqlalchemy#13241): seen when the
+    # postmaster was SIGKILLed under a ReleaseHold. A keyed retry is safe.
+    asyncpg.exceptions.InternalClientError,
 )
 
 

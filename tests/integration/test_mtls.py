@@ -255,6 +255,9 @@ SQL_CALLS = frozenset({"execute", "executemany", "fetch", "fetchrow", "fetchval"
 SQL_EXCEPTIONS: dict[tuple[str, str], str] = {
     ("services/candydrop/store.py", "list_campaigns"): "WHERE clause picked from the constant _STATUS_SQL by an enum",
     ("services/candydrop/store.py", "list_prizes"): "fixed clauses joined with AND; only $n placeholder numbers are formatted",
+    ("services/hodler/store.py", "list_airdrops"): "WHERE clause picked from the constant _STATUS_SQL by an enum",
+    ("services/hodler/store.py", "count_by_status"): "WHERE clauses of the constant _STATUS_SQL",
+    ("services/hodler/store.py", "list_rewards"): "fixed clauses joined with AND; only $n placeholder numbers are formatted",
     ("services/devstack/infra.py", "ensure_database"): "CREATE DATABASE needs an identifier (no parameters in DDL): _quote_ident",
     ("services/devstack/infra.py", "ensure"): "the nested coroutine of ensure_database (same statement)",
     ("services/devstack/infra.py", "drop_database"): "DROP DATABASE needs an identifier: _quote_ident",

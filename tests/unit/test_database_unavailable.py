@@ -20,6 +20,8 @@ from services.kernel.grpcserver import database_unavailable
     asyncpg.exceptions.ConnectionFailureError("connection failure"),
     # seen when the postmaster was SIGKILLed during a Deposit's transaction
     asyncpg.exceptions.InterfaceError("cannot call Transaction.__aexit__(): the underlying connection is closed"),
+    # a pooled connection left broken by the SIGKILLed postmaster (mixed chaos, seed 494376015)
+    asyncpg.exceptions.InternalClientError("cannot switch to state 15; another operation (2) is in progress"),
 ])
 def test_a_lost_database_is_unavailable(err: BaseException) -> None:
     assert database_unavailable(err)
