@@ -523,9 +523,22 @@ async def scenario(w: World, commands: list[Command], reference: Outcome | None 
         nonlocal outcome
         await check_invariants(w)
         balances, records = await observe(w)
+        # Settled: the same a moment later (a payout still in flight would change it; the
+        # calm run has no reference to wait for, so it must not be read mid-payout).
+        await asyncio.sleep(2)
+        assert (balances, records) == await observe(w), "still moving"
         outcome = Outcome(sorted(w.accepted), sorted(w.refused), balances, records)
         if reference is not None:
             assert outcome.accepted == reference.accepted and outcome.refused == reference.refused, "accepted commands differ"
+            if outcome.balances != reference.balances or outcome.records != reference.records:
+                diff_b = {k: (outcome.balances.get(k), reference.balances.get(k)) for k in set(outcome.balances) | set(reference.balances) if outcome.balances.get(k) != reference.balances.get(k)}
+                diff_r = {}
+                for k in set(outcome.records) | set(reference.records):
+                    a, b = outcome.records.get(k, {}), reference.records.get(k, {})
+                    d = {h: (a.get(h), b.get(h)) for h in set(a) | set(b) if a.get(h) != b.get(h)}
+                    if d:
+                        diff_r[k] = d
+                print("mixed: differs from the calm run, (chaos, calm): balances", diff_b, "records", diff_r, flush=True)
             assert outcome.balances == reference.balances, sorted(set(outcome.balances.items()) ^ set(reference.balances.items()))[:8]
             assert outcome.records == reference.records, "payout records differ"
 
