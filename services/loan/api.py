@@ -167,6 +167,25 @@ def _account(owner: str, kind: int) -> wallet_pb2.AccountRef:
     return wallet_pb2.AccountRef(owner=owner, kind=kind)
 
 
+def _decided_fields(plan: dict[str, Any]) -> dict[str, str]:
+    """The response fields an operation decided besides the loan (a repayment's
+    ``interest_paid`` and ``principal_paid``), as recorded in its plan. A repayment
+    recorded before the plan kept them: read from its transfer steps (keys ending in
+    ``:interest`` and ``:principal``; a part not paid has no step)."""
+    if "response" in plan:
+        return dict(plan["response"])
+    if plan.get("method") != "RepayLoan":
+        return {}
+    paid = {"interest_paid": "0", "principal_paid": "0"}
+    for step in plan["steps"]:
+        if step["call"] == "Transfer":
+            req = wallet_pb2.TransferRequest.FromString(base64.b64decode(step["req"]))
+            part = req.idempotency_key.rsplit(":", 1)[-1]
+            if part in ("interest", "principal"):
+                paid[f"{part}_paid"] = req.transfer.amount
+    return paid
+
+
 class LoanApi(loan_pb2_grpc.LoanServiceServicer):
     def __init__(self, pool: asyncpg.Pool, settings: LoanSettings, wallet: Client, market: Client) -> None:
         self.pool = pool
@@ -347,7 +366,7 @@ class LoanApi(loan_pb2_grpc.LoanServiceServicer):
             async def work() -> Any:
                 await self._apply(conn, op["op_key"], plan, replies)
                 loan = await store.loan(conn, plan["state"]["loan_id"])
-                return response_type(loan=self._loan_message(loan, await store.collateral(conn, loan["loan_id"])))
+                return response_type(loan=self._loan_message(loan, await store.collateral(conn, loan["loan_id"])), **_decided_fields(plan))
 
             await idempotency.once(conn, key=op["op_key"], method=plan["method"], request=request, response_type=response_type, work=work)
 
@@ -700,16 +719,16 @@ class LoanApi(loan_pb2_grpc.LoanServiceServicer):
                 ltv = domain.ltv(money, await self._prices({c.asset for c in money.collateral} | {money.loan_asset}, now_us))
             state = self._state(row, {}, money, row["version"] + 1, status)
             state["closed_us"] = now_us if repayment.closed else None
+            # The amounts are decided here and stored with the operation (``response``), so
+            # every answer (this one, a replay by key, one completed after a crash) has them.
             plan = {"at_us": now_us, "cause": "repay", "ltv": str(ltv.numerator / Decimal(ltv.denominator)) if ltv is not None else None,
-                    "steps": steps, "state": state}
+                    "steps": steps, "state": state, "response": {
+                        "interest_paid": format_amount(domain.from_units(repayment.interest_paid, money.scale)),
+                        "principal_paid": format_amount(domain.from_units(repayment.principal_paid, money.scale))}}
 
             async def respond(c: asyncpg.Connection) -> ln.RepayLoanResponse:
                 r = await store.loan(c, loan_id)
-                return ln.RepayLoanResponse(
-                    loan=self._loan_message(r, await store.collateral(c, loan_id), ltv),
-                    interest_paid=format_amount(domain.from_units(repayment.interest_paid, money.scale)),
-                    principal_paid=format_amount(domain.from_units(repayment.principal_paid, money.scale)),
-                )
+                return ln.RepayLoanResponse(loan=self._loan_message(r, await store.collateral(c, loan_id), ltv), **_decided_fields(plan))
 
             response = await self._write(conn, key=key, method="RepayLoan", request=request, response_type=ln.RepayLoanResponse, plan=plan, respond=respond)
         metrics.REPAID.labels(money.loan_asset).inc(float(amount))

@@ -111,7 +111,8 @@ class World:
 
 
 @asynccontextmanager
-async def world(stack, name: str, engine_env: dict[str, str] | None = None) -> AsyncIterator[World]:  # type: ignore[no-untyped-def]
+async def world(stack, name: str, engine_env: dict[str, str] | None = None, *, engine: bool = True,  # type: ignore[no-untyped-def]
+                loan_env: dict[str, str] | None = None) -> AsyncIterator[World]:
     database = f"{stack.settings.pg_database}_{name}"
     admin = await asyncpg.connect(stack.settings.database_url.rsplit("/", 1)[0] + "/postgres")
     await admin.execute(f'CREATE DATABASE "{database}"')
@@ -128,12 +129,13 @@ async def world(stack, name: str, engine_env: dict[str, str] | None = None) -> A
         for proc in processes.values():
             await asyncio.to_thread(proc.wait_ready, 60)
         processes["loan"] = stack.spawn(_spec("loan"), **env, EARN_WALLET_ADDRESS=processes["wallet"].address or "",
-                                        EARN_MARKET_ADDRESS=processes["market"].address or "", EARN_MAX_INDEX_AGE_SECONDS="86400")
+                                        EARN_MARKET_ADDRESS=processes["market"].address or "", EARN_MAX_INDEX_AGE_SECONDS="86400", **(loan_env or {}))
         processes["loan"].start()
         await asyncio.to_thread(processes["loan"].wait_ready, 60)
-        processes["accrual"] = stack.spawn(_spec("accrual"), **env, **(engine_env or {}))
-        processes["accrual"].start()
-        await asyncio.to_thread(processes["accrual"].wait_ready, 60)
+        if engine:
+            processes["accrual"] = stack.spawn(_spec("accrual"), **env, **(engine_env or {}))
+            processes["accrual"].start()
+            await asyncio.to_thread(processes["accrual"].wait_ready, 60)
         await producer.start()
         async with (
             grpcclient.channel(processes["loan"].address) as c1,

@@ -1,0 +1,137 @@
+"""Crypto Loan after crashes, through gRPC and Kafka only (the wallet, the market and the
+loan service as processes; no engine: these tests need none).
+
+- A repayment's answer carries the amounts paid (interest first, then principal) on
+  every path: the first call, a replay by its idempotency key, a call repeated after the
+  service was SIGKILLed between the wallet calls and applying the repayment (it completes
+  the pending operation), and a replay after the service's sweep completed it. The
+  service kills itself at that point through its test hook ``EARN_CRASH_AFTER_WALLET``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from decimal import Decimal
+from fractions import Fraction
+
+import grpc
+import pytest
+
+from earn.v1 import loan_pb2 as ln, wallet_pb2 as wp
+from services.kernel.clock import set_time
+from tests.conftest import GATEWAY, OPERATOR, eventually, unique
+from tests.integration.test_loan_e2e import EXTERNAL, FEE, RATE, TREASURY, World, at, floor_to, world
+
+pytestmark = pytest.mark.integration
+
+
+class Reference:
+    """The loan's money by PRODUCT_RULES, with fractions: hour h charged at its start on
+    the principal then; the exact total interest floored to 6 digits (USDT) enters the
+    debt; a repayment pays interest first, then principal."""
+
+    def __init__(self, principal: Decimal) -> None:
+        self.principal = Fraction(principal)
+        self.interest = Fraction(0)
+        self.exact = Fraction(0)
+        self.charged = Fraction(0)
+
+    def charge_hour(self) -> None:
+        self.exact += self.principal * Fraction(RATE)
+        now = Fraction(floor_to(self.exact, 6))
+        self.interest += now - self.charged
+        self.charged = now
+
+    def repay(self, amount: str) -> tuple[Decimal, Decimal]:
+        a = Fraction(Decimal(amount))
+        interest = min(a, self.interest)
+        self.interest -= interest
+        self.principal -= a - interest
+        return Decimal(interest.numerator) / interest.denominator, Decimal((a - interest).numerator) / (a - interest).denominator
+
+
+def paid(reply: ln.RepayLoanResponse) -> tuple[Decimal, Decimal]:
+    assert reply.interest_paid and reply.principal_paid, reply
+    return Decimal(reply.interest_paid), Decimal(reply.principal_paid)
+
+
+async def restart_loan(w: World, **env: str) -> None:
+    """Reap the killed loan service and start it again on the same address."""
+    proc = w.processes["loan"]
+    proc.kill()
+    proc.env.update(env)
+    proc.start()
+    await asyncio.to_thread(proc.wait_ready, 60)
+
+
+async def test_repayment_answer_carries_the_amounts_after_a_crash(stack) -> None:  # type: ignore[no-untyped-def]
+    """Operations executed by the first process: the borrow (1), a repayment (2), a
+    repayment killed after its wallet calls (3). The second process completes that one
+    when the call is repeated (its 1st operation) and dies in the next repayment (2nd);
+    the third leaves it to the sweep, then the call is replayed."""
+    async with world(stack, "loanresume", engine=False, loan_env={"EARN_CRASH_AFTER_WALLET": "3"}) as w:
+        await w.loan.SetLoanAsset(ln.SetLoanAssetRequest(idempotency_key=unique(), asset=ln.LoanAsset(
+            asset="USDT", hourly_rate=RATE, min_borrow="10", max_borrow="1000000")), metadata=OPERATOR)
+        await w.loan.SetLoanCollateralAsset(ln.SetLoanCollateralAssetRequest(idempotency_key=unique(), collateral=ln.LoanCollateralAsset(
+            asset="BTC", discount="0.95")), metadata=OPERATOR)
+        await w.wallet.Transfer(wp.TransferRequest(idempotency_key=unique(), transfer=wp.TransferSpec(
+            asset="USDT", source=wp.AccountRef(owner="loan", kind=EXTERNAL), destination=wp.AccountRef(owner="loan", kind=TREASURY),
+            amount="1000000")), metadata=OPERATOR)
+        await w.wallet.Deposit(wp.DepositRequest(idempotency_key=unique(), owner="rita", asset="BTC", amount="1"), metadata=OPERATOR)
+        await w.tick("BTC/USDT", "60000", at(9))
+        loan = (await w.loan.Borrow(ln.BorrowRequest(idempotency_key=unique(), user_id="rita", loan_asset="USDT", amount="30000",
+                                                     collateral=[ln.LoanCollateralAmount(asset="BTC", amount="1")],
+                                                     term=ln.LOAN_TERM_FLEXIBLE), metadata=GATEWAY)).loan
+        ref = Reference(Decimal(30000))
+
+        def repay(key: str, amount: str) -> ln.RepayLoanRequest:
+            return ln.RepayLoanRequest(idempotency_key=key, user_id="rita", loan_id=loan.loan_id, amount=amount)
+
+        async def principal() -> Decimal:
+            return Decimal((await w.loan.GetLoan(ln.GetLoanRequest(user_id="rita", loan_id=loan.loan_id), metadata=GATEWAY)).loan.principal)
+
+        # 1. first call and a replay by key: the same amounts
+        set_time(w.clock, at(70))  # hour H0+1h has started: one hour of interest
+        ref.charge_hour()
+        first = await w.loan.RepayLoan(repay("r0", "100"), metadata=GATEWAY)
+        assert paid(first) == ref.repay("100") == (Decimal("0.15"), Decimal("99.85"))
+        assert await w.loan.RepayLoan(repay("r0", "100"), metadata=GATEWAY) == first
+
+        # 2. killed after the wallet moved the money, before the repayment was applied;
+        #    the same call to the restarted service completes it and answers with the amounts
+        set_time(w.clock, at(130))
+        ref.charge_hour()
+        with pytest.raises(grpc.aio.AioRpcError):
+            await w.loan.RepayLoan(repay("r1", "200"), metadata=GATEWAY)
+        assert w.processes["loan"].popen is not None and w.processes["loan"].popen.wait(30) == -9
+        await restart_loan(w, EARN_CRASH_AFTER_WALLET="2")
+        resumed = await w.loan.RepayLoan(repay("r1", "200"), metadata=GATEWAY)
+        assert paid(resumed) == ref.repay("200") == (Decimal("0.1495"), Decimal("199.8505"))
+        assert Decimal(resumed.loan.principal) == ref.principal == Decimal("29700.2995")
+        assert await w.loan.RepayLoan(repay("r1", "200"), metadata=GATEWAY) == resumed
+
+        # 3. killed again; this time the sweep completes the repayment (the operation older
+        #    than EARN_PENDING_GRACE_SECONDS on the service's clock), then a replay by key
+        set_time(w.clock, at(190))
+        ref.charge_hour()
+        with pytest.raises(grpc.aio.AioRpcError):
+            await w.loan.RepayLoan(repay("r2", "300"), metadata=GATEWAY)
+        expected = ref.repay("300")
+        set_time(w.clock, at(191))
+        await restart_loan(w, EARN_CRASH_AFTER_WALLET="0", EARN_SWEEP_SECONDS="0.2")
+
+        async def swept() -> None:
+            assert await principal() == ref.principal
+
+        await eventually(swept, timeout=30)
+        replay = await w.loan.RepayLoan(repay("r2", "300"), metadata=GATEWAY)
+        assert paid(replay) == expected == (Decimal("0.148502"), Decimal("299.851498"))
+        assert Decimal(replay.loan.principal) == ref.principal
+
+        # each repayment moved the money once
+        interest = Decimal("0.15") + Decimal("0.1495") + Decimal("0.148502")
+        assert await w.balance("rita", "USDT") == 30000 - 600
+        assert await w.balance("loan", "USDT", FEE) == interest
+        assert await w.balance("loan", "USDT", TREASURY) == 1000000 - 30000 + 600 - interest
+        totals = await w.wallet.GetLedgerTotals(wp.GetLedgerTotalsRequest(), metadata=OPERATOR)
+        assert all(Decimal(t.sum) == 0 for t in totals.totals), totals
