@@ -18,10 +18,7 @@
 
 from __future__ import annotations
 
-import hashlib
 import logging
-import os
-import signal
 import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -35,15 +32,15 @@ from google.protobuf.message import Message
 
 from services.candydrop import domain, metrics, store
 from services.candydrop.domain import PoolKind, Status, TaskKind
-from services.kernel import events, idempotency, inbox, paging
+from services.kernel import distribution, events, idempotency, inbox, paging
 from services.kernel.clock import unix_hour
 from services.kernel.config import Settings
-from services.kernel.errors import AlreadyExists, DomainError, FailedPrecondition, InvalidArgument
+from services.kernel.distribution import WalletClient
+from services.kernel.errors import AlreadyExists, FailedPrecondition, InvalidArgument
 from services.kernel.grpcserver import GATEWAY, OPERATOR, SERVICE, scoped_user
 from services.kernel.money import format_amount, parse_amount, parse_decimal, scale_of
-from services.kernel.peers import Peer
 
-from earn.v1 import accrual_pb2, candydrop_pb2 as cd, candydrop_pb2_grpc, exchange_pb2, wallet_pb2, wallet_pb2_grpc
+from earn.v1 import accrual_pb2, candydrop_pb2 as cd, candydrop_pb2_grpc, exchange_pb2
 
 log = logging.getLogger(__name__)
 
@@ -96,23 +93,6 @@ class Counted:
     facts: list[domain.Fact]
 
 
-class WalletClient(Peer):
-    """The wallet; whatever it refuses of a distribution is a failed precondition."""
-
-    def __init__(self, channel: grpc.aio.Channel, token: str) -> None:
-        super().__init__(wallet_pb2_grpc.WalletServiceStub(channel), token, "wallet", retry="the distribution resumes when called again")
-
-    def refused(self, method: str, err: grpc.aio.AioRpcError) -> DomainError:
-        log.error("wallet call failed", extra={"method": method, "code": err.code().name, "details": err.details()})
-        return FailedPrecondition(f"wallet refused {method}: {err.details()}")
-
-
-def derived_key(prefix: str, *parts: object) -> str:
-    text = ":".join(str(p) for p in parts)
-    key = f"cd:{prefix}:{text}"
-    return key if len(key) <= 128 else f"cd:{prefix}:h:{hashlib.sha256(text.encode()).hexdigest()}"
-
-
 def _when(request: Any, field: str) -> datetime:
     if not request.HasField(field):
         raise InvalidArgument(field, "is required")
@@ -143,10 +123,10 @@ class CandyDropApi(candydrop_pb2_grpc.CandyDropServiceServicer):
         # A campaign is distributed only this long after its end (late exchange events
         # still count until then); the first run of the job after that pays it.
         self.settle = timedelta(seconds=settle_seconds)
-        # Tests only: SIGKILL this process once the wallet paid this many prize chunks,
-        # before they are recorded (the worst moment for a crash). 0: never.
-        self.crash_after_chunks = crash_after_chunks
-        self._chunks_paid = 0
+        # Prize chunks keyed cd:prize:<campaign>:<chunk> (tests: crash_after_chunks).
+        self.payer = distribution.Distributor(
+            pool, wallet, store.LEDGER, settings.clock.now, namespace="cd", key_prefix="prize", crash_after_chunks=crash_after_chunks,
+        )
 
     async def _write(self, method: str, request: Message, response_type: type[M], work: Callable[[asyncpg.Connection], Awaitable[M]]) -> M:
         return await idempotency.write_once(self.pool, method=method, request=request, response_type=response_type, work=work)
@@ -335,7 +315,7 @@ class CandyDropApi(candydrop_pb2_grpc.CandyDropServiceServicer):
         for campaign_id in await store.due_campaigns(self.pool, request.boundary_hour, now - self.settle):
             await self.distribute(campaign_id, job, period)
         response = cd.DistributePrizesResponse()
-        for row in await store.distributed_by(self.pool, job, period):
+        for row in await distribution.distributed_by(self.pool, store.LEDGER, job, period):
             if row["distribution"] != "distributed":  # paid by a concurrent call still running
                 raise FailedPrecondition(f"campaign_id: campaign {row['campaign_id']} is still being paid; call again")
             response.campaigns.add(
@@ -362,21 +342,9 @@ class CandyDropApi(candydrop_pb2_grpc.CandyDropServiceServicer):
             elif row["distribution"] == "distributed":
                 return
         row = await store.campaign(self.pool, campaign_id)
-        for chunk, credits in sorted((await store.unpaid_chunks(self.pool, campaign_id)).items()):
-            credit = wallet_pb2.BulkCreditRequest(
-                idempotency_key=derived_key("prize", campaign_id, chunk), asset=row["prize_asset"],
-                source=wallet_pb2.AccountRef(owner=domain.prize_account(campaign_id), kind=wallet_pb2.ACCOUNT_KIND_EXPENSE),
-                reference=f"candydrop:prize:{campaign_id}",
-            )
-            credit.owners.extend(u for u, _ in credits)
-            credit.amounts.extend(format_amount(a) for _, a in credits)
-            reply = await self.wallet.call("BulkCredit", credit)
-            self._chunks_paid += 1
-            if self.crash_after_chunks and self._chunks_paid >= self.crash_after_chunks:
-                log.warning("crash_after_chunks reached: SIGKILL (a test of the distribution's recovery)")
-                os.kill(os.getpid(), signal.SIGKILL)
-            await store.chunk_paid(self.pool, campaign_id, chunk, reply.posting_id, self.settings.clock.now())
-        if await store.mark_distributed(self.pool, campaign_id, self.settings.clock.now()):
+        if await self.payer.pay(
+            campaign_id, asset=row["prize_asset"], source_owner=domain.prize_account(campaign_id), reference=f"candydrop:prize:{campaign_id}",
+        ):
             metrics.CAMPAIGNS_DISTRIBUTED.inc()
             metrics.amount(metrics.PRIZES_PAID, row["prize_asset"], row["paid"])
 

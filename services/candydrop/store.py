@@ -18,9 +18,13 @@ from typing import Any
 import asyncpg
 
 from services.candydrop import domain
+from services.kernel import distribution
 from services.kernel.errors import NotFound
 
 Conn = asyncpg.Connection | asyncpg.Pool
+
+# Where the distribution pays from (services.kernel.distribution): campaigns by campaign_id, one row of prizes per user.
+LEDGER = distribution.Ledger("campaigns", "campaign_id", "prizes")
 
 
 # ---- campaigns ----------------------------------------------------------------------
@@ -200,41 +204,13 @@ async def record_prizes(
     await conn.execute(
         "INSERT INTO prizes (campaign_id, user_id, candies, amount, chunk) SELECT $1, u, c, a, k"
         " FROM unnest($2::text[], $3::bigint[], $4::numeric[], $5::integer[]) AS x(u, c, a, k)",
-        campaign_id, users, [candies[u] for u in users], [prizes[u] for u in users], [i // chunk_size for i in range(len(users))],
+        campaign_id, users, [candies[u] for u in users], [prizes[u] for u in users], distribution.chunk_numbers(len(users), chunk_size),
     )
     await conn.execute(
         "UPDATE campaigns SET distribution = 'distributing', job = $2, period = $3, total_candies = $4, winners = $5, paid = $6"
         " WHERE campaign_id = $1",
         campaign_id, job, period, sum(candies.values()), sum(1 for a in prizes.values() if a > 0), sum(prizes.values(), Decimal(0)),
     )
-
-
-async def unpaid_chunks(conn: Conn, campaign_id: str) -> dict[int, list[tuple[str, Decimal]]]:
-    out: dict[int, list[tuple[str, Decimal]]] = defaultdict(list)
-    for r in await conn.fetch(
-        "SELECT chunk, user_id, amount FROM prizes WHERE campaign_id = $1 AND amount > 0 AND posting_id IS NULL ORDER BY chunk, user_id", campaign_id,
-    ):
-        out[r["chunk"]].append((r["user_id"], r["amount"]))
-    return dict(out)
-
-
-async def chunk_paid(conn: Conn, campaign_id: str, chunk: int, posting_id: str, at: datetime) -> None:
-    await conn.execute(
-        "UPDATE prizes SET posting_id = $3, paid_at = $4 WHERE campaign_id = $1 AND chunk = $2 AND amount > 0 AND posting_id IS NULL",
-        campaign_id, chunk, posting_id, at,
-    )
-
-
-async def mark_distributed(conn: Conn, campaign_id: str, at: datetime) -> bool:
-    done = await conn.fetchval(
-        "UPDATE campaigns SET distribution = 'distributed', distributed_at = $2 WHERE campaign_id = $1 AND distribution = 'distributing' RETURNING true",
-        campaign_id, at,
-    )
-    return bool(done)
-
-
-async def distributed_by(conn: Conn, job: str, period: str) -> list[asyncpg.Record]:
-    return list(await conn.fetch("SELECT * FROM campaigns WHERE job = $1 AND period = $2 ORDER BY campaign_id", job, period))
 
 
 async def prize_of(conn: Conn, campaign_id: str, user_id: str) -> asyncpg.Record | None:

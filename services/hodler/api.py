@@ -20,10 +20,7 @@
 
 from __future__ import annotations
 
-import hashlib
 import logging
-import os
-import signal
 import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -37,16 +34,16 @@ from google.protobuf.message import Message
 
 from services.hodler import domain, metrics, store
 from services.hodler.domain import Leg, Status
-from services.kernel import events, idempotency, inbox, paging
+from services.kernel import distribution, events, idempotency, inbox, paging
 from services.kernel.clock import unix_hour
 from services.kernel.config import Settings
-from services.kernel.errors import AlreadyExists, DomainError, FailedPrecondition, InvalidArgument
+from services.kernel.distribution import WalletClient
+from services.kernel.errors import AlreadyExists, FailedPrecondition, InvalidArgument
 from services.kernel.grpcserver import GATEWAY, OPERATOR, SERVICE, scoped_user
 from services.kernel.ids import check_job, check_period, check_user_id
 from services.kernel.money import format_amount, parse_decimal, scale_of
-from services.kernel.peers import Peer
 
-from earn.v1 import hodler_pb2 as hd, hodler_pb2_grpc, wallet_pb2, wallet_pb2_grpc
+from earn.v1 import hodler_pb2 as hd, hodler_pb2_grpc, wallet_pb2
 
 log = logging.getLogger(__name__)
 
@@ -93,23 +90,6 @@ class Changes:
     changes: dict[tuple[str, str], Decimal]
 
 
-class WalletClient(Peer):
-    """The wallet; whatever it refuses of a distribution is a failed precondition."""
-
-    def __init__(self, channel: grpc.aio.Channel, token: str) -> None:
-        super().__init__(wallet_pb2_grpc.WalletServiceStub(channel), token, "wallet", retry="the distribution resumes when called again")
-
-    def refused(self, method: str, err: grpc.aio.AioRpcError) -> DomainError:
-        log.error("wallet call failed", extra={"method": method, "code": err.code().name, "details": err.details()})
-        return FailedPrecondition(f"wallet refused {method}: {err.details()}")
-
-
-def derived_key(prefix: str, *parts: object) -> str:
-    text = ":".join(str(p) for p in parts)
-    key = f"hd:{prefix}:{text}"
-    return key if len(key) <= 128 else f"hd:{prefix}:h:{hashlib.sha256(text.encode()).hexdigest()}"
-
-
 def _stamp(message: Any, field: str, value: Any) -> None:
     if value is not None:
         getattr(message, field).FromDatetime(value)
@@ -125,10 +105,10 @@ class HodlerApi(hodler_pb2_grpc.HodlerServiceServicer):
         self.wallet = wallet
         self.end_offsets = end_offsets
         self.credit_chunk = credit_chunk
-        # Tests only: SIGKILL this process once the wallet paid this many reward chunks,
-        # before they are recorded (the worst moment for a crash). 0: never.
-        self.crash_after_chunks = crash_after_chunks
-        self._chunks_paid = 0
+        # Reward chunks keyed hd:reward:<airdrop>:<chunk> (tests: crash_after_chunks).
+        self.payer = distribution.Distributor(
+            pool, wallet, store.LEDGER, settings.clock.now, namespace="hd", key_prefix="reward", crash_after_chunks=crash_after_chunks,
+        )
         self.settle_us = int(settle_seconds * 1_000_000)
 
     def now_us(self) -> int:
@@ -279,7 +259,7 @@ class HodlerApi(hodler_pb2_grpc.HodlerServiceServicer):
         for r in due:
             await self.distribute(r["airdrop_id"], job, period)
         response = hd.DistributeAirdropsResponse()
-        for row in await store.distributed_by(self.pool, job, period):
+        for row in await distribution.distributed_by(self.pool, store.LEDGER, job, period):
             if row["distribution"] != "distributed":  # paid by a concurrent call still running
                 raise FailedPrecondition(f"airdrop_id: airdrop {row['airdrop_id']} is still being paid; call again")
             response.airdrops.add(
@@ -323,21 +303,9 @@ class HodlerApi(hodler_pb2_grpc.HodlerServiceServicer):
             elif row["distribution"] == "distributed":
                 return
         row = await store.airdrop(self.pool, airdrop_id)
-        for chunk, credits in sorted((await store.unpaid_chunks(self.pool, airdrop_id)).items()):
-            credit = wallet_pb2.BulkCreditRequest(
-                idempotency_key=derived_key("reward", airdrop_id, chunk), asset=row["reward_asset"],
-                source=wallet_pb2.AccountRef(owner=domain.reward_account(airdrop_id), kind=wallet_pb2.ACCOUNT_KIND_EXPENSE),
-                reference=f"hodler:reward:{airdrop_id}",
-            )
-            credit.owners.extend(u for u, _ in credits)
-            credit.amounts.extend(format_amount(a) for _, a in credits)
-            reply = await self.wallet.call("BulkCredit", credit)
-            self._chunks_paid += 1
-            if self.crash_after_chunks and self._chunks_paid >= self.crash_after_chunks:
-                log.warning("crash_after_chunks reached: SIGKILL (a test of the distribution's recovery)")
-                os.kill(os.getpid(), signal.SIGKILL)
-            await store.chunk_paid(self.pool, airdrop_id, chunk, reply.posting_id, self.settings.clock.now())
-        if await store.mark_distributed(self.pool, airdrop_id, self.settings.clock.now()):
+        if await self.payer.pay(
+            airdrop_id, asset=row["reward_asset"], source_owner=domain.reward_account(airdrop_id), reference=f"hodler:reward:{airdrop_id}",
+        ):
             metrics.AIRDROPS_DISTRIBUTED.inc()
             metrics.amount(metrics.REWARDS_PAID, row["reward_asset"], row["paid"])
 

@@ -20,9 +20,13 @@ from fractions import Fraction
 import asyncpg
 
 from services.hodler import domain
+from services.kernel import distribution
 from services.kernel.errors import NotFound
 
 Conn = asyncpg.Connection | asyncpg.Pool
+
+# Where the distribution pays from (services.kernel.distribution): airdrops by airdrop_id, one row of rewards per user.
+LEDGER = distribution.Ledger("airdrops", "airdrop_id", "rewards")
 
 # The projected integral of a holdings row h of airdrop a: (e - s) x PRE + e x D1 - M1.
 _INTEGRAL = "((a.end_us - a.start_us) * h.pre + a.end_us * h.d1 - h.m1)"
@@ -217,40 +221,12 @@ async def record_rewards(
         "INSERT INTO rewards (airdrop_id, user_id, counted_average, amount, chunk) SELECT $1, u, c, a, k"
         " FROM unnest($2::text[], $3::numeric[], $4::numeric[], $5::integer[]) AS x(u, c, a, k)",
         airdrop_id, users, [counted[u] for u in users], [rewards.get(u, Decimal(0)) for u in users],
-        [i // chunk_size for i in range(len(users))],
+        distribution.chunk_numbers(len(users), chunk_size),
     )
     await conn.execute(
         "UPDATE airdrops SET distribution = 'distributing', job = $2, period = $3, winners = $4, paid = $5 WHERE airdrop_id = $1",
         airdrop_id, job, period, sum(1 for a in rewards.values() if a > 0), sum(rewards.values(), Decimal(0)),
     )
-
-
-async def unpaid_chunks(conn: Conn, airdrop_id: str) -> dict[int, list[tuple[str, Decimal]]]:
-    out: dict[int, list[tuple[str, Decimal]]] = defaultdict(list)
-    for r in await conn.fetch(
-        "SELECT chunk, user_id, amount FROM rewards WHERE airdrop_id = $1 AND amount > 0 AND posting_id IS NULL ORDER BY chunk, user_id", airdrop_id,
-    ):
-        out[r["chunk"]].append((r["user_id"], r["amount"]))
-    return dict(out)
-
-
-async def chunk_paid(conn: Conn, airdrop_id: str, chunk: int, posting_id: str, at: datetime) -> None:
-    await conn.execute(
-        "UPDATE rewards SET posting_id = $3, paid_at = $4 WHERE airdrop_id = $1 AND chunk = $2 AND amount > 0 AND posting_id IS NULL",
-        airdrop_id, chunk, posting_id, at,
-    )
-
-
-async def mark_distributed(conn: Conn, airdrop_id: str, at: datetime) -> bool:
-    done = await conn.fetchval(
-        "UPDATE airdrops SET distribution = 'distributed', distributed_at = $2 WHERE airdrop_id = $1 AND distribution = 'distributing' RETURNING true",
-        airdrop_id, at,
-    )
-    return bool(done)
-
-
-async def distributed_by(conn: Conn, job: str, period: str) -> list[asyncpg.Record]:
-    return list(await conn.fetch("SELECT * FROM airdrops WHERE job = $1 AND period = $2 ORDER BY airdrop_id", job, period))
 
 
 async def reward_of(conn: Conn, airdrop_id: str, user_id: str) -> asyncpg.Record | None:
