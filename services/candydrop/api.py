@@ -32,7 +32,7 @@ from google.protobuf.message import Message
 
 from services.candydrop import domain, metrics, store
 from services.candydrop.domain import PoolKind, Status, TaskKind
-from services.kernel import distribution, events, idempotency, inbox, paging
+from services.kernel import deadletters, distribution, events, idempotency, inbox, paging
 from services.kernel.clock import unix_hour
 from services.kernel.config import Settings
 from services.kernel.distribution import WalletClient
@@ -436,5 +436,5 @@ class CandyDropApi(candydrop_pb2_grpc.CandyDropServiceServicer):
         return "counted"
 
     async def park(self, topic: str, partition: int, offset: int, error: str, raw: bytes) -> None:
-        await store.park_dead_letter(self.pool, topic, partition, offset, error, raw)
+        await deadletters.park(self.pool, topic, partition, offset, error, raw)
 

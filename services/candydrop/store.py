@@ -176,13 +176,6 @@ async def registered_users(conn: Conn, users: Sequence[str]) -> set[str]:
     return {r["user_id"] for r in rows}
 
 
-async def park_dead_letter(conn: Conn, topic: str, partition: int, offset: int, error: str, raw: bytes) -> None:
-    await conn.execute(
-        'INSERT INTO dead_letters (topic, "partition", "offset", error, raw) VALUES ($1, $2, $3, $4, $5) ON CONFLICT DO NOTHING',
-        topic, partition, offset, error[:2000], raw,
-    )
-
-
 # ---- distribution -------------------------------------------------------------------
 
 

@@ -34,7 +34,7 @@ from google.protobuf.message import Message
 
 from services.hodler import domain, metrics, store
 from services.hodler.domain import Leg, Status
-from services.kernel import distribution, events, idempotency, inbox, paging
+from services.kernel import deadletters, distribution, events, idempotency, inbox, paging
 from services.kernel.clock import unix_hour
 from services.kernel.config import Settings
 from services.kernel.distribution import WalletClient
@@ -362,7 +362,7 @@ class HodlerApi(hodler_pb2_grpc.HodlerServiceServicer):
         await store.advance(self.pool, WALLET_TOPIC, offsets)
 
     async def park(self, topic: str, partition: int, offset: int, error: str, raw: bytes) -> None:
-        await store.park_dead_letter(self.pool, topic, partition, offset, error, raw)
+        await deadletters.park(self.pool, topic, partition, offset, error, raw)
 
     async def refresh_gauges(self) -> None:
         for state, count in (await store.count_by_status(self.pool, self.now_us())).items():

@@ -42,6 +42,7 @@ from typing import Any
 
 import asyncpg
 import grpc
+from google.protobuf.message import DecodeError
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from services.dual.api import Client, market_client, wallet_client
@@ -809,24 +810,46 @@ class LoanApi(loan_pb2_grpc.LoanServiceServicer):
 
     # ---- the engine's actions --------------------------------------------------------------
 
+    @staticmethod
+    def _read_actions(raw: bytes) -> tuple[list[ln.LoanLtvAction], list[str]]:
+        """The record's actions and their kinds, every field the service reads checked
+        before anything is applied; ValueError for a record that cannot be read (the
+        consumer parks it in dead_letters)."""
+        from services.kernel import events
+
+        try:
+            env = events.parse(raw)
+            if env.type == ln.LoanActions.DESCRIPTOR.full_name:
+                batch = list(events.unwrap(env, ln.LoanActions).actions)
+            else:
+                batch = [events.unwrap(env, ln.LoanLtvAction)]
+        except DecodeError as err:
+            raise ValueError(f"not a loan action: {err}") from None
+        kinds = []
+        good: set[tuple[bool, str]] = set()  # (is a price, text) checked already: a batch's actions share their prices
+        for action in batch:
+            kind = _ACTION_KINDS.get(action.kind)
+            if kind is None:
+                raise ValueError(f"unknown action kind {action.kind}")
+            for what, text in [("ltv", action.ltv), *((f"price of {a}", p) for a, p in action.prices.items())]:
+                if (what != "ltv", text) in good:
+                    continue
+                good.add((what != "ltv", text))
+                try:
+                    value = Fraction(text)
+                except (ValueError, ZeroDivisionError):
+                    raise ValueError(f"action on {action.loan_id!r}: {what} {text!r} is not a number") from None
+                if value < 0 or (what != "ltv" and value == 0):
+                    raise ValueError(f"action on {action.loan_id!r}: {what} {text!r} is out of range")
+            kinds.append(kind)
+        return batch, kinds
+
     async def apply_action(self, raw: bytes) -> str:
         """One record of loan.actions: a LoanActions batch (what the engine sends) or a
         single LoanLtvAction (older records). Each action is applied idempotently: a margin
         call or a re-arm recorded once (the loan, kind, version and sequence; a batch's in
         one transaction); a liquidation executed once per loan, at the version judged."""
-        from services.kernel import events
-
-        env = events.parse(raw)
-        if env.type == ln.LoanActions.DESCRIPTOR.full_name:
-            batch = list(events.unwrap(env, ln.LoanActions).actions)
-        else:
-            batch = [events.unwrap(env, ln.LoanLtvAction)]
-        kinds = []
-        for action in batch:
-            kind = _ACTION_KINDS.get(action.kind)
-            if kind is None:
-                raise ValueError(f"unknown action kind {action.kind}")
-            kinds.append(kind)
+        batch, kinds = self._read_actions(raw)
         now_us = self._now_us()
         rows = []
         for action, kind in zip(batch, kinds):

@@ -1,6 +1,7 @@
 """Crypto Loan process: migrate, create its topics, serve gRPC, run the outbox relay
 (loan states for the engine), the consumer of the engine's actions (loan.actions:
-margin calls recorded, liquidations executed) and the sweep of pending operations."""
+margin calls recorded, liquidations executed; an unreadable record parked in
+dead_letters) and the sweep of pending operations."""
 
 from __future__ import annotations
 
@@ -9,13 +10,14 @@ import logging
 from pathlib import Path
 
 from services.kernel import grpcclient
-from aiokafka import AIOKafkaConsumer
+from aiokafka import AIOKafkaConsumer, ConsumerRecord
 
-from services.kernel import db, logs, topics
+from services.kernel import db, deadletters, logs, loops, topics
 from services.kernel.config import load
 from services.kernel.grpcserver import GrpcApp
 from services.kernel.outbox import Relay
 from services.kernel.topics import topic_name
+from services.loan import metrics
 from services.loan.api import ACTION_TOPIC, ROLES, SERVICE_NAME, STATE_TOPIC, LoanApi, LoanSettings, market_client, wallet_client
 
 from earn.v1 import loan_pb2_grpc
@@ -41,7 +43,8 @@ async def consume_actions(settings: LoanSettings, api: LoanApi) -> None:
         except Exception as exc:  # noqa: BLE001
             log.warning("action consumer cannot reach Kafka; retrying", extra={"error": str(exc)})
             await asyncio.sleep(1.0)
-    consumer.subscribe([topic_name(settings, ACTION_TOPIC)])
+    topic = topic_name(settings, ACTION_TOPIC)
+    consumer.subscribe([topic])
     try:
         while True:
             fetched = await consumer.getmany(timeout_ms=200, max_records=500)
@@ -52,7 +55,7 @@ async def consume_actions(settings: LoanSettings, api: LoanApi) -> None:
                             await api.apply_action(record.value or b"")
                             break
                         except (ValueError, TypeError) as err:
-                            log.error("unreadable loan action skipped", extra={"offset": record.offset, "partition": tp.partition, "error": str(err)})
+                            await park(api, topic, record, f"{type(err).__name__}: {err}")
                             break
                         except asyncio.CancelledError:
                             raise
@@ -62,6 +65,17 @@ async def consume_actions(settings: LoanSettings, api: LoanApi) -> None:
                 await consumer.commit({tp: records[-1].offset + 1})
     finally:
         await consumer.stop()
+
+
+async def park(api: LoanApi, topic: str, record: ConsumerRecord, error: str) -> None:
+    """An unreadable record of loan.actions: parked in dead_letters (once per record; a
+    redelivery after a restart parks nothing twice), counted, logged; the consumer goes on."""
+    where = {"partition": record.partition, "offset": record.offset}
+    raw = record.value or b""
+    if await loops.retried(lambda: deadletters.park(api.pool, topic, record.partition, record.offset, error, raw),
+                           "parking a loan action failed; retrying", **where):
+        metrics.DEAD_LETTERS.inc()
+    log.error("unreadable loan action parked in dead_letters", extra={**where, "error": error})
 
 
 async def sweep(settings: LoanSettings, api: LoanApi) -> None:

@@ -12,3 +12,7 @@ LATENCY = Histogram(
     "earn_loan_price_to_action_seconds", "From the price tick's event time to the action recorded by the loan service.", ["kind"],
     buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
 )
+DEAD_LETTERS = Counter(
+    "earn_loan_dead_letters_total",
+    "Records of loan.actions that could not be read, parked in dead_letters (the engine's margin calls or liquidations in them were not applied).",
+)

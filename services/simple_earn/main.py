@@ -15,7 +15,7 @@ from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
 from aiokafka.abc import ConsumerRebalanceListener
 from google.protobuf.message import DecodeError
 
-from services.kernel import db, events, logs, loops, peers, topics
+from services.kernel import db, deadletters, events, logs, loops, peers, topics
 from services.kernel.config import ServiceSettings, load
 from services.kernel.errors import InvalidArgument
 from services.kernel.grpcserver import GrpcApp
@@ -231,13 +231,13 @@ async def _consume_one(api: SimpleEarnApi, topic: str, record: ConsumerRecord) -
         outcome = await api.apply_payout(raw, skipped)
     except (DecodeError, ValueError, InvalidArgument) as err:
         error = err.message if isinstance(err, InvalidArgument) else f"{type(err).__name__}: {err}"
-        if await store.park_dead_letter(api.pool, topic, record.partition, record.offset, error, raw):
+        if await deadletters.park(api.pool, topic, record.partition, record.offset, error, raw):
             metrics.DEAD_LETTERS.labels("unreadable").inc()
         log.error("unreadable payout batch parked in dead_letters", extra={**where, "error": error})
         return "dead_letter"
     if skipped:
         error = f"{len(skipped)} item(s) not paid: " + "; ".join(skipped)
-        if await store.park_dead_letter(api.pool, topic, record.partition, record.offset, error, raw):
+        if await deadletters.park(api.pool, topic, record.partition, record.offset, error, raw):
             metrics.DEAD_LETTERS.labels("items_skipped").inc()
         log.error("payout batch paid in part; parked in dead_letters", extra={**where, "error": error})
     log.info("payout batch", extra={**where, "outcome": outcome})

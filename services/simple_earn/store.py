@@ -870,18 +870,3 @@ async def recorded_payouts(pool: asyncpg.Pool, position_ids: list[int], job: str
         job, period, position_ids,
     )
     return {r["position_id"]: r for r in rows}
-
-
-# ---- dead letters ---------------------------------------------------------------------
-
-
-async def park_dead_letter(pool: asyncpg.Pool, topic: str, partition: int, offset: int, error: str, raw: bytes) -> bool:
-    """Park a record that cannot be parsed or applied. False when it was parked before
-    (a redelivery): parking is idempotent per (topic, partition, offset)."""
-    return bool(
-        await pool.fetchval(
-            'INSERT INTO dead_letters (topic, "partition", "offset", error, raw) VALUES ($1, $2, $3, $4, $5)'
-            ' ON CONFLICT (topic, "partition", "offset") DO NOTHING RETURNING true',
-            topic, partition, offset, error[:2000], raw,
-        )
-    )
