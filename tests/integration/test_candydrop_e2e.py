@@ -21,9 +21,6 @@ from __future__ import annotations
 import asyncio
 import os
 import random
-import subprocess
-import sys
-import tempfile
 from collections import defaultdict
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -31,20 +28,15 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from fractions import Fraction
-from pathlib import Path
 
-import asyncpg
-from services.kernel import grpcclient
 import pytest
 from aiokafka import AIOKafkaProducer
 
 from earn.v1 import accrual_pb2, candydrop_pb2 as cd, candydrop_pb2_grpc, exchange_pb2, simple_earn_pb2 as se, simple_earn_pb2_grpc
 from earn.v1 import wallet_pb2, wallet_pb2_grpc
-from services.devstack.processes import PROCESSES, ManagedProcess
-from services.kernel.clock import set_time
-from services.kernel.config import REPO_ROOT
 from services.kernel.money import format_amount
 from tests.conftest import GATEWAY, OPERATOR, eventually, unique
+from tests.integration import _world
 
 pytestmark = pytest.mark.integration
 
@@ -225,56 +217,23 @@ def to_message(e: dict, users: dict[str, str]) -> tuple[str, bytes]:
 # ---- processes -------------------------------------------------------------------------
 
 
-def _spec(name: str):  # type: ignore[no-untyped-def]
-    return next(s for s in PROCESSES if s.name == name)
-
-
-@dataclass
-class World:
-    clock: Path
-    env: dict[str, str]
-    processes: dict[str, ManagedProcess]
+@dataclass(kw_only=True)
+class World(_world.World):
     candydrop: candydrop_pb2_grpc.CandyDropServiceStub
     earn: simple_earn_pb2_grpc.SimpleEarnServiceStub
     wallet: wallet_pb2_grpc.WalletServiceStub
     producer: AIOKafkaProducer
     prefix: str
-    chaos: random.Random | None = None
-    kills: int = 0
-
-    def move(self, moment: datetime) -> None:
-        set_time(self.clock, moment)
 
     async def restart_candydrop(self, **env: str) -> None:
-        proc = self.processes["candydrop"]
-        proc.kill()
-        self.kills += 1
-        proc.env.pop("EARN_CRASH_AFTER_CHUNKS", None)
-        proc.env.update(env)
-        proc.start()
-        await asyncio.to_thread(proc.wait_ready, 60)
-
-    def _cli(self) -> list[str]:
-        return [sys.executable, "-m", "services.scheduler.cli", "catch-up", "--job", JOB]
+        await self.restart("candydrop", **env)
 
     async def catch_up(self, crash_after_chunks: int = 0) -> None:
         if self.chaos is not None:
-            # CandyDrop kills itself right after the wallet paid a chunk, before recording
-            # it; the run fails; CandyDrop restarts and the next run pays the rest, once.
-            await self.restart_candydrop(EARN_CRASH_AFTER_CHUNKS=str(crash_after_chunks))
-            failed = await asyncio.to_thread(subprocess.run, self._cli(), cwd=REPO_ROOT, env=self.env, capture_output=True, text=True, timeout=300)
-            assert failed.returncode != 0, failed.stdout
-            await asyncio.to_thread(self.processes["candydrop"].popen.wait, 30)  # type: ignore[union-attr]
-            await self.restart_candydrop()
+            await self.crash_after_paid_chunks("candydrop", crash_after_chunks)
             if self.chaos.random() < 0.7:  # and the CLI killed at a random moment
-                cli = subprocess.Popen(self._cli(), cwd=REPO_ROOT, env=self.env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-                await asyncio.sleep(self.chaos.uniform(0.3, 2.0))
-                if cli.poll() is None:
-                    cli.kill()
-                    self.kills += 1
-                await asyncio.to_thread(cli.wait)
-        done = await asyncio.to_thread(subprocess.run, self._cli(), cwd=REPO_ROOT, env=self.env, capture_output=True, text=True, timeout=300)
-        assert done.returncode == 0, done.stdout + done.stderr
+                await self.kill_cli_at_random(0.3, 2.0)
+        await self.caught_up()
 
     async def publish(self, items: list[tuple[str, bytes, str]]) -> None:
         for topic, value, key in items:
@@ -283,43 +242,21 @@ class World:
 
 @asynccontextmanager
 async def world(stack, name: str, chaos: random.Random | None = None) -> AsyncIterator[World]:  # type: ignore[no-untyped-def]
-    database = f"{stack.settings.pg_database}_{name}"
-    admin = await asyncpg.connect(stack.settings.database_url.rsplit("/", 1)[0] + "/postgres")
-    await admin.execute(f'CREATE DATABASE "{database}"')
-    clock = Path(tempfile.mkdtemp(prefix="clock-")) / "now"
-    set_time(clock, at(0, 10))
-    prefix = f"{stack.settings.topic_prefix}{name}."
-    env = {"EARN_PG_DATABASE": database, "EARN_TOPIC_PREFIX": prefix, "EARN_CLOCK_FILE": str(clock)}
-    processes: dict[str, ManagedProcess] = {}
-    producer = AIOKafkaProducer(bootstrap_servers=stack.settings.kafka_bootstrap, enable_idempotence=True, acks="all")
-    try:
-        async def start(process: str, **extra: str) -> None:
-            proc = stack.spawn(_spec(process), **env, **extra)
-            proc.start()
-            processes[process] = proc
-            await asyncio.to_thread(proc.wait_ready, 60)
-
-        await start("wallet")
-        wallet = processes["wallet"].address or ""
-        await asyncio.gather(start("simple_earn", EARN_WALLET_ADDRESS=wallet), start("candydrop", EARN_WALLET_ADDRESS=wallet, EARN_CREDIT_CHUNK="2"))
-        cli_env = {
-            **stack.env, **env, "EARN_CANDYDROP_ADDRESS": processes["candydrop"].address or "",
-            "EARN_SCHEDULER_START": at(0, 10).isoformat(), "EARN_METRICS_PORT": "0",
-        }
-        await producer.start()
-        async with (
-            grpcclient.channel(processes["candydrop"].address) as c1,
-            grpcclient.channel(processes["simple_earn"].address) as c2,
-            grpcclient.channel(processes["wallet"].address) as c3,
-        ):
-            yield World(clock, cli_env, processes, candydrop_pb2_grpc.CandyDropServiceStub(c1), simple_earn_pb2_grpc.SimpleEarnServiceStub(c2),
-                        wallet_pb2_grpc.WalletServiceStub(c3), producer, prefix, chaos)
-    finally:
-        await producer.stop()
-        for proc in reversed(processes.values()):
-            proc.stop()
-        await admin.execute(f'DROP DATABASE IF EXISTS "{database}" WITH (FORCE)')
-        await admin.close()
+    async with _world.stage(stack, name, at(0, 10)) as s:
+        await s.start("wallet")
+        wallet = s.address("wallet")
+        await asyncio.gather(s.start("simple_earn", EARN_WALLET_ADDRESS=wallet), s.start("candydrop", EARN_WALLET_ADDRESS=wallet, EARN_CREDIT_CHUNK="2"))
+        producer = AIOKafkaProducer(bootstrap_servers=stack.settings.kafka_bootstrap, enable_idempotence=True, acks="all")
+        try:
+            await producer.start()
+            async with s.channels("candydrop", "simple_earn", "wallet") as (c1, c2, c3):
+                yield World(
+                    **s.world(JOB, chaos, EARN_CANDYDROP_ADDRESS=s.address("candydrop")), candydrop=candydrop_pb2_grpc.CandyDropServiceStub(c1),
+                    earn=simple_earn_pb2_grpc.SimpleEarnServiceStub(c2), wallet=wallet_pb2_grpc.WalletServiceStub(c3), producer=producer,
+                    prefix=s.prefix,
+                )
+        finally:
+            await producer.stop()
 
 
 async def balance(w: World, owner: str, asset: str, kind: int = FUNDING) -> Decimal:

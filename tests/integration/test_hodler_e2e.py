@@ -26,9 +26,6 @@ import asyncio
 import os
 import random
 import subprocess
-import sys
-import tempfile
-import time
 from collections import defaultdict
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -36,18 +33,13 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from fractions import Fraction
-from pathlib import Path
 
-import asyncpg
 import pytest
 
 from earn.v1 import accrual_pb2, hodler_pb2 as hd, hodler_pb2_grpc, simple_earn_pb2 as se, simple_earn_pb2_grpc
 from earn.v1 import wallet_pb2, wallet_pb2_grpc
-from services.devstack.processes import PROCESSES, ManagedProcess
-from services.kernel import grpcclient
-from services.kernel.clock import set_time
-from services.kernel.config import REPO_ROOT
 from tests.conftest import GATEWAY, OPERATOR, SERVICE, eventually, unique
+from tests.integration import _world
 
 pytestmark = pytest.mark.integration
 
@@ -123,33 +115,14 @@ def floor18(value: Fraction) -> Decimal:
 # ---- processes -------------------------------------------------------------------------
 
 
-def _spec(name: str):  # type: ignore[no-untyped-def]
-    return next(s for s in PROCESSES if s.name == name)
-
-
-@dataclass
-class World:
-    clock: Path
-    env: dict[str, str]
-    processes: dict[str, ManagedProcess]
+@dataclass(kw_only=True)
+class World(_world.World):
     hodler: hodler_pb2_grpc.HodlerServiceStub
     earn: simple_earn_pb2_grpc.SimpleEarnServiceStub
     wallet: wallet_pb2_grpc.WalletServiceStub
-    chaos: random.Random | None = None
-    kills: int = 0
-
-    def move(self, moment: datetime) -> None:
-        set_time(self.clock, moment)
-        time.sleep(0.02)  # a new modification time for every reader's cache
 
     async def restart_hodler(self, **env: str) -> None:
-        proc = self.processes["hodler"]
-        proc.kill()
-        self.kills += 1
-        proc.env.pop("EARN_CRASH_AFTER_CHUNKS", None)
-        proc.env.update(env)
-        proc.start()
-        await asyncio.to_thread(proc.wait_ready, 60)
+        await self.restart("hodler", **env)
 
     async def maybe_kill(self) -> None:
         """Chaos only: HODLer SIGKILLed while it consumes what was just posted."""
@@ -157,14 +130,11 @@ class World:
             await asyncio.sleep(self.chaos.uniform(0, 0.3))
             await self.restart_hodler()
 
-    def _cli(self) -> list[str]:
-        return [sys.executable, "-m", "services.scheduler.cli", "catch-up", "--job", JOB]
-
     async def run_cli(self) -> subprocess.CompletedProcess[str]:
         """The job's catch-up, again while HODLer refuses it for not having applied every
         wallet event yet (FAILED_PRECONDITION "has not caught up")."""
         for _ in range(60):
-            done = await asyncio.to_thread(subprocess.run, self._cli(), cwd=REPO_ROOT, env=self.env, capture_output=True, text=True, timeout=300)
+            done = await super().run_cli()
             if done.returncode == 0 or "has not caught up" not in " ".join((done.stdout + done.stderr).split()):
                 return done
             await asyncio.sleep(1)
@@ -172,59 +142,22 @@ class World:
 
     async def catch_up(self) -> None:
         if self.chaos is not None:
-            # HODLer kills itself right after the wallet paid a chunk, before recording it;
-            # the run fails; HODLer restarts and the next run pays the rest, once.
-            await self.restart_hodler(EARN_CRASH_AFTER_CHUNKS="1")
-            failed = await self.run_cli()
-            assert failed.returncode != 0, failed.stdout
-            await asyncio.to_thread(self.processes["hodler"].popen.wait, 30)  # type: ignore[union-attr]
-            await self.restart_hodler()
-            cli = subprocess.Popen(self._cli(), cwd=REPO_ROOT, env=self.env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-            await asyncio.sleep(self.chaos.uniform(0.2, 1.5))  # and the CLI killed at a random moment
-            if cli.poll() is None:
-                cli.kill()
-                self.kills += 1
-            await asyncio.to_thread(cli.wait)
-        done = await self.run_cli()
-        assert done.returncode == 0, done.stdout + done.stderr
+            await self.crash_after_paid_chunks("hodler", 1)
+            await self.kill_cli_at_random(0.2, 1.5)  # and the CLI killed at a random moment
+        await self.caught_up()
 
 
 @asynccontextmanager
 async def world(stack, name: str, chaos: random.Random | None = None) -> AsyncIterator[World]:  # type: ignore[no-untyped-def]
-    database = f"{stack.settings.pg_database}_{name}"
-    admin = await asyncpg.connect(stack.settings.database_url.rsplit("/", 1)[0] + "/postgres")
-    await admin.execute(f'CREATE DATABASE "{database}"')
-    clock = Path(tempfile.mkdtemp(prefix="clock-")) / "now"
-    set_time(clock, at(0, 5))
-    prefix = f"{stack.settings.topic_prefix}{name}."
-    env = {"EARN_PG_DATABASE": database, "EARN_TOPIC_PREFIX": prefix, "EARN_CLOCK_FILE": str(clock)}
-    processes: dict[str, ManagedProcess] = {}
-    try:
-        async def start(process: str, **extra: str) -> None:
-            proc = stack.spawn(_spec(process), **env, **extra)
-            proc.start()
-            processes[process] = proc
-            await asyncio.to_thread(proc.wait_ready, 60)
-
-        await start("wallet")
-        wallet = processes["wallet"].address or ""
-        await asyncio.gather(start("simple_earn", EARN_WALLET_ADDRESS=wallet), start("hodler", EARN_WALLET_ADDRESS=wallet, EARN_CREDIT_CHUNK="2"))
-        cli_env = {
-            **stack.env, **env, "EARN_HODLER_ADDRESS": processes["hodler"].address or "",
-            "EARN_SCHEDULER_START": at(0, 5).isoformat(), "EARN_METRICS_PORT": "0",
-        }
-        async with (
-            grpcclient.channel(processes["hodler"].address) as c1,
-            grpcclient.channel(processes["simple_earn"].address) as c2,
-            grpcclient.channel(processes["wallet"].address) as c3,
-        ):
-            yield World(clock, cli_env, processes, hodler_pb2_grpc.HodlerServiceStub(c1), simple_earn_pb2_grpc.SimpleEarnServiceStub(c2),
-                        wallet_pb2_grpc.WalletServiceStub(c3), chaos)
-    finally:
-        for proc in reversed(processes.values()):
-            proc.stop()
-        await admin.execute(f'DROP DATABASE IF EXISTS "{database}" WITH (FORCE)')
-        await admin.close()
+    async with _world.stage(stack, name, at(0, 5)) as s:
+        await s.start("wallet")
+        wallet = s.address("wallet")
+        await asyncio.gather(s.start("simple_earn", EARN_WALLET_ADDRESS=wallet), s.start("hodler", EARN_WALLET_ADDRESS=wallet, EARN_CREDIT_CHUNK="2"))
+        async with s.channels("hodler", "simple_earn", "wallet") as (c1, c2, c3):
+            yield World(
+                **s.world(JOB, chaos, EARN_HODLER_ADDRESS=s.address("hodler")), hodler=hodler_pb2_grpc.HodlerServiceStub(c1),
+                earn=simple_earn_pb2_grpc.SimpleEarnServiceStub(c2), wallet=wallet_pb2_grpc.WalletServiceStub(c3),
+            )
 
 
 async def balance(w: World, owner: str, asset: str, kind: int = FUNDING) -> Decimal:

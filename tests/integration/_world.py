@@ -1,0 +1,151 @@
+"""The world of an end-to-end test, set up and torn down the same way for every service:
+its own database and topic prefix (on the shared servers), a file clock every process of
+the world reads, the service processes (real processes through the conftest's
+``stack.spawn``: SIGKILL-able), gRPC channels to them, and the scheduler's catch-up CLI
+run against them.
+
+``stage(stack, name, now)`` creates the database and the clock and, whatever happens,
+stops every process it started and drops the database. A test's ``World`` subclasses
+:class:`World` with its stubs; :meth:`Stage.world` gives the common fields."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import AsyncIterator
+from contextlib import AsyncExitStack, asynccontextmanager
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import grpc
+
+from services.devstack.processes import PROCESSES, ManagedProcess, ProcessSpec
+from services.kernel import grpcclient
+from services.kernel.clock import set_time
+from services.kernel.config import REPO_ROOT
+
+
+def spec(name: str) -> ProcessSpec:
+    return next(s for s in PROCESSES if s.name == name)
+
+
+@dataclass(kw_only=True)
+class World:
+    """What every world has: the clock file, the CLI's environment, the processes by name,
+    the scheduler job it catches up, and under chaos the seeded random and the kill count."""
+
+    clock: Path
+    env: dict[str, str]
+    processes: dict[str, ManagedProcess]
+    job: str
+    chaos: random.Random | None = None
+    kills: int = 0
+
+    def move(self, moment: datetime) -> None:
+        set_time(self.clock, moment)
+        time.sleep(0.02)  # a new modification time for every reader's cache
+
+    async def restart(self, process: str, **env: str) -> None:
+        """SIGKILL ``process`` and start it again with ``env`` (and without a crash setting
+        given before), ready."""
+        proc = self.processes[process]
+        proc.kill()
+        self.kills += 1
+        proc.env.pop("EARN_CRASH_AFTER_CHUNKS", None)
+        proc.env.update(env)
+        proc.start()
+        await asyncio.to_thread(proc.wait_ready, 60)
+
+    def cli(self) -> list[str]:
+        return [sys.executable, "-m", "services.scheduler.cli", "catch-up", "--job", self.job]
+
+    async def run_cli(self) -> subprocess.CompletedProcess[str]:
+        return await asyncio.to_thread(subprocess.run, self.cli(), cwd=REPO_ROOT, env=self.env, capture_output=True, text=True, timeout=300)
+
+    async def caught_up(self) -> None:
+        done = await self.run_cli()
+        assert done.returncode == 0, done.stdout + done.stderr
+
+    async def kill_cli_at_random(self, low: float, high: float) -> None:
+        """Chaos: the catch-up CLI SIGKILLed after a seeded pause (if it still runs)."""
+        assert self.chaos is not None
+        cli = subprocess.Popen(self.cli(), cwd=REPO_ROOT, env=self.env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        await asyncio.sleep(self.chaos.uniform(low, high))
+        if cli.poll() is None:
+            cli.kill()
+            self.kills += 1
+        await asyncio.to_thread(cli.wait)
+
+    async def crash_after_paid_chunks(self, process: str, chunks: int) -> None:
+        """Chaos: ``process`` kills itself right after the wallet paid ``chunks`` chunks of a
+        distribution, before recording them (EARN_CRASH_AFTER_CHUNKS); the catch-up fails;
+        the process restarts, for the next run to pay the rest, once."""
+        await self.restart(process, EARN_CRASH_AFTER_CHUNKS=str(chunks))
+        failed = await self.run_cli()
+        assert failed.returncode != 0, failed.stdout
+        await asyncio.to_thread(self.processes[process].popen.wait, 30)  # type: ignore[union-attr]
+        await self.restart(process)
+
+
+@dataclass
+class Stage:
+    """A world being set up: ``env`` is what every process of it gets (database, topic
+    prefix, clock file)."""
+
+    stack: Any  # tests.conftest.Env
+    clock: Path
+    env: dict[str, str]
+    processes: dict[str, ManagedProcess]
+    now: datetime
+
+    @property
+    def prefix(self) -> str:
+        return self.env["EARN_TOPIC_PREFIX"]
+
+    def address(self, process: str) -> str:
+        return self.processes[process].address or ""
+
+    async def start(self, process: str, **extra: str) -> ManagedProcess:
+        proc = self.stack.spawn(spec(process), **self.env, **extra)
+        proc.start()
+        self.processes[process] = proc
+        await asyncio.to_thread(proc.wait_ready, 60)
+        return proc
+
+    def world(self, job: str, chaos: random.Random | None = None, **cli_env: str) -> dict[str, Any]:
+        """The :class:`World` fields: the CLI's environment starts its scheduler at the
+        world's first moment."""
+        env = {**self.stack.env, **self.env, **cli_env, "EARN_SCHEDULER_START": self.now.isoformat(), "EARN_METRICS_PORT": "0"}
+        return dict(clock=self.clock, env=env, processes=self.processes, job=job, chaos=chaos)
+
+    @asynccontextmanager
+    async def channels(self, *processes: str) -> AsyncIterator[list[grpc.aio.Channel]]:
+        async with AsyncExitStack() as channels:
+            yield [await channels.enter_async_context(grpcclient.channel(self.address(p))) for p in processes]
+
+
+@asynccontextmanager
+async def stage(stack: Any, name: str, now: datetime) -> AsyncIterator[Stage]:
+    """A world's database ``<test database>_<name>``, topic prefix ``<test prefix><name>.``
+    and clock file at ``now``; on the way out every process stopped, the database dropped."""
+    database = f"{stack.settings.pg_database}_{name}"
+    admin = await asyncpg.connect(stack.settings.database_url.rsplit("/", 1)[0] + "/postgres")
+    processes: dict[str, ManagedProcess] = {}
+    try:
+        await admin.execute(f'CREATE DATABASE "{database}"')
+        clock = Path(tempfile.mkdtemp(prefix="clock-")) / "now"
+        set_time(clock, now)
+        env = {"EARN_PG_DATABASE": database, "EARN_TOPIC_PREFIX": f"{stack.settings.topic_prefix}{name}.", "EARN_CLOCK_FILE": str(clock)}
+        yield Stage(stack, clock, env, processes, now)
+    finally:
+        for proc in reversed(processes.values()):
+            proc.stop()
+        await admin.execute(f'DROP DATABASE IF EXISTS "{database}" WITH (FORCE)')
+        await admin.close()
