@@ -421,6 +421,9 @@ def _signed_decimal(text: str) -> Decimal:
     return -value if negative else value
 
 
+PRODUCER_BATCH_BYTES = 900_000  # under faust's producer_max_request_size (1,000,000); the topics take 8 MiB
+
+
 def create_app(settings: AccrualSettings) -> tuple[faust.App, Engine]:
     app = faust.App(
         app_id(settings),
@@ -431,6 +434,11 @@ def create_app(settings: AccrualSettings) -> tuple[faust.App, Engine]:
         topic_partitions=CATALOGUE[INPUT].partitions,
         table_standby_replicas=0,
         consumer_auto_offset_reset="earliest",
+        # aiokafka keeps one open batch per partition and one request in flight per broker:
+        # with faust's 16 KiB batches, every output message larger than that (a LoanActions
+        # of 1,000 actions is about 150 KB, a PayoutBatch more) waited a broker round trip
+        # for the one before it. Batches up to just under the 1 MB request carry several.
+        producer_max_batch_size=PRODUCER_BATCH_BYTES,
         broker_commit_interval=settings.commit_interval,
         broker_session_timeout=settings.session_timeout,
         broker_heartbeat_interval=max(1.0, settings.session_timeout / 4),

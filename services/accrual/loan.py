@@ -217,9 +217,11 @@ class LtvMonitor:
         p = self.price_keys[asset]
         mc, liq, rearm = w.keys
 
-        def value() -> Fraction:
-            m = w.money
-            return Fraction(m.debt, 10**m.scale) / (w.coef * price + w.others)
+        def value() -> Fraction:  # debt / (coef x price + others), one normalisation instead of four
+            m, c, o = w.money, w.coef, w.others
+            pn, pd = price.numerator, price.denominator
+            return Fraction(m.debt * c.denominator * pd * o.denominator,
+                            10**m.scale * (c.numerator * pn * o.denominator + o.numerator * c.denominator * pd))
 
         return self._transitions(w, mc is not None and p <= mc, rearm is None or p > rearm, liq is not None and p <= liq, value, (asset,))
 

@@ -21,11 +21,17 @@ Two faust agents, installed by the engine's ``main`` next to the Launchpool one:
   then the loans' new arming is written to the table.
 
 State: table ``loan_state`` (``l:<partition>:<loan_id>`` -> the loan's money and levels,
-written when they change: a loan state, an hour; ``a:<partition>:<loan_id>`` -> its
-arming, "<armed><liquidation sent>:<sequence>", written when an action changes it, which
-is all a tick changes; ``m:<partition>`` -> the partition's prices and hour), changelog
-kept forever and created before the worker starts. The monitor of a partition is rebuilt
-from the table when the partition is first seen after a (re)start or rebalance.
+written when they change: a loan state, an hour; ``b:<partition>:<bucket>`` -> the
+arming of the bucket's loans, a JSON object ``{loan_id: "<armed><liquidation
+sent>:<sequence>"}`` holding every loan whose arming is not the default, rewritten when an
+action changes one of them, which is all a tick changes; ``m:<partition>`` -> the
+partition's prices and hour), changelog kept forever and created before the worker
+starts. The arming lives in ``ARMING_BUCKETS`` records per partition rather than one per
+loan: a price crash that margin-calls 25,000 loans writes 256 records per partition, not
+25,000 (each changelog record costs the engine about 20 µs, table write and produce).
+The monitor of a partition is rebuilt from the table when the partition is first seen
+after a (re)start or rebalance; per-loan arming records (``a:<partition>:<loan_id>``,
+written before the buckets) are then moved into their buckets.
 
 At-least-once: a crash after an action was sent and before the table write re-sends it
 on replay; the loan service records an action once per (loan, kind, version, sequence)
@@ -35,10 +41,12 @@ and executes a liquidation once per loan, at the version judged.
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
 import logging
 import time
 import uuid
+import zlib
 from datetime import UTC, datetime
 from decimal import Decimal
 from fractions import Fraction
@@ -67,6 +75,8 @@ TABLE = "loan_state"
 PRICE_TABLE = "loan_price_offsets"  # loan_prices' next input offset per market.prices partition
 BATCH_MAX = 1000  # actions per LoanActions message (well under the producer's 1 MB request)
 BANDS_EVERY = 10.0  # seconds between two recounts of the LTV bands (a timer: integer comparisons per loan)
+FREEZE_EVERY = 1000  # loan states between two settle_heap calls
+ARMING_BUCKETS = 256  # arming records per partition (a price crash rewrites at most this many, not one per loan)
 BANDS_CHUNK = 5000  # loans counted between two yields to the agents
 CHANGELOG_CONFIGS = {"cleanup.policy": "compact", "retention.ms": "-1", "min.compaction.lag.ms": str(24 * 3600 * 1000)}
 
@@ -86,6 +96,17 @@ _TYPES = {
     accrual_pb2.HourClosed.DESCRIPTOR.full_name: accrual_pb2.HourClosed,
     market_pb2.PriceTick.DESCRIPTOR.full_name: market_pb2.PriceTick,
 }
+
+
+def settle_heap() -> None:
+    """Collect the garbage made since the last call, then move every object still alive
+    out of the cyclic collector's reach (``gc.freeze``). The open loans are long-lived and
+    free of reference cycles; left to CPython's collector, a full collection scans all of
+    them (about 1 s with 100,000 loans), and it comes at whatever input triggers it, such
+    as a price crash. Called after every ``FREEZE_EVERY`` loan states and after a
+    partition's monitor is rebuilt, so each call scans only what came since the last."""
+    gc.collect()
+    gc.freeze()
 
 
 def changelog_topics(app_id: str) -> list[TopicSpec]:
@@ -122,11 +143,20 @@ def _dump(w: Any) -> str:
     }, separators=(",", ":"))
 
 
-DEFAULT_ARMING = "10:0"
+DEFAULT_ARMING = "10:0"  # armed, no liquidation sent, sequence 0: a loan without an entry in its bucket
 
 
 def _dump_arming(w: Any) -> str:
     return f"{int(w.armed)}{int(w.liquidation_sent)}:{w.seq}"
+
+
+def arming_bucket(loan_id: str) -> int:
+    """The arming record a loan's arming is kept in (a stable hash: the same after a restart)."""
+    return zlib.crc32(loan_id.encode()) % ARMING_BUCKETS
+
+
+def _text(value: str | bytes) -> str:
+    return value if isinstance(value, str) else value.decode()
 
 
 def _load(monitor: LtvMonitor, loan_id: str, raw: str, arming: str | None) -> None:
@@ -154,10 +184,13 @@ class LoanEngine:
         else:
             self.table = {}
         self.monitors: dict[int, LtvMonitor] = {}
+        self.armings: dict[int, dict[int, dict[str, str]]] = {}  # partition -> bucket -> loan -> arming (not the default)
         self._banded: set[int] = set()  # partitions whose band gauges this worker set
+        self._young = 0  # loan states applied since the heap was last settled
 
     async def _forget(self, *args: Any, **kwargs: Any) -> None:
         self.monitors.clear()
+        self.armings.clear()
 
     def monitor(self, partition: int) -> LtvMonitor:
         found = self.monitors.get(partition)
@@ -165,22 +198,40 @@ class LoanEngine:
             found = self.monitors[partition] = LtvMonitor()
             meta = self.table.get(f"m:{partition}")
             if meta is not None:
-                d = json.loads(meta if isinstance(meta, str) else meta.decode())
+                d = json.loads(_text(meta))
                 found.hour = d["h"]
                 for asset, (price, at) in d["p"].items():
                     found.prices[asset] = Fraction(price)
                     found.price_keys[asset] = (Fraction(price) * 10**18).numerator
                     found.price_times[asset] = at
-            prefix = f"l:{partition}:"
+            states, legacy = f"l:{partition}:", f"a:{partition}:"
+            loans: set[str] = set()
+            moved: dict[str, str] = {}  # per-loan arming records, written before the buckets
+            buckets = self.armings[partition] = {}
             for key in list(self.table.keys()):
-                key = key if isinstance(key, str) else key.decode()
-                if key.startswith(prefix):
+                key = _text(key)
+                if key.startswith(states):
+                    loans.add(key[len(states):])
+                elif key.startswith(legacy):
+                    moved[key[len(legacy):]] = key
+                elif key.startswith(f"b:{partition}:"):
                     raw = self.table.get(key)
                     if raw is not None:
-                        loan_id = key[len(prefix):]
-                        arming = self.table.get(f"a:{partition}:{loan_id}")
-                        _load(found, loan_id, raw if isinstance(raw, str) else raw.decode(),
-                              None if arming is None else arming if isinstance(arming, str) else arming.decode())
+                        buckets[int(key.rpartition(":")[2])] = json.loads(_text(raw))
+            dirty = set()
+            for loan_id, key in moved.items():
+                raw, bucket = self.table.get(key), arming_bucket(loan_id)
+                if raw is not None and loan_id in loans and loan_id not in buckets.get(bucket, {}):  # a bucket's entry is newer
+                    buckets.setdefault(bucket, {})[loan_id] = _text(raw)
+                    dirty.add(bucket)
+            self._write_buckets(partition, dirty)
+            for key in moved.values():
+                del self.table[key]
+            for loan_id in sorted(loans):
+                raw = self.table.get(f"{states}{loan_id}")
+                if raw is not None:
+                    _load(found, loan_id, _text(raw), buckets.get(arming_bucket(loan_id), {}).get(loan_id))
+            settle_heap()
         return found
 
     def _save_meta(self, partition: int, monitor: LtvMonitor) -> None:
@@ -188,27 +239,49 @@ class LoanEngine:
 
     def _save(self, partition: int, monitor: LtvMonitor, loan_ids: set[str], arming_of: set[str] | None = None) -> None:
         """Money and levels of each loan (a loan state, an hour), and the arming of those
-        in ``arming_of`` (None: all of them)."""
+        in ``arming_of`` (None: all of them); a loan no longer watched is removed."""
+        gone = set()
         for loan_id in sorted(loan_ids):
             w = monitor.loans.get(loan_id)
-            key, arming = f"l:{partition}:{loan_id}", f"a:{partition}:{loan_id}"
+            key = f"l:{partition}:{loan_id}"
             if w is None:
-                for k in (key, arming):
-                    if self.table.get(k) is not None:
-                        del self.table[k]
+                gone.add(loan_id)
+                if self.table.get(key) is not None:
+                    del self.table[key]
             else:
                 self.table[key] = _dump(w)
-                if arming_of is None or loan_id in arming_of:
-                    text = _dump_arming(w)
-                    if text != DEFAULT_ARMING or self.table.get(arming) is not None:  # absent: armed, nothing sent, sequence 0
-                        self.table[arming] = text
+        self._save_arming(partition, monitor, loan_ids if arming_of is None else arming_of | gone)
 
     def _save_arming(self, partition: int, monitor: LtvMonitor, loan_ids: set[str]) -> None:
-        """Only the arming of each loan (a tick changes nothing else)."""
-        for loan_id in sorted(loan_ids):
-            w = monitor.loans.get(loan_id)
-            if w is not None:
-                self.table[f"a:{partition}:{loan_id}"] = _dump_arming(w)
+        """The arming of each loan into its bucket, each changed bucket written once (a loan
+        no longer watched leaves its bucket)."""
+        buckets = self.armings.setdefault(partition, {})
+        dirty = set()
+        for loan_id in loan_ids:
+            w, bucket = monitor.loans.get(loan_id), arming_bucket(loan_id)
+            entries = buckets.get(bucket)
+            current = None if entries is None else entries.get(loan_id)
+            if w is None:
+                if current is not None:
+                    del buckets[bucket][loan_id]
+                    dirty.add(bucket)
+                continue
+            text = _dump_arming(w)
+            if text != (DEFAULT_ARMING if current is None else current):
+                buckets.setdefault(bucket, {})[loan_id] = text
+                dirty.add(bucket)
+        self._write_buckets(partition, dirty)
+
+    def _write_buckets(self, partition: int, dirty: set[int]) -> None:
+        buckets = self.armings[partition]
+        for bucket in sorted(dirty):
+            key, entries = f"b:{partition}:{bucket}", buckets.get(bucket)
+            if entries:
+                self.table[key] = json.dumps(entries, separators=(",", ":"))
+            else:
+                buckets.pop(bucket, None)
+                if self.table.get(key) is not None:
+                    del self.table[key]
 
     async def _send(self, partition: int, offset: int, actions: list[Action], price_time: datetime | None) -> None:
         """The actions as LoanActions batches to the same partition of loan.actions; the
@@ -219,7 +292,7 @@ class LoanEngine:
         if price_time is not None:
             stamp = Timestamp()
             stamp.FromDatetime(price_time)
-        texts: dict[tuple[str, Fraction], str] = {}
+        texts: dict[str, tuple[Fraction, str]] = {}  # asset -> the last price seen and its text (one price per tick)
         out_partition = partition % self.output_partitions
         now = datetime.now(UTC)
         for chunk, start in enumerate(range(0, len(actions), BATCH_MAX)):
@@ -227,10 +300,10 @@ class LoanEngine:
             for a in actions[start:start + BATCH_MAX]:
                 prices = {}
                 for asset, p in a.prices:
-                    text = texts.get((asset, p))
-                    if text is None:
-                        text = texts[(asset, p)] = str(Decimal(p.numerator) / Decimal(p.denominator))
-                    prices[asset] = text
+                    seen = texts.get(asset)
+                    if seen is None or seen[0] is not p:
+                        seen = texts[asset] = (p, str(Decimal(p.numerator) / Decimal(p.denominator)))
+                    prices[asset] = seen[1]
                 msg = batch.actions.add(
                     loan_id=a.loan_id, user_id=a.user_id, version=a.version, kind=_KIND[a.kind], ltv=f"{a.ltv.numerator}/{a.ltv.denominator}",
                     prices=prices, debt_units=str(a.debt), charged_through=a.charged_through, seq=a.seq,
@@ -241,8 +314,11 @@ class LoanEngine:
             event_id = uuid.uuid5(uuid.NAMESPACE_URL, f"earn-accrual-loan-actions:{partition}:{offset}:{chunk}")
             env = events.wrap(batch, key=key, producer=PRODUCER, occurred_at=now, event_id=event_id)
             await self.output.send(key=key.encode(), value=env.SerializeToString(deterministic=True), partition=out_partition)
+        kinds: dict[str, int] = {}
         for a in actions:
-            ACTIONS.labels(a.kind.value).inc()
+            kinds[a.kind.value] = kinds.get(a.kind.value, 0) + 1
+        for kind, n in kinds.items():
+            ACTIONS.labels(kind).inc(n)
 
     async def recount_bands(self) -> None:
         """The LTV band gauges of every partition this worker holds (a timer, every
@@ -289,9 +365,12 @@ class LoanEngine:
                 SKIPPED.labels("invalid").inc()
                 log.error("LoanStateChanged refused", extra={"loan_id": msg.loan_id, "error": str(err)})
                 return
-            before = set(monitor.loans)
             actions = monitor.upsert(msg.loan_id, msg.user_id, msg.version, loan, levels, open_=msg.status == loan_pb2.LOAN_STATUS_OPEN)
-            touched = {msg.loan_id} | (before ^ set(monitor.loans))
+            touched = {msg.loan_id}  # the only loan a state can add, change or remove
+            self._young += 1
+            if self._young >= FREEZE_EVERY:
+                settle_heap()
+                self._young = 0
         elif isinstance(msg, accrual_pb2.HourClosed):
             actions = monitor.hour_started(msg.hour)
             touched = set(monitor.loans)  # every open loan's debt grew
