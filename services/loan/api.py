@@ -841,6 +841,11 @@ class LoanApi(loan_pb2_grpc.LoanServiceServicer):
                     raise ValueError(f"action on {action.loan_id!r}: {what} {text!r} is not a number") from None
                 if value < 0 or (what != "ltv" and value == 0):
                     raise ValueError(f"action on {action.loan_id!r}: {what} {text!r} is out of range")
+            if action.HasField("price_time"):
+                try:
+                    action.price_time.ToDatetime(tzinfo=UTC)
+                except (ValueError, OverflowError):
+                    raise ValueError(f"action on {action.loan_id!r}: price_time is out of range") from None
             kinds.append(kind)
         return batch, kinds
 
