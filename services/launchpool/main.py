@@ -11,7 +11,7 @@ from services.kernel import grpcclient
 from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
 from google.protobuf.message import DecodeError
 
-from services.kernel import db, events, logs, loops, peers, topics
+from services.kernel import db, deadletters, events, logs, loops, peers, topics
 from services.kernel.config import ServiceSettings, load
 from services.kernel.errors import InvalidArgument
 from services.kernel.grpcserver import GrpcApp
@@ -48,12 +48,12 @@ async def _consume_one(api: LaunchpoolApi, topic: str, record: ConsumerRecord) -
         outcome = await api.apply_payout(raw, skipped)
     except (DecodeError, ValueError, InvalidArgument) as err:
         error = err.message if isinstance(err, InvalidArgument) else f"{type(err).__name__}: {err}"
-        await store.park_dead_letter(api.pool, topic, record.partition, record.offset, error, raw)
+        await deadletters.park(api.pool, topic, record.partition, record.offset, error, raw)
         log.error("unreadable launchpool payout batch parked in dead_letters", extra={**where, "error": error})
         return "dead_letter"
     if skipped:
         error = f"{len(skipped)} item(s) not paid: " + "; ".join(skipped)
-        await store.park_dead_letter(api.pool, topic, record.partition, record.offset, error[:2000], raw)
+        await deadletters.park(api.pool, topic, record.partition, record.offset, error, raw)
         log.error("launchpool payout batch paid in part; parked in dead_letters", extra={**where, "error": error[:2000]})
     return outcome
 

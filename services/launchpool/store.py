@@ -341,13 +341,5 @@ async def batch_credits(conn: Conn, batch_id: int) -> list[tuple[str, Decimal]]:
     return [(r["user_id"], r["amount"]) for r in rows]
 
 
-async def park_dead_letter(conn: Conn, topic: str, partition: int, offset: int, error: str, raw: bytes) -> bool:
-    return bool(await conn.fetchval(
-        'INSERT INTO dead_letters (topic, "partition", "offset", error, raw) VALUES ($1, $2, $3, $4, $5)'
-        ' ON CONFLICT (topic, "partition", "offset") DO NOTHING RETURNING true',
-        topic, partition, offset, error[:2000], raw,
-    ))
-
-
 def record_fields(row: asyncpg.Record) -> dict[str, Any]:
     return dict(row)

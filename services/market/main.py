@@ -14,11 +14,11 @@ from pathlib import Path
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from google.protobuf.message import DecodeError
 
-from services.kernel import db, logs, loops, topics
+from services.kernel import db, deadletters, logs, loops, topics
 from services.kernel.config import ServiceSettings, load
 from services.kernel.errors import InvalidArgument
 from services.kernel.grpcserver import GrpcApp
-from services.market import metrics, store
+from services.market import metrics
 from services.market.api import ROLES, SERVICE_NAME, MarketApi, parse_tick_event
 from services.market.store import NewTick
 
@@ -60,7 +60,7 @@ async def consume_prices(settings: MarketSettings, api: MarketApi) -> None:
                         ticks.append(parse_tick_event(raw))
                     except (DecodeError, ValueError, InvalidArgument) as err:
                         error = err.message if isinstance(err, InvalidArgument) else f"{type(err).__name__}: {err}"
-                        await store.park_dead_letter(api.pool, topic, record.partition, record.offset, error, raw)
+                        await deadletters.park(api.pool, topic, record.partition, record.offset, error, raw)
                         metrics.DEAD_LETTERS.inc()
                         log.error("unreadable price tick parked in dead_letters", extra={"partition": record.partition, "offset": record.offset, "error": error})
             if ticks:

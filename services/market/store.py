@@ -69,12 +69,5 @@ async def window(conn: Conn, pair: str, start_us: int, end_us: int) -> list[Tick
     return sorted((Tick(r["at_us"], r["price"]) for r in rows), key=lambda t: t.at_us)
 
 
-async def park_dead_letter(conn: Conn, topic: str, partition: int, offset: int, error: str, raw: bytes) -> None:
-    await conn.execute(
-        'INSERT INTO dead_letters (topic, "partition", "offset", error, raw) VALUES ($1, $2, $3, $4, $5) ON CONFLICT DO NOTHING',
-        topic, partition, offset, error[:2000], raw,
-    )
-
-
 async def stored_response(conn: Conn, key: str) -> Any:
     return await conn.fetchrow("SELECT request_hash, response FROM idempotency_keys WHERE key = $1", key)

@@ -15,7 +15,7 @@ from services.kernel.config import REPO_ROOT
 
 pytestmark = pytest.mark.integration
 
-SERVICES = ("simple_earn", "hodler", "candydrop", "loan")
+SERVICES = ("simple_earn", "hodler", "candydrop", "loan", "launchpool", "market")
 
 
 def table_definition(service: str) -> str:
