@@ -3,19 +3,23 @@
 The module starts its OWN PostgreSQL and Kafka broker (services.devstack.infra on free
 ports, data in a temporary directory), so it can SIGKILL and restart them without
 touching the shared servers. On them run the wallet (its outbox relay as a separate
-process), Simple Earn, Launchpool, the accrual engine, and the scheduler's CLI with a
-file clock.
+process), Simple Earn, Launchpool, the market, Crypto Loan, the accrual engine, and the
+scheduler's CLI with a file clock.
 
 A seeded mixed workload (EARN_CHAOS_SEED; deposits, Simple Earn subscribe/redeem,
-Launchpool stake/unstake, clock advances with scheduler catch-ups that tick and pay) runs
+Launchpool stake/unstake, clock advances with scheduler catch-ups that tick and pay,
+Crypto Loan borrows against BTC, repayments and collateral added, then a seeded BTC/USDT
+index path published on market.prices that margin-calls, re-arms and liquidates) runs
 twice: calm, then with every one of the wallet, the relay, Simple Earn, Launchpool, the
-engine, the scheduler CLI, the Kafka broker and PostgreSQL (the postmaster) SIGKILLed at
-seeded moments (each once, plus a few more) and restarted. Every command carries an
+market, Crypto Loan, the engine, the scheduler CLI, the Kafka broker and PostgreSQL (the
+postmaster) SIGKILLed at seeded moments (each once, plus a few more) and restarted. Every command carries an
 idempotency key and is retried with the same key until accepted or definitively refused;
 a small supervisor restarts any process that exits on its own (as `make run` or
 Kubernetes would). After quiescing: per asset the wallet sums to zero and no user
 account is negative, every outbox is empty, the same commands were accepted, and every
-balance and payout record equals the calm run's (nothing lost, nothing paid twice).
+balance and payout record equals the calm run's (nothing lost, nothing paid twice); every
+loan is liquidated at most once, the liquidated loans and the margin calls are the calm
+run's, and so is every loan's state, debt, collateral and event record.
 """
 
 from __future__ import annotations
@@ -43,13 +47,17 @@ import grpc
 import pytest
 from google.protobuf.timestamp_pb2 import Timestamp
 
-from earn.v1 import accrual_pb2, launchpool_pb2 as lp, launchpool_pb2_grpc, simple_earn_pb2 as se, simple_earn_pb2_grpc, wallet_pb2, wallet_pb2_grpc
+from aiokafka import AIOKafkaProducer
+from earn.v1 import (accrual_pb2, launchpool_pb2 as lp, launchpool_pb2_grpc, loan_pb2 as ln, loan_pb2_grpc, market_pb2 as mk, market_pb2_grpc,
+                     simple_earn_pb2 as se, simple_earn_pb2_grpc, wallet_pb2, wallet_pb2_grpc)
 from services.devstack.infra import InfraError, Kafka, Postgres, pid_alive, port_in_use
 from services.devstack.processes import PROCESSES, ManagedProcess
 from services.kernel import grpcclient
 from services.kernel.clock import set_time
 from services.kernel.config import REPO_ROOT, Settings
-from tests.conftest import GATEWAY, OPERATOR, RELAY, Env, eventually
+from services.market import domain as market_domain
+from services.market.simulator import tick_envelope
+from tests.conftest import GATEWAY, OPERATOR, RELAY, SERVICE, Env, eventually
 
 SEED = int(os.environ.get("EARN_CHAOS_SEED") or random.randrange(1 << 30))
 REPLAY = f"EARN_CHAOS_SEED={SEED} .venv/bin/pytest -q -s tests/integration/test_chaos_infra.py (or python -m tests.chaos.run_chaos --seed {SEED} --products mixed)"
@@ -58,9 +66,16 @@ HOURS = 26  # the workload spans day 0 and the first hour of day 1 (one daily pa
 USERS = ("ann", "ben", "cat", "dan")
 DEPOSITS = {"BTC": Decimal(10), "USDT": Decimal(10000), "ETH": Decimal(50)}
 LP_START, LP_END = 1, 9  # Launchpool project hours
-SCHEMAS = ("wallet", "simple_earn", "launchpool")
+SCHEMAS = ("wallet", "simple_earn", "launchpool", "loan")
 # Each of these is SIGKILLed at least once per chaos run, at a seeded moment.
-TARGETS = ("wallet", "relay", "simple_earn", "launchpool", "accrual", "scheduler", "kafka", "postgres")
+TARGETS = ("wallet", "relay", "simple_earn", "launchpool", "market", "loan", "accrual", "scheduler", "kafka", "postgres")
+# Crypto Loan: borrowers (BTC collateral, USDT borrowed), their loans' actions in hours
+# 1-12, then a seeded BTC/USDT index path in hours 14-24 that margin-calls, re-arms and
+# liquidates some of them.
+LOAN_USERS = ("eve", "fay", "gus", "hal", "ivy", "jon")
+LOAN_BTC = Decimal(3)
+BTC_START = Decimal(60000)
+BTC_DISCOUNT = Decimal("0.95")
 LOG_DIR = Settings().data_dir / "test-logs" / "chaos-mixed"  # kept after the run, for a failing seed
 RETRIED = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
 
@@ -83,10 +98,11 @@ class Command:
     index: int
     hour: int
     minute: int
-    kind: str  # deposit, subscribe, redeem, stake, unstake, catch_up
+    kind: str  # deposit, subscribe, redeem, stake, unstake, catch_up, price, borrow, repay, add_collateral, loans_published
     user: str = ""
-    target: str = ""  # product (btc / usdt) or pool
-    amount: str = ""  # empty: all of it (redeem, unstake)
+    target: str = ""  # product (btc / usdt), pool, or the loan's label (borrow, repay, add_collateral)
+    amount: str = ""  # empty: all of it (redeem, unstake); the index price (price)
+    collateral: str = ""  # BTC pledged (borrow, add_collateral)
 
 
 def workload(seed: int) -> list[Command]:
@@ -127,6 +143,62 @@ def workload(seed: int) -> list[Command]:
             add(hour + 1, 5, "catch_up")
             next_catch_up += rng.randint(3, 6)
     add(HOURS - 1, 5, "catch_up")
+    # Crypto Loan, from its own generator (the commands above do not change with it), in
+    # minutes 51-59 of an hour (the others use 5-50); merged in time order.
+    merged = sorted([*commands, *loan_workload(seed)], key=lambda c: (c.hour, c.minute))
+    return [Command(i, c.hour, c.minute, c.kind, c.user, c.target, c.amount, c.collateral) for i, c in enumerate(merged)]
+
+
+def loan_workload(seed: int) -> list[Command]:
+    """A flexible USDT loan per borrower against 0.5-1.5 BTC at 50-69% LTV (under the 70%
+    initial LTV at 60,000), partial repayments and collateral added (hours 1-12, only
+    lowering the LTV), then, once every loan state is published (the engine reads them
+    before any later index tick, in every partition), a BTC/USDT path of ticks in hours
+    14-23 around the riskiest loan's margin-call level (calls, re-arms, calls again) and
+    a crash that takes it to 92-97%. No loan
+    action runs during the path and the catch-ups charge no loan interest (the CLI has
+    no loan address), so the engine's margin calls, re-arms and liquidations follow from
+    the ordered ticks alone: the same in every run of the seed."""
+    rng = random.Random(f"{seed}:loan")
+    commands: list[Command] = []
+
+    def add(hour: int, minute: int, kind: str, user: str = "", target: str = "", amount: str = "", collateral: str = "") -> None:
+        commands.append(Command(-1, hour, minute, kind, user, target, amount, collateral))
+
+    add(0, 10, "price", amount=str(BTC_START))
+    for user in LOAN_USERS:
+        add(0, 10, "deposit", user, "BTC", str(LOAN_BTC))
+    debt: dict[str, Decimal] = {}
+    pledged: dict[str, Decimal] = {}
+    owner: dict[str, str] = {}
+    for n, user in enumerate(LOAN_USERS):
+        label = f"L{n}"
+        collateral = Decimal(rng.choice(("0.5", "1", "1.5")))
+        amount = (collateral * BTC_START * BTC_DISCOUNT * Decimal(rng.randint(50, 69)) / 100).quantize(Decimal("0.01"))
+        add(1 + n, rng.randint(51, 59), "borrow", user, label, str(amount), str(collateral))
+        debt[label], pledged[label], owner[label] = amount, collateral, user
+    for label, user in owner.items():
+        hour = 8 + int(label[1:]) // 2
+        if rng.random() < 0.5:
+            part = (debt[label] * Decimal(rng.randint(5, 40)) / 100).quantize(Decimal("0.01"))
+            add(hour, 51, "repay", user, label, str(part))
+            debt[label] -= part
+        if rng.random() < 0.4:
+            more = Decimal(rng.choice(("0.1", "0.25", "0.5")))
+            add(hour, 55, "add_collateral", user, label, collateral=str(more))
+            pledged[label] += more
+    add(13, 51, "loans_published")
+    riskiest = max(debt[label] / (pledged[label] * BTC_DISCOUNT) for label in debt)  # debt per counted BTC
+
+    def level(low: int, high: int) -> str:  # the price where the riskiest loan is at low-high % LTV
+        return str((riskiest * 100 / rng.randint(low, high)).quantize(Decimal(1)))
+
+    # jitters, a dip that margin-calls the riskiest loans, a recovery that re-arms them,
+    # more jitters across the margin-call level, and a crash that liquidates
+    path = [level(70, 75), level(72, 78), level(81, 86), level(80, 88), level(74, 77), level(76, 84), level(78, 86), level(72, 78),
+            level(80, 87), level(92, 97)]
+    for hour, price in zip(range(14, 24), path):
+        add(hour, rng.randint(51, 59), "price", amount=price)
     return commands
 
 
@@ -236,6 +308,9 @@ class World:
     wallet: wallet_pb2_grpc.WalletServiceStub
     earn: simple_earn_pb2_grpc.SimpleEarnServiceStub
     launchpool: launchpool_pb2_grpc.LaunchpoolServiceStub
+    loan: loan_pb2_grpc.LoanServiceStub
+    market: market_pb2_grpc.MarketServiceStub
+    prices_topic: str
     chaos: random.Random | None = None
     kills: list[str] = field(default_factory=list)
     restarts: list[str] = field(default_factory=list)  # processes that exited on their own
@@ -244,9 +319,59 @@ class World:
     paused: bool = False  # the supervisor leaves a process alone while chaos restarts it
     failure: BaseException | None = None
     retries: dict[str, int] = field(default_factory=dict)  # status -> retries of commands
+    loans: dict[str, tuple[str, str]] = field(default_factory=dict)  # loan label -> (user, loan id)
 
     def move(self, moment: datetime) -> None:
         set_time(self.clock, moment)
+
+    async def tick(self, index: int, price: str, moment: datetime) -> None:
+        """Publish a BTC/USDT index tick on market.prices as the exchange would (its event
+        id derived from the seed's command, so a resend is the same tick), resent until
+        the broker has it, then wait until the market serves it."""
+        pair = market_domain.parse_pair("BTC/USDT")
+        envelope = tick_envelope(pair, Decimal(price), moment, "exchange", uuid.uuid5(uuid.NAMESPACE_URL, f"chaos-mixed:{SEED}:{index}"))
+        deadline = time.monotonic() + 180
+        while True:
+            self.check()
+            producer = AIOKafkaProducer(bootstrap_servers=self.infra.settings.kafka_bootstrap, enable_idempotence=True, request_timeout_ms=10000)
+            try:
+                await asyncio.wait_for(producer.start(), 15)
+                await asyncio.wait_for(producer.send_and_wait(self.prices_topic, envelope, key=pair.name.encode()), 20)
+                break
+            except Exception:  # noqa: BLE001 - the broker is down or restarting: the same tick again
+                if time.monotonic() > deadline:
+                    raise
+                self.retries["tick"] = self.retries.get("tick", 0) + 1
+                await asyncio.sleep(1.0)
+            finally:
+                try:
+                    await asyncio.wait_for(producer.stop(), 15)
+                except Exception:  # noqa: BLE001
+                    pass
+
+        async def served() -> None:
+            self.check()
+            try:
+                reply = await self.market.GetIndex(mk.GetIndexRequest(pair=pair.name), metadata=SERVICE, timeout=10)
+            except grpc.aio.AioRpcError as err:
+                raise AssertionError(err.details()) from None
+            assert reply.event_time.ToDatetime(tzinfo=UTC) >= moment
+
+        await eventually(served, timeout=180)
+
+    async def loans_published(self) -> None:
+        """Every loan state the loan service decided is in Kafka (its outbox is empty):
+        the engine reads them before any index tick published from now on."""
+        async def empty() -> None:
+            self.check()
+            conn = await asyncpg.connect(self.infra.settings.database_url.rsplit("/", 1)[0] + "/" + self.cli_env["EARN_PG_DATABASE"], timeout=10)
+            try:
+                left = await conn.fetchval("SELECT count(*) FROM loan.outbox")
+            finally:
+                await conn.close()
+            assert left == 0, f"{left} loan events not published yet"
+
+        await eventually(empty, timeout=180)
 
     async def restart(self, name: str) -> None:
         proc = self.processes[name]
@@ -371,7 +496,7 @@ async def world(infra: Infra, name: str, chaos: random.Random | None = None) -> 
     processes: dict[str, ManagedProcess] = {}
     supervisor: asyncio.Task[None] | None = None
     try:
-        for process in ("wallet", "relay", "simple_earn", "launchpool", "accrual"):
+        for process in ("wallet", "relay", "simple_earn", "launchpool", "market", "loan", "accrual"):
             extra: dict[str, str] = {}
             if process == "wallet":
                 extra = {"EARN_RELAY_ENABLED": "false"}
@@ -379,6 +504,11 @@ async def world(infra: Infra, name: str, chaos: random.Random | None = None) -> 
                 extra = {"EARN_RELAY_SCHEMA": "wallet"}
             elif process in ("simple_earn", "launchpool"):
                 extra = {"EARN_WALLET_ADDRESS": processes["wallet"].address or ""}
+            elif process == "market":
+                extra = {"EARN_MAX_GAP_SECONDS": "86400"}
+            elif process == "loan":
+                extra = {"EARN_WALLET_ADDRESS": processes["wallet"].address or "", "EARN_MARKET_ADDRESS": processes["market"].address or "",
+                         "EARN_MAX_INDEX_AGE_SECONDS": "86400"}
             proc = spawner.spawn(_spec(process), **env, **extra)
             proc.logfile = LOG_DIR / f"{name}-{process}.log"
             proc.logfile.unlink(missing_ok=True)
@@ -396,9 +526,12 @@ async def world(infra: Infra, name: str, chaos: random.Random | None = None) -> 
             grpcclient.channel(processes["wallet"].address) as c1,
             grpcclient.channel(processes["simple_earn"].address) as c2,
             grpcclient.channel(processes["launchpool"].address) as c3,
+            grpcclient.channel(processes["loan"].address) as c4,
+            grpcclient.channel(processes["market"].address) as c5,
         ):
             w = World(infra, clock, cli_env, processes, wallet_pb2_grpc.WalletServiceStub(c1),
-                      simple_earn_pb2_grpc.SimpleEarnServiceStub(c2), launchpool_pb2_grpc.LaunchpoolServiceStub(c3), chaos)
+                      simple_earn_pb2_grpc.SimpleEarnServiceStub(c2), launchpool_pb2_grpc.LaunchpoolServiceStub(c3),
+                      loan_pb2_grpc.LoanServiceStub(c4), market_pb2_grpc.MarketServiceStub(c5), prefix + "market.prices", chaos)
             supervisor = asyncio.create_task(w.supervise())
             yield w
     finally:
@@ -418,11 +551,26 @@ class Outcome:
     refused: list[tuple[int, str]]
     balances: dict[tuple[str, str, int], Decimal]  # (owner, asset, kind) -> balance
     records: dict[tuple[str, str], dict[int, Decimal]]  # (user, product or pool) -> boundary -> amount
+    loans: dict[str, tuple[Any, ...]]  # loan label -> (status, principal, interest, collateral, events)
 
 
-async def observe(w: World) -> tuple[dict[tuple[str, str, int], Decimal], dict[tuple[str, str], dict[int, Decimal]]]:
+Observed = tuple[dict[tuple[str, str, int], Decimal], dict[tuple[str, str], dict[int, Decimal]], dict[str, tuple[Any, ...]]]
+
+
+def loan_state(loan: ln.Loan, events: list[ln.LoanEventRecord]) -> tuple[Any, ...]:
+    """What must equal the calm run's: the state, debt and collateral, and every margin
+    call, re-arm and liquidation (its LTV, sales at the index, debt repaid, surplus)."""
+    return (
+        ln.LoanStatus.Name(loan.status), Decimal(loan.principal), Decimal(loan.interest),
+        tuple(sorted((c.asset, Decimal(c.amount)) for c in loan.collateral)),
+        tuple((ln.LoanEventKind.Name(e.kind), e.ltv, tuple((s.asset, Decimal(s.sold), Decimal(s.returned), Decimal(s.index_price)) for s in e.sales),
+               e.debt_repaid, e.surplus, e.shortfall) for e in events),
+    )
+
+
+async def observe(w: World) -> Observed:
     balances: dict[tuple[str, str, int], Decimal] = {}
-    for owner in (*USERS, "simple_earn", "launchpool"):
+    for owner in (*USERS, *LOAN_USERS, "simple_earn", "launchpool", "loan"):
         for b in (await w.wallet.GetBalances(wallet_pb2.GetBalancesRequest(owner=owner), metadata=GATEWAY)).balances:
             if Decimal(b.balance):
                 balances[(owner, b.asset, b.kind)] = Decimal(b.balance)
@@ -437,7 +585,12 @@ async def observe(w: World) -> tuple[dict[tuple[str, str, int], Decimal], dict[t
         got = {r.to_hour: Decimal(r.amount) for r in reply.records if Decimal(r.amount)}
         if got:
             records[(user, "pool")] = got
-    return balances, records
+    loans: dict[str, tuple[Any, ...]] = {}
+    for label, (user, loan_id) in sorted(w.loans.items()):
+        loan = (await w.loan.GetLoan(ln.GetLoanRequest(user_id=user, loan_id=loan_id), metadata=GATEWAY)).loan
+        events = list((await w.loan.ListLoanEvents(ln.ListLoanEventsRequest(user_id=user, loan_id=loan_id), metadata=GATEWAY)).events)
+        loans[label] = loan_state(loan, events)
+    return balances, records, loans
 
 
 async def check_invariants(w: World) -> None:
@@ -468,6 +621,15 @@ async def scenario(w: World, commands: list[Command], reference: Outcome | None 
         idempotency_key="project", project_id="project", reward_asset="USDT", start_time=ts(at(LP_START)), end_time=ts(at(LP_END)),
         payout_mode=lp.LAUNCHPOOL_PAYOUT_MODE_HOURLY,
         pools=[lp.RewardPoolSpec(pool_id="pool", stake_asset="ETH", total_reward="800", min_stake="0.01", max_stake="1000")]), OPERATOR)
+    # Crypto Loan: USDT lent at a small hourly rate against BTC (counted 95%), the desk's
+    # treasury funded from outside.
+    await w.call(-4, w.loan.SetLoanAsset, ln.SetLoanAssetRequest(idempotency_key="loan-usdt", asset=ln.LoanAsset(
+        asset="USDT", hourly_rate="0.000005", min_borrow="10", max_borrow="1000000")), OPERATOR)
+    await w.call(-5, w.loan.SetLoanCollateralAsset, ln.SetLoanCollateralAssetRequest(idempotency_key="loan-btc", collateral=ln.LoanCollateralAsset(
+        asset="BTC", discount=str(BTC_DISCOUNT))), OPERATOR)
+    await w.call(-6, w.wallet.Transfer, wallet_pb2.TransferRequest(idempotency_key="loan-treasury", transfer=wallet_pb2.TransferSpec(
+        asset="USDT", source=wallet_pb2.AccountRef(owner="loan", kind=wallet_pb2.ACCOUNT_KIND_EXTERNAL),
+        destination=wallet_pb2.AccountRef(owner="loan", kind=wallet_pb2.ACCOUNT_KIND_TREASURY), amount="1000000")), OPERATOR)
     positions: dict[tuple[str, str], str] = {}
     # Chaos: every target once at a seeded command (some during catch-ups, while ticks and
     # payouts run), the scheduler CLI at a seeded catch-up, plus a few more kills.
@@ -508,6 +670,23 @@ async def scenario(w: World, commands: list[Command], reference: Outcome | None 
             await w.call(c.index, w.launchpool.Unstake, lp.UnstakeRequest(idempotency_key=key, user_id=c.user, pool_id="pool", amount=c.amount), GATEWAY)
         elif c.kind == "catch_up":
             await w.catch_up()
+        elif c.kind == "price":
+            await w.tick(c.index, c.amount, at(c.hour, c.minute))
+        elif c.kind == "borrow":
+            reply = await w.call(c.index, w.loan.Borrow, ln.BorrowRequest(
+                idempotency_key=key, user_id=c.user, loan_asset="USDT", amount=c.amount,
+                collateral=[ln.LoanCollateralAmount(asset="BTC", amount=c.collateral)], term=ln.LOAN_TERM_FLEXIBLE), GATEWAY)
+            if reply is not None:
+                w.loans[c.target] = (c.user, reply.loan.loan_id)
+        elif c.kind == "repay":
+            await w.call(c.index, w.loan.RepayLoan, ln.RepayLoanRequest(
+                idempotency_key=key, user_id=c.user, loan_id=w.loans.get(c.target, ("", ""))[1], amount=c.amount), GATEWAY)
+        elif c.kind == "add_collateral":
+            await w.call(c.index, w.loan.AddLoanCollateral, ln.AddLoanCollateralRequest(
+                idempotency_key=key, user_id=c.user, loan_id=w.loans.get(c.target, ("", ""))[1],
+                collateral=ln.LoanCollateralAmount(asset="BTC", amount=c.collateral)), GATEWAY)
+        elif c.kind == "loans_published":
+            await w.loans_published()
     if killing is not None:
         await killing
 
@@ -522,14 +701,27 @@ async def scenario(w: World, commands: list[Command], reference: Outcome | None 
     async def consistent() -> None:
         nonlocal outcome
         await check_invariants(w)
-        balances, records = await observe(w)
+        balances, records, loans = await observe(w)
         # Settled: the same a moment later (a payout still in flight would change it; the
         # calm run has no reference to wait for, so it must not be read mid-payout).
         await asyncio.sleep(2)
-        assert (balances, records) == await observe(w), "still moving"
-        outcome = Outcome(sorted(w.accepted), sorted(w.refused), balances, records)
+        assert (balances, records, loans) == await observe(w), "still moving"
+        for label, state in loans.items():  # liquidated at most once, and then closed
+            kinds = [e[0] for e in state[4]]
+            assert kinds.count("LOAN_EVENT_KIND_LIQUIDATION") <= 1, (label, kinds)
+            assert ("LOAN_EVENT_KIND_LIQUIDATION" in kinds) == (state[0] == "LOAN_STATUS_LIQUIDATED"), (label, state)
+        outcome = Outcome(sorted(w.accepted), sorted(w.refused), balances, records, loans)
         if reference is not None:
             assert outcome.accepted == reference.accepted and outcome.refused == reference.refused, "accepted commands differ"
+            if outcome.loans != reference.loans:
+                diff_l = {k: (outcome.loans.get(k), reference.loans.get(k)) for k in sorted(set(outcome.loans) | set(reference.loans))
+                          if outcome.loans.get(k) != reference.loans.get(k)}
+                print("mixed: loans differ from the calm run, (chaos, calm):", diff_l, flush=True)
+            liquidated = lambda loans: {k for k, v in loans.items() if v[0] == "LOAN_STATUS_LIQUIDATED"}  # noqa: E731
+            assert liquidated(outcome.loans) == liquidated(reference.loans), "liquidated loans differ"
+            calls = lambda loans: {k: [e for e in v[4] if e[0] == "LOAN_EVENT_KIND_MARGIN_CALL"] for k, v in loans.items()}  # noqa: E731
+            assert calls(outcome.loans) == calls(reference.loans), "margin calls differ"
+            assert outcome.loans == reference.loans, "loan states or records differ"
             if outcome.balances != reference.balances or outcome.records != reference.records:
                 diff_b = {k: (outcome.balances.get(k), reference.balances.get(k)) for k in set(outcome.balances) | set(reference.balances) if outcome.balances.get(k) != reference.balances.get(k)}
                 diff_r = {}
@@ -554,6 +746,9 @@ async def calm(infra: Infra) -> Outcome:
         outcome = await scenario(w, workload(SEED))
     assert not outcome.refused, f"seed {SEED}: the calm run refused {outcome.refused}"
     assert any(product == "pool" for _, product in outcome.records), "the workload paid no Launchpool reward"
+    assert len(outcome.loans) == len(LOAN_USERS), outcome.loans
+    assert any(state[0] == "LOAN_STATUS_LIQUIDATED" for state in outcome.loans.values()), f"seed {SEED}: the price path liquidated no loan"
+    print("mixed: calm loans", {k: (v[0], [e[0].removeprefix("LOAN_EVENT_KIND_") for e in v[4]]) for k, v in outcome.loans.items()}, flush=True)
     return outcome
 
 
