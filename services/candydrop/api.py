@@ -305,19 +305,12 @@ class CandyDropApi(candydrop_pb2_grpc.CandyDropServiceServicer):
     # ---- the distribution (service role: the scheduler's candydrop.distribution) ---
 
     async def DistributePrizes(self, request: cd.DistributePrizesRequest, context: grpc.aio.ServicerContext) -> cd.DistributePrizesResponse:
-        job = domain.check_job(request.job)
-        period = domain.check_period(request.period)
-        if request.boundary_hour <= 0:
-            raise InvalidArgument("boundary_hour", "must be a positive unix hour")
         now = self.settings.clock.now()
-        if request.boundary_hour > unix_hour(now):
-            raise FailedPrecondition(f"boundary_hour: {request.boundary_hour} is after the current hour")
+        job, period = distribution.check_run(request.job, request.period, request.boundary_hour, now)
         for campaign_id in await store.due_campaigns(self.pool, request.boundary_hour, now - self.settle):
             await self.distribute(campaign_id, job, period)
         response = cd.DistributePrizesResponse()
-        for row in await distribution.distributed_by(self.pool, store.LEDGER, job, period):
-            if row["distribution"] != "distributed":  # paid by a concurrent call still running
-                raise FailedPrecondition(f"campaign_id: campaign {row['campaign_id']} is still being paid; call again")
+        for row in await distribution.finished(self.pool, store.LEDGER, job, period):
             response.campaigns.add(
                 campaign_id=row["campaign_id"], prize_asset=row["prize_asset"], prize_pool=format_amount(row["prize_pool"]),
                 paid=format_amount(row["paid"]), winners=row["winners"], total_candies=row["total_candies"],
@@ -326,27 +319,25 @@ class CandyDropApi(candydrop_pb2_grpc.CandyDropServiceServicer):
 
     async def distribute(self, campaign_id: str, job: str, period: str) -> None:
         """Record the campaign's prizes once (freezing its progress), then pay what is unpaid."""
-        async with self.pool.acquire() as conn, conn.transaction():
-            row = await store.campaign(conn, campaign_id, lock=True)
-            if row["distribution"] is None:
-                tasks = (await store.tasks_of(conn, [campaign_id]))[campaign_id]
-                candies = store.candies_by_user(tasks, await store.progress_rows(conn, campaign_id))
-                candies = {u: c for u, c in candies.items() if c > 0}
-                prizes = domain.prizes(
-                    kind=PoolKind(row["pool_kind"]), pool=row["prize_pool"], per_candy=row["prize_per_candy"], cap=row["per_user_cap"],
-                    candies=candies, scale=scale_of(row["prize_asset"]),
-                )
-                assert sum(prizes.values(), Decimal(0)) <= row["prize_pool"]
-                await store.record_prizes(conn, campaign_id, prizes, candies, self.credit_chunk, job, period)
-                log.info("candydrop prizes recorded", extra={"campaign": campaign_id, "winners": len(prizes), "job": job, "period": period})
-            elif row["distribution"] == "distributed":
-                return
-        row = await store.campaign(self.pool, campaign_id)
-        if await self.payer.pay(
-            campaign_id, asset=row["prize_asset"], source_owner=domain.prize_account(campaign_id), reference=f"candydrop:prize:{campaign_id}",
-        ):
+
+        async def record(conn: asyncpg.Connection, row: asyncpg.Record) -> None:
+            tasks = (await store.tasks_of(conn, [campaign_id]))[campaign_id]
+            candies = store.candies_by_user(tasks, await store.progress_rows(conn, campaign_id))
+            candies = {u: c for u, c in candies.items() if c > 0}
+            prizes = domain.prizes(
+                kind=PoolKind(row["pool_kind"]), pool=row["prize_pool"], per_candy=row["prize_per_candy"], cap=row["per_user_cap"],
+                candies=candies, scale=scale_of(row["prize_asset"]),
+            )
+            assert sum(prizes.values(), Decimal(0)) <= row["prize_pool"]
+            await store.record_prizes(conn, campaign_id, prizes, candies, self.credit_chunk, job, period)
+            log.info("candydrop prizes recorded", extra={"campaign": campaign_id, "winners": len(prizes), "job": job, "period": period})
+
+        paid = await self.payer.distribute(
+            campaign_id, record, source_owner=domain.prize_account(campaign_id), reference=f"candydrop:prize:{campaign_id}",
+        )
+        if paid is not None:
             metrics.CAMPAIGNS_DISTRIBUTED.inc()
-            metrics.amount(metrics.PRIZES_PAID, row["prize_asset"], row["paid"])
+            metrics.amount(metrics.PRIZES_PAID, paid["prize_asset"], paid["paid"])
 
     # ---- events (the consumer of exchange.trades, exchange.deposits, simple_earn.accrual)
 

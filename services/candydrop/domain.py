@@ -31,7 +31,7 @@ from enum import Enum
 from fractions import Fraction
 
 from services.kernel.errors import InvalidArgument
-from services.kernel.ids import check, check_job, check_period, check_printable, check_user_id
+from services.kernel.ids import check, check_printable, check_user_id
 from services.kernel.money import EXACT, format_amount, parse_amount, scale_of
 
 _CAMPAIGN_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,47}")

@@ -19,12 +19,11 @@ import asyncpg
 
 from services.candydrop import domain
 from services.kernel import distribution
-from services.kernel.errors import NotFound
 
 Conn = asyncpg.Connection | asyncpg.Pool
 
 # Where the distribution pays from (services.kernel.distribution): campaigns by campaign_id, one row of prizes per user.
-LEDGER = distribution.Ledger("campaigns", "campaign_id", "prizes")
+LEDGER = distribution.Ledger("campaigns", "campaign_id", "prizes", "prize_asset")
 
 
 # ---- campaigns ----------------------------------------------------------------------
@@ -45,10 +44,7 @@ async def insert_campaign(conn: asyncpg.Connection, c: domain.Campaign, end_hour
 
 
 async def campaign(conn: Conn, campaign_id: str, *, lock: bool = False) -> asyncpg.Record:
-    row = await conn.fetchrow("SELECT * FROM campaigns WHERE campaign_id = $1" + (" FOR UPDATE" if lock else ""), campaign_id)
-    if row is None:
-        raise NotFound(f"campaign_id: no campaign {campaign_id}")
-    return row
+    return await distribution.parent_row(conn, LEDGER, campaign_id, lock=lock)
 
 
 def _task(r: asyncpg.Record) -> domain.Task:

@@ -40,7 +40,7 @@ from services.kernel.config import Settings
 from services.kernel.distribution import WalletClient
 from services.kernel.errors import AlreadyExists, FailedPrecondition, InvalidArgument
 from services.kernel.grpcserver import GATEWAY, OPERATOR, SERVICE, scoped_user
-from services.kernel.ids import check_job, check_period, check_user_id
+from services.kernel.ids import check_user_id
 from services.kernel.money import format_amount, parse_decimal, scale_of
 
 from earn.v1 import hodler_pb2 as hd, hodler_pb2_grpc, wallet_pb2
@@ -247,21 +247,14 @@ class HodlerApi(hodler_pb2_grpc.HodlerServiceServicer):
     # ---- the distribution (service role: the scheduler's hodler.distribution) -----
 
     async def DistributeAirdrops(self, request: hd.DistributeAirdropsRequest, context: grpc.aio.ServicerContext) -> hd.DistributeAirdropsResponse:
-        job = check_job(request.job)
-        period = check_period(request.period)
-        if request.boundary_hour <= 0:
-            raise InvalidArgument("boundary_hour", "must be a positive unix hour")
-        if request.boundary_hour > unix_hour(self.settings.clock.now()):
-            raise FailedPrecondition(f"boundary_hour: {request.boundary_hour} is after the current hour")
+        job, period = distribution.check_run(request.job, request.period, request.boundary_hour, self.settings.clock.now())
         due = await store.due_airdrops(self.pool, request.boundary_hour, self.now_us() - self.settle_us)
         if any(r["distribution"] is None for r in due):
             await self.check_caught_up()
         for r in due:
             await self.distribute(r["airdrop_id"], job, period)
         response = hd.DistributeAirdropsResponse()
-        for row in await distribution.distributed_by(self.pool, store.LEDGER, job, period):
-            if row["distribution"] != "distributed":  # paid by a concurrent call still running
-                raise FailedPrecondition(f"airdrop_id: airdrop {row['airdrop_id']} is still being paid; call again")
+        for row in await distribution.finished(self.pool, store.LEDGER, job, period):
             response.airdrops.add(
                 airdrop_id=row["airdrop_id"], reward_asset=row["reward_asset"], total=format_amount(row["total"]),
                 paid=format_amount(row["paid"]), winners=row["winners"],
@@ -286,28 +279,24 @@ class HodlerApi(hodler_pb2_grpc.HodlerServiceServicer):
 
     async def distribute(self, airdrop_id: str, job: str, period: str) -> None:
         """Record the airdrop's rewards once (freezing its sums), then pay what is unpaid."""
-        async with self.pool.acquire() as conn, conn.transaction():
-            row = await store.airdrop(conn, airdrop_id, lock=True)
-            if row["distribution"] is None:
-                a = store.as_airdrop(row)
-                counted = {
-                    u: domain.counted_average(domain.average(s, a.start_us, a.end_us), a.min_average, a.cap)
-                    for u, s in (await store.all_sums(conn, airdrop_id)).items()
-                }
-                counted = {u: c for u, c in counted.items() if c > 0}
-                rewards = domain.split(counted, a.total, scale_of(a.reward_asset))
-                assert sum(rewards.values(), Decimal(0)) <= a.total
-                averages = {u: domain.floor_to_scale(c, 18) for u, c in counted.items()}
-                await store.record_rewards(conn, airdrop_id, rewards, averages, self.credit_chunk, job, period)
-                log.info("hodler rewards recorded", extra={"airdrop": airdrop_id, "recipients": len(rewards), "job": job, "period": period})
-            elif row["distribution"] == "distributed":
-                return
-        row = await store.airdrop(self.pool, airdrop_id)
-        if await self.payer.pay(
-            airdrop_id, asset=row["reward_asset"], source_owner=domain.reward_account(airdrop_id), reference=f"hodler:reward:{airdrop_id}",
-        ):
+
+        async def record(conn: asyncpg.Connection, row: asyncpg.Record) -> None:
+            a = store.as_airdrop(row)
+            counted = {
+                u: domain.counted_average(domain.average(s, a.start_us, a.end_us), a.min_average, a.cap)
+                for u, s in (await store.all_sums(conn, airdrop_id)).items()
+            }
+            counted = {u: c for u, c in counted.items() if c > 0}
+            rewards = domain.split(counted, a.total, scale_of(a.reward_asset))
+            assert sum(rewards.values(), Decimal(0)) <= a.total
+            averages = {u: domain.floor_to_scale(c, 18) for u, c in counted.items()}
+            await store.record_rewards(conn, airdrop_id, rewards, averages, self.credit_chunk, job, period)
+            log.info("hodler rewards recorded", extra={"airdrop": airdrop_id, "recipients": len(rewards), "job": job, "period": period})
+
+        paid = await self.payer.distribute(airdrop_id, record, source_owner=domain.reward_account(airdrop_id), reference=f"hodler:reward:{airdrop_id}")
+        if paid is not None:
             metrics.AIRDROPS_DISTRIBUTED.inc()
-            metrics.amount(metrics.REWARDS_PAID, row["reward_asset"], row["paid"])
+            metrics.amount(metrics.REWARDS_PAID, paid["reward_asset"], paid["paid"])
 
     # ---- events (the consumer of wallet.transfers) ----------------------------------
 

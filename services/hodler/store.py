@@ -12,7 +12,6 @@ it 'distributing' in the transaction that records the rewards.
 
 from __future__ import annotations
 
-from collections import defaultdict
 from datetime import datetime
 from decimal import Decimal
 from fractions import Fraction
@@ -21,12 +20,11 @@ import asyncpg
 
 from services.hodler import domain
 from services.kernel import distribution
-from services.kernel.errors import NotFound
 
 Conn = asyncpg.Connection | asyncpg.Pool
 
 # Where the distribution pays from (services.kernel.distribution): airdrops by airdrop_id, one row of rewards per user.
-LEDGER = distribution.Ledger("airdrops", "airdrop_id", "rewards")
+LEDGER = distribution.Ledger("airdrops", "airdrop_id", "rewards", "reward_asset")
 
 # The projected integral of a holdings row h of airdrop a: (e - s) x PRE + e x D1 - M1.
 _INTEGRAL = "((a.end_us - a.start_us) * h.pre + a.end_us * h.d1 - h.m1)"
@@ -57,10 +55,7 @@ async def insert_airdrop(conn: asyncpg.Connection, a: domain.Airdrop, at: dateti
 
 
 async def airdrop(conn: Conn, airdrop_id: str, *, lock: bool = False) -> asyncpg.Record:
-    row = await conn.fetchrow("SELECT * FROM airdrops WHERE airdrop_id = $1" + (" FOR UPDATE" if lock else ""), airdrop_id)
-    if row is None:
-        raise NotFound(f"airdrop_id: no airdrop {airdrop_id}")
-    return row
+    return await distribution.parent_row(conn, LEDGER, airdrop_id, lock=lock)
 
 
 def as_airdrop(row: asyncpg.Record) -> domain.Airdrop:

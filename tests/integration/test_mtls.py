@@ -258,6 +258,7 @@ SQL_EXCEPTIONS: dict[tuple[str, str], str] = {
     ("services/hodler/store.py", "list_airdrops"): "WHERE clause picked from the constant _STATUS_SQL by an enum",
     ("services/hodler/store.py", "count_by_status"): "WHERE clauses of the constant _STATUS_SQL",
     ("services/hodler/store.py", "list_rewards"): "fixed clauses joined with AND; only $n placeholder numbers are formatted",
+    ("services/kernel/distribution.py", "parent_row"): "table and key column names of the caller's constant Ledger (checked identifiers); values are $n parameters; FOR UPDATE or nothing",
     ("services/kernel/distribution.py", "unpaid_chunks"): "table and key column names of the caller's constant Ledger (checked identifiers); values are $n parameters",
     ("services/kernel/distribution.py", "chunk_paid"): "table and key column names of the caller's constant Ledger (checked identifiers); values are $n parameters",
     ("services/kernel/distribution.py", "mark_distributed"): "table and key column names of the caller's constant Ledger (checked identifiers); values are $n parameters",

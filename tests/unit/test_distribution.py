@@ -16,10 +16,11 @@ import pytest
 from hypothesis import given, strategies as st
 
 from earn.v1 import wallet_pb2
-from services.kernel.distribution import Distributor, Ledger, chunk_numbers, credit_request, derived_key
+from services.kernel.distribution import Distributor, Ledger, check_run, chunk_numbers, credit_request, derived_key
+from services.kernel.errors import FailedPrecondition, InvalidArgument
 
 AT = datetime(2031, 7, 7, 3, 5, tzinfo=UTC)
-LEDGER = Ledger("campaigns", "campaign_id", "prizes")
+LEDGER = Ledger("campaigns", "campaign_id", "prizes", "prize_asset")
 
 
 def old_key(namespace: str, prefix: str, *parts: object) -> str:
@@ -64,10 +65,29 @@ def test_credit_request_of_a_chunk() -> None:
     assert list(credit.owners) == ["alice", "bob"] and list(credit.amounts) == ["1.5", "2"]
 
 
-@pytest.mark.parametrize("names", [("campaigns; DROP TABLE x", "campaign_id", "prizes"), ("campaigns", "Campaign_Id", "prizes"), ("", "k", "r")])
-def test_ledger_takes_plain_identifiers_only(names: tuple[str, str, str]) -> None:
+@pytest.mark.parametrize("names", [
+    ("campaigns; DROP TABLE x", "campaign_id", "prizes", "prize_asset"), ("campaigns", "Campaign_Id", "prizes", "prize_asset"),
+    ("", "k", "r", "a"), ("airdrops", "airdrop_id", "rewards", "reward asset"),
+])
+def test_ledger_takes_plain_identifiers_only(names: tuple[str, str, str, str]) -> None:
     with pytest.raises(ValueError):
         Ledger(*names)
+
+
+def test_ledger_noun() -> None:
+    assert LEDGER.noun == "campaign" and Ledger("airdrops", "airdrop_id", "rewards", "reward_asset").noun == "airdrop"
+
+
+def test_check_run() -> None:
+    now = datetime(2031, 7, 7, 3, 5, tzinfo=UTC)
+    hour = int(now.timestamp()) // 3600
+    assert check_run("candydrop.distribution", "2031-07-07T02", hour, now) == ("candydrop.distribution", "2031-07-07T02")
+    with pytest.raises(InvalidArgument, match="boundary_hour"):
+        check_run("candydrop.distribution", "2031-07-07T02", 0, now)
+    with pytest.raises(FailedPrecondition, match=f"boundary_hour: {hour + 1} is after the current hour"):
+        check_run("candydrop.distribution", "2031-07-07T02", hour + 1, now)
+    with pytest.raises(InvalidArgument):
+        check_run("", "2031-07-07T02", hour, now)
 
 
 class FakePool:
