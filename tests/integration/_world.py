@@ -16,20 +16,29 @@ import subprocess
 import sys
 import tempfile
 import time
+import uuid
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
 import asyncpg
 import grpc
+from aiokafka import AIOKafkaProducer
+from google.protobuf.timestamp_pb2 import Timestamp
+
+from earn.v1 import market_pb2, market_pb2_grpc, wallet_pb2, wallet_pb2_grpc
 
 from services.devstack.processes import PROCESSES, ManagedProcess, ProcessSpec
 from services.kernel import grpcclient
 from services.kernel.clock import set_time
 from services.kernel.config import REPO_ROOT
+from services.market import domain as market_domain
+from services.market.simulator import tick_envelope
+from tests.conftest import OPERATOR, SERVICE, eventually
 
 
 def spec(name: str) -> ProcessSpec:
@@ -83,6 +92,25 @@ class World:
             self.kills += 1
         await asyncio.to_thread(cli.wait)
 
+    async def kill_at_random(self, process: str, rng: random.Random, low: float, high: float) -> int:
+        """Chaos: the catch-up CLI started; after a seeded pause, ``process``, the CLI or
+        both SIGKILLed (``process`` started again, ready). How many were killed."""
+        cli = subprocess.Popen(self.cli(), cwd=REPO_ROOT, env=self.env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        await asyncio.sleep(rng.uniform(low, high))
+        victim = rng.choice([process, "cli", "both"])
+        kills = 0
+        if victim in (process, "both"):
+            proc = self.processes[process]
+            proc.kill()
+            proc.start()
+            await asyncio.to_thread(proc.wait_ready, 60)
+            kills += 1
+        if victim in ("cli", "both") and cli.poll() is None:
+            cli.kill()
+            kills += 1
+        await asyncio.to_thread(cli.wait)
+        return kills
+
     async def crash_after_paid_chunks(self, process: str, chunks: int) -> None:
         """Chaos: ``process`` kills itself right after the wallet paid ``chunks`` chunks of a
         distribution, before recording them (EARN_CRASH_AFTER_CHUNKS); the catch-up fails;
@@ -92,6 +120,46 @@ class World:
         assert failed.returncode != 0, failed.stdout
         await asyncio.to_thread(self.processes[process].popen.wait, 30)  # type: ignore[union-attr]
         await self.restart(process)
+
+
+@dataclass(kw_only=True)
+class PricedWorld(World):
+    """A world whose products settle on index prices: the wallet, the market service (fed
+    by ``topic``, market.prices) and the service under test."""
+
+    market: market_pb2_grpc.MarketServiceStub
+    wallet: wallet_pb2_grpc.WalletServiceStub
+    producer: AIOKafkaProducer
+    topic: str
+
+    async def publish(self, pair: str, ticks: list[tuple[datetime, Decimal]]) -> None:
+        """Exchange ticks of ``pair``, waited for until the market's index has the last."""
+        p = market_domain.parse_pair(pair)
+        for moment, price in ticks:
+            await self.producer.send(self.topic, tick_envelope(p, price, moment, "exchange", uuid.uuid4()), key=pair.encode())
+        await self.producer.flush()
+        last = max(t for t, _ in ticks)
+        at = Timestamp()
+        at.FromDatetime(last)
+
+        async def arrived() -> None:
+            try:
+                reply = await self.market.GetIndex(market_pb2.GetIndexRequest(pair=pair, at=at), metadata=SERVICE)
+            except grpc.aio.AioRpcError as err:
+                raise AssertionError(err.details()) from None
+            assert reply.event_time.ToDatetime(tzinfo=UTC) == last
+
+        await eventually(arrived, timeout=30)
+
+    async def catch_up(self, *, ok: bool = True) -> str:
+        """The job's catch-up, expected to succeed (or, ``ok=False``, to fail): its output."""
+        done = await self.run_cli()
+        assert (done.returncode == 0) == ok, done.stdout + done.stderr
+        return done.stdout + done.stderr
+
+    async def balance(self, owner: str, asset: str = "USDT", kind: int = wallet_pb2.ACCOUNT_KIND_FUNDING) -> Decimal:
+        reply = await self.wallet.GetBalances(wallet_pb2.GetBalancesRequest(owner=owner, asset=asset), metadata=OPERATOR)
+        return sum((Decimal(b.balance) for b in reply.balances if b.kind == kind), Decimal(0))
 
 
 @dataclass
@@ -149,3 +217,25 @@ async def stage(stack: Any, name: str, now: datetime) -> AsyncIterator[Stage]:
             proc.stop()
         await admin.execute(f'DROP DATABASE IF EXISTS "{database}" WITH (FORCE)')
         await admin.close()
+
+
+@asynccontextmanager
+async def priced(stack: Any, name: str, now: datetime, service: str, job: str, **service_env: str) -> AsyncIterator[tuple[dict[str, Any], grpc.aio.Channel]]:
+    """A :class:`PricedWorld`'s processes: the wallet and the market (index gaps up to a
+    minute), then ``service`` using both, and a producer of market.prices. Yields the
+    world's fields and the channel to ``service``."""
+    async with stage(stack, name, now) as s:
+        await asyncio.gather(s.start("wallet"), s.start("market", EARN_MAX_GAP_SECONDS="60"))
+        await s.start(service, EARN_WALLET_ADDRESS=s.address("wallet"), EARN_MARKET_ADDRESS=s.address("market"), **service_env)
+        producer = AIOKafkaProducer(bootstrap_servers=stack.settings.kafka_bootstrap, enable_idempotence=True)
+        try:
+            await producer.start()
+            async with s.channels(service, "market", "wallet") as (own, market, wallet):
+                fields = s.world(job, **{f"EARN_{service.upper()}_ADDRESS": s.address(service)})
+                fields.update(
+                    market=market_pb2_grpc.MarketServiceStub(market), wallet=wallet_pb2_grpc.WalletServiceStub(wallet), producer=producer,
+                    topic=s.prefix + "market.prices",
+                )
+                yield fields, own
+        finally:
+            await producer.stop()

@@ -21,34 +21,22 @@ Time is a file clock shared by the processes; the test moves it."""
 
 from __future__ import annotations
 
-import asyncio
 import os
 import random
-import subprocess
-import sys
-import tempfile
-import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from fractions import Fraction
-from pathlib import Path
 
-import asyncpg
 import grpc
-from services.kernel import grpcclient
-from aiokafka import AIOKafkaProducer
 from google.protobuf.timestamp_pb2 import Timestamp
 
-from earn.v1 import dual_pb2 as du, dual_pb2_grpc, market_pb2 as mk, market_pb2_grpc, wallet_pb2 as wp, wallet_pb2_grpc
-from services.devstack.processes import PROCESSES, ManagedProcess
-from services.kernel.clock import set_time
-from services.kernel.config import REPO_ROOT
+from earn.v1 import dual_pb2 as du, dual_pb2_grpc, market_pb2 as mk, wallet_pb2 as wp
 from services.market import domain as market_domain
-from services.market.simulator import tick_envelope
-from tests.conftest import GATEWAY, OPERATOR, SERVICE, eventually, unique
+from tests.conftest import GATEWAY, OPERATOR, unique
+from tests.integration import _world
 
 H0 = datetime(2031, 6, 2, tzinfo=UTC)
 JOB = "dual.settlement"
@@ -104,95 +92,20 @@ def ref_payout(direction: int, base: str, quote: str, strike: str, apr: str, amo
 # ---- processes -------------------------------------------------------------------------
 
 
-def _spec(name: str):  # type: ignore[no-untyped-def]
-    return next(s for s in PROCESSES if s.name == name)
-
-
-@dataclass
-class World:
-    clock: Path
-    env: dict[str, str]
-    processes: dict[str, ManagedProcess]
+@dataclass(kw_only=True)
+class World(_world.PricedWorld):
     dual: dual_pb2_grpc.DualServiceStub
-    market: market_pb2_grpc.MarketServiceStub
-    wallet: wallet_pb2_grpc.WalletServiceStub
-    producer: AIOKafkaProducer
-    topic: str
     ticks: dict[str, list[tuple[datetime, Decimal]]] = field(default_factory=dict)
 
-    def move(self, moment: datetime) -> None:
-        set_time(self.clock, moment)
-
     async def publish(self, pair: str, ticks: list[tuple[datetime, Decimal]]) -> None:
-        p = market_domain.parse_pair(pair)
-        for moment, price in ticks:
-            await self.producer.send(self.topic, tick_envelope(p, price, moment, "exchange", uuid.uuid4()), key=pair.encode())
-        await self.producer.flush()
+        await super().publish(pair, ticks)
         self.ticks.setdefault(pair, []).extend(ticks)
-        last = max(t for t, _ in ticks)
-
-        async def arrived() -> None:
-            try:
-                reply = await self.market.GetIndex(mk.GetIndexRequest(pair=pair, at=ts(last)), metadata=SERVICE)
-            except grpc.aio.AioRpcError as err:
-                raise AssertionError(err.details()) from None
-            assert reply.event_time.ToDatetime(tzinfo=UTC) == last
-
-        await eventually(arrived, timeout=30)
-
-    def cli(self) -> list[str]:
-        return [sys.executable, "-m", "services.scheduler.cli", "catch-up", "--job", JOB]
-
-    async def catch_up(self, *, ok: bool = True) -> str:
-        done = await asyncio.to_thread(subprocess.run, self.cli(), cwd=REPO_ROOT, env=self.env, capture_output=True, text=True, timeout=300)
-        assert (done.returncode == 0) == ok, done.stdout + done.stderr
-        return done.stdout + done.stderr
-
-    async def balance(self, owner: str, asset: str, kind: int = FUNDING) -> Decimal:
-        reply = await self.wallet.GetBalances(wp.GetBalancesRequest(owner=owner, asset=asset), metadata=OPERATOR)
-        return sum((Decimal(b.balance) for b in reply.balances if b.kind == kind), Decimal(0))
 
 
 @asynccontextmanager
 async def world(stack, name: str) -> AsyncIterator[World]:  # type: ignore[no-untyped-def]
-    database = f"{stack.settings.pg_database}_{name}"
-    admin = await asyncpg.connect(stack.settings.database_url.rsplit("/", 1)[0] + "/postgres")
-    await admin.execute(f'CREATE DATABASE "{database}"')
-    clock = Path(tempfile.mkdtemp(prefix="clock-")) / "now"
-    set_time(clock, at(0, 10))
-    prefix = f"{stack.settings.topic_prefix}{name}."
-    env = {"EARN_PG_DATABASE": database, "EARN_TOPIC_PREFIX": prefix, "EARN_CLOCK_FILE": str(clock)}
-    processes: dict[str, ManagedProcess] = {}
-    producer = AIOKafkaProducer(bootstrap_servers=stack.settings.kafka_bootstrap, enable_idempotence=True)
-    try:
-        for process in ("wallet", "market", "dual"):
-            extra = {"EARN_MAX_GAP_SECONDS": "60"} if process == "market" else {}
-            if process == "dual":
-                extra = {"EARN_WALLET_ADDRESS": processes["wallet"].address or "", "EARN_MARKET_ADDRESS": processes["market"].address or ""}
-            proc = stack.spawn(_spec(process), **env, **extra)
-            proc.start()
-            await asyncio.to_thread(proc.wait_ready, 60)
-            processes[process] = proc
-        cli_env = {
-            **stack.env, **env, "EARN_DUAL_ADDRESS": processes["dual"].address or "", "EARN_SCHEDULER_START": at(0, 10).isoformat(),
-            "EARN_METRICS_PORT": "0",
-        }
-        await producer.start()
-        async with (
-            grpcclient.channel(processes["dual"].address) as c1,
-            grpcclient.channel(processes["market"].address) as c2,
-            grpcclient.channel(processes["wallet"].address) as c3,
-        ):
-            yield World(
-                clock, cli_env, processes, dual_pb2_grpc.DualServiceStub(c1), market_pb2_grpc.MarketServiceStub(c2),
-                wallet_pb2_grpc.WalletServiceStub(c3), producer, prefix + "market.prices",
-            )
-    finally:
-        await producer.stop()
-        for proc in reversed(processes.values()):
-            proc.stop()
-        await admin.execute(f'DROP DATABASE IF EXISTS "{database}" WITH (FORCE)')
-        await admin.close()
+    async with _world.priced(stack, name, at(0, 10), "dual", JOB) as (fields, channel):
+        yield World(**fields, dual=dual_pb2_grpc.DualServiceStub(channel))
 
 
 @dataclass
@@ -434,18 +347,7 @@ async def test_settlement_killed_and_rerun_pays_exactly_once(stack) -> None:  # 
         await fund(w, {}, {"USDT": "10000000"})
         kills = 0
         for _ in range(3):
-            cli = subprocess.Popen(w.cli(), cwd=REPO_ROOT, env=w.env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-            await asyncio.sleep(chaos.uniform(0.3, 2.0))
-            victim = chaos.choice(["dual", "cli", "both"])
-            if victim in ("dual", "both"):
-                w.processes["dual"].kill()
-                w.processes["dual"].start()
-                await asyncio.to_thread(w.processes["dual"].wait_ready, 60)
-                kills += 1
-            if victim in ("cli", "both") and cli.poll() is None:
-                cli.kill()
-                kills += 1
-            await asyncio.to_thread(cli.wait)
+            kills += await w.kill_at_random("dual", chaos, 0.3, 2.0)
         await w.catch_up()
         prices = {k: ref_twap(ticks, p.settle - timedelta(minutes=30), p.settle, 6) for k, p in plans.items()}
         paid = await check_settled(w, subs, plans, prices)
