@@ -212,7 +212,16 @@ class LoanApi(loan_pb2_grpc.LoanServiceServicer):
             try:
                 yield conn
             finally:
-                await conn.execute("SELECT pg_advisory_unlock($1)", _lock_key(loan_id))
+                try:
+                    await conn.execute("SELECT pg_advisory_unlock($1)", _lock_key(loan_id))
+                except Exception:  # noqa: BLE001
+                    # The session is gone (PostgreSQL restarted, the connection lost or
+                    # already released): its advisory lock went with it. The error that
+                    # brought us here (a lost database: UNAVAILABLE, retry with the same
+                    # key) is the answer, not this one (INTERNAL); a session that might
+                    # still hold the lock is closed, never handed back to the pool.
+                    with contextlib.suppress(Exception):
+                        conn.terminate()
 
     async def _prices(self, assets: set[str], now_us: int) -> dict[str, Fraction]:
         out: dict[str, Fraction] = {}
