@@ -48,7 +48,7 @@ import pytest
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from aiokafka import AIOKafkaProducer
-from earn.v1 import (accrual_pb2, launchpool_pb2 as lp, launchpool_pb2_grpc, loan_pb2 as ln, loan_pb2_grpc, market_pb2 as mk, market_pb2_grpc,
+from earn.v1 import (accrual_pb2, dual_pb2 as du, dual_pb2_grpc, launchpool_pb2 as lp, launchpool_pb2_grpc, loan_pb2 as ln, loan_pb2_grpc, market_pb2 as mk, market_pb2_grpc,
                      simple_earn_pb2 as se, simple_earn_pb2_grpc, wallet_pb2, wallet_pb2_grpc)
 from services.devstack.infra import InfraError, Kafka, Postgres, pid_alive, port_in_use
 from services.devstack.processes import PROCESSES, ManagedProcess
@@ -68,7 +68,7 @@ DEPOSITS = {"BTC": Decimal(10), "USDT": Decimal(10000), "ETH": Decimal(50)}
 LP_START, LP_END = 1, 9  # Launchpool project hours
 SCHEMAS = ("wallet", "simple_earn", "launchpool", "loan")
 # Each of these is SIGKILLed at least once per chaos run, at a seeded moment.
-TARGETS = ("wallet", "relay", "simple_earn", "launchpool", "market", "loan", "accrual", "scheduler", "kafka", "postgres")
+TARGETS = ("wallet", "relay", "simple_earn", "launchpool", "market", "loan", "dual", "accrual", "scheduler", "kafka", "postgres")
 # Crypto Loan: borrowers (BTC collateral, USDT borrowed), their loans' actions in hours
 # 1-12, then a seeded BTC/USDT index path in hours 14-24 that margin-calls, re-arms and
 # liquidates some of them.
@@ -76,6 +76,9 @@ LOAN_USERS = ("eve", "fay", "gus", "hal", "ivy", "jon")
 LOAN_BTC = Decimal(3)
 BTC_START = Decimal(60000)
 BTC_DISCOUNT = Decimal("0.95")
+# Dual Investment: a sell-high BTC/USDT plan settled at hour 20 and a buy-low one at hour
+# 23 (the TWAP of the index path's 30 minutes before), subscribed by the borrowers in hour 11.
+DUAL_PLANS = (("dual-sh", du.DUAL_DIRECTION_SELL_HIGH, 20), ("dual-bl", du.DUAL_DIRECTION_BUY_LOW, 23))
 LOG_DIR = Settings().data_dir / "test-logs" / "chaos-mixed"  # kept after the run, for a failing seed
 RETRIED = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
 
@@ -98,9 +101,9 @@ class Command:
     index: int
     hour: int
     minute: int
-    kind: str  # deposit, subscribe, redeem, stake, unstake, catch_up, price, borrow, repay, add_collateral, loans_published
+    kind: str  # deposit, subscribe, redeem, stake, unstake, catch_up, price, borrow, repay, add_collateral, loans_published, dual
     user: str = ""
-    target: str = ""  # product (btc / usdt), pool, or the loan's label (borrow, repay, add_collateral)
+    target: str = ""  # product (btc / usdt), pool, the loan's label (borrow, repay, add_collateral) or the dual plan
     amount: str = ""  # empty: all of it (redeem, unstake); the index price (price)
     collateral: str = ""  # BTC pledged (borrow, add_collateral)
 
@@ -145,8 +148,27 @@ def workload(seed: int) -> list[Command]:
     add(HOURS - 1, 5, "catch_up")
     # Crypto Loan, from its own generator (the commands above do not change with it), in
     # minutes 51-59 of an hour (the others use 5-50); merged in time order.
-    merged = sorted([*commands, *loan_workload(seed)], key=lambda c: (c.hour, c.minute))
+    merged = sorted([*commands, *loan_workload(seed), *dual_workload(seed)], key=lambda c: (c.hour, c.minute))
     return [Command(i, c.hour, c.minute, c.kind, c.user, c.target, c.amount, c.collateral) for i, c in enumerate(merged)]
+
+
+def dual_strikes(seed: int) -> dict[str, str]:
+    rng = random.Random(f"{seed}:dual")
+    return {plan: str(rng.randint(44000, 56000)) for plan, _, _ in DUAL_PLANS}
+
+
+def dual_workload(seed: int) -> list[Command]:
+    """Dual subscriptions of the borrowers in hour 11 (after their loans' actions): BTC
+    into the sell-high plan (they keep at least 1 BTC out of their loans), USDT (from
+    what they borrowed) into the buy-low one."""
+    rng = random.Random(f"{seed}:dual-subscriptions")
+    commands = []
+    for user in LOAN_USERS:
+        if rng.random() < 0.7:
+            commands.append(Command(-1, 11, rng.randint(51, 59), "dual", user, "dual-sh", rng.choice(("0.1", "0.2", "0.35", "0.5"))))
+        if rng.random() < 0.7:
+            commands.append(Command(-1, 11, rng.randint(51, 59), "dual", user, "dual-bl", str(rng.randint(5, 40) * 50)))
+    return commands
 
 
 def loan_workload(seed: int) -> list[Command]:
@@ -310,6 +332,7 @@ class World:
     launchpool: launchpool_pb2_grpc.LaunchpoolServiceStub
     loan: loan_pb2_grpc.LoanServiceStub
     market: market_pb2_grpc.MarketServiceStub
+    dual: dual_pb2_grpc.DualServiceStub
     prices_topic: str
     chaos: random.Random | None = None
     kills: list[str] = field(default_factory=list)
@@ -496,7 +519,7 @@ async def world(infra: Infra, name: str, chaos: random.Random | None = None) -> 
     processes: dict[str, ManagedProcess] = {}
     supervisor: asyncio.Task[None] | None = None
     try:
-        for process in ("wallet", "relay", "simple_earn", "launchpool", "market", "loan", "accrual"):
+        for process in ("wallet", "relay", "simple_earn", "launchpool", "market", "loan", "dual", "accrual"):
             extra: dict[str, str] = {}
             if process == "wallet":
                 extra = {"EARN_RELAY_ENABLED": "false"}
@@ -506,6 +529,8 @@ async def world(infra: Infra, name: str, chaos: random.Random | None = None) -> 
                 extra = {"EARN_WALLET_ADDRESS": processes["wallet"].address or ""}
             elif process == "market":
                 extra = {"EARN_MAX_GAP_SECONDS": "86400"}
+            elif process == "dual":
+                extra = {"EARN_WALLET_ADDRESS": processes["wallet"].address or "", "EARN_MARKET_ADDRESS": processes["market"].address or ""}
             elif process == "loan":
                 extra = {"EARN_WALLET_ADDRESS": processes["wallet"].address or "", "EARN_MARKET_ADDRESS": processes["market"].address or "",
                          "EARN_MAX_INDEX_AGE_SECONDS": "86400"}
@@ -519,6 +544,7 @@ async def world(infra: Infra, name: str, chaos: random.Random | None = None) -> 
             **infra.env, **env,
             "EARN_SIMPLE_EARN_ADDRESS": processes["simple_earn"].address or "",
             "EARN_LAUNCHPOOL_ADDRESS": processes["launchpool"].address or "",
+            "EARN_DUAL_ADDRESS": processes["dual"].address or "",
             "EARN_SCHEDULER_START": at(0, 10).isoformat(),
             "EARN_METRICS_PORT": "0",
         }
@@ -528,10 +554,11 @@ async def world(infra: Infra, name: str, chaos: random.Random | None = None) -> 
             grpcclient.channel(processes["launchpool"].address) as c3,
             grpcclient.channel(processes["loan"].address) as c4,
             grpcclient.channel(processes["market"].address) as c5,
+            grpcclient.channel(processes["dual"].address) as c6,
         ):
             w = World(infra, clock, cli_env, processes, wallet_pb2_grpc.WalletServiceStub(c1),
                       simple_earn_pb2_grpc.SimpleEarnServiceStub(c2), launchpool_pb2_grpc.LaunchpoolServiceStub(c3),
-                      loan_pb2_grpc.LoanServiceStub(c4), market_pb2_grpc.MarketServiceStub(c5), prefix + "market.prices", chaos)
+                      loan_pb2_grpc.LoanServiceStub(c4), market_pb2_grpc.MarketServiceStub(c5), dual_pb2_grpc.DualServiceStub(c6), prefix + "market.prices", chaos)
             supervisor = asyncio.create_task(w.supervise())
             yield w
     finally:
@@ -552,9 +579,11 @@ class Outcome:
     balances: dict[tuple[str, str, int], Decimal]  # (owner, asset, kind) -> balance
     records: dict[tuple[str, str], dict[int, Decimal]]  # (user, product or pool) -> boundary -> amount
     loans: dict[str, tuple[Any, ...]]  # loan label -> (status, principal, interest, collateral, events)
+    duals: dict[tuple[str, str], tuple[Any, ...]]  # (user, plan) -> (status, amount, settlement price, converted, payout)
 
 
-Observed = tuple[dict[tuple[str, str, int], Decimal], dict[tuple[str, str], dict[int, Decimal]], dict[str, tuple[Any, ...]]]
+Observed = tuple[dict[tuple[str, str, int], Decimal], dict[tuple[str, str], dict[int, Decimal]], dict[str, tuple[Any, ...]],
+                 dict[tuple[str, str], tuple[Any, ...]]]
 
 
 def loan_state(loan: ln.Loan, events: list[ln.LoanEventRecord]) -> tuple[Any, ...]:
@@ -570,7 +599,7 @@ def loan_state(loan: ln.Loan, events: list[ln.LoanEventRecord]) -> tuple[Any, ..
 
 async def observe(w: World) -> Observed:
     balances: dict[tuple[str, str, int], Decimal] = {}
-    for owner in (*USERS, *LOAN_USERS, "simple_earn", "launchpool", "loan"):
+    for owner in (*USERS, *LOAN_USERS, "simple_earn", "launchpool", "loan", "dual"):
         for b in (await w.wallet.GetBalances(wallet_pb2.GetBalancesRequest(owner=owner), metadata=GATEWAY)).balances:
             if Decimal(b.balance):
                 balances[(owner, b.asset, b.kind)] = Decimal(b.balance)
@@ -590,7 +619,13 @@ async def observe(w: World) -> Observed:
         loan = (await w.loan.GetLoan(ln.GetLoanRequest(user_id=user, loan_id=loan_id), metadata=GATEWAY)).loan
         events = list((await w.loan.ListLoanEvents(ln.ListLoanEventsRequest(user_id=user, loan_id=loan_id), metadata=GATEWAY)).events)
         loans[label] = loan_state(loan, events)
-    return balances, records, loans
+    duals: dict[tuple[str, str], tuple[Any, ...]] = {}
+    for user in LOAN_USERS:
+        for sub in (await w.dual.ListDualSubscriptions(du.ListDualSubscriptionsRequest(user_id=user, page_size=100), metadata=GATEWAY)).subscriptions:
+            st = sub.settlement
+            duals[(user, sub.plan_id)] = (du.DualSubscriptionStatus.Name(sub.status), Decimal(sub.amount), st.settlement_price, st.converted,
+                                          st.payout_asset, st.payout_amount)
+    return balances, records, loans, duals
 
 
 async def check_invariants(w: World) -> None:
@@ -630,6 +665,15 @@ async def scenario(w: World, commands: list[Command], reference: Outcome | None 
     await w.call(-6, w.wallet.Transfer, wallet_pb2.TransferRequest(idempotency_key="loan-treasury", transfer=wallet_pb2.TransferSpec(
         asset="USDT", source=wallet_pb2.AccountRef(owner="loan", kind=wallet_pb2.ACCOUNT_KIND_EXTERNAL),
         destination=wallet_pb2.AccountRef(owner="loan", kind=wallet_pb2.ACCOUNT_KIND_TREASURY), amount="1000000")), OPERATOR)
+    strikes = dual_strikes(SEED)
+    for n, (plan, direction, hour) in enumerate(DUAL_PLANS):
+        await w.call(-7 - n, w.dual.CreateDualPlan, du.CreateDualPlanRequest(
+            idempotency_key=plan, plan_id=plan, base_asset="BTC", quote_asset="USDT", direction=direction, strike=strikes[plan], apr="0.3",
+            settlement_time=ts(at(hour)), min_amount="0.01", max_per_user="1000000", quota="10000000"), OPERATOR)
+    for asset, amount in (("BTC", "20"), ("USDT", "1000000")):
+        await w.call(-9, w.wallet.Transfer, wallet_pb2.TransferRequest(idempotency_key=f"dual-treasury-{asset}", transfer=wallet_pb2.TransferSpec(
+            asset=asset, source=wallet_pb2.AccountRef(owner="dual", kind=wallet_pb2.ACCOUNT_KIND_EXTERNAL),
+            destination=wallet_pb2.AccountRef(owner="dual", kind=wallet_pb2.ACCOUNT_KIND_TREASURY), amount=amount)), OPERATOR)
     positions: dict[tuple[str, str], str] = {}
     # Chaos: every target once at a seeded command (some during catch-ups, while ticks and
     # payouts run), the scheduler CLI at a seeded catch-up, plus a few more kills.
@@ -685,6 +729,9 @@ async def scenario(w: World, commands: list[Command], reference: Outcome | None 
             await w.call(c.index, w.loan.AddLoanCollateral, ln.AddLoanCollateralRequest(
                 idempotency_key=key, user_id=c.user, loan_id=w.loans.get(c.target, ("", ""))[1],
                 collateral=ln.LoanCollateralAmount(asset="BTC", amount=c.collateral)), GATEWAY)
+        elif c.kind == "dual":
+            await w.call(c.index, w.dual.SubscribeDual, du.SubscribeDualRequest(
+                client_order_id=key, user_id=c.user, plan_id=c.target, amount=c.amount), GATEWAY)
         elif c.kind == "loans_published":
             await w.loans_published()
     if killing is not None:
@@ -701,16 +748,16 @@ async def scenario(w: World, commands: list[Command], reference: Outcome | None 
     async def consistent() -> None:
         nonlocal outcome
         await check_invariants(w)
-        balances, records, loans = await observe(w)
+        balances, records, loans, duals = await observe(w)
         # Settled: the same a moment later (a payout still in flight would change it; the
         # calm run has no reference to wait for, so it must not be read mid-payout).
         await asyncio.sleep(2)
-        assert (balances, records, loans) == await observe(w), "still moving"
+        assert (balances, records, loans, duals) == await observe(w), "still moving"
         for label, state in loans.items():  # liquidated at most once, and then closed
             kinds = [e[0] for e in state[4]]
             assert kinds.count("LOAN_EVENT_KIND_LIQUIDATION") <= 1, (label, kinds)
             assert ("LOAN_EVENT_KIND_LIQUIDATION" in kinds) == (state[0] == "LOAN_STATUS_LIQUIDATED"), (label, state)
-        outcome = Outcome(sorted(w.accepted), sorted(w.refused), balances, records, loans)
+        outcome = Outcome(sorted(w.accepted), sorted(w.refused), balances, records, loans, duals)
         if reference is not None:
             assert outcome.accepted == reference.accepted and outcome.refused == reference.refused, "accepted commands differ"
             if outcome.loans != reference.loans:
@@ -722,6 +769,11 @@ async def scenario(w: World, commands: list[Command], reference: Outcome | None 
             calls = lambda loans: {k: [e for e in v[4] if e[0] == "LOAN_EVENT_KIND_MARGIN_CALL"] for k, v in loans.items()}  # noqa: E731
             assert calls(outcome.loans) == calls(reference.loans), "margin calls differ"
             assert outcome.loans == reference.loans, "loan states or records differ"
+            if outcome.duals != reference.duals:
+                print("mixed: dual subscriptions differ from the calm run, (chaos, calm):",
+                      {k: (outcome.duals.get(k), reference.duals.get(k)) for k in set(outcome.duals) | set(reference.duals)
+                       if outcome.duals.get(k) != reference.duals.get(k)}, flush=True)
+            assert outcome.duals == reference.duals, "dual subscriptions or settlements differ"
             if outcome.balances != reference.balances or outcome.records != reference.records:
                 diff_b = {k: (outcome.balances.get(k), reference.balances.get(k)) for k in set(outcome.balances) | set(reference.balances) if outcome.balances.get(k) != reference.balances.get(k)}
                 diff_r = {}
@@ -748,6 +800,8 @@ async def calm(infra: Infra) -> Outcome:
     assert any(product == "pool" for _, product in outcome.records), "the workload paid no Launchpool reward"
     assert len(outcome.loans) == len(LOAN_USERS), outcome.loans
     assert any(state[0] == "LOAN_STATUS_LIQUIDATED" for state in outcome.loans.values()), f"seed {SEED}: the price path liquidated no loan"
+    assert outcome.duals and all(d[0] == "DUAL_SUBSCRIPTION_STATUS_SETTLED" for d in outcome.duals.values()), outcome.duals
+    print("mixed: calm dual", {k: (d[2], d[3], d[4], d[5]) for k, d in sorted(outcome.duals.items())}, flush=True)
     print("mixed: calm loans", {k: (v[0], [e[0].removeprefix("LOAN_EVENT_KIND_") for e in v[4]]) for k, v in outcome.loans.items()}, flush=True)
     return outcome
 
