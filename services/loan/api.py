@@ -49,7 +49,7 @@ from services.dual.api import Client, market_client, wallet_client
 from services.kernel import idempotency, outbox
 from services.kernel.config import ServiceSettings
 from services.kernel.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
-from services.kernel.grpcserver import GATEWAY, OPERATOR, SERVICE, current_caller
+from services.kernel.grpcserver import GATEWAY, OPERATOR, SERVICE, scoped_user
 from services.kernel.money import format_amount, parse_amount, parse_decimal, scale_of
 from services.loan import domain, metrics, store
 from services.loan.domain import Collateral, Levels, Loan
@@ -142,14 +142,6 @@ def _ltv_text(value: Fraction | None) -> str:
     if 2 * r > six.denominator or (2 * r == six.denominator and q % 2):
         q += 1
     return format_amount(Decimal(q).scaleb(-6))
-
-
-def _scoped_user(user_id: str) -> str:
-    if user_id:
-        return domain.check_user_id(user_id)
-    if current_caller().role == GATEWAY:
-        raise InvalidArgument("user_id", "is required for calls acting for a user")
-    return ""
 
 
 def _loan_id_text(value: str, field: str = "loan_id") -> str:
@@ -486,13 +478,13 @@ class LoanApi(loan_pb2_grpc.LoanServiceServicer):
         return domain.ltv(money, prices)
 
     async def GetLoan(self, request: ln.GetLoanRequest, context: grpc.aio.ServicerContext) -> ln.GetLoanResponse:
-        user = _scoped_user(request.user_id)
+        user = scoped_user(request.user_id)
         row = await self._user_loan(user, request.loan_id)
         coll = await store.collateral(self.pool, row["loan_id"])
         return ln.GetLoanResponse(loan=self._loan_message(row, coll, await self._current_ltv(row, coll)))
 
     async def ListLoans(self, request: ln.ListLoansRequest, context: grpc.aio.ServicerContext) -> ln.ListLoansResponse:
-        user = _scoped_user(request.user_id)
+        user = scoped_user(request.user_id)
         status = ""
         if request.status:
             if request.status not in _STATUS_IN:
@@ -512,7 +504,7 @@ class LoanApi(loan_pb2_grpc.LoanServiceServicer):
     async def ListLoanInterest(self, request: ln.ListLoanInterestRequest, context: grpc.aio.ServicerContext) -> ln.ListLoanInterestResponse:
         """Derived from the principal history: hour h is charged on the principal after
         the last change before h's start; the exact interest floored with the carry."""
-        user = _scoped_user(request.user_id)
+        user = scoped_user(request.user_id)
         row = await self._user_loan(user, request.loan_id)
         history = await store.history(self.pool, row["loan_id"])
         scale = scale_of(row["loan_asset"])
@@ -540,7 +532,7 @@ class LoanApi(loan_pb2_grpc.LoanServiceServicer):
         return out
 
     async def ListLoanLtvHistory(self, request: ln.ListLoanLtvHistoryRequest, context: grpc.aio.ServicerContext) -> ln.ListLoanLtvHistoryResponse:
-        user = _scoped_user(request.user_id)
+        user = scoped_user(request.user_id)
         row = await self._user_loan(user, request.loan_id)
         points = [(h["at_us"], h["ltv"], h["cause"]) for h in await store.history(self.pool, row["loan_id"]) if h["ltv"] is not None]
         points += [(e["at_us"], e["ltv"], e["kind"]) for e in await store.events(self.pool, row["loan_id"], "")]
@@ -548,7 +540,7 @@ class LoanApi(loan_pb2_grpc.LoanServiceServicer):
         return ln.ListLoanLtvHistoryResponse(points=[ln.LoanLtvPoint(at=_ts(a), ltv=_ltv_text(Fraction(v)), cause=c) for a, v, c in points])
 
     async def ListLoanEvents(self, request: ln.ListLoanEventsRequest, context: grpc.aio.ServicerContext) -> ln.ListLoanEventsResponse:
-        user = _scoped_user(request.user_id)
+        user = scoped_user(request.user_id)
         row = await self._user_loan(user, request.loan_id)
         kind = ""
         if request.kind:

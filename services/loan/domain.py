@@ -31,13 +31,13 @@ Choices (README, "Crypto Loan"):
 
 from __future__ import annotations
 
-import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from decimal import Decimal
 from fractions import Fraction
 
 from services.kernel.errors import FailedPrecondition, InvalidArgument
+from services.kernel.ids import check_user_id as check_user_id
 
 HOUR_US = 3_600 * 1_000_000
 VALUATION_ASSET = "USDT"
@@ -50,17 +50,6 @@ DEFAULT_REARM_BAND = Fraction(1, 100)
 FIXED_TERMS_DAYS = (7, 30)
 RATE_SCALE = 10  # fraction digits of an hourly rate
 DISCOUNT_SCALE = 4
-
-_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:@-]{0,63}")
-
-
-def check_user_id(value: str, field_name: str = "user_id") -> str:
-    if not value:
-        raise InvalidArgument(field_name, "is required")
-    if not _ID.fullmatch(value):
-        raise InvalidArgument(field_name, "must be 1 to 64 characters of letters, digits and _ . : @ - (starting with a letter or digit)")
-    return value
-
 
 def units(value: Decimal | Fraction, scale: int) -> int:
     """An amount at ``scale`` as an integer number of units (exact; refuses a finer one)."""
