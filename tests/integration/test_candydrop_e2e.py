@@ -221,7 +221,6 @@ def to_message(e: dict, users: dict[str, str]) -> tuple[str, bytes]:
 class World(_world.World):
     candydrop: candydrop_pb2_grpc.CandyDropServiceStub
     earn: simple_earn_pb2_grpc.SimpleEarnServiceStub
-    wallet: wallet_pb2_grpc.WalletServiceStub
     producer: AIOKafkaProducer
     prefix: str
 
@@ -260,8 +259,7 @@ async def world(stack, name: str, chaos: random.Random | None = None) -> AsyncIt
 
 
 async def balance(w: World, owner: str, asset: str, kind: int = FUNDING) -> Decimal:
-    reply = await w.wallet.GetBalances(wallet_pb2.GetBalancesRequest(owner=owner, asset=asset), metadata=OPERATOR)
-    return sum((Decimal(b.balance) for b in reply.balances if b.kind == kind), Decimal(0))
+    return await w.balance(owner, asset, kind)
 
 
 # ---- the scenario ----------------------------------------------------------------------

@@ -119,7 +119,6 @@ def floor18(value: Fraction) -> Decimal:
 class World(_world.World):
     hodler: hodler_pb2_grpc.HodlerServiceStub
     earn: simple_earn_pb2_grpc.SimpleEarnServiceStub
-    wallet: wallet_pb2_grpc.WalletServiceStub
 
     async def restart_hodler(self, **env: str) -> None:
         await self.restart("hodler", **env)
@@ -161,8 +160,7 @@ async def world(stack, name: str, chaos: random.Random | None = None) -> AsyncIt
 
 
 async def balance(w: World, owner: str, asset: str, kind: int = FUNDING) -> Decimal:
-    reply = await w.wallet.GetBalances(wallet_pb2.GetBalancesRequest(owner=owner, asset=asset), metadata=OPERATOR)
-    return sum((Decimal(b.balance) for b in reply.balances if b.kind == kind), Decimal(0))
+    return await w.balance(owner, asset, kind)
 
 
 # ---- the scenario ----------------------------------------------------------------------

@@ -19,13 +19,8 @@ Time is a file clock shared by Launchpool and the scheduler; the test moves it."
 
 from __future__ import annotations
 
-import asyncio
 import os
 import random
-import subprocess
-import sys
-import tempfile
-import time
 from collections import defaultdict
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -33,27 +28,19 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from fractions import Fraction
-from pathlib import Path
 
-import asyncpg
 import grpc
-from services.kernel import grpcclient
 import pytest
 
-from earn.v1 import launchpool_pb2 as lp, launchpool_pb2_grpc, wallet_pb2, wallet_pb2_grpc
-from services.devstack.processes import PROCESSES, ManagedProcess
-from services.kernel.clock import set_time
-from services.kernel.config import REPO_ROOT
+from earn.v1 import launchpool_pb2 as lp, launchpool_pb2_grpc, wallet_pb2
 from tests.conftest import GATEWAY, OPERATOR, eventually, unique
+from tests.integration import _world
 
 H0 = int(datetime(2031, 5, 5, tzinfo=UTC).timestamp()) // 3600
 HOUR_US = 3600 * 10**6
 FUNDING, HOLD, EXPENSE = wallet_pb2.ACCOUNT_KIND_FUNDING, wallet_pb2.ACCOUNT_KIND_HOLD, wallet_pb2.ACCOUNT_KIND_EXPENSE
 SCALES = {"BTC": 8, "USDT": 6}
 JOB = "launchpool.rewards.hourly"
-ENGINE_SETTLE_SECONDS = 10.0
-
-
 def at(hours: int, minutes: int = 0, seconds: float = 0) -> datetime:
     return datetime.fromtimestamp(H0 * 3600, UTC) + timedelta(hours=hours, minutes=minutes, seconds=seconds)
 
@@ -130,87 +117,21 @@ class RefPool:
 # ---- processes -------------------------------------------------------------------------
 
 
-def _spec(name: str):  # type: ignore[no-untyped-def]
-    return next(s for s in PROCESSES if s.name == name)
-
-
-@dataclass
-class World:
-    clock: Path
-    env: dict[str, str]
-    processes: dict[str, ManagedProcess]
+@dataclass(kw_only=True)
+class World(_world.EngineWorld):
     launchpool: launchpool_pb2_grpc.LaunchpoolServiceStub
-    wallet: wallet_pb2_grpc.WalletServiceStub
-    chaos: random.Random | None = None
-    crashes: int = 0
-    engine_started: float = field(default_factory=time.monotonic)
-
-    def move(self, moment: datetime) -> None:
-        set_time(self.clock, moment)
-
-    def _cli(self) -> list[str]:
-        return [sys.executable, "-m", "services.scheduler.cli", "catch-up", "--job", JOB]
-
-    async def catch_up(self) -> None:
-        while self.chaos is not None and (self.crashes == 0 or self.chaos.random() < 0.7):
-            cli = subprocess.Popen(self._cli(), cwd=REPO_ROOT, env=self.env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-            await asyncio.sleep(self.chaos.uniform(0.2, 2.5))
-            if self.chaos.random() < 0.6 and time.monotonic() - self.engine_started > ENGINE_SETTLE_SECONDS:
-                engine = self.processes["accrual"]
-                engine.kill()
-                engine.start()
-                self.engine_started = time.monotonic()
-                self.crashes += 1
-            if self.chaos.random() < 0.3:  # Launchpool itself, maybe between recording a batch and paying it
-                service = self.processes["launchpool"]
-                service.kill()
-                service.start()
-                await asyncio.to_thread(service.wait_ready, 60)
-                self.crashes += 1
-            if cli.poll() is None:
-                cli.kill()
-                self.crashes += 1
-            await asyncio.to_thread(cli.wait)
-        done = await asyncio.to_thread(
-            subprocess.run, self._cli(), cwd=REPO_ROOT, env=self.env, capture_output=True, text=True, timeout=600,
-        )
-        assert done.returncode == 0, done.stdout + done.stderr
+    engine_kill_chance: float = 0.6
+    also_kill: str = "launchpool"
 
 
 @asynccontextmanager
 async def world(stack, name: str, chaos: random.Random | None = None) -> AsyncIterator[World]:  # type: ignore[no-untyped-def]
-    database = f"{stack.settings.pg_database}_{name}"
-    admin = await asyncpg.connect(stack.settings.database_url.rsplit("/", 1)[0] + "/postgres")
-    await admin.execute(f'CREATE DATABASE "{database}"')
-    clock = Path(tempfile.mkdtemp(prefix="clock-")) / "now"
-    set_time(clock, at(0, 10))
-    env = {"EARN_PG_DATABASE": database, "EARN_TOPIC_PREFIX": f"{stack.settings.topic_prefix}{name}.", "EARN_CLOCK_FILE": str(clock)}
-    processes: dict[str, ManagedProcess] = {}
-    try:
-        for process in ("wallet", "launchpool", "accrual"):
-            extra = {"EARN_WALLET_ADDRESS": processes["wallet"].address or "", "EARN_RELEASE_SWEEP_SECONDS": "1"} if process == "launchpool" else {}
-            proc = stack.spawn(_spec(process), **env, **extra)
-            proc.start()
-            await asyncio.to_thread(proc.wait_ready, 60)
-            processes[process] = proc
-        cli_env = {
-            **stack.env, **env,
-            "EARN_LAUNCHPOOL_ADDRESS": processes["launchpool"].address or "",
-            "EARN_SCHEDULER_START": at(0, 10).isoformat(),
-            "EARN_METRICS_PORT": "0",
-        }
-        async with grpcclient.channel(processes["launchpool"].address) as c1, grpcclient.channel(processes["wallet"].address) as c2:
-            yield World(clock, cli_env, processes, launchpool_pb2_grpc.LaunchpoolServiceStub(c1), wallet_pb2_grpc.WalletServiceStub(c2), chaos)
-    finally:
-        for proc in reversed(processes.values()):
-            proc.stop()
-        await admin.execute(f'DROP DATABASE IF EXISTS "{database}" WITH (FORCE)')
-        await admin.close()
+    async with _world.engine(stack, name, at(0, 10), "launchpool", JOB, chaos, EARN_RELEASE_SWEEP_SECONDS="1") as (fields, channel):
+        yield World(**fields, launchpool=launchpool_pb2_grpc.LaunchpoolServiceStub(channel))
 
 
 async def balance(w: World, owner: str, asset: str, kind: int = FUNDING) -> Decimal:
-    reply = await w.wallet.GetBalances(wallet_pb2.GetBalancesRequest(owner=owner, asset=asset), metadata=GATEWAY)
-    return sum((Decimal(b.balance) for b in reply.balances if b.kind == kind), Decimal(0))
+    return await w.balance(owner, asset, kind)
 
 
 @dataclass
@@ -387,5 +308,5 @@ async def test_sigkilled_engine_and_scheduler_lose_nothing_and_pay_nothing_twice
     print(f"chaos seed {seed} (replay with EARN_CHAOS_SEED={seed})")
     async with world(stack, "chaos", random.Random(seed)) as chaotic:
         got = await scenario(chaotic)
-        assert chaotic.crashes > 0, f"seed {seed}: no crash happened"
+        assert chaotic.kills > 0, f"seed {seed}: no crash happened"
     assert got == calm, f"seed {seed}"

@@ -9,13 +9,8 @@ the test moves it forward; nothing sleeps through an hour.
 
 from __future__ import annotations
 
-import asyncio
 import os
 import random
-import subprocess
-import sys
-import tempfile
-import time
 from collections import defaultdict
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -23,17 +18,12 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from fractions import Fraction
-from pathlib import Path
 
-import asyncpg
-from services.kernel import grpcclient
 import pytest
 
-from earn.v1 import accrual_pb2, simple_earn_pb2 as se, simple_earn_pb2_grpc, wallet_pb2, wallet_pb2_grpc
-from services.devstack.processes import PROCESSES, ManagedProcess
-from services.kernel.clock import set_time
-from services.kernel.config import REPO_ROOT
+from earn.v1 import accrual_pb2, simple_earn_pb2 as se, simple_earn_pb2_grpc, wallet_pb2
 from tests.conftest import GATEWAY, OPERATOR, eventually, unique
+from tests.integration import _world
 
 H0 = int(datetime(2031, 3, 3, tzinfo=UTC).timestamp()) // 3600  # a day starts at H0
 SCALES = {"BTC": 8, "USDT": 6, "ETH": 18}
@@ -125,97 +115,23 @@ class RefPosition:
 # ---- processes ---------------------------------------------------------------------------
 
 
-ENGINE_SETTLE_SECONDS = 10.0
-
-
-def _spec(name: str):  # type: ignore[no-untyped-def]
-    return next(s for s in PROCESSES if s.name == name)
-
-
-@dataclass
-class World:
+@dataclass(kw_only=True)
+class World(_world.EngineWorld):
     """One platform: its own database, topics, clock and wallet, Simple Earn and accrual
-    engine processes; the scheduler runs as its operator CLI."""
+    engine processes; the scheduler runs as its operator CLI (every job)."""
 
-    clock: Path
-    env: dict[str, str]
-    processes: dict[str, ManagedProcess]
     earn: simple_earn_pb2_grpc.SimpleEarnServiceStub
-    wallet: wallet_pb2_grpc.WalletServiceStub
-    chaos: random.Random | None = None
-    crashes: int = 0
-    engine_started: float = field(default_factory=time.monotonic)
-
-    def move(self, moment: datetime) -> None:
-        set_time(self.clock, moment)
-
-    def _cli(self) -> list[str]:
-        return [sys.executable, "-m", "services.scheduler.cli", "catch-up"]
-
-    async def catch_up(self) -> None:
-        """The scheduler's operator CLI runs every due period of every job, in order. With
-        chaos, the CLI and the accrual engine are first SIGKILLed at random moments of
-        runs (and the engine restarted) before a last run completes the catch-up."""
-        while self.chaos is not None and (self.crashes == 0 or self.chaos.random() < 0.7):
-            cli = subprocess.Popen(self._cli(), cwd=REPO_ROOT, env=self.env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-            await asyncio.sleep(self.chaos.uniform(0.2, 2.5))
-            # The engine is killed only once it has run a while: restart storms while
-            # faust rejoins its group can stall it (an open issue, see the README).
-            if self.chaos.random() < 0.5 and time.monotonic() - self.engine_started > ENGINE_SETTLE_SECONDS:
-                engine = self.processes["accrual"]
-                engine.kill()
-                engine.start()
-                self.engine_started = time.monotonic()
-                self.crashes += 1
-            if cli.poll() is None:
-                cli.kill()
-                self.crashes += 1
-            await asyncio.to_thread(cli.wait)
-        engine = self.processes["accrual"]
-        if self.chaos is not None and not engine.running():
-            # The worker exits on purpose when it cannot go on (exit 70: a delivery or a
-            # direct read timed out); the supervisor (`make run`, Kubernetes) restarts it.
-            engine.start()
-        done = await asyncio.to_thread(
-            subprocess.run, self._cli(), cwd=REPO_ROOT, env=self.env, capture_output=True, text=True, timeout=600,
-        )
-        assert done.returncode == 0, done.stdout + done.stderr
+    engine_kill_chance: float = 0.5
 
 
 @asynccontextmanager
 async def world(stack, name: str, chaos: random.Random | None = None) -> AsyncIterator[World]:  # type: ignore[no-untyped-def]
-    database = f"{stack.settings.pg_database}_{name}"
-    admin = await asyncpg.connect(stack.settings.database_url.rsplit("/", 1)[0] + "/postgres")
-    await admin.execute(f'CREATE DATABASE "{database}"')
-    clock = Path(tempfile.mkdtemp(prefix="clock-")) / "now"
-    set_time(clock, at(0, 20))
-    env = {"EARN_PG_DATABASE": database, "EARN_TOPIC_PREFIX": f"{stack.settings.topic_prefix}{name}.", "EARN_CLOCK_FILE": str(clock)}
-    processes: dict[str, ManagedProcess] = {}
-    try:
-        for process in ("wallet", "simple_earn", "accrual"):
-            extra = {"EARN_WALLET_ADDRESS": processes["wallet"].address or ""} if process == "simple_earn" else {}
-            proc = stack.spawn(_spec(process), **env, **extra)
-            proc.start()
-            await asyncio.to_thread(proc.wait_ready, 60)
-            processes[process] = proc
-        cli_env = {
-            **stack.env, **env,
-            "EARN_SIMPLE_EARN_ADDRESS": processes["simple_earn"].address or "",
-            "EARN_SCHEDULER_START": at(0, 20).isoformat(),
-            "EARN_METRICS_PORT": "0",
-        }
-        async with grpcclient.channel(processes["simple_earn"].address) as earn, grpcclient.channel(processes["wallet"].address) as wallet:
-            yield World(clock, cli_env, processes, simple_earn_pb2_grpc.SimpleEarnServiceStub(earn), wallet_pb2_grpc.WalletServiceStub(wallet), chaos)
-    finally:
-        for proc in reversed(processes.values()):
-            proc.stop()
-        await admin.execute(f'DROP DATABASE IF EXISTS "{database}" WITH (FORCE)')
-        await admin.close()
+    async with _world.engine(stack, name, at(0, 20), "simple_earn", "", chaos) as (fields, channel):
+        yield World(**fields, earn=simple_earn_pb2_grpc.SimpleEarnServiceStub(channel))
 
 
 async def balance(w: World, owner: str, asset: str, kind: int = FUNDING) -> Decimal:
-    reply = await w.wallet.GetBalances(wallet_pb2.GetBalancesRequest(owner=owner, asset=asset), metadata=GATEWAY)
-    return sum((Decimal(b.balance) for b in reply.balances if b.kind == kind), Decimal(0))
+    return await w.balance(owner, asset, kind)
 
 
 def dec(value: Fraction) -> Decimal:
@@ -394,5 +310,5 @@ async def test_sigkilled_engine_and_scheduler_leave_the_wallet_as_a_calm_run(sta
     print(f"chaos seed {seed} (replay with EARN_CHAOS_SEED={seed})")
     async with world(stack, "chaos", random.Random(seed)) as chaotic:
         got = await scenario(chaotic)
-        assert chaotic.crashes > 0, f"seed {seed}: no crash happened"
+        assert chaotic.kills > 0, f"seed {seed}: no crash happened"
     assert got == calm, f"seed {seed}"
