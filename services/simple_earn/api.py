@@ -190,11 +190,14 @@ class SimpleEarnApi(simple_earn_pb2_grpc.SimpleEarnServiceServicer):
 
     # ---- helpers ---------------------------------------------------------------------
 
-    async def _replay(self, method: str, request: Message, response_type: type[M]) -> M | None:
+    async def _replay(
+        self, method: str, request: Message, response_type: type[M], conn: asyncpg.Connection | None = None
+    ) -> M | None:
         """The stored response of a completed request with this key (None if none), so a
-        retry never calls the wallet again nor meets today's preconditions."""
+        retry never calls the wallet again nor meets today's preconditions. ``conn``: a
+        connection the caller already holds (one pool round trip fewer)."""
         key = request.idempotency_key  # type: ignore[attr-defined]
-        row = await store.stored_response(self.pool, key)
+        row = await store.stored_response(conn or self.pool, key)
         if row is None:
             return None
         if row["request_hash"] != idempotency.fingerprint(method, request) or row["response"] is None:
@@ -364,19 +367,21 @@ class SimpleEarnApi(simple_earn_pb2_grpc.SimpleEarnServiceServicer):
         key = idempotency.check_key(request.idempotency_key)
         user = domain.check_user_id(request.user_id)
         product_id = domain.check_product_id(request.product_id)
-        product = await store.get_product(self.pool, product_id)
-        amount = parse_amount(request.amount, product.asset, "amount")
-        if product.kind is Kind.FLEXIBLE and request.auto_renew:
-            raise InvalidArgument("auto_renew", "applies to fixed-term products only")
-        if product.kind is Kind.FIXED and request.auto_subscribe:
-            raise InvalidArgument("auto_subscribe", "applies to flexible products only")
-        if (stored := await self._replay("Subscribe", request, simple_earn_pb2.SubscribeResponse)) is not None:
-            return stored
-        # Refuse before touching the wallet when the state already forbids it.
-        domain.check_subscription(
-            product_id=product_id, asset=product.asset, status=product.status, limits=product.limits, amount=amount,
-            user_total=await store.user_total(self.pool, user, product_id), subscribed=product.subscribed,
-        )
+        # The reads before the wallet call share one pooled connection (not one each).
+        async with self.pool.acquire() as conn:
+            product = await store.get_product(conn, product_id)
+            amount = parse_amount(request.amount, product.asset, "amount")
+            if product.kind is Kind.FLEXIBLE and request.auto_renew:
+                raise InvalidArgument("auto_renew", "applies to fixed-term products only")
+            if product.kind is Kind.FIXED and request.auto_subscribe:
+                raise InvalidArgument("auto_subscribe", "applies to flexible products only")
+            if (stored := await self._replay("Subscribe", request, simple_earn_pb2.SubscribeResponse, conn)) is not None:
+                return stored
+            # Refuse before touching the wallet when the state already forbids it.
+            domain.check_subscription(
+                product_id=product_id, asset=product.asset, status=product.status, limits=product.limits, amount=amount,
+                user_total=await store.user_total(conn, user, product_id), subscribed=product.subscribed,
+            )
         base = hashlib.sha256(key.encode() + b"\0" + idempotency.fingerprint("Subscribe", request)).hexdigest()[:40]
         hold_id = None
         for attempt in range(MAX_HOLD_ATTEMPTS):
@@ -445,9 +450,11 @@ class SimpleEarnApi(simple_earn_pb2_grpc.SimpleEarnServiceServicer):
         idempotency.check_key(request.idempotency_key)
         user = domain.check_user_id(request.user_id)
         position_id = domain.check_position_id(request.position_id)
-        position = await store.get_position(self.pool, position_id, user)
-        amount = parse_amount(request.amount, position["asset"], "amount") if request.amount else None
-        if (stored := await self._replay("Redeem", request, simple_earn_pb2.RedeemResponse)) is not None:
+        async with self.pool.acquire() as conn:  # the reads before the work: one pooled connection
+            position = await store.get_position(conn, position_id, user)
+            amount = parse_amount(request.amount, position["asset"], "amount") if request.amount else None
+            stored = await self._replay("Redeem", request, simple_earn_pb2.RedeemResponse, conn)
+        if stored is not None:
             await self.drive_releases(prefix=_redemption_release_prefix(stored.redemption_id))
             return stored
         redeemed: list[tuple[str, str, Decimal]] = []  # filled when the work runs (not on a replay)

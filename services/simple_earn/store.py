@@ -247,11 +247,11 @@ async def insert_position(
 
 async def add_principal(conn: asyncpg.Connection, position_id: int, product_id: str, amount: Decimal, effective_hour: int, at: datetime) -> None:
     """Principal +amount (or -amount), its change row, and the product's subscribed total."""
-    await conn.execute("UPDATE positions SET principal = principal + $2, updated_at = $3 WHERE id = $1", position_id, amount, at)
-    await add_subscribed(conn, product_id, amount)
-    await conn.execute(
-        "INSERT INTO principal_changes (position_id, effective_hour, delta, created_at) VALUES ($1, $2, $3, $4)",
-        position_id, effective_hour, amount, at,
+    await conn.execute(  # one statement: the three writes in one round trip
+        "WITH pos AS (UPDATE positions SET principal = principal + $3, updated_at = $4 WHERE id = $1),"
+        " product AS (UPDATE products SET subscribed = subscribed + $3 WHERE product_id = $5)"
+        " INSERT INTO principal_changes (position_id, effective_hour, delta, created_at) VALUES ($1, $2, $3, $4)",
+        position_id, effective_hour, amount, at, product_id,
     )
 
 
@@ -323,11 +323,11 @@ def position_changed(row: asyncpg.Record, changes: list[tuple[int, Decimal]], cl
 
 async def hold_claim(conn: asyncpg.Connection | asyncpg.Pool, hold_id: int) -> str | None:
     """'used' (it carries a position), 'abandoned' (released after a failure) or None."""
-    if await conn.fetchval("SELECT true FROM position_holds WHERE hold_id = $1", hold_id):
-        return "used"
-    if await conn.fetchval("SELECT true FROM abandoned_holds WHERE hold_id = $1", hold_id):
-        return "abandoned"
-    return None
+    return await conn.fetchval(  # one statement (one snapshot, one round trip)
+        "SELECT CASE WHEN EXISTS (SELECT 1 FROM position_holds WHERE hold_id = $1) THEN 'used'"
+        " WHEN EXISTS (SELECT 1 FROM abandoned_holds WHERE hold_id = $1) THEN 'abandoned' END",
+        hold_id,
+    )
 
 
 async def claim_hold(conn: asyncpg.Connection, hold_id: int, position_id: int, amount: Decimal, at: datetime) -> bool:
@@ -381,7 +381,7 @@ async def schedule_release(conn: asyncpg.Connection, key: str, hold_id: int, amo
     )
 
 
-async def stored_response(pool: asyncpg.Pool, key: str) -> asyncpg.Record | None:
+async def stored_response(pool: asyncpg.Pool | asyncpg.Connection, key: str) -> asyncpg.Record | None:
     """A committed idempotency key's fingerprint and response (read-only peek)."""
     return await pool.fetchrow("SELECT request_hash, response FROM idempotency_keys WHERE key = $1", key)
 
