@@ -3,15 +3,15 @@
 The module starts its OWN PostgreSQL and Kafka broker (services.devstack.infra on free
 ports, data in a temporary directory), so it can SIGKILL and restart them without
 touching the shared servers. On them run the wallet (its outbox relay as a separate
-process), Simple Earn, Launchpool, the market, Crypto Loan, the accrual engine, and the
-scheduler's CLI with a file clock.
+process), Simple Earn, Launchpool, the market, Crypto Loan, Dual Investment, the accrual
+engine, and the scheduler's CLI with a file clock.
 
 A seeded mixed workload (EARN_CHAOS_SEED; deposits, Simple Earn subscribe/redeem,
 Launchpool stake/unstake, clock advances with scheduler catch-ups that tick and pay,
 Crypto Loan borrows against BTC, repayments and collateral added, then a seeded BTC/USDT
-index path published on market.prices that margin-calls, re-arms and liquidates) runs
-twice: calm, then with every one of the wallet, the relay, Simple Earn, Launchpool, the
-market, Crypto Loan, the engine, the scheduler CLI, the Kafka broker and PostgreSQL (the
+index path published on market.prices that margin-calls, re-arms and liquidates, Dual
+subscriptions settled at that path's TWAP) runs twice: calm, then with every one of the
+wallet, the relay, Simple Earn, Launchpool, the market, Crypto Loan, Dual, the engine, the scheduler CLI, the Kafka broker and PostgreSQL (the
 postmaster) SIGKILLed at seeded moments (each once, plus a few more) and restarted. Every command carries an
 idempotency key and is retried with the same key until accepted or definitively refused;
 a small supervisor restarts any process that exits on its own (as `make run` or
@@ -19,7 +19,8 @@ Kubernetes would). After quiescing: per asset the wallet sums to zero and no use
 account is negative, every outbox is empty, the same commands were accepted, and every
 balance and payout record equals the calm run's (nothing lost, nothing paid twice); every
 loan is liquidated at most once, the liquidated loans and the margin calls are the calm
-run's, and so is every loan's state, debt, collateral and event record.
+run's, and so is every loan's state, debt, collateral and event record, and every Dual
+subscription's settlement.
 """
 
 from __future__ import annotations
