@@ -95,6 +95,18 @@ class World:
 
         await eventually(arrived, timeout=30)
 
+    async def open_desk(self, treasury: str, collateral: tuple[tuple[str, str], ...] = (("BTC", "0.95"),), **rates: str) -> None:
+        """The operator's set-up: USDT to borrow (at RATE, ``rates`` for the fixed terms),
+        the collateral assets with their discounts, ``treasury`` USDT in the desk's treasury."""
+        await self.loan.SetLoanAsset(ln.SetLoanAssetRequest(idempotency_key=unique(), asset=ln.LoanAsset(
+            asset="USDT", hourly_rate=RATE, min_borrow="10", max_borrow="1000000", **rates)), metadata=OPERATOR)
+        for asset, discount in collateral:
+            await self.loan.SetLoanCollateralAsset(ln.SetLoanCollateralAssetRequest(idempotency_key=unique(), collateral=ln.LoanCollateralAsset(
+                asset=asset, discount=discount)), metadata=OPERATOR)
+        await self.wallet.Transfer(wp.TransferRequest(idempotency_key=unique(), transfer=wp.TransferSpec(
+            asset="USDT", source=wp.AccountRef(owner="loan", kind=EXTERNAL), destination=wp.AccountRef(owner="loan", kind=TREASURY),
+            amount=treasury)), metadata=OPERATOR)
+
     async def balance(self, owner: str, asset: str, kind: int = FUNDING) -> Decimal:
         reply = await self.wallet.GetBalances(wp.GetBalancesRequest(owner=owner, asset=asset), metadata=OPERATOR)
         return sum((Decimal(b.balance) for b in reply.balances if b.kind == kind), Decimal(0))
@@ -161,14 +173,7 @@ async def refused(call, request, code: grpc.StatusCode, text: str) -> None:  # t
 
 async def test_loan_end_to_end(stack) -> None:  # type: ignore[no-untyped-def]
     async with world(stack, "loan") as w:
-        await w.loan.SetLoanAsset(ln.SetLoanAssetRequest(idempotency_key=unique(), asset=ln.LoanAsset(
-            asset="USDT", hourly_rate=RATE, fixed_7_days_hourly_rate="0.000006", min_borrow="10", max_borrow="1000000")), metadata=OPERATOR)
-        for asset, discount in (("BTC", "0.95"), ("ETH", "0.9")):
-            await w.loan.SetLoanCollateralAsset(ln.SetLoanCollateralAssetRequest(idempotency_key=unique(), collateral=ln.LoanCollateralAsset(
-                asset=asset, discount=discount)), metadata=OPERATOR)
-        await w.wallet.Transfer(wp.TransferRequest(idempotency_key=unique(), transfer=wp.TransferSpec(
-            asset="USDT", source=wp.AccountRef(owner="loan", kind=EXTERNAL), destination=wp.AccountRef(owner="loan", kind=TREASURY),
-            amount="1000000")), metadata=OPERATOR)
+        await w.open_desk("1000000", (("BTC", "0.95"), ("ETH", "0.9")), fixed_7_days_hourly_rate="0.000006")
         for user, asset, amount in (("alice", "BTC", "1"), ("alice", "ETH", "10"), ("alice", "USDT", "1"), ("bob", "BTC", "1"), ("carol", "BTC", "1")):
             await w.wallet.Deposit(wp.DepositRequest(idempotency_key=unique(), owner=user, asset=asset, amount=amount), metadata=OPERATOR)
         await w.tick("BTC/USDT", "60000", at(9))
@@ -270,13 +275,7 @@ async def test_engine_killed_during_a_crash_liquidates_each_loan_once(stack) -> 
     rng = random.Random(seed)
     print(f"EARN_CHAOS_SEED={seed}")
     async with world(stack, "loankill") as w:
-        await w.loan.SetLoanAsset(ln.SetLoanAssetRequest(idempotency_key=unique(), asset=ln.LoanAsset(
-            asset="USDT", hourly_rate=RATE, min_borrow="10", max_borrow="1000000")), metadata=OPERATOR)
-        await w.loan.SetLoanCollateralAsset(ln.SetLoanCollateralAssetRequest(idempotency_key=unique(), collateral=ln.LoanCollateralAsset(
-            asset="BTC", discount="0.95")), metadata=OPERATOR)
-        await w.wallet.Transfer(wp.TransferRequest(idempotency_key=unique(), transfer=wp.TransferSpec(
-            asset="USDT", source=wp.AccountRef(owner="loan", kind=EXTERNAL), destination=wp.AccountRef(owner="loan", kind=TREASURY),
-            amount="2000000")), metadata=OPERATOR)
+        await w.open_desk("2000000")
         await w.tick("BTC/USDT", "60000", at(9))
         loans: dict[str, tuple[str, int]] = {}
         for i in range(40):
@@ -328,14 +327,7 @@ async def test_fixed_term_loan_is_settled_from_collateral_at_its_due_time_once(s
     rest of the collateral returned; once (the job again changes nothing). A 30-day loan
     is not due yet and stays open."""
     async with world(stack, "loanmature") as w:
-        await w.loan.SetLoanAsset(ln.SetLoanAssetRequest(idempotency_key=unique(), asset=ln.LoanAsset(
-            asset="USDT", hourly_rate=RATE, fixed_7_days_hourly_rate="0.000006", fixed_30_days_hourly_rate="0.000007", min_borrow="10",
-            max_borrow="1000000")), metadata=OPERATOR)
-        await w.loan.SetLoanCollateralAsset(ln.SetLoanCollateralAssetRequest(idempotency_key=unique(), collateral=ln.LoanCollateralAsset(
-            asset="BTC", discount="0.95")), metadata=OPERATOR)
-        await w.wallet.Transfer(wp.TransferRequest(idempotency_key=unique(), transfer=wp.TransferSpec(
-            asset="USDT", source=wp.AccountRef(owner="loan", kind=EXTERNAL), destination=wp.AccountRef(owner="loan", kind=TREASURY),
-            amount="1000000")), metadata=OPERATOR)
+        await w.open_desk("1000000", fixed_7_days_hourly_rate="0.000006", fixed_30_days_hourly_rate="0.000007")
         for user in ("dave", "erin"):
             await w.wallet.Deposit(wp.DepositRequest(idempotency_key=unique(), owner=user, asset="BTC", amount="1"), metadata=OPERATOR)
         await w.tick("BTC/USDT", "60000", at(9))

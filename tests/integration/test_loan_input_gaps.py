@@ -20,7 +20,7 @@ from earn.v1 import loan_pb2 as ln, market_pb2 as mk, wallet_pb2 as wp
 from services.market import domain as market_domain
 from services.market.simulator import tick_envelope
 from tests.conftest import GATEWAY, OPERATOR, SERVICE, eventually, unique
-from tests.integration.test_loan_e2e import EXTERNAL, HOLD, RATE, TREASURY, World, at, world
+from tests.integration.test_loan_e2e import HOLD, World, at, world
 
 pytestmark = pytest.mark.integration
 
@@ -51,13 +51,7 @@ async def test_ticks_the_forwarders_stream_dropped_still_act(stack) -> None:  # 
     # the watchdog reads it after 3 s of an idle stream)
     drops = "loan_prices/0:1,loan_prices/0:3"
     async with world(stack, "loangaps", {"EARN_DROP_INPUT": drops, "EARN_STALL_SECONDS": "3"}) as w:
-        await w.loan.SetLoanAsset(ln.SetLoanAssetRequest(idempotency_key=unique(), asset=ln.LoanAsset(
-            asset="USDT", hourly_rate=RATE, min_borrow="10", max_borrow="1000000")), metadata=OPERATOR)
-        await w.loan.SetLoanCollateralAsset(ln.SetLoanCollateralAssetRequest(idempotency_key=unique(), collateral=ln.LoanCollateralAsset(
-            asset="BTC", discount="0.95")), metadata=OPERATOR)
-        await w.wallet.Transfer(wp.TransferRequest(idempotency_key=unique(), transfer=wp.TransferSpec(
-            asset="USDT", source=wp.AccountRef(owner="loan", kind=EXTERNAL), destination=wp.AccountRef(owner="loan", kind=TREASURY),
-            amount="100000")), metadata=OPERATOR)
+        await w.open_desk("100000")
         await w.wallet.Deposit(wp.DepositRequest(idempotency_key=unique(), owner="bob", asset="BTC", amount="1"), metadata=OPERATOR)
         assert await tick_on_partition_0(w, "60000", 9) == 0
         # 39,900 on 1 BTC counted 95%: 70%; margin call at 52,500, liquidation at 46,666.67

@@ -32,7 +32,7 @@ from earn.v1 import loan_pb2 as ln, wallet_pb2 as wp
 from services.kernel import events
 from services.kernel.clock import set_time
 from tests.conftest import GATEWAY, OPERATOR, eventually, unique
-from tests.integration.test_loan_e2e import EXTERNAL, FEE, RATE, TREASURY, World, at, floor_to, world
+from tests.integration.test_loan_e2e import FEE, RATE, TREASURY, World, at, floor_to, world
 
 pytestmark = pytest.mark.integration
 
@@ -82,13 +82,7 @@ async def test_repayment_answer_carries_the_amounts_after_a_crash(stack) -> None
     when the call is repeated (its 1st operation) and dies in the next repayment (2nd);
     the third leaves it to the sweep, then the call is replayed."""
     async with world(stack, "loanresume", engine=False, loan_env={"EARN_CRASH_AFTER_WALLET": "3"}) as w:
-        await w.loan.SetLoanAsset(ln.SetLoanAssetRequest(idempotency_key=unique(), asset=ln.LoanAsset(
-            asset="USDT", hourly_rate=RATE, min_borrow="10", max_borrow="1000000")), metadata=OPERATOR)
-        await w.loan.SetLoanCollateralAsset(ln.SetLoanCollateralAssetRequest(idempotency_key=unique(), collateral=ln.LoanCollateralAsset(
-            asset="BTC", discount="0.95")), metadata=OPERATOR)
-        await w.wallet.Transfer(wp.TransferRequest(idempotency_key=unique(), transfer=wp.TransferSpec(
-            asset="USDT", source=wp.AccountRef(owner="loan", kind=EXTERNAL), destination=wp.AccountRef(owner="loan", kind=TREASURY),
-            amount="1000000")), metadata=OPERATOR)
+        await w.open_desk("1000000")
         await w.wallet.Deposit(wp.DepositRequest(idempotency_key=unique(), owner="rita", asset="BTC", amount="1"), metadata=OPERATOR)
         await w.tick("BTC/USDT", "60000", at(9))
         loan = (await w.loan.Borrow(ln.BorrowRequest(idempotency_key=unique(), user_id="rita", loan_asset="USDT", amount="30000",
@@ -156,13 +150,7 @@ def dead_letter_count(url: str) -> float:
 
 async def test_unreadable_loan_actions_are_parked_once_and_the_next_action_applied(stack) -> None:  # type: ignore[no-untyped-def]
     async with world(stack, "loandead", engine=False) as w:
-        await w.loan.SetLoanAsset(ln.SetLoanAssetRequest(idempotency_key=unique(), asset=ln.LoanAsset(
-            asset="USDT", hourly_rate=RATE, min_borrow="10", max_borrow="1000000")), metadata=OPERATOR)
-        await w.loan.SetLoanCollateralAsset(ln.SetLoanCollateralAssetRequest(idempotency_key=unique(), collateral=ln.LoanCollateralAsset(
-            asset="BTC", discount="0.95")), metadata=OPERATOR)
-        await w.wallet.Transfer(wp.TransferRequest(idempotency_key=unique(), transfer=wp.TransferSpec(
-            asset="USDT", source=wp.AccountRef(owner="loan", kind=EXTERNAL), destination=wp.AccountRef(owner="loan", kind=TREASURY),
-            amount="100000")), metadata=OPERATOR)
+        await w.open_desk("100000")
         await w.wallet.Deposit(wp.DepositRequest(idempotency_key=unique(), owner="sam", asset="BTC", amount="1"), metadata=OPERATOR)
         await w.tick("BTC/USDT", "60000", at(9))
         loan = (await w.loan.Borrow(ln.BorrowRequest(idempotency_key=unique(), user_id="sam", loan_asset="USDT", amount="30000",
