@@ -33,7 +33,7 @@ from google.protobuf.message import Message
 from services.candydrop import domain, metrics, store
 from services.candydrop.domain import PoolKind, Status, TaskKind
 from services.kernel import deadletters, distribution, events, idempotency, inbox, paging
-from services.kernel.clock import unix_hour
+from services.kernel.clock import timestamp_field, unix_hour
 from services.kernel.config import Settings
 from services.kernel.distribution import WalletClient
 from services.kernel.errors import AlreadyExists, FailedPrecondition, InvalidArgument
@@ -94,13 +94,8 @@ class Counted:
 
 
 def _when(request: Any, field: str) -> datetime:
-    if not request.HasField(field):
-        raise InvalidArgument(field, "is required")
+    moment = timestamp_field(request, field)
     value = getattr(request, field)
-    try:
-        moment = value.ToDatetime(tzinfo=UTC)
-    except (ValueError, OverflowError):
-        raise InvalidArgument(field, "is not a valid timestamp (0001-01-01 to 9999-12-31, nanos 0 to 999999999)") from None
     if value.seconds % 3600 or value.nanos:
         raise InvalidArgument(field, "must be a full UTC hour (minutes, seconds and nanos zero)")
     return moment

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-from datetime import UTC
 from decimal import Decimal
 from typing import Any
 
@@ -31,6 +30,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from services.dual import domain, metrics, store
 from services.dual.domain import Direction, PlanStatus, SubscriptionStatus
 from services.kernel import idempotency, paging, peers
+from services.kernel.clock import whole_seconds_us
 from services.kernel.config import Settings
 from services.kernel.errors import AlreadyExists, DomainError, FailedPrecondition, InvalidArgument, NotFound
 from services.kernel.grpcserver import GATEWAY, OPERATOR, SERVICE, scoped_user
@@ -79,19 +79,6 @@ _SUB_STATUS_IN = {v: k for k, v in _SUB_STATUS_OUT.items()}
 Client = Peer
 wallet_client = peers.wallet
 market_client = peers.market
-
-
-def _time_us(request: Any, field: str) -> int:
-    if not request.HasField(field):
-        raise InvalidArgument(field, "is required")
-    value = getattr(request, field)
-    try:
-        moment = value.ToDatetime(tzinfo=UTC)
-    except (ValueError, OverflowError):
-        raise InvalidArgument(field, "is not a valid timestamp (0001-01-01 to 9999-12-31, nanos 0 to 999999999)") from None
-    if value.nanos:
-        raise InvalidArgument(field, "must be whole seconds (nanos zero)")
-    return micros(moment)
 
 
 def _stamp(message: Any, at_us: int) -> None:
@@ -172,7 +159,7 @@ class DualApi(dual_pb2_grpc.DualServiceServicer):
         apr = parse_decimal(request.apr, "apr", scale=domain.APR_SCALE, allow_zero=True)
         if apr > MAX_APR:
             raise InvalidArgument("apr", f"at most {MAX_APR} (a yearly rate as a fraction: 0.05 is 5%)")
-        settle_us = _time_us(request, "settlement_time")
+        settle_us = whole_seconds_us(request, "settlement_time")
         window = request.window_seconds or domain.DEFAULT_WINDOW_SECONDS
         if not domain.MIN_WINDOW_SECONDS <= window <= domain.MAX_WINDOW_SECONDS:
             raise InvalidArgument("window_seconds", f"must be {domain.MIN_WINDOW_SECONDS} to {domain.MAX_WINDOW_SECONDS} (0: {domain.DEFAULT_WINDOW_SECONDS})")
@@ -316,7 +303,7 @@ class DualApi(dual_pb2_grpc.DualServiceServicer):
     # ---- settlement (the scheduler) ----------------------------------------------------
 
     async def SettleDualPlans(self, request: du.SettleDualPlansRequest, context: grpc.aio.ServicerContext) -> du.SettleDualPlansResponse:
-        until_us = _time_us(request, "until")
+        until_us = whole_seconds_us(request, "until")
         now_us = self._now_us()
         if until_us > now_us:
             raise FailedPrecondition(f"until: {request.until.ToJsonString()} is after now")

@@ -13,8 +13,12 @@ from __future__ import annotations
 import os
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
+
+from services.kernel.errors import InvalidArgument
 
 HOUR = 3600
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 
 class Clock:
@@ -36,6 +40,27 @@ def parse(text: str) -> datetime:
     if value.tzinfo is None:
         raise ValueError(f"clock time {text!r} must carry a UTC offset")
     return value.astimezone(UTC)
+
+
+def timestamp_field(request: Any, field: str) -> datetime:
+    """A required ``google.protobuf.Timestamp`` field as a UTC datetime; INVALID_ARGUMENT
+    when it is missing or out of range."""
+    if not request.HasField(field):
+        raise InvalidArgument(field, "is required")
+    try:
+        return getattr(request, field).ToDatetime(tzinfo=UTC)
+    except (ValueError, OverflowError):
+        raise InvalidArgument(field, "is not a valid timestamp (0001-01-01 to 9999-12-31, nanos 0 to 999999999)") from None
+
+
+def whole_seconds_us(request: Any, field: str) -> int:
+    """A required Timestamp field of whole seconds (:func:`timestamp_field`, nanos zero),
+    as microseconds since the epoch."""
+    moment = timestamp_field(request, field)
+    if getattr(request, field).nanos:
+        raise InvalidArgument(field, "must be whole seconds (nanos zero)")
+    delta = moment - _EPOCH
+    return (delta.days * 86400 + delta.seconds) * 1_000_000 + delta.microseconds
 
 
 def unix_hour(moment: datetime) -> int:

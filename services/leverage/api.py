@@ -29,13 +29,13 @@ import signal
 import uuid
 from datetime import UTC
 from decimal import Decimal
-from typing import Any
 
 import asyncpg
 import grpc
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from services.kernel import idempotency, paging
+from services.kernel.clock import whole_seconds_us
 from services.kernel.config import ServiceSettings
 from services.kernel.errors import AlreadyExists, DomainError, FailedPrecondition, InvalidArgument, NotFound
 from services.kernel.grpcserver import GATEWAY, OPERATOR, SERVICE, scoped_user
@@ -96,19 +96,6 @@ class LeverageSettings(ServiceSettings):
     # Tests only: SIGKILL this process right after a subscription's hold is placed and
     # before its position is recorded (the hold is then released by the sweep).
     crash_after_hold: bool = False
-
-
-def _time_us(request: Any, field: str) -> int:
-    if not request.HasField(field):
-        raise InvalidArgument(field, "is required")
-    value = getattr(request, field)
-    try:
-        moment = value.ToDatetime(tzinfo=UTC)
-    except (ValueError, OverflowError):
-        raise InvalidArgument(field, "is not a valid timestamp (0001-01-01 to 9999-12-31, nanos 0 to 999999999)") from None
-    if value.nanos:
-        raise InvalidArgument(field, "must be whole seconds (nanos zero)")
-    return micros(moment)
 
 
 def _ts(at_us: int) -> Timestamp:
@@ -285,7 +272,7 @@ class LeverageApi(leverage_pb2_grpc.LeverageServiceServicer):
         product_id = domain.check_id(request.product_id, "product_id")
         direction = _direction(request.direction)
         leverage = parse_decimal(request.leverage, "leverage", scale=domain.LEVERAGE_SCALE)
-        maturity_us = _time_us(request, "maturity")
+        maturity_us = whole_seconds_us(request, "maturity")
         product = store.product_of(await store.product(self.pool, product_id))
         principal = parse_amount(request.principal, product.quote, "principal")
         domain.check_leverage(product, leverage)
@@ -415,7 +402,7 @@ class LeverageApi(leverage_pb2_grpc.LeverageServiceServicer):
     # ---- settlement (the scheduler) ----------------------------------------------------
 
     async def SettleLeveragePositions(self, request: lv.SettleLeveragePositionsRequest, context: grpc.aio.ServicerContext) -> lv.SettleLeveragePositionsResponse:
-        until_us = _time_us(request, "until")
+        until_us = whole_seconds_us(request, "until")
         now_us = self._now_us()
         if until_us > now_us:
             raise FailedPrecondition(f"until: {request.until.ToJsonString()} is after now")
