@@ -426,9 +426,8 @@ class SimpleEarnApi(simple_earn_pb2_grpc.SimpleEarnServiceServicer):
             if not await store.claim_hold(conn, hold_id, position_id, amount, at):
                 raise FailedPrecondition("idempotency_key: the hold of this request was released; retry with the same key")
             await store.add_principal(conn, position_id, product_id, amount, start, at)
-            subscription_id = await store.insert_subscription(conn, position_id, user, product_id, amount, "user", hold_id, at)
+            subscription_id, row = await store.insert_user_subscription(conn, position_id, user, product_id, amount, hold_id, at)
             subscribed.append((product_id, p.asset, amount))
-            row = await store.get_position(conn, position_id, None)
             if p.kind is Kind.FLEXIBLE:
                 await outbox.enqueue(conn, self.settings, store.PRODUCER, at, [store.position_changed(row, [(start, amount)])])
             return simple_earn_pb2.SubscribeResponse(

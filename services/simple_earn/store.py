@@ -419,6 +419,20 @@ async def insert_subscription(
     )
 
 
+async def insert_user_subscription(
+    conn: asyncpg.Connection, position_id: int, user_id: str, product_id: str, amount: Decimal, hold_id: int, at: datetime
+) -> tuple[int, asyncpg.Record]:
+    """A user's subscription row and the position as it is now (its columns, as
+    ``get_position``), in one statement: the subscription id and the position row."""
+    row = await conn.fetchrow(
+        "WITH s AS (INSERT INTO subscriptions (position_id, user_id, product_id, amount, source, hold_id, created_at)"
+        " VALUES ($1, $2, $3, $4, 'user', $5, $6) RETURNING id)"
+        f" SELECT (SELECT id FROM s) AS subscription_id, {_POSITION_COLUMNS} FROM positions WHERE id = $1",
+        position_id, user_id, product_id, amount, hold_id, at,
+    )
+    return row["subscription_id"], row
+
+
 async def insert_redemption(
     conn: asyncpg.Connection, position: asyncpg.Record, amount: Decimal, source: str, interest_forfeited: bool, at: datetime
 ) -> int:
