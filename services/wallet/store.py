@@ -153,11 +153,14 @@ async def _fold_credits_of(conn: asyncpg.Connection, accounts: list[asyncpg.Reco
     return {r["id"]: r["balance"] for r in rows}
 
 
-# The posting and its transfers in one statement (one round trip, a prepared statement):
-# each transfer takes the next id in the order given ($3..$7 hold one element per
-# order); returns the posting's id and time and the transfer ids in that order.
+# The new balances of the locked accounts ($8 ids, $9 balances), the posting and its
+# transfers in one statement (one round trip, a prepared statement): each transfer takes
+# the next id in the order given ($3..$7 hold one element per order); returns the
+# posting's id and time and the transfer ids in that order.
 _INSERT_POSTING = """
-WITH posting AS (
+WITH balance AS (
+    UPDATE accounts SET balance = t.b FROM unnest($8::bigint[], $9::numeric[]) AS t(i, b) WHERE id = t.i
+), posting AS (
     INSERT INTO postings (kind, created_at) VALUES ($1, $2) RETURNING id, created_at
 ), item AS MATERIALIZED (
     SELECT nextval('transfers_id_seq') AS id, t.*
@@ -176,8 +179,16 @@ SELECT posting.id, posting.created_at, (SELECT array_agg(item.id ORDER BY item.n
 
 
 async def _insert_posting(
-    conn: asyncpg.Connection, kind: str, orders: list[Order], source_ids: list[int], destination_ids: list[int], at: datetime
+    conn: asyncpg.Connection,
+    kind: str,
+    orders: list[Order],
+    source_ids: list[int],
+    destination_ids: list[int],
+    at: datetime,
+    balances: dict[int, Decimal],
 ) -> tuple[int, datetime, list[int]]:
+    """Set the locked accounts' new ``balances`` (by id), insert the posting and its
+    transfers."""
     posting_id, created_at, transfer_ids = await conn.fetchrow(
         _INSERT_POSTING,
         kind,
@@ -187,6 +198,8 @@ async def _insert_posting(
         destination_ids,
         [o.amount for o in orders],
         [o.reference for o in orders],
+        list(balances),
+        list(balances.values()),
     )
     return posting_id, created_at, transfer_ids
 
@@ -208,14 +221,9 @@ async def post(
     locked = await lock_accounts(conn, keys)
     balances, applied = domain.apply({k: v[1] for k, v in locked.items()}, orders)
     ids = {k: v[0] for k, v in locked.items()}
-    touched = [k for k in balances if balances[k] != locked[k][1]]
-    await conn.execute(
-        "UPDATE accounts SET balance = t.b FROM unnest($1::bigint[], $2::numeric[]) AS t(i, b) WHERE id = t.i",
-        [ids[k] for k in touched],
-        [balances[k] for k in touched],
-    )
+    touched = {ids[k]: balances[k] for k in balances if balances[k] != locked[k][1]}
     posting_id, created_at, transfer_ids = await _insert_posting(
-        conn, kind, orders, [ids[o.source] for o in orders], [ids[o.destination] for o in orders], settings.clock.now()
+        conn, kind, orders, [ids[o.source] for o in orders], [ids[o.destination] for o in orders], settings.clock.now(), touched
     )
     posted = Posted(posting_id, created_at, transfer_ids)
     message = _event(kind, posted)
