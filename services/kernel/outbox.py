@@ -54,6 +54,9 @@ def broadcast(topic: str, key: str, payload: Message) -> list[Outgoing]:
     return [Outgoing(topic, key, payload, p) for p in range(CATALOGUE[topic].partitions)]
 
 
+_INSERT = "INSERT INTO outbox (event_id, topic, key, partition, envelope) VALUES ($1, $2, $3, $4, $5)"
+
+
 async def enqueue(
     conn: asyncpg.Connection,
     settings: Settings,
@@ -68,9 +71,10 @@ async def enqueue(
         env = events.wrap(item.payload, key=item.key, producer=producer, occurred_at=occurred_at)
         ids.append(env.event_id)
         rows.append((uuid.UUID(env.event_id), topic_name(settings, item.topic), item.key, item.partition, env.SerializeToString()))
-    await conn.executemany(
-        "INSERT INTO outbox (event_id, topic, key, partition, envelope) VALUES ($1, $2, $3, $4, $5)", rows
-    )
+    if len(rows) == 1:  # the usual case: a plain execute costs less than executemany
+        await conn.execute(_INSERT, *rows[0])
+    elif rows:
+        await conn.executemany(_INSERT, rows)
     return ids
 
 
