@@ -6,8 +6,8 @@ airdrop) to :meth:`Distributor.distribute`: in one transaction that locks the pa
 row, the service's own step records every amount, one row per (parent, user) with the
 chunk it belongs to (:func:`chunk_numbers`), and marks the parent 'distributing'. Then
 :meth:`Distributor.pay` sends every chunk not paid yet as one ``BulkCredit`` from the
-parent's expense account, keyed by (parent, chunk) (:func:`derived_key`), records the
-chunk's posting id, and marks the parent 'distributed'. A call after a crash anywhere
+parent's expense account, keyed by (parent, chunk) (``idempotency.derived_key``),
+records the chunk's posting id, and marks the parent 'distributed'. A call after a crash anywhere
 sends the same credits again under the same keys, which the wallet answers from its
 idempotency table: paid once. The keys of a service never change (a running system
 re-pays nothing after an upgrade). The job's answer lists the run's parents
@@ -23,7 +23,6 @@ value travels as a ``$n`` parameter. The tables: the parent (``<key>`` primary k
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import re
@@ -39,6 +38,7 @@ import grpc
 
 from services.kernel.clock import unix_hour
 from services.kernel.errors import DomainError, FailedPrecondition, InvalidArgument, NotFound
+from services.kernel.idempotency import derived_key
 from services.kernel.ids import check_job, check_period
 from services.kernel.money import format_amount
 from services.kernel.peers import Peer
@@ -52,7 +52,6 @@ Credits = list[tuple[str, Decimal]]
 Recorder = Callable[[asyncpg.Connection, asyncpg.Record], Awaitable[None]]
 
 _IDENTIFIER = re.compile(r"[a-z_][a-z0-9_]{0,62}")
-MAX_KEY = 128
 
 
 @dataclass(frozen=True, slots=True)
@@ -89,14 +88,6 @@ class WalletClient(Peer):
 
 
 # ---- pure parts -----------------------------------------------------------------------
-
-
-def derived_key(namespace: str, prefix: str, *parts: object) -> str:
-    """The wallet idempotency key ``<namespace>:<prefix>:<parts joined by ':'>``; over 128
-    characters, ``<namespace>:<prefix>:h:<sha256 of the parts>``."""
-    text = ":".join(str(p) for p in parts)
-    key = f"{namespace}:{prefix}:{text}"
-    return key if len(key) <= MAX_KEY else f"{namespace}:{prefix}:h:{hashlib.sha256(text.encode()).hexdigest()}"
 
 
 def chunk_numbers(count: int, chunk_size: int) -> list[int]:

@@ -21,7 +21,18 @@ from services.kernel.errors import AlreadyExists, InvalidArgument
 
 M = TypeVar("M", bound=Message)
 
+MAX_KEY = 128
 _KEY = re.compile(r"[\x21-\x7e]{1,128}")
+
+
+def derived_key(namespace: str, prefix: str, *parts: object) -> str:
+    """A deterministic idempotency key for a call a service makes on its own account (a
+    wallet posting of a payout chunk, a redemption's release): ``<namespace>:<prefix>:<parts
+    joined by ':'>``; over ``MAX_KEY`` characters, ``<namespace>:<prefix>:h:<sha256 of the
+    parts>``. A retry derives the same key, so the callee applies the call once."""
+    text = ":".join(str(p) for p in parts)
+    key = f"{namespace}:{prefix}:{text}"
+    return key if len(key) <= MAX_KEY else f"{namespace}:{prefix}:h:{hashlib.sha256(text.encode()).hexdigest()}"
 
 
 def check_key(key: str) -> str:

@@ -85,9 +85,8 @@ M = TypeVar("M", bound=Message)
 
 
 def derived_key(prefix: str, *parts: object) -> str:
-    text = ":".join(str(p) for p in parts)
-    key = f"lp:{prefix}:{text}"
-    return key if len(key) <= 128 else f"lp:{prefix}:h:{hashlib.sha256(text.encode()).hexdigest()}"
+    """A deterministic wallet idempotency key of Launchpool's (``lp:<prefix>:...``)."""
+    return idempotency.derived_key("lp", prefix, *parts)
 
 
 def _when(value: Any, field: str) -> datetime:

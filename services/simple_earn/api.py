@@ -106,12 +106,8 @@ _CADENCE = {simple_earn_pb2.PAYOUT_CADENCE_DAILY: Cadence.DAILY, simple_earn_pb2
 
 
 def derived_key(prefix: str, *parts: object) -> str:
-    """A deterministic wallet idempotency key; hashed when it would not fit 128 chars."""
-    text = ":".join(str(p) for p in parts)
-    key = f"se:{prefix}:{text}"
-    if len(key) <= 128:
-        return key
-    return f"se:{prefix}:h:{hashlib.sha256(text.encode()).hexdigest()}"
+    """A deterministic wallet idempotency key of Simple Earn's (``se:<prefix>:...``)."""
+    return idempotency.derived_key("se", prefix, *parts)
 
 
 def _redemption_release_prefix(redemption_id: str) -> str:

@@ -16,7 +16,8 @@ import pytest
 from hypothesis import given, strategies as st
 
 from earn.v1 import wallet_pb2
-from services.kernel.distribution import Distributor, Ledger, check_run, chunk_numbers, credit_request, derived_key
+from services.kernel.distribution import Distributor, Ledger, check_run, chunk_numbers, credit_request
+from services.kernel.idempotency import derived_key
 from services.kernel.errors import FailedPrecondition, InvalidArgument
 
 AT = datetime(2031, 7, 7, 3, 5, tzinfo=UTC)
@@ -24,7 +25,8 @@ LEDGER = Ledger("campaigns", "campaign_id", "prizes", "prize_asset")
 
 
 def old_key(namespace: str, prefix: str, *parts: object) -> str:
-    """The services' own derived_key before the kernel held it (cd: CandyDrop, hd: HODLer)."""
+    """The services' own derived_key before the kernel held it (cd: CandyDrop, hd: HODLer,
+    se: Simple Earn, lp: Launchpool)."""
     text = ":".join(str(p) for p in parts)
     key = f"{namespace}:{prefix}:{text}"
     return key if len(key) <= 128 else f"{namespace}:{prefix}:h:{hashlib.sha256(text.encode()).hexdigest()}"
@@ -38,7 +40,7 @@ def test_keys_of_the_services_are_unchanged() -> None:
 
 
 @given(
-    st.sampled_from([("cd", "prize"), ("hd", "reward")]),
+    st.sampled_from([("cd", "prize"), ("hd", "reward"), ("se", "pay"), ("se", "red"), ("lp", "reward")]),
     st.text(min_size=1, max_size=200),
     st.integers(min_value=0, max_value=10**6),
 )
