@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import random
 import socket
 import time
 import uuid
@@ -39,10 +40,36 @@ GATEWAY = (("authorization", "Bearer dev-gateway"),)
 SERVICE = (("authorization", "Bearer dev-service"),)
 
 
+def _ephemeral_low() -> int:
+    try:
+        return int(open("/proc/sys/net/ipv4/ip_local_port_range").read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
+# Ports handed out below the kernel's ephemeral range: a port the kernel assigns itself
+# (bind to 0) can be taken by any outgoing connection of another process before the
+# server binds it, as happened to the market's port once in CI ("Address already in
+# use"); these are never given to outgoing connections.
+_PORTS = range(20000, min(32768, _ephemeral_low()))
+_given: set[int] = set()
+_pick = random.SystemRandom()
+
+
 def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+    """A loopback port nothing listens on, never the same twice in one test run."""
+    for _ in range(1000):
+        port = _pick.choice(_PORTS)
+        if port in _given:
+            continue
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        _given.add(port)
+        return port
+    raise RuntimeError(f"no free port in {_PORTS}")
 
 
 @dataclass
