@@ -12,12 +12,15 @@ exit code is 1 if any seed failed.
 
 The `mixed` scenario (tests/integration/test_chaos_infra.py) starts its own PostgreSQL and
 Kafka on free ports and, during a seeded mixed workload (deposits, Simple Earn, Launchpool,
-ticks and payouts, Crypto Loan borrows, repayments and collateral, Dual subscriptions, and
-a seeded index path that margin-calls and liquidates loans and settles the Dual plans),
-SIGKILLs each of the wallet, its relay, Simple Earn, Launchpool, the market, Crypto Loan,
-Dual, the engine, the scheduler CLI, the broker and the postmaster; then the ledger sums to
-zero per asset, no user account is negative, every outbox is empty, every loan is
-liquidated at most once, and the wallet, payout, loan and Dual records equal the calm run's.
+ticks and payouts, Crypto Loan borrows, repayments and collateral, Dual subscriptions,
+Smart Leverage positions, a CandyDrop campaign and a HODLer airdrop, and a seeded index path
+that margin-calls and liquidates loans and settles the Dual plans and the leverage
+positions), SIGKILLs each of the wallet, its relay, Simple Earn, Launchpool, the market,
+Crypto Loan, Dual, Smart Leverage, CandyDrop, HODLer, the engine, the scheduler CLI, the
+broker and the postmaster; then the ledger sums to zero per asset, no user account is
+negative, every outbox is empty, every loan is liquidated at most once, every leverage
+position, prize and airdrop reward is paid once, and the wallet, payout, loan, Dual,
+leverage, prize and reward records equal the calm run's.
 """
 
 from __future__ import annotations

@@ -3,24 +3,32 @@
 The module starts its OWN PostgreSQL and Kafka broker (services.devstack.infra on free
 ports, data in a temporary directory), so it can SIGKILL and restart them without
 touching the shared servers. On them run the wallet (its outbox relay as a separate
-process), Simple Earn, Launchpool, the market, Crypto Loan, Dual Investment, the accrual
-engine, and the scheduler's CLI with a file clock.
+process), Simple Earn, Launchpool, the market, Crypto Loan, Dual Investment, Smart
+Leverage, CandyDrop, HODLer Airdrop, the accrual engine, and the scheduler's CLI with a
+file clock.
 
 A seeded mixed workload (EARN_CHAOS_SEED; deposits, Simple Earn subscribe/redeem,
 Launchpool stake/unstake, clock advances with scheduler catch-ups that tick and pay,
 Crypto Loan borrows against BTC, repayments and collateral added, then a seeded BTC/USDT
 index path published on market.prices that margin-calls, re-arms and liquidates, Dual
-subscriptions settled at that path's TWAP) runs twice: calm, then with every one of the
-wallet, the relay, Simple Earn, Launchpool, the market, Crypto Loan, Dual, the engine, the scheduler CLI, the Kafka broker and PostgreSQL (the
-postmaster) SIGKILLed at seeded moments (each once, plus a few more) and restarted. Every command carries an
-idempotency key and is retried with the same key until accepted or definitively refused;
+subscriptions and Smart Leverage positions settled at that path's TWAP, one leverage
+position redeemed early, a CandyDrop campaign counting the Simple Earn subscriptions of its
+registered users, a HODLer airdrop on the ETH the users hold while they stake in
+Launchpool) runs twice: calm, then with every one of the wallet, the relay, Simple Earn,
+Launchpool, the market, Crypto Loan, Dual, Smart Leverage, CandyDrop, HODLer, the engine,
+the scheduler CLI, the Kafka broker and PostgreSQL (the postmaster) SIGKILLed at seeded
+moments (each once, plus a few more) and restarted. Every command carries an idempotency key and is retried with the same key until accepted or definitively refused;
 a small supervisor restarts any process that exits on its own (as `make run` or
 Kubernetes would). After quiescing: per asset the wallet sums to zero and no user
 account is negative, every outbox is empty, the same commands were accepted, and every
 balance and payout record equals the calm run's (nothing lost, nothing paid twice); every
 loan is liquidated at most once, the liquidated loans and the margin calls are the calm
 run's, and so is every loan's state, debt, collateral and event record, and every Dual
-subscription's settlement.
+subscription's settlement. Every leverage position is settled and paid once (one wallet
+transfer, none for a zero payout) as in the calm run; before the campaign's distribution
+CandyDrop has counted exactly the reference (the accepted subscriptions in its window by
+users registered then); every (campaign, user) and (airdrop, user) is paid once, the
+expense accounts paid exactly the sum, and every prize and reward equals the calm run's.
 """
 
 from __future__ import annotations
@@ -37,7 +45,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
@@ -49,8 +57,9 @@ import pytest
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from aiokafka import AIOKafkaProducer
-from earn.v1 import (accrual_pb2, dual_pb2 as du, dual_pb2_grpc, launchpool_pb2 as lp, launchpool_pb2_grpc, loan_pb2 as ln, loan_pb2_grpc, market_pb2 as mk, market_pb2_grpc,
-                     simple_earn_pb2 as se, simple_earn_pb2_grpc, wallet_pb2, wallet_pb2_grpc)
+from earn.v1 import (accrual_pb2, candydrop_pb2 as cd, candydrop_pb2_grpc, dual_pb2 as du, dual_pb2_grpc, hodler_pb2 as hd, hodler_pb2_grpc,
+                     launchpool_pb2 as lp, launchpool_pb2_grpc, leverage_pb2 as lv, leverage_pb2_grpc, loan_pb2 as ln, loan_pb2_grpc,
+                     market_pb2 as mk, market_pb2_grpc, simple_earn_pb2 as se, simple_earn_pb2_grpc, wallet_pb2, wallet_pb2_grpc)
 from services.devstack.infra import InfraError, Kafka, Postgres, pid_alive, port_in_use
 from services.devstack.processes import PROCESSES, ManagedProcess
 from services.kernel import grpcclient
@@ -69,7 +78,8 @@ DEPOSITS = {"BTC": Decimal(10), "USDT": Decimal(10000), "ETH": Decimal(50)}
 LP_START, LP_END = 1, 9  # Launchpool project hours
 SCHEMAS = ("wallet", "simple_earn", "launchpool", "loan")
 # Each of these is SIGKILLed at least once per chaos run, at a seeded moment.
-TARGETS = ("wallet", "relay", "simple_earn", "launchpool", "market", "loan", "dual", "accrual", "scheduler", "kafka", "postgres")
+TARGETS = ("wallet", "relay", "simple_earn", "launchpool", "market", "loan", "dual", "leverage", "candydrop", "hodler", "accrual", "scheduler",
+           "kafka", "postgres")
 # Crypto Loan: borrowers (BTC collateral, USDT borrowed), their loans' actions in hours
 # 1-12, then a seeded BTC/USDT index path in hours 14-24 that margin-calls, re-arms and
 # liquidates some of them.
@@ -80,6 +90,19 @@ BTC_DISCOUNT = Decimal("0.95")
 # Dual Investment: a sell-high BTC/USDT plan settled at hour 20 and a buy-low one at hour
 # 23 (the TWAP of the index path's 30 minutes before), subscribed by the borrowers in hour 11.
 DUAL_PLANS = (("dual-sh", du.DUAL_DIRECTION_SELL_HIGH, 20), ("dual-bl", du.DUAL_DIRECTION_BUY_LOW, 23))
+# Smart Leverage: two users quote and subscribe BTC/USDT positions in hours 12-13 (at the
+# index of hour 0), maturing inside the price path (settled at its TWAP by the scheduler's
+# leverage.settlement); one is redeemed early in hour 18, at the index then.
+LEV_USERS = ("kim", "lou")
+LEV_PRODUCT = "lev-btc"
+LEV_MATURITIES = (16, 19, 22, 24)
+# CandyDrop: a campaign in hours 1-10 counting the Simple Earn subscriptions of the users
+# registered (from Simple Earn's position events), distributed by candydrop.distribution.
+CD_CAMPAIGN, CD_START, CD_END = "candy", 1, 10
+CD_TASKS = (("earn-btc", "BTC", "0.5", 3, 20), ("earn-usdt", "USDT", "500", 1, 40))  # task, asset, threshold, candies, max completions
+# HODLer: an airdrop on ETH held in hours 2-12 (funding, not what is staked in Launchpool),
+# distributed by hodler.distribution once the wallet's postings are published.
+HD_AIRDROP, HD_START, HD_END = "hodl", 2, 12
 LOG_DIR = Settings().data_dir / "test-logs" / "chaos-mixed"  # kept after the run, for a failing seed
 RETRIED = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
 
@@ -106,7 +129,7 @@ class Command:
     user: str = ""
     target: str = ""  # product (btc / usdt), pool, the loan's label (borrow, repay, add_collateral) or the dual plan
     amount: str = ""  # empty: all of it (redeem, unstake); the index price (price)
-    collateral: str = ""  # BTC pledged (borrow, add_collateral)
+    collateral: str = ""  # BTC pledged (borrow, add_collateral); direction/leverage/maturity hour (leverage)
 
 
 def workload(seed: int) -> list[Command]:
@@ -149,8 +172,41 @@ def workload(seed: int) -> list[Command]:
     add(HOURS - 1, 5, "catch_up")
     # Crypto Loan, from its own generator (the commands above do not change with it), in
     # minutes 51-59 of an hour (the others use 5-50); merged in time order.
-    merged = sorted([*commands, *loan_workload(seed), *dual_workload(seed)], key=lambda c: (c.hour, c.minute))
-    return [Command(i, c.hour, c.minute, c.kind, c.user, c.target, c.amount, c.collateral) for i, c in enumerate(merged)]
+    merged = sorted([*commands, *loan_workload(seed), *dual_workload(seed), *leverage_workload(seed), *distribution_workload(seed)],
+                    key=lambda c: (c.hour, c.minute))
+    return [replace(c, index=i) for i, c in enumerate(merged)]
+
+
+def leverage_workload(seed: int) -> list[Command]:
+    """USDT deposited, then per user two or three positions quoted and subscribed in hours
+    12-13 (long or short, 2-10x, maturing in the path), and P0 redeemed early in hour 18."""
+    rng = random.Random(f"{seed}:leverage")
+    commands = [Command(-1, 0, 10, "deposit", user, "USDT", "20000") for user in LEV_USERS]
+    n = 0
+    for user in LEV_USERS:
+        for _ in range(rng.randint(2, 3)):
+            direction = rng.choice(("long", "short"))
+            maturity = LEV_MATURITIES[0] if n == 0 else rng.choice(LEV_MATURITIES)
+            commands.append(Command(-1, rng.randint(12, 13), rng.randint(11, 50), "leverage", user, f"P{n}", str(rng.randint(10, 300) * 10),
+                                    f"{direction}/{rng.randint(2, 10)}/{maturity}"))
+            n += 1
+    commands.append(Command(-1, 15, 20, "lev_redeem", commands[len(LEV_USERS)].user, "P0"))
+    return commands
+
+
+def distribution_workload(seed: int) -> list[Command]:
+    """CandyDrop registrations (three users before the start, one in hour 4), the barrier
+    before the campaign's distribution (every counted subscription counted: the reference)
+    and the one before the airdrop's (every wallet posting of its window published)."""
+    rng = random.Random(f"{seed}:distribution")
+    late = rng.choice(USERS)
+    # minute 8 or 10: no other command of these users then (a subscription the consumer
+    # read before the registration committed would count for nothing)
+    commands = [Command(-1, 4, 8, "register", user, CD_CAMPAIGN) if user == late else Command(-1, 0, 10, "register", user, CD_CAMPAIGN)
+                for user in USERS]
+    commands.append(Command(-1, CD_END, 1, "candydrop_counted"))
+    commands.append(Command(-1, HD_END, 1, "wallet_published"))
+    return commands
 
 
 def dual_strikes(seed: int) -> dict[str, str]:
@@ -223,6 +279,21 @@ def loan_workload(seed: int) -> list[Command]:
     for hour, price in zip(range(14, 24), path):
         add(hour, rng.randint(51, 59), "price", amount=price)
     return commands
+
+
+def candydrop_reference(commands: list[Command], accepted: set[int], registered: dict[str, datetime]) -> dict[tuple[str, str], Decimal]:
+    """(user, task) -> what the campaign counts: the accepted Simple Earn subscriptions in
+    its window by users registered by then."""
+    out: dict[tuple[str, str], Decimal] = {}
+    for c in commands:
+        moment = at(c.hour, c.minute)
+        if c.kind != "subscribe" or c.index not in accepted or not at(CD_START) <= moment < at(CD_END):
+            continue
+        if c.user not in registered or moment < registered[c.user]:
+            continue
+        task = "earn-btc" if c.target == "btc" else "earn-usdt"
+        out[(c.user, task)] = out.get((c.user, task), Decimal(0)) + Decimal(c.amount)
+    return out
 
 
 # ---- private infrastructure -----------------------------------------------------------------
@@ -334,6 +405,9 @@ class World:
     loan: loan_pb2_grpc.LoanServiceStub
     market: market_pb2_grpc.MarketServiceStub
     dual: dual_pb2_grpc.DualServiceStub
+    leverage: leverage_pb2_grpc.LeverageServiceStub
+    candydrop: candydrop_pb2_grpc.CandyDropServiceStub
+    hodler: hodler_pb2_grpc.HodlerServiceStub
     prices_topic: str
     chaos: random.Random | None = None
     kills: list[str] = field(default_factory=list)
@@ -344,6 +418,7 @@ class World:
     failure: BaseException | None = None
     retries: dict[str, int] = field(default_factory=dict)  # status -> retries of commands
     loans: dict[str, tuple[str, str]] = field(default_factory=dict)  # loan label -> (user, loan id)
+    lev_positions: dict[str, tuple[str, str]] = field(default_factory=dict)  # position label -> (user, position id)
 
     def move(self, moment: datetime) -> None:
         set_time(self.clock, moment)
@@ -383,19 +458,36 @@ class World:
 
         await eventually(served, timeout=180)
 
-    async def loans_published(self) -> None:
-        """Every loan state the loan service decided is in Kafka (its outbox is empty):
-        the engine reads them before any index tick published from now on."""
+    async def published(self, schema: str) -> None:
+        """Every event ``schema``'s service decided is in Kafka (its outbox is empty). For
+        loan: the engine reads every loan state before any index tick published from now
+        on; for wallet: every posting so far reached wallet.transfers (HODLer's input)."""
         async def empty() -> None:
             self.check()
             conn = await asyncpg.connect(self.infra.settings.database_url.rsplit("/", 1)[0] + "/" + self.cli_env["EARN_PG_DATABASE"], timeout=10)
             try:
-                left = await conn.fetchval("SELECT count(*) FROM loan.outbox")
+                left = await conn.fetchval(f"SELECT count(*) FROM {schema}.outbox")
             finally:
                 await conn.close()
-            assert left == 0, f"{left} loan events not published yet"
+            assert left == 0, f"{left} {schema} events not published yet"
 
         await eventually(empty, timeout=180)
+
+    async def candydrop_counted(self, expected: dict[tuple[str, str], Decimal]) -> None:
+        """CandyDrop has counted every Simple Earn subscription of its window (the
+        reference over the accepted commands), before the run that distributes it."""
+        async def counted() -> None:
+            self.check()
+            got: dict[tuple[str, str], Decimal] = {}
+            for user in USERS:
+                try:
+                    reply = await self.candydrop.GetProgress(cd.GetProgressRequest(campaign_id=CD_CAMPAIGN, user_id=user), metadata=GATEWAY, timeout=10)
+                except grpc.aio.AioRpcError as err:
+                    raise AssertionError(err.details()) from None
+                got.update({(user, t.task_id): Decimal(t.progress) for t in reply.tasks if Decimal(t.progress)})
+            assert got == expected, (got, expected)
+
+        await eventually(counted, timeout=180)
 
     async def restart(self, name: str) -> None:
         proc = self.processes[name]
@@ -490,7 +582,7 @@ class World:
             out, _ = waiting.result()
             if cli.returncode == 0:
                 return
-            if self.chaos is None:
+            if self.chaos is None and "has not caught up" not in out.decode():  # HODLer still reading the wallet's postings: rerun
                 raise AssertionError(f"calm catch-up failed:\n{out.decode()[-3000:]}")
             await asyncio.sleep(1.0)
         raise AssertionError("catch-up did not succeed in 20 runs")
@@ -520,16 +612,19 @@ async def world(infra: Infra, name: str, chaos: random.Random | None = None) -> 
     processes: dict[str, ManagedProcess] = {}
     supervisor: asyncio.Task[None] | None = None
     try:
-        for process in ("wallet", "relay", "simple_earn", "launchpool", "market", "loan", "dual", "accrual"):
+        for process in ("wallet", "relay", "simple_earn", "launchpool", "market", "loan", "dual", "leverage", "candydrop", "hodler", "accrual"):
             extra: dict[str, str] = {}
             if process == "wallet":
                 extra = {"EARN_RELAY_ENABLED": "false"}
             elif process == "relay":
                 extra = {"EARN_RELAY_SCHEMA": "wallet"}
-            elif process in ("simple_earn", "launchpool"):
+            elif process in ("simple_earn", "launchpool", "candydrop", "hodler"):
                 extra = {"EARN_WALLET_ADDRESS": processes["wallet"].address or ""}
             elif process == "market":
                 extra = {"EARN_MAX_GAP_SECONDS": "86400"}
+            elif process == "leverage":
+                extra = {"EARN_WALLET_ADDRESS": processes["wallet"].address or "", "EARN_MARKET_ADDRESS": processes["market"].address or "",
+                         "EARN_MAX_INDEX_AGE_SECONDS": "86400"}
             elif process == "dual":
                 extra = {"EARN_WALLET_ADDRESS": processes["wallet"].address or "", "EARN_MARKET_ADDRESS": processes["market"].address or ""}
             elif process == "loan":
@@ -546,6 +641,9 @@ async def world(infra: Infra, name: str, chaos: random.Random | None = None) -> 
             "EARN_SIMPLE_EARN_ADDRESS": processes["simple_earn"].address or "",
             "EARN_LAUNCHPOOL_ADDRESS": processes["launchpool"].address or "",
             "EARN_DUAL_ADDRESS": processes["dual"].address or "",
+            "EARN_LEVERAGE_ADDRESS": processes["leverage"].address or "",
+            "EARN_CANDYDROP_ADDRESS": processes["candydrop"].address or "",
+            "EARN_HODLER_ADDRESS": processes["hodler"].address or "",
             "EARN_SCHEDULER_START": at(0, 10).isoformat(),
             "EARN_METRICS_PORT": "0",
         }
@@ -556,10 +654,15 @@ async def world(infra: Infra, name: str, chaos: random.Random | None = None) -> 
             grpcclient.channel(processes["loan"].address) as c4,
             grpcclient.channel(processes["market"].address) as c5,
             grpcclient.channel(processes["dual"].address) as c6,
+            grpcclient.channel(processes["leverage"].address) as c7,
+            grpcclient.channel(processes["candydrop"].address) as c8,
+            grpcclient.channel(processes["hodler"].address) as c9,
         ):
             w = World(infra, clock, cli_env, processes, wallet_pb2_grpc.WalletServiceStub(c1),
                       simple_earn_pb2_grpc.SimpleEarnServiceStub(c2), launchpool_pb2_grpc.LaunchpoolServiceStub(c3),
-                      loan_pb2_grpc.LoanServiceStub(c4), market_pb2_grpc.MarketServiceStub(c5), dual_pb2_grpc.DualServiceStub(c6), prefix + "market.prices", chaos)
+                      loan_pb2_grpc.LoanServiceStub(c4), market_pb2_grpc.MarketServiceStub(c5), dual_pb2_grpc.DualServiceStub(c6),
+                      leverage_pb2_grpc.LeverageServiceStub(c7), candydrop_pb2_grpc.CandyDropServiceStub(c8), hodler_pb2_grpc.HodlerServiceStub(c9),
+                      prefix + "market.prices", chaos)
             supervisor = asyncio.create_task(w.supervise())
             yield w
     finally:
@@ -581,10 +684,11 @@ class Outcome:
     records: dict[tuple[str, str], dict[int, Decimal]]  # (user, product or pool) -> boundary -> amount
     loans: dict[str, tuple[Any, ...]]  # loan label -> (status, principal, interest, collateral, events)
     duals: dict[tuple[str, str], tuple[Any, ...]]  # (user, plan) -> (status, amount, settlement price, converted, payout)
+    paid: dict[tuple[str, str], tuple[Any, ...]]  # (leverage, label) -> settlement; (candydrop | hodler, user) -> amount
 
 
 Observed = tuple[dict[tuple[str, str, int], Decimal], dict[tuple[str, str], dict[int, Decimal]], dict[str, tuple[Any, ...]],
-                 dict[tuple[str, str], tuple[Any, ...]]]
+                 dict[tuple[str, str], tuple[Any, ...]], dict[tuple[str, str], tuple[Any, ...]]]
 
 
 def loan_state(loan: ln.Loan, events: list[ln.LoanEventRecord]) -> tuple[Any, ...]:
@@ -600,7 +704,8 @@ def loan_state(loan: ln.Loan, events: list[ln.LoanEventRecord]) -> tuple[Any, ..
 
 async def observe(w: World) -> Observed:
     balances: dict[tuple[str, str, int], Decimal] = {}
-    for owner in (*USERS, *LOAN_USERS, "simple_earn", "launchpool", "loan", "dual"):
+    for owner in (*USERS, *LOAN_USERS, *LEV_USERS, "simple_earn", "launchpool", "loan", "dual", f"leverage.{LEV_PRODUCT}", f"candydrop:{CD_CAMPAIGN}",
+                  f"hodler:{HD_AIRDROP}"):
         for b in (await w.wallet.GetBalances(wallet_pb2.GetBalancesRequest(owner=owner), metadata=GATEWAY)).balances:
             if Decimal(b.balance):
                 balances[(owner, b.asset, b.kind)] = Decimal(b.balance)
@@ -626,7 +731,42 @@ async def observe(w: World) -> Observed:
             st = sub.settlement
             duals[(user, sub.plan_id)] = (du.DualSubscriptionStatus.Name(sub.status), Decimal(sub.amount), st.settlement_price, st.converted,
                                           st.payout_asset, st.payout_amount)
-    return balances, records, loans, duals
+    # Smart Leverage positions (status, settlement), CandyDrop prizes and HODLer rewards.
+    paid: dict[tuple[str, str], tuple[Any, ...]] = {}
+    for label, (user, position_id) in sorted(w.lev_positions.items()):
+        pos = (await w.leverage.GetLeveragePosition(lv.GetLeveragePositionRequest(user_id=user, position_id=position_id), metadata=GATEWAY)).position
+        st = pos.settlement
+        paid[("leverage", label)] = (lv.LeveragePositionStatus.Name(pos.status), pos.entry_price, pos.breakeven_price, lv.LeverageCloseKind.Name(st.kind),
+                                     st.settlement_price, st.payoff, st.payout, st.capped)
+    for r in (await w.candydrop.ListPrizes(cd.ListPrizesRequest(campaign_id=CD_CAMPAIGN, page_size=100), metadata=OPERATOR)).prizes:
+        paid[("candydrop", r.user_id)] = (r.candies, Decimal(r.amount), bool(r.posting_id))
+    for r in (await w.hodler.ListAirdropRewards(hd.ListAirdropRewardsRequest(airdrop_id=HD_AIRDROP, page_size=100), metadata=OPERATOR)).rewards:
+        paid[("hodler", r.user_id)] = (r.counted_average, Decimal(r.amount), bool(r.posting_id))
+    return balances, records, loans, duals, paid
+
+
+async def check_paid_once(w: World, paid: dict[tuple[str, str], tuple[Any, ...]]) -> None:
+    """Every leverage position settled, the campaign's and the airdrop's users each paid
+    once (one wallet transfer of each, none for a zero amount), and their expense
+    accounts paid exactly the sum."""
+    refs: dict[str, list[str]] = {}
+    for owner in (*USERS, *LOAN_USERS, *LEV_USERS):
+        listed = await w.wallet.ListTransfers(wallet_pb2.ListTransfersRequest(owner=owner, page_size=1000), metadata=OPERATOR)
+        refs[owner] = [t.reference for t in listed.transfers if t.destination.owner == owner]
+    for (kind, key), record in paid.items():
+        if kind == "leverage":
+            user, position_id = w.lev_positions[key]
+            assert record[0] == "LEVERAGE_POSITION_STATUS_SETTLED", (key, record)
+            assert refs[user].count(f"leverage:settlement:{LEV_PRODUCT}:{position_id}") == (1 if Decimal(record[6]) else 0), (key, record, refs[user])
+        else:
+            reference = f"candydrop:prize:{CD_CAMPAIGN}" if kind == "candydrop" else f"hodler:reward:{HD_AIRDROP}"
+            assert refs[key].count(reference) == (1 if record[1] else 0) and record[2] == bool(record[1]), (kind, key, record, refs[key])
+    for kind, owner in (("candydrop", f"candydrop:{CD_CAMPAIGN}"), ("hodler", f"hodler:{HD_AIRDROP}")):
+        total = sum((r[1] for (k, _), r in paid.items() if k == kind), Decimal(0))
+        assert total > 0, f"the {kind} distribution paid nothing: {paid}"
+        expense = sum((Decimal(b.balance) for b in (await w.wallet.GetBalances(wallet_pb2.GetBalancesRequest(owner=owner), metadata=OPERATOR)).balances
+                       if b.kind == wallet_pb2.ACCOUNT_KIND_EXPENSE), Decimal(0))
+        assert expense == -total, (kind, expense, total)
 
 
 async def check_invariants(w: World) -> None:
@@ -675,7 +815,24 @@ async def scenario(w: World, commands: list[Command], reference: Outcome | None 
         await w.call(-9, w.wallet.Transfer, wallet_pb2.TransferRequest(idempotency_key=f"dual-treasury-{asset}", transfer=wallet_pb2.TransferSpec(
             asset=asset, source=wallet_pb2.AccountRef(owner="dual", kind=wallet_pb2.ACCOUNT_KIND_EXTERNAL),
             destination=wallet_pb2.AccountRef(owner="dual", kind=wallet_pb2.ACCOUNT_KIND_TREASURY), amount=amount)), OPERATOR)
+    # Smart Leverage: a BTC/USDT product (its treasury funded from outside).
+    await w.call(-10, w.leverage.CreateLeverageProduct, lv.CreateLeverageProductRequest(
+        idempotency_key="lev-product", product_id=LEV_PRODUCT, pair="BTC/USDT", max_leverage="10", fee_rate="0.005", min_principal="10",
+        max_principal="100000"), OPERATOR)
+    await w.call(-11, w.wallet.Transfer, wallet_pb2.TransferRequest(idempotency_key="lev-treasury", transfer=wallet_pb2.TransferSpec(
+        asset="USDT", source=wallet_pb2.AccountRef(owner=f"leverage.{LEV_PRODUCT}", kind=wallet_pb2.ACCOUNT_KIND_EXTERNAL),
+        destination=wallet_pb2.AccountRef(owner=f"leverage.{LEV_PRODUCT}", kind=wallet_pb2.ACCOUNT_KIND_TREASURY), amount="1000000")), OPERATOR)
+    # CandyDrop: a pro-rata USDT campaign with a per-user cap; HODLer: a USDT airdrop on ETH.
+    await w.call(-12, w.candydrop.CreateCampaign, cd.CreateCampaignRequest(
+        idempotency_key="campaign", campaign_id=CD_CAMPAIGN, prize_asset="USDT", prize_pool="1000", pool_kind=cd.PRIZE_POOL_KIND_PRO_RATA,
+        per_user_cap="400", start_time=ts(at(CD_START)), end_time=ts(at(CD_END)),
+        tasks=[cd.CandyTask(task_id=task, kind=cd.CANDY_TASK_KIND_SIMPLE_EARN_SUBSCRIPTION, asset=asset, threshold=threshold, candies=candies,
+                            max_completions=limit) for task, asset, threshold, candies, limit in CD_TASKS]), OPERATOR)
+    await w.call(-13, w.hodler.CreateAirdrop, hd.CreateAirdropRequest(
+        idempotency_key="airdrop", airdrop_id=HD_AIRDROP, hold_asset="ETH", reward_asset="USDT", total="500", start_hour=H0 + HD_START,
+        end_hour=H0 + HD_END, min_average="0.5", per_user_cap="45"), OPERATOR)
     positions: dict[tuple[str, str], str] = {}
+    registered: dict[str, datetime] = {}
     # Chaos: every target once at a seeded command (some during catch-ups, while ticks and
     # payouts run), the scheduler CLI at a seeded catch-up, plus a few more kills.
     kill_at: dict[int, list[str]] = {}
@@ -734,7 +891,28 @@ async def scenario(w: World, commands: list[Command], reference: Outcome | None 
             await w.call(c.index, w.dual.SubscribeDual, du.SubscribeDualRequest(
                 client_order_id=key, user_id=c.user, plan_id=c.target, amount=c.amount), GATEWAY)
         elif c.kind == "loans_published":
-            await w.loans_published()
+            await w.published("loan")
+        elif c.kind == "leverage":
+            direction, leverage, maturity = c.collateral.split("/")
+            quote = await w.call(c.index, w.leverage.RequestLeverageQuote, lv.RequestLeverageQuoteRequest(
+                idempotency_key=key, user_id=c.user, product_id=LEV_PRODUCT, leverage=leverage, principal=c.amount, maturity=ts(at(int(maturity))),
+                direction=lv.LEVERAGE_DIRECTION_LONG if direction == "long" else lv.LEVERAGE_DIRECTION_SHORT), GATEWAY)
+            if quote is not None:
+                w.accepted.remove(c.index)  # one command: accepted once subscribed
+                reply = await w.call(c.index, w.leverage.SubscribeLeverage, lv.SubscribeLeverageRequest(user_id=c.user, quote_id=quote.quote.quote_id), GATEWAY)
+                if reply is not None:
+                    w.lev_positions[c.target] = (c.user, reply.position.position_id)
+        elif c.kind == "lev_redeem":
+            await w.call(c.index, w.leverage.RedeemLeverageEarly, lv.RedeemLeverageEarlyRequest(
+                idempotency_key=key, user_id=c.user, position_id=w.lev_positions.get(c.target, ("", ""))[1]), GATEWAY)
+        elif c.kind == "register":
+            reply = await w.call(c.index, w.candydrop.Register, cd.RegisterRequest(idempotency_key=key, user_id=c.user, campaign_id=c.target), GATEWAY)
+            if reply is not None:
+                registered[c.user] = at(c.hour, c.minute)
+        elif c.kind == "candydrop_counted":
+            await w.candydrop_counted(candydrop_reference(commands, set(w.accepted), registered))
+        elif c.kind == "wallet_published":
+            await w.published("wallet")
     if killing is not None:
         await killing
 
@@ -749,16 +927,17 @@ async def scenario(w: World, commands: list[Command], reference: Outcome | None 
     async def consistent() -> None:
         nonlocal outcome
         await check_invariants(w)
-        balances, records, loans, duals = await observe(w)
+        balances, records, loans, duals, paid = await observe(w)
         # Settled: the same a moment later (a payout still in flight would change it; the
         # calm run has no reference to wait for, so it must not be read mid-payout).
         await asyncio.sleep(2)
-        assert (balances, records, loans, duals) == await observe(w), "still moving"
+        assert (balances, records, loans, duals, paid) == await observe(w), "still moving"
+        await check_paid_once(w, paid)
         for label, state in loans.items():  # liquidated at most once, and then closed
             kinds = [e[0] for e in state[4]]
             assert kinds.count("LOAN_EVENT_KIND_LIQUIDATION") <= 1, (label, kinds)
             assert ("LOAN_EVENT_KIND_LIQUIDATION" in kinds) == (state[0] == "LOAN_STATUS_LIQUIDATED"), (label, state)
-        outcome = Outcome(sorted(w.accepted), sorted(w.refused), balances, records, loans, duals)
+        outcome = Outcome(sorted(w.accepted), sorted(w.refused), balances, records, loans, duals, paid)
         if reference is not None:
             assert outcome.accepted == reference.accepted and outcome.refused == reference.refused, "accepted commands differ"
             if outcome.loans != reference.loans:
@@ -775,6 +954,11 @@ async def scenario(w: World, commands: list[Command], reference: Outcome | None 
                       {k: (outcome.duals.get(k), reference.duals.get(k)) for k in set(outcome.duals) | set(reference.duals)
                        if outcome.duals.get(k) != reference.duals.get(k)}, flush=True)
             assert outcome.duals == reference.duals, "dual subscriptions or settlements differ"
+            if outcome.paid != reference.paid:
+                print("mixed: leverage settlements, prizes or airdrop rewards differ from the calm run, (chaos, calm):",
+                      {k: (outcome.paid.get(k), reference.paid.get(k)) for k in set(outcome.paid) | set(reference.paid)
+                       if outcome.paid.get(k) != reference.paid.get(k)}, flush=True)
+            assert outcome.paid == reference.paid, "leverage settlements, CandyDrop prizes or HODLer rewards differ"
             if outcome.balances != reference.balances or outcome.records != reference.records:
                 diff_b = {k: (outcome.balances.get(k), reference.balances.get(k)) for k in set(outcome.balances) | set(reference.balances) if outcome.balances.get(k) != reference.balances.get(k)}
                 diff_r = {}
@@ -802,6 +986,8 @@ async def calm(infra: Infra) -> Outcome:
     assert len(outcome.loans) == len(LOAN_USERS), outcome.loans
     assert any(state[0] == "LOAN_STATUS_LIQUIDATED" for state in outcome.loans.values()), f"seed {SEED}: the price path liquidated no loan"
     assert outcome.duals and all(d[0] == "DUAL_SUBSCRIPTION_STATUS_SETTLED" for d in outcome.duals.values()), outcome.duals
+    assert sum(1 for k in outcome.paid if k[0] == "leverage") >= 4, outcome.paid
+    print("mixed: calm leverage, prizes and rewards", {k: (v[5:7] if k[0] == "leverage" else v[:2]) for k, v in sorted(outcome.paid.items())}, flush=True)
     print("mixed: calm dual", {k: (d[2], d[3], d[4], d[5]) for k, d in sorted(outcome.duals.items())}, flush=True)
     print("mixed: calm loans", {k: (v[0], [e[0].removeprefix("LOAN_EVENT_KIND_") for e in v[4]]) for k, v in outcome.loans.items()}, flush=True)
     return outcome
