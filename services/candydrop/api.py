@@ -33,7 +33,7 @@ from google.protobuf.message import Message
 from services.candydrop import domain, metrics, store
 from services.candydrop.domain import PoolKind, Status, TaskKind
 from services.kernel import deadletters, distribution, events, idempotency, inbox, paging
-from services.kernel.clock import timestamp_field, unix_hour
+from services.kernel.clock import full_hour_field, unix_hour
 from services.kernel.config import Settings
 from services.kernel.distribution import WalletClient
 from services.kernel.errors import AlreadyExists, FailedPrecondition, InvalidArgument
@@ -91,14 +91,6 @@ class Counted:
     key: str
     user: str
     facts: list[domain.Fact]
-
-
-def _when(request: Any, field: str) -> datetime:
-    moment = timestamp_field(request, field)
-    value = getattr(request, field)
-    if value.seconds % 3600 or value.nanos:
-        raise InvalidArgument(field, "must be a full UTC hour (minutes, seconds and nanos zero)")
-    return moment
 
 
 def _stamp(message: Any, field: str, value: datetime | None) -> None:
@@ -172,7 +164,7 @@ class CandyDropApi(candydrop_pb2_grpc.CandyDropServiceServicer):
         pool, per_candy, cap = domain.check_pool(
             prize_asset=request.prize_asset, pool=request.prize_pool, kind=kind, per_candy=request.prize_per_candy, cap=request.per_user_cap,
         )
-        start, end = _when(request, "start_time"), _when(request, "end_time")
+        start, end = full_hour_field(request, "start_time"), full_hour_field(request, "end_time")
         now_hour = unix_hour(self.settings.clock.now())
         domain.check_window(unix_hour(start), unix_hour(end), now_hour)
         if unix_hour(start) < now_hour:

@@ -42,15 +42,27 @@ def parse(text: str) -> datetime:
     return value.astimezone(UTC)
 
 
-def timestamp_field(request: Any, field: str) -> datetime:
+def timestamp_field(request: Any, field: str, *, name: str = "") -> datetime:
     """A required ``google.protobuf.Timestamp`` field as a UTC datetime; INVALID_ARGUMENT
-    when it is missing or out of range."""
+    when it is missing or out of range. Errors name ``name`` (default: the field), for a
+    field read from a nested message (``time.from``, ``ticks[3].event_time``)."""
+    name = name or field
     if not request.HasField(field):
-        raise InvalidArgument(field, "is required")
+        raise InvalidArgument(name, "is required")
     try:
         return getattr(request, field).ToDatetime(tzinfo=UTC)
     except (ValueError, OverflowError):
-        raise InvalidArgument(field, "is not a valid timestamp (0001-01-01 to 9999-12-31, nanos 0 to 999999999)") from None
+        raise InvalidArgument(name, "is not a valid timestamp (0001-01-01 to 9999-12-31, nanos 0 to 999999999)") from None
+
+
+def optional_timestamp_field(request: Any, field: str, *, name: str = "") -> datetime | None:
+    """An optional Timestamp field (:func:`timestamp_field`): None when it is not set."""
+    return timestamp_field(request, field, name=name) if request.HasField(field) else None
+
+
+def _micros(moment: datetime) -> int:
+    delta = moment - _EPOCH
+    return (delta.days * 86400 + delta.seconds) * 1_000_000 + delta.microseconds
 
 
 def whole_seconds_us(request: Any, field: str) -> int:
@@ -59,8 +71,26 @@ def whole_seconds_us(request: Any, field: str) -> int:
     moment = timestamp_field(request, field)
     if getattr(request, field).nanos:
         raise InvalidArgument(field, "must be whole seconds (nanos zero)")
-    delta = moment - _EPOCH
-    return (delta.days * 86400 + delta.seconds) * 1_000_000 + delta.microseconds
+    return _micros(moment)
+
+
+def micros_field(request: Any, field: str, *, name: str = "") -> int:
+    """A required Timestamp field at microsecond precision (:func:`timestamp_field`, nanos a
+    multiple of 1000), as microseconds since the epoch."""
+    moment = timestamp_field(request, field, name=name)
+    if getattr(request, field).nanos % 1000:
+        raise InvalidArgument(name or field, "has a precision finer than a microsecond")
+    return _micros(moment)
+
+
+def full_hour_field(request: Any, field: str) -> datetime:
+    """A required Timestamp field on a UTC hour boundary (:func:`timestamp_field`; minutes,
+    seconds and nanos zero)."""
+    moment = timestamp_field(request, field)
+    value = getattr(request, field)
+    if value.seconds % HOUR or value.nanos:
+        raise InvalidArgument(field, "must be a full UTC hour (minutes, seconds and nanos zero)")
+    return moment
 
 
 def unix_hour(moment: datetime) -> int:

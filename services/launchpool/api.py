@@ -34,7 +34,7 @@ import grpc
 from google.protobuf.message import Message
 
 from services.kernel import events, idempotency, inbox, outbox, paging
-from services.kernel.clock import unix_hour
+from services.kernel.clock import full_hour_field, unix_hour
 from services.kernel.config import Settings
 from services.kernel.errors import AlreadyExists, DomainError, FailedPrecondition, InvalidArgument, NotFound
 from services.kernel.grpcserver import GATEWAY, OPERATOR, SERVICE, scoped_user
@@ -87,23 +87,6 @@ M = TypeVar("M", bound=Message)
 def derived_key(prefix: str, *parts: object) -> str:
     """A deterministic wallet idempotency key of Launchpool's (``lp:<prefix>:...``)."""
     return idempotency.derived_key("lp", prefix, *parts)
-
-
-def _when(value: Any, field: str) -> datetime:
-    try:
-        return value.ToDatetime(tzinfo=UTC)
-    except (ValueError, OverflowError):
-        raise InvalidArgument(field, "is not a valid timestamp (0001-01-01 to 9999-12-31, nanos 0 to 999999999)") from None
-
-
-def _full_hour(request: Any, field: str) -> int:
-    if not request.HasField(field):
-        raise InvalidArgument(field, "is required")
-    value = getattr(request, field)
-    moment = _when(value, field)
-    if value.seconds % 3600 or value.nanos:
-        raise InvalidArgument(field, "must be a full UTC hour (minutes, seconds and nanos zero)")
-    return unix_hour(moment)
 
 
 def _prices(raw: Any) -> dict[str, Decimal]:
@@ -188,8 +171,8 @@ class LaunchpoolApi(launchpool_pb2_grpc.LaunchpoolServiceServicer):
             raise InvalidArgument("reward_asset", "is required")
         reward_asset = request.reward_asset
         scale_of(reward_asset, "reward_asset")
-        start_hour = _full_hour(request, "start_time")
-        end_hour = _full_hour(request, "end_time")
+        start_hour = unix_hour(full_hour_field(request, "start_time"))
+        end_hour = unix_hour(full_hour_field(request, "end_time"))
         mode = PayoutMode.HOURLY if request.payout_mode == 0 else _MODE.get(request.payout_mode)
         if mode is None:
             raise InvalidArgument("payout_mode", f"unknown value {request.payout_mode}")

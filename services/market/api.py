@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import logging
 import uuid
-from datetime import UTC
 from typing import Any
 
 import asyncpg
 import grpc
 
 from services.kernel import events, idempotency
+from services.kernel.clock import micros_field
 from services.kernel.config import Settings
 from services.kernel.errors import FailedPrecondition, InvalidArgument, NotFound
 from services.kernel.grpcserver import GATEWAY, OPERATOR, SERVICE
@@ -39,23 +39,6 @@ ROLES = {
 }
 
 
-def _time(request: Any, field: str, *, required: bool = True, name: str = "") -> int | None:
-    """A Timestamp field as microseconds; errors name ``name`` (default: the field)."""
-    attr, field = field, name or field
-    if not request.HasField(attr):
-        if required:
-            raise InvalidArgument(field, "is required")
-        return None
-    value = getattr(request, attr)
-    try:
-        moment = value.ToDatetime(tzinfo=UTC)
-    except (ValueError, OverflowError):
-        raise InvalidArgument(field, "is not a valid timestamp (0001-01-01 to 9999-12-31, nanos 0 to 999999999)") from None
-    if value.nanos % 1000:
-        raise InvalidArgument(field, "has a precision finer than a microsecond")
-    return domain.micros(moment)
-
-
 def _stamp(message: Any, at_us: int) -> None:
     message.FromDatetime(domain.from_micros(at_us))
 
@@ -68,7 +51,7 @@ def parse_tick_event(raw: bytes) -> NewTick:
     event_id = uuid.UUID(env.event_id)
     pair = domain.parse_pair(tick.pair)
     price = domain.parse_price(tick.price, pair)
-    at_us = _time(tick, "event_time")
+    at_us = micros_field(tick, "event_time")
     assert at_us is not None
     source = domain.check_source(tick.source or env.producer or "exchange")
     return NewTick(pair.name, at_us, price, source, event_id)
@@ -106,7 +89,7 @@ class MarketApi(market_pb2_grpc.MarketServiceServicer):
 
     async def GetIndex(self, request: mk.GetIndexRequest, context: grpc.aio.ServicerContext) -> mk.GetIndexResponse:
         pair = domain.parse_pair(request.pair)
-        at_us = _time(request, "at", required=False)
+        at_us = micros_field(request, "at") if request.HasField("at") else None
         row = await store.latest(self.pool, pair.name, at_us)
         if row is None:
             when = "" if at_us is None else f" at or before {domain.iso(at_us)}"
@@ -117,8 +100,8 @@ class MarketApi(market_pb2_grpc.MarketServiceServicer):
 
     async def GetTwap(self, request: mk.GetTwapRequest, context: grpc.aio.ServicerContext) -> mk.GetTwapResponse:
         pair = domain.parse_pair(request.pair)
-        start_us = _time(request, "start")
-        end_us = _time(request, "end")
+        start_us = micros_field(request, "start")
+        end_us = micros_field(request, "end")
         assert start_us is not None and end_us is not None
         domain.check_window(start_us, end_us)
         now_us = self._now_us()
@@ -150,7 +133,7 @@ class MarketApi(market_pb2_grpc.MarketServiceServicer):
         seen: set[int] = set()
         for i, t in enumerate(request.ticks):
             price = domain.parse_price(t.price, pair, f"ticks[{i}].price")
-            at_us = _time(t, "event_time", name=f"ticks[{i}].event_time")
+            at_us = micros_field(t, "event_time", name=f"ticks[{i}].event_time")
             assert at_us is not None
             if at_us > now_us:
                 raise InvalidArgument(f"ticks[{i}].event_time", f"{domain.iso(at_us)} is in the future")

@@ -39,7 +39,7 @@ import hashlib
 import json
 import logging
 from collections.abc import Awaitable, Callable
-from datetime import UTC, datetime
+from datetime import datetime
 from decimal import Decimal
 from typing import Any, TypeVar
 
@@ -49,6 +49,7 @@ from google.protobuf.message import Message
 from google.protobuf.unknown_fields import UnknownFieldSet
 
 from services.kernel import events, idempotency, outbox, paging
+from services.kernel.clock import optional_timestamp_field, timestamp_field
 from services.kernel.config import Settings
 from services.kernel.errors import AlreadyExists, DomainError, FailedPrecondition, InvalidArgument, NotFound
 from services.kernel.grpcserver import GATEWAY, OPERATOR, SERVICE, scoped_user
@@ -145,20 +146,12 @@ def _preview_cursor(token: str, scope: str) -> tuple[int, dict[str, Decimal], in
         raise InvalidArgument("page_token", "is not a token this service issued for this preview") from None
 
 
-def _when(value: Any, field: str) -> datetime:
-    """A Timestamp as an aware datetime; INVALID_ARGUMENT when it is out of range."""
-    try:
-        return value.ToDatetime(tzinfo=UTC)
-    except (ValueError, OverflowError):
-        raise InvalidArgument(field, "is not a valid timestamp (0001-01-01 to 9999-12-31, nanos 0 to 999999999)") from None
-
-
 def _time(request: Any) -> tuple[datetime | None, datetime | None]:
     if not request.HasField("time"):
         return None, None
     t = request.time
-    start = _when(getattr(t, "from"), "time.from") if t.HasField("from") else None
-    end = _when(t.to, "time.to") if t.HasField("to") else None
+    start = optional_timestamp_field(t, "from", name="time.from")
+    end = optional_timestamp_field(t, "to", name="time.to")
     if start is not None and end is not None and start >= end:
         raise InvalidArgument("time", "from must be before to")
     return start, end
@@ -944,9 +937,7 @@ class SimpleEarnApi(simple_earn_pb2_grpc.SimpleEarnServiceServicer):
     # ---- fixed-term maturity ---------------------------------------------------------
 
     async def MatureDue(self, request: simple_earn_pb2.MatureDueRequest, context: grpc.aio.ServicerContext) -> simple_earn_pb2.MatureDueResponse:
-        if not request.HasField("until"):
-            raise InvalidArgument("until", "is required")
-        until = _when(request.until, "until")
+        until = timestamp_field(request, "until")
         if until > self.settings.clock.now():
             raise InvalidArgument("until", "must not be in the future")
         matured = renewed = 0

@@ -6,12 +6,11 @@ writes nothing), then runs under its idempotency key (``idempotency.write_once``
 
 from __future__ import annotations
 
-from datetime import UTC
-
 import asyncpg
 import grpc
 
 from services.kernel import idempotency, paging
+from services.kernel.clock import optional_timestamp_field
 from services.kernel.config import Settings
 from services.kernel.errors import InvalidArgument
 from services.kernel.grpcserver import GATEWAY, OPERATOR, SERVICE
@@ -68,14 +67,6 @@ def _id(value: str, field: str) -> int:
     if not (value.isascii() and value.isdigit()) or len(value) > 18:
         raise InvalidArgument(field, "must be a decimal id")
     return int(value)
-
-
-def _when(value, field: str):  # type: ignore[no-untyped-def]
-    """A Timestamp as an aware datetime; INVALID_ARGUMENT when it is out of range."""
-    try:
-        return value.ToDatetime(tzinfo=UTC)
-    except (ValueError, OverflowError):
-        raise InvalidArgument(field, "is not a valid timestamp (0001-01-01 to 9999-12-31, nanos 0 to 999999999)") from None
 
 
 def _user_account(request, kind: Kind) -> tuple[str, AccountKey]:  # type: ignore[no-untyped-def]
@@ -235,8 +226,8 @@ class WalletApi(wallet_pb2_grpc.WalletServiceServicer):
             domain.check_asset(request.asset)
         posting_id = _id(request.posting_id, "posting_id") if request.posting_id else None
         size = paging.page_size(request.page_size)
-        created_from = _when(request.created_from, "created_from") if request.HasField("created_from") else None
-        created_to = _when(request.created_to, "created_to") if request.HasField("created_to") else None
+        created_from = optional_timestamp_field(request, "created_from")
+        created_to = optional_timestamp_field(request, "created_to")
         # Bulk credits enter the history (and get transfer ids) when folded: fold what this
         # listing would miss. An unfiltered listing shows them once the folder has run.
         if request.owner:
