@@ -56,13 +56,14 @@ import grpc
 import pytest
 from google.protobuf.timestamp_pb2 import Timestamp
 
-from aiokafka import AIOKafkaProducer
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from earn.v1 import (accrual_pb2, candydrop_pb2 as cd, candydrop_pb2_grpc, dual_pb2 as du, dual_pb2_grpc, hodler_pb2 as hd, hodler_pb2_grpc,
                      launchpool_pb2 as lp, launchpool_pb2_grpc, leverage_pb2 as lv, leverage_pb2_grpc, loan_pb2 as ln, loan_pb2_grpc,
                      market_pb2 as mk, market_pb2_grpc, simple_earn_pb2 as se, simple_earn_pb2_grpc, wallet_pb2, wallet_pb2_grpc)
 from services.devstack.infra import InfraError, Kafka, Postgres, pid_alive, port_in_use
 from services.devstack.processes import PROCESSES, ManagedProcess
-from services.kernel import grpcclient
+from services.kernel import events, grpcclient
+from services.kernel.topics import CATALOGUE
 from services.kernel.clock import set_time
 from services.kernel.config import REPO_ROOT, Settings
 from services.market import domain as market_domain
@@ -234,10 +235,13 @@ def loan_workload(seed: int) -> list[Command]:
     lowering the LTV), then, once every loan state is published (the engine reads them
     before any later index tick, in every partition), a BTC/USDT path of ticks in hours
     14-23 around the riskiest loan's margin-call level (calls, re-arms, calls again) and
-    a crash that takes it to 92-97%. No loan
-    action runs during the path and the catch-ups charge no loan interest (the CLI has
-    no loan address), so the engine's margin calls, re-arms and liquidations follow from
-    the ordered ticks alone: the same in every run of the seed."""
+    a crash that takes it to 92-97%. No loan action runs during the path; the catch-ups
+    charge loan interest (the scheduler's loan.hours: the engine charges each started
+    hour into every open loan's debt), each one only once the engine has copied the last
+    tick into every loan.ltv partition, and the next tick only once the hours it started
+    are published: in every partition the engine sees ticks and hours in the same order,
+    so its margin calls, re-arms and liquidations (their LTV and debt, interest included)
+    are the same in every run of the seed."""
     rng = random.Random(f"{seed}:loan")
     commands: list[Command] = []
 
@@ -417,6 +421,7 @@ class World:
     paused: bool = False  # the supervisor leaves a process alone while chaos restarts it
     failure: BaseException | None = None
     retries: dict[str, int] = field(default_factory=dict)  # status -> retries of commands
+    waited: float = 0.0  # seconds in the barriers (published, forwarded, candydrop_counted)
     loans: dict[str, tuple[str, str]] = field(default_factory=dict)  # loan label -> (user, loan id)
     lev_positions: dict[str, tuple[str, str]] = field(default_factory=dict)  # position label -> (user, position id)
 
@@ -464,14 +469,55 @@ class World:
         on; for wallet: every posting so far reached wallet.transfers (HODLer's input)."""
         async def empty() -> None:
             self.check()
-            conn = await asyncpg.connect(self.infra.settings.database_url.rsplit("/", 1)[0] + "/" + self.cli_env["EARN_PG_DATABASE"], timeout=10)
             try:
-                left = await conn.fetchval(f"SELECT count(*) FROM {schema}.outbox")
-            finally:
-                await conn.close()
+                conn = await asyncpg.connect(self.infra.settings.database_url.rsplit("/", 1)[0] + "/" + self.cli_env["EARN_PG_DATABASE"], timeout=10)
+                try:
+                    left = await conn.fetchval(f"SELECT count(*) FROM {schema}.outbox")
+                finally:
+                    await conn.close()
+            except (OSError, asyncio.TimeoutError, asyncpg.PostgresError) as err:  # the postmaster killed meanwhile
+                raise AssertionError(f"{schema}.outbox: {err!r}") from None
             assert left == 0, f"{left} {schema} events not published yet"
 
+        started = time.monotonic()
         await eventually(empty, timeout=180)
+        self.waited += time.monotonic() - started
+
+    async def forwarded(self, index: int) -> None:
+        """The engine has copied the tick of command ``index`` into every partition of
+        loan.ltv (each copy's id derived from the tick's), so an hour started from now on
+        comes after it in every partition, as in the calm run."""
+        tick = uuid.uuid5(uuid.NAMESPACE_URL, f"chaos-mixed:{SEED}:{index}")
+        partitions = CATALOGUE["loan.ltv"].partitions
+        wanted = {str(uuid.uuid5(uuid.NAMESPACE_URL, f"earn-accrual-loan-tick:{tick}:{p}")) for p in range(partitions)}
+        topic = self.cli_env["EARN_TOPIC_PREFIX"] + "loan.ltv"
+
+        async def copied() -> None:
+            self.check()
+            consumer = AIOKafkaConsumer(bootstrap_servers=self.infra.settings.kafka_bootstrap, enable_auto_commit=False, request_timeout_ms=10000)
+            seen: set[str] = set()
+            try:
+                await asyncio.wait_for(consumer.start(), 15)
+                parts = [TopicPartition(topic, p) for p in range(partitions)]
+                consumer.assign(parts)
+                await consumer.seek_to_beginning(*parts)
+                ends = await asyncio.wait_for(consumer.end_offsets(parts), 15)
+                for tp in parts:
+                    while await consumer.position(tp) < ends[tp]:
+                        for record in (await asyncio.wait_for(consumer.getmany(tp, timeout_ms=1000), 15)).get(tp, []):
+                            seen.add(events.parse(record.value or b"").event_id)
+            except Exception as err:  # noqa: BLE001 - the broker is down or restarting: look again
+                raise AssertionError(f"loan.ltv: {err!r}") from None
+            finally:
+                try:
+                    await asyncio.wait_for(consumer.stop(), 15)
+                except Exception:  # noqa: BLE001
+                    pass
+            assert wanted <= seen, f"tick {index} copied into {len(wanted & seen)} of {partitions} loan.ltv partitions"
+
+        started = time.monotonic()
+        await eventually(copied, timeout=180)
+        self.waited += time.monotonic() - started
 
     async def candydrop_counted(self, expected: dict[tuple[str, str], Decimal]) -> None:
         """CandyDrop has counted every Simple Earn subscription of its window (the
@@ -487,7 +533,9 @@ class World:
                 got.update({(user, t.task_id): Decimal(t.progress) for t in reply.tasks if Decimal(t.progress)})
             assert got == expected, (got, expected)
 
+        started = time.monotonic()
         await eventually(counted, timeout=180)
+        self.waited += time.monotonic() - started
 
     async def restart(self, name: str) -> None:
         proc = self.processes[name]
@@ -641,6 +689,7 @@ async def world(infra: Infra, name: str, chaos: random.Random | None = None) -> 
             "EARN_SIMPLE_EARN_ADDRESS": processes["simple_earn"].address or "",
             "EARN_LAUNCHPOOL_ADDRESS": processes["launchpool"].address or "",
             "EARN_DUAL_ADDRESS": processes["dual"].address or "",
+            "EARN_LOAN_ADDRESS": processes["loan"].address or "",
             "EARN_LEVERAGE_ADDRESS": processes["leverage"].address or "",
             "EARN_CANDYDROP_ADDRESS": processes["candydrop"].address or "",
             "EARN_HODLER_ADDRESS": processes["hodler"].address or "",
@@ -779,6 +828,9 @@ async def check_invariants(w: World) -> None:
         for schema in SCHEMAS:
             left = await conn.fetchval(f"SELECT count(*) FROM {schema}.outbox")
             assert left == 0, f"{left} unpublished events in {schema}.outbox"
+        # loan.hours started every hour of the run for the engine (each once)
+        hours = await conn.fetchval("SELECT array_agg(hour ORDER BY hour) FROM loan.loan_hours")
+        assert hours == list(range(H0 + 1, H0 + HOURS)), hours
     finally:
         await conn.close()
 
@@ -833,6 +885,7 @@ async def scenario(w: World, commands: list[Command], reference: Outcome | None 
         end_hour=H0 + HD_END, min_average="0.5", per_user_cap="45"), OPERATOR)
     positions: dict[tuple[str, str], str] = {}
     registered: dict[str, datetime] = {}
+    last_tick: int | None = None
     # Chaos: every target once at a seeded command (some during catch-ups, while ticks and
     # payouts run), the scheduler CLI at a seeded catch-up, plus a few more kills.
     kill_at: dict[int, list[str]] = {}
@@ -871,9 +924,16 @@ async def scenario(w: World, commands: list[Command], reference: Outcome | None 
         elif c.kind == "unstake":
             await w.call(c.index, w.launchpool.Unstake, lp.UnstakeRequest(idempotency_key=key, user_id=c.user, pool_id="pool", amount=c.amount), GATEWAY)
         elif c.kind == "catch_up":
+            # loan.hours: the hours it starts reach every loan.ltv partition after the last
+            # tick and before the next (the engine's LTV decisions then see them in the calm
+            # run's order)
+            if last_tick is not None:
+                await w.forwarded(last_tick)
             await w.catch_up()
+            await w.published("loan")
         elif c.kind == "price":
             await w.tick(c.index, c.amount, at(c.hour, c.minute))
+            last_tick = c.index
         elif c.kind == "borrow":
             reply = await w.call(c.index, w.loan.Borrow, ln.BorrowRequest(
                 idempotency_key=key, user_id=c.user, loan_asset="USDT", amount=c.amount,
@@ -921,6 +981,8 @@ async def scenario(w: World, commands: list[Command], reference: Outcome | None 
     for proc in w.processes.values():
         if proc.spec.port_env:
             await asyncio.to_thread(proc.wait_ready, 90)
+    if last_tick is not None:
+        await w.forwarded(last_tick)
     await w.catch_up(final=True)
     outcome: Outcome | None = None
 
@@ -979,8 +1041,10 @@ async def scenario(w: World, commands: list[Command], reference: Outcome | None 
 @pytest.fixture(scope="module")
 async def calm(infra: Infra) -> Outcome:
     print(f"mixed: seed {SEED}; replay: {REPLAY}", flush=True)
+    started = time.monotonic()
     async with world(infra, "calm") as w:
         outcome = await scenario(w, workload(SEED))
+    print(f"mixed: calm run in {time.monotonic() - started:.0f} s (waiting for the barriers {w.waited:.0f} s)", flush=True)
     assert not outcome.refused, f"seed {SEED}: the calm run refused {outcome.refused}"
     assert any(product == "pool" for _, product in outcome.records), "the workload paid no Launchpool reward"
     assert len(outcome.loans) == len(LOAN_USERS), outcome.loans
@@ -996,9 +1060,11 @@ async def calm(infra: Infra) -> Outcome:
 @pytest.mark.timeout(900)
 async def test_mixed_chaos_kills_services_broker_and_database_and_loses_nothing(infra: Infra, calm: Outcome) -> None:
     print(f"chaos seed {SEED}; replay: {REPLAY}")
+    started = time.monotonic()
     try:
         async with world(infra, "chaos", random.Random(SEED)) as w:
             got = await scenario(w, workload(SEED), reference=calm)
+            print(f"mixed: chaos run in {time.monotonic() - started:.0f} s (waiting for the barriers {w.waited:.0f} s)", flush=True)
             print(f"mixed chaos seed {SEED}: killed {w.kills}; exited on their own and restarted: {w.restarts}; command retries: {w.retries}")
             assert set(TARGETS) <= set(w.kills), f"not every target was killed: {w.kills}"
     except BaseException:
