@@ -18,7 +18,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import logging
 from decimal import Decimal
 from typing import Any
@@ -240,28 +239,15 @@ class DualApi(dual_pb2_grpc.DualServiceServicer):
         amount = parse_amount(request.amount, plan.invest_asset, "amount")
         key = f"dual:subscribe:{user}:{order_id}"
         method = "SubscribeDual"
-        digest = idempotency.fingerprint(method, request)
-        stored = await store.stored_response(self.pool, key)
+        stored = await idempotency.replay(self.pool, method, request, du.SubscribeDualResponse, key=key, field="client_order_id", shown=order_id)
         if stored is not None:
-            if stored["request_hash"] != digest or stored["response"] is None:
-                raise AlreadyExists(f"client_order_id: {order_id!r} was already used for a different request")
-            return du.SubscribeDualResponse.FromString(stored["response"])
+            return stored
         self._check(plan, row, amount, await store.user_total(self.pool, plan_id, user))
-        base = hashlib.sha256(key.encode() + b"\0" + digest).hexdigest()[:40]
-        hold_id = None
-        for attempt in range(MAX_HOLD_ATTEMPTS):
-            reply = await self.wallet.call(
-                "PlaceHold",
-                wallet_pb2.PlaceHoldRequest(
-                    idempotency_key=f"dual:hold:{base}:{attempt}", owner=user, asset=plan.invest_asset, amount=format_amount(amount),
-                    holder=HOLDER, reference=f"dual:subscribe:{plan_id}",
-                ),
-            )
-            if not await store.hold_abandoned(self.pool, int(reply.hold.hold_id)):
-                hold_id = int(reply.hold.hold_id)
-                break
-        if hold_id is None:
-            raise FailedPrecondition("client_order_id: this order failed too many times; retry with a new client order id")
+        hold_id = await peers.place_hold(
+            self.wallet, "dual:hold", method, request, key=key, owner=user, asset=plan.invest_asset, amount=amount,
+            holder=HOLDER, reference=f"dual:subscribe:{plan_id}", abandoned=lambda hold_id: store.hold_abandoned(self.pool, hold_id),
+            attempts=MAX_HOLD_ATTEMPTS, refused="client_order_id: this order failed too many times; retry with a new client order id",
+        )
 
         async def work() -> du.SubscribeDualResponse:
             locked = await store.plan(conn, plan_id, lock=True)

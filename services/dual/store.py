@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from datetime import datetime
 from decimal import Decimal
-from typing import Any
 
 import asyncpg
 
@@ -169,7 +168,3 @@ async def paid(conn: Conn, plan_ids: list[str]) -> dict[str, Decimal]:
         plan_ids,
     )
     return {r["payout_asset"]: r["total"] for r in rows}
-
-
-async def stored_response(conn: Conn, key: str) -> Any:
-    return await conn.fetchrow("SELECT request_hash, response FROM idempotency_keys WHERE key = $1", key)

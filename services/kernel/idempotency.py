@@ -100,3 +100,27 @@ async def write_once(
     key = check_key(getattr(request, "idempotency_key"))
     async with pool.acquire() as conn, conn.transaction():
         return await once(conn, key=key, method=method, request=request, response_type=response_type, work=lambda: work(conn))
+
+
+async def replay(
+    conn: asyncpg.Connection | asyncpg.Pool,
+    method: str,
+    request: Message,
+    response_type: type[M],
+    *,
+    key: str | None = None,
+    field: str = "idempotency_key",
+    shown: str | None = None,
+) -> M | None:
+    """The response a completed request under ``key`` (default: the request's
+    ``idempotency_key``) stored, or None: a write that calls another service first (a
+    wallet hold) answers a retry from here, without calling again nor meeting today's
+    preconditions. The key used for another request: ALREADY_EXISTS naming ``field`` and
+    ``shown`` (default: the key), e.g. the ``client_order_id`` a key derives from."""
+    key = getattr(request, "idempotency_key") if key is None else key
+    row = await conn.fetchrow("SELECT request_hash, response FROM idempotency_keys WHERE key = $1", key)
+    if row is None:
+        return None
+    if row["request_hash"] != fingerprint(method, request) or row["response"] is None:
+        raise AlreadyExists(f"{field}: {(key if shown is None else shown)!r} was already used for a different request")
+    return response_type.FromString(row["response"])

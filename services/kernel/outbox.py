@@ -21,6 +21,7 @@ import asyncio
 import hashlib
 import logging
 import uuid
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import datetime
 
@@ -30,8 +31,12 @@ from google.protobuf.message import Message
 from prometheus_client import Counter, Gauge
 
 from services.kernel import events
+from services.kernel.clock import unix_hour
 from services.kernel.config import Settings
+from services.kernel.errors import FailedPrecondition
 from services.kernel.topics import CATALOGUE, topic_name
+
+from earn.v1 import accrual_pb2
 
 log = logging.getLogger(__name__)
 
@@ -76,6 +81,34 @@ async def enqueue(
     elif rows:
         await conn.executemany(_INSERT, rows)
     return ids
+
+
+async def close_hours(
+    conn: asyncpg.Connection,
+    settings: Settings,
+    producer: str,
+    topic: str,
+    hour: int,
+    at: datetime,
+    last_closed: Callable[[asyncpg.Connection], Awaitable[int | None]],
+    set_last_closed: Callable[[asyncpg.Connection, int, datetime], Awaitable[None]],
+) -> list[int]:
+    """The accrual engine's hour watermark (Simple Earn's CloseHour, Launchpool's
+    CloseRewardHour): HourClosed to every partition of ``topic`` for every hour after the
+    last closed one up to ``hour`` (the first call closes only ``hour``), and ``hour``
+    recorded as the last closed. Call inside a transaction holding the service's EXCLUSIVE
+    watermark lock, ``at`` read after taking it: every accrual write committed before is
+    before the ticks in every partition. Returns the hours closed: none when ``hour`` is
+    closed already (idempotent); FAILED_PRECONDITION while hour ``hour - 1`` has not ended."""
+    if hour > unix_hour(at):
+        raise FailedPrecondition(f"hour: {hour} would close hour {hour - 1}, which has not ended yet")
+    last = await last_closed(conn)
+    if last is not None and hour <= last:
+        return []
+    hours = [hour] if last is None else list(range(last + 1, hour + 1))
+    await enqueue(conn, settings, producer, at, [o for h in hours for o in broadcast(topic, f"hour:{h}", accrual_pb2.HourClosed(hour=h))])
+    await set_last_closed(conn, hour, at)
+    return hours
 
 
 class Relay:

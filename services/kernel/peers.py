@@ -15,15 +15,20 @@ A service with another policy for refusals overrides :meth:`Peer.refused`.
 
 from __future__ import annotations
 
+import hashlib
 import logging
+from collections.abc import Awaitable, Callable, Iterable, Mapping
+from decimal import Decimal
 from typing import Any
 
 import grpc
 from google.protobuf.message import Message
 
+from services.kernel import idempotency
 from services.kernel.errors import DomainError, FailedPrecondition, NotFound
+from services.kernel.money import format_amount
 
-from earn.v1 import market_pb2_grpc, wallet_pb2_grpc
+from earn.v1 import market_pb2_grpc, wallet_pb2, wallet_pb2_grpc
 
 log = logging.getLogger(__name__)
 
@@ -73,3 +78,61 @@ def wallet(channel: grpc.aio.Channel, token: str, **options: Any) -> Peer:
 
 def market(channel: grpc.aio.Channel, token: str, **options: Any) -> Peer:
     return Peer(market_pb2_grpc.MarketServiceStub(channel), token, "market", **options)
+
+
+async def place_hold(
+    wallet: Peer,
+    key_prefix: str,
+    method: str,
+    request: Message,
+    *,
+    owner: str,
+    asset: str,
+    amount: Decimal,
+    holder: str,
+    reference: str,
+    abandoned: Callable[[int], Awaitable[bool]],
+    attempts: int = 5,
+    key: str | None = None,
+    refused: str = "idempotency_key: this request failed too many times; retry with a new key",
+) -> int:
+    """The wallet hold of a client write (Simple Earn's Subscribe, Launchpool's Stake,
+    Dual's SubscribeDual), placed before the write's transaction: under the wallet key
+    ``<key_prefix>:<sha256 of the client key and the request fingerprint>:<attempt>``
+    (``key`` defaults to the request's ``idempotency_key``), so a retry of the same request
+    gets the same hold back. A hold the service has ``abandoned`` (an earlier attempt
+    failed and released it) is never used again: the next attempt asks for a new one;
+    after ``attempts``, FAILED_PRECONDITION ``refused``."""
+    key = getattr(request, "idempotency_key") if key is None else key
+    base = hashlib.sha256(key.encode() + b"\0" + idempotency.fingerprint(method, request)).hexdigest()[:40]
+    for attempt in range(attempts):
+        reply = await wallet.call(
+            "PlaceHold",
+            wallet_pb2.PlaceHoldRequest(
+                idempotency_key=f"{key_prefix}:{base}:{attempt}", owner=owner, asset=asset, amount=format_amount(amount),
+                holder=holder, reference=reference,
+            ),
+        )
+        hold_id = int(reply.hold.hold_id)
+        if not await abandoned(hold_id):
+            return hold_id
+    raise FailedPrecondition(refused)
+
+
+async def release_holds(wallet: Peer, releases: Iterable[Mapping[str, Any]], done: Callable[[int], Awaitable[object]]) -> int:
+    """Send the wallet releases a service committed and has not seen confirmed (rows of
+    ``id``, ``key``, ``hold_id``, ``amount``), each under its own deterministic key, and
+    record each confirmed one (``done(id)``); a refused one is logged and left for the next
+    sweep. Safe to run concurrently and repeatedly. Returns how many were confirmed."""
+    confirmed = 0
+    for r in releases:
+        try:
+            await wallet.call(
+                "ReleaseHold", wallet_pb2.ReleaseHoldRequest(idempotency_key=r["key"], hold_id=str(r["hold_id"]), amount=format_amount(r["amount"])),
+            )
+        except DomainError as err:
+            log.error("hold release failed; will retry", extra={"release": r["key"], "error": err.message})
+            continue
+        await done(r["id"])
+        confirmed += 1
+    return confirmed

@@ -33,10 +33,10 @@ import asyncpg
 import grpc
 from google.protobuf.message import Message
 
-from services.kernel import events, idempotency, inbox, outbox, paging
+from services.kernel import events, idempotency, inbox, outbox, paging, peers
 from services.kernel.clock import full_hour_field, unix_hour
 from services.kernel.config import Settings
-from services.kernel.errors import AlreadyExists, DomainError, FailedPrecondition, InvalidArgument, NotFound
+from services.kernel.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
 from services.kernel.grpcserver import GATEWAY, OPERATOR, SERVICE, scoped_user
 from services.kernel.money import check_amount_column, format_amount, parse_amount, parse_decimal, scale_of
 from services.kernel.peers import Peer
@@ -105,31 +105,11 @@ class LaunchpoolApi(launchpool_pb2_grpc.LaunchpoolServiceServicer):
 
     # ---- helpers ---------------------------------------------------------------------
 
-    async def _replay(self, method: str, request: Message, response_type: type[M]) -> M | None:
-        key = request.idempotency_key  # type: ignore[attr-defined]
-        row = await store.stored_response(self.pool, key)
-        if row is None:
-            return None
-        if row["request_hash"] != idempotency.fingerprint(method, request) or row["response"] is None:
-            raise AlreadyExists(f"idempotency_key: {key!r} was already used for a different request")
-        return response_type.FromString(row["response"])
-
     async def _write(self, method: str, request: Message, response_type: type[M], work: Callable[[asyncpg.Connection], Awaitable[M]]) -> M:
         return await idempotency.write_once(self.pool, method=method, request=request, response_type=response_type, work=work)
 
     async def drive_releases(self) -> int:
-        done = 0
-        for r in await store.pending_releases(self.pool):
-            try:
-                await self.wallet.call(
-                    "ReleaseHold", wallet_pb2.ReleaseHoldRequest(idempotency_key=r["key"], hold_id=str(r["hold_id"]), amount=format_amount(r["amount"])),
-                )
-            except DomainError as err:
-                log.error("hold release failed; will retry", extra={"release": r["key"], "error": err.message})
-                continue
-            await store.release_done(self.pool, r["id"])
-            done += 1
-        return done
+        return await peers.release_holds(self.wallet, await store.pending_releases(self.pool), lambda release_id: store.release_done(self.pool, release_id))
 
     def _project_message(self, row: asyncpg.Record, pools: list[asyncpg.Record], prices: dict[str, Decimal]) -> lp.Project:
         now = self.settings.clock.now()
@@ -273,30 +253,23 @@ class LaunchpoolApi(launchpool_pb2_grpc.LaunchpoolServiceServicer):
         )
 
     async def Stake(self, request: lp.StakeRequest, context: grpc.aio.ServicerContext) -> lp.StakeResponse:
-        key = idempotency.check_key(request.idempotency_key)
+        idempotency.check_key(request.idempotency_key)
         user = domain.check_user_id(request.user_id)
         pool_id = domain.check_id(request.pool_id, "pool_id")
         p = await store.pool(self.pool, pool_id)
         amount = parse_amount(request.amount, p["stake_asset"], "amount")
-        if (stored := await self._replay("Stake", request, lp.StakeResponse)) is not None:
+        if (stored := await idempotency.replay(self.pool, "Stake", request, lp.StakeResponse)) is not None:
             return stored
         existing = await store.stake_of(self.pool, user, pool_id)
         await self._check_stake(self.pool, p, user, amount, existing["amount"] if existing else Decimal(0), self.settings.clock.now())
-        base = hashlib.sha256(key.encode() + b"\0" + idempotency.fingerprint("Stake", request)).hexdigest()[:40]
-        hold_id = None
-        for attempt in range(MAX_HOLD_ATTEMPTS):
-            reply = await self.wallet.call(
-                "PlaceHold",
-                wallet_pb2.PlaceHoldRequest(
-                    idempotency_key=f"lp:stake:{base}:{attempt}", owner=user, asset=p["stake_asset"], amount=format_amount(amount),
-                    holder=HOLDER, reference=f"launchpool:stake:{pool_id}",
-                ),
-            )
-            if await store.hold_state(self.pool, int(reply.hold.hold_id)) != "abandoned":
-                hold_id = int(reply.hold.hold_id)
-                break
-        if hold_id is None:
-            raise FailedPrecondition("idempotency_key: this request failed too many times; retry with a new key")
+
+        async def abandoned(hold_id: int) -> bool:
+            return await store.hold_state(self.pool, hold_id) == "abandoned"
+
+        hold_id = await peers.place_hold(
+            self.wallet, "lp:stake", "Stake", request, owner=user, asset=p["stake_asset"], amount=amount,
+            holder=HOLDER, reference=f"launchpool:stake:{pool_id}", abandoned=abandoned, attempts=MAX_HOLD_ATTEMPTS,
+        )
 
         async def work(conn: asyncpg.Connection) -> lp.StakeResponse:
             await store.accrual_clock(conn, self.settings.clock)
@@ -332,7 +305,7 @@ class LaunchpoolApi(launchpool_pb2_grpc.LaunchpoolServiceServicer):
         pool_id = domain.check_id(request.pool_id, "pool_id")
         p = await store.pool(self.pool, pool_id)
         amount = parse_amount(request.amount, p["stake_asset"], "amount") if request.amount else None
-        if (stored := await self._replay("Unstake", request, lp.UnstakeResponse)) is not None:
+        if (stored := await idempotency.replay(self.pool, "Unstake", request, lp.UnstakeResponse)) is not None:
             await self.drive_releases()
             return stored
         taken: list[Decimal] = []
@@ -378,14 +351,9 @@ class LaunchpoolApi(launchpool_pb2_grpc.LaunchpoolServiceServicer):
             raise InvalidArgument("hour", "must be a positive unix hour")
         async with self.pool.acquire() as conn, conn.transaction():
             at = await store.watermark_clock(conn, self.settings.clock)
-            if request.hour > unix_hour(at):
-                raise FailedPrecondition(f"hour: {request.hour} would close hour {request.hour - 1}, which has not ended yet")
-            last = await store.last_closed_hour(conn)
-            if last is not None and request.hour <= last:
-                return lp.CloseRewardHourResponse()
-            hours = [request.hour] if last is None else list(range(last + 1, request.hour + 1))
-            await outbox.enqueue(conn, self.settings, store.PRODUCER, at, [o for h in hours for o in store.hour_closed(h)])
-            await store.set_last_closed_hour(conn, request.hour, at)
+            hours = await outbox.close_hours(
+                conn, self.settings, store.PRODUCER, store.TOPIC, request.hour, at, store.last_closed_hour, store.set_last_closed_hour,
+            )
             return lp.CloseRewardHourResponse(closed=hours)
 
     async def RequestRewardPayout(self, request: lp.RequestRewardPayoutRequest, context: grpc.aio.ServicerContext) -> lp.RequestRewardPayoutResponse:

@@ -23,7 +23,7 @@ from services.kernel.errors import NotFound
 from services.kernel.money import format_amount
 from services.launchpool import domain
 
-from earn.v1 import accrual_pb2, launchpool_pb2
+from earn.v1 import launchpool_pb2
 
 PRODUCER = "launchpool"
 TOPIC = "launchpool.accrual"
@@ -278,10 +278,6 @@ async def release_done(conn: Conn, release_id: int) -> None:
 # ---- idempotency replay ---------------------------------------------------------------
 
 
-async def stored_response(conn: Conn, key: str) -> asyncpg.Record | None:
-    return await conn.fetchrow("SELECT request_hash, response FROM idempotency_keys WHERE key = $1", key)
-
-
 # ---- watermark and payouts ------------------------------------------------------------
 
 
@@ -294,10 +290,6 @@ async def set_last_closed_hour(conn: asyncpg.Connection, hour: int, at: datetime
         "INSERT INTO watermark (id, hour, closed_at) VALUES (1, $1, $2) ON CONFLICT (id) DO UPDATE SET hour = EXCLUDED.hour, closed_at = EXCLUDED.closed_at",
         hour, at,
     )
-
-
-def hour_closed(hour: int) -> list[outbox.Outgoing]:
-    return outbox.broadcast(TOPIC, f"hour:{hour}", accrual_pb2.HourClosed(hour=hour))
 
 
 async def payout_request(conn: Conn, job: str, period: str) -> asyncpg.Record | None:

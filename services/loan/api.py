@@ -288,14 +288,6 @@ class LoanApi(loan_pb2_grpc.LoanServiceServicer):
 
     # ---- the write machinery ---------------------------------------------------------------
 
-    async def _stored(self, key: str, method: str, request: Any, response_type: Any) -> Any:
-        row = await store.stored_response(self.pool, key)
-        if row is None:
-            return None
-        if row["request_hash"] != idempotency.fingerprint(method, request) or row["response"] is None:
-            raise AlreadyExists(f"idempotency_key: {key!r} was already used for a different request")
-        return response_type.FromString(row["response"])
-
     async def _execute(self, op_key: str, plan: dict[str, Any]) -> list[Any]:
         """The operation's wallet calls, in order; refused: undo the holds placed, fail it."""
         replies: list[Any] = []
@@ -588,13 +580,13 @@ class LoanApi(loan_pb2_grpc.LoanServiceServicer):
             if asset == request.loan_asset:
                 raise InvalidArgument(f"collateral[{i}].asset", "must differ from the loan asset")
             wanted.append((asset, value))
-        stored = await self._stored(key, "Borrow", request, ln.BorrowResponse)
+        stored = await idempotency.replay(self.pool, "Borrow", request, ln.BorrowResponse, key=key)
         if stored is not None:
             return stored
         loan_id = "ln-" + hashlib.sha256(f"{user}:{key}".encode()).hexdigest()[:20]
         async with self._locked(loan_id) as conn:
             await self._pending_first(conn, key, "Borrow", request)
-            stored = await self._stored(key, "Borrow", request, ln.BorrowResponse)
+            stored = await idempotency.replay(self.pool, "Borrow", request, ln.BorrowResponse, key=key)
             if stored is not None:
                 return stored
             la = await store.loan_asset(conn, request.loan_asset)
@@ -686,12 +678,12 @@ class LoanApi(loan_pb2_grpc.LoanServiceServicer):
         key = idempotency.check_key(request.idempotency_key)
         user = domain.check_user_id(request.user_id)
         loan_id = _loan_id_text(request.loan_id)
-        stored = await self._stored(key, "RepayLoan", request, ln.RepayLoanResponse)
+        stored = await idempotency.replay(self.pool, "RepayLoan", request, ln.RepayLoanResponse, key=key)
         if stored is not None:
             return stored
         async with self._locked(loan_id) as conn:
             await self._pending_first(conn, key, "RepayLoan", request)
-            stored = await self._stored(key, "RepayLoan", request, ln.RepayLoanResponse)
+            stored = await idempotency.replay(self.pool, "RepayLoan", request, ln.RepayLoanResponse, key=key)
             if stored is not None:
                 return stored
             row, coll, money = await self._open_loan(conn, user, loan_id)
@@ -741,12 +733,12 @@ class LoanApi(loan_pb2_grpc.LoanServiceServicer):
         user = domain.check_user_id(request.user_id)
         loan_id = _loan_id_text(request.loan_id)
         asset, amount = self._collateral_in(request.collateral, "collateral")
-        stored = await self._stored(key, method, request, response_type)
+        stored = await idempotency.replay(self.pool, method, request, response_type, key=key)
         if stored is not None:
             return stored
         async with self._locked(loan_id) as conn:
             await self._pending_first(conn, key, method, request)
-            stored = await self._stored(key, method, request, response_type)
+            stored = await idempotency.replay(self.pool, method, request, response_type, key=key)
             if stored is not None:
                 return stored
             row, coll, money = await self._open_loan(conn, user, loan_id)

@@ -200,7 +200,3 @@ async def due_loans(conn: Conn, until_us: int) -> list[str]:
 
 async def hour_started(conn: asyncpg.Connection, hour: int) -> bool:
     return bool(await conn.fetchval("INSERT INTO loan_hours (hour) VALUES ($1) ON CONFLICT DO NOTHING RETURNING true", hour))
-
-
-async def stored_response(conn: Conn, key: str) -> Any:
-    return await conn.fetchrow("SELECT request_hash, response FROM idempotency_keys WHERE key = $1", key)

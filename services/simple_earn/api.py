@@ -48,7 +48,7 @@ import grpc
 from google.protobuf.message import Message
 from google.protobuf.unknown_fields import UnknownFieldSet
 
-from services.kernel import events, idempotency, outbox, paging
+from services.kernel import events, idempotency, outbox, paging, peers
 from services.kernel.clock import optional_timestamp_field, timestamp_field
 from services.kernel.config import Settings
 from services.kernel.errors import AlreadyExists, DomainError, FailedPrecondition, InvalidArgument, NotFound
@@ -179,20 +179,6 @@ class SimpleEarnApi(simple_earn_pb2_grpc.SimpleEarnServiceServicer):
 
     # ---- helpers ---------------------------------------------------------------------
 
-    async def _replay(
-        self, method: str, request: Message, response_type: type[M], conn: asyncpg.Connection | None = None
-    ) -> M | None:
-        """The stored response of a completed request with this key (None if none), so a
-        retry never calls the wallet again nor meets today's preconditions. ``conn``: a
-        connection the caller already holds (one pool round trip fewer)."""
-        key = request.idempotency_key  # type: ignore[attr-defined]
-        row = await store.stored_response(conn or self.pool, key)
-        if row is None:
-            return None
-        if row["request_hash"] != idempotency.fingerprint(method, request) or row["response"] is None:
-            raise AlreadyExists(f"idempotency_key: {key!r} was already used for a different request")
-        return response_type.FromString(row["response"])
-
     async def _write(self, method: str, request: Message, response_type: type[M], work: Callable[[asyncpg.Connection], Awaitable[M]]) -> M:
         return await idempotency.write_once(self.pool, method=method, request=request, response_type=response_type, work=work)
 
@@ -210,19 +196,8 @@ class SimpleEarnApi(simple_earn_pb2_grpc.SimpleEarnServiceServicer):
         sweep), or only those of ``keys`` or ``prefix`` (a Redeem drives its own, so
         concurrent Redeems do not each resend every pending release). Safe to run
         concurrently and repeatedly: each release has its own deterministic wallet key."""
-        done = 0
-        for r in await store.pending_releases(self.pool, keys=keys, prefix=prefix):
-            try:
-                await self.wallet.call(
-                    "ReleaseHold",
-                    wallet_pb2.ReleaseHoldRequest(idempotency_key=r["key"], hold_id=str(r["hold_id"]), amount=format_amount(r["amount"])),
-                )
-            except DomainError as err:
-                log.error("hold release failed; will retry", extra={"release": r["key"], "error": err.message})
-                continue
-            await store.release_done(self.pool, r["id"])
-            done += 1
-        return done
+        pending = await store.pending_releases(self.pool, keys=keys, prefix=prefix)
+        return await peers.release_holds(self.wallet, pending, lambda release_id: store.release_done(self.pool, release_id))
 
     async def _abandon(self, hold_id: int, amount: Decimal, reason: str) -> None:
         async with self.pool.acquire() as conn, conn.transaction():
@@ -364,28 +339,21 @@ class SimpleEarnApi(simple_earn_pb2_grpc.SimpleEarnServiceServicer):
                 raise InvalidArgument("auto_renew", "applies to fixed-term products only")
             if product.kind is Kind.FIXED and request.auto_subscribe:
                 raise InvalidArgument("auto_subscribe", "applies to flexible products only")
-            if (stored := await self._replay("Subscribe", request, simple_earn_pb2.SubscribeResponse, conn)) is not None:
+            if (stored := await idempotency.replay(conn, "Subscribe", request, simple_earn_pb2.SubscribeResponse)) is not None:
                 return stored
             # Refuse before touching the wallet when the state already forbids it.
             domain.check_subscription(
                 product_id=product_id, asset=product.asset, status=product.status, limits=product.limits, amount=amount,
                 user_total=await store.user_total(conn, user, product_id), subscribed=product.subscribed,
             )
-        base = hashlib.sha256(key.encode() + b"\0" + idempotency.fingerprint("Subscribe", request)).hexdigest()[:40]
-        hold_id = None
-        for attempt in range(MAX_HOLD_ATTEMPTS):
-            reply = await self.wallet.call(
-                "PlaceHold",
-                wallet_pb2.PlaceHoldRequest(
-                    idempotency_key=f"se:sub:{base}:{attempt}", owner=user, asset=product.asset, amount=format_amount(amount),
-                    holder=HOLDER, reference=f"simple_earn:subscribe:{product_id}",
-                ),
-            )
-            if await store.hold_claim(self.pool, int(reply.hold.hold_id)) != "abandoned":
-                hold_id = int(reply.hold.hold_id)
-                break
-        if hold_id is None:
-            raise FailedPrecondition("idempotency_key: this request failed too many times; retry with a new key")
+
+        async def abandoned(hold_id: int) -> bool:
+            return await store.hold_claim(self.pool, hold_id) == "abandoned"
+
+        hold_id = await peers.place_hold(
+            self.wallet, "se:sub", "Subscribe", request, owner=user, asset=product.asset, amount=amount,
+            holder=HOLDER, reference=f"simple_earn:subscribe:{product_id}", abandoned=abandoned, attempts=MAX_HOLD_ATTEMPTS,
+        )
         subscribed: list[tuple[str, str, Decimal]] = []  # filled when the work runs (not on a replay)
 
         async def work(conn: asyncpg.Connection) -> simple_earn_pb2.SubscribeResponse:
@@ -441,7 +409,7 @@ class SimpleEarnApi(simple_earn_pb2_grpc.SimpleEarnServiceServicer):
         async with self.pool.acquire() as conn:  # the reads before the work: one pooled connection
             position = await store.get_position(conn, position_id, user)
             amount = parse_amount(request.amount, position["asset"], "amount") if request.amount else None
-            stored = await self._replay("Redeem", request, simple_earn_pb2.RedeemResponse, conn)
+            stored = await idempotency.replay(conn, "Redeem", request, simple_earn_pb2.RedeemResponse)
         if stored is not None:
             await self.drive_releases(prefix=_redemption_release_prefix(stored.redemption_id))
             return stored
@@ -632,14 +600,9 @@ class SimpleEarnApi(simple_earn_pb2_grpc.SimpleEarnServiceServicer):
             raise InvalidArgument("hour", "must be a positive unix hour")
         async with self.pool.acquire() as conn, conn.transaction():
             at = await store.watermark_clock(conn, self.settings.clock)
-            if request.hour > domain.unix_hour(at):
-                raise FailedPrecondition(f"hour: {request.hour} would close hour {request.hour - 1}, which has not ended yet")
-            last = await store.last_closed_hour(conn)
-            if last is not None and request.hour <= last:
-                return simple_earn_pb2.CloseHourResponse()
-            hours = [request.hour] if last is None else list(range(last + 1, request.hour + 1))
-            await outbox.enqueue(conn, self.settings, store.PRODUCER, at, [o for h in hours for o in store.hour_closed(h)])
-            await store.set_last_closed_hour(conn, request.hour, at)
+            hours = await outbox.close_hours(
+                conn, self.settings, store.PRODUCER, store.TOPIC, request.hour, at, store.last_closed_hour, store.set_last_closed_hour,
+            )
             return simple_earn_pb2.CloseHourResponse(closed=hours)
 
     async def RequestPayout(self, request: simple_earn_pb2.RequestPayoutRequest, context: grpc.aio.ServicerContext) -> simple_earn_pb2.RequestPayoutResponse:

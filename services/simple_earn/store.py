@@ -381,11 +381,6 @@ async def schedule_release(conn: asyncpg.Connection, key: str, hold_id: int, amo
     )
 
 
-async def stored_response(pool: asyncpg.Pool | asyncpg.Connection, key: str) -> asyncpg.Record | None:
-    """A committed idempotency key's fingerprint and response (read-only peek)."""
-    return await pool.fetchrow("SELECT request_hash, response FROM idempotency_keys WHERE key = $1", key)
-
-
 async def pending_releases(pool: asyncpg.Pool, limit: int = 100, *, keys: list[str] | None = None, prefix: str | None = None) -> list[asyncpg.Record]:
     """Releases committed and not yet confirmed by the wallet (few: the partial index
     ``wallet_releases_pending``): the oldest ``limit``, those of ``keys``, or those whose
@@ -561,10 +556,6 @@ async def set_last_closed_hour(conn: asyncpg.Connection, hour: int, at: datetime
         " ON CONFLICT (id) DO UPDATE SET last_hour = EXCLUDED.last_hour, updated_at = EXCLUDED.updated_at",
         hour, at,
     )
-
-
-def hour_closed(hour: int) -> list[outbox.Outgoing]:
-    return outbox.broadcast(TOPIC, f"hour:{hour}", accrual_pb2.HourClosed(hour=hour))
 
 
 async def payout_request(conn: asyncpg.Connection | asyncpg.Pool, job: str, period: str) -> asyncpg.Record | None:
