@@ -86,21 +86,12 @@ async def consume(settings: CandyDropSettings, api: CandyDropApi) -> None:
         bootstrap_servers=settings.kafka_bootstrap, group_id=settings.topic_prefix + GROUP, enable_auto_commit=False,
         auto_offset_reset="earliest",
     )
-    await loops.start_consumer(consumer, "event consumer")
-    consumer.subscribe(list(logical))
-    try:
-        while True:
-            fetched = await consumer.getmany(timeout_ms=200, max_records=500)
-            for records in fetched.values():
-                await apply_batch(api, logical, records)
-            offsets = {TopicPartition(tp.topic, tp.partition): records[-1].offset + 1 for tp, records in fetched.items() if records}
-            if offsets:
-                try:
-                    await consumer.commit(offsets)
-                except Exception:  # a rebalance: the next owner redoes (idempotently) what is not committed
-                    log.warning("event offsets not committed", exc_info=True)
-    finally:
-        await consumer.stop()
+
+    async def apply(fetched: dict[TopicPartition, list[ConsumerRecord]]) -> None:
+        for records in fetched.values():
+            await apply_batch(api, logical, records)
+
+    await loops.consume(consumer, "event consumer", list(logical), apply)
 
 
 async def main() -> None:

@@ -95,21 +95,12 @@ async def consume(settings: HodlerSettings, api: HodlerApi) -> None:
         bootstrap_servers=settings.kafka_bootstrap, group_id=settings.topic_prefix + GROUP, enable_auto_commit=False,
         auto_offset_reset="earliest",
     )
-    await loops.start_consumer(consumer, "wallet event consumer")
-    consumer.subscribe([topics.topic_name(settings, WALLET_TOPIC)])
-    try:
-        while True:
-            fetched = await consumer.getmany(timeout_ms=200, max_records=500)
-            for records in fetched.values():
-                await apply_batch(api, records)
-            offsets = {TopicPartition(tp.topic, tp.partition): records[-1].offset + 1 for tp, records in fetched.items() if records}
-            if offsets:
-                try:
-                    await consumer.commit(offsets)
-                except Exception:  # a rebalance: the next owner redoes (idempotently) what is not committed
-                    log.warning("wallet event offsets not committed", exc_info=True)
-    finally:
-        await consumer.stop()
+
+    async def apply(fetched: dict[TopicPartition, list[ConsumerRecord]]) -> None:
+        for records in fetched.values():
+            await apply_batch(api, records)
+
+    await loops.consume(consumer, "wallet event consumer", [topics.topic_name(settings, WALLET_TOPIC)], apply)
 
 
 async def main() -> None:

@@ -13,7 +13,7 @@ import logging
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
-from aiokafka import AIOKafkaConsumer
+from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
 
 log = logging.getLogger(__name__)
 
@@ -63,3 +63,33 @@ async def start_consumer(consumer: AIOKafkaConsumer, name: str) -> None:
             log.warning(f"{name} cannot reach Kafka; retrying", extra={"error": str(exc)})
             await asyncio.sleep(delay)
             delay = min(delay * 2, MAX_START_DELAY)
+
+
+async def consume(
+    consumer: AIOKafkaConsumer,
+    name: str,
+    topics: list[str],
+    apply: Callable[[dict[TopicPartition, list[ConsumerRecord]]], Awaitable[object]],
+    *,
+    max_records: int = 500,
+) -> None:
+    """A consumer's life: start it (:func:`start_consumer`), subscribe it to ``topics``,
+    then forever fetch up to ``max_records``, ``apply`` them (each partition's records in
+    offset order) and only then commit each partition's next offset, so a crash redelivers
+    what was not applied for sure (consumers apply idempotently: inbox, natural keys). A
+    failed commit (a rebalance) is logged: the next owner redoes what is not committed."""
+    await start_consumer(consumer, name)
+    consumer.subscribe(topics)
+    try:
+        while True:
+            fetched = await consumer.getmany(timeout_ms=200, max_records=max_records)
+            if not fetched:
+                continue
+            await apply(fetched)
+            offsets = {TopicPartition(tp.topic, tp.partition): records[-1].offset + 1 for tp, records in fetched.items() if records}
+            try:
+                await consumer.commit(offsets)
+            except Exception:
+                log.warning(f"{name}: offsets not committed", exc_info=True)
+    finally:
+        await consumer.stop()

@@ -110,21 +110,11 @@ async def consume_payouts(settings: LaunchpoolSettings, api: LaunchpoolApi) -> N
         bootstrap_servers=settings.kafka_bootstrap, group_id=settings.topic_prefix + PAYOUT_GROUP, enable_auto_commit=False,
         auto_offset_reset="earliest", max_partition_fetch_bytes=8 * 1024 * 1024, fetch_max_bytes=32 * 1024 * 1024,
     )
-    await loops.start_consumer(consumer, "payout consumer")
-    consumer.subscribe([topic])
-    try:
-        while True:
-            fetched = await consumer.getmany(timeout_ms=200, max_records=64)
-            if not fetched:
-                continue
-            await asyncio.gather(*(_apply_partition(api, topic, records, settings.payout_concurrency) for records in fetched.values()))
-            offsets = {TopicPartition(tp.topic, tp.partition): records[-1].offset + 1 for tp, records in fetched.items() if records}
-            try:
-                await consumer.commit(offsets)
-            except Exception:  # a rebalance: the next owner redoes (idempotently) what is not committed
-                log.warning("launchpool payout offsets not committed", exc_info=True)
-    finally:
-        await consumer.stop()
+
+    async def apply(fetched: dict[TopicPartition, list[ConsumerRecord]]) -> None:
+        await asyncio.gather(*(_apply_partition(api, topic, records, settings.payout_concurrency) for records in fetched.values()))
+
+    await loops.consume(consumer, "payout consumer", [topic], apply, max_records=64)
 
 
 async def main() -> None:

@@ -11,7 +11,7 @@ import asyncio
 import logging
 from pathlib import Path
 
-from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
 from google.protobuf.message import DecodeError
 
 from services.kernel import db, deadletters, logs, loops, topics
@@ -45,33 +45,23 @@ async def consume_prices(settings: MarketSettings, api: MarketApi) -> None:
         bootstrap_servers=settings.kafka_bootstrap, group_id=settings.topic_prefix + GROUP, enable_auto_commit=False,
         auto_offset_reset="earliest",
     )
-    await loops.start_consumer(consumer, "prices consumer")
-    consumer.subscribe([topic])
-    try:
-        while True:
-            fetched = await consumer.getmany(timeout_ms=200, max_records=2000)
-            if not fetched:
-                continue
-            ticks: list[NewTick] = []
-            for tp, records in fetched.items():
-                for record in records:
-                    raw = record.value or b""
-                    try:
-                        ticks.append(parse_tick_event(raw))
-                    except (DecodeError, ValueError, InvalidArgument) as err:
-                        error = err.message if isinstance(err, InvalidArgument) else f"{type(err).__name__}: {err}"
-                        await deadletters.park(api.pool, topic, record.partition, record.offset, error, raw)
-                        metrics.DEAD_LETTERS.inc()
-                        log.error("unreadable price tick parked in dead_letters", extra={"partition": record.partition, "offset": record.offset, "error": error})
-            if ticks:
-                await loops.retried(lambda: api.apply_ticks(ticks), "storing price ticks failed; retrying")
-            offsets = {TopicPartition(tp.topic, tp.partition): records[-1].offset + 1 for tp, records in fetched.items() if records}
-            try:
-                await consumer.commit(offsets)
-            except Exception:  # a rebalance: the next owner re-reads, idempotently
-                log.warning("market.prices offsets not committed", exc_info=True)
-    finally:
-        await consumer.stop()
+
+    async def apply(fetched: dict[TopicPartition, list[ConsumerRecord]]) -> None:
+        ticks: list[NewTick] = []
+        for records in fetched.values():
+            for record in records:
+                raw = record.value or b""
+                try:
+                    ticks.append(parse_tick_event(raw))
+                except (DecodeError, ValueError, InvalidArgument) as err:
+                    error = err.message if isinstance(err, InvalidArgument) else f"{type(err).__name__}: {err}"
+                    await deadletters.park(api.pool, topic, record.partition, record.offset, error, raw)
+                    metrics.DEAD_LETTERS.inc()
+                    log.error("unreadable price tick parked in dead_letters", extra={"partition": record.partition, "offset": record.offset, "error": error})
+        if ticks:
+            await loops.retried(lambda: api.apply_ticks(ticks), "storing price ticks failed; retrying")
+
+    await loops.consume(consumer, "prices consumer", [topic], apply, max_records=2000)
 
 
 async def main() -> None:
