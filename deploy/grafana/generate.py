@@ -106,6 +106,16 @@ class Dashboard:
             },
         })
 
+    def per_hour(
+        self, title: str, description: str, metric: str, by: str, legend: str,
+        *, width: int, height: int = 8, window: str = "1h", selector: str = "",
+    ) -> None:
+        """A counter's increase over ``window`` (an amount or a count per hour) of the series
+        matching ``selector``, summed by the labels ``by`` (none: one line)."""
+        sel = f"{{{selector}}}" if selector else ""
+        grouped = f" by ({by}) " if by else ""
+        self.timeseries(title, description, [(f"sum{grouped}(increase({metric}{sel}[{window}]))", legend)], width=width, height=height)
+
     def stat(
         self, title: str, description: str, queries: list[tuple[str, str]], unit: str = "short",
         *, width: int = 6, height: int = 4, steps: list[tuple[str, float | None]] | None = None,
@@ -211,6 +221,12 @@ def process_section(d: Dashboard, job: str) -> None:
     d.timeseries("Resident memory", "Per instance.", [(f'process_resident_memory_bytes{{job="{job}"}}', "{{instance}}")], "bytes", width=10)
 
 
+def settlement_failures(d: Dashboard, job: str) -> None:
+    """The failed attempts of a settlement job that pays at the market's TWAP (Dual, Leverage)."""
+    d.per_hour("Failed settlement attempts per hour", "By reason: prices (no TWAP for the window), wallet (alert EarnSettlementFailing).",
+               f"earn_{job}_settlement_failures_total", "reason", "{{reason}}", width=12)
+
+
 def overview() -> Dashboard:
     d = Dashboard("earn-overview", "Earn platform: overview",
                   "Every process: up, gRPC RED per method, outbox backlogs, the accrual engine's lag, the jobs' last success.",
@@ -292,22 +308,22 @@ def simple_earn() -> Dashboard:
                   ["earn", "simple_earn"], variables=[product_var])
     p = 'product=~"$product"'
     d.row("Money per product (units of the asset)")
-    d.timeseries("Subscribed per hour", "User subscriptions, auto-subscribe reinvestments and auto-renewals.",
-                 [(f"sum by (product, asset) (increase(earn_simple_earn_subscribed_total{{{p}}}[1h]))", "{{product}} ({{asset}})")], width=8)
-    d.timeseries("Redeemed per hour", "Principal returned: user redemptions and maturities.",
-                 [(f"sum by (product, asset) (increase(earn_simple_earn_redeemed_total{{{p}}}[1h]))", "{{product}} ({{asset}})")], width=8)
-    d.timeseries("Interest paid per hour", "Flexible payouts and fixed-term interest at maturity.",
-                 [(f"sum by (product, asset) (increase(earn_simple_earn_interest_paid_total{{{p}}}[1h]))", "{{product}} ({{asset}})")], width=8)
+    d.per_hour("Subscribed per hour", "User subscriptions, auto-subscribe reinvestments and auto-renewals.",
+               "earn_simple_earn_subscribed_total", "product, asset", "{{product}} ({{asset}})", width=8, selector=p)
+    d.per_hour("Redeemed per hour", "Principal returned: user redemptions and maturities.",
+               "earn_simple_earn_redeemed_total", "product, asset", "{{product}} ({{asset}})", width=8, selector=p)
+    d.per_hour("Interest paid per hour", "Flexible payouts and fixed-term interest at maturity.",
+               "earn_simple_earn_interest_paid_total", "product, asset", "{{product}} ({{asset}})", width=8, selector=p)
     d.timeseries("Open positions", "Active positions per product.",
                  [(f"sum by (product) (earn_simple_earn_positions_open{{{p}}})", "{{product}}")], width=6)
-    d.timeseries("Payout batches per hour by outcome", "Accrual engine batches consumed: paid, duplicate (a redelivery, harmless), dead_letter.",
-                 [("sum by (outcome) (increase(earn_simple_earn_payout_batches_total[1h]))", "{{outcome}}")], width=6)
+    d.per_hour("Payout batches per hour by outcome", "Accrual engine batches consumed: paid, duplicate (a redelivery, harmless), dead_letter.",
+               "earn_simple_earn_payout_batches_total", "outcome", "{{outcome}}", width=6)
     d.timeseries("Payout batch apply time (p50, p99 over 1 h)", "One PayoutBatch checked, recorded and credited in the wallet, retries included.", [
         ("histogram_quantile(0.5, sum by (le) (increase(earn_simple_earn_payout_batch_seconds_bucket[1h])))", "p50"),
         ("histogram_quantile(0.99, sum by (le) (increase(earn_simple_earn_payout_batch_seconds_bucket[1h])))", "p99"),
     ], "s", width=6)
-    d.timeseries("Dead letters per hour by reason", "Payout records parked for an operator: unreadable, or items_skipped (paid in part).",
-                 [("sum by (reason) (increase(earn_simple_earn_dead_letters_total[1h]))", "{{reason}}")], width=6)
+    d.per_hour("Dead letters per hour by reason", "Payout records parked for an operator: unreadable, or items_skipped (paid in part).",
+               "earn_simple_earn_dead_letters_total", "reason", "{{reason}}", width=6)
     grpc_section(d, "earn.v1.SimpleEarnService")
     outbox_section(d, "simple_earn", "simple_earn")
     process_section(d, "simple_earn")
@@ -374,14 +390,14 @@ def launchpool() -> Dashboard:
                   "Stakes in and out and rewards paid per pool, the engine's launchpool agent, payout batches, gRPC methods, outbox.",
                   ["earn", "launchpool"])
     d.row("Money per pool (units of the asset)")
-    d.timeseries("Staked per hour", "Amounts staked, in the stake asset.",
-                 [("sum by (pool, asset) (increase(earn_launchpool_staked_total[1h]))", "{{pool}} ({{asset}})")], width=8)
-    d.timeseries("Unstaked per hour", "Amounts unstaked, in the stake asset.",
-                 [("sum by (pool, asset) (increase(earn_launchpool_unstaked_total[1h]))", "{{pool}} ({{asset}})")], width=8)
-    d.timeseries("Rewards paid per hour", "Rewards credited, in the reward asset.",
-                 [("sum by (pool, asset) (increase(earn_launchpool_rewards_paid_total[1h]))", "{{pool}} ({{asset}})")], width=8)
-    d.timeseries("Payout batches per hour by outcome", "Engine batches consumed: paid, duplicate (a redelivery, harmless), dead_letter (alert EarnLaunchpoolPayoutDeadLetters).",
-                 [("sum by (outcome) (increase(earn_launchpool_payout_batches_total[1h]))", "{{outcome}}")], width=24, height=6)
+    d.per_hour("Staked per hour", "Amounts staked, in the stake asset.",
+               "earn_launchpool_staked_total", "pool, asset", "{{pool}} ({{asset}})", width=8)
+    d.per_hour("Unstaked per hour", "Amounts unstaked, in the stake asset.",
+               "earn_launchpool_unstaked_total", "pool, asset", "{{pool}} ({{asset}})", width=8)
+    d.per_hour("Rewards paid per hour", "Rewards credited, in the reward asset.",
+               "earn_launchpool_rewards_paid_total", "pool, asset", "{{pool}} ({{asset}})", width=8)
+    d.per_hour("Payout batches per hour by outcome", "Engine batches consumed: paid, duplicate (a redelivery, harmless), dead_letter (alert EarnLaunchpoolPayoutDeadLetters).",
+               "earn_launchpool_payout_batches_total", "outcome", "{{outcome}}", width=24, height=6)
     d.row("Engine: the launchpool agent of the accrual workers")
     d.timeseries("Events applied by type", "Input events of launchpool.accrual processed per second (pools, stake changes, hour ticks, payout requests).",
                  [(f"sum by (type) (rate(earn_accrual_launchpool_events_total[{R}]))", "{{type}}")], "ops", width=6)
@@ -405,12 +421,12 @@ def candydrop() -> Dashboard:
     d.timeseries("Events by topic and outcome", "counted, not_counted (no open task of a registered user), duplicate, ignored, dead_letter (alert EarnInputDeadLetters).",
                  [(f"sum by (topic, outcome) (rate(earn_candydrop_events_total[{R}]))", "{{topic}} {{outcome}}")], "ops", width=24, stack=True)
     d.row("Campaigns")
-    d.timeseries("Registrations per hour", "Register calls answered OK, repeats included.",
-                 [("sum(increase(earn_candydrop_registrations_total[1h]))", "registrations")], width=8)
-    d.timeseries("Campaigns distributed per day", "Campaigns whose prizes were all paid (job candydrop.distribution).",
-                 [("sum(increase(earn_candydrop_campaigns_distributed_total[1d]))", "campaigns")], width=8)
-    d.timeseries("Prizes paid per hour", "In units of the prize asset.",
-                 [("sum by (asset) (increase(earn_candydrop_prizes_paid_total[1h]))", "{{asset}}")], width=8)
+    d.per_hour("Registrations per hour", "Register calls answered OK, repeats included.",
+               "earn_candydrop_registrations_total", "", "registrations", width=8)
+    d.per_hour("Campaigns distributed per day", "Campaigns whose prizes were all paid (job candydrop.distribution).",
+               "earn_candydrop_campaigns_distributed_total", "", "campaigns", width=8, window="1d")
+    d.per_hour("Prizes paid per hour", "In units of the prize asset.",
+               "earn_candydrop_prizes_paid_total", "asset", "{{asset}}", width=8)
     grpc_section(d, "earn.v1.CandyDropService")
     process_section(d, "candydrop")
     return d
@@ -423,15 +439,15 @@ def hodler() -> Dashboard:
     d.row("Wallet events")
     d.timeseries("Postings by outcome", "applied, duplicate (redelivered), ignored (no counted holding changed), dead_letter.",
                  [(f"sum by (outcome) (rate(earn_hodler_events_total[{R}]))", "{{outcome}}")], "ops", width=16, stack=True)
-    d.timeseries("Late postings per hour", "Postings stamped inside an airdrop's window that arrived after its distribution began: not counted (alert EarnHodlerLatePostings).",
-                 [("sum(increase(earn_hodler_late_changes_total[1h]))", "late")], width=8)
+    d.per_hour("Late postings per hour", "Postings stamped inside an airdrop's window that arrived after its distribution began: not counted (alert EarnHodlerLatePostings).",
+               "earn_hodler_late_changes_total", "", "late", width=8)
     d.row("Airdrops")
     d.timeseries("Airdrops by status", "upcoming, active, ended (not paid yet), distributed.",
                  [("max by (status) (earn_hodler_airdrops)", "{{status}}")], width=8)
-    d.timeseries("Airdrops distributed per day", "Airdrops whose rewards were all paid (job hodler.distribution).",
-                 [("sum(increase(earn_hodler_airdrops_distributed_total[1d]))", "airdrops")], width=8)
-    d.timeseries("Rewards paid per hour", "In units of the reward asset.",
-                 [("sum by (asset) (increase(earn_hodler_rewards_paid_total[1h]))", "{{asset}}")], width=8)
+    d.per_hour("Airdrops distributed per day", "Airdrops whose rewards were all paid (job hodler.distribution).",
+               "earn_hodler_airdrops_distributed_total", "", "airdrops", width=8, window="1d")
+    d.per_hour("Rewards paid per hour", "In units of the reward asset.",
+               "earn_hodler_rewards_paid_total", "asset", "{{asset}}", width=8)
     grpc_section(d, "earn.v1.HodlerService")
     process_section(d, "hodler")
     return d
@@ -447,10 +463,10 @@ def market() -> Dashboard:
            steps=[("green", None), ("orange", 120), ("red", 300)])
     d.timeseries("Ticks by pair and outcome", "Ticks received per second: stored, duplicate (a redelivery).",
                  [(f"sum by (pair, outcome) (rate(earn_market_ticks_total[{R}]))", "{{pair}} {{outcome}}")], "ops", width=8)
-    d.timeseries("TWAPs refused per hour by pair", "GetTwap calls refused for missing data (a gap longer than EARN_MAX_GAP_SECONDS): settlements wait.",
-                 [("sum by (pair) (increase(earn_market_twap_refused_total[1h]))", "{{pair}}")], width=8)
-    d.timeseries("Unreadable records parked", "Records of market.prices parked in dead_letters, per hour (alert EarnInputDeadLetters).",
-                 [("sum(increase(earn_market_dead_letters_total[1h]))", "dead letters")], width=8)
+    d.per_hour("TWAPs refused per hour by pair", "GetTwap calls refused for missing data (a gap longer than EARN_MAX_GAP_SECONDS): settlements wait.",
+               "earn_market_twap_refused_total", "pair", "{{pair}}", width=8)
+    d.per_hour("Unreadable records parked", "Records of market.prices parked in dead_letters, per hour (alert EarnInputDeadLetters).",
+               "earn_market_dead_letters_total", "", "dead letters", width=8)
     grpc_section(d, "earn.v1.MarketService")
     process_section(d, "market")
     return d
@@ -461,15 +477,14 @@ def dual() -> Dashboard:
                   "Subscriptions and settlements at the market's TWAP: money in and out, outcomes, failed settlements, gRPC methods.",
                   ["earn", "dual"])
     d.row("Money (units of the asset)")
-    d.timeseries("Subscribed per hour", "By invested asset and direction.",
-                 [("sum by (asset, direction) (increase(earn_dual_subscribed_total[1h]))", "{{asset}} {{direction}}")], width=12)
-    d.timeseries("Paid per hour", "Settlement payouts, by payout asset.",
-                 [("sum by (asset) (increase(earn_dual_paid_total[1h]))", "{{asset}}")], width=12)
+    d.per_hour("Subscribed per hour", "By invested asset and direction.",
+               "earn_dual_subscribed_total", "asset, direction", "{{asset}} {{direction}}", width=12)
+    d.per_hour("Paid per hour", "Settlement payouts, by payout asset.",
+               "earn_dual_paid_total", "asset", "{{asset}}", width=12)
     d.row("Settlements (job dual.settlement)")
-    d.timeseries("Subscriptions settled per hour by outcome", "converted (paid in the other asset) or not_converted.",
-                 [("sum by (outcome) (increase(earn_dual_subscriptions_settled_total[1h]))", "{{outcome}}")], width=12)
-    d.timeseries("Failed settlement attempts per hour", "By reason: prices (no TWAP for the window), wallet (alert EarnSettlementFailing).",
-                 [("sum by (reason) (increase(earn_dual_settlement_failures_total[1h]))", "{{reason}}")], width=12)
+    d.per_hour("Subscriptions settled per hour by outcome", "converted (paid in the other asset) or not_converted.",
+               "earn_dual_subscriptions_settled_total", "outcome", "{{outcome}}", width=12)
+    settlement_failures(d, "dual")
     grpc_section(d, "earn.v1.DualService")
     process_section(d, "dual")
     return d
@@ -483,17 +498,16 @@ def leverage() -> Dashboard:
     d.timeseries("Open notional by underlying and direction", "Principal x leverage of the open positions, in the quote asset (capped per product by its treasury).",
                  [("sum by (underlying, direction) (earn_leverage_exposure)", "{{underlying}} {{direction}}")], width=24, stack=True)
     d.row("Money (units of the asset)")
-    d.timeseries("Quotes per hour", "By underlying and direction.",
-                 [("sum by (underlying, direction) (increase(earn_leverage_quotes_total[1h]))", "{{underlying}} {{direction}}")], width=8)
-    d.timeseries("Subscribed per hour", "Principal, by quote asset and direction.",
-                 [("sum by (asset, direction) (increase(earn_leverage_subscribed_total[1h]))", "{{asset}} {{direction}}")], width=8)
-    d.timeseries("Paid per hour", "At settlement and early redemption.",
-                 [("sum by (asset) (increase(earn_leverage_paid_total[1h]))", "{{asset}}")], width=8)
+    d.per_hour("Quotes per hour", "By underlying and direction.",
+               "earn_leverage_quotes_total", "underlying, direction", "{{underlying}} {{direction}}", width=8)
+    d.per_hour("Subscribed per hour", "Principal, by quote asset and direction.",
+               "earn_leverage_subscribed_total", "asset, direction", "{{asset}} {{direction}}", width=8)
+    d.per_hour("Paid per hour", "At settlement and early redemption.",
+               "earn_leverage_paid_total", "asset", "{{asset}}", width=8)
     d.row("Settlements (job leverage.settlement) and early redemptions")
-    d.timeseries("Positions closed per hour", "By kind (maturity, early) and outcome (paid, zero, capped by the treasury).",
-                 [("sum by (kind, outcome) (increase(earn_leverage_positions_settled_total[1h]))", "{{kind}} {{outcome}}")], width=12)
-    d.timeseries("Failed settlement attempts per hour", "By reason: prices (no TWAP for the window), wallet (alert EarnSettlementFailing).",
-                 [("sum by (reason) (increase(earn_leverage_settlement_failures_total[1h]))", "{{reason}}")], width=12)
+    d.per_hour("Positions closed per hour", "By kind (maturity, early) and outcome (paid, zero, capped by the treasury).",
+               "earn_leverage_positions_settled_total", "kind, outcome", "{{kind}} {{outcome}}", width=12)
+    settlement_failures(d, "leverage")
     grpc_section(d, "earn.v1.LeverageService")
     process_section(d, "leverage")
     return d
@@ -530,10 +544,10 @@ def loan() -> Dashboard:
         ("histogram_quantile(0.99, sum by (le) (increase(earn_accrual_loan_tick_to_action_seconds_bucket[1h])))", "p99"),
     ], "s", width=12)
     d.row("Money (units of the loan asset)")
-    d.timeseries("Borrowed per hour", "Lent from the desk's treasury, by loan asset.",
-                 [("sum by (asset) (increase(earn_loan_borrowed_total[1h]))", "{{asset}}")], width=12)
-    d.timeseries("Repaid per hour", "Interest and principal repaid by users, by loan asset (liquidations not included).",
-                 [("sum by (asset) (increase(earn_loan_repaid_total[1h]))", "{{asset}}")], width=12)
+    d.per_hour("Borrowed per hour", "Lent from the desk's treasury, by loan asset.",
+               "earn_loan_borrowed_total", "asset", "{{asset}}", width=12)
+    d.per_hour("Repaid per hour", "Interest and principal repaid by users, by loan asset (liquidations not included).",
+               "earn_loan_repaid_total", "asset", "{{asset}}", width=12)
     d.row("Engine input (loan.ltv)")
     d.timeseries("Loan input events by type", "Loan states, hour starts and the price ticks copied into every partition, per second.",
                  [(f"sum by (type) (rate(earn_accrual_loan_events_total[{R}]))", "{{type}}")], "ops", width=24)
