@@ -45,6 +45,7 @@ Redelivery (faust at-least-once, or a duplicate from the upstream outbox relay):
 
 from __future__ import annotations
 
+import functools
 import operator
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -121,26 +122,31 @@ def minor_divisor(scale: int) -> int:
 
 
 def format_minor(value: int, scale: int) -> str:
-    """An amount in the asset's smallest units as a canonical decimal string."""
-    if scale == 0:
-        return str(value)
-    whole, frac = divmod(value, 10**scale)
-    frac_text = f"{frac:0{scale}d}".rstrip("0")
-    return f"{whole}.{frac_text}" if frac_text else str(whole)
+    """An amount (>= 0) in the asset's smallest units as a canonical decimal string."""
+    return _formatter(scale)(value)
 
 
 def _formatter(scale: int) -> Any:
-    """``format_minor`` for one scale, as a fast callable."""
+    """``format_minor`` for one scale, as a fast callable: the digits of ``str(value)``
+    cut at the scale (about half the cost of ``divmod`` and a padded format)."""
     if scale == 0:
         return str
-    unit = 10**scale
-    pattern = f"{{}}.{{:0{scale}d}}"
 
     def fmt(value: int) -> str:
-        whole, frac = divmod(value, unit)
-        return pattern.format(whole, frac).rstrip("0").rstrip(".") if frac else str(whole)
+        digits = str(value)
+        if len(digits) > scale:
+            whole, frac = digits[:-scale], digits[-scale:].rstrip("0")
+        else:
+            whole, frac = "0", digits.rjust(scale, "0").rstrip("0")
+        return f"{whole}.{frac}" if frac else whole
 
     return fmt
+
+
+@functools.lru_cache(maxsize=64)
+def bounds_ints(bounds: tuple[Decimal | None, ...]) -> tuple[int | None, ...]:
+    """A segment's bracket bounds x 10^18 (a few distinct tuples per product)."""
+    return tuple(None if b is None else to_int(b, _HALF) for b in bounds)
 
 
 def bracket_ints(principal: int, bounds: Sequence[int | None]) -> tuple[int, ...]:
@@ -422,6 +428,8 @@ class Position:
     principal: int  # x 10^18
     closed: bool  # closed and nothing left in it
     rates_version: int
+    # Open, started and not a marker: what the payout loop's fast path takes.
+    plain: bool = False
     brackets: tuple[Any, tuple[int, ...]] | None = None  # (bounds, per-bracket principal)
     # What the last payout in this process left paid in all, and at which boundary.
     memo_boundary: int | None = None
@@ -432,15 +440,23 @@ def position_view(state: PositionState, index: RateIndex | None, rates_version: 
     changes = state.ledger.changes
     last = changes[-1][0] if changes else 0
     principal = state.ledger.principal
+    closed = bool(state.closed_from_hour) and principal <= 0
+    start = state.start
+    principal_int = to_int(principal, _HALF)
+    # The split of the principal over the latest brackets, ready for the payouts (made
+    # here once per change, not once per payout; a payout in other bounds remakes it).
+    bounds = index.latest_bounds() if index is not None else None
     return Position(
         state=state,
         scale=money.scale_of(state.asset, "asset"),
-        start=state.start,
+        start=start,
         last=last,
         units=units_through(state, index, last),
-        principal=to_int(principal, _HALF),
-        closed=bool(state.closed_from_hour) and principal <= 0,
+        principal=principal_int,
+        closed=closed,
         rates_version=rates_version,
+        brackets=None if bounds is None else (bounds, bracket_ints(principal_int, bounds_ints(bounds))),
+        plain=not closed and start is not None and state.dropped_at_hour is None,
     )
 
 
@@ -507,7 +523,7 @@ class Payout:
             return units_through(pos.state, self.index, hour)
         bounds = point[2]
         if pos.brackets is None or pos.brackets[0] != bounds:
-            pos.brackets = (bounds, bracket_ints(pos.principal, [None if b is None else to_int(b, _HALF) for b in bounds]))
+            pos.brackets = (bounds, bracket_ints(pos.principal, bounds_ints(bounds)))
         total = pos.units
         for amount, a, b in zip(pos.brackets[1], base[1], point[1]):
             if amount:
@@ -585,38 +601,32 @@ class Payout:
                 self._general(pos, out)
             return out
         end_segment, end_cum, end_bounds = end
-        bounds_int = [None if b is None else to_int(b, _HALF) for b in end_bounds]
-        divisors: dict[int, int] = {}
-        formats: dict[int, Any] = {}
+        bounds_int = bounds_ints(end_bounds)
+        scale = divisor = fmt = None
         # Per last-change hour: each tier's APR-hours from it to the boundary (None: the
         # hour is in another rate segment, so the exact path).
         spans: dict[int, tuple[int, ...] | None] = {}
-        ids, users, amounts, froms = out.position_ids, out.user_ids, out.amounts, out.from_hours
+        add_id, add_user = out.position_ids.append, out.user_ids.append
+        add_amount, add_from = out.amounts.append, out.from_hours.append
         version = self.rates_version
         mul = operator.mul
+        # The first hour an item covers: the previous boundary for a position that had
+        # started by then (every position on the fast path started before this boundary).
+        first_at = previous
         for pos in positions:
             if pos.rates_version != version:
                 pos = fresh(pos)
             state = pos.state
             marks = state.marks
-            start = pos.start
             last = pos.last
-            if (
-                state.dropped_at_hour is not None
-                or pos.closed
-                or start is None
-                or start >= boundary
-                or last >= boundary
-                or offset < state.first_offset
-                or (marks and (previous is None or marks[-1][0] >= previous))
-            ):
+            # Fast path: plain (open, started, not a marker), unchanged since the previous
+            # boundary and before this one, and created before this request.
+            if not pos.plain or last >= boundary or offset < state.first_offset or (marks and (previous is None or marks[-1][0] >= previous)):
                 self._general(pos, out)
                 continue
-            scale = pos.scale
-            divisor = divisors.get(scale)
-            if divisor is None:
-                divisor = divisors[scale] = minor_divisor(scale)
-                formats[scale] = _formatter(scale)
+            if pos.scale != scale:
+                scale = pos.scale
+                divisor, fmt = minor_divisor(scale), _formatter(scale)
             if previous is None:
                 before = 0
             elif pos.memo_boundary == previous:
@@ -638,14 +648,16 @@ class Payout:
                 if brackets is None or (brackets[0] is not end_bounds and brackets[0] != end_bounds):
                     brackets = pos.brackets = (end_bounds, bracket_ints(pos.principal, bounds_int))
                 due = (pos.units + sum(map(mul, brackets[1], span))) // divisor
-            after = due if due > before else before
             pos.memo_boundary = boundary
-            pos.memo_paid = after
-            if after > before:
-                ids.append(state.position_id)
-                users.append(state.user_id)
-                amounts.append(formats[scale](after - before))
-                froms.append(previous if previous is not None and start < previous else start)
+            if due > before:
+                pos.memo_paid = due
+                add_id(state.position_id)
+                add_user(state.user_id)
+                add_amount(fmt(due - before))
+                start = pos.start
+                add_from(first_at if first_at is not None and start < first_at else start)
+            else:
+                pos.memo_paid = before
         return out
 
     def _general(self, pos: Position, out: Paid) -> None:

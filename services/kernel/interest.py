@@ -228,6 +228,10 @@ class RateIndex:
     def __eq__(self, other: object) -> bool:
         return isinstance(other, RateIndex) and self.epochs == other.epochs
 
+    def latest_bounds(self) -> tuple[Decimal | None, ...] | None:
+        """The bracket bounds of the last epoch (None: no rates yet)."""
+        return self._epochs[-1].bounds if self._epochs else None
+
     def tiers_at(self, hour: int) -> tuple[Tier, ...] | None:
         i = bisect.bisect_right(self._hours, hour) - 1
         return self._epochs[i].tiers if i >= 0 else None

@@ -306,3 +306,15 @@ def test_format_minor() -> None:
 
     assert [format_minor(v, 8) for v in (0, 1, 10**8, 123456789, 120000000)] == ["0", "0.00000001", "1", "1.23456789", "1.2"]
     assert format_minor(5, 0) == "5"
+
+
+@given(st.integers(min_value=0, max_value=10**30), st.integers(min_value=0, max_value=18))
+def test_format_minor_is_the_canonical_decimal(value: int, scale: int) -> None:
+    from services.accrual.domain import format_minor
+    from decimal import localcontext
+
+    from services.kernel.money import EXACT, format_amount
+
+    with localcontext(EXACT):
+        expected = format_amount(Decimal(value).scaleb(-scale))
+    assert format_minor(value, scale) == expected
