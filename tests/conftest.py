@@ -101,6 +101,27 @@ def _servers_answer(settings: Settings) -> None:
         pytest.fail(f"Kafka does not answer at {settings.kafka_bootstrap} ({err}); run the suite with `make test`")
 
 
+def delete_topics_and_groups(settings: Settings, prefix: str) -> None:
+    """Remove the topics and consumer groups of one run (its own prefix). Without it the
+    shared broker collects every run's partitions until it runs out of file descriptors
+    (three open files per partition: about 20,000 partitions after a few hundred runs)."""
+    admin = KafkaAdminClient(bootstrap_servers=settings.kafka_bootstrap, client_id="test-cleanup")
+    try:
+        mine = [t for t in admin.list_topics() if t.startswith(prefix)]
+        if mine:
+            admin.delete_topics(mine)
+        try:
+            listed = admin.list_groups()
+            names = [g.get("group_id") if isinstance(g, dict) else g[0] for g in listed]
+            groups = [g for g in names if g and g.startswith(prefix)]
+            if groups:
+                admin.delete_groups(groups)
+        except Exception:  # noqa: BLE001 - a group left behind expires by itself
+            pass
+    finally:
+        admin.close()
+
+
 @pytest.fixture(scope="module")
 def stack() -> Iterator[Env]:
     base = Settings()
@@ -125,6 +146,7 @@ def stack() -> Iterator[Env]:
     settings = Settings(pg_database=database, topic_prefix=prefix)
     yield Env(settings, env)
     asyncio.run(admin(f'DROP DATABASE IF EXISTS "{database}" WITH (FORCE)'))
+    delete_topics_and_groups(base, prefix)
 
 
 RELAY = ProcessSpec("relay-wallet", "services.kernel.outbox", None, None, None, None)

@@ -16,7 +16,6 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 
 import asyncpg
-from kafka.admin import KafkaAdminClient
 
 from services.devstack.processes import PROCESSES, ManagedProcess, ProcessSpec
 from services.kernel.config import Settings
@@ -190,25 +189,6 @@ async def drop_database(settings: Settings, name: str) -> None:
         await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
     finally:
         await conn.close()
-
-
-def delete_topics_and_groups(settings: Settings, prefix: str) -> None:
-    """Remove the topics and consumer groups of one benchmark run (its own prefix)."""
-    admin = KafkaAdminClient(bootstrap_servers=settings.kafka_bootstrap, client_id="bench-cleanup")
-    try:
-        mine = [t for t in admin.list_topics() if t.startswith(prefix)]
-        if mine:
-            admin.delete_topics(mine)
-        try:
-            listed = admin.list_groups()
-            names = [g.get("group_id") if isinstance(g, dict) else g[0] for g in listed]
-            groups = [g for g in names if g and g.startswith(prefix)]
-            if groups:
-                admin.delete_groups(groups)
-        except Exception:  # noqa: BLE001 - a group left behind expires by itself
-            pass
-    finally:
-        admin.close()
 
 
 # ------------------------------------------------------------------ processes

@@ -48,8 +48,8 @@ from services.accrual.launchpool_agent import LaunchpoolEngine
 from services.kernel import events
 from services.kernel.clock import set_time
 from services.kernel.config import Settings
-from tests.bench._common import CpuMeter, delete_topics_and_groups, drop_database, header, recreate_database, spawn
-from tests.conftest import OPERATOR, SERVICE
+from tests.bench._common import CpuMeter, drop_database, header, recreate_database, spawn
+from tests.conftest import OPERATOR, SERVICE, delete_topics_and_groups
 
 START = int(datetime(2031, 1, 1, tzinfo=UTC).timestamp()) // 3600
 HOURS = 24

@@ -40,7 +40,8 @@ from services.kernel.config import Settings
 from services.loan.domain import Collateral, Levels, Loan
 from services.market import domain as market_domain
 from services.market.simulator import tick_envelope
-from tests.bench._common import delete_topics_and_groups, header, metric_sum, scrape, spawn
+from tests.bench._common import header, metric_sum, scrape, spawn
+from tests.conftest import delete_topics_and_groups
 
 
 def main() -> None:

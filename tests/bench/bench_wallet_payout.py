@@ -30,8 +30,8 @@ from services.kernel import grpcclient
 
 from earn.v1 import wallet_pb2
 from services.kernel.config import Settings
-from tests.bench._common import CpuMeter, delete_topics_and_groups, drop_database, header, recreate_database, spawn
-from tests.conftest import OPERATOR, SERVICE
+from tests.bench._common import CpuMeter, drop_database, header, recreate_database, spawn
+from tests.conftest import OPERATOR, SERVICE, delete_topics_and_groups
 
 DATABASE = "earn_bench_wallet"
 ASSET = "USDT"

@@ -48,7 +48,8 @@ from services.kernel import grpcclient
 from earn.v1 import accrual_pb2, simple_earn_pb2 as se, simple_earn_pb2_grpc, wallet_pb2, wallet_pb2_grpc
 from services.devstack.processes import ManagedProcess
 from services.kernel.config import REPO_ROOT, Settings
-from tests.bench._common import CLK_TCK, CpuMeter, delete_topics_and_groups, drop_database, recreate_database, scrape, spawn, ticks
+from tests.bench._common import CLK_TCK, CpuMeter, drop_database, recreate_database, scrape, spawn, ticks
+from tests.conftest import delete_topics_and_groups
 
 GHZ = REPO_ROOT / "build" / "tools" / "ghz"
 SERVICE = "earn.v1.SimpleEarnService"
