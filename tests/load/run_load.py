@@ -7,7 +7,9 @@ production), N users funded through the wallet's gRPC API with one position each
 flexible product, then ghz (pinned in the Makefile, `make tools` puts it in build/tools):
 
 1. Subscribe offered at the target rate (`--target-rps`, default 2,000/s) for
-   `--phase-seconds`, then Redeem the same way. Each call has its own idempotency key
+   `--phase-seconds`, then Redeem the same way. Before them the standard health check
+   (`grpc.health.v1.Health/Check`, no database, no wallet) the same way: the ceiling of
+   this gRPC server on this machine for any call. Each call has its own idempotency key
    ({{.UUID}}), and consecutive calls go to different users (ghz takes element
    RequestNumber mod N of the data array), so per-user locks are not what is measured.
 2. A mixed soak at a steady rate for `--duration` seconds (Subscribe, Redeem and
@@ -140,7 +142,9 @@ def ghz_transport() -> list[str]:
 @dataclass
 class Target:
     method: str
-    data: Path  # a JSON array, one element per user, templated by ghz per call
+    data: Path | None  # a JSON array, one element per user, templated by ghz per call; None: {}
+    service: str = SERVICE
+    protoset: Path | None = None  # None: the platform's (simple_earn.proto)
 
 
 class Ghz:
@@ -152,9 +156,11 @@ class Ghz:
         self.running: set[asyncio.subprocess.Process] = set()
 
     def command(self, target: Target, rps: int, concurrency: int, seconds: float, out: Path) -> list[str]:
+        schema = ["--protoset", str(target.protoset or self.protoset)]
+        data = ["--data-file", str(target.data)] if target.data else ["--data", "{}"]
         cmd = [
-            str(GHZ), *ghz_transport(), "--protoset", str(self.protoset), "--call", f"{SERVICE}.{target.method}",
-            "--data-file", str(target.data), "--metadata", json.dumps({"authorization": GATEWAY_TOKEN}),
+            str(GHZ), *ghz_transport(), *schema, "--call", f"{target.service}.{target.method}",
+            *data, "--metadata", json.dumps({"authorization": GATEWAY_TOKEN}),
             "--concurrency", str(concurrency), "--duration", f"{seconds:.3f}s", "--duration-stop", "wait",
             "--timeout", "10s", "--cpus", "1", "--format", "json", "--output", str(out),
         ]
@@ -323,6 +329,18 @@ def protoset(workdir: Path) -> Path:
     return out
 
 
+def health_protoset(workdir: Path) -> Path:
+    """The standard health service's schema, from the descriptor grpcio-health-checking ships."""
+    from google.protobuf import descriptor_pb2
+    from grpc_health.v1 import health_pb2
+
+    files = descriptor_pb2.FileDescriptorSet()
+    health_pb2.DESCRIPTOR.CopyToProto(files.file.add())
+    out = workdir / "health.protoset"
+    out.write_bytes(files.SerializeToString())
+    return out
+
+
 # ------------------------------------------------------------------ phases
 
 
@@ -482,9 +500,11 @@ async def main(args: argparse.Namespace) -> int:
         )
         processes = {"wallet process": wallet.pid or -1, "simple_earn process": earn.pid or -1}
 
-        # 1. each method alone, offered at the target rate
+        # 1. each method alone, offered at the target rate; first the health check, the
+        # ceiling of this server and machine for any call (no database, no wallet)
         report["phases"] = {}
-        for method in ("Subscribe", "Redeem") if args.phase_seconds > 0 else ():
+        targets["Check"] = Target("Check", None, service="grpc.health.v1.Health", protoset=health_protoset(workdir))
+        for method in ("Check", "Subscribe", "Redeem") if args.phase_seconds > 0 else ():
             calls, usage = await measured(
                 CpuMeter(processes, pool, database), WaitSampler(pool, database), wallet,
                 ghz.run(targets[method], args.target_rps, args.concurrency, args.phase_seconds),
