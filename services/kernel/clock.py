@@ -60,8 +60,9 @@ def optional_timestamp_field(request: Any, field: str, *, name: str = "") -> dat
     return timestamp_field(request, field, name=name) if request.HasField(field) else None
 
 
-def _micros(moment: datetime) -> int:
-    delta = moment - _EPOCH
+def micros(moment: datetime) -> int:
+    """Whole microseconds since the epoch of an aware datetime (exact: no float)."""
+    delta = moment.astimezone(UTC) - _EPOCH
     return (delta.days * 86400 + delta.seconds) * 1_000_000 + delta.microseconds
 
 
@@ -71,7 +72,7 @@ def whole_seconds_us(request: Any, field: str) -> int:
     moment = timestamp_field(request, field)
     if getattr(request, field).nanos:
         raise InvalidArgument(field, "must be whole seconds (nanos zero)")
-    return _micros(moment)
+    return micros(moment)
 
 
 def micros_field(request: Any, field: str, *, name: str = "") -> int:
@@ -80,7 +81,7 @@ def micros_field(request: Any, field: str, *, name: str = "") -> int:
     moment = timestamp_field(request, field, name=name)
     if getattr(request, field).nanos % 1000:
         raise InvalidArgument(name or field, "has a precision finer than a microsecond")
-    return _micros(moment)
+    return micros(moment)
 
 
 def full_hour_field(request: Any, field: str) -> datetime:

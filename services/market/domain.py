@@ -22,6 +22,7 @@ from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from fractions import Fraction
 
+from services.kernel.clock import micros as micros
 from services.kernel.errors import FailedPrecondition, InvalidArgument
 from services.kernel.money import format_amount, parse_decimal, scale_of
 
@@ -70,11 +71,6 @@ def check_source(text: str, field: str = "source") -> str:
     if not _SOURCE.fullmatch(text):
         raise InvalidArgument(field, "must be 1 to 32 characters of lower-case letters, digits and _ . : - (starting with a letter or digit)")
     return text
-
-
-def micros(moment: datetime) -> int:
-    delta = moment.astimezone(UTC) - _EPOCH
-    return (delta.days * 86400 + delta.seconds) * US + delta.microseconds
 
 
 def from_micros(value: int) -> datetime:
