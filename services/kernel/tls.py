@@ -6,6 +6,12 @@ DNS:localhost and IP:127.0.0.1), all in one directory (``.data/tls`` for `make r
 `make test`). :func:`ensure` is idempotent: files that exist, parse, were signed by the CA
 and are not about to expire are kept; anything else is (re)issued.
 
+For a deployment (docker-compose.yml, deploy/k8s) ``python -m services.kernel.tls DIR
+--domain ...`` issues the same files with the names the callers dial in each server's
+certificate (:func:`deployment_names`) and copies, per identity, what that process needs
+(``ca.pem``, ``<identity>.pem``, ``<identity>.key``; never ``ca.key``) into
+``DIR/<identity>/``: the directory a container mounts as its EARN_TLS_DIR.
+
 Who an identity is allowed to be (its role) is decided in one place,
 ``services.kernel.grpcserver.IDENTITY_ROLES``; this module only issues and loads files.
 """
@@ -15,7 +21,9 @@ from __future__ import annotations
 import datetime as dt
 import ipaddress
 import os
-from collections.abc import Iterable
+import argparse
+import sys
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,6 +36,11 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 CA_NAME = "ca"
 VALID_DAYS = 365
 RENEW_BEFORE = dt.timedelta(days=7)
+LOCAL_NAMES = ("localhost",)  # and IP 127.0.0.1: in every certificate (health checks dial localhost)
+
+# The DNS names (beyond LOCAL_NAMES) an identity's certificate carries: gRPC checks the
+# name a caller dialled against the server certificate's subject alternative names.
+Names = Callable[[str], Sequence[str]]
 
 
 @dataclass(frozen=True, slots=True)
@@ -127,7 +140,24 @@ def _issue_ca(directory: Path) -> tuple[x509.Certificate, ec.EllipticCurvePrivat
     return cert, key
 
 
-def _valid_leaf(directory: Path, identity: str, ca: x509.Certificate) -> bool:
+def deployment_names(identity: str, domains: Iterable[str] = ()) -> list[str]:
+    """The host names callers dial ``identity`` by in a deployment: its compose service
+    name (the identity, e.g. ``simple_earn``), its Kubernetes Service name (``-`` for
+    ``_``: ``simple-earn``) and that name in each of ``domains`` (``simple-earn.earn.svc``)."""
+    dashed = identity.replace("_", "-")
+    names = [identity, dashed, *(f"{dashed}.{domain.strip('.')}" for domain in domains)]
+    return list(dict.fromkeys(names))
+
+
+def dns_names(cert: x509.Certificate) -> set[str]:
+    """The DNS subject alternative names of ``cert``."""
+    try:
+        return set(cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value.get_values_for_type(x509.DNSName))
+    except x509.ExtensionNotFound:
+        return set()
+
+
+def _valid_leaf(directory: Path, identity: str, ca: x509.Certificate, names: Sequence[str] = ()) -> bool:
     try:
         cert = x509.load_pem_x509_certificate(cert_path(directory, identity).read_bytes())
         key = serialization.load_pem_private_key(key_path(directory, identity).read_bytes(), password=None)
@@ -136,11 +166,16 @@ def _valid_leaf(directory: Path, identity: str, ca: x509.Certificate) -> bool:
         return False
     if cert.public_key().public_numbers() != key.public_key().public_numbers():  # type: ignore[union-attr]
         return False
-    names = cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
-    return _fresh(cert) and bool(names) and names[0].value == identity
+    common = cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+    if not set(names) <= dns_names(cert):
+        return False
+    return _fresh(cert) and bool(common) and common[0].value == identity
 
 
-def _issue_leaf(directory: Path, identity: str, ca: x509.Certificate, ca_key: ec.EllipticCurvePrivateKey) -> None:
+def _issue_leaf(
+    directory: Path, identity: str, ca: x509.Certificate, ca_key: ec.EllipticCurvePrivateKey, names: Sequence[str] = ()
+) -> None:
+    dns = [x509.DNSName(name) for name in dict.fromkeys([*LOCAL_NAMES, *names])]
     key = ec.generate_private_key(ec.SECP256R1())
     cert = (
         x509.CertificateBuilder()
@@ -152,7 +187,7 @@ def _issue_leaf(directory: Path, identity: str, ca: x509.Certificate, ca_key: ec
         .not_valid_after(_now() + dt.timedelta(days=VALID_DAYS))
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
         .add_extension(
-            x509.SubjectAlternativeName([x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+            x509.SubjectAlternativeName([*dns, x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
             critical=False,
         )
         .add_extension(
@@ -167,10 +202,11 @@ def _issue_leaf(directory: Path, identity: str, ca: x509.Certificate, ca_key: ec
     _write_public(cert_path(directory, identity), cert.public_bytes(serialization.Encoding.PEM))
 
 
-def ensure(directory: Path | str, identities: Iterable[str] | None = None) -> list[str]:
+def ensure(directory: Path | str, identities: Iterable[str] | None = None, names: Names | None = None) -> list[str]:
     """Make ``directory`` hold a valid CA and a valid certificate per identity (by default
-    every identity of the kernel's table). Returns the identities (re)issued; a new CA
-    re-issues every certificate."""
+    every identity of the kernel's table). ``names(identity)``: DNS names its certificate
+    must carry besides localhost (a certificate without one of them is re-issued). Returns
+    the identities (re)issued; a new CA re-issues every certificate."""
     if identities is None:
         from services.kernel.grpcserver import IDENTITY_ROLES
 
@@ -184,7 +220,47 @@ def ensure(directory: Path | str, identities: Iterable[str] | None = None) -> li
         issued.append(CA_NAME)
     ca, ca_key = loaded
     for identity in identities:
-        if not _valid_leaf(directory, identity, ca):
-            _issue_leaf(directory, identity, ca, ca_key)
+        wanted = names(identity) if names else ()
+        if not _valid_leaf(directory, identity, ca, wanted):
+            _issue_leaf(directory, identity, ca, ca_key, wanted)
             issued.append(identity)
     return issued
+
+
+def split(directory: Path | str, identities: Iterable[str]) -> None:
+    """Copy, per identity, the CA certificate and the identity's certificate and key into
+    ``directory/<identity>/``: what one process mounts (the CA's key stays behind)."""
+    directory = Path(directory)
+    for identity in identities:
+        target = directory / identity
+        target.mkdir(mode=0o700, exist_ok=True)
+        _write_public(cert_path(target, CA_NAME), cert_path(directory, CA_NAME).read_bytes())
+        _write_public(cert_path(target, identity), cert_path(directory, identity).read_bytes())
+        _write_private(key_path(target, identity), key_path(directory, identity).read_bytes())
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m services.kernel.tls DIR [--domain earn.svc] [--identity NAME]...``"""
+    from services.kernel.grpcserver import IDENTITY_ROLES
+
+    parser = argparse.ArgumentParser(
+        prog="python -m services.kernel.tls",
+        description="Issue (or keep, while valid) a CA and a certificate per identity in DIR, each server's "
+        "certificate naming the hosts callers dial (the identity, its Kubernetes Service name and that name "
+        "in each --domain), and copy each identity's files into DIR/<identity>/ for its container.",
+    )
+    parser.add_argument("directory", type=Path, help="where the CA and the certificates are kept (keep ca.key safe)")
+    parser.add_argument("--domain", action="append", default=[], help="e.g. earn.svc (repeatable)")
+    parser.add_argument("--identity", action="append", default=[], choices=sorted(IDENTITY_ROLES),
+                        help="only these identities (repeatable; default: every identity)")
+    args = parser.parse_args(argv)
+    identities = args.identity or list(IDENTITY_ROLES)
+    issued = ensure(args.directory, identities, names=lambda identity: deployment_names(identity, args.domain))
+    split(args.directory, identities)
+    print(f"{args.directory}: {'issued ' + ', '.join(issued) if issued else 'all certificates valid'}; "
+          f"per identity in {args.directory}/<identity>/", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
