@@ -4,8 +4,10 @@ restarts and has a health check, every process of PROCESSES is a compose service
 demo's price simulator and exchange generator only under the `demo` profile), every
 process that serves gRPC listens on its port and is checked on the gRPC health service,
 every process with metrics serves /metrics where Prometheus looks for it, the scheduler
-gets the address of every product whose jobs it runs, and Prometheus and Grafana get
-their files."""
+gets the address of every product whose jobs it runs, Prometheus and Grafana get their
+files, and every process talks mTLS: the one-shot `certs` service issues the
+certificates into a volume, each process mounts its own identity's directory of it
+read-only at EARN_TLS_DIR, sets EARN_TLS_IDENTITY and starts after `certs` succeeded."""
 
 from __future__ import annotations
 
@@ -19,6 +21,7 @@ import pytest
 
 from services.devstack.processes import PROCESSES
 from services.kernel.config import REPO_ROOT
+from services.kernel.grpcserver import IDENTITY_ROLES
 from tests.deploy.tools import DEMO_ONLY, DEPLOY, NOT_DEPLOYED_YET, deployed_processes, load_yaml, scraped_jobs
 
 SCHEMA = DEPLOY / "schemas" / "compose-spec.json"
@@ -27,6 +30,10 @@ SCHEMA_SHA256 = "d549057ebc2925f39f62799eab0db7b9e2c18b35b6c00595199116da3ed10e6
 DEMO = DEMO_ONLY
 PLATFORM = scraped_jobs()
 GRPC = {spec.name: spec.default_port for spec in PROCESSES if spec.port_env and spec.name not in NOT_DEPLOYED_YET}
+# One-shot services: run to completion before the others (depends_on
+# service_completed_successfully), restarted only on failure, no health check.
+ONE_SHOT = {"certs"}
+TLS_DIR = "/etc/earn/tls"
 
 
 def compose() -> dict[str, Any]:
@@ -61,6 +68,9 @@ def test_the_schema_check_catches_mistakes(breakage: str) -> None:
 
 def test_every_service_restarts_and_has_a_health_check() -> None:
     for name, service in compose()["services"].items():
+        if name in ONE_SHOT:
+            assert service.get("restart") == "on-failure" and "healthcheck" not in service, name
+            continue
         assert service.get("restart") in {"unless-stopped", "always"}, name
         assert service.get("healthcheck", {}).get("test"), f"{name} has no health check"
 
@@ -80,7 +90,8 @@ def test_grpc_services_listen_on_their_port_and_are_health_checked() -> None:
     for name, port in GRPC.items():
         service = services[name]
         assert service["environment"]["EARN_GRPC_PORT"] == str(port), name
-        assert f"localhost:{port}" in service["healthcheck"]["test"][-1] and "HealthStub" in service["healthcheck"]["test"][-1], name
+        # Through the kernel's client (mTLS with the process's certificate), not insecure_channel.
+        assert service["healthcheck"]["test"] == ["CMD", "python", "-m", "services.kernel.healthcheck", f"localhost:{port}"], name
 
 
 def test_callers_get_the_addresses_of_the_services_they_call() -> None:
@@ -117,3 +128,49 @@ def test_prometheus_and_grafana_get_their_files() -> None:
     assert any(v.endswith(":/var/lib/grafana") for v in grafana["volumes"])
     assert grafana["depends_on"]["prometheus"]["condition"] == "service_healthy"
     assert "${" in grafana["environment"]["GF_SECURITY_ADMIN_PASSWORD"]  # from the environment, not the file
+
+
+def test_certs_are_issued_once_before_every_process_into_a_volume() -> None:
+    document = compose()
+    certs = document["services"]["certs"]
+    store = "/var/lib/earn-certs"
+    assert certs["command"] == ["python", "-m", "services.kernel.tls", store]  # the project's issuer, per-identity copies
+    assert certs["volumes"] == [f"tls:{store}"] and "tls" in document["volumes"]
+    assert certs["image"] == document["services"]["wallet"]["image"]
+    dockerfile = (REPO_ROOT / "deploy" / "Dockerfile").read_text()
+    assert f"chown 10001:10001 {store}" in dockerfile  # the volume takes the owner of the image's directory
+
+
+def test_every_process_talks_mtls_with_its_own_certificate_only() -> None:
+    services = compose()["services"]
+    processes = [spec for spec in [*deployed_processes(), *(s for s in PROCESSES if s.name in DEMO)]]
+    assert processes
+    for spec in processes:
+        service = services[spec.name]
+        env = service["environment"]
+        identity = spec.tls_identity or spec.name  # as services/devstack/processes.py sets it
+        assert env["EARN_TLS_DIR"] == TLS_DIR, spec.name
+        assert env["EARN_TLS_IDENTITY"] == identity and identity in IDENTITY_ROLES, spec.name
+        assert service["depends_on"]["certs"] == {"condition": "service_completed_successfully"}, spec.name
+        mounts = [v for v in service["volumes"] if isinstance(v, dict) and v.get("source") == "tls"]
+        assert mounts == [{"type": "volume", "source": "tls", "target": TLS_DIR, "read_only": True,
+                           "volume": {"subpath": identity}}], spec.name  # never the CA's key or another's
+    # Nothing but `certs` mounts the whole volume (it holds the CA's key).
+    for name, service in services.items():
+        for volume in service.get("volumes", []):
+            if name != "certs" and isinstance(volume, str):
+                assert not volume.startswith("tls:"), name
+
+
+def test_callers_dial_names_the_server_certificates_carry() -> None:
+    from services.kernel.tls import deployment_names
+
+    for name, service in compose()["services"].items():
+        for variable, value in (service.get("environment") or {}).items():
+            if variable.endswith("_ADDRESS") and variable.startswith("EARN_"):
+                host = value.split(":")[0]
+                assert host in GRPC and host in IDENTITY_ROLES and host in deployment_names(host), f"{name} {variable}"
+        test = service.get("healthcheck", {}).get("test", [])
+        if "services.kernel.healthcheck" in test:
+            host = test[-1].split(":")[0]
+            assert host == "localhost" or host in GRPC, name
