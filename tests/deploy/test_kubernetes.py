@@ -2,8 +2,10 @@
 are errors), offline, with the schemas the pinned kubernetes-validate wheel ships; then
 what a schema cannot know: selectors that select, probes on the ports the processes
 listen on, resources, the engine's replicas against its input's partitions, scrape
-labels that match the Prometheus config and the alert rules, and EARN_* variables the
-processes really read (here and in docker-compose.yml)."""
+labels that match the Prometheus config and the alert rules, EARN_* variables the
+processes really read (here and in docker-compose.yml), and mTLS: every workload mounts
+its identity's certificate secret read-only at EARN_TLS_DIR and sets EARN_TLS_IDENTITY,
+and the secrets' documented recipe is the project's issuer."""
 
 from __future__ import annotations
 
@@ -14,6 +16,8 @@ import pytest
 
 from services.devstack.processes import PROCESSES
 from services.kernel.config import REPO_ROOT, ServiceSettings, Settings
+from services.kernel.grpcserver import IDENTITY_ROLES
+from services.kernel.tls import deployment_names
 from services.kernel.topics import CATALOGUE
 from tests.deploy.tools import DEMO_ONLY, DEPLOY, deployed_processes, load_yaml, load_yaml_all, scraped_jobs
 
@@ -109,7 +113,12 @@ def test_grpc_services_are_probed_on_the_grpc_health_service_of_their_port() -> 
             grpc_services += 1
             assert env_of(container)["EARN_GRPC_PORT"] == str(ports["grpc"])
             for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
-                assert container[probe]["grpc"]["port"] == ports["grpc"], f"{workload['metadata']['name']} {probe}"
+                # The kubelet's own gRPC probe speaks plaintext: the kernel's check speaks mTLS.
+                where = f"{workload['metadata']['name']} {probe}"
+                assert "grpc" not in container[probe], where
+                assert container[probe]["exec"]["command"] == [
+                    "python", "-m", "services.kernel.healthcheck", f"localhost:{ports['grpc']}"], where
+                assert container[probe]["timeoutSeconds"] >= 3, where
     assert grpc_services == len(GRPC)  # every gRPC process of PROCESSES but the demo's
 
 
@@ -203,3 +212,48 @@ def test_every_earn_variable_set_is_one_a_process_reads() -> None:
     unknown = sorted({f"{name} ({where})" for name, where in found if name not in known})
     assert not unknown, unknown
 
+
+
+TLS_DIR = "/etc/earn/tls"
+
+
+def test_every_workload_mounts_its_certificate_secret_and_names_its_identity() -> None:
+    config = load_yaml(K8S / "config.yaml")["data"]
+    assert config["EARN_TLS_DIR"] == TLS_DIR
+    seen = set()
+    for workload in workloads():
+        name = workload["metadata"]["name"]
+        pod = workload["spec"]["template"]["spec"]
+        identity = workload["spec"]["template"]["metadata"]["labels"]["earn-platform/job"]
+        assert identity in IDENTITY_ROLES, name
+        secret = f"earn-tls-{identity.replace('_', '-')}"
+        (volume,) = [v for v in pod["volumes"] if v["name"] == "tls"]
+        assert volume["secret"]["secretName"] == secret, name
+        # Readable by the process (group fsGroup), not by others.
+        assert volume["secret"]["defaultMode"] == 0o440 and pod["securityContext"]["fsGroup"] == pod["securityContext"]["runAsUser"], name
+        assert "items" not in volume["secret"], name  # ca.pem, <identity>.pem, <identity>.key as created
+        (container,) = containers(workload)
+        assert {"name": "tls", "mountPath": TLS_DIR, "readOnly": True} in container["volumeMounts"], name
+        assert env_of(container)["EARN_TLS_IDENTITY"] == identity, name
+        assert {"configMapRef": {"name": "earn-config"}} in container["envFrom"], name  # EARN_TLS_DIR
+        seen.add(identity)
+    assert seen == JOBS  # every deployed process, gRPC server or not, talks mTLS
+
+
+def test_callers_dial_names_the_server_certificates_carry() -> None:
+    config = load_yaml(K8S / "config.yaml")["data"]
+    namespace = kustomization_namespace()
+    for variable, value in config.items():
+        if variable.endswith("_ADDRESS"):
+            host = value.split(":")[0]
+            identity = variable.removeprefix("EARN_").removesuffix("_ADDRESS").lower()
+            assert host in deployment_names(identity, [f"{namespace}.svc"]), variable
+
+
+def test_the_documented_secret_recipe_uses_the_projects_issuer() -> None:
+    text = (K8S / "config.yaml").read_text()
+    namespace = kustomization_namespace()
+    assert f"python -m services.kernel.tls ./earn-certs --domain {namespace}.svc" in text
+    assert 'create secret generic "earn-tls-${id//_/-}" --from-file="./earn-certs/$id/"' in text
+    (line,) = [line for line in text.splitlines() if line.startswith("#   for id in ")]
+    assert set(line.removeprefix("#   for id in ").removesuffix("; do").split()) == JOBS
