@@ -9,7 +9,10 @@ file clock.
 
 A seeded mixed workload (EARN_CHAOS_SEED; deposits, Simple Earn subscribe/redeem,
 Launchpool stake/unstake, clock advances with scheduler catch-ups that tick and pay,
-Crypto Loan borrows against BTC, repayments and collateral added, then a seeded BTC/USDT
+Crypto Loan borrows against BTC, repayments and collateral added, 7-day fixed-term loans
+borrowed a week before (the file clock starts there) and due inside the window (one partly
+repaid, one repaid in full early, two settled from their collateral at maturity by the
+scheduler's loan.hours, one of them inside the price path), then a seeded BTC/USDT
 index path published on market.prices that margin-calls, re-arms and liquidates, Dual
 subscriptions and Smart Leverage positions settled at that path's TWAP, one leverage
 position redeemed early, a CandyDrop campaign counting the Simple Earn subscriptions of its
@@ -24,7 +27,10 @@ account is negative, every outbox is empty, the same commands were accepted, and
 balance and payout record equals the calm run's (nothing lost, nothing paid twice); every
 loan is liquidated at most once, the liquidated loans and the margin calls are the calm
 run's, and so is every loan's state, debt, collateral and event record, and every Dual
-subscription's settlement. Every leverage position is settled and paid once (one wallet
+subscription's settlement. Every fixed-term loan's hourly interest, repayments and
+settlement at maturity equal the calm run's and the reference over the accepted commands,
+each applied once in the wallet (one transfer per part, the collateral hold captured and
+released once). Every leverage position is settled and paid once (one wallet
 transfer, none for a zero payout) as in the calm run; before the campaign's distribution
 CandyDrop has counted exactly the reference (the accepted subscriptions in its window by
 users registered then); every (campaign, user) and (airdrop, user) is paid once, the
@@ -48,6 +54,7 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
+from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
@@ -88,6 +95,13 @@ LOAN_USERS = ("eve", "fay", "gus", "hal", "ivy", "jon")
 LOAN_BTC = Decimal(3)
 BTC_START = Decimal(60000)
 BTC_DISCOUNT = Decimal("0.95")
+# Crypto Loan fixed terms: 7-day loans borrowed a week before the window (the file clock
+# starts there, at START), so each one is due inside it: F0 partly repaid, then settled
+# from its collateral by loan.hours at the index of hour 0; F1 settled inside the price
+# path at the index of its due time; F2 repaid in full before its due time.
+FIXED_USERS = ("mia", "ned", "ola")
+FIXED_RATE = "0.000006"
+TERM_HOURS = 7 * 24
 # Dual Investment: a sell-high BTC/USDT plan settled at hour 20 and a buy-low one at hour
 # 23 (the TWAP of the index path's 30 minutes before), subscribed by the borrowers in hour 11.
 DUAL_PLANS = (("dual-sh", du.DUAL_DIRECTION_SELL_HIGH, 20), ("dual-bl", du.DUAL_DIRECTION_BUY_LOW, 23))
@@ -173,7 +187,8 @@ def workload(seed: int) -> list[Command]:
     add(HOURS - 1, 5, "catch_up")
     # Crypto Loan, from its own generator (the commands above do not change with it), in
     # minutes 51-59 of an hour (the others use 5-50); merged in time order.
-    merged = sorted([*commands, *loan_workload(seed), *dual_workload(seed), *leverage_workload(seed), *distribution_workload(seed)],
+    merged = sorted([*commands, *loan_workload(seed), *fixed_workload(seed), *dual_workload(seed), *leverage_workload(seed),
+                     *distribution_workload(seed)],
                     key=lambda c: (c.hour, c.minute))
     return [replace(c, index=i) for i, c in enumerate(merged)]
 
@@ -283,6 +298,88 @@ def loan_workload(seed: int) -> list[Command]:
     for hour, price in zip(range(14, 24), path):
         add(hour, rng.randint(51, 59), "price", amount=price)
     return commands
+
+
+def fixed_workload(seed: int) -> list[Command]:
+    """Fixed-term (7-day) USDT loans against BTC at 30-40% LTV, borrowed a week before
+    the window (hours -164 to -147): a tick at 60,000 first, each borrower's BTC and some
+    USDT (for the interest) deposited; F0 due in hours 4-8 and partly repaid before, F1
+    due in hours 15-21 (inside the price path, far below the riskiest loan's LTV), F2 due
+    in hours 9-13 and repaid in full (principal and every hour charged by then) in hours
+    2 to its due hour - 2; none of them above 60% LTV at the path's lowest price. F0 and F1 are settled at maturity by the catch-up after their
+    due time (the scheduler's loan.hours)."""
+    rng = random.Random(f"{seed}:fixed")
+    commands = [Command(-1, -TERM_HOURS, 5, "price", amount=str(BTC_START))]
+    for user in FIXED_USERS:
+        commands += [Command(-1, -TERM_HOURS, 10, "deposit", user, "BTC", "2"), Command(-1, -TERM_HOURS, 10, "deposit", user, "USDT", "100")]
+    dues = (rng.randint(4, 8), rng.randint(15, 21), rng.randint(9, 13))
+    lowest = min(Decimal(c.amount) for c in loan_workload(seed) if c.kind == "price")  # the crash
+    for n, (user, due) in enumerate(zip(FIXED_USERS, dues)):
+        label = f"F{n}"
+        collateral = Decimal(rng.choice(("0.5", "1", "1.5")))
+        amount = (collateral * BTC_START * BTC_DISCOUNT * Decimal(rng.randint(30, 40)) / 100).quantize(Decimal("0.01"))
+        # at most 60% LTV at the path's lowest price: never margin-called, also while due and not settled yet
+        amount = min(amount, (collateral * lowest * BTC_DISCOUNT * Decimal("0.6")).quantize(Decimal("0.01"), rounding="ROUND_FLOOR"))
+        commands.append(Command(-1, due - TERM_HOURS, rng.randint(51, 59), "borrow", user, label, str(amount), str(collateral)))
+        if n == 0:
+            part = (amount * Decimal(rng.randint(10, 40)) / 100).quantize(Decimal("0.01"))
+            commands.append(Command(-1, rng.randint(1, due - 1), rng.randint(51, 59), "repay", user, label, str(part)))
+        elif n == 2:
+            hour = rng.randint(2, due - 2)
+            principal = int(amount * 10**6)  # USDT units
+            interest = principal * Fraction(FIXED_RATE) * (hour - (due - TERM_HOURS))  # every hour started after the borrowing's
+            debt = principal + interest.numerator // interest.denominator
+            commands.append(Command(-1, hour, rng.randint(51, 59), "repay", user, label, str(Decimal(debt) / 10**6)))
+    return commands
+
+
+def fixed_reference(commands: list[Command], accepted: set[int], label: str) -> dict[str, Any]:
+    """What a fixed-term loan must come to, computed over the accepted commands by the
+    rules (PRODUCT_RULES, README Crypto Loan): every started hour after the borrowing's
+    charged on the principal then (floored, remainder carried), a repayment pays
+    interest first; a loan open at its due time has every hour started by then charged
+    and is settled at the index of the due time without a fee (just enough BTC sold,
+    rounded up; the proceeds above the debt paid back, floored)."""
+    borrow = next(c for c in commands if c.kind == "borrow" and c.target == label)
+    rate = Fraction(FIXED_RATE)
+    principal = int(Decimal(borrow.amount) * 10**6)
+    pledged = int(Decimal(borrow.collateral) * 10**8)
+    through = H0 + borrow.hour  # the borrowing's hour: charged from the next one
+    exact, charged, interest = Fraction(0), 0, 0
+    out: dict[str, Any] = {"principal": principal, "repays": []}
+
+    def charge(to: int) -> None:
+        nonlocal exact, charged, interest, through
+        for _ in range(through + 1, to + 1):
+            if principal == 0:
+                break
+            exact += principal * rate
+            now = exact.numerator // exact.denominator
+            interest += now - charged
+            charged = now
+        through = max(through, to)
+
+    for c in commands:
+        if c.kind == "repay" and c.target == label and c.index in accepted:
+            charge(H0 + c.hour)
+            paid = int(Decimal(c.amount) * 10**6)
+            interest_paid = min(paid, interest)
+            interest -= interest_paid
+            principal -= paid - interest_paid
+            out["repays"].append((c.index, interest_paid, paid - interest_paid))
+            if principal == 0 and interest == 0:
+                out.update(status="LOAN_STATUS_REPAID", interest_total=charged, returned=pledged)
+                return out
+    due = at(borrow.hour + TERM_HOURS, borrow.minute)
+    charge(H0 + borrow.hour + TERM_HOURS)
+    price = Fraction([c for c in commands if c.kind == "price" and at(c.hour, c.minute) <= due][-1].amount)
+    debt = principal + interest
+    unit_value = price / 100  # USDT units per BTC unit (scales 6 and 8)
+    sold = -((-debt * unit_value.denominator) // unit_value.numerator)
+    surplus = sold * unit_value - debt
+    out.update(status="LOAN_STATUS_MATURED", interest_total=charged, debt=debt, sold=sold, returned=pledged - sold,
+               surplus=surplus.numerator // surplus.denominator, price=price)
+    return out
 
 
 def candydrop_reference(commands: list[Command], accepted: set[int], registered: dict[str, datetime]) -> dict[tuple[str, str], Decimal]:
@@ -424,6 +521,7 @@ class World:
     waited: float = 0.0  # seconds in the barriers (published, forwarded, candydrop_counted)
     loans: dict[str, tuple[str, str]] = field(default_factory=dict)  # loan label -> (user, loan id)
     lev_positions: dict[str, tuple[str, str]] = field(default_factory=dict)  # position label -> (user, position id)
+    repaid: dict[str, list[tuple[int, str, str]]] = field(default_factory=dict)  # loan label -> (command, interest paid, principal paid)
 
     def move(self, moment: datetime) -> None:
         set_time(self.clock, moment)
@@ -653,7 +751,7 @@ async def world(infra: Infra, name: str, chaos: random.Random | None = None) -> 
     finally:
         await admin.close()
     clock = Path(tempfile.mkdtemp(prefix="clock-")) / "now"
-    set_time(clock, at(0, 10))
+    set_time(clock, at(-TERM_HOURS))  # the fixed-term loans are borrowed a week before hour 0
     prefix = f"m{uuid.uuid4().hex[:6]}.{name}."
     env = {"EARN_PG_DATABASE": database, "EARN_TOPIC_PREFIX": prefix, "EARN_CLOCK_FILE": str(clock), "EARN_RELEASE_SWEEP_SECONDS": "1"}
     spawner = Env(infra.settings, infra.env)
@@ -753,7 +851,7 @@ def loan_state(loan: ln.Loan, events: list[ln.LoanEventRecord]) -> tuple[Any, ..
 
 async def observe(w: World) -> Observed:
     balances: dict[tuple[str, str, int], Decimal] = {}
-    for owner in (*USERS, *LOAN_USERS, *LEV_USERS, "simple_earn", "launchpool", "loan", "dual", f"leverage.{LEV_PRODUCT}", f"candydrop:{CD_CAMPAIGN}",
+    for owner in (*USERS, *LOAN_USERS, *FIXED_USERS, *LEV_USERS, "simple_earn", "launchpool", "loan", "dual", f"leverage.{LEV_PRODUCT}", f"candydrop:{CD_CAMPAIGN}",
                   f"hodler:{HD_AIRDROP}"):
         for b in (await w.wallet.GetBalances(wallet_pb2.GetBalancesRequest(owner=owner), metadata=GATEWAY)).balances:
             if Decimal(b.balance):
@@ -774,6 +872,10 @@ async def observe(w: World) -> Observed:
         loan = (await w.loan.GetLoan(ln.GetLoanRequest(user_id=user, loan_id=loan_id), metadata=GATEWAY)).loan
         events = list((await w.loan.ListLoanEvents(ln.ListLoanEventsRequest(user_id=user, loan_id=loan_id), metadata=GATEWAY)).events)
         loans[label] = loan_state(loan, events)
+        if label.startswith("F"):  # fixed terms: the due time, every hour's interest, the repayments' amounts
+            interest = await w.loan.ListLoanInterest(ln.ListLoanInterestRequest(user_id=user, loan_id=loan_id), metadata=GATEWAY)
+            loans[label] += (loan.due_at.ToDatetime(tzinfo=UTC), tuple((r.hour, r.principal, r.amount) for r in interest.records), interest.total,
+                             tuple(w.repaid.get(label, ())))
     duals: dict[tuple[str, str], tuple[Any, ...]] = {}
     for user in LOAN_USERS:
         for sub in (await w.dual.ListDualSubscriptions(du.ListDualSubscriptionsRequest(user_id=user, page_size=100), metadata=GATEWAY)).subscriptions:
@@ -818,6 +920,59 @@ async def check_paid_once(w: World, paid: dict[tuple[str, str], tuple[Any, ...]]
         assert expense == -total, (kind, expense, total)
 
 
+async def check_fixed(w: World, commands: list[Command], loans: dict[str, tuple[Any, ...]]) -> None:
+    """Every fixed-term loan as the reference over the accepted commands computes it
+    (fixed_reference): its interest hour by hour, each repayment's interest and
+    principal, its status, and for a matured loan its one MATURITY event (BTC sold at the
+    index of its due time, debt repaid, surplus); and each applied once in the wallet:
+    one borrow transfer, one transfer per repaid part, one surplus transfer (none for a
+    zero surplus), and its collateral hold captured (the part sold, into the desk's
+    treasury) and released (the rest) once each, nothing left held."""
+    accepted = set(w.accepted)
+    conn = await asyncpg.connect(w.infra.settings.database_url.rsplit("/", 1)[0] + "/" + w.cli_env["EARN_PG_DATABASE"], timeout=10)
+    try:
+        holds = {label: [str(h) for h in await conn.fetchval("SELECT array_agg(hold_id ORDER BY hold_id) FROM loan.loan_holds WHERE loan_id = $1",
+                                                              w.loans[label][1])] for label in w.loans if label.startswith("F")}
+    finally:
+        await conn.close()
+    assert len(holds) == len(FIXED_USERS), (holds, w.loans)
+    usdt = lambda units: Decimal(units) / 10**6  # noqa: E731
+    btc = lambda units: Decimal(units) / 10**8  # noqa: E731
+    for label, hold_ids in sorted(holds.items()):
+        user, loan_id = w.loans[label]
+        ref = fixed_reference(commands, accepted, label)
+        state = loans[label]
+        status, principal, interest, collateral, events, _due, hours, total, repays = state
+        assert status == ref["status"] and principal == 0 and interest == 0 and collateral == (("BTC", Decimal(0)),), (label, state, ref)
+        assert Decimal(total) == usdt(ref["interest_total"]) == sum((Decimal(h[2]) for h in hours), Decimal(0)), (label, total, ref)
+        assert [(i, Decimal(a), Decimal(b)) for i, a, b in repays] == [(i, usdt(a), usdt(b)) for i, a, b in ref["repays"]], (label, repays, ref)
+        listed = (await w.wallet.ListTransfers(wallet_pb2.ListTransfersRequest(owner=user, page_size=1000), metadata=OPERATOR)).transfers
+        by_ref: dict[str, list[tuple[str, int, Decimal]]] = {}
+        for t in listed:
+            by_ref.setdefault(t.reference, []).append((t.destination.owner, t.destination.kind, Decimal(t.amount)))
+        assert by_ref.get(f"loan:borrow:{loan_id}") == [(user, wallet_pb2.ACCOUNT_KIND_FUNDING, usdt(ref["principal"]))], (label, by_ref)
+        parts = [("loan", wallet_pb2.ACCOUNT_KIND_FEE_INCOME, usdt(a)) for _, a, _ in ref["repays"] if a] + \
+                [("loan", wallet_pb2.ACCOUNT_KIND_TREASURY, usdt(b)) for _, _, b in ref["repays"] if b]
+        assert sorted(by_ref.get(f"loan:repay:{loan_id}", [])) == sorted(parts), (label, by_ref, ref)
+        sold, returned = ref.get("sold", 0), ref["returned"]
+        moves = [m for h in hold_ids for m in by_ref.get(f"hold:{h}", [])]
+        expected = ([("loan", wallet_pb2.ACCOUNT_KIND_TREASURY, btc(sold))] if sold else []) + \
+                   ([(user, wallet_pb2.ACCOUNT_KIND_FUNDING, btc(returned))] if returned else [])
+        assert sorted(moves) == sorted(expected), (label, moves, expected)
+        for h in hold_ids:
+            hold = (await w.wallet.GetHold(wallet_pb2.GetHoldRequest(hold_id=h), metadata=OPERATOR)).hold
+            assert Decimal(hold.remaining) == 0 and hold.status == wallet_pb2.HOLD_STATUS_CLOSED, (label, hold)
+        surplus = by_ref.get(f"loan:maturity:{loan_id}", [])
+        if ref["status"] == "LOAN_STATUS_MATURED":
+            assert [e[0] for e in events] == ["LOAN_EVENT_KIND_MATURITY"], (label, events)
+            _, _, sales, debt_repaid, surplus_text, shortfall = events[0]
+            assert sales == (("BTC", btc(sold), btc(returned), Decimal(ref["price"].numerator) / ref["price"].denominator),), (label, sales, ref)
+            assert (Decimal(debt_repaid), Decimal(surplus_text), Decimal(shortfall)) == (usdt(ref["debt"]), usdt(ref["surplus"]), 0), (label, events, ref)
+            assert surplus == ([(user, wallet_pb2.ACCOUNT_KIND_FUNDING, usdt(ref["surplus"]))] if ref["surplus"] else []), (label, surplus, ref)
+        else:
+            assert not events and not surplus, (label, events, surplus)
+
+
 async def check_invariants(w: World) -> None:
     totals = await w.wallet.GetLedgerTotals(wallet_pb2.GetLedgerTotalsRequest(), metadata=OPERATOR, timeout=15)
     assert totals.totals, "no ledger totals"
@@ -852,7 +1007,7 @@ async def scenario(w: World, commands: list[Command], reference: Outcome | None 
     # Crypto Loan: USDT lent at a small hourly rate against BTC (counted 95%), the desk's
     # treasury funded from outside.
     await w.call(-4, w.loan.SetLoanAsset, ln.SetLoanAssetRequest(idempotency_key="loan-usdt", asset=ln.LoanAsset(
-        asset="USDT", hourly_rate="0.000005", min_borrow="10", max_borrow="1000000")), OPERATOR)
+        asset="USDT", hourly_rate="0.000005", fixed_7_days_hourly_rate=FIXED_RATE, min_borrow="10", max_borrow="1000000")), OPERATOR)
     await w.call(-5, w.loan.SetLoanCollateralAsset, ln.SetLoanCollateralAssetRequest(idempotency_key="loan-btc", collateral=ln.LoanCollateralAsset(
         asset="BTC", discount=str(BTC_DISCOUNT))), OPERATOR)
     await w.call(-6, w.wallet.Transfer, wallet_pb2.TransferRequest(idempotency_key="loan-treasury", transfer=wallet_pb2.TransferSpec(
@@ -895,6 +1050,11 @@ async def scenario(w: World, commands: list[Command], reference: Outcome | None 
         for index, target in zip(w.chaos.sample([c.index for c in commands[:-1]], len(targets)), targets):
             kill_at.setdefault(index, []).append(target)
         kill_at.setdefault(w.chaos.choice(catch_ups), []).append("scheduler")
+        # and the loan service or the wallet during the catch-up that settles a fixed-term
+        # loan at maturity (F0's or F1's: the first catch-up after its due hour started)
+        borrow = next(c for c in commands if c.kind == "borrow" and c.target == w.chaos.choice(("F0", "F1")))
+        settling = next(c.index for c in commands if c.kind == "catch_up" and c.hour > borrow.hour + TERM_HOURS)
+        kill_at.setdefault(settling, []).append(w.chaos.choice(("loan", "wallet")))
     killing: asyncio.Task[None] | None = None
 
     for c in commands:
@@ -937,12 +1097,15 @@ async def scenario(w: World, commands: list[Command], reference: Outcome | None 
         elif c.kind == "borrow":
             reply = await w.call(c.index, w.loan.Borrow, ln.BorrowRequest(
                 idempotency_key=key, user_id=c.user, loan_asset="USDT", amount=c.amount,
-                collateral=[ln.LoanCollateralAmount(asset="BTC", amount=c.collateral)], term=ln.LOAN_TERM_FLEXIBLE), GATEWAY)
+                collateral=[ln.LoanCollateralAmount(asset="BTC", amount=c.collateral)],
+                term=ln.LOAN_TERM_FIXED_7_DAYS if c.target.startswith("F") else ln.LOAN_TERM_FLEXIBLE), GATEWAY)
             if reply is not None:
                 w.loans[c.target] = (c.user, reply.loan.loan_id)
         elif c.kind == "repay":
-            await w.call(c.index, w.loan.RepayLoan, ln.RepayLoanRequest(
+            reply = await w.call(c.index, w.loan.RepayLoan, ln.RepayLoanRequest(
                 idempotency_key=key, user_id=c.user, loan_id=w.loans.get(c.target, ("", ""))[1], amount=c.amount), GATEWAY)
+            if reply is not None:  # the first answer or a replay by key: the amounts decided with it
+                w.repaid.setdefault(c.target, []).append((c.index, reply.interest_paid, reply.principal_paid))
         elif c.kind == "add_collateral":
             await w.call(c.index, w.loan.AddLoanCollateral, ln.AddLoanCollateralRequest(
                 idempotency_key=key, user_id=c.user, loan_id=w.loans.get(c.target, ("", ""))[1],
@@ -995,6 +1158,7 @@ async def scenario(w: World, commands: list[Command], reference: Outcome | None 
         await asyncio.sleep(2)
         assert (balances, records, loans, duals, paid) == await observe(w), "still moving"
         await check_paid_once(w, paid)
+        await check_fixed(w, commands, loans)
         for label, state in loans.items():  # liquidated at most once, and then closed
             kinds = [e[0] for e in state[4]]
             assert kinds.count("LOAN_EVENT_KIND_LIQUIDATION") <= 1, (label, kinds)
@@ -1047,13 +1211,17 @@ async def calm(infra: Infra) -> Outcome:
     print(f"mixed: calm run in {time.monotonic() - started:.0f} s (waiting for the barriers {w.waited:.0f} s)", flush=True)
     assert not outcome.refused, f"seed {SEED}: the calm run refused {outcome.refused}"
     assert any(product == "pool" for _, product in outcome.records), "the workload paid no Launchpool reward"
-    assert len(outcome.loans) == len(LOAN_USERS), outcome.loans
+    assert len(outcome.loans) == len(LOAN_USERS) + len(FIXED_USERS), outcome.loans
+    assert sum(1 for v in outcome.loans.values() if v[0] == "LOAN_STATUS_MATURED") == 2, outcome.loans
     assert any(state[0] == "LOAN_STATUS_LIQUIDATED" for state in outcome.loans.values()), f"seed {SEED}: the price path liquidated no loan"
     assert outcome.duals and all(d[0] == "DUAL_SUBSCRIPTION_STATUS_SETTLED" for d in outcome.duals.values()), outcome.duals
     assert sum(1 for k in outcome.paid if k[0] == "leverage") >= 4, outcome.paid
     print("mixed: calm leverage, prizes and rewards", {k: (v[5:7] if k[0] == "leverage" else v[:2]) for k, v in sorted(outcome.paid.items())}, flush=True)
     print("mixed: calm dual", {k: (d[2], d[3], d[4], d[5]) for k, d in sorted(outcome.duals.items())}, flush=True)
     print("mixed: calm loans", {k: (v[0], [e[0].removeprefix("LOAN_EVENT_KIND_") for e in v[4]]) for k, v in outcome.loans.items()}, flush=True)
+    print("mixed: calm fixed terms (due, interest, repaid (command, interest, principal), settled (sold, debt repaid, surplus))",
+          {k: (v[5].strftime("%d %H:%M"), v[7], v[8], [(e[2][0][1], e[3], e[4]) for e in v[4]]) for k, v in outcome.loans.items() if k.startswith("F")},
+          flush=True)
     return outcome
 
 
