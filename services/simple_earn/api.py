@@ -737,12 +737,13 @@ class SimpleEarnApi(simple_earn_pb2_grpc.SimpleEarnServiceServicer):
         paid for them, and they are described in ``skipped`` when given, so the consumer
         parks the record for a look.
 
-        Record first, then the wallet (the pattern of Redeem). One statement checks every
-        item against ``positions`` and records the items (as arrays, a few payout_items
-        rows per batch), the items left out and why, the reinvestment decision, the event
-        id (inbox) and the batch row under its natural key (job, period, partition,
-        sequence); an item whose position another batch of the payout recorded is left
-        out (under a lock per payout and product). Then one wallet BulkCredit pays exactly
+        Record first, then the wallet (the pattern of Redeem). One transaction checks
+        every item against ``positions``, then records the items (as arrays, a few
+        payout_items rows per batch), the items left out and why, the reinvestment
+        decision, the event id (inbox) and the batch row under its natural key (job,
+        period, partition, sequence); an item whose position another batch of the payout
+        recorded is left out (the recording statement runs under a lock per payout and
+        product). Then one wallet BulkCredit pays exactly
         the recorded items, keyed by the batch; the reinvestment holds follow, keyed by
         (job, period, position); a last transaction marks the batch posted (its partition
         done if it is the last) and adds the reinvested interest to the positions.

@@ -581,10 +581,10 @@ async def flexible_products(conn: asyncpg.Connection, cadence: Cadence) -> list[
 
 # ---- payout batches ------------------------------------------------------------------------
 #
-# A batch is recorded in ONE statement (record_payout_batch) before the wallet is called:
-# the items are checked against positions, their interest records inserted, what was left
-# out and why, the reinvestment decision, the event id (inbox) and the batch row with its
-# totals. The wallet credit follows with a key derived from the batch; post_payout_batch
+# A batch is recorded in ONE transaction (record_payout_batch) before the wallet is
+# called: the items are checked against positions (CHECK_ITEMS), then, under the payout's
+# lock, their interest records inserted, what was left out and why, the reinvestment
+# decision, the event id (inbox) and the batch row with its totals (RECORD_BATCH). The wallet credit follows with a key derived from the batch; post_payout_batch
 # then marks the batch posted (and its partition done when it is the last). A redelivery
 # finds the batch row: posted -> nothing to do; not yet posted -> the same credit again
 # (the wallet answers it from its idempotency key), computed from the row, never anew.
@@ -622,34 +622,58 @@ async def payout_batch(conn: asyncpg.Connection | asyncpg.Pool, job: str, period
     return None if row is None else _recorded(row)
 
 
+# The first of the two statements of a batch, before the payout's lock: the items checked
+# against positions. $1 position ids and $2 user ids (each one text of lines, the
+# items sent), $3 product, $4 asset. Returns the items (1-based, in the order sent) that
+# are not a position of that user, product and asset, with why, and the items whose
+# interest is reinvested (auto-subscribe on an active flexible position).
+#
+# What it reads never changes under a payout (a position's user, product and asset are
+# fixed at its creation) or is read at one moment as before (status and auto-subscribe;
+# the payout's lock never covered their updates). So it runs outside the lock, and batches
+# of one product check their items at the same time, each on its own connection.
+# positions_identity (id INCLUDE user, product, asset, kind, status, auto_subscribe)
+# answers it in one index-only scan for the batch's ids (a ScalarArrayOp scan reads the
+# leaf pages holding them once, instead of one descent per item); the items are matched
+# to the positions found in hashed subplans, whose cost does not depend on an estimate.
+CHECK_ITEMS = r"""
+WITH t AS MATERIALIZED (
+    SELECT t.n::integer AS n, t.pos, t.u
+    FROM unnest(string_to_array($1, E'\n')::bigint[], string_to_array($2, E'\n')) WITH ORDINALITY AS t(pos, u, n)
+), p AS MATERIALIZED (
+    SELECT p.id, p.user_id, p.auto_subscribe AND p.status = 'active' AND p.kind = 'flexible' AS re
+    FROM positions p WHERE p.id = ANY (array(SELECT t.pos FROM t)) AND p.product_id = $3 AND p.asset = $4
+), c AS MATERIALIZED (
+    SELECT t.n, t.pos, t.u, (t.pos, t.u) IN (SELECT p.id, p.user_id FROM p) AS ok,
+           (t.pos, t.u) IN (SELECT p.id, p.user_id FROM p WHERE p.re) AS re
+    FROM t
+)
+SELECT array(SELECT c.n FROM c WHERE NOT c.ok ORDER BY c.n) AS unknown,
+       array(SELECT format('position %s: no such position of user/product/asset %s/%s/%s', c.pos, c.u, $3, $4)
+             FROM c WHERE NOT c.ok ORDER BY c.n) AS why,
+       array(SELECT c.n FROM c WHERE c.ok AND c.re ORDER BY c.n) AS reinvest
+"""
+
+# The second statement, under the payout's lock for (payout, product) (PAYOUT_LOCK),
+# taken before its snapshot, so two batches cannot both record one position.
 # $1 job, $2 period, $3 partition, $4 sequence, $5 last, $6 product, $7 asset,
 # $8 boundary hour, $9 digest, $10 time, $11 inbox consumer, $12 event id,
-# $13..$15 position ids, user ids and amounts, each one text of lines, $16 from hours,
-# $17 original index of each item sent (NULL: all were sent, in order), $18 indexes left
-# out before (by the caller's checks), $19 why (NULL: none), $20 the payout's id.
+# $13 position ids and $14 amounts, each one text of lines, $15 from hours, $16 the items
+# CHECK_ITEMS found unknown and $17 why, $18 the items it found reinvested, $19 original
+# index of each item sent (NULL: all were sent, in order), $20 indexes left out before
+# (by the caller's checks), $21 why (NULL: none), $22 the payout's id.
 #
-# The items are checked against positions through positions_identity (an index-only
-# scan: id, user, product, asset, and what decides a reinvestment). The items recorded go
-# into payout_items as arrays, CHUNK items per row (see migration 0005), not one row
-# each. A position recorded by another batch of the payout is left out: `paid` finds
-# them among the payout's chunks whose range overlaps this batch's (the other
-# partitions' items in the same id range; none when the engine behaves), and among the
-# payout's rows in interest_records when it has any (recorded before migration 0005).
-# The caller holds the payout's lock for (payout, product) (PAYOUT_LOCK), taken before
-# this statement's snapshot, so two batches cannot both record one position.
+# The items recorded go into payout_items as arrays, CHUNK items per row (see migration
+# 0005), not one row each. A position recorded by another batch of the payout is left
+# out: `paid` finds them among the payout's chunks whose range overlaps this batch's (the
+# other partitions' items in the same id range; none when the engine behaves), and among
+# the payout's rows in interest_records when it has any (recorded before migration 0005).
 CHUNK = 200
 RECORD_BATCH = r"""
 WITH t AS MATERIALIZED (
-    SELECT t.n, t.pos, t.u, t.m, t.f,
-           coalesce(p.user_id = t.u AND p.product_id = $6 AND p.asset = $7, false) AS ok,
-           coalesce(p.auto_subscribe AND p.status = 'active' AND p.kind = 'flexible', false) AS re
-    FROM unnest(string_to_array($13, E'\n')::bigint[], string_to_array($14, E'\n'),
-                string_to_array($15, E'\n')::numeric[], $16::bigint[]) WITH ORDINALITY AS t(pos, u, m, f, n)
-    -- One index-only lookup per item (LATERAL ... LIMIT 1 is not flattened into a join
-    -- the planner could turn into a merge join scanning a range of positions).
-    LEFT JOIN LATERAL (
-        SELECT p.user_id, p.product_id, p.asset, p.kind, p.status, p.auto_subscribe FROM positions p WHERE p.id = t.pos LIMIT 1
-    ) p ON true
+    SELECT t.n, t.pos, t.m, t.f, t.n NOT IN (SELECT u.n FROM unnest($16::integer[]) AS u(n)) AS ok
+    FROM unnest(string_to_array($13, E'\n')::bigint[], string_to_array($14, E'\n')::numeric[], $15::bigint[])
+         WITH ORDINALITY AS t(pos, m, f, n)
 ), span AS MATERIALIZED (
     SELECT min(t.pos) AS lo, max(t.pos) AS hi FROM t WHERE t.ok
 ), paid AS MATERIALIZED (
@@ -658,16 +682,16 @@ WITH t AS MATERIALIZED (
     SELECT t.pos FROM t WHERE t.ok
     INTERSECT
     (SELECT u.pos FROM span, payout_items b CROSS JOIN LATERAL unnest(b.position_ids) AS u(pos)
-     WHERE b.payout_id = $20 AND b.hi >= span.lo AND b.lo <= span.hi
+     WHERE b.payout_id = $22 AND b.hi >= span.lo AND b.lo <= span.hi
      UNION ALL
      SELECT r.position_id FROM interest_records r, span
-     WHERE r.payout_id = $20 AND r.position_id BETWEEN span.lo AND span.hi AND (SELECT o.in_records FROM payouts o WHERE o.id = $20))
+     WHERE r.payout_id = $22 AND r.position_id BETWEEN span.lo AND span.hi AND (SELECT o.in_records FROM payouts o WHERE o.id = $22))
 ), rec AS MATERIALIZED (
     SELECT t.n, t.pos, t.m, t.f FROM t WHERE t.ok AND t.pos NOT IN (SELECT paid.pos FROM paid)
 ), ins AS (
     -- Chunks of the batch's items by index (fewer items when some are left out).
     INSERT INTO payout_items (block, payout_id, "partition", sequence, product_id, lo, hi, to_hour, created_at, position_ids, amounts, from_hours)
-    SELECT nextval('interest_blocks'), $20, $3, $4, $6, c.lo, c.hi, $8, $10, c.ids, c.ms, c.fs
+    SELECT nextval('interest_blocks'), $22, $3, $4, $6, c.lo, c.hi, $8, $10, c.ids, c.ms, c.fs
     FROM (
         SELECT min(rec.pos) AS lo, max(rec.pos) AS hi,
                array_agg(rec.pos ORDER BY rec.n) AS ids, array_agg(rec.m ORDER BY rec.n) AS ms, array_agg(rec.f ORDER BY rec.n) AS fs
@@ -676,8 +700,7 @@ WITH t AS MATERIALIZED (
 ), sums AS (
     SELECT count(*)::integer AS items, coalesce(sum(rec.m), 0) AS paid FROM rec
 ), left_out AS (
-    SELECT t.n, format('position %s: no such position of user/product/asset %s/%s/%s', t.pos, t.u, $6, $7) AS why
-    FROM t WHERE NOT t.ok
+    SELECT u.n, u.why FROM unnest($16::integer[], $17::text[]) AS u(n, why)
     UNION ALL
     SELECT t.n, format('position %s: paid before by another batch of %s %s', t.pos, $1::text, $2::text)
     FROM t WHERE t.ok AND t.pos IN (SELECT paid.pos FROM paid)
@@ -688,9 +711,10 @@ WITH t AS MATERIALIZED (
                                 boundary_hour, paid, skipped, excluded, problems, reinvest, digest)
     SELECT $1, $2, $3, $4, $5, sums.items, $10, $6, $7, $8, sums.paid, cardinality(x.excluded), x.excluded, x.problems, x.reinvest, $9
     FROM sums, (
-        SELECT coalesce($18::integer[], '{{}}') || array(SELECT coalesce(($17::integer[])[l.n], l.n - 1)::integer FROM left_out l ORDER BY l.n) AS excluded,
-               nullif(concat_ws(E'\n', $19::text, (SELECT string_agg(l.why, E'\n' ORDER BY l.n) FROM left_out l)), '') AS problems,
-               array(SELECT t.pos FROM t WHERE t.ok AND t.re AND t.n NOT IN (SELECT l.n FROM left_out l) ORDER BY t.n) AS reinvest
+        SELECT coalesce($20::integer[], '{{}}') || array(SELECT coalesce(($19::integer[])[l.n], l.n - 1)::integer FROM left_out l ORDER BY l.n) AS excluded,
+               nullif(concat_ws(E'\n', $21::text, (SELECT string_agg(l.why, E'\n' ORDER BY l.n) FROM left_out l)), '') AS problems,
+               array(SELECT t.pos FROM t WHERE t.n IN (SELECT u.n FROM unnest($18::integer[]) AS u(n))
+                     AND t.n NOT IN (SELECT l.n FROM left_out l) ORDER BY t.n) AS reinvest
     ) x
     ON CONFLICT DO NOTHING
     RETURNING items, paid, excluded, problems, reinvest, digest, posted_at
@@ -726,23 +750,30 @@ async def record_payout_batch(
     excluded: list[int],
     problems: str | None,
 ) -> RecordedBatch | None:
-    """Record a payout batch (see RECORD_BATCH) in one statement and one transaction.
+    """Record a payout batch in one transaction: CHECK_ITEMS, then the payout's lock, then
+    RECORD_BATCH (only the second statement runs under the lock).
 
     ``position_ids``, ``user_ids`` and ``amounts`` are the items that passed the caller's
     checks, one per line (each line already checked against its grammar); ``sent`` maps
     them back to the batch's indexes when some were left out before. None: the batch or
     its event was recorded meanwhile (a concurrent delivery): nothing is written."""
-    args = (
-        job, period, partition, sequence, last, product_id, asset, boundary_hour, digest, at,
-        consumer, event_id, position_ids, user_ids, amounts, from_hours, sent, excluded, problems, payout,
-    )
     async with pool.acquire() as conn:
         tx = conn.transaction()
         await tx.start()
         try:
+            unknown: list[int] = []
+            why: list[str] = []
+            reinvest: list[int] = []
             if position_ids:
+                checked = await conn.fetchrow(CHECK_ITEMS, position_ids, user_ids, product_id, asset)
+                assert checked is not None
+                unknown, why, reinvest = checked["unknown"], checked["why"], checked["reinvest"]
                 await conn.execute(PAYOUT_LOCK, payout, product_id)
-            row = await conn.fetchrow(RECORD_BATCH, *args)
+            row = await conn.fetchrow(
+                RECORD_BATCH,
+                job, period, partition, sequence, last, product_id, asset, boundary_hour, digest, at, consumer, event_id,
+                position_ids, amounts, from_hours, unknown, why, reinvest, sent, excluded, problems, payout,
+            )
             assert row is not None
             if row["items"] is None or not row["first_time"]:
                 await tx.rollback()

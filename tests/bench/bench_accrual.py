@@ -804,16 +804,16 @@ def breakdown(
     for b in watch.batches:
         by_partition.setdefault(b.partition, []).append(b)
     order = sorted(by_partition, key=lambda p: min(b.produced for b in by_partition[p]))
-    say("            engine: one agent, so one partition after another; a partition's batches leave only after its last position:")
+    say("            engine: one agent, so one partition after another; a partition's batches leave as they fill:")
     compute = 0.0
     for p in order:
         bs = by_partition[p]
         first, last = min(b.produced for b in bs), max(b.produced for b in bs)
         items = sum(b.items for b in bs)
-        spent = first - start
+        spent = last - start  # from the previous partition's last batch to this one's
         compute += spent
-        say(f"   {first - wall0:7.2f}  partition {p}: {items:,} positions in {spent:5.2f} s ({spent / max(1, items) * 1e6:5.1f} µs each),"
-            f" {len(bs)} batches sent by {last - wall0:.2f}")
+        say(f"   {first - wall0:7.2f}  partition {p}: {items:,} positions, {len(bs)} batches, the last sent at {last - wall0:.2f}"
+            f" ({spent:5.2f} s after the partition before, {spent / max(1, items) * 1e6:5.1f} µs each)")
         start = last
     engine_done = max(b.produced for b in watch.batches) - wall0
     ref = IN_PROCESS.get("payout_us_per_position")
@@ -852,7 +852,7 @@ def breakdown(
         + (f"; median gap {statistics.median(during):.2f} s while the engine was busy, {statistics.median(after):.2f} s after" if during and after else ""))
     say(f"     wallet BulkCredit, server side: {int(calls)} calls, {wallet_s:.2f} s = {wallet_s / max(1, calls):.2f} s per call,"
         f" {wallet_s / busy * 100:.0f}% of the consumer's time")
-    say(f"     Simple Earn's own work: {busy - wallet_s:.2f} s = {(busy - wallet_s) / busy * 100:.0f}% (one statement records the batch: items"
+    say(f"     Simple Earn's own work: {busy - wallet_s:.2f} s = {(busy - wallet_s) / busy * 100:.0f}% (one transaction records the batch: items"
         " checked against positions, payout item arrays, inbox, batch row; then marks it posted)")
     se_cpu, se_pg = usage.get("Simple Earn process", 0.0), usage.get("PostgreSQL backends of simple_earn", 0.0)
     w_cpu, w_pg = usage.get("wallet process", 0.0), usage.get("PostgreSQL backends of wallet", 0.0)

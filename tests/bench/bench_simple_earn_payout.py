@@ -10,18 +10,18 @@ input partition (crc32 of the position id mod 6), positions in id order (as numb
 batch, one amount per position. For each batch, timed on its own:
 
 - check: the columns checked in Python (``domain.check_payout_columns``);
-- record: the one statement that checks the items against ``positions`` and records the
-  interest records (payout_items: arrays, 200 items per row), what was left out, the
-  reinvestment decision, the inbox row and the batch row (``store.record_payout_batch``,
-  its transaction and the payout's lock included): the DB time per batch
-  the consumer spends before calling the wallet;
+- record: the two statements that check the items against ``positions`` (before the
+  payout's lock) and record the interest records (payout_items: arrays, 200 items per
+  row), what was left out, the reinvestment decision, the inbox row and the batch row
+  (under it) (``store.record_payout_batch``, its transaction and the payout's lock
+  included): the DB time per batch the consumer spends before calling the wallet;
 - post: marking the batch posted after the wallet (``store.post_payout_batch``);
 - apply: the whole ``SimpleEarnApi.apply_payout`` (parse, check, record, post, and the
   reinvestment of the few auto-subscribe positions of each batch) with a wallet that
   answers at once.
 
 The first payout period goes through check/record/post, the second through apply; then
-one full batch is explained (EXPLAIN ANALYZE, rolled back) for where the statement's time
+one full batch is explained (EXPLAIN ANALYZE, rolled back) for where the statements' time
 goes. Each step is reported twice: wall clock seen by the client (encoding, the round
 trip and the server's work) and the CPU time of the pool's one PostgreSQL backend (from
 /proc/<pid>/schedstat), which other work on a shared machine does not inflate as much.
@@ -190,22 +190,32 @@ async def through_api(api: SimpleEarnApi, backend: Backend, batches: list[accrua
 
 
 async def explain(pool: asyncpg.Pool, batch: accrual_pb2.PayoutBatch) -> None:
-    """EXPLAIN ANALYZE of the record statement for one batch, rolled back."""
+    """EXPLAIN ANALYZE of the two record statements for one batch, rolled back."""
     columns = domain.check_payout_columns(list(batch.position_ids), list(batch.user_ids), list(batch.amounts), batch.asset)
     async with pool.acquire() as conn:
         tx = conn.transaction()
         await tx.start()
         try:
+            check = await conn.fetchval(
+                "EXPLAIN (ANALYZE, BUFFERS, FORMAT JSON) " + store.CHECK_ITEMS, columns.position_ids, columns.user_ids, batch.product_id, batch.asset
+            )
+            checked = await conn.fetchrow(store.CHECK_ITEMS, columns.position_ids, columns.user_ids, batch.product_id, batch.asset)
             plan = await conn.fetchval(
                 "EXPLAIN (ANALYZE, BUFFERS, FORMAT JSON) " + store.RECORD_BATCH,
                 batch.job, "explain", batch.partition, batch.sequence, batch.last, batch.product_id, batch.asset, batch.boundary_hour,
-                b"x", datetime.now(UTC), domain.PAYOUT_CONSUMER, str(uuid.uuid4()), columns.position_ids, columns.user_ids,
-                columns.amounts, list(batch.from_hours), None, [], None, await store.payout_id(conn, batch.job, "explain"),
+                b"x", datetime.now(UTC), domain.PAYOUT_CONSUMER, str(uuid.uuid4()), columns.position_ids, columns.amounts,
+                list(batch.from_hours), checked["unknown"], checked["why"], checked["reinvest"], None, [], None,
+                await store.payout_id(conn, batch.job, "explain"),
             )
         finally:
             await tx.rollback()
+    for title, text in (("the items' check (before the payout's lock)", check), ("the record (under the lock)", plan)):
+        show_plan(title, text)
+
+
+def show_plan(title: str, plan: str) -> None:
     top = json.loads(plan)[0]
-    say(f"   EXPLAIN ANALYZE of one batch's statement (rolled back): execution {top['Execution Time']:.2f} ms,"
+    say(f"   EXPLAIN ANALYZE of {title} for one batch (rolled back): execution {top['Execution Time']:.2f} ms,"
         f" planning {top['Planning Time']:.2f} ms; its parts:")
 
     def walk(node: dict[str, Any], depth: int) -> None:
