@@ -18,10 +18,10 @@ Who an identity is allowed to be (its role) is decided in one place,
 
 from __future__ import annotations
 
+import argparse
 import datetime as dt
 import ipaddress
 import os
-import argparse
 import sys
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
