@@ -1052,7 +1052,8 @@ async def scenario(w: World, commands: list[Command], reference: Outcome | None 
         kill_at.setdefault(w.chaos.choice(catch_ups), []).append("scheduler")
         # and the loan service or the wallet during the catch-up that settles a fixed-term
         # loan at maturity (F0's or F1's: the first catch-up after its due hour started)
-        borrow = next(c for c in commands if c.kind == "borrow" and c.target == w.chaos.choice(("F0", "F1")))
+        fixed = w.chaos.choice(("F0", "F1"))
+        borrow = next(c for c in commands if c.kind == "borrow" and c.target == fixed)
         settling = next(c.index for c in commands if c.kind == "catch_up" and c.hour > borrow.hour + TERM_HOURS)
         kill_at.setdefault(settling, []).append(w.chaos.choice(("loan", "wallet")))
     killing: asyncio.Task[None] | None = None
