@@ -642,6 +642,24 @@ class World:
         proc.start()
         await asyncio.to_thread(proc.wait_ready, 90)
 
+    async def arm_loan_crash(self) -> None:
+        """Chaos: the loan service restarted to SIGKILL itself right after the wallet calls of
+        its next operation, before it records them (EARN_CRASH_AFTER_WALLET=1); the
+        supervisor restarts it without that, and the operation is completed with the same
+        wallet keys."""
+        proc = self.processes["loan"]
+        self.paused = True
+        try:
+            proc.kill()
+            proc.env["EARN_CRASH_AFTER_WALLET"] = "1"
+            proc.start()
+            await asyncio.to_thread(proc.wait_ready, 90)
+        finally:
+            proc.env.pop("EARN_CRASH_AFTER_WALLET", None)
+            self.paused = False
+        self.kills.append("loan(armed)")
+        print("mixed: the loan service will kill itself after the wallet calls of its next operation", flush=True)
+
     async def supervise(self) -> None:
         """Restart any process that exited (a background task that loses its database
         stops its process on purpose; the supervisor brings it back)."""
@@ -1044,22 +1062,30 @@ async def scenario(w: World, commands: list[Command], reference: Outcome | None 
     # Chaos: every target once at a seeded command (some during catch-ups, while ticks and
     # payouts run), the scheduler CLI at a seeded catch-up, plus a few more kills.
     kill_at: dict[int, list[str]] = {}
+    crash_at = -1
     if w.chaos is not None:
         catch_ups = [c.index for c in commands if c.kind == "catch_up"][:-1]
         targets = [t for t in TARGETS if t != "scheduler"] + [w.chaos.choice(TARGETS) for _ in range(2)]
         for index, target in zip(w.chaos.sample([c.index for c in commands[:-1]], len(targets)), targets):
             kill_at.setdefault(index, []).append(target)
         kill_at.setdefault(w.chaos.choice(catch_ups), []).append("scheduler")
-        # and the loan service or the wallet during the catch-up that settles a fixed-term
-        # loan at maturity (F0's or F1's: the first catch-up after its due hour started)
-        fixed = w.chaos.choice(("F0", "F1"))
-        borrow = next(c for c in commands if c.kind == "borrow" and c.target == fixed)
-        settling = next(c.index for c in commands if c.kind == "catch_up" and c.hour > borrow.hour + TERM_HOURS)
-        kill_at.setdefault(settling, []).append(w.chaos.choice(("loan", "wallet")))
+        # Fixed terms: the catch-up that settles F0 at maturity (the first after its due hour
+        # started) starts with a loan service that kills itself right after the wallet calls
+        # of its next operation (F0's settlement), before recording it; and the loan service
+        # or the wallet is SIGKILLed during the one that settles F1.
+        settling = {label: next(c.index for c in commands if c.kind == "catch_up" and c.hour > borrow.hour + TERM_HOURS)
+                    for label in ("F0", "F1") for borrow in [next(c for c in commands if c.kind == "borrow" and c.target == label)]}
+        if "loan" not in kill_at.get(settling["F0"], []):
+            crash_at = settling["F0"]
+        kill_at.setdefault(settling["F1"], []).append("wallet" if settling["F1"] == crash_at else w.chaos.choice(("loan", "wallet")))
     killing: asyncio.Task[None] | None = None
 
     for c in commands:
         w.move(at(c.hour, c.minute))
+        if c.index == crash_at:
+            if killing is not None:
+                await killing
+            await w.arm_loan_crash()
         for target in kill_at.get(c.index, []):
             if target == "scheduler":
                 w.pending_cli_kill.append("scheduler")
@@ -1236,6 +1262,8 @@ async def test_mixed_chaos_kills_services_broker_and_database_and_loses_nothing(
             print(f"mixed: chaos run in {time.monotonic() - started:.0f} s (waiting for the barriers {w.waited:.0f} s)", flush=True)
             print(f"mixed chaos seed {SEED}: killed {w.kills}; exited on their own and restarted: {w.restarts}; command retries: {w.retries}")
             assert set(TARGETS) <= set(w.kills), f"not every target was killed: {w.kills}"
+            if "loan(armed)" in w.kills:
+                assert "loan(exit -9)" in w.restarts, f"the loan service never killed itself after its wallet calls: {w.restarts}"
     except BaseException:
         print(f"mixed chaos FAILED for seed {SEED}; replay: {REPLAY}")
         raise
