@@ -12,7 +12,9 @@ crosses a level (``services.loan.domain`` holds the formulas):
   service liquidates by loan id and only at that version, so a trigger that raced a
   repayment is dropped there and the new state is judged again here.
 - **Interest**: every hour tick charges the hour into each open loan's debt (the same
-  rule the service applies, ``domain.charge_hours``) and judges the loan again.
+  rule the service applies, ``domain.charge_until``: a fixed-term loan is charged only
+  for the hours started by its due time, even while its settlement is pending) and
+  judges the loan again.
 
 Cost per price tick: O(log n + k) for the n loans that depend on that price alone and the
 k of them that cross, plus every loan that depends on several prices. Per asset there
@@ -78,6 +80,7 @@ class Watched:
     money: Loan
     levels: Levels
     armed: bool = True
+    due_us: int | None = None  # a fixed term's due time (None: open-ended)
     liquidation_sent: bool = False
     seq: int = 0
     entries: list[tuple[str, str, int]] = field(default_factory=list)  # (list, asset, key)
@@ -97,6 +100,13 @@ class Watched:
         assets.add(self.money.loan_asset)
         assets.discard(domain.VALUATION_ASSET)
         return assets
+
+
+def charge(w: Watched, hour: int) -> int:
+    """Hour ``hour`` has started: charge the loan's hours not charged yet by the service's
+    rule (``domain.charge_until``), so a fixed-term loan stops at its due time. Returns
+    the units added to the debt."""
+    return domain.charge_until(w.money, hour * domain.HOUR_US, w.due_us)
 
 
 def _key(trigger: Fraction | None) -> int | None:
@@ -252,9 +262,11 @@ class LtvMonitor:
 
     # ---- inputs --------------------------------------------------------------------------
 
-    def upsert(self, loan_id: str, user_id: str, version: int, money: Loan, levels: Levels, *, open_: bool = True) -> list[Action]:
+    def upsert(self, loan_id: str, user_id: str, version: int, money: Loan, levels: Levels, *, open_: bool = True,
+               due_us: int | None = None) -> list[Action]:
         """A loan's state from the service (a newer version replaces an older one; an
-        older or equal one is ignored). A closed or liquidated loan leaves the monitor."""
+        older or equal one is ignored). A closed or liquidated loan leaves the monitor.
+        ``due_us``: a fixed-term loan's due time, after which no hour is charged."""
         current = self.loans.get(loan_id)
         if current is not None and version <= current.version:
             return []
@@ -263,12 +275,12 @@ class LtvMonitor:
         if not open_:
             self.loans.pop(loan_id, None)
             return []
-        w = Watched(loan_id, user_id, version, money, levels)
+        w = Watched(loan_id, user_id, version, money, levels, due_us=due_us)
         if current is not None:
             w.armed = current.armed  # a called loan stays called until its LTV recovers
             w.seq = current.seq
         if self.hour:
-            domain.charge_hours(money, self.hour)
+            charge(w, self.hour)
         prepare(w)
         self.loans[loan_id] = w
         actions = self._judge(w)
@@ -276,10 +288,10 @@ class LtvMonitor:
         return actions
 
     def restore(self, loan_id: str, user_id: str, version: int, money: Loan, levels: Levels, armed: bool, liquidation_sent: bool,
-                seq: int) -> None:
+                seq: int, due_us: int | None = None) -> None:
         """A loan as it was saved (after a restart): filed under its triggers, not judged
         (it was judged before it was saved; the next input judges it again)."""
-        w = Watched(loan_id, user_id, version, money, levels, armed=armed, liquidation_sent=liquidation_sent, seq=seq)
+        w = Watched(loan_id, user_id, version, money, levels, armed=armed, liquidation_sent=liquidation_sent, seq=seq, due_us=due_us)
         prepare(w)
         self.loans[loan_id] = w
         self._index(w)
@@ -329,7 +341,7 @@ class LtvMonitor:
         actions: list[Action] = []
         for loan_id in sorted(self.loans):
             w = self.loans[loan_id]
-            if domain.charge_hours(w.money, hour):
+            if charge(w, hour):
                 self._unindex(w)
                 prepare(w)
                 actions += self._rejudge(w)

@@ -13,8 +13,9 @@ Two faust agents, installed by the engine's ``main`` next to the Launchpool one:
   ``loan_price_offsets`` (as many partitions as market.prices).
 - ``loan`` reads ``loan.ltv`` through the engine's ``InputGuard`` (messages faust's stream
   skips are read directly): ``LoanStateChanged`` (key = loan id; the newest version
-  replaces the loan), ``HourClosed`` (hour ``hour`` started: charge it into every open
-  loan's debt) and the copied ``PriceTick`` s. The pure ``LtvMonitor``
+  replaces the loan; ``due_at`` for a fixed term), ``HourClosed`` (hour ``hour`` started:
+  charge it into every open loan's debt, a fixed-term loan only for the hours started by
+  its due time, as the service does) and the copied ``PriceTick`` s. The pure ``LtvMonitor``
   (``services.accrual.loan``) says which loans cross; their ``LoanLtvAction`` s go to
   ``loan.actions`` as ``LoanActions`` batches (one message per input message and
   partition, at most ``BATCH_MAX`` actions each, to the same partition of loan.actions),
@@ -133,13 +134,21 @@ def money_of(msg: loan_pb2.LoanStateChanged) -> tuple[Loan, Levels]:
     return loan, levels
 
 
+def due_of(msg: loan_pb2.LoanStateChanged) -> int | None:
+    """A fixed-term loan's due time in microseconds (None: open-ended, or a state written
+    before the service sent it)."""
+    return msg.due_at.ToMicroseconds() if msg.HasField("due_at") else None
+
+
 def _dump(w: Any) -> str:
     m = w.money
+    extra = {} if w.due_us is None else {"d": w.due_us}  # a fixed term's due time (absent: open-ended)
     return json.dumps({
         "u": w.user_id, "v": w.version, "a": m.loan_asset, "s": m.scale, "p": m.principal, "i": m.interest, "r": str(m.hourly_rate),
         "sh": m.start_hour, "ct": m.charged_through, "x": str(m.exact_interest - m.charged_units),
         "c": [[c.asset, c.scale, c.amount, str(c.discount)] for c in m.collateral],
         "l": [str(x) for x in (w.levels.initial, w.levels.margin_call, w.levels.liquidation, w.levels.fee, w.levels.rearm_band)],
+        **extra,
     }, separators=(",", ":"))
 
 
@@ -168,7 +177,7 @@ def _load(monitor: LtvMonitor, loan_id: str, raw: str, arming: str | None) -> No
         armed, liq, n = flags[0] == "1", flags[1] == "1", int(seq)
     else:  # the default (armed, nothing sent), or written before the arming had its own key
         armed, liq, n = d.get("armed", True), d.get("liq", False), d.get("seq", 0)
-    monitor.restore(loan_id, d["u"], d["v"], m, Levels(*(Fraction(x) for x in d["l"])), armed, liq, n)
+    monitor.restore(loan_id, d["u"], d["v"], m, Levels(*(Fraction(x) for x in d["l"])), armed, liq, n, due_us=d.get("d"))
 
 
 class LoanEngine:
@@ -365,7 +374,8 @@ class LoanEngine:
                 SKIPPED.labels("invalid").inc()
                 log.error("LoanStateChanged refused", extra={"loan_id": msg.loan_id, "error": str(err)})
                 return
-            actions = monitor.upsert(msg.loan_id, msg.user_id, msg.version, loan, levels, open_=msg.status == loan_pb2.LOAN_STATUS_OPEN)
+            actions = monitor.upsert(msg.loan_id, msg.user_id, msg.version, loan, levels, open_=msg.status == loan_pb2.LOAN_STATUS_OPEN,
+                                     due_us=due_of(msg))
             touched = {msg.loan_id}  # the only loan a state can add, change or remove
             self._young += 1
             if self._young >= FREEZE_EVERY:

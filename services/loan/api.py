@@ -276,7 +276,7 @@ class LoanApi(loan_pb2_grpc.LoanServiceServicer):
         return carry.numerator
 
     def _state_event(self, row: dict[str, Any], coll: list[tuple[str, int, Decimal]]) -> ln.LoanStateChanged:
-        return ln.LoanStateChanged(
+        event = ln.LoanStateChanged(
             loan_id=row["loan_id"], user_id=row["user_id"], version=row["version"], status=_STATUS_OUT[row["status"]],
             loan_asset=row["loan_asset"], principal_units=str(row["principal_units"]), interest_units=str(row["interest_units"]),
             interest_carry_e10=row["carry_e10"], hourly_rate=format_amount(Decimal(row["hourly_rate"])), start_hour=row["start_hour"],
@@ -285,6 +285,9 @@ class LoanApi(loan_pb2_grpc.LoanServiceServicer):
             margin_call_ltv=str(row["margin_call_ltv"]), liquidation_ltv=str(row["liquidation_ltv"]), rearm_band=str(row["rearm_band"]),
             initial_ltv=str(row["initial_ltv"]), liquidation_fee=str(row["liquidation_fee"]),
         )
+        if row.get("due_us") is not None:  # a fixed term: the engine stops charging at its due time, like charge_until
+            event.due_at.CopyFrom(_ts(row["due_us"]))
+        return event
 
     # ---- the write machinery ---------------------------------------------------------------
 
