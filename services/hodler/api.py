@@ -35,7 +35,7 @@ from google.protobuf.message import Message
 from services.hodler import domain, metrics, store
 from services.hodler.domain import Leg, Status
 from services.kernel import deadletters, distribution, events, idempotency, inbox, paging
-from services.kernel.clock import unix_hour
+from services.kernel.clock import micros, unix_hour
 from services.kernel.config import Settings
 from services.kernel.distribution import WalletClient
 from services.kernel.errors import AlreadyExists, FailedPrecondition, InvalidArgument
@@ -112,7 +112,7 @@ class HodlerApi(hodler_pb2_grpc.HodlerServiceServicer):
         self.settle_us = int(settle_seconds * 1_000_000)
 
     def now_us(self) -> int:
-        return domain.micros(self.settings.clock.now())
+        return micros(self.settings.clock.now())
 
     # ---- messages ------------------------------------------------------------------
 

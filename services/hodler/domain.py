@@ -30,7 +30,6 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from datetime import datetime
 from decimal import Decimal, localcontext
 from enum import Enum
 from fractions import Fraction
@@ -62,12 +61,6 @@ def check_airdrop_id(value: str, field: str = "airdrop_id") -> str:
 def reward_account(airdrop_id: str) -> str:
     """The wallet owner of the airdrop's reward account (kind EXPENSE)."""
     return f"hodler:{airdrop_id}"
-
-
-def micros(moment: datetime) -> int:
-    """Whole microseconds since the epoch (exact: no float)."""
-    delta = moment - datetime(1970, 1, 1, tzinfo=moment.tzinfo)
-    return (delta.days * 86_400 + delta.seconds) * 1_000_000 + delta.microseconds
 
 
 @dataclass(frozen=True, slots=True)

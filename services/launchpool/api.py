@@ -34,7 +34,7 @@ import grpc
 from google.protobuf.message import Message
 
 from services.kernel import events, idempotency, inbox, outbox, paging, peers
-from services.kernel.clock import full_hour_field, unix_hour
+from services.kernel.clock import full_hour_field, micros, unix_hour
 from services.kernel.config import Settings
 from services.kernel.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
 from services.kernel.grpcserver import GATEWAY, OPERATOR, SERVICE, scoped_user
@@ -247,7 +247,7 @@ class LaunchpoolApi(launchpool_pb2_grpc.LaunchpoolServiceServicer):
         cap = domain.personal_cap(p["max_stake"], store.cap_tiers(p), await store.volume(conn, user))
         domain.check_stake(
             pool_id=p["pool_id"], asset=p["stake_asset"], amount=amount, current=current, minimum=p["min_stake"], cap=cap,
-            pool_cap=p["pool_cap"], pool_staked=p["staked"], now_us=store.micros(at), start_hour=p["start_hour"], end_hour=p["end_hour"],
+            pool_cap=p["pool_cap"], pool_staked=p["staked"], now_us=micros(at), start_hour=p["start_hour"], end_hour=p["end_hour"],
             newcomer_only=p["newcomer_only"],
             newcomer=(not p["newcomer_only"]) or await store.is_newcomer(conn, user, p["project_id"]),
         )
@@ -280,7 +280,7 @@ class LaunchpoolApi(launchpool_pb2_grpc.LaunchpoolServiceServicer):
             stake = await store.ensure_stake(conn, user, pool_id, at)
             if not await store.claim_hold(conn, hold_id, stake["id"], amount, at):
                 raise FailedPrecondition("idempotency_key: the funds of this request were returned; retry with a new key")
-            at_us = store.micros(at)
+            at_us = micros(at)
             change_id = await store.change_stake(conn, stake, amount, at, at_us)
             await outbox.enqueue(conn, self.settings, store.PRODUCER, at, [store.stake_event(pool_id, stake["id"], user, amount, at_us)])
             updated = await store.stake_of(conn, user, pool_id)
@@ -319,7 +319,7 @@ class LaunchpoolApi(launchpool_pb2_grpc.LaunchpoolServiceServicer):
             value = current if amount is None else amount
             domain.check_unstake(asset=row["stake_asset"], amount=value, current=current, minimum=row["min_stake"])
             assert stake is not None
-            at_us = store.micros(at)
+            at_us = micros(at)
             change_id = await store.change_stake(conn, stake, -value, at, at_us)
             left = value
             for hold_id, remaining in await store.holds_newest_first(conn, stake["id"]):

@@ -41,10 +41,6 @@ async def watermark_clock(conn: asyncpg.Connection, clock: Clock) -> datetime:
     return clock.now()
 
 
-def micros(at: datetime) -> int:
-    return int(at.timestamp()) * 1_000_000 + at.microsecond
-
-
 # ---- projects and pools -------------------------------------------------------------
 
 _POOL_COLUMNS = (

@@ -5,7 +5,7 @@ Leverage's settlement and maturity times) and ``micros_field`` (the market's tic
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta, timezone
 
 import pytest
 from hypothesis import given, strategies as st
@@ -79,3 +79,11 @@ def test_full_hour_field() -> None:
         request.until.seconds, request.until.nanos = seconds, nanos
         with pytest.raises(InvalidArgument, match="until: must be a full UTC hour"):
             full_hour_field(request, "until")
+
+
+@given(st.datetimes(min_value=datetime(1, 1, 2), max_value=datetime(9999, 12, 30), timezones=st.sampled_from([UTC, timezone(timedelta(hours=9)), timezone(-timedelta(hours=5, minutes=30))])))
+def test_micros_is_exact_for_any_aware_moment(moment: datetime) -> None:
+    """``clock.micros`` (Launchpool's stakes, HODLer's clock, the market's ticks): whole
+    microseconds since the epoch, exact (no float), whatever the datetime's zone."""
+    assert micros(moment) == (moment - datetime(1970, 1, 1, tzinfo=UTC)) // timedelta(microseconds=1)
+    assert micros(moment + timedelta(hours=1)) - micros(moment) == 3_600_000_000

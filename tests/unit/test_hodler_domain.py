@@ -6,7 +6,6 @@ Simple Earn holds count, other holders never), request validation."""
 from __future__ import annotations
 
 import random
-from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from fractions import Fraction
 
@@ -142,10 +141,6 @@ def test_status() -> None:
     assert domain.status(10, 20, 5, "distributed") is domain.Status.DISTRIBUTED
 
 
-def test_micros_is_exact() -> None:
-    moment = datetime(2031, 7, 7, 1, 2, 3, 456789, tzinfo=UTC)
-    assert domain.micros(moment) == int(datetime(2031, 7, 7, 1, 2, 3, tzinfo=UTC).timestamp()) * 1_000_000 + 456789
-    assert domain.micros(moment + timedelta(hours=1)) - domain.micros(moment) == H
 
 
 def _request(**over: object) -> dict:
