@@ -385,3 +385,44 @@ async def test_fixed_term_loan_is_settled_from_collateral_at_its_due_time_once(s
         assert await w.balance("erin", "BTC", HOLD) == 1
         totals = await w.wallet.GetLedgerTotals(wp.GetLedgerTotalsRequest(), metadata=OPERATOR)
         assert all(Decimal(t.sum) == 0 for t in totals.totals), totals
+
+
+async def test_an_overdue_fixed_term_loan_stops_growing_in_the_engine_at_its_due_time(stack) -> None:  # type: ignore[no-untyped-def]
+    """A 7-day loan whose settlement at maturity cannot run (no index within a day of its
+    due time: the hour job's call fails and is retried) stays open past its due time. The
+    engine, like the service, charges it only the hours started by the due time: hours a
+    day later add nothing to its debt, so a price at which that post-due interest would
+    cross 80% calls nothing, and the margin call at a lower price carries the LTV of the
+    due-time debt."""
+    async with world(stack, "loanoverdue") as w:
+        await w.open_desk("1000000", fixed_7_days_hourly_rate="0.000006")
+        await w.wallet.Deposit(wp.DepositRequest(idempotency_key=unique(), owner="fay", asset="BTC", amount="1"), metadata=OPERATOR)
+        await w.tick("BTC/USDT", "60000", at(9))
+        fay = (await w.loan.Borrow(ln.BorrowRequest(idempotency_key=unique(), user_id="fay", loan_asset="USDT", amount="30000",
+                                                    collateral=[ln.LoanCollateralAmount(asset="BTC", amount="1")],
+                                                    term=ln.LOAN_TERM_FIXED_7_DAYS), metadata=GATEWAY)).loan
+        due = at(10) + timedelta(days=7)
+        due_hour = int(due.timestamp()) // 3600
+        assert fay.due_at.ToDatetime(tzinfo=UTC) == due
+
+        # a day after the due time: the hours start (HourClosed reaches the engine), the settlement fails on the stale index
+        set_time(w.clock, due + timedelta(days=1, minutes=5))
+        for hour in (due_hour + 1, due_hour + 24):
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                await w.loan.StartLoanHour(ln.StartLoanHourRequest(hour=hour), metadata=SERVICE)
+            assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION and "retry later" in (err.value.details() or ""), err.value.details()
+        got = (await w.loan.GetLoan(ln.GetLoanRequest(user_id="fay", loan_id=fay.loan_id), metadata=GATEWAY)).loan
+        assert got.status == ln.LOAN_STATUS_OPEN
+
+        # 168 hours (H0+1h .. H0+7d) of 30,000 x 0.000006 = 0.18: 30,030.24 at and after the due time (30,034.56 with 24 hours more)
+        debt = Fraction(30000) + 168 * Fraction(18, 100)
+        counted_1, counted_2 = Fraction(39516) * Fraction(95, 100), Fraction(39500) * Fraction(95, 100)
+        assert debt / counted_1 < Fraction(8, 10) <= (debt + 24 * Fraction(18, 100)) / counted_1
+        await w.tick("BTC/USDT", "39516", due + timedelta(days=1, minutes=1))  # no call: post-due interest is not charged
+        await w.tick("BTC/USDT", "39500", due + timedelta(days=1, minutes=2))  # 80.03% of the due-time debt: one call
+        events = await w.wait_events("fay", fay.loan_id, [ln.LOAN_EVENT_KIND_MARGIN_CALL])
+        assert events[0].ltv == str(Decimal(round(debt / counted_2 * 10**6)).scaleb(-6)), events[0].ltv
+        await asyncio.sleep(2)  # anything later has arrived by now: still the one call
+        assert [e.kind for e in await w.events("fay", fay.loan_id)] == [ln.LOAN_EVENT_KIND_MARGIN_CALL]
+        got = (await w.loan.GetLoan(ln.GetLoanRequest(user_id="fay", loan_id=fay.loan_id), metadata=GATEWAY)).loan
+        assert got.status == ln.LOAN_STATUS_OPEN
