@@ -14,7 +14,6 @@ its margin calls) agree with the service's.
 
 from __future__ import annotations
 
-import asyncio
 import json
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
@@ -31,6 +30,7 @@ from services.loan import domain
 from services.loan.domain import HOUR_US, Collateral, Levels, Loan
 from services.market import domain as market_domain
 from services.market.simulator import tick_envelope
+from tests.unit.test_loan_agent_state import Output, run  # the agent's output sink and input loop
 
 BORROWED_HOUR = 540_000  # unix hours (2031)
 START = datetime.fromtimestamp(BORROWED_HOUR * 3600, UTC)
@@ -126,14 +126,6 @@ def test_an_overdue_loan_is_not_margin_called_for_interest_after_its_due_time() 
 # ---- the agent: the due time from the loan state to the table and back ------------------------------
 
 
-class Output:
-    def __init__(self) -> None:
-        self.actions: list[loan_pb2.LoanLtvAction] = []
-
-    async def send(self, *, key: bytes, value: bytes, partition: int) -> None:
-        self.actions.extend(events.unwrap(events.parse(value), loan_pb2.LoanActions).actions)
-
-
 def state(loan_id: str, due_us: int | None) -> bytes:
     """30,000 USDT at 0.000006 an hour against 1 BTC counted 95%, borrowed in BORROWED_HOUR."""
     msg = loan_pb2.LoanStateChanged(
@@ -153,13 +145,6 @@ def hour_closed(hour: int) -> bytes:
 
 def tick(price: str, seconds: int) -> bytes:
     return tick_envelope(BTC, Decimal(price), START + timedelta(seconds=seconds), "test")
-
-
-def run(engine: LoanEngine, inputs: list[bytes], first_offset: int = 0) -> None:
-    async def go() -> None:
-        for offset, value in enumerate(inputs, first_offset):
-            await engine.apply(0, offset, value)
-    asyncio.run(go())
 
 
 def test_the_agent_keeps_the_due_time_across_a_restart_and_reads_older_records_as_open_ended() -> None:
