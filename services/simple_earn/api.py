@@ -743,10 +743,10 @@ class SimpleEarnApi(simple_earn_pb2_grpc.SimpleEarnServiceServicer):
         decision, the event id (inbox) and the batch row under its natural key (job,
         period, partition, sequence); an item whose position another batch of the payout
         recorded is left out (the recording statement runs under a lock per payout and
-        product). Then one wallet BulkCredit pays exactly
-        the recorded items, keyed by the batch; the reinvestment holds follow, keyed by
-        (job, period, position); a last transaction marks the batch posted (its partition
-        done if it is the last) and adds the reinvested interest to the positions.
+        product). Then one wallet BulkCredit pays exactly the recorded items, keyed by the
+        batch; the reinvestment holds follow, keyed by (job, period, position); a last
+        transaction marks the batch posted (its partition done if it is the last) and adds
+        the reinvested interest to the positions.
 
         A redelivery, in the same envelope or re-emitted, finds the batch row: posted ->
         "duplicate"; recorded but not posted (a crash or a wallet outage in between) -> the

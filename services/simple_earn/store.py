@@ -584,10 +584,11 @@ async def flexible_products(conn: asyncpg.Connection, cadence: Cadence) -> list[
 # A batch is recorded in ONE transaction (record_payout_batch) before the wallet is
 # called: the items are checked against positions (CHECK_ITEMS), then, under the payout's
 # lock, their interest records inserted, what was left out and why, the reinvestment
-# decision, the event id (inbox) and the batch row with its totals (RECORD_BATCH). The wallet credit follows with a key derived from the batch; post_payout_batch
-# then marks the batch posted (and its partition done when it is the last). A redelivery
-# finds the batch row: posted -> nothing to do; not yet posted -> the same credit again
-# (the wallet answers it from its idempotency key), computed from the row, never anew.
+# decision, the event id (inbox) and the batch row with its totals (RECORD_BATCH). The
+# wallet credit follows with a key derived from the batch; post_payout_batch then marks
+# the batch posted (and its partition done when it is the last). A redelivery finds the
+# batch row: posted -> nothing to do; not yet posted -> the same credit again (the wallet
+# answers it from its idempotency key), computed from the row, never anew.
 
 
 @dataclass(frozen=True, slots=True)
