@@ -338,6 +338,18 @@ def _quote_ident(name: str) -> str:
     return '"' + name.replace('"', '""') + '"'
 
 
+def new_cluster_id(random_uuid: Callable[[], uuid.UUID] = uuid.uuid4) -> str:
+    """A KRaft cluster id: a random UUID in URL-safe base64, as Kafka's own ``Uuid.randomUuid``.
+
+    Like Kafka's, it never starts with "-": the storage tool would read such an id
+    as an option and refuse to format (1 id in 64 would).
+    """
+    while True:
+        cluster_id = base64.urlsafe_b64encode(random_uuid().bytes).rstrip(b"=").decode()
+        if not cluster_id.startswith("-"):
+            return cluster_id
+
+
 class Kafka:
     """A single-node Kafka (KRaft broker + controller) on 127.0.0.1:<EARN_KAFKA_PORT>.
 
@@ -431,9 +443,8 @@ class Kafka:
         command = [java, "-Xmx512m", "-Xms256m", "-cp", f"{KAFKA_LIBS}/*",
                    f"-Dlog4j2.configurationFile={KAFKA_DEPLOY / 'log4j2.yaml'}"]
         if not (self.log_dir / "meta.properties").exists():
-            cluster_id = base64.urlsafe_b64encode(uuid.uuid4().bytes).rstrip(b"=").decode()
             formatted = subprocess.run(
-                [*command, "kafka.tools.StorageTool", "format", "-t", cluster_id,
+                [*command, "kafka.tools.StorageTool", "format", "-t", new_cluster_id(),
                  "-c", str(self.properties)],
                 capture_output=True, text=True,
             )
