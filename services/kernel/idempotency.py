@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import hashlib
 import re
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
 from typing import TypeVar
 
 import asyncpg
@@ -52,6 +53,10 @@ def fingerprint(method: str, request: Message) -> bytes:
     return hashlib.sha256(method.encode() + b"\0" + body.SerializeToString(deterministic=True)).digest()
 
 
+def _reused(key: str) -> AlreadyExists:
+    return AlreadyExists(f"idempotency_key: {key!r} was already used for a different request")
+
+
 async def once(
     conn: asyncpg.Connection,
     *,
@@ -75,7 +80,7 @@ async def once(
             "SELECT request_hash, response FROM idempotency_keys WHERE key = $1", key
         )
         if row is None or row["request_hash"] != digest or row["response"] is None:
-            raise AlreadyExists(f"idempotency_key: {key!r} was already used for a different request")
+            raise _reused(key)
         return response_type.FromString(row["response"])
     response = await work()
     await conn.execute(
@@ -84,6 +89,72 @@ async def once(
         response.SerializeToString(deterministic=True),
     )
     return response
+
+
+@dataclass(frozen=True, slots=True)
+class Duplicate:
+    """The same request (key and body) as the batch's item ``index``: it gets that item's outcome."""
+
+    index: int
+
+
+async def claim_many(
+    conn: asyncpg.Connection, method: str, requests: Sequence[Message], response_type: type[M]
+) -> list[None | M | AlreadyExists | Duplicate]:
+    """:func:`once` for a batch of requests (group commit), inside the caller's open
+    transaction. Per request, in order: None when its key is now claimed by this
+    transaction (do the work, then :func:`store_responses`, or :func:`forget` the key of
+    a request that failed, so that it stores nothing); the stored response of a completed
+    request; ALREADY_EXISTS when the key was used for another request; or
+    :class:`Duplicate` when an earlier item of the batch has the same key and body. Keys
+    are claimed in key order, so batches that share keys do not deadlock."""
+    keys = [getattr(r, "idempotency_key") for r in requests]
+    digests = [fingerprint(method, r) for r in requests]
+    outcomes: list[None | M | AlreadyExists | Duplicate] = [None] * len(requests)
+    first: dict[str, int] = {}
+    for i, key in enumerate(keys):
+        j = first.setdefault(key, i)
+        if j != i:
+            outcomes[i] = Duplicate(j) if digests[j] == digests[i] else _reused(key)
+    ordered = sorted(first)
+    inserted = set(await conn.fetchval(
+        "WITH claimed AS (INSERT INTO idempotency_keys (key, method, request_hash)"
+        " SELECT k, $2, h FROM unnest($1::text[], $3::bytea[]) AS u(k, h)"
+        " ON CONFLICT DO NOTHING RETURNING key) SELECT coalesce(array_agg(key), '{}') FROM claimed",
+        ordered, method, [digests[first[k]] for k in ordered],
+    ))
+    taken = [k for k in ordered if k not in inserted]
+    if taken:
+        rows = {r["key"]: r for r in await conn.fetch(
+            "SELECT key, request_hash, response FROM idempotency_keys WHERE key = ANY($1::text[])", taken
+        )}
+        for key in taken:
+            i, row = first[key], rows.get(key)
+            if row is None or row["request_hash"] != digests[i] or row["response"] is None:
+                outcomes[i] = _reused(key)
+            else:
+                outcomes[i] = response_type.FromString(row["response"])
+    return outcomes
+
+
+def with_duplicates(outcomes: Sequence[object]) -> list[object]:
+    """Each :class:`Duplicate` of :func:`claim_many` given its original's outcome."""
+    return [outcomes[o.index] if isinstance(o, Duplicate) else o for o in outcomes]
+
+
+async def store_responses(conn: asyncpg.Connection, responses: Sequence[tuple[str, Message]]) -> None:
+    """The responses of the requests :func:`claim_many` claimed (key, response)."""
+    if responses:
+        await conn.execute(
+            "UPDATE idempotency_keys AS k SET response = u.response FROM unnest($1::text[], $2::bytea[]) AS u(key, response) WHERE k.key = u.key",
+            [key for key, _ in responses], [r.SerializeToString(deterministic=True) for _, r in responses],
+        )
+
+
+async def forget(conn: asyncpg.Connection, keys: Sequence[str]) -> None:
+    """Drop claimed keys of requests that failed: a failed request stores nothing."""
+    if keys:
+        await conn.execute("DELETE FROM idempotency_keys WHERE key = ANY($1::text[])", list(keys))
 
 
 async def write_once(

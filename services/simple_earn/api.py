@@ -1,7 +1,8 @@
 """Simple Earn gRPC servicer: validate and convert, call the wallet, one transaction per write.
 
 Every write validates the whole request before touching anything (bad input writes
-nothing), then runs under its client idempotency key (``idempotency.write_once``).
+nothing), then runs under its client idempotency key (``idempotency.write_once``; a
+Subscribe's record runs in its product's batch, ``idempotency.claim_many``).
 
 Cross-service consistency (the wallet is another process; its calls cannot join our
 PostgreSQL transaction), two patterns, each crash-safe:
@@ -39,6 +40,7 @@ import hashlib
 import json
 import logging
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from datetime import datetime
 from decimal import Decimal
 from typing import Any, TypeVar
@@ -51,6 +53,7 @@ from google.protobuf.unknown_fields import UnknownFieldSet
 from services.kernel import events, idempotency, outbox, paging, peers
 from services.kernel.clock import optional_timestamp_field, timestamp_field
 from services.kernel.config import Settings
+from services.kernel.groupcommit import GroupCommit
 from services.kernel.errors import AlreadyExists, DomainError, FailedPrecondition, InvalidArgument, NotFound
 from services.kernel.grpcserver import GATEWAY, OPERATOR, SERVICE, scoped_user
 from services.kernel.peers import Peer
@@ -93,6 +96,8 @@ ROLES = {
 }
 
 MAX_HOLD_ATTEMPTS = 5
+# Subscribes of one product recorded in one transaction at most.
+SUBSCRIBE_BATCH = 256
 # PayoutBatch field 7: the items of the format before columns (reserved since).
 _LEGACY_PAYOUT_ITEMS = 7
 # Reinvestment holds placed at once per batch.
@@ -100,6 +105,16 @@ REINVEST_CONCURRENCY = 16
 ACCRUAL_PARTITIONS = CATALOGUE[store.TOPIC].partitions
 
 M = TypeVar("M", bound=Message)
+
+
+@dataclass(frozen=True, slots=True)
+class _Subscription:
+    """A Subscribe whose hold is placed, waiting for its product's next record batch."""
+
+    request: simple_earn_pb2.SubscribeRequest
+    order: domain.Order
+    hold_id: int
+
 
 _KIND = {simple_earn_pb2.PRODUCT_KIND_FLEXIBLE: Kind.FLEXIBLE, simple_earn_pb2.PRODUCT_KIND_FIXED: Kind.FIXED}
 _STATUS = {simple_earn_pb2.PRODUCT_STATUS_ACTIVE: Status.ACTIVE, simple_earn_pb2.PRODUCT_STATUS_PAUSED: Status.PAUSED}
@@ -176,6 +191,10 @@ class SimpleEarnApi(simple_earn_pb2_grpc.SimpleEarnServiceServicer):
         self.settings = settings
         self.wallet = wallet
         self._payout_ids: dict[tuple[str, str], int] = {}
+        # One product's Subscribes record together (group commit): its row is locked once per batch.
+        self._subscriptions: GroupCommit[str, _Subscription, simple_earn_pb2.SubscribeResponse] = GroupCommit(
+            self._record_subscriptions, max_items=SUBSCRIBE_BATCH
+        )
 
     # ---- helpers ---------------------------------------------------------------------
 
@@ -327,6 +346,9 @@ class SimpleEarnApi(simple_earn_pb2_grpc.SimpleEarnServiceServicer):
         for the client's retry with the same key, which records it. A precondition that
         fails after the hold (quota or limit raced by a concurrent subscription) abandons
         and releases the hold before the error is returned.
+
+        The record joins the product's next batch (``_record_subscriptions``): concurrent
+        Subscribes of one product share one transaction and one lock of its row.
         """
         key = idempotency.check_key(request.idempotency_key)
         user = domain.check_user_id(request.user_id)
@@ -354,51 +376,96 @@ class SimpleEarnApi(simple_earn_pb2_grpc.SimpleEarnServiceServicer):
             self.wallet, "se:sub", "Subscribe", request, owner=user, asset=product.asset, amount=amount,
             holder=HOLDER, reference=f"simple_earn:subscribe:{product_id}", abandoned=abandoned, attempts=MAX_HOLD_ATTEMPTS,
         )
-        subscribed: list[tuple[str, str, Decimal]] = []  # filled when the work runs (not on a replay)
-
-        async def work(conn: asyncpg.Connection) -> simple_earn_pb2.SubscribeResponse:
-            at = await store.accrual_clock(conn, self.settings.clock)
-            p = await store.get_product(conn, product_id, lock=True)
-            domain.check_subscription(
-                product_id=product_id, asset=p.asset, status=p.status, limits=p.limits, amount=amount,
-                user_total=await store.user_total(conn, user, product_id), subscribed=p.subscribed,
-            )
-            start = domain.next_full_hour(at)
-            if p.kind is Kind.FLEXIBLE:
-                existing = await store.open_flexible_position(conn, user, product_id)
-                if existing is None:
-                    position_id = await store.insert_position(
-                        conn, user_id=user, product=p, auto_subscribe=request.auto_subscribe, auto_renew=False,
-                        fixed_tiers=None, accrues_from_hour=start, matures_hour=None, at=at,
-                    )
-                else:
-                    position_id = existing["id"]
-                    if request.auto_subscribe and not existing["auto_subscribe"]:
-                        await store.set_auto_subscribe(conn, position_id, True, at)
-            else:
-                position_id = await store.insert_position(
-                    conn, user_id=user, product=p, auto_subscribe=False, auto_renew=request.auto_renew, fixed_tiers=p.tiers,
-                    accrues_from_hour=start, matures_hour=domain.maturity_hour(start, p.term_days), at=at,
-                )
-            if not await store.claim_hold(conn, hold_id, position_id, amount, at):
-                raise FailedPrecondition("idempotency_key: the hold of this request was released; retry with the same key")
-            await store.add_principal(conn, position_id, product_id, amount, start, at)
-            subscription_id, row = await store.insert_user_subscription(conn, position_id, user, product_id, amount, hold_id, at)
-            subscribed.append((product_id, p.asset, amount))
-            if p.kind is Kind.FLEXIBLE:
-                await outbox.enqueue(conn, self.settings, store.PRODUCER, at, [store.position_changed(row, [(start, amount)])])
-            return simple_earn_pb2.SubscribeResponse(
-                position=store.position_message(row), subscription_id=str(subscription_id), accrues_from_hour=start
-            )
-
+        order = _Subscription(request, domain.Order(user, amount, request.auto_subscribe, request.auto_renew), hold_id)
         try:
-            response = await self._write("Subscribe", request, simple_earn_pb2.SubscribeResponse, work)
+            response = await self._subscriptions.submit(product_id, order)
         except DomainError as err:
             await self._abandon(hold_id, amount, f"Subscribe {key}: {err.message}")
             raise
-        for product, asset, value in subscribed:
-            metrics.amount(metrics.SUBSCRIBED, product, asset, value)
         return response
+
+    async def _record_subscriptions(self, product_id: str, batch: list[_Subscription]) -> list[simple_earn_pb2.SubscribeResponse | DomainError]:
+        """The record transaction of a batch of one product's Subscribes (group commit,
+        ``GroupCommit``): the product row locked once for all of them, each decided as if
+        they came one after another (``domain.plan_subscriptions``), the accepted ones
+        written in one statement. A refused Subscribe gets its own error and stores
+        nothing; its hold is abandoned by its caller, as before."""
+        metrics.SUBSCRIBE_BATCH.observe(len(batch))
+        async with self.pool.acquire() as conn, conn.transaction():
+            outcomes: list[object] = await idempotency.claim_many(conn, "Subscribe", [s.request for s in batch], simple_earn_pb2.SubscribeResponse)
+            claimed = [k for k, claim in enumerate(outcomes) if claim is None]
+            at = await store.accrual_clock(conn, self.settings.clock)
+            p = await store.get_product(conn, product_id, lock=True)
+            users = sorted({batch[k].order.user_id for k in claimed})
+            flexible = p.kind is Kind.FLEXIBLE
+            open_rows = await store.open_flexible_positions(conn, product_id, users) if flexible and users else {}
+            abandoned = await store.lock_holds(conn, [batch[k].hold_id for k in claimed])
+            for k in claimed:
+                if batch[k].hold_id in abandoned:
+                    outcomes[k] = FailedPrecondition("idempotency_key: the hold of this request was released; retry with the same key")
+            todo = [k for k in claimed if outcomes[k] is None]
+            plan = domain.plan_subscriptions(
+                product_id=product_id, asset=p.asset, kind=p.kind, status=p.status, limits=p.limits, subscribed=p.subscribed,
+                user_totals=await store.user_totals(conn, product_id, users) if users else {},
+                open_flexible={user: row["id"] for user, row in open_rows.items()}, orders=[batch[k].order for k in todo],
+            )
+            start = domain.next_full_hour(at)
+            matures = None if flexible else domain.maturity_hour(start, p.term_days)
+            new_ids = await store.new_position_ids(conn, len(plan.new_positions))
+            positions: dict[int, dict[str, Any]] = {row["id"]: dict(row) for row in open_rows.values()}
+            positions.update((i, store.new_position_row(i, owner, p, start, matures, at)) for i, owner in zip(new_ids, plan.new_positions))
+            accepted: list[tuple[int, int]] = []  # (batch index, position id)
+            for k, placed in zip(todo, plan.outcomes, strict=True):
+                if isinstance(placed, DomainError):
+                    outcomes[k] = placed
+                else:
+                    accepted.append((k, placed.existing_id if placed.existing_id is not None else new_ids[placed.new_index]))
+            if accepted:
+                responses = await self._write_subscriptions(conn, p, batch, accepted, positions, set(new_ids), start, matures, at)
+                for (k, _), response in zip(accepted, responses, strict=True):
+                    outcomes[k] = response
+            await idempotency.forget(conn, [batch[k].request.idempotency_key for k in claimed if isinstance(outcomes[k], DomainError)])
+        for k, _ in accepted:
+            metrics.amount(metrics.SUBSCRIBED, product_id, p.asset, batch[k].order.amount)
+        return idempotency.with_duplicates(outcomes)  # type: ignore[return-value]  # every item decided above
+
+    async def _write_subscriptions(
+        self, conn: asyncpg.Connection, p: store.Product, batch: list[_Subscription], accepted: list[tuple[int, int]],
+        positions: dict[int, dict[str, Any]], new_ids: set[int], start: int, matures: int | None, at: datetime,
+    ) -> list[simple_earn_pb2.SubscribeResponse]:
+        """Write a batch's accepted Subscribes and answer each with its position as it is
+        right after it (a position two of them share shows the first one's principal in
+        the first answer)."""
+        before = {i: (row["principal"], row["auto_subscribe"]) for i, row in positions.items()}
+        responses: list[simple_earn_pb2.SubscribeResponse] = []
+        events: list[outbox.Outgoing] = []
+        items: list[tuple[int, int]] = []
+        for k, position_id in accepted:
+            s, row = batch[k], positions[position_id]
+            row["principal"] += s.order.amount
+            row["auto_subscribe"] = row["auto_subscribe"] or s.order.auto_subscribe
+            if p.kind is Kind.FIXED:
+                row["auto_renew"] = s.order.auto_renew
+            responses.append(simple_earn_pb2.SubscribeResponse(position=store.position_message(row), accrues_from_hour=start))
+            if p.kind is Kind.FLEXIBLE:
+                events.append(store.position_changed(row, [(start, s.order.amount)]))
+            items.append((k, position_id))
+        new = [i for i in positions if i in new_ids]
+        grown = [i for i in positions if i not in new_ids and positions[i]["principal"] != before[i][0]]
+        rows = store.SubscriptionRows(
+            new_ids=new, new_users=[positions[i]["user_id"] for i in new], new_principals=[positions[i]["principal"] for i in new],
+            new_auto_subscribe=[positions[i]["auto_subscribe"] for i in new], new_auto_renew=[positions[i]["auto_renew"] for i in new],
+            grown_ids=grown, grown_deltas=[positions[i]["principal"] - before[i][0] for i in grown],
+            grown_auto_subscribe=[positions[i]["auto_subscribe"] for i in grown],
+            position_ids=[i for _, i in items], user_ids=[batch[k].order.user_id for k, _ in items],
+            amounts=[batch[k].order.amount for k, _ in items], hold_ids=[batch[k].hold_id for k, _ in items],
+        )
+        subscription_ids = await store.record_subscriptions(conn, p, rows, start, matures, at)
+        for (k, _), response in zip(items, responses):
+            response.subscription_id = str(subscription_ids[batch[k].hold_id])
+        await outbox.enqueue(conn, self.settings, store.PRODUCER, at, events)
+        await idempotency.store_responses(conn, [(batch[k].request.idempotency_key, r) for (k, _), r in zip(items, responses)])
+        return responses
 
     async def Redeem(self, request: simple_earn_pb2.RedeemRequest, context: grpc.aio.ServicerContext) -> simple_earn_pb2.RedeemResponse:
         """Record the redemption (records, principal changes, events and the releases to

@@ -190,6 +190,77 @@ def check_subscription(
         )
 
 
+@dataclass(frozen=True, slots=True)
+class Order:
+    """One Subscribe of a batch, as the batch plans it."""
+
+    user_id: str
+    amount: Decimal
+    auto_subscribe: bool = False
+    auto_renew: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Placement:
+    """Where an accepted subscription goes: the user's open flexible position
+    (``existing_id``) or the batch's ``new_index``-th new position."""
+
+    existing_id: int | None = None
+    new_index: int | None = None
+
+
+@dataclass(slots=True)
+class SubscriptionPlan:
+    outcomes: list[Placement | FailedPrecondition]  # per order, in order
+    new_positions: list[str]  # the owner of each new position
+    subscribed: Decimal  # the product's total after the accepted orders
+
+
+def plan_subscriptions(
+    *,
+    product_id: str,
+    asset: str,
+    kind: Kind,
+    status: Status,
+    limits: Limits,
+    subscribed: Decimal,
+    user_totals: dict[str, Decimal],
+    open_flexible: dict[str, int],
+    orders: Sequence[Order],
+) -> SubscriptionPlan:
+    """A batch of one product's Subscribes, decided as if they came one after another in
+    this order: each is checked (``check_subscription``) against the totals the ones
+    before it left, and a refused one changes nothing. A flexible product keeps one open
+    position per user (the open one, or one new one shared by the user's orders of the
+    batch); a fixed-term order opens its own."""
+    totals = dict(user_totals)
+    outcomes: list[Placement | FailedPrecondition] = []
+    new_positions: list[str] = []
+    new_flexible: dict[str, int] = {}
+    for order in orders:
+        user_total = totals.get(order.user_id, Decimal(0))
+        try:
+            check_subscription(
+                product_id=product_id, asset=asset, status=status, limits=limits, amount=order.amount,
+                user_total=user_total, subscribed=subscribed,
+            )
+        except FailedPrecondition as refused:
+            outcomes.append(refused)
+            continue
+        totals[order.user_id] = user_total + order.amount
+        subscribed += order.amount
+        if kind is Kind.FLEXIBLE and order.user_id in open_flexible:
+            outcomes.append(Placement(existing_id=open_flexible[order.user_id]))
+        elif kind is Kind.FLEXIBLE and order.user_id in new_flexible:
+            outcomes.append(Placement(new_index=new_flexible[order.user_id]))
+        else:
+            if kind is Kind.FLEXIBLE:
+                new_flexible[order.user_id] = len(new_positions)
+            new_positions.append(order.user_id)
+            outcomes.append(Placement(new_index=len(new_positions) - 1))
+    return SubscriptionPlan(outcomes, new_positions, subscribed)
+
+
 def parse_optional_amount(text: str, asset: str, field: str) -> Decimal | None:
     return None if not text else parse_amount(text, asset, field)
 

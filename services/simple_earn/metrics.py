@@ -42,6 +42,11 @@ PAYOUT_BATCH_SECONDS = Histogram(
     "Time to apply one PayoutBatch record (check, record, wallet credit, reinvestment, post), retries included.",
     buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
 )
+SUBSCRIBE_BATCH = Histogram(
+    "earn_simple_earn_subscribe_batch_size",
+    "Subscribes of one product recorded in one transaction (group commit): 1 when idle, more under load.",
+    buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256),
+)
 DEAD_LETTERS = Counter(
     "earn_simple_earn_dead_letters_total",
     "Payout records parked in dead_letters, by reason: unreadable (not parsed or not applied),"

@@ -354,6 +354,116 @@ async def abandon_hold(conn: asyncpg.Connection, hold_id: int, amount: Decimal, 
     return True
 
 
+# ---- a batch of Subscribes (group commit) ----------------------------------------------
+
+
+async def user_totals(conn: asyncpg.Connection, product_id: str, user_ids: list[str]) -> dict[str, Decimal]:
+    """``user_total`` of several users in one statement (users with nothing are left out)."""
+    rows = await conn.fetch(
+        "SELECT user_id, sum(principal) AS total FROM positions WHERE user_id = ANY($1::text[]) AND product_id = $2 AND status = 'active'"
+        " GROUP BY user_id",
+        user_ids, product_id,
+    )
+    return {r["user_id"]: r["total"] for r in rows}
+
+
+async def open_flexible_positions(conn: asyncpg.Connection, product_id: str, user_ids: list[str]) -> dict[str, asyncpg.Record]:
+    """``open_flexible_position`` of several users, locked in id order, by user."""
+    rows = await conn.fetch(
+        f"SELECT {_POSITION_COLUMNS} FROM positions WHERE user_id = ANY($1::text[]) AND product_id = $2 AND kind = 'flexible'"
+        " AND status = 'active' ORDER BY id FOR UPDATE",
+        user_ids, product_id,
+    )
+    return {r["user_id"]: r for r in rows}
+
+
+async def lock_holds(conn: asyncpg.Connection, hold_ids: list[int]) -> set[int]:
+    """``claim_hold``'s lock on several holds (in lock order, as one statement), then
+    those of them abandoned meanwhile: the rest may be claimed in this transaction."""
+    if not hold_ids:
+        return set()
+    await conn.execute(
+        "SELECT pg_advisory_xact_lock(l) FROM (SELECT DISTINCT unnest($1::bigint[]) AS l ORDER BY 1) AS locks",
+        [_hold_lock(h) for h in hold_ids],
+    )
+    rows = await conn.fetch("SELECT hold_id FROM abandoned_holds WHERE hold_id = ANY($1::bigint[])", hold_ids)
+    return {r["hold_id"] for r in rows}
+
+
+async def new_position_ids(conn: asyncpg.Connection, count: int) -> list[int]:
+    if count == 0:
+        return []
+    return await conn.fetchval(
+        "SELECT array_agg(nextval(pg_get_serial_sequence('positions', 'id'))) FROM generate_series(1, $1)", count
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class SubscriptionRows:
+    """The writes of a batch of Subscribes of one product, in columns."""
+
+    new_ids: list[int]  # new positions: id, owner, first principal and flags
+    new_users: list[str]
+    new_principals: list[Decimal]
+    new_auto_subscribe: list[bool]
+    new_auto_renew: list[bool]
+    grown_ids: list[int]  # open positions: principal added and auto-subscribe asked
+    grown_deltas: list[Decimal]
+    grown_auto_subscribe: list[bool]
+    position_ids: list[int]  # per subscription: its position, user, amount and claimed hold
+    user_ids: list[str]
+    amounts: list[Decimal]
+    hold_ids: list[int]
+
+
+async def record_subscriptions(
+    conn: asyncpg.Connection, product: Product, rows: SubscriptionRows, accrues_from_hour: int, matures_hour: int | None, at: datetime
+) -> dict[int, int]:
+    """A batch's positions, principal changes, claimed holds, user subscriptions and the
+    product's totals, in one statement (the holds locked by ``lock_holds`` and not
+    abandoned, the product row locked). Returns the subscription id per hold id."""
+    fixed_tiers = tiers_json(product.tiers) if product.kind is Kind.FIXED else None
+    found = await conn.fetch(
+        "WITH new_positions AS ("
+        "  INSERT INTO positions (id, user_id, product_id, asset, kind, principal, status, auto_subscribe, auto_renew, fixed_tiers,"
+        "   accrues_from_hour, matures_hour, opened_at, updated_at)"
+        "  SELECT u.id, u.user_id, $1, $2, $3, u.principal, 'active', u.auto_subscribe, u.auto_renew, $4::jsonb, $5, $6, $7, $7"
+        "  FROM unnest($8::bigint[], $9::text[], $10::numeric[], $11::bool[], $12::bool[]) AS u(id, user_id, principal, auto_subscribe, auto_renew)),"
+        " grown AS ("
+        "  UPDATE positions AS p SET principal = p.principal + u.delta, auto_subscribe = p.auto_subscribe OR u.auto_subscribe, updated_at = $7"
+        "  FROM unnest($13::bigint[], $14::numeric[], $15::bool[]) AS u(id, delta, auto_subscribe) WHERE p.id = u.id),"
+        " product AS ("
+        "  UPDATE products SET subscribed = subscribed + (SELECT sum(a) FROM unnest($18::numeric[]) AS a),"
+        "   open_positions = open_positions + cardinality($8::bigint[]) WHERE product_id = $1),"
+        " items AS (SELECT * FROM unnest($16::bigint[], $17::text[], $18::numeric[], $19::bigint[]) WITH ORDINALITY AS u(position_id, user_id, amount, hold_id, n)),"
+        " changes AS ("
+        "  INSERT INTO principal_changes (position_id, effective_hour, delta, created_at) SELECT position_id, $5, amount, $7 FROM items ORDER BY n),"
+        " claims AS ("
+        "  INSERT INTO position_holds (hold_id, position_id, amount, remaining, created_at) SELECT hold_id, position_id, amount, amount, $7 FROM items)"
+        " INSERT INTO subscriptions (position_id, user_id, product_id, amount, source, hold_id, created_at)"
+        " SELECT position_id, user_id, $1, amount, 'user', hold_id, $7 FROM items ORDER BY n RETURNING id, hold_id",
+        product.product_id, product.asset, product.kind.value, fixed_tiers, accrues_from_hour, matures_hour, at,
+        rows.new_ids, rows.new_users, rows.new_principals, rows.new_auto_subscribe, rows.new_auto_renew,
+        rows.grown_ids, rows.grown_deltas, rows.grown_auto_subscribe,
+        rows.position_ids, rows.user_ids, rows.amounts, rows.hold_ids,
+    )
+    return {r["hold_id"]: r["id"] for r in found}
+
+
+def new_position_row(
+    position_id: int, user_id: str, product: Product, accrues_from_hour: int, matures_hour: int | None, at: datetime
+) -> dict[str, object]:
+    """A position a batch opens, with the columns ``position_message`` and
+    ``position_changed`` read (principal 0 and no flags: the batch sets them)."""
+    return {
+        "id": position_id, "user_id": user_id, "product_id": product.product_id, "asset": product.asset, "kind": product.kind.value,
+        "principal": Decimal(0), "status": PositionStatus.ACTIVE.value, "auto_subscribe": False, "auto_renew": False,
+        "fixed_tiers": tiers_json(product.tiers) if product.kind is Kind.FIXED else None,
+        "accrues_from_hour": accrues_from_hour, "matures_hour": matures_hour, "closed_from_hour": None, "opened_at": at,
+        "interest_paid": Decimal(0),
+    }
+
+
 def _hold_lock(hold_id: int) -> int:
     return int.from_bytes(hashlib.sha256(f"simple_earn:hold:{hold_id}".encode()).digest()[:8], "big", signed=True)
 

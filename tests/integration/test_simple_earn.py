@@ -331,6 +331,96 @@ async def test_quota_race_releases_the_losers_holds(earn, wallet, earn_db, walle
     assert await earn_db.fetchval("SELECT count(*) FROM wallet_releases WHERE done_at IS NULL") == 0
 
 
+async def test_concurrent_subscribes_of_one_product_record_together_as_if_one_after_another(earn, wallet, earn_db) -> None:
+    """A hot product's Subscribes are recorded in batches (group commit): the same result
+    as one at a time, every answer the position as it was right after that Subscribe."""
+    p = await create(earn, min_subscription="1", max_per_user="12", quota="100")
+    busy, newcomer, capped = unique("busy"), unique("new"), unique("capped")
+    for u in (busy, newcomer, capped):
+        await deposit(wallet, u, "50")
+    opened = await subscribe(earn, busy, p.product_id, "2")
+    calls = [subscribe(earn, busy, p.product_id, "1", auto_subscribe=(i == 3)) for i in range(6)]
+    calls += [subscribe(earn, newcomer, p.product_id, str(i + 1)) for i in range(3)]
+    calls += [subscribe(earn, capped, p.product_id, "5") for _ in range(4)]  # at most 12 each: two fit
+    results = await asyncio.gather(*calls, return_exceptions=True)
+    refused = [r for r in results if isinstance(r, BaseException)]
+    assert len(refused) == 2 and all(r.code() == grpc.StatusCode.FAILED_PRECONDITION and "left for this user" in r.details() for r in refused)
+    ok = [r for r in results if not isinstance(r, BaseException)]
+    by_user: dict[str, list[se.SubscribeResponse]] = {}
+    for r in ok:
+        by_user.setdefault(r.position.user_id, []).append(r)
+    # One open position per user; the answers step through its principal one Subscribe at a time.
+    for user, start, steps in ((busy, Decimal(2), [Decimal(1)] * 6), (newcomer, Decimal(0), None), (capped, Decimal(0), [Decimal(5)] * 2)):
+        answers = by_user[user]
+        assert len({a.position.position_id for a in answers}) == 1
+        principals = sorted(Decimal(a.position.principal) for a in answers)
+        if steps is None:  # 1, 2 and 3 in some order: running sums of a permutation
+            assert principals[-1] == 6 and len(set(principals)) == 3
+        else:
+            assert principals == [start + sum(steps[: i + 1]) for i in range(len(steps))]
+    assert by_user[busy][0].position.position_id == opened.position.position_id
+    assert len({a.subscription_id for a in ok}) == len(ok) == 11
+    # The one that asked for auto-subscribe and every answer after it show it on.
+    busy_answers = sorted(by_user[busy], key=lambda a: Decimal(a.position.principal))
+    flags = [a.position.auto_subscribe for a in busy_answers]
+    assert flags == sorted(flags) and flags[-1]
+
+    positions = {
+        u: (await earn.ListPositions(se.ListPositionsRequest(user_id=u, product_id=p.product_id), metadata=GATEWAY)).positions
+        for u in (busy, newcomer, capped)
+    }
+    assert [(x.principal, x.auto_subscribe) for x in positions[busy]] == [("8", True)]
+    assert [x.principal for x in positions[newcomer]] == ["6"] and [x.principal for x in positions[capped]] == ["10"]
+    assert max((a for a in by_user[newcomer]), key=lambda a: Decimal(a.position.principal)).position == positions[newcomer][0]
+    product = (await earn.GetProduct(se.GetProductRequest(product_id=p.product_id), metadata=GATEWAY)).product
+    assert product.subscribed == "24"
+    rows = await earn_db.fetchrow(
+        "SELECT (SELECT sum(delta) FROM principal_changes c JOIN positions x ON x.id = c.position_id WHERE x.product_id = $1) AS changes,"
+        " (SELECT sum(amount) FROM position_holds h JOIN positions x ON x.id = h.position_id WHERE x.product_id = $1) AS held,"
+        " (SELECT count(*) FROM subscriptions WHERE product_id = $1) AS subscriptions,"
+        " (SELECT open_positions FROM products WHERE product_id = $1) AS open_positions",
+        p.product_id,
+    )
+    assert (rows["changes"], rows["held"], rows["subscriptions"], rows["open_positions"]) == (24, 24, 12, 3)
+
+    async def settled() -> None:
+        assert [await balance(wallet, u) for u in (busy, newcomer, capped)] == [42, 44, 40]
+        assert [await balance(wallet, u, HOLD) for u in (busy, newcomer, capped)] == [8, 6, 10]
+
+    await eventually(settled)
+
+
+async def test_one_key_sent_concurrently_subscribes_once(earn, wallet, earn_db) -> None:
+    p = await create(earn)
+    user = unique("u")
+    await deposit(wallet, user, "10")
+    key = unique()
+    same = await asyncio.gather(*(subscribe(earn, user, p.product_id, "1", key=key) for _ in range(4)))
+    assert all(r == same[0] for r in same)
+    other = await asyncio.gather(
+        subscribe(earn, user, p.product_id, "2", key=key), subscribe(earn, user, p.product_id, "3", key=key), return_exceptions=True
+    )
+    assert all(isinstance(r, grpc.aio.AioRpcError) and r.code() == grpc.StatusCode.ALREADY_EXISTS for r in other)
+
+    async def settled() -> None:
+        assert await balance(wallet, user) == 9 and await balance(wallet, user, HOLD) == 1
+
+    await eventually(settled)
+    assert await earn_db.fetchval("SELECT count(*) FROM subscriptions WHERE user_id = $1", user) == 1
+
+
+async def test_concurrent_fixed_term_subscribes_each_open_their_own_position(earn, wallet) -> None:
+    p = await create(earn, kind=FIXED, term_days=7)
+    user = unique("u")
+    await deposit(wallet, user, "10")
+    answers = await asyncio.gather(*(subscribe(earn, user, p.product_id, str(i + 1), auto_renew=i % 2 == 0) for i in range(4)))
+    assert sorted((a.position.principal, a.position.auto_renew) for a in answers) == [("1", True), ("2", False), ("3", True), ("4", False)]
+    assert len({a.position.position_id for a in answers}) == 4
+    listed = (await earn.ListPositions(se.ListPositionsRequest(user_id=user, product_id=p.product_id), metadata=GATEWAY)).positions
+    assert sorted(x.position_id for x in listed) == sorted(a.position.position_id for a in answers)
+    assert {x.position_id: x for x in listed} == {a.position.position_id: a.position for a in answers}
+
+
 async def test_fixed_early_redemption_allowed_or_forbidden(earn, wallet, earn_db, wallet_db) -> None:
     locked = await create(earn, FIXED, term_days=30)
     loose = await create(earn, FIXED, term_days=30, early_redeem_allowed=True)

@@ -260,3 +260,61 @@ def test_bulk_credits_are_one_per_user_in_batch_order() -> None:
     assert domain.bulk_credits(["a", "b", "c"], ["1", "2", "3"], [0, 2]) == (["a", "c"], ["1", "3"])
     # A user with two positions in the batch (one closed, one open) gets one credit of their sum.
     assert domain.bulk_credits(["a", "b", "a"], ["0.1", "2", "0.25"], None) == (["a", "b"], ["0.35", "2"])
+
+
+# ---- a batch of Subscribes (group commit) ----------------------------------------------
+
+_orders = st.lists(
+    st.builds(domain.Order, user_id=st.sampled_from(["u1", "u2", "u3"]), amount=st.integers(1, 40).map(Decimal)), max_size=30
+)
+
+
+@given(
+    orders=_orders,
+    kind=st.sampled_from(list(domain.Kind)),
+    paused=st.booleans(),
+    min_subscription=st.integers(1, 5).map(Decimal),
+    max_per_user=st.none() | st.integers(1, 100).map(Decimal),
+    quota=st.none() | st.integers(0, 200).map(Decimal),
+    held=st.dictionaries(st.sampled_from(["u1", "u2", "u3"]), st.integers(1, 30).map(Decimal)),
+)
+def test_a_batch_decides_each_subscribe_as_if_they_came_one_after_another(
+    orders, kind, paused, min_subscription, max_per_user, quota, held
+) -> None:
+    limits = Limits(min_subscription, max_per_user, quota)
+    status = Status.PAUSED if paused else Status.ACTIVE
+    subscribed = sum(held.values(), Decimal(0))
+    open_flexible = {u: 100 + i for i, u in enumerate(sorted(held))} if kind is domain.Kind.FLEXIBLE else {}
+    plan = domain.plan_subscriptions(
+        product_id="p", asset="BTC", kind=kind, status=status, limits=limits, subscribed=subscribed,
+        user_totals=held, open_flexible=open_flexible, orders=orders,
+    )
+    # The reference: one Subscribe at a time against the state the earlier ones left.
+    totals, total, owners = dict(held), subscribed, {}
+    assert len(plan.outcomes) == len(orders)
+    for order, outcome in zip(orders, plan.outcomes):
+        try:
+            domain.check_subscription(
+                product_id="p", asset="BTC", status=status, limits=limits, amount=order.amount,
+                user_total=totals.get(order.user_id, Decimal(0)), subscribed=total,
+            )
+        except FailedPrecondition as refused:
+            assert isinstance(outcome, FailedPrecondition) and outcome.message == refused.message
+            continue
+        assert isinstance(outcome, domain.Placement)
+        totals[order.user_id] = totals.get(order.user_id, Decimal(0)) + order.amount
+        total += order.amount
+        if outcome.existing_id is not None:
+            assert kind is domain.Kind.FLEXIBLE and open_flexible[order.user_id] == outcome.existing_id
+        else:
+            assert plan.new_positions[outcome.new_index] == order.user_id
+            owners.setdefault(outcome.new_index, []).append(order)
+    assert plan.subscribed == total
+    if quota is not None:
+        assert total <= max(quota, subscribed)
+    assert sorted(owners) == list(range(len(plan.new_positions)))  # every new position carries an order
+    if kind is domain.Kind.FLEXIBLE:  # one open position per user: the old one or one new one
+        assert len(set(plan.new_positions)) == len(plan.new_positions)
+        assert not set(plan.new_positions) & set(open_flexible)
+    else:  # a fixed-term Subscribe opens its own
+        assert all(len(placed) == 1 for placed in owners.values())
