@@ -2,9 +2,13 @@
 
 Every write validates the whole request before touching the database (bad input
 writes nothing), then runs under its idempotency key (``idempotency.write_once``).
+PlaceHolds that arrive together share one transaction (group commit, each still its own
+posting and hold under its own key: ``idempotency.claim_many``).
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import asyncpg
 import grpc
@@ -12,7 +16,8 @@ import grpc
 from services.kernel import idempotency, paging
 from services.kernel.clock import optional_timestamp_field
 from services.kernel.config import Settings
-from services.kernel.errors import InvalidArgument
+from services.kernel.errors import DomainError, InvalidArgument
+from services.kernel.groupcommit import GroupCommit
 from services.kernel.grpcserver import GATEWAY, OPERATOR, SERVICE
 from services.kernel.money import format_amount, parse_amount
 from services.wallet import domain, store
@@ -21,6 +26,8 @@ from services.wallet.domain import AccountKey, Kind, Order
 from earn.v1 import wallet_pb2, wallet_pb2_grpc
 
 SERVICE_NAME = "earn.v1.WalletService"
+# PlaceHolds posted in one transaction at most.
+HOLD_BATCH = 256
 
 _WRITERS = frozenset({SERVICE, OPERATOR})
 _READERS = frozenset({GATEWAY, SERVICE, OPERATOR})
@@ -76,10 +83,21 @@ def _user_account(request, kind: Kind) -> tuple[str, AccountKey]:  # type: ignor
     return asset, AccountKey(owner, asset, kind)
 
 
+@dataclass(frozen=True, slots=True)
+class _Hold:
+    """A validated PlaceHold waiting for its asset's next batch."""
+
+    request: wallet_pb2.PlaceHoldRequest
+    order: Order
+    holder: str
+
+
 class WalletApi(wallet_pb2_grpc.WalletServiceServicer):
     def __init__(self, pool: asyncpg.Pool, settings: Settings) -> None:
         self.pool = pool
         self.settings = settings
+        # Concurrent PlaceHolds of one asset share a transaction (group commit).
+        self._holds: GroupCommit[str, _Hold, wallet_pb2.PlaceHoldResponse] = GroupCommit(self._place_holds, max_items=HOLD_BATCH)
 
     # ---- transfers ------------------------------------------------------------------
 
@@ -164,15 +182,27 @@ class WalletApi(wallet_pb2_grpc.WalletServiceServicer):
         amount = parse_amount(request.amount, asset)
         reference = domain.check_reference(request.reference)
         item = Order(asset, funding, AccountKey(owner, asset, Kind.HOLD), amount, reference)
+        return await self._holds.submit(asset, _Hold(request, item, holder))
 
-        async def work(conn: asyncpg.Connection) -> wallet_pb2.PlaceHoldResponse:
-            posted = await store.post(conn, self.settings, "hold_place", [item], holder=holder)
-            row = await store.insert_hold(conn, owner, asset, holder, amount, reference, posted.created_at)
-            return wallet_pb2.PlaceHoldResponse(hold=store.hold_message(row))
-
-        return await idempotency.write_once(
-            self.pool, method="PlaceHold", request=request, response_type=wallet_pb2.PlaceHoldResponse, work=work
-        )
+    async def _place_holds(self, asset: str, batch: list[_Hold]) -> list[wallet_pb2.PlaceHoldResponse | DomainError]:
+        """The PlaceHolds of one asset that arrived together, in one transaction (group
+        commit): each is its own posting and hold, as if placed one after another, and
+        one that would overdraw gets its own FAILED_PRECONDITION and stores nothing."""
+        async with self.pool.acquire() as conn, conn.transaction():
+            outcomes: list[object] = await idempotency.claim_many(conn, "PlaceHold", [h.request for h in batch], wallet_pb2.PlaceHoldResponse)
+            todo = [k for k, claim in enumerate(outcomes) if claim is None]
+            posted = await store.post_many(conn, self.settings, "hold_place", [[batch[k].order] for k in todo], [batch[k].holder for k in todo])
+            placed = [(k, p) for k, p in zip(todo, posted, strict=True) if isinstance(p, store.Posted)]
+            for k, p in zip(todo, posted):
+                if not isinstance(p, store.Posted):
+                    outcomes[k] = p
+            if placed:
+                rows = await store.insert_holds(conn, [(batch[k].order, batch[k].holder) for k, _ in placed], placed[0][1].created_at)
+                for (k, _), row in zip(placed, rows, strict=True):
+                    outcomes[k] = wallet_pb2.PlaceHoldResponse(hold=store.hold_message(row))
+                await idempotency.store_responses(conn, [(batch[k].request.idempotency_key, outcomes[k]) for k, _ in placed])
+            await idempotency.forget(conn, [batch[k].request.idempotency_key for k in todo if isinstance(outcomes[k], DomainError)])
+        return idempotency.with_duplicates(outcomes)  # type: ignore[return-value]  # every item decided above
 
     async def _settle_hold(self, method: str, request, response_type, destination: tuple[str, Kind] | None):  # type: ignore[no-untyped-def]
         hold_id = _id(request.hold_id, "hold_id")

@@ -23,7 +23,7 @@ import asyncpg
 
 from services.kernel import outbox
 from services.kernel.config import Settings
-from services.kernel.errors import InvalidArgument, NotFound
+from services.kernel.errors import InsufficientFunds, InvalidArgument, NotFound
 from services.kernel.money import MAX_INTEGER_DIGITS, format_amount
 from services.wallet import domain
 from services.wallet.domain import AccountKey, BulkCredit, HoldState, Kind, Order
@@ -153,55 +153,32 @@ async def _fold_credits_of(conn: asyncpg.Connection, accounts: list[asyncpg.Reco
     return {r["id"]: r["balance"] for r in rows}
 
 
-# The new balances of the locked accounts ($8 ids, $9 balances), the posting and its
-# transfers in one statement (one round trip, a prepared statement): each transfer takes
-# the next id in the order given ($3..$7 hold one element per order); returns the
-# posting's id and time and the transfer ids in that order.
-_INSERT_POSTING = """
+# The new balances of the locked accounts ($8 ids, $9 balances), $10 postings and their
+# transfers in one statement (one round trip, a prepared statement): $3..$7 and $11 hold
+# one element per transfer, $11 the number (1 to $10) of its posting; postings and
+# transfers take the next ids in the order given. Returns the posting ids and the
+# transfer ids, each in that order.
+_INSERT_POSTINGS = """
 WITH balance AS (
     UPDATE accounts SET balance = t.b FROM unnest($8::bigint[], $9::numeric[]) AS t(i, b) WHERE id = t.i
-), posting AS (
-    INSERT INTO postings (kind, created_at) VALUES ($1, $2) RETURNING id, created_at
+), posting AS MATERIALIZED (
+    SELECT n, nextval('postings_id_seq') AS id FROM generate_series(1, $10::integer) AS n ORDER BY n
+), posted AS (
+    INSERT INTO postings (id, kind, created_at) SELECT id, $1, $2 FROM posting
 ), item AS MATERIALIZED (
     SELECT nextval('transfers_id_seq') AS id, t.*
     FROM (
-        SELECT * FROM unnest($3::text[], $4::bigint[], $5::bigint[], $6::numeric[], $7::text[])
-            WITH ORDINALITY AS u(asset, source_id, destination_id, amount, reference, n)
+        SELECT * FROM unnest($3::text[], $4::bigint[], $5::bigint[], $6::numeric[], $7::text[], $11::integer[])
+            WITH ORDINALITY AS u(asset, source_id, destination_id, amount, reference, p, n)
         ORDER BY n
     ) t
 ), inserted AS (
     INSERT INTO transfers (id, posting_id, asset, source_id, destination_id, amount, reference, created_at)
-    SELECT item.id, posting.id, item.asset, item.source_id, item.destination_id, item.amount, item.reference, posting.created_at
-    FROM item CROSS JOIN posting
+    SELECT item.id, posting.id, item.asset, item.source_id, item.destination_id, item.amount, item.reference, $2
+    FROM item JOIN posting ON posting.n = item.p
 )
-SELECT posting.id, posting.created_at, (SELECT array_agg(item.id ORDER BY item.n) FROM item) FROM posting
+SELECT (SELECT array_agg(id ORDER BY n) FROM posting), (SELECT array_agg(item.id ORDER BY item.n) FROM item)
 """
-
-
-async def _insert_posting(
-    conn: asyncpg.Connection,
-    kind: str,
-    orders: list[Order],
-    source_ids: list[int],
-    destination_ids: list[int],
-    at: datetime,
-    balances: dict[int, Decimal],
-) -> tuple[int, datetime, list[int]]:
-    """Set the locked accounts' new ``balances`` (by id), insert the posting and its
-    transfers."""
-    posting_id, created_at, transfer_ids = await conn.fetchrow(
-        _INSERT_POSTING,
-        kind,
-        at,
-        [o.asset for o in orders],
-        source_ids,
-        destination_ids,
-        [o.amount for o in orders],
-        [o.reference for o in orders],
-        list(balances),
-        list(balances.values()),
-    )
-    return posting_id, created_at, transfer_ids
 
 
 async def post(
@@ -217,27 +194,65 @@ async def post(
     if bulk is not None:
         posted = await post_bulk_credit(conn, settings, kind, bulk)
         return Posted(posted.posting_id, posted.created_at, [])
-    keys = {o.source for o in orders} | {o.destination for o in orders}
+    (outcome,) = await post_many(conn, settings, kind, [orders], [holder])
+    if isinstance(outcome, InsufficientFunds):
+        raise outcome
+    return outcome
+
+
+async def post_many(
+    conn: asyncpg.Connection, settings: Settings, kind: str, postings: list[list[Order]], holders: list[str]
+) -> list[Posted | InsufficientFunds]:
+    """Postings of ``kind`` (none a bulk credit) in one go (group commit), each atomic on
+    its own, as if posted one after another in this order: one that would overdraw an
+    account gets its InsufficientFunds and changes nothing. Their accounts are locked
+    once, their balances, postings and transfers written in one statement, and each
+    posting announced with its own event (``holders[i]``: as ``post``'s ``holder``)."""
+    keys = {key for orders in postings for o in orders for key in (o.source, o.destination)}
     locked = await lock_accounts(conn, keys)
-    balances, applied = domain.apply({k: v[1] for k, v in locked.items()}, orders)
+    current = {k: v[1] for k, v in locked.items()}
+    outcomes: list[Posted | InsufficientFunds | None] = []
+    accepted: list[tuple[int, list[Order], list[domain.Applied]]] = []
+    for i, orders in enumerate(postings):
+        mine = {key: current[key] for o in orders for key in (o.source, o.destination)}
+        try:
+            after, applied = domain.apply(mine, orders)
+        except InsufficientFunds as refused:
+            outcomes.append(refused)
+            continue
+        current.update(after)
+        outcomes.append(None)
+        accepted.append((i, orders, applied))
+    if not accepted:
+        return outcomes  # type: ignore[return-value]  # every posting refused
     ids = {k: v[0] for k, v in locked.items()}
-    touched = {ids[k]: balances[k] for k in balances if balances[k] != locked[k][1]}
-    posting_id, created_at, transfer_ids = await _insert_posting(
-        conn, kind, orders, [ids[o.source] for o in orders], [ids[o.destination] for o in orders], settings.clock.now(), touched
+    touched = {ids[k]: current[k] for k in current if current[k] != locked[k][1]}
+    flat = [(n, o) for n, (_, orders, _) in enumerate(accepted, start=1) for o in orders]
+    at = settings.clock.now()
+    posting_ids, transfer_ids = await conn.fetchrow(
+        _INSERT_POSTINGS,
+        kind, at,
+        [o.asset for _, o in flat], [ids[o.source] for _, o in flat], [ids[o.destination] for _, o in flat],
+        [o.amount for _, o in flat], [o.reference for _, o in flat],
+        list(touched), list(touched.values()), len(accepted), [n for n, _ in flat],
     )
-    posted = Posted(posting_id, created_at, transfer_ids)
-    message = _event(kind, posted)
-    message.holder = holder
-    message.transfers.extend(
-        wallet_pb2.PostedTransfer(
-            transfer=transfer_message(tid, posting_id, a.order, created_at),
-            source_balance_after=format_amount(a.source_after),
-            destination_balance_after=format_amount(a.destination_after),
+    events: list[outbox.Outgoing] = []
+    next_transfer = iter(transfer_ids)
+    for posting_id, (i, orders, applied) in zip(posting_ids, accepted, strict=True):
+        posted = outcomes[i] = Posted(posting_id, at, [next(next_transfer) for _ in orders])
+        message = _event(kind, posted)
+        message.holder = holders[i]
+        message.transfers.extend(
+            wallet_pb2.PostedTransfer(
+                transfer=transfer_message(tid, posting_id, a.order, at),
+                source_balance_after=format_amount(a.source_after),
+                destination_balance_after=format_amount(a.destination_after),
+            )
+            for tid, a in zip(posted.transfer_ids, applied, strict=True)
         )
-        for tid, a in zip(transfer_ids, applied, strict=True)
-    )
-    await _announce(conn, settings, posted, message)
-    return posted
+        events.append(outbox.Outgoing(TOPIC, str(posting_id), message))
+    await outbox.enqueue(conn, settings, PRODUCER, at, events)
+    return outcomes  # type: ignore[return-value]  # each posting decided above
 
 
 # ---- bulk credits ----------------------------------------------------------------------
@@ -436,12 +451,6 @@ def _event(kind: str, posted: Posted) -> wallet_pb2.TransfersPosted:
     return message
 
 
-async def _announce(conn: asyncpg.Connection, settings: Settings, posted: Posted, message: wallet_pb2.TransfersPosted) -> None:
-    await outbox.enqueue(
-        conn, settings, PRODUCER, posted.created_at, [outbox.Outgoing(TOPIC, str(posted.posting_id), message)]
-    )
-
-
 def account_ref(key: AccountKey) -> wallet_pb2.AccountRef:
     return wallet_pb2.AccountRef(owner=key.owner, kind=KIND_TO_PROTO[key.kind])
 
@@ -494,12 +503,21 @@ def hold_message(row: asyncpg.Record) -> wallet_pb2.Hold:
     return msg
 
 
-async def insert_hold(conn: asyncpg.Connection, owner: str, asset: str, holder: str, amount: Decimal, reference: str, at: datetime) -> asyncpg.Record:
-    return await conn.fetchrow(
-        "INSERT INTO holds (owner, asset, holder, amount, remaining, reference, created_at, updated_at)"
-        f" VALUES ($1, $2, $3, $4, $4, $5, $6, $6) RETURNING {_HOLD_COLUMNS}",
-        owner, asset, holder, amount, reference, at,
+async def insert_holds(
+    conn: asyncpg.Connection, holds: list[tuple[Order, str]], at: datetime
+) -> list[asyncpg.Record]:
+    """The holds of a batch of PlaceHolds (the order placing each and its holder), with
+    ids in the order given; their rows in that order."""
+    rows = await conn.fetch(
+        "WITH hold AS MATERIALIZED (SELECT n, nextval('holds_id_seq') AS id FROM generate_series(1, cardinality($1::text[])) AS n ORDER BY n)"
+        " INSERT INTO holds (id, owner, asset, holder, amount, remaining, reference, created_at, updated_at)"
+        " SELECT hold.id, u.owner, u.asset, u.holder, u.amount, u.amount, u.reference, $6, $6"
+        " FROM unnest($1::text[], $2::text[], $3::text[], $4::numeric[], $5::text[]) WITH ORDINALITY AS u(owner, asset, holder, amount, reference, n)"
+        f" JOIN hold ON hold.n = u.n RETURNING {_HOLD_COLUMNS}",
+        [o.source.owner for o, _ in holds], [o.asset for o, _ in holds], [h for _, h in holds], [o.amount for o, _ in holds],
+        [o.reference for o, _ in holds], at,
     )
+    return sorted(rows, key=lambda r: r["id"])
 
 
 async def lock_hold(conn: asyncpg.Connection, hold_id: int) -> HoldState:

@@ -160,6 +160,40 @@ async def test_holds_place_release_capture(wallet) -> None:
     assert err.value.code() == grpc.StatusCode.NOT_FOUND
 
 
+async def test_concurrent_holds_post_together_each_its_own_posting_and_never_overdraw(wallet, wallet_db) -> None:
+    """PlaceHolds that arrive together share a transaction (group commit): each is still
+    its own posting, transfer, hold and event, and one that would overdraw is refused alone."""
+    alice, bob = unique("alice"), unique("bob")
+    await deposit(wallet, alice, "10")
+    await deposit(wallet, bob, "3")
+
+    def hold(owner: str, amount: str, key: str | None = None) -> wallet_pb2.PlaceHoldRequest:
+        return wallet_pb2.PlaceHoldRequest(idempotency_key=key or unique(), owner=owner, asset="BTC", amount=amount, holder="simple_earn")
+
+    before = await snapshot(wallet_db)
+    retried = hold(bob, "1")
+    requests = [hold(alice, "1") for _ in range(14)] + [hold(bob, "1"), retried, retried, hold(bob, "2", retried.idempotency_key)]
+    requests.append(hold(bob, "0.5"))
+    results = await asyncio.gather(*(wallet.PlaceHold(r, metadata=SERVICE) for r in requests), return_exceptions=True)
+    alices = results[:14]
+    assert sum(isinstance(r, wallet_pb2.PlaceHoldResponse) for r in alices) == 10
+    assert {(e.code(), f"insufficient funds in {alice}/BTC/funding: short by 1 BTC" in e.details()) for e in alices
+            if isinstance(e, grpc.aio.AioRpcError)} == {(grpc.StatusCode.FAILED_PRECONDITION, True)}
+    first, again, reused = results[15:18]
+    assert again == first and isinstance(first, wallet_pb2.PlaceHoldResponse)  # one key, one hold
+    assert isinstance(reused, grpc.aio.AioRpcError) and reused.code() == grpc.StatusCode.ALREADY_EXISTS
+    assert all(isinstance(r, wallet_pb2.PlaceHoldResponse) for r in (results[14], results[18]))
+    assert (await balance(wallet, alice), await balance(wallet, alice, kind=HOLD)) == (0, 10)
+    assert (await balance(wallet, bob), await balance(wallet, bob, kind=HOLD)) == (Decimal("0.5"), Decimal("2.5"))
+    placed = [r.hold for r in results if isinstance(r, wallet_pb2.PlaceHoldResponse)]
+    assert len({h.hold_id for h in placed}) == 13 and all(h.remaining == h.amount for h in placed)
+    after = await snapshot(wallet_db)
+    # 13 holds, each its own posting with one transfer, and 13 keys: nothing of the refused ones.
+    assert (after[2] - before[2], after[3] - before[3], after[4] - before[4], after[6] - before[6]) == (13, 13, 13, 13)
+    kinds = await wallet_db.fetch("SELECT kind, count(*) FROM postings WHERE id > $1 GROUP BY kind", before[7])
+    assert [tuple(r) for r in kinds] == [("hold_place", 13)]
+
+
 async def test_list_transfers_pages_oldest_first(wallet) -> None:
     alice, bob = unique("alice"), unique("bob")
     await deposit(wallet, alice, "1")
