@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import hashlib
 import re
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import asyncpg
 from google.protobuf.message import Message
@@ -190,8 +190,24 @@ async def replay(
     ``shown`` (default: the key), e.g. the ``client_order_id`` a key derives from."""
     key = getattr(request, "idempotency_key") if key is None else key
     row = await conn.fetchrow("SELECT request_hash, response FROM idempotency_keys WHERE key = $1", key)
-    if row is None:
+    return stored_response(row, method, request, response_type, key=key, field=field, shown=shown)
+
+
+def stored_response(
+    row: Mapping[str, Any] | None,
+    method: str,
+    request: Message,
+    response_type: type[M],
+    *,
+    key: str | None = None,
+    field: str = "idempotency_key",
+    shown: str | None = None,
+) -> M | None:
+    """:func:`replay` from a key's row (its ``request_hash`` and ``response``, both None
+    when there is no row) read by the caller together with other things."""
+    if row is None or row["request_hash"] is None:
         return None
     if row["request_hash"] != fingerprint(method, request) or row["response"] is None:
+        key = getattr(request, "idempotency_key") if key is None else key
         raise AlreadyExists(f"{field}: {(key if shown is None else shown)!r} was already used for a different request")
     return response_type.FromString(row["response"])

@@ -36,6 +36,9 @@ TIMEOUT_SECONDS = 30
 _UNAVAILABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
 
 
+TOO_MANY_ATTEMPTS = "idempotency_key: this request failed too many times; retry with a new key"
+
+
 class Unavailable(DomainError):
     code = "UNAVAILABLE"
 
@@ -91,10 +94,11 @@ async def place_hold(
     amount: Decimal,
     holder: str,
     reference: str,
-    abandoned: Callable[[int], Awaitable[bool]],
+    abandoned: Callable[[int], Awaitable[bool]] | None,
     attempts: int = 5,
+    first_attempt: int = 0,
     key: str | None = None,
-    refused: str = "idempotency_key: this request failed too many times; retry with a new key",
+    refused: str = TOO_MANY_ATTEMPTS,
 ) -> int:
     """The wallet hold of a client write (Simple Earn's Subscribe, Launchpool's Stake,
     Dual's SubscribeDual), placed before the write's transaction: under the wallet key
@@ -102,10 +106,12 @@ async def place_hold(
     (``key`` defaults to the request's ``idempotency_key``), so a retry of the same request
     gets the same hold back. A hold the service has ``abandoned`` (an earlier attempt
     failed and released it) is never used again: the next attempt asks for a new one;
-    after ``attempts``, FAILED_PRECONDITION ``refused``."""
+    after ``attempts``, FAILED_PRECONDITION ``refused``. A caller that checks for an
+    abandoned hold itself, later (``abandoned`` None), asks again from ``first_attempt``
+    = the next attempt number when it finds one."""
     key = getattr(request, "idempotency_key") if key is None else key
     base = hashlib.sha256(key.encode() + b"\0" + idempotency.fingerprint(method, request)).hexdigest()[:40]
-    for attempt in range(attempts):
+    for attempt in range(first_attempt, attempts):
         reply = await wallet.call(
             "PlaceHold",
             wallet_pb2.PlaceHoldRequest(
@@ -114,7 +120,7 @@ async def place_hold(
             ),
         )
         hold_id = int(reply.hold.hold_id)
-        if not await abandoned(hold_id):
+        if abandoned is None or not await abandoned(hold_id):
             return hold_id
     raise FailedPrecondition(refused)
 

@@ -107,6 +107,11 @@ ACCRUAL_PARTITIONS = CATALOGUE[store.TOPIC].partitions
 M = TypeVar("M", bound=Message)
 
 
+class _HoldAbandoned(FailedPrecondition):
+    """A Subscribe's hold that an earlier attempt of the request abandoned: Subscribe
+    places the next attempt's hold and records again (the client never sees this)."""
+
+
 @dataclass(frozen=True, slots=True)
 class _Subscription:
     """A Subscribe whose hold is placed, waiting for its product's next record batch."""
@@ -353,36 +358,35 @@ class SimpleEarnApi(simple_earn_pb2_grpc.SimpleEarnServiceServicer):
         key = idempotency.check_key(request.idempotency_key)
         user = domain.check_user_id(request.user_id)
         product_id = domain.check_product_id(request.product_id)
-        # The reads before the wallet call share one pooled connection (not one each).
-        async with self.pool.acquire() as conn:
-            product = await store.get_product(conn, product_id)
-            amount = parse_amount(request.amount, product.asset, "amount")
-            if product.kind is Kind.FLEXIBLE and request.auto_renew:
-                raise InvalidArgument("auto_renew", "applies to fixed-term products only")
-            if product.kind is Kind.FIXED and request.auto_subscribe:
-                raise InvalidArgument("auto_subscribe", "applies to flexible products only")
-            if (stored := await idempotency.replay(conn, "Subscribe", request, simple_earn_pb2.SubscribeResponse)) is not None:
-                return stored
-            # Refuse before touching the wallet when the state already forbids it.
-            domain.check_subscription(
-                product_id=product_id, asset=product.asset, status=product.status, limits=product.limits, amount=amount,
-                user_total=await store.user_total(conn, user, product_id), subscribed=product.subscribed,
-            )
-
-        async def abandoned(hold_id: int) -> bool:
-            return await store.hold_claim(self.pool, hold_id) == "abandoned"
-
-        hold_id = await peers.place_hold(
-            self.wallet, "se:sub", "Subscribe", request, owner=user, asset=product.asset, amount=amount,
-            holder=HOLDER, reference=f"simple_earn:subscribe:{product_id}", abandoned=abandoned, attempts=MAX_HOLD_ATTEMPTS,
+        product, user_total, key_row = await store.subscribe_context(self.pool, product_id, user, key)
+        amount = parse_amount(request.amount, product.asset, "amount")
+        if product.kind is Kind.FLEXIBLE and request.auto_renew:
+            raise InvalidArgument("auto_renew", "applies to fixed-term products only")
+        if product.kind is Kind.FIXED and request.auto_subscribe:
+            raise InvalidArgument("auto_subscribe", "applies to flexible products only")
+        if (stored := idempotency.stored_response(key_row, "Subscribe", request, simple_earn_pb2.SubscribeResponse)) is not None:
+            return stored
+        # Refuse before touching the wallet when the state already forbids it.
+        domain.check_subscription(
+            product_id=product_id, asset=product.asset, status=product.status, limits=product.limits, amount=amount,
+            user_total=user_total, subscribed=product.subscribed,
         )
-        order = _Subscription(request, domain.Order(user, amount, request.auto_subscribe, request.auto_renew), hold_id)
-        try:
-            response = await self._subscriptions.submit(product_id, order)
-        except DomainError as err:
-            await self._abandon(hold_id, amount, f"Subscribe {key}: {err.message}")
-            raise
-        return response
+        order = domain.Order(user, amount, request.auto_subscribe, request.auto_renew)
+        # Whether a hold was abandoned by an earlier attempt is checked in the record
+        # batch, under the hold's lock: then the next attempt places a new hold.
+        for attempt in range(MAX_HOLD_ATTEMPTS):
+            hold_id = await peers.place_hold(
+                self.wallet, "se:sub", "Subscribe", request, owner=user, asset=product.asset, amount=amount, holder=HOLDER,
+                reference=f"simple_earn:subscribe:{product_id}", abandoned=None, attempts=attempt + 1, first_attempt=attempt,
+            )
+            try:
+                return await self._subscriptions.submit(product_id, _Subscription(request, order, hold_id))
+            except _HoldAbandoned:
+                continue
+            except DomainError as err:
+                await self._abandon(hold_id, amount, f"Subscribe {key}: {err.message}")
+                raise
+        raise FailedPrecondition(peers.TOO_MANY_ATTEMPTS)
 
     async def _record_subscriptions(self, product_id: str, batch: list[_Subscription]) -> list[simple_earn_pb2.SubscribeResponse | DomainError]:
         """The record transaction of a batch of one product's Subscribes (group commit,
@@ -402,7 +406,7 @@ class SimpleEarnApi(simple_earn_pb2_grpc.SimpleEarnServiceServicer):
             abandoned = await store.lock_holds(conn, [batch[k].hold_id for k in claimed])
             for k in claimed:
                 if batch[k].hold_id in abandoned:
-                    outcomes[k] = FailedPrecondition("idempotency_key: the hold of this request was released; retry with the same key")
+                    outcomes[k] = _HoldAbandoned(f"hold {batch[k].hold_id} was abandoned by an earlier attempt")
             todo = [k for k in claimed if outcomes[k] is None]
             plan = domain.plan_subscriptions(
                 product_id=product_id, asset=p.asset, kind=p.kind, status=p.status, limits=p.limits, subscribed=p.subscribed,

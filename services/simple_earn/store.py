@@ -113,6 +113,23 @@ async def get_product(conn: asyncpg.Connection | asyncpg.Pool, product_id: str, 
     return _product(row)
 
 
+async def subscribe_context(pool: asyncpg.Pool, product_id: str, user_id: str, key: str) -> tuple[Product, Decimal, asyncpg.Record]:
+    """What a Subscribe reads before its wallet hold, in one statement: the product, the
+    user's active total in it, and the client key's row (``request_hash`` and
+    ``response``, None when the key is new)."""
+    row = await pool.fetchrow(
+        f"SELECT {_PRODUCT_COLUMNS},"
+        " (SELECT coalesce(sum(principal), 0) FROM positions WHERE user_id = $2 AND product_id = $1 AND status = 'active') AS user_total,"
+        " k.request_hash, k.response"
+        " FROM products LEFT JOIN LATERAL (SELECT request_hash, response FROM idempotency_keys WHERE key = $3) AS k ON true"
+        " WHERE product_id = $1",
+        product_id, user_id, key,
+    )
+    if row is None:
+        raise NotFound(f"product_id: no product {product_id}")
+    return _product(row), row["user_total"], row
+
+
 async def list_products(pool: asyncpg.Pool, asset: str) -> list[Product]:
     rows = await pool.fetch(f"SELECT {_PRODUCT_COLUMNS} FROM products WHERE ($1 = '' OR asset = $1) ORDER BY product_id", asset)
     return [_product(r) for r in rows]
@@ -215,12 +232,6 @@ async def open_flexible_position(conn: asyncpg.Connection, user_id: str, product
     )
 
 
-async def user_total(conn: asyncpg.Connection | asyncpg.Pool, user_id: str, product_id: str) -> Decimal:
-    return await conn.fetchval(
-        "SELECT coalesce(sum(principal), 0) FROM positions WHERE user_id = $1 AND product_id = $2 AND status = 'active'", user_id, product_id
-    )
-
-
 async def insert_position(
     conn: asyncpg.Connection,
     *,
@@ -319,15 +330,6 @@ def position_changed(row: asyncpg.Record, changes: list[tuple[int, Decimal]], cl
 
 
 # ---- holds ---------------------------------------------------------------------------
-
-
-async def hold_claim(conn: asyncpg.Connection | asyncpg.Pool, hold_id: int) -> str | None:
-    """'used' (it carries a position), 'abandoned' (released after a failure) or None."""
-    return await conn.fetchval(  # one statement (one snapshot, one round trip)
-        "SELECT CASE WHEN EXISTS (SELECT 1 FROM position_holds WHERE hold_id = $1) THEN 'used'"
-        " WHEN EXISTS (SELECT 1 FROM abandoned_holds WHERE hold_id = $1) THEN 'abandoned' END",
-        hold_id,
-    )
 
 
 async def claim_hold(conn: asyncpg.Connection, hold_id: int, position_id: int, amount: Decimal, at: datetime) -> bool:

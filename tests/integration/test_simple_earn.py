@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import tempfile
 import time
 import urllib.request
@@ -24,7 +25,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from earn.v1 import accrual_pb2, simple_earn_pb2 as se, simple_earn_pb2_grpc, wallet_pb2, wallet_pb2_grpc
 from services.devstack.processes import PROCESSES, ManagedProcess, ProcessSpec
-from services.kernel import events
+from services.kernel import events, idempotency
 from services.kernel.clock import set_time
 from services.kernel.config import Settings
 from services.kernel.money import EXACT, truncate
@@ -316,7 +317,8 @@ async def test_quota_race_releases_the_losers_holds(earn, wallet, earn_db, walle
     users = [unique("racer") for _ in range(6)]
     for u in users:
         await deposit(wallet, u, "2")
-    results = await asyncio.gather(*(subscribe(earn, u, p.product_id, "1") for u in users), return_exceptions=True)
+    keys = {u: unique() for u in users}
+    results = await asyncio.gather(*(subscribe(earn, u, p.product_id, "1", key=keys[u]) for u in users), return_exceptions=True)
     ok = [r for r in results if not isinstance(r, BaseException)]
     refused = [r for r in results if isinstance(r, grpc.aio.AioRpcError)]
     assert len(ok) == 3 and len(refused) == 3
@@ -329,6 +331,47 @@ async def test_quota_race_releases_the_losers_holds(earn, wallet, earn_db, walle
 
     await eventually(settled)
     assert await earn_db.fetchval("SELECT count(*) FROM wallet_releases WHERE done_at IS NULL") == 0
+
+    # The losers retry with their keys once there is room: a hold released by the first
+    # attempt is never used again, the retry places the next one (the client sees none of it).
+    losers = [u for u, r in zip(users, results) if isinstance(r, BaseException)]
+    await earn.UpdateProduct(se.UpdateProductRequest(idempotency_key=unique(), product_id=p.product_id, status=se.PRODUCT_STATUS_ACTIVE, quota="6"), metadata=OPERATOR)
+    retried = await asyncio.gather(*(subscribe(earn, u, p.product_id, "1", key=keys[u]) for u in losers))
+    assert [r.position.principal for r in retried] == ["1"] * 3
+    assert len({r.position.position_id for r in retried}) == 3
+
+    async def all_in() -> None:
+        assert [await balance(wallet, u) for u in users] == [1] * 6 and [await balance(wallet, u, HOLD) for u in users] == [1] * 6
+
+    await eventually(all_in)
+    claimed = await earn_db.fetch(
+        "SELECT h.hold_id, a.hold_id IS NOT NULL AS abandoned FROM position_holds h JOIN positions x ON x.id = h.position_id"
+        " LEFT JOIN abandoned_holds a ON a.hold_id = h.hold_id WHERE x.product_id = $1", p.product_id,
+    )
+    assert len(claimed) == 6 and not any(r["abandoned"] for r in claimed)
+
+
+async def test_a_retry_whose_first_hold_was_abandoned_places_the_next_one(earn, wallet, earn_db) -> None:
+    p = await create(earn)
+    user = unique("u")
+    await deposit(wallet, user, "5")
+    request = se.SubscribeRequest(idempotency_key=unique(), user_id=user, product_id=p.product_id, amount="2")
+    # The first attempt placed its hold (the wallet key Subscribe derives), failed after it,
+    # and Simple Earn abandoned and released that hold.
+    base = hashlib.sha256(request.idempotency_key.encode() + b"\0" + idempotency.fingerprint("Subscribe", request)).hexdigest()[:40]
+    first = await wallet.PlaceHold(
+        wallet_pb2.PlaceHoldRequest(idempotency_key=f"se:sub:{base}:0", owner=user, asset="BTC", amount="2", holder="simple_earn",
+                                   reference=f"simple_earn:subscribe:{p.product_id}"), metadata=SERVICE
+    )
+    await earn_db.execute("INSERT INTO abandoned_holds (hold_id, reason) VALUES ($1, 'an earlier attempt failed')", int(first.hold.hold_id))
+    await wallet.ReleaseHold(wallet_pb2.ReleaseHoldRequest(idempotency_key=unique(), hold_id=first.hold.hold_id, amount="2"), metadata=SERVICE)
+
+    answer = await earn.Subscribe(request, metadata=GATEWAY)
+    assert answer.position.principal == "2"
+    assert await earn.Subscribe(request, metadata=GATEWAY) == answer
+    used = await earn_db.fetch("SELECT h.hold_id FROM position_holds h JOIN positions x ON x.id = h.position_id WHERE x.user_id = $1", user)
+    assert [r["hold_id"] for r in used] != [int(first.hold.hold_id)] and len(used) == 1
+    assert (await balance(wallet, user), await balance(wallet, user, HOLD)) == (3, 2)
 
 
 async def test_concurrent_subscribes_of_one_product_record_together_as_if_one_after_another(earn, wallet, earn_db) -> None:
