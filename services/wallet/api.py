@@ -92,6 +92,14 @@ class _Hold:
     holder: str
 
 
+class _Refused(Exception):
+    """Rolls back a round of PlaceHolds in which some were refused (by batch index)."""
+
+    def __init__(self, errors: dict[int, DomainError]) -> None:
+        super().__init__(f"{len(errors)} refused")
+        self.errors = errors
+
+
 class WalletApi(wallet_pb2_grpc.WalletServiceServicer):
     def __init__(self, pool: asyncpg.Pool, settings: Settings) -> None:
         self.pool = pool
@@ -186,23 +194,42 @@ class WalletApi(wallet_pb2_grpc.WalletServiceServicer):
 
     async def _place_holds(self, asset: str, batch: list[_Hold]) -> list[wallet_pb2.PlaceHoldResponse | DomainError]:
         """The PlaceHolds of one asset that arrived together, in one transaction (group
-        commit): each is its own posting and hold, as if placed one after another, and
-        one that would overdraw gets its own FAILED_PRECONDITION and stores nothing."""
-        async with self.pool.acquire() as conn, conn.transaction():
-            outcomes: list[object] = await idempotency.claim_many(conn, "PlaceHold", [h.request for h in batch], wallet_pb2.PlaceHoldResponse)
-            todo = [k for k, claim in enumerate(outcomes) if claim is None]
-            posted = await store.post_many(conn, self.settings, "hold_place", [[batch[k].order] for k in todo], [batch[k].holder for k in todo])
-            placed = [(k, p) for k, p in zip(todo, posted, strict=True) if isinstance(p, store.Posted)]
-            for k, p in zip(todo, posted):
-                if not isinstance(p, store.Posted):
-                    outcomes[k] = p
-            if placed:
-                rows = await store.insert_holds(conn, [(batch[k].order, batch[k].holder) for k, _ in placed], placed[0][1].created_at)
-                for (k, _), row in zip(placed, rows, strict=True):
-                    outcomes[k] = wallet_pb2.PlaceHoldResponse(hold=store.hold_message(row))
-                await idempotency.store_responses(conn, [(batch[k].request.idempotency_key, outcomes[k]) for k, _ in placed])
-            await idempotency.forget(conn, [batch[k].request.idempotency_key for k in todo if isinstance(outcomes[k], DomainError)])
+        commit): each is its own posting and hold, as if placed one after another. One
+        that would overdraw gets its FAILED_PRECONDITION and writes nothing: the round is
+        rolled back and the others run again without it."""
+        outcomes: list[object] = [None] * len(batch)
+        pending = list(range(len(batch)))
+        while pending:
+            decided = await self._hold_round([batch[k] for k in pending])
+            for k, outcome in zip(pending, decided, strict=True):
+                outcomes[k] = idempotency.Duplicate(pending[outcome.index]) if isinstance(outcome, idempotency.Duplicate) else outcome
+            pending = [k for k in pending if outcomes[k] is None]
         return idempotency.with_duplicates(outcomes)  # type: ignore[return-value]  # every item decided above
+
+    async def _hold_round(self, batch: list[_Hold]) -> list[object]:
+        """One transaction of ``_place_holds``: every outcome when it commits; when a hold
+        is refused, it rolls back and only the refused ones are decided (None for the rest)."""
+        async with self.pool.acquire() as conn:
+            try:
+                async with conn.transaction():
+                    outcomes: list[object] = await idempotency.claim_many(
+                        conn, "PlaceHold", [h.request for h in batch], wallet_pb2.PlaceHoldResponse
+                    )
+                    todo = [k for k, claim in enumerate(outcomes) if claim is None]
+                    posted = await store.post_many(
+                        conn, self.settings, "hold_place", [[batch[k].order] for k in todo], [batch[k].holder for k in todo]
+                    )
+                    refused = {k: p for k, p in zip(todo, posted, strict=True) if not isinstance(p, store.Posted)}
+                    if refused:
+                        raise _Refused(refused)
+                    if todo:
+                        rows = await store.insert_holds(conn, [(batch[k].order, batch[k].holder) for k in todo], posted[0].created_at)
+                        for k, row in zip(todo, rows, strict=True):
+                            outcomes[k] = wallet_pb2.PlaceHoldResponse(hold=store.hold_message(row))
+                        await idempotency.store_responses(conn, [(batch[k].request.idempotency_key, outcomes[k]) for k in todo])
+            except _Refused as round_refused:
+                return [round_refused.errors.get(k) for k in range(len(batch))]
+        return outcomes
 
     async def _settle_hold(self, method: str, request, response_type, destination: tuple[str, Kind] | None):  # type: ignore[no-untyped-def]
         hold_id = _id(request.hold_id, "hold_id")

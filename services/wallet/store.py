@@ -205,9 +205,11 @@ async def post_many(
 ) -> list[Posted | InsufficientFunds]:
     """Postings of ``kind`` (none a bulk credit) in one go (group commit), each atomic on
     its own, as if posted one after another in this order: one that would overdraw an
-    account gets its InsufficientFunds and changes nothing. Their accounts are locked
-    once, their balances, postings and transfers written in one statement, and each
-    posting announced with its own event (``holders[i]``: as ``post``'s ``holder``)."""
+    account gets its InsufficientFunds and moves nothing (its accounts were created and
+    their bulk credits folded, so a caller that must write nothing for it rolls back).
+    Their accounts are locked once, their balances, postings and transfers written in
+    one statement, and each posting announced with its own event (``holders[i]``: as
+    ``post``'s ``holder``)."""
     keys = {key for orders in postings for o in orders for key in (o.source, o.destination)}
     locked = await lock_accounts(conn, keys)
     current = {k: v[1] for k, v in locked.items()}
