@@ -324,9 +324,9 @@ def simple_earn() -> Dashboard:
     ], "s", width=6)
     d.per_hour("Dead letters per hour by reason", "Payout records parked for an operator: unreadable, or items_skipped (paid in part).",
                "earn_simple_earn_dead_letters_total", "reason", "{{reason}}", width=6)
-    d.timeseries("Subscribes per record batch (p50, p99 over 5 m)", "Group commit: one product's Subscribes recorded in one transaction; 1 when idle.", [
-        ("histogram_quantile(0.5, sum by (le) (rate(earn_simple_earn_subscribe_batch_size_bucket[5m])))", "p50"),
-        ("histogram_quantile(0.99, sum by (le) (rate(earn_simple_earn_subscribe_batch_size_bucket[5m])))", "p99"),
+    d.timeseries("Writes per record batch (p50, p99 over 5 m)", "Group commit: one product's Subscribes (or Redeems) recorded in one transaction; 1 when idle.", [
+        (f"histogram_quantile({q}, sum by (le) (rate(earn_simple_earn_{w}_batch_size_bucket[5m])))", f"{w} p{q * 100:g}")
+        for w in ("subscribe", "redeem") for q in (0.5, 0.99)
     ], "short", width=6)
     grpc_section(d, "earn.v1.SimpleEarnService")
     outbox_section(d, "simple_earn", "simple_earn")

@@ -98,6 +98,8 @@ ROLES = {
 MAX_HOLD_ATTEMPTS = 5
 # Subscribes of one product recorded in one transaction at most.
 SUBSCRIBE_BATCH = 256
+# Redeems of one product in one transaction at most (each with its savepoint).
+REDEEM_BATCH = 64
 # PayoutBatch field 7: the items of the format before columns (reserved since).
 _LEGACY_PAYOUT_ITEMS = 7
 # Reinvestment holds placed at once per batch.
@@ -119,6 +121,14 @@ class _Subscription:
     request: simple_earn_pb2.SubscribeRequest
     order: domain.Order
     hold_id: int
+
+
+@dataclass(frozen=True, slots=True)
+class _Redemption:
+    """A validated Redeem waiting for its product's next batch; ``work`` records it."""
+
+    request: simple_earn_pb2.RedeemRequest
+    work: Callable[[asyncpg.Connection, datetime, store.Product], Awaitable[simple_earn_pb2.RedeemResponse]]
 
 
 _KIND = {simple_earn_pb2.PRODUCT_KIND_FLEXIBLE: Kind.FLEXIBLE, simple_earn_pb2.PRODUCT_KIND_FIXED: Kind.FIXED}
@@ -199,6 +209,10 @@ class SimpleEarnApi(simple_earn_pb2_grpc.SimpleEarnServiceServicer):
         # One product's Subscribes record together (group commit): its row is locked once per batch.
         self._subscriptions: GroupCommit[str, _Subscription, simple_earn_pb2.SubscribeResponse] = GroupCommit(
             self._record_subscriptions, max_items=SUBSCRIBE_BATCH
+        )
+        # And its Redeems: each in its own savepoint of the batch's transaction.
+        self._redemptions: GroupCommit[str, _Redemption, simple_earn_pb2.RedeemResponse] = GroupCommit(
+            self._record_redemptions, max_items=REDEEM_BATCH
         )
 
     # ---- helpers ---------------------------------------------------------------------
@@ -477,19 +491,16 @@ class SimpleEarnApi(simple_earn_pb2_grpc.SimpleEarnServiceServicer):
         idempotency.check_key(request.idempotency_key)
         user = domain.check_user_id(request.user_id)
         position_id = domain.check_position_id(request.position_id)
-        async with self.pool.acquire() as conn:  # the reads before the work: one pooled connection
-            position = await store.get_position(conn, position_id, user)
-            amount = parse_amount(request.amount, position["asset"], "amount") if request.amount else None
-            stored = await idempotency.replay(conn, "Redeem", request, simple_earn_pb2.RedeemResponse)
+        position = await store.redeem_context(self.pool, position_id, user, request.idempotency_key)
+        amount = parse_amount(request.amount, position["asset"], "amount") if request.amount else None
+        stored = idempotency.stored_response(position, "Redeem", request, simple_earn_pb2.RedeemResponse)
         if stored is not None:
             await self.drive_releases(prefix=_redemption_release_prefix(stored.redemption_id))
             return stored
         redeemed: list[tuple[str, str, Decimal]] = []  # filled when the work runs (not on a replay)
         releases: list[str] = []  # the wallet keys of this redemption's releases
 
-        async def work(conn: asyncpg.Connection) -> simple_earn_pb2.RedeemResponse:
-            at = await store.accrual_clock(conn, self.settings.clock)
-            p = await store.get_product(conn, position["product_id"], lock=True)
+        async def work(conn: asyncpg.Connection, at: datetime, p: store.Product) -> simple_earn_pb2.RedeemResponse:
             row = await store.get_position(conn, position_id, user, lock=True)
             if row["status"] != PositionStatus.ACTIVE:
                 raise FailedPrecondition(f"position {position_id} is {row['status']}: nothing left to redeem")
@@ -535,7 +546,7 @@ class SimpleEarnApi(simple_earn_pb2_grpc.SimpleEarnServiceServicer):
                 position=store.position_message(updated), redemption_id=str(redemption_id), interest_forfeited=forfeited
             )
 
-        response = await self._write("Redeem", request, simple_earn_pb2.RedeemResponse, work)
+        response = await self._redemptions.submit(position["product_id"], _Redemption(request, work))
         for product, asset, value in redeemed:
             metrics.amount(metrics.REDEEMED, product, asset, value)
         if redeemed:
@@ -543,6 +554,26 @@ class SimpleEarnApi(simple_earn_pb2_grpc.SimpleEarnServiceServicer):
         else:  # another call with the same key did the work while this one waited
             await self.drive_releases(prefix=_redemption_release_prefix(response.redemption_id))
         return response
+
+    async def _record_redemptions(self, product_id: str, batch: list[_Redemption]) -> list[simple_earn_pb2.RedeemResponse | DomainError]:
+        """The transaction of a batch of one product's Redeems (group commit): the product
+        row locked once, then each Redeem's work in its own savepoint, in arrival order;
+        a refused one is rolled back to its savepoint and stores nothing."""
+        metrics.REDEEM_BATCH.observe(len(batch))
+        async with self.pool.acquire() as conn, conn.transaction():
+            outcomes: list[object] = await idempotency.claim_many(conn, "Redeem", [r.request for r in batch], simple_earn_pb2.RedeemResponse)
+            claimed = [k for k, claim in enumerate(outcomes) if claim is None]
+            at = await store.accrual_clock(conn, self.settings.clock)
+            p = await store.get_product(conn, product_id, lock=True)
+            for k in claimed:
+                try:
+                    async with conn.transaction():
+                        outcomes[k] = await batch[k].work(conn, at, p)
+                except DomainError as refused:
+                    outcomes[k] = refused
+            await idempotency.store_responses(conn, [(batch[k].request.idempotency_key, outcomes[k]) for k in claimed if not isinstance(outcomes[k], DomainError)])
+            await idempotency.forget(conn, [batch[k].request.idempotency_key for k in claimed if isinstance(outcomes[k], DomainError)])
+        return idempotency.with_duplicates(outcomes)  # type: ignore[return-value]  # every item decided above
 
     async def SetAutoSubscribe(self, request: simple_earn_pb2.SetAutoSubscribeRequest, context: grpc.aio.ServicerContext) -> simple_earn_pb2.SetAutoSubscribeResponse:
         idempotency.check_key(request.idempotency_key)

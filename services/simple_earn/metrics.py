@@ -47,6 +47,11 @@ SUBSCRIBE_BATCH = Histogram(
     "Subscribes of one product recorded in one transaction (group commit): 1 when idle, more under load.",
     buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256),
 )
+REDEEM_BATCH = Histogram(
+    "earn_simple_earn_redeem_batch_size",
+    "Redeems of one product recorded in one transaction (group commit, a savepoint each): 1 when idle.",
+    buckets=(1, 2, 4, 8, 16, 32, 64),
+)
 DEAD_LETTERS = Counter(
     "earn_simple_earn_dead_letters_total",
     "Payout records parked in dead_letters, by reason: unreadable (not parsed or not applied),"

@@ -220,9 +220,25 @@ async def get_position(conn: asyncpg.Connection | asyncpg.Pool, position_id: int
     """A position; NOT_FOUND also when it belongs to another user than ``user_id`` (no
     existence leak across users)."""
     row = await conn.fetchrow(f"SELECT {_POSITION_COLUMNS} FROM positions WHERE id = $1" + (" FOR UPDATE" if lock else ""), position_id)
+    return _owned(row, position_id, user_id)
+
+
+def _owned(row: asyncpg.Record | None, position_id: int, user_id: str | None) -> asyncpg.Record:
     if row is None or (user_id is not None and row["user_id"] != user_id):
         raise NotFound(f"position_id: no position {position_id} of user {user_id}" if user_id else f"position_id: no position {position_id}")
     return row
+
+
+async def redeem_context(pool: asyncpg.Pool, position_id: int, user_id: str, key: str) -> asyncpg.Record:
+    """What a Redeem reads before its work, in one statement: the position (as
+    ``get_position``) with the client key's ``request_hash`` and ``response`` (None when
+    the key is new)."""
+    row = await pool.fetchrow(
+        f"SELECT {_POSITION_COLUMNS}, k.request_hash, k.response FROM positions"
+        " LEFT JOIN LATERAL (SELECT request_hash, response FROM idempotency_keys WHERE key = $2) AS k ON true WHERE id = $1",
+        position_id, key,
+    )
+    return _owned(row, position_id, user_id)
 
 
 async def open_flexible_position(conn: asyncpg.Connection, user_id: str, product_id: str) -> asyncpg.Record | None:

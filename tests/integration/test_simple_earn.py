@@ -452,6 +452,38 @@ async def test_one_key_sent_concurrently_subscribes_once(earn, wallet, earn_db) 
     assert await earn_db.fetchval("SELECT count(*) FROM subscriptions WHERE user_id = $1", user) == 1
 
 
+async def test_concurrent_redeems_of_one_product_record_together_and_refused_ones_store_nothing(earn, wallet, earn_db) -> None:
+    p = await create(earn)
+    users = [unique("r") for _ in range(5)]
+    positions = {}
+    for u in users:
+        await deposit(wallet, u, "10")
+        positions[u] = (await subscribe(earn, u, p.product_id, "4")).position.position_id
+    first, second = users[0], users[1]
+    key = unique()
+    calls = [redeem(earn, first, positions[first], "1") for _ in range(3)]  # three partial Redeems of one position
+    calls += [redeem(earn, second, positions[second], "1", key=key) for _ in range(2)]  # one key sent twice
+    calls += [redeem(earn, u, positions[u]) for u in users[2:4]]  # whole
+    calls += [redeem(earn, users[4], positions[users[4]], "5"), redeem(earn, users[4], positions[first], "1")]  # too much; not theirs
+    results = await asyncio.gather(*calls, return_exceptions=True)
+    assert all(isinstance(r, se.RedeemResponse) for r in results[:7])
+    assert sorted(r.position.principal for r in results[:3]) == ["1", "2", "3"]
+    assert results[3] == results[4]
+    assert [r.position.status for r in results[5:7]] == [se.POSITION_STATUS_REDEEMED] * 2
+    assert isinstance(results[7], grpc.aio.AioRpcError) and results[7].code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert isinstance(results[8], grpc.aio.AioRpcError) and results[8].code() == grpc.StatusCode.NOT_FOUND
+    product = (await earn.GetProduct(se.GetProductRequest(product_id=p.product_id), metadata=GATEWAY)).product
+    assert product.subscribed == str(1 + 3 + 0 + 0 + 4)
+    assert await earn_db.fetchval("SELECT count(*) FROM redemptions WHERE product_id = $1", p.product_id) == 6
+
+    async def settled() -> None:
+        expected = {first: (9, 1), second: (7, 3), users[2]: (10, 0), users[3]: (10, 0), users[4]: (6, 4)}
+        for u, (funding, held) in expected.items():
+            assert (await balance(wallet, u), await balance(wallet, u, HOLD)) == (funding, held), u
+
+    await eventually(settled)
+
+
 async def test_concurrent_fixed_term_subscribes_each_open_their_own_position(earn, wallet) -> None:
     p = await create(earn, kind=FIXED, term_days=7)
     user = unique("u")
