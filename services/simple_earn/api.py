@@ -402,6 +402,18 @@ class SimpleEarnApi(simple_earn_pb2_grpc.SimpleEarnServiceServicer):
                 raise
         raise FailedPrecondition(peers.TOO_MANY_ATTEMPTS)
 
+    async def _open_batch(
+        self, conn: asyncpg.Connection, method: str, requests: list[Message], response_type: type[Message], product_id: str
+    ) -> tuple[list[object], list[int], datetime, store.Product]:
+        """The start of a product's record batch (group commit), in the lock order of a
+        single write: the clients' keys claimed (``idempotency.claim_many``: the outcome of
+        each request, None for those this batch does), the indexes claimed, the accrual
+        clock and the product row locked."""
+        outcomes: list[object] = await idempotency.claim_many(conn, method, requests, response_type)
+        claimed = [k for k, claim in enumerate(outcomes) if claim is None]
+        at = await store.accrual_clock(conn, self.settings.clock)
+        return outcomes, claimed, at, await store.get_product(conn, product_id, lock=True)
+
     async def _record_subscriptions(self, product_id: str, batch: list[_Subscription]) -> list[simple_earn_pb2.SubscribeResponse | DomainError]:
         """The record transaction of a batch of one product's Subscribes (group commit,
         ``GroupCommit``): the product row locked once for all of them, each decided as if
@@ -410,10 +422,7 @@ class SimpleEarnApi(simple_earn_pb2_grpc.SimpleEarnServiceServicer):
         nothing; its hold is abandoned by its caller, as before."""
         metrics.SUBSCRIBE_BATCH.observe(len(batch))
         async with self.pool.acquire() as conn, conn.transaction():
-            outcomes: list[object] = await idempotency.claim_many(conn, "Subscribe", [s.request for s in batch], simple_earn_pb2.SubscribeResponse)
-            claimed = [k for k, claim in enumerate(outcomes) if claim is None]
-            at = await store.accrual_clock(conn, self.settings.clock)
-            p = await store.get_product(conn, product_id, lock=True)
+            outcomes, claimed, at, p = await self._open_batch(conn, "Subscribe", [s.request for s in batch], simple_earn_pb2.SubscribeResponse, product_id)
             users = sorted({batch[k].order.user_id for k in claimed})
             flexible = p.kind is Kind.FLEXIBLE
             open_rows = await store.open_flexible_positions(conn, product_id, users) if flexible and users else {}
@@ -561,10 +570,7 @@ class SimpleEarnApi(simple_earn_pb2_grpc.SimpleEarnServiceServicer):
         a refused one is rolled back to its savepoint and stores nothing."""
         metrics.REDEEM_BATCH.observe(len(batch))
         async with self.pool.acquire() as conn, conn.transaction():
-            outcomes: list[object] = await idempotency.claim_many(conn, "Redeem", [r.request for r in batch], simple_earn_pb2.RedeemResponse)
-            claimed = [k for k, claim in enumerate(outcomes) if claim is None]
-            at = await store.accrual_clock(conn, self.settings.clock)
-            p = await store.get_product(conn, product_id, lock=True)
+            outcomes, claimed, at, p = await self._open_batch(conn, "Redeem", [r.request for r in batch], simple_earn_pb2.RedeemResponse, product_id)
             for k in claimed:
                 try:
                     async with conn.transaction():
