@@ -1,8 +1,9 @@
-"""Simple Earn gRPC servicer: validate and convert, call the wallet, one transaction per write.
+"""Simple Earn gRPC servicer: validate and convert, call the wallet, one transaction per
+write (a product's concurrent Subscribes, and its Redeems, one per batch: group commit).
 
 Every write validates the whole request before touching anything (bad input writes
-nothing), then runs under its client idempotency key (``idempotency.write_once``; a
-Subscribe's record runs in its product's batch, ``idempotency.claim_many``).
+nothing), then runs under its client idempotency key (``idempotency.write_once``; in a
+batch, ``idempotency.claim_many``).
 
 Cross-service consistency (the wallet is another process; its calls cannot join our
 PostgreSQL transaction), two patterns, each crash-safe:
@@ -463,7 +464,7 @@ class SimpleEarnApi(simple_earn_pb2_grpc.SimpleEarnServiceServicer):
         """Write a batch's accepted Subscribes and answer each with its position as it is
         right after it (a position two of them share shows the first one's principal in
         the first answer)."""
-        before = {i: (row["principal"], row["auto_subscribe"]) for i, row in positions.items()}
+        before = {i: row["principal"] for i, row in positions.items()}
         responses: list[simple_earn_pb2.SubscribeResponse] = []
         events: list[outbox.Outgoing] = []
         items: list[tuple[int, int]] = []
@@ -478,11 +479,11 @@ class SimpleEarnApi(simple_earn_pb2_grpc.SimpleEarnServiceServicer):
                 events.append(store.position_changed(row, [(start, s.order.amount)]))
             items.append((k, position_id))
         new = [i for i in positions if i in new_ids]
-        grown = [i for i in positions if i not in new_ids and positions[i]["principal"] != before[i][0]]
+        grown = [i for i in positions if i not in new_ids and positions[i]["principal"] != before[i]]
         rows = store.SubscriptionRows(
             new_ids=new, new_users=[positions[i]["user_id"] for i in new], new_principals=[positions[i]["principal"] for i in new],
             new_auto_subscribe=[positions[i]["auto_subscribe"] for i in new], new_auto_renew=[positions[i]["auto_renew"] for i in new],
-            grown_ids=grown, grown_deltas=[positions[i]["principal"] - before[i][0] for i in grown],
+            grown_ids=grown, grown_deltas=[positions[i]["principal"] - before[i] for i in grown],
             grown_auto_subscribe=[positions[i]["auto_subscribe"] for i in grown],
             position_ids=[i for _, i in items], user_ids=[batch[k].order.user_id for k, _ in items],
             amounts=[batch[k].order.amount for k, _ in items], hold_ids=[batch[k].hold_id for k, _ in items],

@@ -241,13 +241,6 @@ async def redeem_context(pool: asyncpg.Pool, position_id: int, user_id: str, key
     return _owned(row, position_id, user_id)
 
 
-async def open_flexible_position(conn: asyncpg.Connection, user_id: str, product_id: str) -> asyncpg.Record | None:
-    return await conn.fetchrow(
-        f"SELECT {_POSITION_COLUMNS} FROM positions WHERE user_id = $1 AND product_id = $2 AND kind = 'flexible' AND status = 'active' FOR UPDATE",
-        user_id, product_id,
-    )
-
-
 async def insert_position(
     conn: asyncpg.Connection,
     *,
@@ -376,7 +369,7 @@ async def abandon_hold(conn: asyncpg.Connection, hold_id: int, amount: Decimal, 
 
 
 async def user_totals(conn: asyncpg.Connection, product_id: str, user_ids: list[str]) -> dict[str, Decimal]:
-    """``user_total`` of several users in one statement (users with nothing are left out)."""
+    """Each user's active principal in the product, in one statement (users with none are left out)."""
     rows = await conn.fetch(
         "SELECT user_id, sum(principal) AS total FROM positions WHERE user_id = ANY($1::text[]) AND product_id = $2 AND status = 'active'"
         " GROUP BY user_id",
@@ -386,7 +379,7 @@ async def user_totals(conn: asyncpg.Connection, product_id: str, user_ids: list[
 
 
 async def open_flexible_positions(conn: asyncpg.Connection, product_id: str, user_ids: list[str]) -> dict[str, asyncpg.Record]:
-    """``open_flexible_position`` of several users, locked in id order, by user."""
+    """The users' open flexible positions in the product (one each at most), locked in id order, by user."""
     rows = await conn.fetch(
         f"SELECT {_POSITION_COLUMNS} FROM positions WHERE user_id = ANY($1::text[]) AND product_id = $2 AND kind = 'flexible'"
         " AND status = 'active' ORDER BY id FOR UPDATE",
@@ -540,20 +533,6 @@ async def insert_subscription(
         " VALUES ($1, $2, $3, $4, $5, $6, $7) RETURNING id",
         position_id, user_id, product_id, amount, source, hold_id, at,
     )
-
-
-async def insert_user_subscription(
-    conn: asyncpg.Connection, position_id: int, user_id: str, product_id: str, amount: Decimal, hold_id: int, at: datetime
-) -> tuple[int, asyncpg.Record]:
-    """A user's subscription row and the position as it is now (its columns, as
-    ``get_position``), in one statement: the subscription id and the position row."""
-    row = await conn.fetchrow(
-        "WITH s AS (INSERT INTO subscriptions (position_id, user_id, product_id, amount, source, hold_id, created_at)"
-        " VALUES ($1, $2, $3, $4, 'user', $5, $6) RETURNING id)"
-        f" SELECT (SELECT id FROM s) AS subscription_id, {_POSITION_COLUMNS} FROM positions WHERE id = $1",
-        position_id, user_id, product_id, amount, hold_id, at,
-    )
-    return row["subscription_id"], row
 
 
 async def insert_redemption(
