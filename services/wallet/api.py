@@ -1,4 +1,5 @@
-"""Wallet gRPC servicer: validate and convert, then one transaction per write.
+"""Wallet gRPC servicer: validate and convert, then one transaction per write (or per
+batch of PlaceHolds: group commit).
 
 Every write validates the whole request before touching the database (bad input
 writes nothing), then runs under its idempotency key (``idempotency.write_once``).

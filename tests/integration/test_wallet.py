@@ -194,6 +194,34 @@ async def test_concurrent_holds_post_together_each_its_own_posting_and_never_ove
     assert [tuple(r) for r in kinds] == [("hold_place", 13)]
 
 
+async def test_concurrent_releases_and_captures_settle_together_as_if_one_after_another(wallet, wallet_db) -> None:
+    alice = unique("alice")
+    await deposit(wallet, alice, "10")
+    holds = [
+        (await wallet.PlaceHold(wallet_pb2.PlaceHoldRequest(idempotency_key=unique(), owner=alice, asset="BTC", amount=a, holder="simple_earn"),
+                                metadata=SERVICE)).hold.hold_id
+        for a in ("4", "3", "3")
+    ]
+    before = await snapshot(wallet_db)
+    key = unique()
+    treasury = wallet_pb2.AccountRef(owner="dual", kind=TREASURY)
+    calls = [wallet.ReleaseHold(wallet_pb2.ReleaseHoldRequest(idempotency_key=unique(), hold_id=holds[0], amount="1"), metadata=SERVICE) for _ in range(5)]
+    calls += [wallet.ReleaseHold(wallet_pb2.ReleaseHoldRequest(idempotency_key=key, hold_id=holds[1], amount="2"), metadata=SERVICE) for _ in range(2)]
+    calls += [wallet.CaptureHold(wallet_pb2.CaptureHoldRequest(idempotency_key=unique(), hold_id=holds[2], destination=treasury), metadata=SERVICE)]
+    calls += [wallet.ReleaseHold(wallet_pb2.ReleaseHoldRequest(idempotency_key=unique(), hold_id="999999999"), metadata=SERVICE)]
+    results = await asyncio.gather(*calls, return_exceptions=True)
+    released = results[:5]  # four fit in the 4 held: one is refused and writes nothing
+    ok = [r for r in released if isinstance(r, wallet_pb2.ReleaseHoldResponse)]
+    assert sorted(r.hold.remaining for r in ok) == ["0", "1", "2", "3"]
+    assert [r.code() for r in released if isinstance(r, grpc.aio.AioRpcError)] == [grpc.StatusCode.FAILED_PRECONDITION]
+    assert results[5] == results[6] and results[5].hold.remaining == "1"
+    assert results[7].hold.status == wallet_pb2.HOLD_STATUS_CLOSED
+    assert isinstance(results[8], grpc.aio.AioRpcError) and results[8].code() == grpc.StatusCode.NOT_FOUND
+    assert (await balance(wallet, alice), await balance(wallet, alice, kind=HOLD)) == (Decimal(6), Decimal(1))
+    after = await snapshot(wallet_db)
+    assert (after[2] - before[2], after[6] - before[6]) == (6, 6)  # 4 + 1 releases and 1 capture: a posting and a key each
+
+
 async def test_list_transfers_pages_oldest_first(wallet) -> None:
     alice, bob = unique("alice"), unique("bob")
     await deposit(wallet, alice, "1")
