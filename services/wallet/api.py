@@ -1,5 +1,4 @@
-"""Wallet gRPC servicer: validate and convert, then one transaction per write (or per
-batch of PlaceHolds: group commit).
+"""Wallet gRPC servicer: validate and convert, then one transaction per write.
 
 Every write validates the whole request before touching the database (bad input
 writes nothing), then runs under its idempotency key (``idempotency.write_once``).
