@@ -467,7 +467,6 @@ class SimpleEarnApi(simple_earn_pb2_grpc.SimpleEarnServiceServicer):
         before = {i: row["principal"] for i, row in positions.items()}
         responses: list[simple_earn_pb2.SubscribeResponse] = []
         events: list[outbox.Outgoing] = []
-        items: list[tuple[int, int]] = []
         for k, position_id in accepted:
             s, row = batch[k], positions[position_id]
             row["principal"] += s.order.amount
@@ -477,7 +476,6 @@ class SimpleEarnApi(simple_earn_pb2_grpc.SimpleEarnServiceServicer):
             responses.append(simple_earn_pb2.SubscribeResponse(position=store.position_message(row), accrues_from_hour=start))
             if p.kind is Kind.FLEXIBLE:
                 events.append(store.position_changed(row, [(start, s.order.amount)]))
-            items.append((k, position_id))
         new = [i for i in positions if i in new_ids]
         grown = [i for i in positions if i not in new_ids and positions[i]["principal"] != before[i]]
         rows = store.SubscriptionRows(
@@ -485,14 +483,14 @@ class SimpleEarnApi(simple_earn_pb2_grpc.SimpleEarnServiceServicer):
             new_auto_subscribe=[positions[i]["auto_subscribe"] for i in new], new_auto_renew=[positions[i]["auto_renew"] for i in new],
             grown_ids=grown, grown_deltas=[positions[i]["principal"] - before[i] for i in grown],
             grown_auto_subscribe=[positions[i]["auto_subscribe"] for i in grown],
-            position_ids=[i for _, i in items], user_ids=[batch[k].order.user_id for k, _ in items],
-            amounts=[batch[k].order.amount for k, _ in items], hold_ids=[batch[k].hold_id for k, _ in items],
+            position_ids=[i for _, i in accepted], user_ids=[batch[k].order.user_id for k, _ in accepted],
+            amounts=[batch[k].order.amount for k, _ in accepted], hold_ids=[batch[k].hold_id for k, _ in accepted],
         )
         subscription_ids = await store.record_subscriptions(conn, p, rows, start, matures, at)
-        for (k, _), response in zip(items, responses):
+        for (k, _), response in zip(accepted, responses):
             response.subscription_id = str(subscription_ids[batch[k].hold_id])
         await outbox.enqueue(conn, self.settings, store.PRODUCER, at, events)
-        await idempotency.store_responses(conn, [(batch[k].request.idempotency_key, r) for (k, _), r in zip(items, responses)])
+        await idempotency.store_responses(conn, [(batch[k].request.idempotency_key, r) for (k, _), r in zip(accepted, responses)])
         return responses
 
     async def Redeem(self, request: simple_earn_pb2.RedeemRequest, context: grpc.aio.ServicerContext) -> simple_earn_pb2.RedeemResponse:
