@@ -46,7 +46,6 @@ Redelivery (faust at-least-once, or a duplicate from the upstream outbox relay):
 from __future__ import annotations
 
 import functools
-import operator
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from decimal import Decimal, localcontext
@@ -149,20 +148,47 @@ def bounds_ints(bounds: tuple[Decimal | None, ...]) -> tuple[int | None, ...]:
     return tuple(None if b is None else to_int(b, _HALF) for b in bounds)
 
 
-def bracket_ints(principal: int, bounds: Sequence[int | None]) -> tuple[int, ...]:
-    """How much of ``principal`` (x 10^18) falls in each bracket (bounds x 10^18)."""
-    out = []
+def top_bracket(principal: int, bounds: Sequence[int | None]) -> tuple[int, int]:
+    """Where ``principal`` (x 10^18) ends among the brackets (bounds x 10^18): the index
+    ``j`` of its highest bracket and the amount ``r`` in it; every bracket below ``j`` is
+    full. So its APR-hours over a span are ``fill[j] + r x apr_hours[j]`` with ``fill[j]``
+    the full brackets' share, the same for every position (``bracket_spans``). (0, 0):
+    no principal."""
     lower = 0
-    for up in bounds:
+    for j, up in enumerate(bounds):
         if principal <= lower:
-            out.append(0)
-        elif up is None or principal < up:
-            out.append(principal - lower)
-        else:
-            out.append(up - lower)
-        if up is not None:
-            lower = up
-    return tuple(out)
+            return j, 0
+        if up is None or principal < up:
+            return j, principal - lower
+        lower = up
+    if not bounds:
+        return 0, 0
+    # Above a last bound that is not open-ended: every bracket full.
+    last = len(bounds) - 1
+    below = bounds[last - 1] if last else 0
+    assert below is not None
+    return last, lower - below
+
+
+def bracket_spans(apr_hours: Sequence[int], bounds: Sequence[int | None]) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """(fill, apr_hours) for ``top_bracket``: ``fill[j]`` the units of the full brackets
+    below ``j`` over a span whose per-bracket APR-hours (x 10^18) are ``apr_hours``; both
+    padded with a 0 so that j = 0 works without brackets."""
+    fill, total, lower = [0], 0, 0
+    for up, hours in zip(bounds, apr_hours):
+        if up is None:
+            break
+        total += (up - lower) * hours
+        fill.append(total)
+        lower = up
+    return tuple(fill) + (0,) * (len(apr_hours) + 1 - len(fill)), tuple(apr_hours) + (0,)
+
+
+def bracket_units(brackets: tuple[int, int], bounds: Sequence[int | None], apr_hours: Sequence[int]) -> int:
+    """``fill[j] + r x apr_hours[j]`` for one position (the payout loop inlines it)."""
+    fill, hours = bracket_spans(apr_hours, bounds)
+    j, r = brackets
+    return fill[j] + r * hours[j]
 
 
 # --------------------------------------------------------------------------- partition
@@ -428,9 +454,15 @@ class Position:
     principal: int  # x 10^18
     closed: bool  # closed and nothing left in it
     rates_version: int
+    # Copied from ``state`` (never changed after a view is made: a change makes a new
+    # state and a new view), so the payout loop reads one object per position.
+    position_id: str = ""
+    user_id: str = ""
+    first_offset: int = -1
+    last_mark: tuple[int, int, int | None] | None = None  # state.marks[-1]
     # Open, started and not a marker: what the payout loop's fast path takes.
     plain: bool = False
-    brackets: tuple[Any, tuple[int, ...]] | None = None  # (bounds, per-bracket principal)
+    brackets: tuple[Any, int, int] | None = None  # (bounds, top_bracket's j and r)
     # What the last payout in this process left paid in all, and at which boundary.
     memo_boundary: int | None = None
     memo_paid: int = 0
@@ -455,7 +487,11 @@ def position_view(state: PositionState, index: RateIndex | None, rates_version: 
         principal=principal_int,
         closed=closed,
         rates_version=rates_version,
-        brackets=None if bounds is None else (bounds, bracket_ints(principal_int, bounds_ints(bounds))),
+        position_id=state.position_id,
+        user_id=state.user_id,
+        first_offset=state.first_offset,
+        last_mark=state.marks[-1] if state.marks else None,
+        brackets=None if bounds is None else (bounds, *top_bracket(principal_int, bounds_ints(bounds))),
         plain=not closed and start is not None and state.dropped_at_hour is None,
     )
 
@@ -523,12 +559,9 @@ class Payout:
             return units_through(pos.state, self.index, hour)
         bounds = point[2]
         if pos.brackets is None or pos.brackets[0] != bounds:
-            pos.brackets = (bounds, bracket_ints(pos.principal, bounds_ints(bounds)))
-        total = pos.units
-        for amount, a, b in zip(pos.brackets[1], base[1], point[1]):
-            if amount:
-                total += amount * (b - a)
-        return total
+            pos.brackets = (bounds, *top_bracket(pos.principal, bounds_ints(bounds)))
+        _, j, r = pos.brackets
+        return pos.units + bracket_units((j, r), bounds_ints(bounds), tuple(b - a for a, b in zip(base[1], point[1])))
 
     def paid_through(self, pos: Position, hour: int, point: Any) -> int:
         """floor(E(hour)) in the asset's smallest units."""
@@ -603,25 +636,23 @@ class Payout:
         end_segment, end_cum, end_bounds = end
         bounds_int = bounds_ints(end_bounds)
         scale = divisor = fmt = None
-        # Per last-change hour: each tier's APR-hours from it to the boundary (None: the
-        # hour is in another rate segment, so the exact path).
-        spans: dict[int, tuple[int, ...] | None] = {}
+        # Per last-change hour: ``bracket_spans`` of each tier's APR-hours from it to the
+        # boundary (None: the hour is in another rate segment, so the exact path).
+        spans: dict[int, tuple[tuple[int, ...], tuple[int, ...]] | None] = {}
         add_id, add_user = out.position_ids.append, out.user_ids.append
         add_amount, add_from = out.amounts.append, out.from_hours.append
         version = self.rates_version
-        mul = operator.mul
         # The first hour an item covers: the previous boundary for a position that had
         # started by then (every position on the fast path started before this boundary).
         first_at = previous
         for pos in positions:
             if pos.rates_version != version:
                 pos = fresh(pos)
-            state = pos.state
-            marks = state.marks
+            mark = pos.last_mark
             last = pos.last
             # Fast path: plain (open, started, not a marker), unchanged since the previous
             # boundary and before this one, and created before this request.
-            if not pos.plain or last >= boundary or offset < state.first_offset or (marks and (previous is None or marks[-1][0] >= previous)):
+            if not pos.plain or last >= boundary or offset < pos.first_offset or (mark and (previous is None or mark[0] >= previous)):
                 self._general(pos, out)
                 continue
             if pos.scale != scale:
@@ -633,26 +664,29 @@ class Payout:
                 before = pos.memo_paid
             else:
                 before = self.paid_through(pos, previous, self.begin)
-                if marks and marks[-1][1] > before:
-                    before = marks[-1][1]
+                if mark and mark[1] > before:
+                    before = mark[1]
             span = spans.get(last, False)
             if span is False:
                 base = self._point(last, False)
                 span = spans[last] = (
-                    tuple(b - a for a, b in zip(base[1], end_cum)) if base is not None and base[0] == end_segment else None
+                    bracket_spans([b - a for a, b in zip(base[1], end_cum)], bounds_int)
+                    if base is not None and base[0] == end_segment
+                    else None
                 )
             if span is None:
                 due = self.paid_through(pos, boundary, end)
             else:
                 brackets = pos.brackets
                 if brackets is None or (brackets[0] is not end_bounds and brackets[0] != end_bounds):
-                    brackets = pos.brackets = (end_bounds, bracket_ints(pos.principal, bounds_int))
-                due = (pos.units + sum(map(mul, brackets[1], span))) // divisor
+                    brackets = pos.brackets = (end_bounds, *top_bracket(pos.principal, bounds_int))
+                j = brackets[1]
+                due = (pos.units + span[0][j] + brackets[2] * span[1][j]) // divisor
             pos.memo_boundary = boundary
             if due > before:
                 pos.memo_paid = due
-                add_id(state.position_id)
-                add_user(state.user_id)
+                add_id(pos.position_id)
+                add_user(pos.user_id)
                 add_amount(fmt(due - before))
                 start = pos.start
                 add_from(first_at if first_at is not None and start < first_at else start)
@@ -723,16 +757,22 @@ class Book:
     """One partition's positions in memory, per product, as payouts read them: derived
     from the positions table (rebuilt from it after a rebalance), never written back.
     Also tracks, per product, the effective hours of rate changes applied since it was
-    built: a view whose E(last) covers an hour whose rates changed is rebuilt."""
+    built: a view whose E(last) covers an hour whose rates changed is rebuilt.
+
+    A product's positions are kept as one list in payout order, with each id's slot in
+    it: a payout walks the list itself (no lookup per position), a change replaces its
+    slot, a new id appends (sorted again before the next payout if it came out of
+    order), and a removal leaves a hole that the next payout's ``ordered`` closes."""
 
     def __init__(self) -> None:
-        self.products: dict[str, dict[str, Position]] = {}
-        self._sorted: dict[str, list[str]] = {}
-        self._dirty: set[str] = set()
+        self._lists: dict[str, list[Position | None]] = {}
+        self._slots: dict[str, dict[str, int]] = {}
+        self._unsorted: set[str] = set()
+        self._holes: set[str] = set()
         self.rate_changes: dict[str, list[int]] = {}
 
     def __len__(self) -> int:
-        return sum(len(p) for p in self.products.values())
+        return sum(len(slots) for slots in self._slots.values())
 
     def rates_version(self, product_id: str) -> int:
         return len(self.rate_changes.get(product_id, ()))
@@ -748,31 +788,45 @@ class Book:
         return min(changes[pos.rates_version :]) < pos.last
 
     def put(self, pos: Position) -> None:
-        product_id, position_id = pos.state.product_id, pos.state.position_id
-        positions = self.products.setdefault(product_id, {})
-        if position_id not in positions:
-            order = self._sorted.setdefault(product_id, [])
-            if order and _order(position_id) < _order(order[-1]):
-                self._dirty.add(product_id)
-            order.append(position_id)
-        positions[position_id] = pos
+        product_id, position_id = pos.state.product_id, pos.position_id
+        slots = self._slots.setdefault(product_id, {})
+        positions = self._lists.setdefault(product_id, [])
+        slot = slots.get(position_id)
+        if slot is not None:
+            positions[slot] = pos
+            return
+        last = positions[-1] if positions else False
+        if last is None or (last and _order(position_id) < _order(last.position_id)):
+            self._unsorted.add(product_id)  # (after a hole: sorted again to be sure)
+        slots[position_id] = len(positions)
+        positions.append(pos)
 
     def remove(self, product_id: str, position_id: str) -> None:
-        positions = self.products.get(product_id, {})
-        if positions.pop(position_id, None) is not None:
-            self._sorted[product_id].remove(position_id)
+        slot = self._slots.get(product_id, {}).pop(position_id, None)
+        if slot is not None:
+            self._lists[product_id][slot] = None
+            self._holes.add(product_id)
 
     def get(self, product_id: str, position_id: str) -> Position | None:
-        return self.products.get(product_id, {}).get(position_id)
+        slot = self._slots.get(product_id, {}).get(position_id)
+        return None if slot is None else self._lists[product_id][slot]
 
     def ordered(self, product_id: str) -> list[Position]:
-        """The product's positions in payout order (a snapshot list)."""
-        order = self._sorted.get(product_id, [])
-        if product_id in self._dirty:
-            order.sort(key=_order)
-            self._dirty.discard(product_id)
-        positions = self.products.get(product_id, {})
-        return [positions[p] for p in order]
+        """The product's positions in payout order: the book's own list, valid until the
+        next ``put`` of a new id or ``remove`` (a payout replaces and removes only
+        positions it has settled, behind the part of the list it is reading)."""
+        positions = self._lists.get(product_id)
+        if positions is None:
+            return []
+        if product_id in self._holes or product_id in self._unsorted:
+            kept = [p for p in positions if p is not None]
+            if product_id in self._unsorted:
+                kept.sort(key=lambda p: _order(p.position_id))
+            positions[:] = kept
+            self._slots[product_id] = {p.position_id: i for i, p in enumerate(kept)}
+            self._holes.discard(product_id)
+            self._unsorted.discard(product_id)
+        return positions  # type: ignore[return-value]  # no holes after the above
 
 
 # --------------------------------------------------------------------------- batches

@@ -318,3 +318,53 @@ def test_format_minor_is_the_canonical_decimal(value: int, scale: int) -> None:
     with localcontext(EXACT):
         expected = format_amount(Decimal(value).scaleb(-scale))
     assert format_minor(value, scale) == expected
+
+
+def _split(principal: int, bounds: list[int | None]) -> list[int]:
+    """How much of ``principal`` falls in each bracket: the plain reference."""
+    out, lower = [], 0
+    for up in bounds:
+        out.append(0 if principal <= lower else (principal - lower if up is None or principal < up else up - lower))
+        if up is not None:
+            lower = up
+    return out
+
+
+@st.composite
+def bracket_bounds(draw) -> list[int | None]:  # type: ignore[no-untyped-def]
+    ups = sorted(set(draw(st.lists(st.integers(1, 10**24), max_size=4))))
+    return [*ups, None] if draw(st.booleans()) or not ups else ups
+
+
+@given(bounds=bracket_bounds(), principal=st.integers(-(10**20), 10**25), data=st.data())
+def test_top_bracket_units_equal_the_bracket_split(bounds, principal, data) -> None:
+    """The payout loop's one product per position (``fill[j] + r x apr_hours[j]``) equals
+    the sum over every bracket of its share of the principal times its APR-hours."""
+    from services.accrual.domain import bracket_units, top_bracket
+
+    hours = data.draw(st.lists(st.integers(0, 10**22), min_size=len(bounds), max_size=len(bounds)))
+    expected = sum(share * h for share, h in zip(_split(principal, bounds), hours))
+    assert bracket_units(top_bracket(principal, bounds), bounds, hours) == expected
+
+
+def test_book_keeps_payout_order_through_changes_and_removals() -> None:
+    from services.accrual import domain
+
+    def view(position_id: str, user: str = "u") -> domain.Position:
+        state = domain.PositionState(position_id=position_id, product_id="p", user_id=user, asset="USDT")
+        return domain.position_view(state, None, 0)
+
+    book = domain.Book()
+    for pid in ("2", "10", "3", "1"):  # out of order: sorted before the next payout
+        book.put(view(pid))
+    assert [p.position_id for p in book.ordered("p")] == ["1", "2", "3", "10"]
+    book.put(view("3", user="v"))  # a change replaces its slot
+    book.remove("p", "2")
+    book.put(view("11"))  # appended after a hole
+    assert book.get("p", "2") is None and book.get("p", "3").user_id == "v"  # type: ignore[union-attr]
+    assert [p.position_id for p in book.ordered("p")] == ["1", "3", "10", "11"]
+    assert len(book) == 4 and book.ordered("other") == []
+    book.remove("p", "11")
+    book.put(view("4"))  # after a hole at the end: still ordered
+    assert [p.position_id for p in book.ordered("p")] == ["1", "3", "4", "10"]
+    assert book.get("p", "4").position_id == "4"  # type: ignore[union-attr]
