@@ -3,12 +3,14 @@ through the real pipeline next to one set-based SQL statement.
 
     .venv/bin/python -m tests.bench.bench_accrual                      # N = 1,000,000
     .venv/bin/python -m tests.bench.bench_accrual --positions 100000
+    .venv/bin/python -m tests.bench.bench_accrual --positions 600000 --ticks 1000 --skip-pipeline   # 1a only, no servers
 
 1. HourClosed with 1,000 and N open positions, two ways:
    a. in-process: ``services.accrual.app.Engine.in_memory``: plain dicts instead of faust tables
       (faust tables cannot be written outside a worker's stream), state built by feeding
       the same PositionChanged envelopes through ``Engine.handle``; time per
-      ``Engine.handle(HourClosed)`` averaged over many ticks;
+      ``Engine.handle(HourClosed)`` averaged over many ticks; then one partition's payout
+      (``Engine.handle(PayoutRequested)``, emitting to an in-memory sink);
    b. end-to-end against a real engine process, at 1,000, 100,000 and N loaded positions:
       HourClosed produced to all 6 input partitions until the engine counted all 6 on
       /metrics, and the engine's own earn_accrual_tick_to_visible_seconds.
@@ -884,7 +886,8 @@ async def main(args: argparse.Namespace) -> None:
     if not args.skip_in_process:
         await in_process(book, sorted({min(1_000, n), n}), args.ticks)
         gc.collect()  # the in-process engine's state is gone with the call
-    await pipeline(book, args.e2e_ticks)
+    if not args.skip_pipeline:
+        await pipeline(book, args.e2e_ticks)
     load = os.getloadavg()
     say(f"\nwhole run: {fmt_s(now() - started)} (+ {fmt_s(started - t)} generating the positions); load average at the end {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}")
 
@@ -895,4 +898,5 @@ if __name__ == "__main__":
     parser.add_argument("--ticks", type=int, default=60_000, help="in-process HourClosed ticks per size (default 60,000)")
     parser.add_argument("--e2e-ticks", type=int, default=20, help="end-to-end HourClosed ticks per size (default 20)")
     parser.add_argument("--skip-in-process", action="store_true", help="skip part 1a")
+    parser.add_argument("--skip-pipeline", action="store_true", help="part 1a only (no servers)")
     asyncio.run(main(parser.parse_args()))
