@@ -795,9 +795,9 @@ class Book:
         if slot is not None:
             positions[slot] = pos
             return
-        last = positions[-1] if positions else False
-        if last is None or (last and _order(position_id) < _order(last.position_id)):
-            self._unsorted.add(product_id)  # (after a hole: sorted again to be sure)
+        last = positions[-1] if positions else None
+        if positions and (last is None or _order(position_id) < _order(last.position_id)):
+            self._unsorted.add(product_id)  # out of order, or after a hole: sorted before the next payout
         slots[position_id] = len(positions)
         positions.append(pos)
 
