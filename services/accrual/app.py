@@ -431,6 +431,8 @@ PRODUCER_REQUEST_BYTES = CATALOGUE[OUTPUT].max_message_bytes
 
 
 def create_app(settings: AccrualSettings) -> tuple[faust.App, Engine]:
+    datadir = settings.data_dir / "faust"
+    datadir.mkdir(parents=True, exist_ok=True)
     app = faust.App(
         app_id(settings),
         broker=f"kafka://{settings.kafka_bootstrap}",
@@ -452,6 +454,9 @@ def create_app(settings: AccrualSettings) -> tuple[faust.App, Engine]:
         web_port=settings.web_port or 6066,
         web_host="127.0.0.1",
         autodiscover=False,
+        # faust makes a directory even with the memory store (by default in the working
+        # directory, and only its last part).
+        datadir=str(datadir / app_id(settings)),
     )
     source = app.topic(
         topic_name(settings, INPUT),
