@@ -354,6 +354,7 @@ class Engine:
             SKIPPED.labels("payout_duplicate").inc()
             log.warning("payout request published again: re-emitting what it paid", extra={"job": msg.job, "period": msg.period})
         plan: list[tuple[str, domain.ProductState, domain.PayoutEntry]] = []
+        met_before: list[domain.PayoutEntry] = []
         for product_id, product, history, entry, status in seen:
             if again and status not in ("duplicate", "replay"):
                 continue  # not part of the first request (e.g. a product added since)
@@ -367,10 +368,15 @@ class Engine:
             if status == "new":
                 self._put(self.payouts, domain.product_key(partition, product_id), history.to_list())
             assert entry is not None
+            if status != "new":
+                met_before.append(entry)
             plan.append((product_id, product, entry))
+        # In the batches of its first time (the sink matches a batch by its sequence and
+        # refuses one whose items changed), even when BATCH_SIZE changed since.
+        batch_size = met_before[0].batch_size if met_before else domain.BATCH_SIZE
         emitter = PayoutEmitter(
             self.output, OUTPUT, partition, msg,
-            key=domain.batch_key(msg.job, msg.period, partition), namespace="earn-accrual", batch_size=domain.BATCH_SIZE, items=PAYOUT_ITEMS,
+            key=domain.batch_key(msg.job, msg.period, partition), namespace="earn-accrual", batch_size=batch_size, items=PAYOUT_ITEMS,
         )
         for product_id, product, entry in plan:
             await self._pay_product(partition, book, product, product_id, domain.Payout(product, entry, offset, watermark), emitter)

@@ -46,7 +46,7 @@ Redelivery (faust at-least-once, or a duplicate from the upstream outbox relay):
 from __future__ import annotations
 
 import functools
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from decimal import Decimal, localcontext
 from typing import Any
@@ -65,7 +65,11 @@ from services.kernel.interest import (
 RECENT_EVENT_IDS = 64  # per position: ids of the last applied PositionChanged events
 RECENT_MARKS = 8  # per position: paid-through marks kept (replays reach back this far)
 RECENT_REQUESTS = 64  # per product and partition: payout requests kept
-BATCH_SIZE = 5000  # items per PayoutBatch
+# Items per PayoutBatch (Simple Earn pays a batch with one wallet BulkCredit, so at most
+# its MAX_BATCH of 10,000). A payout request records the size it was emitted in, so a
+# request met again after an upgrade is emitted again in the same batches.
+BATCH_SIZE = 10_000
+LEGACY_BATCH_SIZE = 5_000  # of the requests recorded before they kept their size
 # A dropped position's marker is purged once it is this old both in event hours and in
 # input offsets of its partition: far beyond any replay window of an at-least-once commit.
 MARKER_KEEP_HOURS = 24 * 7
@@ -244,13 +248,15 @@ def apply_rates(
 
 @dataclass(frozen=True, slots=True)
 class PayoutEntry:
-    """One payout request of a product: its boundary and the product's previous one."""
+    """One payout request of a product: its boundary and the product's previous one, and
+    the number of items per batch it was emitted in."""
 
     job: str
     period: str
     boundary: int
     previous: int | None
     offset: int
+    batch_size: int = BATCH_SIZE
 
 
 @dataclass(slots=True)
@@ -276,7 +282,7 @@ class PayoutHistory:
         previous = max((e.boundary for e in self.entries), default=None)
         if previous is not None and boundary <= previous:
             return None, "stale"
-        entry = PayoutEntry(job, period, boundary, previous, offset)
+        entry = PayoutEntry(job, period, boundary, previous, offset, BATCH_SIZE)
         self.entries = (self.entries + [entry])[-RECENT_REQUESTS:]
         return entry, "new"
 
@@ -285,11 +291,15 @@ class PayoutHistory:
         return [e.boundary for e in self.entries if e.offset < offset][-RECENT_MARKS:]
 
     def to_list(self) -> list[list[Any]]:
-        return [[e.job, e.period, e.boundary, e.previous, e.offset] for e in self.entries]
+        return [[e.job, e.period, e.boundary, e.previous, e.offset, e.batch_size] for e in self.entries]
 
     @classmethod
     def from_list(cls, data: Sequence[Sequence[Any]]) -> PayoutHistory:
-        return cls([PayoutEntry(j, p, int(b), None if prev is None else int(prev), int(o)) for j, p, b, prev, o in data])
+        """From ``to_list``; an entry stored without its batch size has LEGACY_BATCH_SIZE."""
+        return cls([
+            PayoutEntry(j, p, int(b), None if prev is None else int(prev), int(o), int(size[0]) if size else LEGACY_BATCH_SIZE)
+            for j, p, b, prev, o, *size in data
+        ])
 
 
 # --------------------------------------------------------------------------- positions
@@ -832,22 +842,13 @@ class Book:
 # --------------------------------------------------------------------------- batches
 
 
-def batches(items: Sequence[Any], size: int = BATCH_SIZE) -> Iterator[tuple[int, bool, Sequence[Any]]]:
-    """(sequence, last, items) chunks; at least one (empty) chunk, the last flagged."""
-    if not items:
-        yield 0, True, ()
-        return
-    count = (len(items) + size - 1) // size
-    for seq in range(count):
-        yield seq, seq == count - 1, items[seq * size : (seq + 1) * size]
-
-
 def batch_key(job: str, period: str, partition: int) -> str:
     return f"{job}:{period}:{partition}"
 
 
 __all__ = [
     "BATCH_SIZE",
+    "LEGACY_BATCH_SIZE",
     "Book",
     "Change",
     "PayoutEntry",
@@ -861,7 +862,6 @@ __all__ = [
     "apply_position_change",
     "apply_rates",
     "batch_key",
-    "batches",
     "position_view",
     "position_key",
     "product_key",

@@ -17,6 +17,7 @@ import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 
 from earn.v1 import accrual_pb2
+from services.accrual import domain
 from services.devstack.processes import ManagedProcess, ProcessSpec
 from services.kernel import events, topics
 from services.kernel.config import Settings
@@ -272,7 +273,7 @@ async def collect(settings: Settings, periods: set[str], into: Collected, timeou
                     for record in records:
                         batch = events.unwrap(events.parse(record.value), accrual_pb2.PayoutBatch)
                         assert record.key == f"{batch.job}:{batch.period}:{batch.partition}".encode()
-                        assert len(batch.position_ids) <= 5000
+                        assert len(batch.position_ids) <= domain.BATCH_SIZE
                         assert len(batch.user_ids) == len(batch.amounts) == len(batch.from_hours) == len(batch.position_ids)
                         into.batches += 1
                         if batch.last:

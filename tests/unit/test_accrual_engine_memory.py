@@ -9,13 +9,16 @@ from __future__ import annotations
 import asyncio
 import copy
 import uuid
+import zlib
 from datetime import UTC, datetime
 from types import SimpleNamespace
 
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from earn.v1 import accrual_pb2
+from services.accrual import domain
 from services.accrual.app import Engine
 from services.kernel import events
 from tests.integration.test_accrual_engine import PARTITIONS, Step, reference, scenario
@@ -105,3 +108,60 @@ def test_engine_in_memory_matches_the_reference_through_crashes(seed: int, every
     assert not missing and not extra, (missing[:3], extra[:3])
     wrong = [(k, sink.items[k], v) for k, v in expected.items() if sink.items[k] != v]
     assert not wrong, wrong[:3]
+
+
+class Batches:
+    """The output topic: each PayoutBatch as (period, partition, sequence, last, position ids)."""
+
+    def __init__(self) -> None:
+        self.sent: list[tuple[str, int, int, bool, tuple[str, ...]]] = []
+
+    async def send(self, *, key: bytes, value: bytes, partition: int, force: bool) -> asyncio.Future[None]:
+        b = events.unwrap(events.parse(value), accrual_pb2.PayoutBatch)
+        self.sent.append((b.period, b.partition, b.sequence, b.last, tuple(b.position_ids)))
+        future = asyncio.get_running_loop().create_future()
+        future.set_result(None)
+        return future
+
+
+def test_a_request_met_again_is_emitted_in_the_batches_of_its_first_time(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A payout request replayed after a restart (its offset not committed) by a build whose
+    BATCH_SIZE changed: its batches come out as the first time, sequence by sequence (the
+    sink refuses a sequence it knows with other items); a new request takes the new size."""
+    h0, at = 490_000, datetime.now(UTC)
+
+    def wrap(msg, key: str) -> bytes:  # type: ignore[no-untyped-def]
+        return events.wrap(msg, key=key, producer="t", occurred_at=at).SerializeToString()
+
+    ids = [str(i) for i in range(1, 400) if zlib.crc32(str(i).encode()) % PARTITIONS == 0][:10]
+    log = [wrap(accrual_pb2.ProductRatesSet(product_id="p", asset="USDT", effective_hour=h0, tiers=[accrual_pb2.RateTier(apr="0.1")]), "product:p")]
+    log += [
+        wrap(accrual_pb2.PositionChanged(position_id=i, product_id="p", user_id=f"u{i}", asset="USDT",
+                                         changes=[accrual_pb2.PrincipalChange(effective_hour=h0, delta="1000")]), i)
+        for i in ids
+    ]
+    log.append(wrap(accrual_pb2.HourClosed(hour=h0 + 48), "tick"))
+    first_request = len(log)
+    log.append(wrap(accrual_pb2.PayoutRequested(job="j", period="d1", boundary_hour=h0 + 24, product_ids=["p"]), "payout"))
+    log.append(wrap(accrual_pb2.PayoutRequested(job="j", period="d2", boundary_hour=h0 + 48, product_ids=["p"]), "payout"))
+
+    async def run(engine: Engine, start: int, stop: int) -> None:
+        for offset in range(start, stop):
+            message = SimpleNamespace(partition=0, offset=offset, tp=None)
+            await engine.handle(SimpleNamespace(value=log[offset], message=message))  # type: ignore[arg-type]
+
+    async def scenario() -> None:
+        monkeypatch.setattr(domain, "BATCH_SIZE", 3)
+        engine = Engine.in_memory(Batches(), PARTITIONS)
+        await run(engine, 0, first_request + 1)
+        first = list(engine.output.sent)
+        assert [(s, last, len(p)) for _, _, s, last, p in first] == [(0, False, 3), (1, False, 3), (2, False, 3), (3, True, 1)]
+
+        monkeypatch.setattr(domain, "BATCH_SIZE", 4)  # the next build
+        restarted = tables_of(engine)
+        restarted.output = Batches()
+        await run(restarted, first_request, len(log))  # the first request again, then a new one
+        assert [b for b in restarted.output.sent if b[0] == "d1"] == first
+        assert [(s, last, len(p)) for period, _, s, last, p in restarted.output.sent if period == "d2"] == [(0, False, 4), (1, False, 4), (2, True, 2)]
+
+    asyncio.run(scenario())

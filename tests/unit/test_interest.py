@@ -284,21 +284,29 @@ def test_hourly_records_sum_to_the_span(history, changes, a, length) -> None:
 # ----------------------------------------------------------------- engine state (pure)
 
 
-def test_payout_batches_and_history() -> None:
+def test_a_payout_batch_fits_one_wallet_credit() -> None:
+    """Simple Earn pays a PayoutBatch with one BulkCredit (one credit per user at most)."""
+    from services.accrual import domain
+    from services.wallet import domain as wallet
+
+    assert max(domain.BATCH_SIZE, domain.LEGACY_BATCH_SIZE) <= wallet.MAX_BATCH  # a replay may use the old size
+
+
+def test_payout_history() -> None:
     from services.accrual import domain
 
-    assert list(domain.batches([])) == [(0, True, ())]
-    chunks = list(domain.batches(list(range(10_001))))
-    assert [(seq, last, len(items)) for seq, last, items in chunks] == [(0, False, 5000), (1, False, 5000), (2, True, 1)]
     history = domain.PayoutHistory()
     first, status = history.record("j", "d1", 24, offset=5)
-    assert status == "new" and first is not None and first.previous is None
+    assert status == "new" and first is not None and first.previous is None and first.batch_size == domain.BATCH_SIZE
     assert history.record("j", "d1", 24, offset=5) == (first, "replay")  # after a crash: finish the work
     assert history.record("j", "d1", 24, offset=9) == (first, "duplicate")  # published again
     second, status = history.record("j", "d2", 48, offset=10)
     assert status == "new" and second is not None and second.previous == 24
     assert history.record("j", "d0", 12, offset=11) == (None, "stale")  # nothing after 48 to pay
     assert domain.PayoutHistory.from_list(history.to_list()) == history
+    # Stored before entries kept their batch size: emitted in batches of the size then.
+    legacy = domain.PayoutHistory.from_list([["j", "d1", 24, None, 5]])
+    assert legacy.entries == [domain.PayoutEntry("j", "d1", 24, None, 5, domain.LEGACY_BATCH_SIZE)]
 
 
 def test_format_minor() -> None:
