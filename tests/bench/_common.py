@@ -194,7 +194,7 @@ async def drop_database(settings: Settings, name: str) -> None:
 # ------------------------------------------------------------------ processes
 
 
-def spawn(name: str, env: Mapping[str, str], log_dir: Path, cwd: Path | None = None, spec: ProcessSpec | None = None) -> ManagedProcess:
+def spawn(name: str, env: Mapping[str, str], log_dir: Path, spec: ProcessSpec | None = None) -> ManagedProcess:
     spec = spec or next(s for s in PROCESSES if s.name == name)
     return ManagedProcess(
         spec,
@@ -203,5 +203,4 @@ def spawn(name: str, env: Mapping[str, str], log_dir: Path, cwd: Path | None = N
         port=free_port() if spec.port_env else None,
         metrics_port=free_port() if spec.metrics_port_env else None,
         echo=False,
-        cwd=cwd,
     )

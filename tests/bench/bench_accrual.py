@@ -561,7 +561,7 @@ async def pipeline(book: Book, e2e_ticks: int) -> None:
     env = {**os.environ, "EARN_PG_DATABASE": DATABASE, "EARN_TOPIC_PREFIX": prefix, "EARN_CLOCK_FILE": str(clock)}
     wallet = spawn("wallet", {**env, "EARN_LOG_LEVEL": "WARNING"}, log_dir)
     wallet.start()
-    engine = spawn("accrual", {**env, "EARN_LOG_LEVEL": "INFO"}, log_dir, cwd=workdir)  # faust's data dir goes there
+    engine = spawn("accrual", {**env, "EARN_LOG_LEVEL": "INFO", "EARN_DATA_DIR": str(workdir)}, log_dir)  # faust's data dir goes there
     engine.start()
     earn: ManagedProcess | None = None
     stack: Stack | None = None

@@ -6,8 +6,9 @@
 A scratch database (``earn_bench_se_payout``, dropped at the end unless ``--keep``) with
 Simple Earn's schema and N flexible positions of one USDT product (one in 1,000 with
 auto-subscribe), loaded by COPY. The engine's batches are rebuilt as it emits them: per
-input partition (crc32 of the position id mod 6), positions in id order (as numbers), 5,000 per
-batch, one amount per position. For each batch, timed on its own:
+input partition (crc32 of the position id mod 6), positions in id order (as numbers), the
+engine's BATCH_SIZE (10,000) per batch, one amount per position. For each batch, timed on
+its own:
 
 - check: the columns checked in Python (``domain.check_payout_columns``);
 - record: the two statements that check the items against ``positions`` (before the
@@ -48,6 +49,7 @@ from typing import Any
 import asyncpg
 
 from earn.v1 import accrual_pb2, wallet_pb2
+from services.accrual import domain as accrual_domain
 from services.kernel import db, events
 from services.kernel.config import Settings
 from services.simple_earn import domain, store
@@ -57,7 +59,7 @@ from tests.bench._common import drop_database, header, recreate_database
 
 DATABASE = "earn_bench_se_payout"
 PARTITIONS = 6
-BATCH = 5000
+BATCH = accrual_domain.BATCH_SIZE
 PRODUCT = "bench-usdt"
 ASSET = "USDT"
 JOB = "simple_earn.interest.daily"
@@ -230,7 +232,7 @@ def show_plan(title: str, plan: str) -> None:
 
 
 async def main(args: argparse.Namespace) -> None:
-    header("Simple Earn payout consumer: database time per 5,000-item PayoutBatch (no wallet)")
+    header(f"Simple Earn payout consumer: database time per {BATCH:,}-item PayoutBatch (no wallet)")
     base = Settings()
     settings = Settings(pg_database=DATABASE)
     await recreate_database(base, DATABASE)
@@ -290,8 +292,9 @@ async def main(args: argparse.Namespace) -> None:
             say(f"   the whole consumer without the wallet (median): {statistics.median(applied['apply']) * 1000:.2f} ms wall,"
                 f" of which backend CPU {statistics.median(applied['apply, backend cpu']) * 1000:.2f} ms"
                 f" and this process's CPU {statistics.median(applied['apply, this process cpu']) * 1000:.2f} ms")
-            say(f"   -> 1,000,000 positions = 200 batches: {statistics.median(db_cpu) * 200:.2f} s of database CPU,"
-                f" {statistics.median(applied['apply']) * 200:.2f} s of consumer wall time without the wallet, one batch after another")
+            per_million = 1_000_000 // BATCH
+            say(f"   -> 1,000,000 positions = {per_million} batches: {statistics.median(db_cpu) * per_million:.2f} s of database CPU,"
+                f" {statistics.median(applied['apply']) * per_million:.2f} s of consumer wall time without the wallet, one batch after another")
             say(f"   load average at the end {load_now[0]:.2f} {load_now[1]:.2f} {load_now[2]:.2f} (2 cores, shared)")
         finally:
             await pool.close()

@@ -1,4 +1,4 @@
-"""Wallet payout throughput: BulkCredit of N credits (requests of 5,000, one expense
+"""Wallet payout throughput: BulkCredit of N credits (requests of 10,000, one expense
 account to N distinct users) through gRPC against the local PostgreSQL, then the
 background fold of those credits into per-user transfers and balances, timed apart.
 
@@ -170,7 +170,7 @@ async def main(users: int, batch: int, in_flight: int, references: bool) -> None
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--users", type=int, default=1_000_000, help="credits per round (distinct users)")
-    parser.add_argument("--batch", type=int, default=5_000, help="credits per BulkCredit request (at most 10,000)")
+    parser.add_argument("--batch", type=int, default=10_000, help="credits per BulkCredit request (at most 10,000)")
     parser.add_argument("--in-flight", type=int, default=4, help="requests in flight at once")
     parser.add_argument("--references", action="store_true", help="a reference per credit instead of one per request")
     args = parser.parse_args()
