@@ -150,7 +150,7 @@ def test_a_request_met_again_is_emitted_in_the_batches_of_its_first_time(monkeyp
             message = SimpleNamespace(partition=0, offset=offset, tp=None)
             await engine.handle(SimpleNamespace(value=log[offset], message=message))  # type: ignore[arg-type]
 
-    async def scenario() -> None:
+    async def play() -> None:
         monkeypatch.setattr(domain, "BATCH_SIZE", 3)
         engine = Engine.in_memory(Batches(), PARTITIONS)
         await run(engine, 0, first_request + 1)
@@ -164,4 +164,4 @@ def test_a_request_met_again_is_emitted_in_the_batches_of_its_first_time(monkeyp
         assert [b for b in restarted.output.sent if b[0] == "d1"] == first
         assert [(s, last, len(p)) for period, _, s, last, p in restarted.output.sent if period == "d2"] == [(0, False, 4), (1, False, 4), (2, True, 2)]
 
-    asyncio.run(scenario())
+    asyncio.run(play())
