@@ -279,11 +279,10 @@ class LeverageApi(leverage_pb2_grpc.LeverageServiceServicer):
         now_us = self._now_us()
         domain.check_maturity(product, maturity_us, now_us)
         domain.check_principal(product, principal)
-        stored = await store.stored_response(self.pool, request.idempotency_key)
-        if stored is None:  # a retry answers from the key, without asking the market again
-            index, index_us = await self._index(product.pair, now_us)
-        else:
-            index, index_us = Decimal(1), now_us
+        method = "RequestLeverageQuote"
+        if (done := await idempotency.replay(self.pool, method, request, lv.RequestLeverageQuoteResponse)) is not None:
+            return done  # a retry answers from the key, without asking the market again
+        index, index_us = await self._index(product.pair, now_us)
         entry = index  # 0% from the index, within the 5% band
         quote = {
             "quote_id": f"lq-{uuid.uuid4().hex[:20]}", "user_id": user, "product_id": product_id, "direction": direction.value,
@@ -295,9 +294,7 @@ class LeverageApi(leverage_pb2_grpc.LeverageServiceServicer):
         async def work(conn: asyncpg.Connection) -> lv.RequestLeverageQuoteResponse:
             return lv.RequestLeverageQuoteResponse(quote=self._quote_message(await store.insert_quote(conn, quote)))
 
-        response = await idempotency.write_once(
-            self.pool, method="RequestLeverageQuote", request=request, response_type=lv.RequestLeverageQuoteResponse, work=work
-        )
+        response = await idempotency.write_once(self.pool, method=method, request=request, response_type=lv.RequestLeverageQuoteResponse, work=work)
         metrics.QUOTES.labels(product.base, direction.value).inc()
         return response
 
@@ -306,11 +303,8 @@ class LeverageApi(leverage_pb2_grpc.LeverageServiceServicer):
         quote_id = domain.check_id(request.quote_id, "quote_id")
         key = f"leverage:subscribe:{user}:{quote_id}"
         method = "SubscribeLeverage"
-        stored = await store.stored_response(self.pool, key)
-        if stored is not None and stored["response"] is not None:
-            if stored["request_hash"] != idempotency.fingerprint(method, request):
-                raise AlreadyExists(f"quote_id: {quote_id!r} was already used for a different request")
-            return lv.SubscribeLeverageResponse.FromString(stored["response"])
+        if (done := await idempotency.replay(self.pool, method, request, lv.SubscribeLeverageResponse, key=key, field="quote_id", shown=quote_id)) is not None:
+            return done
         q = await store.quote(self.pool, quote_id)
         if q is None or q["user_id"] != user:
             raise NotFound(f"quote_id: no quote {quote_id} of user {user}")
@@ -371,8 +365,8 @@ class LeverageApi(leverage_pb2_grpc.LeverageServiceServicer):
         user = domain.check_user_id(request.user_id)
         row = await self._user_position(user, request.position_id)
         method = "RedeemLeverageEarly"
-        stored = await store.stored_response(self.pool, request.idempotency_key)
-        if stored is None:
+        # A retry does not decide again (it finishes the payment below, if still due).
+        if await idempotency.replay(self.pool, method, request, lv.RedeemLeverageEarlyResponse) is None:
             now_us = self._now_us()
             if row["status"] != Status.OPEN.value:
                 raise FailedPrecondition(f"position_id: position {row['id']} is {row['status']}; only an open position can be redeemed early")

@@ -192,6 +192,3 @@ async def mark_settled(conn: Conn, position_id: int, at: datetime) -> bool:
         position_id, at,
     ))
 
-
-async def stored_response(conn: Conn, key: str) -> Any:
-    return await conn.fetchrow("SELECT request_hash, response FROM idempotency_keys WHERE key = $1", key)

@@ -6,7 +6,6 @@ import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 from decimal import Decimal
-from typing import Any
 
 import asyncpg
 
@@ -68,6 +67,3 @@ async def window(conn: Conn, pair: str, start_us: int, end_us: int) -> list[Tick
     )
     return sorted((Tick(r["at_us"], r["price"]) for r in rows), key=lambda t: t.at_us)
 
-
-async def stored_response(conn: Conn, key: str) -> Any:
-    return await conn.fetchrow("SELECT request_hash, response FROM idempotency_keys WHERE key = $1", key)
