@@ -256,7 +256,7 @@ class PayoutEntry:
     boundary: int
     previous: int | None
     offset: int
-    batch_size: int = BATCH_SIZE
+    batch_size: int  # BATCH_SIZE when recorded (LEGACY_BATCH_SIZE before entries kept it)
 
 
 @dataclass(slots=True)
