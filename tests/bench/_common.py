@@ -191,6 +191,38 @@ async def drop_database(settings: Settings, name: str) -> None:
         await conn.close()
 
 
+async def settle(conn: asyncpg.Connection, tables: Iterable[str]) -> str:
+    """Make tables just loaded by COPY look like long-lived ones, which autovacuum has
+    long since visited: hint bits set, the visibility map set (index-only scans fetch no
+    heap page), statistics fresh. Returns a line with each table's share of all-visible
+    pages, to print.
+
+    Call it once no other transaction of the database is open: rows newer than the oldest
+    open snapshot cannot be marked visible to all. And the local server commits
+    asynchronously (synchronous_commit=off, see services/devstack/infra.py): VACUUM may
+    not set a hint bit, so may not mark a page all-visible, until the WAL of the commit
+    that wrote its rows is flushed. The flush is judged by the commit LSN of the rows'
+    transaction id group (32 ids), which any later asynchronous commit of that group
+    moves on: a VACUUM just after a COPY, or after another table's ANALYZE, left a table
+    not all-visible. So each VACUUM follows a synchronous commit, which flushes the WAL up
+    to it (a transaction that writes WAL: one that only takes a transaction id commits
+    asynchronously whatever synchronous_commit says), and the ANALYZEs come last."""
+    tables = list(tables)
+    for table in tables:
+        async with conn.transaction():
+            await conn.execute("SET LOCAL synchronous_commit = on")
+            await conn.execute("SELECT pg_logical_emit_message(true, 'earn.bench', 'settle')")
+        await conn.execute(f"VACUUM {table}")
+    shares = []
+    for table in tables:
+        await conn.execute(f"ANALYZE {table}")
+        pages, visible = await conn.fetchrow(
+            "SELECT relpages, relallvisible FROM pg_class WHERE oid = $1::regclass", table
+        )
+        shares.append(f"{table} {visible / max(pages, 1):.0%}")
+    return "all-visible pages after VACUUM: " + ", ".join(shares)
+
+
 # ------------------------------------------------------------------ processes
 
 

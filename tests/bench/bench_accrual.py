@@ -66,6 +66,7 @@ from tests.bench._common import (
     metric_sum,
     recreate_database,
     scrape,
+    settle,
     spawn,
     ticks,
 )
@@ -268,8 +269,9 @@ async def wait_for(check, timeout: float, what: str, every: float = 0.25) -> flo
         await asyncio.sleep(every)
 
 
-async def seed(pool: asyncpg.Pool, book: Book) -> None:
-    """Simple Earn's rows for the positions and the wallet's funds behind them, by COPY."""
+async def seed(pool: asyncpg.Pool, book: Book) -> str:
+    """Simple Earn's rows for the positions and the wallet's funds behind them, by COPY,
+    settled (``settle``: its line is returned)."""
     h0 = book.h0
     at = hour_start(h0 - 1) + timedelta(minutes=40)
     n = book.size
@@ -294,12 +296,6 @@ async def seed(pool: asyncpg.Pool, book: Book) -> None:
             )
             await conn.execute("SELECT setval('simple_earn.positions_id_seq', $1)", n)
             await conn.execute("UPDATE simple_earn.products SET subscribed = $1 WHERE product_id = $2", total, PRODUCT)
-            # Vacuumed, as autovacuum leaves a table loaded long before a payout (Simple Earn
-            # checks each paid item with an index-only scan of positions_identity), and so
-            # that no autovacuum of a table just loaded runs during the payout (it did once:
-            # 0.7 CPU-s of the 14 the payout had).
-            for table in ("positions", "principal_changes", "position_holds"):
-                await conn.execute(f"VACUUM ANALYZE simple_earn.{table}")
 
     async def wallet() -> None:
         async with pool.acquire() as conn:
@@ -319,10 +315,16 @@ async def seed(pool: asyncpg.Pool, book: Book) -> None:
                          for i, p in enumerate(book.principals, 1)),
             )
             await conn.execute("SELECT setval('wallet.holds_id_seq', $1)", n)
-            await conn.execute("VACUUM ANALYZE wallet.accounts")  # as above
-            await conn.execute("VACUUM ANALYZE wallet.holds")
 
     await asyncio.gather(simple_earn(), wallet())
+    # Settled once both loads are committed (a load still open would keep the other's rows
+    # from being marked visible to all), as autovacuum leaves tables loaded long before a
+    # payout: Simple Earn checks each paid item with an index-only scan of
+    # positions_identity, and no autovacuum of a table just loaded runs during the payout
+    # (one did once: 0.7 CPU-s of the 14 the payout had).
+    async with pool.acquire() as conn:
+        return await settle(conn, ("simple_earn.positions", "simple_earn.principal_changes", "simple_earn.position_holds",
+                                   "wallet.accounts", "wallet.holds"))
 
 
 BASELINE_SETUP = """
@@ -391,7 +393,7 @@ WHERE a.owner = 'simple_earn' AND a.kind = 'expense' AND a.asset = s.asset
 """
 
 
-async def baseline_setup(conn: asyncpg.Connection) -> None:
+async def baseline_setup(conn: asyncpg.Connection) -> str:
     await conn.execute(BASELINE_SETUP)
     await conn.execute("INSERT INTO sql_baseline.asset_scales VALUES ($1, $2)", ASSET, SCALE)
     lower = Decimal(0)
@@ -400,9 +402,8 @@ async def baseline_setup(conn: asyncpg.Connection) -> None:
             "INSERT INTO sql_baseline.tiers VALUES ($1, $2, $3, $4)", PRODUCT, lower, Decimal(up_to) if up_to else None, Decimal(apr)
         )
         lower = Decimal(up_to) if up_to else lower
-    # Vacuumed like the pipeline's tables (see seed): settled, as long before a payout.
-    for table in ("positions", "accounts", "tiers", "asset_scales"):
-        await conn.execute(f"VACUUM ANALYZE sql_baseline.{table}")
+    # Settled like the pipeline's tables (see seed), as long before a payout.
+    return await settle(conn, [f"sql_baseline.{table}" for table in ("positions", "accounts", "tiers", "asset_scales")])
 
 
 # ------------------------------------------------------------------ 1b: ticks end-to-end
@@ -614,13 +615,15 @@ async def run_pipeline(stack: Stack, pool: asyncpg.Pool, book: Book, e2e_ticks: 
             metadata=OPERATOR,
         )
         t = now()
-        await seed(pool, book)
+        settled = await seed(pool, book)
         say(f"   seeded by COPY: {n:,} positions (+ principal changes, position holds) in simple_earn and"
             f" {2 * n + 1:,} accounts + {n:,} holds in the wallet (principal on HOLD, the exchange's EXTERNAL the counterpart): {fmt_s(now() - t)}")
+        say(f"     {settled}")
         t = now()
         async with pool.acquire() as conn:
-            await baseline_setup(conn)
+            settled = await baseline_setup(conn)
         say(f"   copy of the same data for the SQL baseline (schema sql_baseline): {fmt_s(now() - t)}")
+        say(f"     {settled}")
         waited = await wait_for(lambda: stack.engine_count("ProductRatesSet") >= PARTITIONS, timeout=180, what="engine receiving the product rates")
         say(f"   engine consuming (product rates arrived through Simple Earn's outbox relay; waited {fmt_s(waited)} more)")
 

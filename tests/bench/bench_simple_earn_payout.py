@@ -26,8 +26,9 @@ one full batch is explained (EXPLAIN ANALYZE, rolled back) for where the stateme
 goes. Each step is reported twice: wall clock seen by the client (encoding, the round
 trip and the server's work) and the CPU time of the pool's one PostgreSQL backend (from
 /proc/<pid>/schedstat), which other work on a shared machine does not inflate as much.
-Positions are vacuumed after loading (the visibility map set, as autovacuum leaves a
-table loaded long before a payout), so the item checks are index-only.
+Positions are settled after loading (``_common.settle``: the visibility map set, as
+autovacuum leaves a table loaded long before a payout), so the item checks are
+index-only.
 """
 
 from __future__ import annotations
@@ -55,7 +56,7 @@ from services.kernel.config import Settings
 from services.simple_earn import domain, store
 from services.simple_earn.api import SimpleEarnApi
 from services.simple_earn.main import MIGRATIONS, SCHEMA
-from tests.bench._common import drop_database, header, recreate_database
+from tests.bench._common import drop_database, header, recreate_database, settle
 
 DATABASE = "earn_bench_se_payout"
 PARTITIONS = 6
@@ -85,7 +86,7 @@ class NullWallet:
         raise AssertionError(f"unexpected wallet call {method}")
 
 
-async def load(pool: asyncpg.Pool, n: int) -> None:
+async def load(pool: asyncpg.Pool, n: int) -> str:
     at = datetime.now(UTC)
     async with pool.acquire() as conn:
         await conn.execute(
@@ -99,9 +100,9 @@ async def load(pool: asyncpg.Pool, n: int) -> None:
             records=((i, f"u{i}", PRODUCT, ASSET, "flexible", Decimal(1000), "active", i % 1000 == 0, H0, at, at) for i in range(1, n + 1)),
         )
         await conn.execute("SELECT setval('positions_id_seq', $1)", n)
-        # A table of positions that mostly sit still between payouts: vacuumed (the
+        # A table of positions that mostly sit still between payouts: settled (the
         # visibility map set, as autovacuum leaves it), so checks can be index-only.
-        await conn.execute("VACUUM ANALYZE positions")
+        return await settle(conn, ["positions"])
 
 
 def engine_batches(n: int, period: str, seed: int) -> list[accrual_pb2.PayoutBatch]:
@@ -243,8 +244,9 @@ async def main(args: argparse.Namespace) -> None:
         try:
             backend = Backend(await pool.fetchval("SELECT pg_backend_pid()"))
             t = time.perf_counter()
-            await load(pool, args.positions)
-            say(f"positions: {args.positions:,} (one product, {ASSET}; one in 1,000 with auto-subscribe), loaded in {time.perf_counter() - t:.1f} s")
+            settled = await load(pool, args.positions)
+            say(f"positions: {args.positions:,} (one product, {ASSET}; one in 1,000 with auto-subscribe), loaded in {time.perf_counter() - t:.1f} s;"
+                f" {settled}")
             first = engine_batches(args.positions, "2026-11-25", 1)
             second = engine_batches(args.positions, "2026-11-26", 2)
             if args.batches:
