@@ -743,7 +743,10 @@ async def payout_batch(conn: asyncpg.Connection | asyncpg.Pool, job: str, period
 # positions_identity (id INCLUDE user, product, asset, kind, status, auto_subscribe)
 # answers it in one index-only scan for the batch's ids (a ScalarArrayOp scan reads the
 # leaf pages holding them once, instead of one descent per item); the items are matched
-# to the positions found in hashed subplans, whose cost does not depend on an estimate.
+# to the positions found in hashed subplans, whose cost does not depend on an estimate
+# (a NOT IN and an IS TRUE test are never turned into joins). Only the items not found
+# (none when the engine behaves) are kept and sorted, and the reinvested ones (few) are
+# the only other pass over the items.
 CHECK_ITEMS = r"""
 WITH t AS MATERIALIZED (
     SELECT t.n::integer AS n, t.pos, t.u
@@ -751,15 +754,13 @@ WITH t AS MATERIALIZED (
 ), p AS MATERIALIZED (
     SELECT p.id, p.user_id, p.auto_subscribe AND p.status = 'active' AND p.kind = 'flexible' AS re
     FROM positions p WHERE p.id = ANY (array(SELECT t.pos FROM t)) AND p.product_id = $3 AND p.asset = $4
-), c AS MATERIALIZED (
-    SELECT t.n, t.pos, t.u, (t.pos, t.u) IN (SELECT p.id, p.user_id FROM p) AS ok,
-           (t.pos, t.u) IN (SELECT p.id, p.user_id FROM p WHERE p.re) AS re
-    FROM t
+), unknown AS MATERIALIZED (
+    SELECT t.n, t.pos, t.u FROM t WHERE NOT ((t.pos, t.u) IN (SELECT p.id, p.user_id FROM p))
 )
-SELECT array(SELECT c.n FROM c WHERE NOT c.ok ORDER BY c.n) AS unknown,
-       array(SELECT format('position %s: no such position of user/product/asset %s/%s/%s', c.pos, c.u, $3, $4)
-             FROM c WHERE NOT c.ok ORDER BY c.n) AS why,
-       array(SELECT c.n FROM c WHERE c.ok AND c.re ORDER BY c.n) AS reinvest
+SELECT array(SELECT k.n FROM unknown k ORDER BY k.n) AS unknown,
+       array(SELECT format('position %s: no such position of user/product/asset %s/%s/%s', k.pos, k.u, $3, $4)
+             FROM unknown k ORDER BY k.n) AS why,
+       array(SELECT t.n FROM t WHERE ((t.pos, t.u) IN (SELECT p.id, p.user_id FROM p WHERE p.re)) IS TRUE ORDER BY t.n) AS reinvest
 """
 
 # The second statement, under the payout's lock for (payout, product) (PAYOUT_LOCK),
