@@ -497,6 +497,27 @@ def check_payout_columns(position_ids: Sequence[str], user_ids: Sequence[str], a
     )
 
 
+# Position ids per row of payout_claims (migration 0006): the bits of one bitmap.
+CLAIM_SHIFT = 13
+CLAIM_BLOCK = 1 << CLAIM_SHIFT
+
+
+def claim_bitmaps(position_ids: Iterable[int]) -> dict[int, bytes]:
+    """The bitmaps of payout_claims that hold ``position_ids``: per block
+    (id // CLAIM_BLOCK), bit id % CLAIM_BLOCK set, bits counted from the high bit of the
+    first byte as in PostgreSQL's bit strings. A batch's ids come in order, so the
+    block's bitmap is looked up only when the block changes."""
+    maps: dict[int, bytearray] = {}
+    current, bits = -1, bytearray()
+    for position_id in position_ids:
+        block = position_id >> CLAIM_SHIFT
+        if block != current:
+            current, bits = block, maps.setdefault(block, bytearray(CLAIM_BLOCK // 8))
+        bit = position_id & (CLAIM_BLOCK - 1)
+        bits[bit >> 3] |= 0x80 >> (bit & 7)
+    return {block: bytes(bits) for block, bits in maps.items()}
+
+
 def bulk_credits(user_ids: Sequence[str], amounts: Sequence[str], keep: Sequence[int] | None) -> tuple[list[str], list[str]]:
     """The owners and amounts of a batch's wallet credit: the kept items, one credit per
     user (a user with two positions in the batch gets their sum), in the batch's order.

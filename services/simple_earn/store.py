@@ -770,31 +770,51 @@ SELECT array(SELECT k.n FROM unknown k ORDER BY k.n) AS unknown,
 # $13 position ids and $14 amounts, each one text of lines, $15 from hours, $16 the items
 # CHECK_ITEMS found unknown and $17 why, $18 the items it found reinvested, $19 original
 # index of each item sent (NULL: all were sent, in order), $20 indexes left out before
-# (by the caller's checks), $21 why (NULL: none), $22 the payout's id.
+# (by the caller's checks), $21 why (NULL: none), $22 the payout's id, $23 the blocks and
+# $24 the bitmaps of the items CHECK_ITEMS found (``domain.claim_bitmaps``).
 #
 # The items recorded go into payout_items as arrays, CHUNK items per row (see migration
 # 0005), not one row each. A position recorded by another batch of the payout is left
-# out: `paid` finds them among the payout's chunks whose range overlaps this batch's (the
-# other partitions' items in the same id range; none when the engine behaves), and among
-# the payout's rows in interest_records when it has any (recorded before migration 0005).
+# out: `paid` finds them by the payout's bitmaps in payout_claims (migration 0006), item
+# by item only in the blocks where a bitmap recorded before meets this batch's (none when
+# the engine behaves); the batch's bitmaps are then OR-ed in. A payout created before
+# migration 0006 (payouts.claims false) has no bitmaps: there `paid` looks among the
+# payout's chunks whose range overlaps this batch's, and among the payout's rows in
+# interest_records when it has any (recorded before migration 0005).
 CHUNK = 200
 RECORD_BATCH = r"""
 WITH t AS MATERIALIZED (
     SELECT t.n, t.pos, t.m, t.f, t.n NOT IN (SELECT u.n FROM unnest($16::integer[]) AS u(n)) AS ok
     FROM unnest(string_to_array($13, E'\n')::bigint[], string_to_array($14, E'\n')::numeric[], $15::bigint[])
          WITH ORDINALITY AS t(pos, m, f, n)
+), o AS MATERIALIZED (
+    SELECT o.in_records, o.claims FROM payouts o WHERE o.id = $22
+), mine AS MATERIALIZED (
+    SELECT m.block, m.bits FROM unnest($23::bigint[], $24::bit({claim_block})[]) AS m(block, bits)
+), clash AS MATERIALIZED (
+    -- The blocks where a bitmap recorded before meets this batch's (at most one row per block).
+    SELECT c.block, c.bits FROM payout_claims c JOIN mine ON mine.block = c.block
+    WHERE c.payout_id = $22 AND c.product_id = $6 AND c.block = ANY ($23::bigint[]) AND bit_count(c.bits & mine.bits) > 0
 ), span AS MATERIALIZED (
-    SELECT min(t.pos) AS lo, max(t.pos) AS hi FROM t WHERE t.ok
+    SELECT min(t.pos) AS lo, max(t.pos) AS hi FROM t WHERE t.ok AND NOT (SELECT o.claims FROM o)
 ), paid AS MATERIALIZED (
     -- A set operation (hashed), not a join whose method a misestimate could turn into a
     -- nested loop over both sides.
     SELECT t.pos FROM t WHERE t.ok
     INTERSECT
-    (SELECT u.pos FROM span, payout_items b CROSS JOIN LATERAL unnest(b.position_ids) AS u(pos)
+    (SELECT t.pos FROM t JOIN clash k ON k.block = t.pos / {claim_block}
+     WHERE get_bit(k.bits, (t.pos % {claim_block})::integer) = 1
+     UNION ALL
+     SELECT u.pos FROM span, payout_items b CROSS JOIN LATERAL unnest(b.position_ids) AS u(pos)
      WHERE b.payout_id = $22 AND b.hi >= span.lo AND b.lo <= span.hi
      UNION ALL
      SELECT r.position_id FROM interest_records r, span
-     WHERE r.payout_id = $22 AND r.position_id BETWEEN span.lo AND span.hi AND (SELECT o.in_records FROM payouts o WHERE o.id = $22))
+     WHERE r.payout_id = $22 AND r.position_id BETWEEN span.lo AND span.hi AND (SELECT o.in_records FROM o))
+), claim AS (
+    -- In block order, as every batch of the (payout, product) takes its rows.
+    INSERT INTO payout_claims (payout_id, product_id, block, bits)
+    SELECT $22, $6, mine.block, mine.bits FROM mine WHERE (SELECT o.claims FROM o) ORDER BY mine.block
+    ON CONFLICT (payout_id, product_id, block) DO UPDATE SET bits = payout_claims.bits | excluded.bits
 ), rec AS MATERIALIZED (
     SELECT t.n, t.pos, t.m, t.f FROM t WHERE t.ok AND t.pos NOT IN (SELECT paid.pos FROM paid)
 ), ins AS (
@@ -829,7 +849,7 @@ WITH t AS MATERIALIZED (
     RETURNING items, paid, excluded, problems, reinvest, digest, posted_at
 )
 SELECT (SELECT count(*) FROM inbox_row) AS first_time, b.* FROM (SELECT) AS one LEFT JOIN batch b ON true
-""".format(chunk=CHUNK)
+""".format(chunk=CHUNK, claim_block=domain.CLAIM_BLOCK)
 # Taken (transaction-scoped) before RECORD_BATCH: one batch of a payout and product
 # records at a time, so the check for positions recorded before sees every other batch.
 PAYOUT_LOCK = "SELECT pg_advisory_xact_lock($1, hashtext($2))"
@@ -873,15 +893,22 @@ async def record_payout_batch(
             unknown: list[int] = []
             why: list[str] = []
             reinvest: list[int] = []
+            claims: dict[int, bytes] = {}
             if position_ids:
                 checked = await conn.fetchrow(CHECK_ITEMS, position_ids, user_ids, product_id, asset)
                 assert checked is not None
                 unknown, why, reinvest = checked["unknown"], checked["why"], checked["reinvest"]
+                found = map(int, position_ids.split("\n"))
+                if unknown:
+                    left_out = set(unknown)
+                    found = (p for n, p in enumerate(found, 1) if n not in left_out)
+                claims = domain.claim_bitmaps(found)
                 await conn.execute(PAYOUT_LOCK, payout, product_id)
             row = await conn.fetchrow(
                 RECORD_BATCH,
                 job, period, partition, sequence, last, product_id, asset, boundary_hour, digest, at, consumer, event_id,
                 position_ids, amounts, from_hours, unknown, why, reinvest, sent, excluded, problems, payout,
+                list(claims), [asyncpg.BitString.frombytes(bits, domain.CLAIM_BLOCK) for bits in claims.values()],
             )
             assert row is not None
             if row["items"] is None or not row["first_time"]:

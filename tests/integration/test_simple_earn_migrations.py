@@ -1,7 +1,8 @@
 """Simple Earn's migration 0005 (a payout batch's items as arrays in payout_items) over
 interest records written before it: they stay readable where they were (interest_records),
 new records get larger ids, and a batch of a payout recorded before the migration still
-leaves out the positions that payout paid."""
+leaves out the positions that payout paid; and migration 0006 (payout_claims): a payout
+created before it still finds the positions it paid among its chunks."""
 
 from __future__ import annotations
 
@@ -47,7 +48,7 @@ async def test_records_from_before_payout_items_stay_readable_and_are_not_paid_a
         )
         legacy_max = await pool.fetchval("SELECT max(id) FROM interest")
 
-        assert await db.migrate(stack.settings, SCHEMA, MIGRATIONS) == ["simple_earn/0005_payout_items.sql"]
+        assert await db.migrate(stack.settings, SCHEMA, MIGRATIONS) == ["simple_earn/0005_payout_items.sql", "simple_earn/0006_payout_claims.sql"]
         assert (await store.get_position(pool, one, None))["interest_paid"] == Decimal("0.5")
         assert (await store.get_position(pool, two, None))["interest_paid"] == Decimal("0.25")
         rows, _ = await store.list_interest(pool, "u1", None, None, None, 0, 10)
@@ -62,6 +63,18 @@ async def test_records_from_before_payout_items_stay_readable_and_are_not_paid_a
         assert recorded is not None
         assert (recorded.items, recorded.paid, recorded.excluded) == (1, Decimal("0.7"), frozenset({0}))
         assert recorded.problems == f"position {one}: paid before by another batch of {job} {period}"
+        assert (await store.get_position(pool, two, None))["interest_paid"] == Decimal("0.95")
+        # A payout created before migration 0006 has no bitmaps of the positions it paid
+        # (payout_claims): its batches find them among its chunks, as before.
+        assert not await pool.fetchval("SELECT claims FROM payouts WHERE id = $1", payout)
+        assert not await pool.fetchval("SELECT count(*) FROM payout_claims")
+        again = await store.record_payout_batch(
+            pool, job=job, period=period, payout=payout, partition=4, sequence=0, last=True, product_id="mig", asset="BTC",
+            boundary_hour=34, digest=b"e", at=at, consumer=domain.PAYOUT_CONSUMER, event_id=str(uuid.uuid4()),
+            position_ids=f"{two}", user_ids="u2", amounts="0.7", from_hours=[10], sent=None, excluded=[], problems=None,
+        )
+        assert again is not None and (again.items, again.excluded) == (0, frozenset({0}))
+        assert again.problems == f"position {two}: paid before by another batch of {job} {period}"
         assert (await store.get_position(pool, two, None))["interest_paid"] == Decimal("0.95")
         everything, _ = await store.list_interest(pool, "", None, None, None, 0, 10)
         assert [(r["position_id"], r["amount"]) for r in everything] == [(one, Decimal("0.5")), (two, Decimal("0.25")), (two, Decimal("0.7"))]

@@ -318,3 +318,15 @@ def test_a_batch_decides_each_subscribe_as_if_they_came_one_after_another(
         assert not set(plan.new_positions) & set(open_flexible)
     else:  # a fixed-term Subscribe opens its own
         assert all(len(placed) == 1 for placed in owners.values())
+
+
+@given(st.sets(st.integers(min_value=1, max_value=2**63 - 1)) | st.sets(st.integers(min_value=1, max_value=5 * domain.CLAIM_BLOCK)))
+def test_claim_bitmaps_hold_exactly_the_positions_given(ids: set[int]) -> None:
+    maps = domain.claim_bitmaps(sorted(ids, key=str))  # any order
+    assert set(maps) == {i // domain.CLAIM_BLOCK for i in ids}
+    held = set()
+    for block, bits in maps.items():
+        assert len(bits) * 8 == domain.CLAIM_BLOCK
+        # Bit k counted from the high bit of the first byte, as PostgreSQL's get_bit reads it.
+        held |= {block * domain.CLAIM_BLOCK + k for k in range(domain.CLAIM_BLOCK) if bits[k >> 3] & (0x80 >> (k & 7))}
+    assert held == ids
