@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import datetime
 from decimal import Decimal
@@ -850,6 +851,19 @@ WITH t AS MATERIALIZED (
 )
 SELECT (SELECT count(*) FROM inbox_row) AS first_time, b.* FROM (SELECT) AS one LEFT JOIN batch b ON true
 """.format(chunk=CHUNK, claim_block=domain.CLAIM_BLOCK)
+
+
+def claim_columns(position_ids: str, unknown: list[int]) -> tuple[list[int], list[asyncpg.BitString]]:
+    """RECORD_BATCH's $23 blocks and $24 bitmaps (payout_claims) of the items CHECK_ITEMS
+    found: every line of ``position_ids`` but the ``unknown`` ones (1-based)."""
+    found: Iterable[int] = map(int, position_ids.split("\n"))
+    if unknown:
+        left_out = set(unknown)
+        found = (p for n, p in enumerate(found, 1) if n not in left_out)
+    claims = domain.claim_bitmaps(found)
+    return list(claims), [asyncpg.BitString.frombytes(bits, domain.CLAIM_BLOCK) for bits in claims.values()]
+
+
 # Taken (transaction-scoped) before RECORD_BATCH: one batch of a payout and product
 # records at a time, so the check for positions recorded before sees every other batch.
 PAYOUT_LOCK = "SELECT pg_advisory_xact_lock($1, hashtext($2))"
@@ -893,22 +907,18 @@ async def record_payout_batch(
             unknown: list[int] = []
             why: list[str] = []
             reinvest: list[int] = []
-            claims: dict[int, bytes] = {}
+            blocks: list[int] = []
+            bitmaps: list[asyncpg.BitString] = []
             if position_ids:
                 checked = await conn.fetchrow(CHECK_ITEMS, position_ids, user_ids, product_id, asset)
                 assert checked is not None
                 unknown, why, reinvest = checked["unknown"], checked["why"], checked["reinvest"]
-                found = map(int, position_ids.split("\n"))
-                if unknown:
-                    left_out = set(unknown)
-                    found = (p for n, p in enumerate(found, 1) if n not in left_out)
-                claims = domain.claim_bitmaps(found)
+                blocks, bitmaps = claim_columns(position_ids, unknown)
                 await conn.execute(PAYOUT_LOCK, payout, product_id)
             row = await conn.fetchrow(
                 RECORD_BATCH,
                 job, period, partition, sequence, last, product_id, asset, boundary_hour, digest, at, consumer, event_id,
-                position_ids, amounts, from_hours, unknown, why, reinvest, sent, excluded, problems, payout,
-                list(claims), [asyncpg.BitString.frombytes(bits, domain.CLAIM_BLOCK) for bits in claims.values()],
+                position_ids, amounts, from_hours, unknown, why, reinvest, sent, excluded, problems, payout, blocks, bitmaps,
             )
             assert row is not None
             if row["items"] is None or not row["first_time"]:

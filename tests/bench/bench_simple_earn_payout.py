@@ -203,14 +203,12 @@ async def explain(pool: asyncpg.Pool, batch: accrual_pb2.PayoutBatch) -> None:
                 "EXPLAIN (ANALYZE, BUFFERS, FORMAT JSON) " + store.CHECK_ITEMS, columns.position_ids, columns.user_ids, batch.product_id, batch.asset
             )
             checked = await conn.fetchrow(store.CHECK_ITEMS, columns.position_ids, columns.user_ids, batch.product_id, batch.asset)
-            claims = domain.claim_bitmaps(int(p) for p in batch.position_ids)
             plan = await conn.fetchval(
                 "EXPLAIN (ANALYZE, BUFFERS, FORMAT JSON) " + store.RECORD_BATCH,
                 batch.job, "explain", batch.partition, batch.sequence, batch.last, batch.product_id, batch.asset, batch.boundary_hour,
                 b"x", datetime.now(UTC), domain.PAYOUT_CONSUMER, str(uuid.uuid4()), columns.position_ids, columns.amounts,
                 list(batch.from_hours), checked["unknown"], checked["why"], checked["reinvest"], None, [], None,
-                await store.payout_id(conn, batch.job, "explain"), list(claims),
-                [asyncpg.BitString.frombytes(bits, domain.CLAIM_BLOCK) for bits in claims.values()],
+                await store.payout_id(conn, batch.job, "explain"), *store.claim_columns(columns.position_ids, checked["unknown"]),
             )
         finally:
             await tx.rollback()
