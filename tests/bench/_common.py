@@ -219,8 +219,22 @@ async def settle(conn: asyncpg.Connection, tables: Iterable[str]) -> str:
         pages, visible = await conn.fetchrow(
             "SELECT relpages, relallvisible FROM pg_class WHERE oid = $1::regclass", table
         )
-        shares.append(f"{table} {visible / max(pages, 1):.0%}")
+        if pages:
+            shares.append(f"{table} {visible / pages:.0%}")
+    if len(tables) > 6:  # many tables: name only those not all-visible
+        short = [share for share in shares if not share.endswith(" 100%")]
+        return (f"all-visible pages after VACUUM: 100% in {len(tables) - len(short)} of {len(tables)} tables"
+                + (": " + ", ".join(short) if short else ""))
     return "all-visible pages after VACUUM: " + ", ".join(shares)
+
+
+async def schema_tables(conn: asyncpg.Connection, schemas: Iterable[str]) -> list[str]:
+    """Every table of ``schemas``, qualified, for ``settle``."""
+    return await conn.fetchval(
+        "SELECT coalesce(array_agg(format('%I.%I', n.nspname, c.relname) ORDER BY n.nspname, c.relname), '{}')"
+        " FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace WHERE n.nspname = ANY($1::text[]) AND c.relkind = 'r'",
+        list(schemas),
+    )
 
 
 # ------------------------------------------------------------------ processes
