@@ -55,6 +55,8 @@ from dataclasses import dataclass, field
 from fractions import Fraction
 from typing import Any
 
+from services.accrual.domain import RECENT_EVENT_IDS
+
 HOUR_US = 3600 * 1_000_000
 ACC_CAP = 10**240  # past it, A and a stake's rewards are floored to multiples of 10**-240 (see above)
 STAKE_SCALE = 18  # stake amounts are held in integer units of 10**-18
@@ -205,7 +207,9 @@ class Stake:
     """One user's stake in one pool (the engine's table value). Its last change was in
     hour k = last_us // 1 h: ``c`` is its reward through the start of hour k and ``w`` its
     integral from that start to the change; once hour k is closed (settled) ``d`` is its
-    reward through k + 1 and ``a`` the pool's A there (``d`` is None while open)."""
+    reward through k + 1 and ``a`` the pool's A there (``d`` is None while open).
+    ``applied`` holds the event ids of its last changes: the outbox relay publishes again
+    what a crash kept it from marking done, at later offsets."""
 
     stake_id: str
     user_id: str
@@ -218,6 +222,7 @@ class Stake:
     w: int = 0
     d: Fraction | None = None
     a: Fraction = Fraction(0)
+    applied: list[str] = field(default_factory=list)
 
     @property
     def hour(self) -> int:
@@ -250,14 +255,14 @@ class Stake:
         return {
             "i": self.stake_id, "u": self.user_id, "f": self.created_us, "l": self.last_us, "n": self.units, "c": frac_text(self.c),
             "g": [[s.from_us, s.until_us, s.units, frac_text(s.d), frac_text(s.a)] for s in self.segments], "o": self.last_offset,
-            "w": self.w, "d": None if self.d is None else frac_text(self.d), "a": frac_text(self.a),
+            "w": self.w, "d": None if self.d is None else frac_text(self.d), "a": frac_text(self.a), "x": self.applied,
         }
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Stake:
         return cls(
             d["i"], d["u"], d["f"], d["l"], d["n"], frac(d["c"]), [Segment(a, b, n, frac(x), frac(y)) for a, b, n, x, y in d["g"]], d["o"],
-            d["w"], None if d["d"] is None else frac(d["d"]), frac(d["a"]),
+            d["w"], None if d["d"] is None else frac(d["d"]), frac(d["a"]), list(d.get("x", ())),
         )
 
 
@@ -343,15 +348,18 @@ def to_units(amount: Fraction) -> int:
     return int(units)
 
 
-def apply_stake_change(pool: Pool, book: Book, *, stake_id: str, user_id: str, delta_units: int, at_us: int, offset: int) -> list[Stake] | None:
+def apply_stake_change(
+    pool: Pool, book: Book, *, stake_id: str, user_id: str, delta_units: int, at_us: int, offset: int, event_id: str
+) -> list[Stake] | None:
     """Apply one stake change at ``at_us`` (µs) to the pool and the book (both mutated; the
     stake is created when missing). Returns the stakes to write, in order (those the hours
     closed on the way settled, then the changed one), before the pool; None when the change
-    was applied before (its offset is not after the pool's last one). A stake whose record
-    of this change is already there (written, the pool's write lost) gets only the pool's
-    part. A time before the pool's (cannot happen with a pool's serialised writes) is
-    taken as the pool's time. Refuses (ValueError, nothing mutated) a change that would
-    make the stake negative."""
+    was applied before: its offset is not after the pool's last one, or the event was
+    published again at a later offset (its id is among the stake's last ones; nothing is
+    mutated). A stake whose record of this change is already there (written, the pool's
+    write lost) gets only the pool's part. A time before the pool's (cannot happen with a
+    pool's serialised writes) is taken as the pool's time. Refuses (ValueError, nothing
+    mutated) a change that would make the stake negative."""
     if offset <= pool.last_offset:
         return None
     stake = book.get(stake_id)
@@ -361,6 +369,8 @@ def apply_stake_change(pool: Pool, book: Book, *, stake_id: str, user_id: str, d
         pool.staked += delta_units
         pool.last_offset = offset
         return settled
+    if stake is not None and event_id in stake.applied:
+        return None
     if (stake.units if stake is not None else 0) + delta_units < 0:
         raise ValueError(f"stake {stake_id}: change {delta_units} below zero (has {stake.units if stake else 0})")
     settled = advance(pool, book, at_us)
@@ -383,6 +393,7 @@ def apply_stake_change(pool: Pool, book: Book, *, stake_id: str, user_id: str, d
     if stake.segments and stake.segments[0].until_us < keep_us:
         stake.segments = [s for s in stake.segments if s.until_us >= keep_us]
     stake.last_offset = offset
+    stake.applied = (stake.applied + [event_id])[-RECENT_EVENT_IDS:]
     book.add(stake)
     pool.staked += delta_units
     pool.last_offset = offset

@@ -229,7 +229,7 @@ class LaunchpoolEngine:
         if isinstance(msg, launchpool_pb2.LaunchpoolPoolSet):
             self.on_pool(partition, offset, msg)
         elif isinstance(msg, launchpool_pb2.LaunchpoolStakeChanged):
-            self.on_stake(partition, offset, msg)
+            self.on_stake(partition, offset, env.event_id, msg)
         elif isinstance(msg, accrual_pb2.HourClosed):
             self.on_hour(partition, msg.hour)
         else:
@@ -255,7 +255,7 @@ class LaunchpoolEngine:
             lp.advance(pool, lp.Book(), watermark * lp.HOUR_US)  # no stakes yet
         self.save_pool(partition, pool)
 
-    def on_stake(self, partition: int, offset: int, msg: launchpool_pb2.LaunchpoolStakeChanged) -> None:
+    def on_stake(self, partition: int, offset: int, event_id: str, msg: launchpool_pb2.LaunchpoolStakeChanged) -> None:
         pool = self.pool(partition, msg.pool_id)
         if pool is None:
             SKIPPED.labels("unknown_pool").inc()
@@ -266,16 +266,15 @@ class LaunchpoolEngine:
             return
         book = self.book(partition, msg.pool_id)
         stake = book.get(msg.stake_id)
+        # The stake's record of this change reached the changelog and the pool's did not
+        # (a crash between the writes): only the pool's part is applied.
+        behind = stake is not None and stake.last_offset >= offset
+        late = msg.at_micros < pool.last_us
         try:
             delta = _signed_units(msg.delta)
-            if stake is not None and stake.last_offset >= offset:
-                # The stake's record of this change reached the changelog and the pool's
-                # did not (a crash between the writes): only the pool's part is applied.
-                SKIPPED.labels("pool_behind").inc()
-            elif msg.at_micros < pool.last_us:
-                SKIPPED.labels("late").inc()  # counted; applied at the pool's time
-                log.error("stake change before the pool's time", extra={"pool_id": msg.pool_id, "offset": offset})
-            writes = lp.apply_stake_change(pool, book, stake_id=msg.stake_id, user_id=msg.user_id, delta_units=delta, at_us=msg.at_micros, offset=offset)
+            writes = lp.apply_stake_change(
+                pool, book, stake_id=msg.stake_id, user_id=msg.user_id, delta_units=delta, at_us=msg.at_micros, offset=offset, event_id=event_id,
+            )
         except Exception as err:  # noqa: BLE001
             # Possibly changed in memory: read both again from the table.
             self.drop(partition, msg.pool_id)
@@ -283,7 +282,17 @@ class LaunchpoolEngine:
             SKIPPED.labels("invalid").inc()
             log.error("stake change refused", extra={"pool_id": msg.pool_id, "offset": offset, "error": str(err)})
             return
-        assert writes is not None
+        if writes is None:
+            # Published again by the outbox relay (a crash between the broker's ack and
+            # the relay's delete), at a later offset: applied once, by its event id.
+            SKIPPED.labels("republished").inc()
+            log.warning("stake change published again: applied once", extra={"pool_id": msg.pool_id, "offset": offset, "event_id": event_id})
+            return
+        if behind:
+            SKIPPED.labels("pool_behind").inc()
+        elif late:
+            SKIPPED.labels("late").inc()  # counted; applied at the pool's time
+            log.error("stake change before the pool's time", extra={"pool_id": msg.pool_id, "offset": offset})
         self.save_stakes(partition, msg.pool_id, writes)  # the stakes first, then the pool (see above)
         self.save_pool(partition, pool)
 

@@ -129,9 +129,10 @@ async def run(stakers: int) -> list[tuple[int, bytes]]:
     book = engine.book(0, "bench")
     for i in range(edge, stakers - edge):
         offset += 1
-        msg = events.unwrap(events.parse(raw[i]), launchpool_pb2.LaunchpoolStakeChanged)
+        env = events.parse(raw[i])
+        msg = events.unwrap(env, launchpool_pb2.LaunchpoolStakeChanged)
         writes = lp.apply_stake_change(pool, book, stake_id=msg.stake_id, user_id=msg.user_id, delta_units=_units(msg.delta),
-                                       at_us=msg.at_micros, offset=offset)
+                                       at_us=msg.at_micros, offset=offset, event_id=env.event_id)
         assert writes is not None
         for stake in writes:
             engine.state[f"s:0:bench:{stake.stake_id}"] = json.dumps(stake.to_dict(), separators=(",", ":"))

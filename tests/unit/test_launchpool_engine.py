@@ -88,13 +88,20 @@ def scenarios(draw):  # type: ignore[no-untyped-def]
     return total, start, end, changes, boundaries, lag
 
 
-def run_engine(total: Fraction, start: int, end: int, changes: list[tuple[int, str, int]], boundaries: list[int], lag: int) -> dict[int, dict[str, int]]:
+def run_engine(
+    total: Fraction, start: int, end: int, changes: list[tuple[int, str, int]], boundaries: list[int], lag: int,
+    republish: dict[int, int] | None = None,
+) -> dict[int, dict[str, int]]:
+    """Payouts of the engine fed ``changes`` (event id ``e<index>``); ``republish`` maps a
+    change's index to an earlier change published again right after it (the outbox
+    relay after a crash), at the next offset."""
     pool = lp.Pool("p", "BTC", SCALE, total, start, end, last_us=start)
     pool = lp.Pool.from_dict(pool.to_dict())
     book = lp.Book()
     paid: dict[int, dict[str, int]] = {}
     offset = 0
-    queue = list(changes)
+    queue = list(enumerate(changes))
+    republish = republish or {}
 
     def reload() -> tuple[lp.Pool, lp.Book]:
         # Round trip through the table format (the book rebuilt as after a rebalance).
@@ -102,12 +109,23 @@ def run_engine(total: Fraction, start: int, end: int, changes: list[tuple[int, s
 
     for b in boundaries:
         # Stake changes before the boundary + lag hours arrive before the tick and payout.
-        while queue and queue[0][0] < (b + lag) * H:
-            when, user, delta = queue.pop(0)
+        while queue and queue[0][1][0] < (b + lag) * H:
+            index, (when, user, delta) = queue.pop(0)
             offset += 1
-            got = lp.apply_stake_change(pool, book, stake_id=user, user_id=user, delta_units=delta, at_us=when, offset=offset)
+            got = lp.apply_stake_change(
+                pool, book, stake_id=user, user_id=user, delta_units=delta, at_us=when, offset=offset, event_id=f"e{index}"
+            )
             assert got is not None and got[-1].stake_id == user
             pool, book = reload()
+            if index in republish:
+                again_when, again_user, again_delta = changes[republish[index]]
+                offset += 1
+                before = (pool.to_dict(), sorted(str(s.to_dict()) for s in book.values()))
+                assert lp.apply_stake_change(
+                    pool, book, stake_id=again_user, user_id=again_user, delta_units=again_delta, at_us=again_when, offset=offset,
+                    event_id=f"e{republish[index]}",
+                ) is None
+                assert (pool.to_dict(), sorted(str(s.to_dict()) for s in book.values())) == before
         lp.advance(pool, book, b * H)  # the tick
         pool, book = reload()
         offset += 1
@@ -150,7 +168,7 @@ def test_one_staker_the_whole_time_gets_everything() -> None:
     total = Fraction(24)
     pool = lp.Pool("p", "BTC", SCALE, total, START_HOUR * H, (START_HOUR + 24) * H, last_us=START_HOUR * H)
     book = lp.Book()
-    assert lp.apply_stake_change(pool, book, stake_id="s", user_id="u", delta_units=5, at_us=START_HOUR * H, offset=1)
+    assert lp.apply_stake_change(pool, book, stake_id="s", user_id="u", delta_units=5, at_us=START_HOUR * H, offset=1, event_id="e1")
     lp.advance(pool, book, (START_HOUR + 24) * H)
     entry, _ = pool.record_payout("j", "end", START_HOUR + 24, 2)
     assert entry is not None
@@ -164,8 +182,8 @@ def test_the_hour_is_split_by_average_stakes_not_instant_by_instant() -> None:
     a 1/2 + 1/2 x 1/3 = 2/3)."""
     pool = lp.Pool("p", "BTC", SCALE, Fraction(2), START_HOUR * H, (START_HOUR + 2) * H, last_us=START_HOUR * H)
     book = lp.Book()
-    lp.apply_stake_change(pool, book, stake_id="a", user_id="a", delta_units=3, at_us=START_HOUR * H, offset=1)
-    lp.apply_stake_change(pool, book, stake_id="b", user_id="b", delta_units=6, at_us=START_HOUR * H + H // 2, offset=2)
+    lp.apply_stake_change(pool, book, stake_id="a", user_id="a", delta_units=3, at_us=START_HOUR * H, offset=1, event_id="e1")
+    lp.apply_stake_change(pool, book, stake_id="b", user_id="b", delta_units=6, at_us=START_HOUR * H + H // 2, offset=2, event_id="e2")
     settled = lp.advance(pool, book, (START_HOUR + 1) * H)
     assert [s.stake_id for s in settled] == ["a", "b"]
     a, b = book.get("a"), book.get("b")
@@ -180,7 +198,7 @@ def test_the_hour_is_split_by_average_stakes_not_instant_by_instant() -> None:
 def test_reward_of_an_hour_nobody_stakes_is_not_distributed() -> None:
     pool = lp.Pool("p", "BTC", SCALE, Fraction(2), START_HOUR * H, (START_HOUR + 2) * H, last_us=START_HOUR * H)
     book = lp.Book()
-    lp.apply_stake_change(pool, book, stake_id="s", user_id="u", delta_units=1, at_us=(START_HOUR + 1) * H, offset=1)
+    lp.apply_stake_change(pool, book, stake_id="s", user_id="u", delta_units=1, at_us=(START_HOUR + 1) * H, offset=1, event_id="e1")
     lp.advance(pool, book, (START_HOUR + 2) * H)
     assert pool.undistributed == 1
     stake = book.get("s")
@@ -192,7 +210,7 @@ def test_a_stake_entering_late_in_the_hour_gets_its_average_share() -> None:
     whole hour's reward (the rule: average stake / pool's average stake)."""
     pool = lp.Pool("p", "BTC", SCALE, Fraction(1), START_HOUR * H, (START_HOUR + 1) * H, last_us=START_HOUR * H)
     book = lp.Book()
-    lp.apply_stake_change(pool, book, stake_id="s", user_id="u", delta_units=7, at_us=START_HOUR * H + H - 60_000_000, offset=1)
+    lp.apply_stake_change(pool, book, stake_id="s", user_id="u", delta_units=7, at_us=START_HOUR * H + H - 60_000_000, offset=1, event_id="e1")
     lp.advance(pool, book, (START_HOUR + 1) * H)
     stake = book.get("s")
     assert stake is not None and lp.reward_through(pool, stake, START_HOUR + 1) == 1 and pool.undistributed == 0
@@ -201,18 +219,45 @@ def test_a_stake_entering_late_in_the_hour_gets_its_average_share() -> None:
 def test_a_duplicate_change_is_applied_once() -> None:
     pool = lp.Pool("p", "BTC", SCALE, Fraction(2), START_HOUR * H, (START_HOUR + 2) * H, last_us=START_HOUR * H)
     book = lp.Book()
-    assert lp.apply_stake_change(pool, book, stake_id="s", user_id="u", delta_units=1, at_us=START_HOUR * H + 5, offset=7)
-    assert lp.apply_stake_change(pool, book, stake_id="s", user_id="u", delta_units=1, at_us=START_HOUR * H + 5, offset=7) is None
+    assert lp.apply_stake_change(pool, book, stake_id="s", user_id="u", delta_units=1, at_us=START_HOUR * H + 5, offset=7, event_id="e7")
+    assert lp.apply_stake_change(pool, book, stake_id="s", user_id="u", delta_units=1, at_us=START_HOUR * H + 5, offset=7, event_id="e7") is None
     assert pool.staked == 1
+
+
+def test_a_change_published_again_at_a_later_offset_is_applied_once() -> None:
+    """The outbox relay publishes again the events a crash kept it from marking done: the
+    same event ids at later offsets, after other changes of the pool and of the stake."""
+    pool = lp.Pool("p", "BTC", SCALE, Fraction(2), START_HOUR * H, (START_HOUR + 2) * H, last_us=START_HOUR * H)
+    book = lp.Book()
+    t = START_HOUR * H
+    assert lp.apply_stake_change(pool, book, stake_id="s", user_id="u", delta_units=3, at_us=t + 5, offset=1, event_id="a")
+    assert lp.apply_stake_change(pool, book, stake_id="r", user_id="v", delta_units=2, at_us=t + 6, offset=2, event_id="b")
+    assert lp.apply_stake_change(pool, book, stake_id="s", user_id="u", delta_units=1, at_us=H + t + 7, offset=3, event_id="c")
+    before = (pool.to_dict(), [s.to_dict() for s in book.values()])
+    for offset, (stake, delta, at_us, event_id) in enumerate([("s", 3, t + 5, "a"), ("r", 2, t + 6, "b"), ("s", 1, H + t + 7, "c")], start=4):
+        assert lp.apply_stake_change(pool, book, stake_id=stake, user_id="x", delta_units=delta, at_us=at_us, offset=offset, event_id=event_id) is None
+    assert (pool.to_dict(), [s.to_dict() for s in book.values()]) == before
+    assert pool.staked == 6 and book.get("s").units == 4  # type: ignore[union-attr]
+
+
+@settings(max_examples=200, deadline=None)
+@given(scenarios(), st.data())
+def test_changes_published_again_pay_what_they_paid_once(scenario, data) -> None:  # type: ignore[no-untyped-def]
+    total, start, end, changes, boundaries, lag = scenario
+    republish = {}
+    for i in range(len(changes)):
+        if data.draw(st.booleans()):
+            republish[i] = data.draw(st.integers(max(0, i - 5), i))
+    assert run_engine(total, start, end, changes, boundaries, lag, republish) == run_engine(total, start, end, changes, boundaries, lag)
 
 
 def test_a_change_below_zero_is_refused_and_changes_nothing() -> None:
     pool = lp.Pool("p", "BTC", SCALE, Fraction(2), START_HOUR * H, (START_HOUR + 2) * H, last_us=START_HOUR * H)
     book = lp.Book()
-    lp.apply_stake_change(pool, book, stake_id="s", user_id="u", delta_units=3, at_us=START_HOUR * H + 5, offset=1)
+    lp.apply_stake_change(pool, book, stake_id="s", user_id="u", delta_units=3, at_us=START_HOUR * H + 5, offset=1, event_id="e1")
     before = (pool.to_dict(), [s.to_dict() for s in book.values()])
     try:
-        lp.apply_stake_change(pool, book, stake_id="s", user_id="u", delta_units=-4, at_us=(START_HOUR + 1) * H + 5, offset=2)
+        lp.apply_stake_change(pool, book, stake_id="s", user_id="u", delta_units=-4, at_us=(START_HOUR + 1) * H + 5, offset=2, event_id="e2")
     except ValueError:
         pass
     else:
@@ -227,7 +272,7 @@ def test_the_accumulator_denominator_is_capped_downward() -> None:
     primes = [1_000_003, 1_000_033, 1_000_037, 1_000_039, 1_000_081, 1_000_099, 1_000_117, 1_000_121, 1_000_133, 1_000_151]
     for i, p in enumerate(primes):
         # One new stake in each hour: every hour's pool integral is a new number.
-        lp.apply_stake_change(pool, book, stake_id=f"s{i}", user_id=f"u{i}", delta_units=p, at_us=(START_HOUR + i) * H + 1 + i, offset=i + 1)
+        lp.apply_stake_change(pool, book, stake_id=f"s{i}", user_id=f"u{i}", delta_units=p, at_us=(START_HOUR + i) * H + 1 + i, offset=i + 1, event_id=f"e{i + 1}")
     lp.advance(pool, book, (START_HOUR + hours) * H)
     assert pool.acc.denominator <= lp.ACC_CAP
     assert all(s.d is not None and s.d.denominator <= lp.ACC_CAP for s in book.values())
@@ -253,7 +298,7 @@ def test_a_crash_between_the_writes_of_a_change_is_recovered_exactly(scenario, d
     calm_book = lp.Book()
     table: dict[str, dict] = {"pool": calm.to_dict()}  # what the changelog holds
     for offset, (when, user, delta) in enumerate(changes, start=1):
-        writes = lp.apply_stake_change(calm, calm_book, stake_id=user, user_id=user, delta_units=delta, at_us=when, offset=offset)
+        writes = lp.apply_stake_change(calm, calm_book, stake_id=user, user_id=user, delta_units=delta, at_us=when, offset=offset, event_id=f"e{offset}")
         assert writes is not None
         kept = data.draw(st.integers(0, len(writes)))  # the writes that reached the changelog
         crashed_table = dict(table)
@@ -261,7 +306,7 @@ def test_a_crash_between_the_writes_of_a_change_is_recovered_exactly(scenario, d
             crashed_table[stake.stake_id] = stake.to_dict()
         pool = lp.Pool.from_dict(crashed_table["pool"])
         book = lp.Book(lp.Stake.from_dict(v) for k, v in crashed_table.items() if k != "pool")
-        replayed = lp.apply_stake_change(pool, book, stake_id=user, user_id=user, delta_units=delta, at_us=when, offset=offset)
+        replayed = lp.apply_stake_change(pool, book, stake_id=user, user_id=user, delta_units=delta, at_us=when, offset=offset, event_id=f"e{offset}")
         assert replayed is not None
         for stake in replayed:
             crashed_table[stake.stake_id] = stake.to_dict()
