@@ -3,20 +3,25 @@
 Every write validates the whole request before touching the database (bad input
 writes nothing), then runs under its idempotency key (``idempotency.write_once``).
 PlaceHolds that arrive together share one transaction (group commit, each still its own
-posting and hold under its own key: ``idempotency.claim_many``).
+posting and hold under its own key: ``idempotency.claim_many``), and so do ReleaseHolds
+and CaptureHolds.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, replace
+from decimal import Decimal
+from typing import Any, TypeVar
 
 import asyncpg
 import grpc
+from google.protobuf.message import Message
 
 from services.kernel import idempotency, paging
 from services.kernel.clock import optional_timestamp_field
 from services.kernel.config import Settings
-from services.kernel.errors import DomainError, InvalidArgument
+from services.kernel.errors import DomainError, InvalidArgument, NotFound
 from services.kernel.groupcommit import GroupCommit
 from services.kernel.grpcserver import GATEWAY, OPERATOR, SERVICE
 from services.kernel.money import format_amount, parse_amount
@@ -92,12 +97,38 @@ class _Hold:
     holder: str
 
 
+@dataclass(frozen=True, slots=True)
+class _Settle:
+    """A validated ReleaseHold (``destination`` None: back to the owner's funding) or
+    CaptureHold waiting for the next batch of its kind."""
+
+    request: wallet_pb2.ReleaseHoldRequest | wallet_pb2.CaptureHoldRequest
+    hold_id: int
+    destination: tuple[str, Kind] | None
+
+    def target(self, hold: domain.HoldState) -> AccountKey:
+        if self.destination is None:
+            return AccountKey(hold.owner, hold.asset, Kind.FUNDING)
+        return AccountKey(self.destination[0], hold.asset, self.destination[1])
+
+
+# The posting kind (also the idempotency method) of a settlement and its response.
+_SETTLED: dict[str, type[Message]] = {"hold_release": wallet_pb2.ReleaseHoldResponse, "hold_capture": wallet_pb2.CaptureHoldResponse}
+
+B = TypeVar("B")
+
+
 class _Refused(Exception):
-    """Rolls back a round of PlaceHolds in which some were refused (by batch index)."""
+    """Rolls back a round of a batch in which some items were refused (by batch index)."""
 
     def __init__(self, errors: dict[int, DomainError]) -> None:
         super().__init__(f"{len(errors)} refused")
         self.errors = errors
+
+
+def _raise_refused(errors: dict[int, DomainError]) -> None:
+    if errors:
+        raise _Refused(errors)
 
 
 class WalletApi(wallet_pb2_grpc.WalletServiceServicer):
@@ -106,6 +137,8 @@ class WalletApi(wallet_pb2_grpc.WalletServiceServicer):
         self.settings = settings
         # Concurrent PlaceHolds of one asset share a transaction (group commit).
         self._holds: GroupCommit[str, _Hold, wallet_pb2.PlaceHoldResponse] = GroupCommit(self._place_holds, max_items=HOLD_BATCH)
+        # And releases and captures, by kind.
+        self._settles: GroupCommit[str, _Settle, Message] = GroupCommit(self._settle_holds, max_items=HOLD_BATCH)
 
     # ---- transfers ------------------------------------------------------------------
 
@@ -192,62 +225,86 @@ class WalletApi(wallet_pb2_grpc.WalletServiceServicer):
         item = Order(asset, funding, AccountKey(owner, asset, Kind.HOLD), amount, reference)
         return await self._holds.submit(asset, _Hold(request, item, holder))
 
-    async def _place_holds(self, asset: str, batch: list[_Hold]) -> list[wallet_pb2.PlaceHoldResponse | DomainError]:
-        """The PlaceHolds of one asset that arrived together, in one transaction (group
-        commit): each is its own posting and hold, as if placed one after another. One
-        that would overdraw gets its FAILED_PRECONDITION and writes nothing: the round is
-        rolled back and the others run again without it."""
+    async def _in_rounds(self, batch: list[B], one_round: Callable[[list[B]], Awaitable[list[object]]]) -> list[Any]:
+        """Group commit with refusals that write nothing: ``one_round`` runs the pending
+        items in one transaction and returns every outcome when it commits; when some are
+        refused (``_Refused``) it rolls back, only those are decided, and the others run
+        again in the next round without them."""
         outcomes: list[object] = [None] * len(batch)
         pending = list(range(len(batch)))
         while pending:
-            decided = await self._hold_round([batch[k] for k in pending])
+            try:
+                decided = await one_round([batch[k] for k in pending])
+            except _Refused as refused:
+                decided = [refused.errors.get(k) for k in range(len(pending))]
             for k, outcome in zip(pending, decided, strict=True):
                 outcomes[k] = idempotency.Duplicate(pending[outcome.index]) if isinstance(outcome, idempotency.Duplicate) else outcome
             pending = [k for k in pending if outcomes[k] is None]
-        return idempotency.with_duplicates(outcomes)  # type: ignore[return-value]  # every item decided above
+        return idempotency.with_duplicates(outcomes)
+
+    async def _place_holds(self, asset: str, batch: list[_Hold]) -> list[wallet_pb2.PlaceHoldResponse | DomainError]:
+        """The PlaceHolds of one asset that arrived together, in one transaction (group
+        commit): each is its own posting and hold, as if placed one after another; one
+        that would overdraw gets its FAILED_PRECONDITION and writes nothing."""
+        return await self._in_rounds(batch, self._hold_round)
 
     async def _hold_round(self, batch: list[_Hold]) -> list[object]:
-        """One transaction of ``_place_holds``: every outcome when it commits; when a hold
-        is refused, it rolls back and only the refused ones are decided (None for the rest)."""
-        async with self.pool.acquire() as conn:
-            try:
-                async with conn.transaction():
-                    outcomes: list[object] = await idempotency.claim_many(
-                        conn, "PlaceHold", [h.request for h in batch], wallet_pb2.PlaceHoldResponse
-                    )
-                    todo = [k for k, claim in enumerate(outcomes) if claim is None]
-                    posted = await store.post_many(
-                        conn, self.settings, "hold_place", [[batch[k].order] for k in todo], [batch[k].holder for k in todo]
-                    )
-                    refused = {k: p for k, p in zip(todo, posted, strict=True) if not isinstance(p, store.Posted)}
-                    if refused:
-                        raise _Refused(refused)
-                    if todo:
-                        rows = await store.insert_holds(conn, [(batch[k].order, batch[k].holder) for k in todo], posted[0].created_at)
-                        for k, row in zip(todo, rows, strict=True):
-                            outcomes[k] = wallet_pb2.PlaceHoldResponse(hold=store.hold_message(row))
-                        await idempotency.store_responses(conn, [(batch[k].request.idempotency_key, outcomes[k]) for k in todo])
-            except _Refused as round_refused:
-                return [round_refused.errors.get(k) for k in range(len(batch))]
+        async with self.pool.acquire() as conn, conn.transaction():
+            outcomes: list[object] = await idempotency.claim_many(conn, "PlaceHold", [h.request for h in batch], wallet_pb2.PlaceHoldResponse)
+            todo = [k for k, claim in enumerate(outcomes) if claim is None]
+            if todo:
+                posted = await store.post_many(conn, self.settings, "hold_place", [[batch[k].order] for k in todo], [batch[k].holder for k in todo])
+                _raise_refused({k: p for k, p in zip(todo, posted, strict=True) if not isinstance(p, store.Posted)})
+                rows = await store.insert_holds(conn, [(batch[k].order, batch[k].holder) for k in todo], posted[0].created_at)
+                for k, row in zip(todo, rows, strict=True):
+                    outcomes[k] = wallet_pb2.PlaceHoldResponse(hold=store.hold_message(row))
+                await idempotency.store_responses(conn, [(batch[k].request.idempotency_key, outcomes[k]) for k in todo])
         return outcomes
 
-    async def _settle_hold(self, method: str, request, response_type, destination: tuple[str, Kind] | None):  # type: ignore[no-untyped-def]
-        hold_id = _id(request.hold_id, "hold_id")
+    async def _settle_holds(self, kind: str, batch: list[_Settle]) -> list[Message | DomainError]:
+        """Releases (or captures) that arrived together, in one transaction (group
+        commit): their holds locked in id order, each its own posting, as if settled one
+        after another (two on one hold see what the first left); a refused one writes
+        nothing."""
+        return await self._in_rounds(batch, lambda pending: self._settle_round(kind, pending))
 
-        async def work(conn: asyncpg.Connection):  # type: ignore[no-untyped-def]
-            hold = await store.lock_hold(conn, hold_id)
-            amount = domain.settle_amount(hold, request.amount)
-            held = AccountKey(hold.owner, hold.asset, Kind.HOLD)
-            target = AccountKey(hold.owner, hold.asset, Kind.FUNDING) if destination is None else AccountKey(destination[0], hold.asset, destination[1])
-            posted = await store.post(conn, self.settings, method, [Order(hold.asset, held, target, amount, f"hold:{hold_id}")], holder=hold.holder)
-            row = await store.reduce_hold(conn, hold_id, amount, posted.created_at)
-            return response_type(hold=store.hold_message(row))
-
-        return await idempotency.write_once(self.pool, method=method, request=request, response_type=response_type, work=work)
+    async def _settle_round(self, kind: str, batch: list[_Settle]) -> list[object]:
+        response_type = _SETTLED[kind]
+        async with self.pool.acquire() as conn, conn.transaction():
+            outcomes: list[object] = await idempotency.claim_many(conn, kind, [h.request for h in batch], response_type)
+            todo = [k for k, claim in enumerate(outcomes) if claim is None]
+            holds = await store.lock_holds(conn, sorted({batch[k].hold_id for k in todo}))
+            refused: dict[int, DomainError] = {}
+            settled: list[tuple[int, domain.HoldState, Decimal]] = []  # (batch index, hold before, amount)
+            for k in todo:
+                item = batch[k]
+                try:
+                    hold = holds.get(item.hold_id)
+                    if hold is None:
+                        raise NotFound(f"hold_id: no hold {item.hold_id}")
+                    amount = domain.settle_amount(hold, item.request.amount)
+                except DomainError as err:
+                    refused[k] = err
+                    continue
+                settled.append((k, hold, amount))
+                holds[item.hold_id] = replace(hold, remaining=hold.remaining - amount)
+            _raise_refused(refused)
+            if settled:
+                orders = [
+                    Order(h.asset, AccountKey(h.owner, h.asset, Kind.HOLD), batch[k].target(h), amount, f"hold:{h.hold_id}")
+                    for k, h, amount in settled
+                ]
+                posted = await store.post_many(conn, self.settings, kind, [[o] for o in orders], [h.holder for _, h, _ in settled])
+                _raise_refused({k: p for (k, _, _), p in zip(settled, posted, strict=True) if not isinstance(p, store.Posted)})
+                rows = await store.reduce_holds(conn, [(h.hold_id, amount) for _, h, amount in settled], posted[0].created_at)
+                for k, h, amount in settled:
+                    outcomes[k] = response_type(hold=store.hold_message({**rows[h.hold_id], "remaining": h.remaining - amount}))
+                await idempotency.store_responses(conn, [(batch[k].request.idempotency_key, outcomes[k]) for k, _, _ in settled])
+        return outcomes
 
     async def ReleaseHold(self, request: wallet_pb2.ReleaseHoldRequest, context: grpc.aio.ServicerContext) -> wallet_pb2.ReleaseHoldResponse:
         idempotency.check_key(request.idempotency_key)
-        return await self._settle_hold("hold_release", request, wallet_pb2.ReleaseHoldResponse, None)
+        return await self._settles.submit("hold_release", _Settle(request, _id(request.hold_id, "hold_id"), None))
 
     async def CaptureHold(self, request: wallet_pb2.CaptureHoldRequest, context: grpc.aio.ServicerContext) -> wallet_pb2.CaptureHoldResponse:
         idempotency.check_key(request.idempotency_key)
@@ -257,7 +314,7 @@ class WalletApi(wallet_pb2_grpc.WalletServiceServicer):
             raise InvalidArgument("destination.kind", "is required")
         if kind is Kind.HOLD:
             raise InvalidArgument("destination.kind", "a capture cannot go to a hold account")
-        return await self._settle_hold("hold_capture", request, wallet_pb2.CaptureHoldResponse, (owner, kind))
+        return await self._settles.submit("hold_capture", _Settle(request, _id(request.hold_id, "hold_id"), (owner, kind)))
 
     async def GetHold(self, request: wallet_pb2.GetHoldRequest, context: grpc.aio.ServicerContext) -> wallet_pb2.GetHoldResponse:
         return wallet_pb2.GetHoldResponse(hold=store.hold_message(await store.get_hold(self.pool, _id(request.hold_id, "hold_id"))))

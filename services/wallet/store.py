@@ -524,18 +524,24 @@ async def insert_holds(
     return sorted(rows, key=lambda r: r["id"])
 
 
-async def lock_hold(conn: asyncpg.Connection, hold_id: int) -> HoldState:
-    row = await conn.fetchrow("SELECT id, owner, asset, amount, remaining, holder FROM holds WHERE id = $1 FOR UPDATE", hold_id)
-    if row is None:
-        raise NotFound(f"hold_id: no hold {hold_id}")
-    return HoldState(row["id"], row["owner"], row["asset"], row["amount"], row["remaining"], row["holder"])
-
-
-async def reduce_hold(conn: asyncpg.Connection, hold_id: int, by: Decimal, at: datetime) -> asyncpg.Record:
-    return await conn.fetchrow(
-        f"UPDATE holds SET remaining = remaining - $2, updated_at = $3 WHERE id = $1 RETURNING {_HOLD_COLUMNS}",
-        hold_id, by, at,
+async def lock_holds(conn: asyncpg.Connection, hold_ids: list[int]) -> dict[int, HoldState]:
+    """Lock holds (a release's or capture's), in id order; unknown ids are left out."""
+    rows = await conn.fetch(
+        "SELECT id, owner, asset, amount, remaining, holder FROM holds WHERE id = ANY($1::bigint[]) ORDER BY id FOR UPDATE", hold_ids
     )
+    return {r["id"]: HoldState(r["id"], r["owner"], r["asset"], r["amount"], r["remaining"], r["holder"]) for r in rows}
+
+
+async def reduce_holds(conn: asyncpg.Connection, takes: list[tuple[int, Decimal]], at: datetime) -> dict[int, asyncpg.Record]:
+    """Take (hold id, amount) pairs off the holds' remaining (a hold may come more than
+    once): each hold's row after all of them, by id."""
+    rows = await conn.fetch(
+        "UPDATE holds AS h SET remaining = h.remaining - t.total, updated_at = $3"
+        " FROM (SELECT id, sum(amount) AS total FROM unnest($1::bigint[], $2::numeric[]) AS u(id, amount) GROUP BY id) AS t"
+        f" WHERE h.id = t.id RETURNING {', '.join('h.' + c.strip() for c in _HOLD_COLUMNS.split(','))}",
+        [h for h, _ in takes], [a for _, a in takes], at,
+    )
+    return {r["id"]: r for r in rows}
 
 
 async def get_hold(conn: asyncpg.Connection | asyncpg.Pool, hold_id: int) -> asyncpg.Record:
