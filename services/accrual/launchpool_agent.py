@@ -17,7 +17,9 @@ changed stake whose record is there (its offset is ahead of the pool's): the poo
 brought up to it.
 
 At-least-once: a pool's own events (schedule, stake changes) carry increasing offsets and
-a pool skips offsets it has applied; ticks are idempotent (advancing to a time already
+a pool skips offsets it has applied; a stake change the outbox relay published again
+after a crash (the same event id at a later offset) is recognised by the ids each stake
+keeps of its last changes and skipped; ticks are idempotent (advancing to a time already
 passed does nothing); a payout request is recorded per (job, period) in the pool, and
 seen again it re-emits the same batches (same ids: the sink drops them). Nothing is
 written per stake by a payout. Input goes through the engine's ``InputGuard``
