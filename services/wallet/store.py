@@ -490,6 +490,7 @@ KIND_FROM_PROTO = {v: k for k, v in KIND_TO_PROTO.items()}
 # ---- holds ---------------------------------------------------------------------------
 
 _HOLD_COLUMNS = "id, owner, asset, holder, amount, remaining, reference, created_at"
+_HOLD_COLUMNS_OF_H = ", ".join("h." + c.strip() for c in _HOLD_COLUMNS.split(","))  # the same, of a table aliased h
 
 
 def hold_message(row: asyncpg.Record) -> wallet_pb2.Hold:
@@ -538,7 +539,7 @@ async def reduce_holds(conn: asyncpg.Connection, takes: list[tuple[int, Decimal]
     rows = await conn.fetch(
         "UPDATE holds AS h SET remaining = h.remaining - t.total, updated_at = $3"
         " FROM (SELECT id, sum(amount) AS total FROM unnest($1::bigint[], $2::numeric[]) AS u(id, amount) GROUP BY id) AS t"
-        f" WHERE h.id = t.id RETURNING {', '.join('h.' + c.strip() for c in _HOLD_COLUMNS.split(','))}",
+        f" WHERE h.id = t.id RETURNING {_HOLD_COLUMNS_OF_H}",
         [h for h, _ in takes], [a for _, a in takes], at,
     )
     return {r["id"]: r for r in rows}
