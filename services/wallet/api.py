@@ -273,7 +273,7 @@ class WalletApi(wallet_pb2_grpc.WalletServiceServicer):
         async with self.pool.acquire() as conn, conn.transaction():
             outcomes: list[object] = await idempotency.claim_many(conn, kind, [h.request for h in batch], response_type)
             todo = [k for k, claim in enumerate(outcomes) if claim is None]
-            holds = await store.lock_holds(conn, sorted({batch[k].hold_id for k in todo}))
+            holds = await store.lock_holds(conn, sorted({batch[k].hold_id for k in todo})) if todo else {}
             refused: dict[int, DomainError] = {}
             settled: list[tuple[int, domain.HoldState, Decimal]] = []  # (batch index, hold before, amount)
             for k in todo:
