@@ -290,9 +290,10 @@ def seed(procs: dict[str, ManagedProcess], wallet_address: str, user: str, tag: 
             pools=[lp.RewardPoolSpec(pool_id=f"pool-{tag}", stake_asset="USDT", total_reward="1", min_stake="1", max_stake="10")],
         ), metadata=OPERATOR, timeout=10)
         candydrop = stub("candydrop", candydrop_pb2_grpc.CandyDropServiceStub)
+        live = int(time.time()) // 3600  # active now; read right before the call, as the service rejects a start before its current hour
         candydrop.CreateCampaign(cd.CreateCampaignRequest(
             idempotency_key=next(key), campaign_id=f"cmp-{tag}", prize_asset="USDT", prize_pool="1000", pool_kind=cd.PRIZE_POOL_KIND_PRO_RATA,
-            start_time=ts(hour * 3600), end_time=ts((hour + 24) * 3600),
+            start_time=ts(live * 3600), end_time=ts((live + 24) * 3600),
             tasks=[cd.CandyTask(task_id="spot", kind=cd.CANDY_TASK_KIND_SPOT_VOLUME, asset="USDT", threshold="100", candies=1,
                                 max_completions=5)],
         ), metadata=OPERATOR, timeout=10)

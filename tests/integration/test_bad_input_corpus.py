@@ -382,8 +382,9 @@ async def ctx(stubs, db, leverage_clock) -> Ctx:
     hour = int(time.time()) // 3600
 
     async def project(method: str | None, pools: list[lp.RewardPoolSpec]) -> str:
+        start = int(time.time()) // 3600  # live now, so it takes stakes; read right before the call, not at the top of the set-up
         request = lp.CreateProjectRequest(
-            idempotency_key=unique(), project_id=unique("prj"), reward_asset="BTC", start_time=ts(hour * 3600), end_time=ts((hour + 24) * 3600),
+            idempotency_key=unique(), project_id=unique("prj"), reward_asset="BTC", start_time=ts(start * 3600), end_time=ts((start + 24) * 3600),
             pools=pools,
         )
         await (once(method, launch, request, OPERATOR) if method else launch.CreateProject(request, metadata=OPERATOR))
@@ -1368,8 +1369,11 @@ for _n, _m, _b, _code, _frag, _tok in _LEV:
 # ---- CandyDropService ----
 
 def campaign_request(campaign_id: str, **fields: Any) -> cd.CreateCampaignRequest:
-    """A valid campaign from this hour for 24 hours; ``fields`` replace parts of it."""
-    hour = int(time.time()) // 3600
+    """A valid campaign from the next hour for 24 hours; ``fields`` replace parts of it.
+
+    Not from this hour: the clock may pass the hour between building the request and the service reading it, and a
+    row expecting another field's error would get ``start_time: must not be before the current hour``."""
+    hour = int(time.time()) // 3600 + 1
     base: dict[str, Any] = dict(
         idempotency_key=unique(), campaign_id=campaign_id, prize_asset="USDT", prize_pool="1000", pool_kind=cd.PRIZE_POOL_KIND_PRO_RATA,
         start_time=ts(hour * 3600), end_time=ts((hour + 24) * 3600),
